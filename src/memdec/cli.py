@@ -1,0 +1,106 @@
+"""The ``memdec`` command line: argument parsing only; each command calls one stage module.
+
+Every command's options are the fields of a dataclass config: ``--block-size`` maps to
+``block_size`` and so on. Errors the user can fix print as one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from .errors import MemdecError
+
+
+def _field_type(tp):
+    """(python type, is_optional) of a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[str, str] | None = None) -> None:
+    """Add one ``--flag`` per dataclass field; fields without a default are required."""
+    helps = helps or {}
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _field_type(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = helps.get(f.name, "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif typing.get_origin(tp) is list:
+            (inner,) = typing.get_args(tp)
+            parser.add_argument(flag, type=inner, nargs="+", default=default, required=required, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=default, required=required, help=help_text,
+                                metavar=f.name.upper())
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+EVAL_HELP = {
+    "model": "model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
+    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
+    "block_size": "window length in tokens",
+    "stride": "new tokens scored per window; the rest is context",
+    "max_tokens": "score only the first N tokens of the corpus",
+    "batch_size": "windows per forward pass",
+    "device": "auto, cpu or cuda",
+    "text_field": "JSONL / dataset field that holds the text",
+    "json": "write the results to this JSON file",
+}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, format_table, run_eval, write_report_json
+
+    cfg = config_from_args(EvalConfig, args)
+    rows, n_tokens = run_eval(cfg)
+    print(format_table(rows, n_tokens, cfg.corpus))
+    if cfg.json:
+        write_report_json(cfg.json, cfg.corpus, n_tokens, rows)
+        print(f"wrote {cfg.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from .evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="perplexity of the base model (and, later, kNN-LM and memory decoders)")
+    add_dataclass_args(p, EvalConfig, EVAL_HELP)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
+    try:
+        return args.func(args)
+    except MemdecError as exc:
+        print(f"memdec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memdec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

