@@ -186,3 +186,22 @@ def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
     nll, seconds = score_tokens(base_scorer(model), tokens, cfg.block_size, cfg.stride, cfg.batch_size, device, desc="base")
     return [make_row("base", cfg.model, nll, seconds)], len(nll)
+
+
+def mix_logprobs(logp_base, logp_mem, lmbda: float):
+    """log((1-λ)·p_base + λ·p_mem) from log-probabilities, elementwise (numpy or torch).
+
+    Works on target log-probs [..., ] as well as on full rows [..., V]; λ=0 returns logp_base
+    exactly and λ=1 returns logp_mem exactly.
+    """
+    if not 0.0 <= lmbda <= 1.0:
+        from .errors import MemdecError
+
+        raise MemdecError(f"lambda must lie in [0, 1], got {lmbda}")
+    if lmbda == 0.0:
+        return logp_base
+    if lmbda == 1.0:
+        return logp_mem
+    if isinstance(logp_base, torch.Tensor):
+        return torch.logaddexp(logp_base + math.log1p(-lmbda), logp_mem + math.log(lmbda))
+    return np.logaddexp(logp_base + math.log1p(-lmbda), logp_mem + math.log(lmbda))
