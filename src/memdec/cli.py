@@ -74,6 +74,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    out = train(config_from_args(TrainConfig, args))
+    print(f"memory decoder checkpoint: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of the base model (and, later, kNN-LM and memory decoders)")
     add_dataclass_args(p, EvalConfig, EVAL_HELP)
     p.set_defaults(func=cmd_eval)
+
+    from .train import TRAIN_HELP, TrainConfig
+
+    p = sub.add_parser("train", help="train a memory decoder on a datastore's kNN targets")
+    add_dataclass_args(p, TrainConfig, TRAIN_HELP)
+    p.set_defaults(func=cmd_train)
     return parser
 
 
