@@ -102,12 +102,53 @@ TRAIN_HELP = {
 # Loss
 
 
+class _SparseKLCE(torch.autograd.Function):
+    """Fused α·KL(p ‖ softmax(z)) + (1−α)·CE over sparse targets, with a hand-written backward.
+
+    Autograd through logsumexp + gather + advanced indexing allocates several [P, V] buffers;
+    the closed form needs one: dL/dz = ((α·s + 1−α)·softmax(z) − α·p_scatter − (1−α)·onehot) / P,
+    where s is each row's target mass (1 up to fp16 rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, target_rows, target_ids, target_probs, alpha: float):
+        logits = logits.float()
+        n = logits.shape[0]
+        lse = torch.logsumexp(logits, dim=-1)  # [P]
+        ce = (lse - logits.gather(1, labels[:, None]).squeeze(1)).mean()
+        if alpha > 0:
+            log_q = logits[target_rows, target_ids] - lse[target_rows]  # [nnz]
+            kl = (torch.special.xlogy(target_probs, target_probs) - target_probs * log_q).sum() / n
+            mass = torch.zeros(n, device=logits.device).index_add_(0, target_rows, target_probs)
+        else:
+            kl, mass = torch.zeros((), device=logits.device), None
+        ctx.save_for_backward(logits, lse, labels, target_rows, target_ids, target_probs, mass)
+        ctx.alpha = alpha
+        return alpha * kl + (1 - alpha) * ce, kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kl, grad_ce):
+        logits, lse, labels, target_rows, target_ids, target_probs, mass = ctx.saved_tensors
+        a, n = ctx.alpha, logits.shape[0]
+        # only the loss is differentiated; kl and ce are reported values
+        grad = torch.exp(logits - lse[:, None])  # softmax, [P, V]
+        row_scale = (1 - a) + (a * mass if mass is not None else 0.0)
+        grad.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
+        if a > 0:
+            grad.index_put_((target_rows, target_ids), -a * target_probs, accumulate=True)
+        if a < 1:
+            rows = torch.arange(n, device=grad.device)
+            grad.index_put_((rows, labels), torch.full((n,), -(1 - a), device=grad.device), accumulate=True)
+        grad.mul_(grad_loss / n)
+        return grad, None, None, None, None, None
+
+
 def sparse_kl_ce_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    target_rows: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_probs: torch.Tensor,
+    target_rows: torch.Tensor | None,
+    target_ids: torch.Tensor | None,
+    target_probs: torch.Tensor | None,
     alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """α·KL(p_kNN ‖ p_mem) + (1−α)·CE, averaged over positions.
@@ -115,19 +156,17 @@ def sparse_kl_ce_loss(
     logits: [P, V] decoder logits of P positions; labels: [P] next tokens.
     target_rows: [nnz] long, the position (0..P-1) of each stored kNN entry;
     target_ids: [nnz] long token ids; target_probs: [nnz] float, each row summing to 1.
-    KL = Σ_rows Σ_support p·(log p − log q) / P, gathered at the stored ids only.
-    Returns (loss, kl, ce), scalars.
+    KL = Σ_rows Σ_support p·(log p − log q) / P, gathered at the stored ids only, so no
+    vocabulary-sized target row exists. With α=0 the targets may be None.
+    Returns (loss, kl, ce), scalars; only ``loss`` carries a gradient.
     """
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)  # [P]
-    n = logits.shape[0]
-    ce = (lse - logits.gather(1, labels[:, None]).squeeze(1)).mean()
-    if alpha == 0.0:
-        return ce, torch.zeros((), device=logits.device), ce
-    log_q = logits[target_rows, target_ids] - lse[target_rows]  # [nnz]
-    p = target_probs.float()
-    kl = (torch.special.xlogy(p, p) - p * log_q).sum() / n
-    return alpha * kl + (1.0 - alpha) * ce, kl, ce
+    if alpha > 0:
+        target_probs = target_probs.float()
+    else:
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
+        target_rows, target_ids, target_probs = empty, empty, torch.zeros(0, device=logits.device)
+    loss, kl, ce = _SparseKLCE.apply(logits, labels, target_rows, target_ids, target_probs, float(alpha))
+    return loss, kl.detach(), ce.detach()
 
 
 # --------------------------------------------------------------------------------------------
