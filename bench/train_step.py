@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 def synthetic_targets(n_positions: int, vocab: int, support: int, seed: int = 0):
     """CSR kNN targets with ``support`` distinct tokens per row (a k=1024 row has ~50-300)."""
-    from types import SimpleNamespace
+    from memdec.targets import KnnTargets
 
     rng = np.random.default_rng(seed)
     ids = np.stack([rng.choice(vocab, support, replace=False) for _ in range(n_positions)]).astype(np.int32)
     probs = rng.dirichlet(np.full(support, 0.3), n_positions).astype(np.float16)
     offsets = np.arange(0, (n_positions + 1) * support, support, dtype=np.int64)
-    return SimpleNamespace(offsets=offsets, token_ids=ids.reshape(-1), probs=probs.reshape(-1))
+    return KnnTargets(offsets=offsets, token_ids=ids.reshape(-1), probs=probs.reshape(-1), k=0, temperature=1.0, top_m=None)
 
 
 def dense_kl_ce_loss(logits, labels, target_rows, target_ids, target_probs, alpha):

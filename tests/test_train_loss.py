@@ -1,13 +1,12 @@
 """The training loss and data path against dense, straightforward references."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from memdec.train import collate, gather_csr_rows, lr_at, micro_batch_starts, shortened_copy, sparse_kl_ce_loss, window_starts
+from memdec.targets import KnnTargets
+from memdec.train import collate, lr_at, micro_batch_starts, shortened_copy, sparse_kl_ce_loss, window_starts
 from memdec.testing import tiny_model
 
 
@@ -19,7 +18,7 @@ def random_csr(n_rows: int, vocab: int, max_support: int, seed: int = 0):
     probs = rng.random(offsets[-1]).astype(np.float32)
     rows = np.repeat(np.arange(n_rows), lengths)
     probs /= np.bincount(rows, weights=probs)[rows]
-    return SimpleNamespace(offsets=offsets, token_ids=ids, probs=probs.astype(np.float16))
+    return KnnTargets(offsets=offsets, token_ids=ids, probs=probs.astype(np.float16), k=0, temperature=1.0, top_m=None)
 
 
 def dense_rows(csr, positions, vocab):
@@ -56,16 +55,6 @@ def test_sparse_kl_equals_dense_kl_div(tokenizer, alpha):
     logits3 = logits.detach().requires_grad_()
     sparse_kl_ce_loss(logits3, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha)[0].backward()
     torch.testing.assert_close(logits3.grad.double(), logits2.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_gather_csr_rows_matches_loop():
-    csr = random_csr(50, 100, 7, seed=3)
-    positions = np.array([5, 0, 49, 5, 17])
-    entry, row = gather_csr_rows(csr.offsets, positions)
-    ref_entry = np.concatenate([np.arange(csr.offsets[p], csr.offsets[p + 1]) for p in positions])
-    ref_row = np.concatenate([np.full(csr.offsets[p + 1] - csr.offsets[p], i) for i, p in enumerate(positions)])
-    np.testing.assert_array_equal(entry, ref_entry)
-    np.testing.assert_array_equal(row, ref_row)
 
 
 def test_collate_aligns_tokens_labels_and_targets():

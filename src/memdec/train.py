@@ -33,6 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import MemdecError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from .targets import KnnTargets
 
 CHECKPOINT_FORMAT = "memdec"
 CHECKPOINT_VERSION = 1
@@ -186,21 +190,7 @@ def window_starts(n_positions: int, block_size: int) -> np.ndarray:
     return starts
 
 
-def gather_csr_rows(offsets: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices into the CSR arrays for the rows ``positions``, and each entry's row number.
-
-    offsets: int64 [N+1]; positions: int64 [P]. Returns (entry index [nnz], row index [nnz]),
-    without a Python loop over rows.
-    """
-    starts = offsets[positions]
-    lengths = offsets[positions + 1] - starts
-    row = np.repeat(np.arange(len(positions), dtype=np.int64), lengths)
-    first = np.cumsum(lengths) - lengths  # where each row begins in the flat output
-    entry = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(first - starts, lengths)
-    return entry, row
-
-
-def collate(tokens: np.ndarray, targets, starts: np.ndarray, block: int, need_targets: bool = True) -> dict:
+def collate(tokens: np.ndarray, targets: "KnnTargets | None", starts: np.ndarray, block: int, need_targets: bool = True) -> dict:
     """One micro-batch of windows starting at ``starts``.
 
     Returns input_ids [B, T], labels [B, T] (the next tokens), and, when ``need_targets``,
@@ -212,10 +202,10 @@ def collate(tokens: np.ndarray, targets, starts: np.ndarray, block: int, need_ta
         "labels": torch.from_numpy(tokens[positions + 1].astype(np.int64)),
     }
     if need_targets:
-        entry, row = gather_csr_rows(targets.offsets, positions.reshape(-1))
-        batch["target_rows"] = torch.from_numpy(row)
-        batch["target_ids"] = torch.from_numpy(targets.token_ids[entry].astype(np.int64))
-        batch["target_probs"] = torch.from_numpy(targets.probs[entry].astype(np.float32))
+        offsets, ids, probs = targets.gather(positions.reshape(-1))
+        batch["target_rows"] = torch.from_numpy(np.repeat(np.arange(positions.size, dtype=np.int64), np.diff(offsets)))
+        batch["target_ids"] = torch.from_numpy(ids.astype(np.int64))
+        batch["target_probs"] = torch.from_numpy(probs.astype(np.float32))
     return batch
 
 
@@ -515,6 +505,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         "knn_temperature": manifest.get("steps", {}).get("targets", {}).get("temperature"),
         "alpha": cfg.alpha, "init": cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers else f"{manifest['model']} (full copy)"),
         "n_parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "world_size": world,
     }
 
     def save_best(record: dict) -> None:

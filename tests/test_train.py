@@ -1,0 +1,113 @@
+"""End-to-end training on a tiny model: checkpoints that load, exact resume, clear errors, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.errors import DatastoreError, MemdecError, TokenizerMismatchError
+from memdec.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("store") / "ds"
+    build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=16,
+                                    block_size=64, stride=32, max_tokens=600, progress=False))
+    return out
+
+
+def config(store, out, **kw):
+    base = dict(datastore=str(store), out=str(out), max_steps=6, batch_size=2, block_size=32, lr=1e-3, warmup=1,
+                save_every=3, eval_every=3, log_every=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_loads_and_records(store, tmp_path, tokenizer):
+    out = train(config(store, tmp_path / "ckpt", valid="austen:test", valid_max_tokens=200, block_size=32))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    info = json.loads((out / "memdec.json").read_text())
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert info["tokenizer_hash"] == manifest["tokenizer_hash"] and info["base_model"] == manifest["model"]
+    assert info["k"] == 16 and info["alpha"] == 0.5 and 0 < info["lambda"] < 1
+    assert info["train_stats"]["best_ppl"] <= info["train_stats"]["valid_ppl_base"] * 1.5
+    assert len(losses(out)) == 6 and all(np.isfinite(losses(out)))
+    assert not [p for p in out.rglob(".*tmp*")]  # no temporary file left
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    straight = train(config(store, tmp_path / "a"))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(step, record):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config(store, tmp_path / "b"), on_step=stop_at_3)
+    assert json.loads((tmp_path / "b" / "trainer_state" / "state.json").read_text())["step"] == 3
+    resumed = train(config(store, tmp_path / "b"))
+    assert losses(resumed) == losses(straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs(store, tmp_path, tokenizer):
+    from memdec.testing import save_tiny_model, tiny_tokenizer
+
+    other = save_tiny_model(tmp_path / "other", "llama", tiny_tokenizer(vocab_size=300))
+    with pytest.raises(TokenizerMismatchError, match="tokenizer"):
+        train(config(store, tmp_path / "c", init=str(other)))
+    with pytest.raises(MemdecError, match="no steps"):
+        train(config(store, tmp_path / "d", max_steps=None, epochs=0.0))
+    train(config(store, tmp_path / "e", max_steps=3))
+    with pytest.raises(MemdecError, match="another run"):
+        train(config(store, tmp_path / "e", max_steps=3, lr=5e-4))
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(store, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["steps"]["targets"]["status"] = "running"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatastoreError, match="targets are not built"):
+        train(config(broken, tmp_path / "f"))
+
+
+def test_init_layers_shortened_copy(store, tmp_path, tiny_llama_dir):
+    out = train(config(store, tmp_path / "short", init_layers=1, max_steps=2))
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+def test_ddp_two_cpu_processes_match_one_process(store, tmp_path):
+    """2 processes x batch 1 with DDP train the weights of 1 process x batch 2 (up to float noise,
+    which Adam's early steps amplify to ~lr), and not those of 1 process x batch 1."""
+    single = train(config(store, tmp_path / "single", max_steps=3, batch_size=2, save_every=3))
+    half = train(config(store, tmp_path / "half", max_steps=3, batch_size=1, save_every=3))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memdec.cli", "train",
+           "--datastore", str(store), "--out", str(tmp_path / "ddp"), "--max-steps", "3", "--batch-size", "1",
+           "--block-size", "32", "--lr", "1e-3", "--warmup", "1", "--save-every", "3", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "memdec.json").read_text())["world_size"] == 2
+    a, b, c = (load_file(p / "model.safetensors") for p in (single, tmp_path / "ddp", half))
+    dist = lambda x, y: max((x[k] - y[k]).abs().mean().item() for k in x)  # noqa: E731
+    assert dist(a, b) < 0.1 * dist(a, c), (dist(a, b), dist(a, c))
