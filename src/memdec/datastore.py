@@ -1,0 +1,622 @@
+"""The kNN datastore: keys and values of a corpus, their faiss index, and sparse kNN targets.
+
+``build_datastore(cfg)`` runs three resumable steps and records each in ``manifest.json``:
+
+1. **keys**: the base model reads the corpus in the same sliding windows as evaluation. For each
+   position p (a token that has a successor) a forward pre-hook captures the input of the last
+   transformer block's feed-forward layer, the kNN-LM key; the value is ``tokens[p+1]``. Only
+   the model body runs, and the hook stops the forward right after the capture, so neither the
+   last FFN, the final norm nor the LM head is computed. Keys are written chunk by chunk (one
+   batch of windows) into a preallocated fp16 memmap; the manifest records each finished chunk.
+2. **index**: a faiss index over the keys (``memdec.index``), written to ``index.faiss``.
+3. **targets**: every key searches its k+1 nearest keys, drops its own entry by id, and turns the
+   rest into a sparse distribution over next tokens (``memdec.targets``), appended to CSR files.
+
+Folder layout (N keys of dimension d)::
+
+    manifest.json          identity of the inputs, and the state of each step
+    tokens.npy             int32 [N+1]  the token stream
+    keys.npy               float16 [N, d]  keys[p] = FFN input at position p
+    values.npy             int32 [N]    values[p] = tokens[p+1]
+    index.faiss
+    targets/offsets.npy    int64 [N+1]
+    targets/token_ids.npy  int32 [nnz]
+    targets/probs.npy      float16 [nnz]
+
+A rerun with the same inputs skips finished steps and resumes a running one from its last
+finished chunk; changing k, T or top-m redoes only the targets, changing the index redoes the
+index and the targets. A folder built from another model, tokenizer, corpus or windowing is
+never touched: that is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import load_token_stream, sliding_windows, token_stream_hash
+from .errors import DatastoreError
+from .evaluate import atomic_write_text
+from .targets import TARGETS_DIR, NpyAppender, check_npy
+
+MANIFEST = "manifest.json"
+VERSION = 1
+FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+IDENTITY_FIELDS = ("model", "tokenizer_hash", "corpus_hash", "block_size", "stride")
+
+
+@dataclass
+class DatastoreConfig:
+    model: str
+    corpus: str
+    out: str
+    k: int = 1024
+    knn_temp: float = 1.0
+    top_m: int | None = None
+    index: str = "auto"
+    block_size: int = 1024
+    stride: int = 512
+    max_tokens: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    text_field: str = "text"
+    nlist: int | None = None
+    pq_m: int | None = None
+    nprobe: int | None = None
+    refine: int | None = None
+    flat_threshold: int | None = None
+    search_batch: int = 1024
+    threads: int | None = None
+    progress: bool = True
+
+
+DATASTORE_HELP = {
+    "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
+    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
+    "out": "datastore folder (created; an interrupted build resumes here)",
+    "k": "neighbours per position (the position itself excluded)",
+    "knn_temp": "temperature T of softmax(-d/T) over squared L2 distances",
+    "top_m": "keep only the M most probable tokens of each target row (default: all)",
+    "index": "auto, flat (exact) or ivfpq (approximate, for large datastores)",
+    "block_size": "window length in tokens",
+    "stride": "new positions stored per window; the rest is context",
+    "max_tokens": "use only the first N tokens of the corpus",
+    "batch_size": "windows per forward pass (default: 1 on CPU, 8 on GPU)",
+    "device": "auto, cpu or cuda",
+    "text_field": "JSONL / dataset field that holds the text",
+    "nlist": "ivfpq: inverted lists (default ~4*sqrt(N))",
+    "pq_m": "ivfpq: PQ code bytes per key (must divide d)",
+    "nprobe": "ivfpq: lists probed per search (default: enough for k)",
+    "refine": "ivfpq: re-rank refine*k candidates on exact keys (0: plain PQ distances)",
+    "flat_threshold": "auto: exact search up to this many keys (default 100000 on CPU)",
+    "search_batch": "positions per target-search chunk",
+    "threads": "faiss threads (default: every core)",
+    "progress": "show progress bars",
+}
+
+
+# --- the hook on the last FFN input ----------------------------------------------------------
+
+
+def _arch(model) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    return f"{type(model).__name__} (model_type '{model_type}')"
+
+
+def find_ffn_input_module(model: nn.Module) -> tuple[str, nn.Module]:
+    """The feed-forward layer of the last transformer block: ``(qualified name, module)``.
+
+    Generic: the block list is the ``nn.ModuleList`` whose blocks have an ``mlp``-like child
+    (``mlp``, ``feed_forward``, ``ffn``, ``block_sparse_moe``), preferring one as long as the
+    config's layer count. This places Llama, Qwen2, Mistral, Gemma (``model.layers.{-1}.mlp``),
+    GPT-2 (``transformer.h.{-1}.mlp``) and GPT-NeoX (``gpt_neox.layers.{-1}.mlp``).
+    Raises DatastoreError naming the architecture where there is none.
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n_layers = getattr(config, "num_hidden_layers", None)
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            ffn = next((f for f in FFN_NAMES if isinstance(getattr(mod[-1], f, None), nn.Module)), None)
+            if ffn is not None:
+                candidates.append((len(mod) == n_layers, len(mod), name, ffn, mod))
+    if not candidates:
+        raise DatastoreError(
+            f"cannot place the kNN hook in {_arch(model)}: no transformer block list whose blocks have a "
+            f"feed-forward submodule named {' / '.join(FFN_NAMES)} (memdec knows Llama, Qwen2, Mistral, "
+            f"Gemma, GPT-2 and GPT-NeoX layouts)"
+        )
+    _, _, name, ffn, blocks = max(candidates, key=lambda c: (c[0], c[1]))
+    prefix = f"{name}." if name else ""
+    return f"{prefix}{len(blocks) - 1}.{ffn}", getattr(blocks[-1], ffn)
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end a forward as soon as the key is captured."""
+
+
+class FFNInputCapture:
+    """Context manager: a forward pre-hook that records the input of the last block's FFN.
+
+    After each forward, ``.last`` is that input, a tensor [B, L, d] (detached). With
+    ``stop=True`` the hook also ends the forward right there (the rest of the last block, the
+    final norm and the LM head never run); call the model through ``forward_ffn_inputs``, which
+    expects that. Usable at inference (kNN-LM) with ``stop=False`` around a normal forward.
+    """
+
+    def __init__(self, model: nn.Module, stop: bool = False):
+        self.model, self.stop = model, stop
+        self.name, self.module = find_ffn_input_module(model)
+        self.last: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        self.last = hidden.detach()
+        if self.stop:
+            raise _StopForward
+
+    def __enter__(self) -> FFNInputCapture:
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def model_body(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (``model.base_model``, e.g. ``model.model``)."""
+    return getattr(model, "base_model", model)
+
+
+@torch.inference_mode()
+def forward_ffn_inputs(model: nn.Module, input_ids: torch.Tensor, capture: FFNInputCapture) -> torch.Tensor:
+    """Run the model body over ``input_ids`` [B, L] and return the captured FFN inputs [B, L, d]."""
+    capture.last = None
+    try:
+        model_body(model)(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    if capture.last is None:
+        raise DatastoreError(f"the hook on {capture.name} of {_arch(model)} never fired")
+    return capture.last
+
+
+def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Group consecutive windows of equal (length, stored count) into batches of ``batch_size``.
+
+    windows: int64 [W, 3] from ``sliding_windows``. Each batch [b, 3] stores one contiguous run
+    of positions, ``[batch[0, 2], batch[-1, 1])``. The grouping is a pure function of its
+    inputs, so a resumed build meets the same chunks.
+    """
+    out: list[np.ndarray] = []
+    group: list[np.ndarray] = []
+    for w in windows:
+        shape = (w[1] - w[0], w[1] - w[2])
+        if group and (len(group) == batch_size or (group[0][1] - group[0][0], group[0][1] - group[0][2]) != shape):
+            out.append(np.stack(group))
+            group = []
+        group.append(w)
+    if group:
+        out.append(np.stack(group))
+    return out
+
+
+def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInputCapture, device="cpu") -> np.ndarray:
+    """Keys of the positions a batch of windows stores: float16 [P, d], P = batch[-1,1] - batch[0,2].
+
+    stream: int64 tensor [n_tokens]; batch: int64 [b, 3] of equal-shaped windows.
+    """
+    start, end, score_start = batch[:, 0], batch[:, 1], batch[:, 2]
+    length, n_keep = int(end[0] - start[0]), int(end[0] - score_start[0])
+    idx = torch.as_tensor(start)[:, None] + torch.arange(length)[None, :]
+    hidden = forward_ffn_inputs(model, stream[idx].to(device), capture)[:, -n_keep:]
+    keys = hidden.reshape(-1, hidden.shape[-1]).to(torch.float16).cpu()
+    if not torch.isfinite(keys).all():
+        raise DatastoreError(f"non-finite keys at {capture.name} (the hidden state overflows float16)")
+    return keys.numpy()
+
+
+# --- the manifest ----------------------------------------------------------------------------
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a datastore folder; DatastoreError if it is missing or corrupt."""
+    mpath = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise DatastoreError(f"{path}: not a datastore (no {MANIFEST}); build one with memdec datastore") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatastoreError(f"{mpath}: corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+        raise DatastoreError(f"{mpath}: not a version-{VERSION} memdec manifest")
+    return manifest
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """Write the manifest atomically (temporary file, then rename)."""
+    atomic_write_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _say(cfg: DatastoreConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"memdec datastore: {msg}", file=sys.stderr, flush=True)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _check_config(cfg: DatastoreConfig) -> None:
+    from .index import INDEX_KINDS
+
+    if cfg.index not in INDEX_KINDS:
+        raise DatastoreError(f"unknown index type '{cfg.index}'; choose one of: {', '.join(INDEX_KINDS)}")
+    if cfg.k < 1:
+        raise DatastoreError(f"--k must be at least 1, got {cfg.k}")
+    if not cfg.knn_temp > 0:
+        raise DatastoreError(f"--knn-temp must be positive, got {cfg.knn_temp}")
+    if cfg.top_m is not None and cfg.top_m < 1:
+        raise DatastoreError(f"--top-m must be at least 1, got {cfg.top_m}")
+    if cfg.block_size < 1 or cfg.stride < 1 or cfg.stride > cfg.block_size:
+        raise DatastoreError(f"need 1 <= --stride <= --block-size, got stride {cfg.stride}, block size {cfg.block_size}")
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.search_batch < 1:
+        raise DatastoreError("--batch-size and --search-batch must be positive")
+
+
+def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
+    """Load and check the manifest of ``out``, or start a new datastore there."""
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        diffs = [f"{f}: {manifest.get(f)!r} in the folder, {identity[f]!r} requested"
+                 for f in IDENTITY_FIELDS if manifest.get(f) != identity[f]]
+        if manifest.get("corpus_hash") != identity["corpus_hash"]:
+            diffs.append(f"corpus: {manifest.get('corpus')!r} (max_tokens {manifest.get('max_tokens')}) in the folder, "
+                         f"{identity['corpus']!r} (max_tokens {identity['max_tokens']}) requested")
+        if diffs:
+            raise DatastoreError(
+                f"{out} holds a datastore built from other inputs ({'; '.join(diffs)}); "
+                f"choose another --out, or delete {out} to rebuild it"
+            )
+    else:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise DatastoreError(f"{out} exists and is not a memdec datastore (no {MANIFEST}); choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"version": VERSION, **identity, "layer": None, "dim": None, "distance": "squared_l2",
+                    "key_dtype": "float16",
+                    "steps": {"keys": {"status": "pending"}, "index": {"status": "pending"},
+                              "targets": {"status": "pending"}}}
+        write_manifest(out, manifest)
+    n = identity["n_keys"]
+    for name, arr in (("tokens.npy", tokens), ("values.npy", tokens[1:])):
+        if manifest["steps"]["keys"]["status"] != "done" and not (out / name).exists():
+            _atomic_save_npy(out / name, np.ascontiguousarray(arr, dtype=np.int32))
+    check_npy(out / "tokens.npy", np.int32, (n + 1,), "token stream")
+    check_npy(out / "values.npy", np.int32, (n,), "values")
+    stored = np.load(out / "tokens.npy", mmap_mode="r")
+    if token_stream_hash(stored) != identity["corpus_hash"] or not np.array_equal(np.load(out / "values.npy", mmap_mode="r"), stored[1:]):
+        raise DatastoreError(f"{out}: tokens.npy / values.npy do not match the manifest's corpus hash (corrupt); "
+                             f"delete {out} to rebuild it")
+    return manifest
+
+
+# --- step 1: keys and values -----------------------------------------------------------------
+
+
+def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk) -> None:
+    from tqdm.auto import tqdm
+
+    from .evaluate import check_block_size
+    from .models import load_model, resolve_device
+
+    step = manifest["steps"]["keys"]
+    n = manifest["n_keys"]
+    keys_path = out / "keys.npy"
+    if step["status"] == "done":
+        check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
+        return
+    device = resolve_device(cfg.device)
+    model, _ = load_model(cfg.model, device=device)
+    check_block_size(model, cfg.block_size, cfg.model)
+    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    capture = FFNInputCapture(model, stop=True)
+    with capture:
+        dim = int(forward_ffn_inputs(model, stream[None, :2].to(device), capture).shape[-1])
+    for field, value in (("layer", capture.name), ("dim", dim)):
+        if manifest.get(field) not in (None, value):
+            raise DatastoreError(f"{out}: keys were started at {field} {manifest[field]!r}, this model gives {value!r}; "
+                                 f"delete {out} to rebuild it")
+    manifest.update(layer=capture.name, dim=dim)
+
+    windows = sliding_windows(len(tokens), cfg.block_size, cfg.stride)
+    batch_size = step.get("batch_size") or cfg.batch_size or (1 if device == "cpu" else 8)
+    chunks = window_batches(windows, batch_size)
+    done = int(step.get("chunks_done", 0))
+    if done == 0:  # nothing recorded yet: (re)allocate the keys file
+        tmp = out / ".keys.npy.tmp"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+        os.replace(tmp, keys_path)
+    else:
+        check_npy(keys_path, np.float16, (n, dim), "keys")
+        _say(cfg, f"resuming keys at chunk {done}/{len(chunks)} (position {step['positions_done']}/{n})")
+    keys = np.load(keys_path, mmap_mode="r+")
+    step.update(status="running", batch_size=batch_size, chunks_total=len(chunks), chunks_done=done,
+                positions_done=int(chunks[done - 1][-1, 1]) if done else 0)
+    write_manifest(out, manifest)
+
+    seconds = float(step.get("seconds", 0.0))
+    first = step["positions_done"]
+    t0 = time.perf_counter()
+    with capture, tqdm(total=n, initial=first, desc="keys", unit="tok", disable=not cfg.progress, leave=False) as bar:
+        for ci in range(done, len(chunks)):
+            batch = chunks[ci]
+            p0, p1 = int(batch[0, 2]), int(batch[-1, 1])
+            keys[p0:p1] = window_keys(model, stream, batch, capture, device)
+            keys.flush()
+            step.update(chunks_done=ci + 1, positions_done=p1, seconds=round(seconds + time.perf_counter() - t0, 3))
+            write_manifest(out, manifest)
+            bar.update(p1 - p0)
+            if on_chunk is not None:
+                on_chunk("keys", ci)
+    elapsed = time.perf_counter() - t0
+    del keys
+    step.update(status="done", seconds=round(seconds + elapsed, 3),
+                tokens_per_s=round((n - first) / max(elapsed, 1e-9), 1))
+    write_manifest(out, manifest)
+
+
+# --- step 2: index ---------------------------------------------------------------------------
+
+
+def _index_params(cfg: DatastoreConfig, n: int, dim: int):
+    from .index import choose_params
+
+    return choose_params(n, dim, cfg.index, nlist=cfg.nlist, pq_m=cfg.pq_m, nprobe=cfg.nprobe,
+                         refine=cfg.refine, flat_threshold=cfg.flat_threshold)
+
+
+def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
+    from .index import build_index, save_index, set_num_threads
+
+    n, dim = manifest["n_keys"], manifest["dim"]
+    params = _index_params(cfg, n, dim)
+    step = manifest["steps"]["index"]
+    path = out / "index.faiss"
+    if step["status"] == "done" and step.get("params") == params.to_json():
+        if path.is_file() and path.stat().st_size == step.get("bytes"):
+            return
+        if path.exists():
+            raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.get('bytes')} "
+                                 f"(truncated or corrupt); delete it to rebuild the index")
+        _say(cfg, f"{path.name} is missing: rebuilding the index")
+    manifest["steps"]["index"] = step = {"status": "running", "type": params.kind, "params": params.to_json()}
+    manifest["steps"]["targets"] = {"status": "pending"}  # targets depend on the index
+    write_manifest(out, manifest)
+    set_num_threads(cfg.threads)
+    keys = np.load(out / "keys.npy", mmap_mode="r")
+    t0 = time.perf_counter()
+    index = build_index(keys, params=params, progress=cfg.progress)
+    size = save_index(index, path)
+    step.update(status="done", bytes=size, seconds=round(time.perf_counter() - t0, 3))
+    write_manifest(out, manifest)
+
+
+# --- step 3: kNN targets ---------------------------------------------------------------------
+
+
+def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
+    from tqdm.auto import tqdm
+
+    from .index import auto_nprobe, load_index, search, set_num_threads
+    from .targets import drop_self, knn_distribution, lookup_values
+
+    n = manifest["n_keys"]
+    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
+    step = manifest["steps"]["targets"]
+    same = all(step.get(key) == value for key, value in want.items())
+    folder = out / TARGETS_DIR
+    if step.get("status") == "done" and same:
+        check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
+        check_npy(folder / "token_ids.npy", np.int32, (step["nnz"],), "target token ids")
+        check_npy(folder / "probs.npy", np.float16, (step["nnz"],), "target probabilities")
+        return
+    set_num_threads(cfg.threads)
+    index = load_index(out / "index.faiss")
+    if not (step.get("status") == "running" and same):
+        step = {"status": "running", **want, "nprobe": cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None,
+                "search_batch": cfg.search_batch, "rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0,
+                "empty_slots": 0, "seconds": 0.0}
+        manifest["steps"]["targets"] = step
+        write_manifest(out, manifest)
+    folder.mkdir(exist_ok=True)
+    rows_done, nnz, batch = int(step["rows_done"]), int(step["nnz"]), int(step["search_batch"])
+    offsets_path = folder / "offsets.npy"
+    if rows_done == 0:
+        tmp = folder / ".offsets.npy.tmp"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n + 1,)).flush()
+        os.replace(tmp, offsets_path)
+    else:
+        check_npy(offsets_path, np.int64, (n + 1,), "target offsets")
+        _say(cfg, f"resuming targets at position {rows_done}/{n}")
+    offsets = np.load(offsets_path, mmap_mode="r+")
+    token_ids = NpyAppender(folder / "token_ids.npy", np.int32, nnz)
+    probs = NpyAppender(folder / "probs.npy", np.float16, nnz)
+    keys = np.load(out / "keys.npy", mmap_mode="r")
+    values = np.load(out / "values.npy")
+    k, temperature, top_m, nprobe = cfg.k, cfg.knn_temp, cfg.top_m, step["nprobe"]
+    seconds, first, t0 = float(step["seconds"]), rows_done, time.perf_counter()
+    with tqdm(total=n, initial=rows_done, desc="targets", unit="tok", disable=not cfg.progress, leave=False) as bar:
+        for r0 in range(rows_done, n, batch):
+            r1 = min(r0 + batch, n)
+            dists, ids = search(index, keys[r0:r1], k + 1, nprobe=nprobe)
+            query_ids = np.arange(r0, r1)
+            self_missing = int((~(ids == query_ids[:, None]).any(axis=1)).sum())
+            dists, ids = drop_self(dists, ids, query_ids)
+            off, tok, prob, kept = knn_distribution(dists, lookup_values(ids, values), temperature, top_m,
+                                                    return_kept_mass=True)
+            offsets[r0 + 1 : r1 + 1] = nnz + off[1:]
+            offsets.flush()
+            token_ids.append(tok)
+            probs.append(prob.astype(np.float16))
+            token_ids.flush()
+            probs.flush()
+            nnz += len(tok)
+            step.update(rows_done=r1, nnz=nnz, kl_sum=step["kl_sum"] - float(np.log(kept).sum()),
+                        self_missing=step["self_missing"] + self_missing,
+                        empty_slots=step["empty_slots"] + int((ids < 0).sum()),
+                        seconds=round(seconds + time.perf_counter() - t0, 3))
+            write_manifest(out, manifest)
+            bar.update(r1 - r0)
+            if on_chunk is not None:
+                on_chunk("targets", r0 // batch)
+    elapsed = time.perf_counter() - t0
+    token_ids.close()
+    probs.close()
+    support = np.diff(np.asarray(offsets))
+    del offsets
+    target_bytes = sum((folder / f).stat().st_size for f in ("offsets.npy", "token_ids.npy", "probs.npy"))
+    step.update(
+        status="done",
+        mean_support=round(float(support.mean()), 3),
+        support_percentiles={f"p{q}": float(np.percentile(support, q)) for q in (0, 10, 50, 90, 99, 100)},
+        kl_truncation_mean=step["kl_sum"] / n,
+        bytes_per_token=round(target_bytes / n, 2),
+        rows_per_s=round((n - first) / max(elapsed, 1e-9), 1),
+    )
+    write_manifest(out, manifest)
+
+
+# --- the whole build -------------------------------------------------------------------------
+
+
+def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
+    """Build (or resume, or update) the datastore ``cfg.out``; returns its path.
+
+    ``on_chunk(step, chunk_index)`` is called after each chunk of the keys and targets steps has
+    been written and recorded (used by tests to simulate an interruption).
+    Raises DatastoreError on bad input, before anything already written is touched.
+    """
+    from .models import load_tokenizer, tokenizer_fingerprint
+
+    _check_config(cfg)
+    out = Path(cfg.out).expanduser()
+    tokenizer = load_tokenizer(cfg.model)
+    tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
+    n = len(tokens) - 1
+    if cfg.k >= n:
+        raise DatastoreError(f"--k {cfg.k} must be smaller than the number of keys N={n}: "
+                             f"each position needs k neighbours besides itself")
+    identity = {
+        "model": cfg.model, "tokenizer_hash": tokenizer_fingerprint(tokenizer), "corpus": cfg.corpus,
+        "corpus_hash": token_stream_hash(tokens), "text_field": cfg.text_field, "n_keys": n,
+        "block_size": cfg.block_size, "stride": cfg.stride, "max_tokens": cfg.max_tokens,
+    }
+    manifest = _open_manifest(out, identity, tokens)
+    _keys_step(out, manifest, cfg, tokens, on_chunk)
+    _index_step(out, manifest, cfg)
+    _targets_step(out, manifest, cfg, on_chunk)
+    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+             if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
+    manifest["disk"] = {"files": files, "bytes_per_token": round(sum(files.values()) / n, 2)}
+    write_manifest(out, manifest)
+    return out
+
+
+# --- reading a datastore ---------------------------------------------------------------------
+
+
+@dataclass
+class Datastore:
+    """A built datastore, memory-mapped: ``keys[p]`` (fp16 [d]) has value ``values[p] == tokens[p+1]``."""
+
+    path: Path
+    manifest: dict
+    tokens: np.ndarray  # int32 [N+1]
+    keys: np.ndarray  # float16 [N, d]
+    values: np.ndarray  # int32 [N]
+
+    @property
+    def n_keys(self) -> int:
+        return int(self.manifest["n_keys"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def load_index(self, nprobe: int | None = None):
+        """The faiss index, with the nprobe the targets used unless given."""
+        from .index import load_index
+
+        if self.manifest["steps"]["index"].get("status") != "done":
+            raise DatastoreError(f"{self.path}: the index is not built; rerun memdec datastore --out {self.path}")
+        return load_index(self.path / "index.faiss", nprobe or self.manifest["steps"]["targets"].get("nprobe"))
+
+    def load_targets(self):
+        from .targets import load_targets
+
+        return load_targets(self.path)
+
+
+def open_datastore(path: str | os.PathLike) -> Datastore:
+    """Memory-map a datastore whose keys step is done, checking every file against the manifest.
+
+    Raises DatastoreError on a missing manifest, an unfinished keys step, or a missing,
+    truncated or mismatched tokens/keys/values file.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    status = manifest["steps"]["keys"].get("status")
+    if status != "done":
+        raise DatastoreError(f"{path}: the keys are not finished (status: {status}); "
+                             f"rerun memdec datastore with --out {path} to resume")
+    n, d = int(manifest["n_keys"]), int(manifest["dim"])
+    check_npy(path / "tokens.npy", np.int32, (n + 1,), "token stream")
+    check_npy(path / "keys.npy", np.float16, (n, d), "keys")
+    check_npy(path / "values.npy", np.int32, (n,), "values")
+    return Datastore(
+        path=path,
+        manifest=manifest,
+        tokens=np.load(path / "tokens.npy", mmap_mode="r"),
+        keys=np.load(path / "keys.npy", mmap_mode="r"),
+        values=np.load(path / "values.npy", mmap_mode="r"),
+    )
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A few lines summing up a built datastore (for the CLI)."""
+    m = read_manifest(path)
+    keys, index, targets = (m["steps"][s] for s in ("keys", "index", "targets"))
+    pct = targets.get("support_percentiles", {})
+    lines = [
+        f"datastore {path}: {m['n_keys']} keys of dim {m['dim']} at {m['layer']} ({m['model']}, {m['corpus']})",
+        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s",
+        f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
+        f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
+        f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",
+        f"  distinct tokens per row: mean {targets.get('mean_support', 0):.1f}, "
+        + ", ".join(f"{q} {v:g}" for q, v in pct.items()),
+        f"  KL lost to truncation (mean -log kept mass): {targets.get('kl_truncation_mean', 0):.3g} nats",
+        f"  disk: {m.get('disk', {}).get('bytes_per_token', 0):.1f} bytes/token "
+        f"(targets {targets.get('bytes_per_token', 0):.1f})",
+    ]
+    if targets.get("self_missing"):
+        lines.append(f"  note: {targets['self_missing']} positions did not find themselves among their neighbours")
+    return "\n".join(lines)
+

@@ -1,0 +1,306 @@
+"""Sparse kNN target distributions: from neighbours to CSR rows on disk.
+
+For a position p with neighbours j = 1..k (its own entry excluded) at squared L2 distances d_j
+holding value tokens v_j, the kNN-LM distribution is
+
+    p_knn(v) = Σ_j softmax(-d / T)_j · [v_j = v]
+
+Only the distinct tokens among the v_j have mass, so a row holds at most k entries. Rows are kept
+in CSR form: ``offsets`` int64 [N+1], ``token_ids`` int32 [nnz], ``probs`` float16 [nnz]; row p
+is ``token_ids[offsets[p]:offsets[p+1]]``, most probable first (ties: lower token id first).
+
+Truncation keeps the ``top_m`` most probable tokens of a row (all by default) and renormalises.
+Entries that fp16 would store as 0 (p < 2^-25) are dropped as well. The KL lost to truncation is
+reported as KL(p_M ‖ p) = -log Σ_{kept v} p(v), the divergence of the stored row p_M from the
+full one (KL(p ‖ p_M) is infinite whenever a token is dropped).
+
+Everything here is vectorised over rows: a sort of each row's values, run boundaries, and
+``np.add.reduceat`` of the weights. Nothing vocabulary-sized is ever built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatastoreError
+
+FP16_ZERO = 2.0**-25  # probabilities below this round to 0 in float16
+TARGETS_DIR = "targets"
+
+
+# --- neighbours -> distributions -------------------------------------------------------------
+
+
+def drop_self(dists: np.ndarray, ids: np.ndarray, query_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own entry from its k+1 neighbours, by id (duplicate keys exist).
+
+    dists [B, k+1], ids [B, k+1] int64, query_ids [B]. A row whose own id is not among its
+    neighbours (approximate search, or many exact duplicates) loses its last, farthest entry
+    instead. Returns (dists [B, k], ids [B, k]) in the original order.
+    """
+    b, k1 = ids.shape
+    is_self = ids == np.asarray(query_ids, dtype=np.int64)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k1 - 1)
+    keep = np.ones((b, k1), dtype=bool)
+    keep[np.arange(b), drop] = False
+    return dists[keep].reshape(b, k1 - 1), ids[keep].reshape(b, k1 - 1)
+
+
+def lookup_values(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """values[ids] as int32, with -1 where the id is -1 (an empty slot). ids [B, k] -> [B, k]."""
+    out = np.asarray(values)[np.clip(ids, 0, None)].astype(np.int32, copy=False)
+    return np.where(ids >= 0, out, np.int32(-1))
+
+
+def knn_weights(dists: np.ndarray, valid: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(-d / T) over the valid entries of each row; float64 [B, k], 0 where invalid."""
+    if temperature <= 0:
+        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    logits = np.where(valid, -np.asarray(dists, dtype=np.float64) / temperature, -np.inf)
+    top = logits.max(axis=1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    w = np.exp(logits - top)
+    total = w.sum(axis=1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+
+def aggregate_by_token(dists: np.ndarray, neighbour_values: np.ndarray, temperature: float):
+    """Sum the softmax weights of each row per distinct value token.
+
+    dists float [B, k] (squared L2), neighbour_values int [B, k] (-1 = empty slot).
+    Returns (rows int64 [S], tokens int32 [S], probs float64 [S]) sorted by (row, token), one
+    entry per distinct token of each row; each row's probs sum to 1.
+    """
+    values = np.asarray(neighbour_values)
+    b, k = values.shape
+    w = knn_weights(dists, values >= 0, temperature)
+    order = np.argsort(values, axis=1, kind="stable")
+    sv = np.take_along_axis(values, order, axis=1)
+    sw = np.take_along_axis(w, order, axis=1)
+    run_start = np.ones((b, k), dtype=bool)
+    run_start[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    starts = np.flatnonzero(run_start)  # every row starts a run, so no run crosses rows
+    probs = np.add.reduceat(sw.ravel(), starts)
+    tokens = sv.ravel()[starts].astype(np.int32, copy=False)
+    rows = starts // k
+    keep = tokens >= 0
+    return rows[keep], tokens[keep], probs[keep]
+
+
+def knn_distribution(
+    dists: np.ndarray,
+    neighbour_values: np.ndarray,
+    temperature: float,
+    top_m: int | None = None,
+    *,
+    min_prob: float = FP16_ZERO,
+    return_kept_mass: bool = False,
+):
+    """Sparse kNN distributions of a batch of rows, in CSR form.
+
+    dists float [B, k] squared L2; neighbour_values int [B, k] (-1 = empty slot).
+    Keeps each row's ``top_m`` most probable tokens (all if None) whose probability is at least
+    ``min_prob``, renormalised. Returns (offsets int64 [B+1], token_ids int32 [nnz],
+    probs float32 [nnz]), each row most probable first; with ``return_kept_mass``, also the
+    mass each row kept before renormalising, float64 [B] (KL lost = -log of it).
+    """
+    values = np.asarray(neighbour_values)
+    b = values.shape[0]
+    if top_m is not None and top_m < 1:
+        raise DatastoreError(f"top-m must be at least 1, got {top_m}")
+    rows, tokens, probs = aggregate_by_token(dists, values, temperature)
+    order = np.lexsort((tokens, -probs, rows))  # by row, then probability desc, then token
+    rows, tokens, probs = rows[order], tokens[order], probs[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    keep = (probs >= min_prob) | first  # a row always keeps its most probable token
+    if top_m is not None:
+        row_first = np.searchsorted(rows, np.arange(b))
+        rank = np.arange(len(rows)) - row_first[rows]
+        keep &= rank < top_m
+    rows, tokens, probs = rows[keep], tokens[keep], probs[keep]
+    kept = np.bincount(rows, weights=probs, minlength=b)
+    probs = probs / kept[rows]
+    offsets = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=b), out=offsets[1:])
+    out = (offsets, tokens.astype(np.int32, copy=False), probs.astype(np.float32))
+    return (*out, kept) if return_kept_mass else out
+
+
+def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
+    """log p_knn(target) of each row: log Σ_j softmax(-d/T)_j [v_j = target]; -inf if absent.
+
+    dists [B, k] squared L2, neighbour_values [B, k] (-1 = empty slot), targets [B].
+    Accepts numpy arrays (returns float32 numpy [B]) or torch tensors (returns float32 tensor
+    [B] on their device).
+    """
+    if temperature <= 0:
+        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(dists, torch.Tensor):
+        values = torch.as_tensor(neighbour_values, device=dists.device)
+        valid = values >= 0
+        logits = (-dists.double() / temperature).masked_fill(~valid, float("-inf"))
+        logw = torch.log_softmax(logits, dim=-1)
+        hit = values == torch.as_tensor(targets, device=dists.device).view(-1, 1)
+        return torch.logsumexp(logw.masked_fill(~hit, float("-inf")), dim=-1).float()
+    values = np.asarray(neighbour_values)
+    valid = values >= 0
+    logits = np.where(valid, -np.asarray(dists, dtype=np.float64) / temperature, -np.inf)
+    top = logits.max(axis=1, keepdims=True)
+    logw = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    hit = values == np.asarray(targets).reshape(-1, 1)
+    masked = np.where(hit, logw, -np.inf)
+    m = masked.max(axis=1, keepdims=True)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        out = np.log(np.exp(masked - m_safe).sum(axis=1)) + m_safe[:, 0]
+    return out.astype(np.float32)
+
+
+# --- the CSR files ---------------------------------------------------------------------------
+
+NPY_HEADER_BYTES = 128  # fixed, so an array can grow in place while staying a valid .npy file
+
+
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
+    body = d.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+class NpyAppender:
+    """A 1-D .npy file that grows by appends and is valid after every ``flush``.
+
+    Opening truncates the file to its first ``n`` elements (those a finished chunk recorded),
+    so a resumed run continues byte for byte where the last one ended.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype, n: int = 0):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), int(n)
+        size = NPY_HEADER_BYTES + self.n * self.dtype.itemsize
+        if self.n == 0:
+            self.f = open(self.path, "w+b")
+        else:
+            if not self.path.is_file() or self.path.stat().st_size < size:
+                raise DatastoreError(f"{self.path}: shorter than the {self.n} entries the manifest records (truncated?)")
+            self.f = open(self.path, "r+b")
+        self.f.truncate(size)
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, self.n))
+        self.f.seek(size)
+
+    def append(self, arr: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self.n += len(arr)
+
+    def flush(self) -> None:
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, self.n))
+        self.f.seek(0, os.SEEK_END)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+
+
+def check_npy(path: str | os.PathLike, dtype, shape: tuple[int, ...] | None = None, what: str = "") -> tuple[int, ...]:
+    """Check a .npy file's header and exact size without reading its data. Returns its shape.
+
+    Raises DatastoreError naming the file on a missing, truncated, padded or mismatched file.
+    """
+    path = Path(path)
+    label = f"{path}" + (f" ({what})" if what else "")
+    if not path.is_file():
+        raise DatastoreError(f"{label}: missing")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, fortran, got_dtype = read(f)
+            offset = f.tell()
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise DatastoreError(f"{label}: not a readable .npy file ({exc})") from None
+    if got_dtype != np.dtype(dtype) or fortran:
+        raise DatastoreError(f"{label}: holds {got_dtype} data, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(got_shape) != tuple(shape):
+        raise DatastoreError(f"{label}: has shape {list(got_shape)}, the manifest says {list(shape)}")
+    expected = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DatastoreError(f"{label}: {actual} bytes on disk, {expected} expected (truncated or corrupt)")
+    return tuple(got_shape)
+
+
+@dataclass
+class KnnTargets:
+    """The CSR kNN targets of a datastore, memory-mapped. Row p is the teacher for tokens[p+1]."""
+
+    offsets: np.ndarray  # int64 [N+1]
+    token_ids: np.ndarray  # int32 [nnz]
+    probs: np.ndarray  # float16 [nnz]
+    k: int
+    temperature: float
+    top_m: int | None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token_ids int32 [n], probs float16 [n]) of position p."""
+        a, b = int(self.offsets[p]), int(self.offsets[p + 1])
+        return self.token_ids[a:b], self.probs[a:b]
+
+    def gather(self, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of ``positions`` (int [P]) as one CSR batch: (offsets int64 [P+1],
+        token_ids int32 [nnz], probs float16 [nnz]), gathered without a Python loop."""
+        pos = np.asarray(positions, dtype=np.int64).ravel()
+        starts, ends = self.offsets[pos], self.offsets[pos + 1]
+        lens = ends - starts
+        out = np.zeros(len(pos) + 1, dtype=np.int64)
+        np.cumsum(lens, out=out[1:])
+        idx = np.repeat(starts - out[:-1], lens) + np.arange(out[-1])
+        return out, np.asarray(self.token_ids[idx]), np.asarray(self.probs[idx])
+
+
+def load_targets(datastore_path: str | os.PathLike) -> KnnTargets:
+    """Memory-map a datastore's kNN targets. Raises DatastoreError unless the step is done and
+    the files match the manifest."""
+    root = Path(datastore_path)
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise DatastoreError(f"{root}: not a datastore (no manifest.json); build one with memdec datastore") from None
+    except json.JSONDecodeError as exc:
+        raise DatastoreError(f"{root}/manifest.json: corrupt ({exc.msg})") from None
+    step = manifest.get("steps", {}).get("targets", {})
+    if step.get("status") != "done":
+        raise DatastoreError(f"{root}: the kNN targets are not built (status: {step.get('status', 'missing')}); "
+                             f"run memdec datastore with --out {root}")
+    n, nnz = int(manifest["n_keys"]), int(step["nnz"])
+    folder = root / TARGETS_DIR
+    check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
+    check_npy(folder / "token_ids.npy", np.int32, (nnz,), "target token ids")
+    check_npy(folder / "probs.npy", np.float16, (nnz,), "target probabilities")
+    offsets = np.load(folder / "offsets.npy", mmap_mode="r")
+    if offsets[0] != 0 or offsets[-1] != nnz:
+        raise DatastoreError(f"{folder}/offsets.npy: does not span the {nnz} stored entries (corrupt)")
+    return KnnTargets(
+        offsets=offsets,
+        token_ids=np.load(folder / "token_ids.npy", mmap_mode="r"),
+        probs=np.load(folder / "probs.npy", mmap_mode="r"),
+        k=int(step["k"]),
+        temperature=float(step["temperature"]),
+        top_m=step.get("top_m"),
+    )

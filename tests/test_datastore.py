@@ -1,0 +1,259 @@
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import memdec.datastore as ds_mod
+from memdec.cli import main
+from memdec.data import load_token_stream, sliding_windows
+from memdec.datastore import (
+    DatastoreConfig,
+    FFNInputCapture,
+    build_datastore,
+    find_ffn_input_module,
+    open_datastore,
+    read_manifest,
+)
+from memdec.errors import DatastoreError
+from memdec.targets import load_targets
+from memdec.testing import tiny_tokenizer
+
+ARTEFACTS = ["tokens.npy", "keys.npy", "values.npy", "index.faiss",
+             "targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]
+
+
+def config(model_dir, out, **kw) -> DatastoreConfig:
+    base = dict(model=str(model_dir), corpus="austen:valid", out=str(out), k=8, max_tokens=600,
+                block_size=64, stride=32, search_batch=128, progress=False)
+    base.update(kw)
+    return DatastoreConfig(**base)
+
+
+def read_bytes(path):
+    return {name: (path / name).read_bytes() for name in ARTEFACTS}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_llama_dir):
+    out = tmp_path_factory.mktemp("ds") / "store"
+    return build_datastore(config(tiny_llama_dir, out))
+
+
+# --- the hook ------------------------------------------------------------------------------
+
+
+def _tiny(arch: str) -> nn.Module:
+    import transformers as tf
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    cfgs = {
+        "llama": tf.LlamaConfig(**small, num_key_value_heads=2),
+        "qwen2": tf.Qwen2Config(**small, num_key_value_heads=2),
+        "mistral": tf.MistralConfig(**small, num_key_value_heads=2),
+        "gemma": tf.GemmaConfig(**small, num_key_value_heads=2, head_dim=8),
+        "gpt_neox": tf.GPTNeoXConfig(**small),
+        "gpt2": tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4),
+    }
+    return AutoModelForCausalLM.from_config(cfgs[arch]).eval()
+
+
+@pytest.mark.parametrize("arch,name", [
+    ("llama", "model.layers.2.mlp"), ("qwen2", "model.layers.2.mlp"), ("mistral", "model.layers.2.mlp"),
+    ("gemma", "model.layers.2.mlp"), ("gpt_neox", "gpt_neox.layers.2.mlp"), ("gpt2", "transformer.h.2.mlp"),
+])
+def test_ffn_module_discovery(arch, name):
+    model = _tiny(arch)
+    found, module = find_ffn_input_module(model)
+    assert found == name and module is model.get_submodule(name)
+    ids = torch.randint(0, 64, (2, 5))
+    with FFNInputCapture(model) as cap:  # stop=False: a normal forward, captured on the way
+        out = model(ids)
+    assert out.logits.shape == (2, 5, 64) and cap.last.shape == (2, 5, 32)
+
+
+def test_unknown_architecture_is_named():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    with pytest.raises(DatastoreError, match="cannot place the kNN hook in Odd"):
+        find_ffn_input_module(Odd())
+
+
+# --- keys and values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_keys_equal_hooked_full_forward(tmp_path, request, tokenizer, arch):
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    mlp = model.model.layers[-1].mlp if arch == "llama" else model.transformer.h[-1].mlp
+    seen = []
+    mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    tokens = load_token_stream("austen:valid", tokenizer, max_tokens=200)
+    ids = torch.as_tensor(tokens, dtype=torch.long)[None]
+
+    # one window over the whole stream: keys are the plain full forward's hooked states
+    ds = open_datastore(build_datastore(config(model_dir, tmp_path / "full", max_tokens=200, block_size=256, stride=128)))
+    with torch.no_grad():
+        model(ids)
+    assert ds.keys.shape == (199, model.config.hidden_size) and ds.keys.dtype == np.float16
+    np.testing.assert_allclose(ds.keys.astype(np.float32), seen[-1][0, :199].half().float().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(ds.values, tokens[1:])
+    np.testing.assert_array_equal(ds.tokens, tokens)
+    assert ds.manifest["layer"] == ("model.layers.1.mlp" if arch == "llama" else "transformer.h.1.mlp")
+
+    # short windows, batched: each key is the hooked state of a forward over exactly its own window
+    ds = open_datastore(build_datastore(config(model_dir, tmp_path / "win", max_tokens=200, block_size=48,
+                                               stride=16, batch_size=3)))
+    for start, end, score_start in sliding_windows(len(tokens), 48, 16):
+        with torch.no_grad():
+            model(ids[:, start:end])
+        ref = seen[-1][0, score_start - start :].half().float().numpy()
+        np.testing.assert_allclose(ds.keys[score_start:end].astype(np.float32), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_manifest_and_csr_rows(built, tokenizer):
+    m = read_manifest(built)
+    assert m["version"] == 1 and m["n_keys"] == 599 and m["dim"] == 64 and m["layer"] == "model.layers.1.mlp"
+    assert {s: m["steps"][s]["status"] for s in ("keys", "index", "targets")} == dict.fromkeys(("keys", "index", "targets"), "done")
+    assert m["steps"]["index"]["type"] == "flat"
+    from memdec.models import tokenizer_fingerprint
+
+    assert m["tokenizer_hash"] == tokenizer_fingerprint(tokenizer)
+    t = load_targets(built)
+    assert len(t) == 599 and t.offsets[0] == 0 and t.probs.dtype == np.float16
+    sums = np.add.reduceat(t.probs.astype(np.float64), t.offsets[:-1])
+    np.testing.assert_allclose(sums, 1.0, atol=2e-3)  # fp16 rounding
+    support = np.diff(t.offsets)
+    assert support.min() >= 1 and support.max() <= 8
+    assert m["steps"]["targets"]["mean_support"] == pytest.approx(support.mean(), abs=1e-3)
+    offs, ids, probs = t.gather([5, 2, 5])
+    for j, p in enumerate([5, 2, 5]):
+        row_ids, row_probs = t.row(p)
+        np.testing.assert_array_equal(ids[offs[j] : offs[j + 1]], row_ids)
+        np.testing.assert_array_equal(probs[offs[j] : offs[j + 1]], row_probs)
+
+
+def test_resume_after_interruption_is_byte_identical(tmp_path, tiny_llama_dir, built, monkeypatch):
+    out = tmp_path / "resumed"
+    cfg = config(tiny_llama_dir, out)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt_at(step, chunk):
+        def hook(s, c):
+            if (s, c) == (step, chunk):
+                raise Stop
+        return hook
+
+    with pytest.raises(Stop):
+        build_datastore(cfg, on_chunk=interrupt_at("keys", 4))
+    keys_step = read_manifest(out)["steps"]["keys"]
+    assert keys_step["status"] == "running" and keys_step["chunks_done"] == 5
+
+    calls = []
+    real = ds_mod.window_keys
+    monkeypatch.setattr(ds_mod, "window_keys", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with pytest.raises(Stop):
+        build_datastore(cfg, on_chunk=interrupt_at("targets", 2))
+    assert len(calls) == keys_step["chunks_total"] - 5  # nothing computed twice
+    assert read_manifest(out)["steps"]["targets"]["rows_done"] == 3 * 128
+
+    build_datastore(cfg)
+    assert len(calls) == keys_step["chunks_total"] - 5  # keys were done: no forward at all
+    assert read_bytes(out) == read_bytes(built)
+
+
+def test_changed_k_redoes_only_targets_and_changed_index_redoes_index(tmp_path, tiny_llama_dir, built):
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in ARTEFACTS}
+    build_datastore(config(tiny_llama_dir, out, k=4, top_m=2))
+    after = {f: (out / f).stat().st_mtime_ns for f in ARTEFACTS}
+    assert all(after[f] == mtimes[f] for f in ["tokens.npy", "keys.npy", "values.npy", "index.faiss"])
+    t = load_targets(out)
+    assert t.k == 4 and t.top_m == 2 and np.diff(t.offsets).max() <= 2
+    assert read_manifest(out)["steps"]["targets"]["kl_truncation_mean"] > 0
+
+    build_datastore(config(tiny_llama_dir, out, k=4, top_m=2, index="ivfpq", nlist=4))
+    m = read_manifest(out)
+    assert m["steps"]["index"]["type"] == "ivfpq" and m["steps"]["targets"]["status"] == "done"
+    assert (out / "keys.npy").stat().st_mtime_ns == mtimes["keys.npy"]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_other_model_tokenizer_or_corpus_is_refused(tmp_path, tiny_llama_dir, tiny_gpt2_dir, built):
+    before = read_bytes(built)
+    with pytest.raises(DatastoreError, match="model:.*choose another --out"):
+        build_datastore(config(tiny_gpt2_dir, built))
+    with pytest.raises(DatastoreError, match=r"corpus_hash.*corpus: .austen:valid. \(max_tokens 600\)"):
+        build_datastore(config(tiny_llama_dir, built, max_tokens=500))
+    with pytest.raises(DatastoreError, match="block_size"):
+        build_datastore(config(tiny_llama_dir, built, block_size=128))
+    # same model spec, another tokenizer
+    moved = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, moved)
+    cfg = config(moved, tmp_path / "tok")
+    build_datastore(dataclasses.replace(cfg, k=2, max_tokens=100))
+    tiny_tokenizer(vocab_size=300).save_pretrained(moved)
+    with pytest.raises(DatastoreError, match="tokenizer_hash"):
+        build_datastore(dataclasses.replace(cfg, k=2, max_tokens=100))
+    assert read_bytes(built) == before
+
+
+def test_truncated_or_corrupt_keys_are_reported(tmp_path, tiny_llama_dir, built):
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    keys = out / "keys.npy"
+    data = keys.read_bytes()
+    keys.write_bytes(data[:-100])
+    with pytest.raises(DatastoreError, match="keys.*truncated or corrupt"):
+        open_datastore(out)
+    with pytest.raises(DatastoreError, match="keys.*truncated or corrupt"):
+        build_datastore(config(tiny_llama_dir, out, k=4))
+    keys.write_bytes(b"garbage" + data[7:])
+    with pytest.raises(DatastoreError, match="not a readable .npy"):
+        open_datastore(out)
+    (out / "index.faiss").write_bytes(b"x")
+    keys.write_bytes(data)
+    with pytest.raises(DatastoreError, match="index.faiss.*truncated or corrupt"):
+        build_datastore(config(tiny_llama_dir, out))
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(DatastoreError, match="corrupt"):
+        open_datastore(out)
+
+
+def test_bad_options_fail_before_writing(tmp_path, tiny_llama_dir):
+    with pytest.raises(DatastoreError, match="unknown index type 'hnsw'"):
+        build_datastore(config(tiny_llama_dir, tmp_path / "a", index="hnsw"))
+    with pytest.raises(DatastoreError, match="--k 599 must be smaller than the number of keys N=599"):
+        build_datastore(config(tiny_llama_dir, tmp_path / "b", k=599))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(DatastoreError, match="not a memdec datastore"):
+        build_datastore(config(tiny_llama_dir, tmp_path / "c"))
+    with pytest.raises(DatastoreError, match="not a datastore"):
+        open_datastore(tmp_path / "c")
+
+
+def test_cli(tmp_path, tiny_llama_dir, capsys):
+    args = ["datastore", "--model", str(tiny_llama_dir), "--corpus", "austen:valid", "--max-tokens", "300",
+            "--block-size", "64", "--stride", "32", "--k", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "x"), "--index", "hnsw"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown index type 'hnsw'" in err
+    assert main(args + ["--out", str(tmp_path / "ok"), "--top-m", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "299 keys" in out and "distinct tokens per row" in out
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["steps"]["targets"]["top_m"] == 2
