@@ -29,19 +29,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
     helps = helps or {}
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")  # metadata: a flag that is no identifier
         tp, _ = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = helps.get(f.name, "")
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text,
+                                dest=f.name)
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
-            parser.add_argument(flag, type=inner, nargs="+", default=default, required=required, help=help_text)
+            parser.add_argument(flag, type=inner, nargs="+", default=default, required=required, help=help_text,
+                                dest=f.name)
         else:
             parser.add_argument(flag, type=tp, default=default, required=required, help=help_text,
-                                metavar=f.name.upper())
+                                metavar=flag.lstrip("-").replace("-", "_").upper(), dest=f.name)
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
@@ -59,18 +61,37 @@ EVAL_HELP = {
     "device": "auto, cpu or cuda",
     "text_field": "JSONL / dataset field that holds the text",
     "json": "write the results to this JSON file",
+    "memdec": "memory decoder checkpoint: adds the base+MemDec row",
+    "lmbda": "mixing weight λ in [0, 1] (default: the checkpoint's recommended λ)",
+    "sweep": "choose λ on --valid over 0, 0.05, ..., 1, then report it on --corpus",
+    "valid": "validation corpus spec for --sweep",
+    "plot": "write a PNG of perplexity against λ for each mixed system",
 }
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, format_table, run_eval, write_report_json
+    from .evaluate import EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 
     cfg = config_from_args(EvalConfig, args)
-    rows, n_tokens = run_eval(cfg)
-    print(format_table(rows, n_tokens, cfg.corpus))
+    report = run_eval_report(cfg)
+    print(format_table(report.rows, report.n_tokens, cfg.corpus))
+    if sweep := format_sweep(report.extra):
+        print(sweep)
     if cfg.json:
-        write_report_json(cfg.json, cfg.corpus, n_tokens, rows)
+        write_report_json(cfg.json, cfg.corpus, report.n_tokens, report.rows, **report.extra)
         print(f"wrote {cfg.json}")
+    if cfg.plot:
+        print(f"wrote {cfg.plot}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .joint import GenerateConfig, format_generations, run_generate
+
+    results = run_generate(config_from_args(GenerateConfig, args))
+    print(format_generations(results, width=min(shutil.get_terminal_size((120, 20)).columns, 160)))
     return 0
 
 
@@ -82,15 +103,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datastore(args: argparse.Namespace) -> int:
+    import time
+
+    from .datastore import DatastoreConfig, build_datastore, describe
+
+    t0 = time.perf_counter()
+    out = build_datastore(config_from_args(DatastoreConfig, args))
+    print(describe(out))
+    print(f"  wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from .evaluate import EvalConfig
 
-    p = sub.add_parser("eval", help="perplexity of the base model (and, later, kNN-LM and memory decoders)")
+    p = sub.add_parser("eval", help="perplexity of the base model, and of base+MemDec (and kNN-LM), with a λ sweep")
     add_dataclass_args(p, EvalConfig, EVAL_HELP)
     p.set_defaults(func=cmd_eval)
+
+    from .datastore import DATASTORE_HELP, DatastoreConfig
+
+    p = sub.add_parser("datastore", help="build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)")
+    add_dataclass_args(p, DatastoreConfig, DATASTORE_HELP)
+    p.set_defaults(func=cmd_datastore)
+
+    from .joint import GENERATE_HELP, GenerateConfig
+
+    p = sub.add_parser("generate", help="continue prompts with base+MemDec; --compare prints the base model's beside")
+    add_dataclass_args(p, GenerateConfig, GENERATE_HELP)
+    p.set_defaults(func=cmd_generate)
 
     from .train import TRAIN_HELP, TrainConfig
 

@@ -164,6 +164,11 @@ class EvalConfig:
     device: str = "auto"
     text_field: str = "text"
     json: str | None = None
+    memdec: str | None = None  # a memory decoder checkpoint: adds the "memdec" row
+    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})  # else the checkpoint's, or --sweep
+    sweep: bool = False  # choose λ on --valid over LAMBDA_GRID, report on --corpus
+    valid: str | None = None
+    plot: str | None = None  # PNG of perplexity against λ
 
 
 def check_block_size(model, block_size: int, spec: str) -> None:
@@ -175,17 +180,182 @@ def check_block_size(model, block_size: int, spec: str) -> None:
         raise MemdecError(f"{spec}: --block-size {block_size} is larger than the model's context of {ctx} tokens")
 
 
+LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
+
+
+@dataclass
+class EvalReport:
+    """What one ``memdec eval`` run found: the rows, plus the λ curves when a mixture was scored."""
+
+    rows: list[ResultRow]
+    n_tokens: int
+    extra: dict = field(default_factory=dict)  # top-level JSON keys beside "results"
+
+
+@dataclass
+class Mixture:
+    """A system that mixes the base model with a second distribution, scored token by token.
+
+    ``nll`` [N] is -log p_other(token) on the test tokens, ``seconds`` the time to compute it
+    (the mixture's speed also counts the base model's forward); ``nll_valid`` the same on --valid.
+    """
+
+    system: str  # "memdec" | "knn-lm"
+    model: str
+    nll: np.ndarray
+    seconds: float
+    default_lambda: float | None = None
+    nll_valid: np.ndarray | None = None
+
+
+def mix_nll(nll_base: np.ndarray, nll_other: np.ndarray, lmbda: float) -> np.ndarray:
+    """Per-token NLL of the mixture, from the two per-token NLLs [N] (float64)."""
+    return -mix_logprobs(-np.asarray(nll_base, np.float64), -np.asarray(nll_other, np.float64), lmbda)
+
+
+def lambda_curve(nll_base: np.ndarray, nll_other: np.ndarray, grid=LAMBDA_GRID) -> np.ndarray:
+    """Perplexity of the mixture at each λ of ``grid``: float64 [len(grid)]."""
+    return np.array([math.exp(float(np.mean(mix_nll(nll_base, nll_other, lam)))) for lam in grid])
+
+
 def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
-    """Score the base model on a corpus. Returns (rows, number of scored tokens)."""
+    """Score every system on a corpus. Returns (rows, number of scored tokens)."""
+    report = run_eval_report(cfg)
+    return report.rows, report.n_tokens
+
+
+def _check_eval_flags(cfg: EvalConfig) -> None:
+    from .errors import MemdecError
+
+    mixes = cfg.memdec is not None
+    if cfg.lmbda is not None:
+        from .joint import check_lambda
+
+        check_lambda(cfg.lmbda, "--lambda")
+        if cfg.sweep:
+            raise MemdecError("give --lambda or --sweep, not both")
+    if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
+        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT")
+    if cfg.sweep and not cfg.valid:
+        raise MemdecError("--sweep chooses λ on a validation corpus: give --valid CORPUS (never the test corpus)")
+    if cfg.valid and not cfg.sweep:
+        raise MemdecError("--valid is only used by --sweep")
+
+
+def run_eval_report(cfg: EvalConfig) -> EvalReport:
+    """Score the base model, and each mixture asked for, on the same windows of ``cfg.corpus``.
+
+    Each mixture's per-token log-probs are computed once; mixing at any λ is then a cheap
+    elementwise operation, so --sweep scores every λ of LAMBDA_GRID on --valid, keeps the best,
+    and reports that λ on the test corpus.
+    """
     from .data import load_token_stream
     from .models import load_model, resolve_device
 
+    _check_eval_flags(cfg)
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device)
     check_block_size(model, cfg.block_size, cfg.model)
+    joint = None
+    if cfg.memdec is not None:  # load (and check) before any scoring
+        from .joint import MemoryDecoderModel
+
+        joint = MemoryDecoderModel.from_pretrained(model, cfg.memdec, tokenizer=tokenizer)
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
-    nll, seconds = score_tokens(base_scorer(model), tokens, cfg.block_size, cfg.stride, cfg.batch_size, device, desc="base")
-    return [make_row("base", cfg.model, nll, seconds)], len(nll)
+    valid = load_token_stream(cfg.valid, tokenizer, cfg.max_tokens, cfg.text_field) if cfg.sweep else None
+
+    def score(scorer: Scorer, toks: np.ndarray, desc: str) -> tuple[np.ndarray, float]:
+        return score_tokens(scorer, toks, cfg.block_size, cfg.stride, cfg.batch_size, device, desc=desc)
+
+    nll_base, seconds_base = score(base_scorer(model), tokens, "base")
+    rows = [make_row("base", cfg.model, nll_base, seconds_base)]
+    nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0] if valid is not None else None
+
+    mixtures: list[Mixture] = []
+    if joint is not None:
+        nll, seconds = score(joint.memdec_scorer(), tokens, "memdec")
+        nll_valid = score(joint.memdec_scorer(), valid, "memdec (valid)")[0] if valid is not None else None
+        mixtures.append(Mixture("memdec", cfg.memdec, nll, seconds, joint.lmbda, nll_valid))
+
+    extra: dict = {}
+    curves: dict = {}
+    for mix in mixtures:
+        row_extra = {"alone_ppl": round(math.exp(float(np.mean(mix.nll, dtype=np.float64))), 4)}
+        if cfg.sweep:
+            valid_curve = lambda_curve(nll_base_valid, mix.nll_valid)
+            lmbda = LAMBDA_GRID[int(np.argmin(valid_curve))]
+            row_extra.update(lambda_source="sweep", valid_ppl=round(float(valid_curve.min()), 4))
+        elif cfg.lmbda is not None:
+            lmbda, valid_curve = cfg.lmbda, None
+            row_extra["lambda_source"] = "cli"
+        else:
+            lmbda, valid_curve = mix.default_lambda, None
+            row_extra["lambda_source"] = "checkpoint"
+        rows.append(make_row(mix.system, mix.model, mix_nll(nll_base, mix.nll, lmbda).astype(np.float32),
+                             seconds_base + mix.seconds, lmbda, **row_extra))
+        if cfg.sweep or cfg.plot:
+            curves[mix.system] = {
+                "lambda": lmbda,
+                "test_ppl": [round(float(x), 4) for x in lambda_curve(nll_base, mix.nll)],
+                "valid_ppl": None if valid_curve is None else [round(float(x), 4) for x in valid_curve],
+            }
+    if nll_base_valid is not None:
+        rows[0].extra["valid_ppl"] = round(math.exp(float(np.mean(nll_base_valid, dtype=np.float64))), 4)
+    if curves:
+        extra["sweep"] = {"grid": list(LAMBDA_GRID), "valid_corpus": cfg.valid, "systems": curves}
+    if cfg.plot:
+        plot_lambda_curves(cfg.plot, curves, LAMBDA_GRID, test_corpus=cfg.corpus, valid_corpus=cfg.valid)
+    return EvalReport(rows, len(nll_base), extra)
+
+
+def format_sweep(extra: dict) -> str:
+    """One line per mixture: the λ chosen (or used) and the perplexity curve's minimum on each corpus."""
+    sweep = extra.get("sweep")
+    if not sweep:
+        return ""
+    lines = []
+    for system, c in sweep["systems"].items():
+        parts = [f"{system}: λ={c['lambda']:.2f}"]
+        if c.get("valid_ppl") is not None:
+            parts.append(f"chosen on {sweep['valid_corpus']} (valid ppl {min(c['valid_ppl']):.3f})")
+        best = int(np.argmin(c["test_ppl"]))
+        parts.append(f"test-oracle λ={sweep['grid'][best]:.2f} (ppl {c['test_ppl'][best]:.3f}, not used)")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def plot_lambda_curves(path: str | os.PathLike, curves: dict, grid, test_corpus: str, valid_corpus: str | None) -> None:
+    """A PNG of perplexity against λ: one colour per system, solid on test, dashed on valid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, (system, c) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(grid, c["test_ppl"], "-o", ms=3, color=color, label=f"{system}, test ({test_corpus})")
+        if c.get("valid_ppl") is not None:
+            ax.plot(grid, c["valid_ppl"], "--", color=color, label=f"{system}, valid ({valid_corpus})")
+        ax.axvline(c["lambda"], color=color, lw=0.8, alpha=0.6)
+    # λ near 1 can be orders of magnitude worse (an untrained decoder alone): keep the useful range
+    values = [v for c in curves.values() for key in ("test_ppl", "valid_ppl") for v in (c.get(key) or [])]
+    base_ppl = max(c["test_ppl"][0] for c in curves.values())
+    top = 2.5 * base_ppl
+    if max(values) > top:
+        ax.set_ylim(0.95 * min(values), top)
+        ax.text(0.99, 0.98, "clipped above", transform=ax.transAxes, ha="right", va="top", fontsize=7, alpha=0.7)
+    ax.axhline(base_ppl, color="gray", ls=":", lw=1, label="base model (test)")
+    ax.set_xlabel("λ (weight of the second system)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity against λ (λ=0: base model alone)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def mix_logprobs(logp_base, logp_mem, lmbda: float):

@@ -1,0 +1,705 @@
+"""A base model and a memory decoder, mixed in log space.
+
+    log p(y | x) = logaddexp( log(1-λ) + log p_base(y | x),  log λ + log p_mem(y | x) )
+
+Both models share one tokenizer; the memory decoder's logits may be divided by a temperature
+before its softmax. Three ways in:
+
+- ``MemoryDecoderModel``: a wrapper, peft-style, that pairs any loaded causal LM with a memory
+  decoder checkpoint. Its forward pass returns the mixed log-probabilities as ``logits``, so
+  Hugging Face ``generate()`` works unchanged: greedy, sampling, beam search, batched
+  left-padded prompts, EOS and stopping criteria. It keeps one KV cache per model
+  (``JointCache``), reordered together under beam search.
+- ``MemoryDecoderLogitsProcessor``: lets an unmodified base model's ``generate()`` use a memory
+  decoder, for greedy decoding and sampling (not beam search).
+- scorers for ``memdec.evaluate``: target log-probs of each model (per-row logsumexp + gather),
+  mixed on the targets only; never a full-vocabulary logaddexp.
+
+A memory decoder checkpoint is a Hugging Face model folder plus ``memdec.json``; see
+``read_memdec_json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .errors import MemdecError, TokenizerMismatchError
+from .evaluate import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
+
+MEMDEC_JSON = "memdec.json"
+_REQUIRED_KEYS = ("format", "version", "base_model", "tokenizer_hash", "lambda")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint metadata and checks
+
+
+def read_memdec_json(path: str | Path) -> dict:
+    """The ``memdec.json`` of a memory decoder checkpoint (the folder, or the file itself).
+
+    Required keys: ``format`` ("memdec"), ``version`` (1), ``base_model``, ``tokenizer_hash``,
+    ``lambda`` (the recommended λ, in [0, 1]). Optional: ``temperature`` (applied to the
+    decoder's logits at inference, default 1), ``alpha``, ``k``, ``knn_temperature``,
+    ``datastore_manifest_hash``, ``train_stats``. Raises MemdecError if missing or invalid.
+    """
+    path = Path(path).expanduser()
+    file = path / MEMDEC_JSON if path.is_dir() else path
+    if not path.exists():
+        raise MemdecError(f"{path}: no such memory decoder checkpoint")
+    if not file.is_file():
+        raise MemdecError(f"{path}: not a memory decoder checkpoint (no {MEMDEC_JSON}; train one with `memdec train`)")
+    try:
+        info = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MemdecError(f"{file}: unreadable {MEMDEC_JSON}: {exc}") from exc
+    if not isinstance(info, dict):
+        raise MemdecError(f"{file}: {MEMDEC_JSON} must hold a JSON object")
+    missing = [k for k in _REQUIRED_KEYS if k not in info]
+    if missing:
+        raise MemdecError(f"{file}: {MEMDEC_JSON} lacks {', '.join(missing)}")
+    if info["format"] != "memdec" or info["version"] != 1:
+        raise MemdecError(f"{file}: unsupported checkpoint format {info['format']!r} version {info['version']!r}")
+    check_lambda(info["lambda"], what=f"{file}: lambda")
+    return info
+
+
+def check_lambda(lmbda, what: str = "lambda") -> float:
+    """λ as a float in [0, 1], or MemdecError."""
+    try:
+        value = float(lmbda)
+    except (TypeError, ValueError):
+        raise MemdecError(f"{what} must be a number in [0, 1], got {lmbda!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise MemdecError(f"{what} must lie in [0, 1], got {lmbda}")
+    return value
+
+
+def _vocab_rows(model) -> int:
+    """Rows of the output layer (the logits' last dimension), else of the input embeddings."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or not hasattr(emb, "weight"):
+        emb = model.get_input_embeddings()
+    return int(emb.weight.shape[0])
+
+
+def check_same_vocab(base, memdec) -> None:
+    """Both models must produce logits over the same vocabulary. Raises TokenizerMismatchError."""
+    nb, nm = _vocab_rows(base), _vocab_rows(memdec)
+    if nb != nm:
+        raise TokenizerMismatchError(
+            f"the memory decoder scores {nm} tokens but the base model scores {nb}; "
+            f"a memory decoder must be built for the base model's tokenizer"
+        )
+
+
+def check_tokenizer_hash(tokenizer, info: dict, where: str = "memory decoder") -> None:
+    """The base tokenizer's fingerprint must equal the checkpoint's ``tokenizer_hash``."""
+    from .models import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != info["tokenizer_hash"]:
+        raise TokenizerMismatchError(
+            f"{where} was trained for another tokenizer: its tokenizer hash is {info['tokenizer_hash']} "
+            f"(base model {info.get('base_model')!r}), the base model's is {fp}"
+        )
+
+
+def load_memory_decoder(path: str | Path, device=None, dtype=None):
+    """Load ``(model, info)`` from a checkpoint folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    info = read_memdec_json(path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise MemdecError(f"{path}: cannot load the memory decoder: {exc}") from exc
+    if device is not None:
+        model.to(device)
+    return model.eval(), info
+
+
+def _accepts(model, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, length: int, device=None) -> torch.Tensor:
+    """Positions [B, L] (or [1, L]) that skip left padding, as ``generate`` makes them."""
+    if attention_mask is None:
+        return torch.arange(length, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The cache: one per model
+
+
+class JointCache(Cache):
+    """Two KV caches, the base model's and the memory decoder's, moved together.
+
+    ``generate`` sees one Cache: lengths and masks come from the base model's cache; beam-search
+    reordering, cropping and batch selection apply to both.
+    """
+
+    def __init__(self, base: Cache, memdec: Cache):  # noqa: D107 (no Cache.__init__: the inner caches own the layers)
+        self.base = base
+        self.memdec = memdec
+        self.offloading = False
+
+    @property
+    def layers(self):
+        return self.base.layers
+
+    def __repr__(self) -> str:
+        return f"JointCache(base={self.base!r}, memdec={self.memdec!r})"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def update(self, *args, **kwargs):
+        raise TypeError("JointCache is not a per-layer cache: pass .base or .memdec to a model")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.base.get_seq_length(layer_idx)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.base.get_max_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.base.get_mask_sizes(query_length, layer_idx)
+
+    def _both(self, method: str, *args) -> None:
+        getattr(self.base, method)(*args)
+        getattr(self.memdec, method)(*args)
+
+    def reset(self) -> None:
+        self._both("reset")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._both("reorder_cache", beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._both("crop", tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._both("batch_repeat_interleave", repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._both("batch_select_indices", indices)
+
+    def activate_past_recording(self) -> None:
+        self._both("activate_past_recording")
+
+    @property
+    def batch_size(self) -> int:
+        return self.base.batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # dynamic caches only
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.base.is_initialized and self.memdec.is_initialized
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.base.is_croppable and self.memdec.is_croppable
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return self.base.is_sliding
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return self.base.is_linear
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return self.base.is_dummy
+
+
+# --------------------------------------------------------------------------------------------
+# The joint model
+
+
+class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
+    """A frozen base causal LM and a memory decoder, mixed in log space: a causal LM itself.
+
+    ``forward(input_ids [B, L], ...)`` returns ``logits`` [B, L', V] = the mixed log-probs
+    log((1-λ)·p_base + λ·p_mem), where L' = L or ``logits_to_keep``. Log-probs are valid logits,
+    so ``generate()``, its logits processors, warpers and beam search work as for any LM.
+
+    Build it with ``MemoryDecoderModel.from_pretrained(base_model, memdec_path)``, or directly
+    from two loaded models: ``MemoryDecoderModel(base, memdec, lmbda=0.3)``. The two models
+    always see the same input ids, attention mask and position ids; the wrapper's config and
+    generation config are copies of the base model's.
+
+    Attributes: ``base``, ``memdec`` (the two models), ``lmbda`` (λ in [0, 1]), ``temperature``
+    (divides the memory decoder's logits), ``memdec_info`` (its ``memdec.json``, or {}).
+    """
+
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, base, memdec, lmbda: float = 0.5, temperature: float = 1.0, memdec_info: dict | None = None):
+        super().__init__(copy.deepcopy(base.config))
+        check_same_vocab(base, memdec)
+        self.base = base
+        self.memdec = memdec
+        self.lmbda = lmbda
+        if not temperature > 0:
+            raise MemdecError(f"the memory decoder's temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.memdec_info = dict(memdec_info or {})
+        if getattr(base, "generation_config", None) is not None:
+            self.generation_config = copy.deepcopy(base.generation_config)
+        self._keep_ok = {"base": _accepts(base, "logits_to_keep"), "memdec": _accepts(memdec, "logits_to_keep")}
+        self._pos_ok = {"base": _accepts(base, "position_ids"), "memdec": _accepts(memdec, "position_ids")}
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model,
+        memdec_path: str | Path,
+        lmbda: float | None = None,
+        *,
+        tokenizer=None,
+        temperature: float | None = None,
+        check_tokenizer: bool = True,
+    ) -> "MemoryDecoderModel":
+        """Pair a base model with the memory decoder checkpoint at ``memdec_path``.
+
+        base_model: a loaded causal LM, or a model spec string (``memdec.models.load_model``).
+        lmbda: λ; default: the checkpoint's recommended value (``memdec.json`` ``lambda``).
+        tokenizer: the base model's tokenizer. Its fingerprint must equal the checkpoint's
+            ``tokenizer_hash``, else TokenizerMismatchError. If omitted, it is loaded from
+            ``base_model.name_or_path``; if that fails, MemdecError asks for one. Pass
+            ``check_tokenizer=False`` to skip the fingerprint check (the vocabulary sizes of the
+            two models are always compared).
+        temperature: divides the decoder's logits; default ``memdec.json`` ``temperature`` or 1.
+
+        The decoder is loaded onto the base model's device, in its dtype.
+        """
+        if isinstance(base_model, (str, Path)):
+            from .models import load_model
+
+            base_model, loaded_tok = load_model(str(base_model))
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        info = read_memdec_json(memdec_path)
+        if check_tokenizer:
+            if tokenizer is None:
+                tokenizer = _tokenizer_of(base_model)
+            check_tokenizer_hash(tokenizer, info, where=f"memory decoder {memdec_path}")
+        lmbda = info["lambda"] if lmbda is None else lmbda
+        temperature = float(info.get("temperature") or 1.0) if temperature is None else temperature
+        memdec, _ = load_memory_decoder(memdec_path, device=base_model.device, dtype=base_model.dtype)
+        return cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
+
+    def save_pretrained(self, folder: str | Path, tokenizer=None, **kwargs) -> Path:
+        """Save the memory decoder only, peft-style: its model folder plus ``memdec.json``, with the
+        current λ and temperature as the recommended ones. ``tokenizer`` (the shared one) is saved
+        beside it and, for a wrapper not loaded from a checkpoint, gives ``tokenizer_hash``."""
+        from .models import tokenizer_fingerprint
+
+        info = {"format": "memdec", "version": 1, "base_model": self.base.name_or_path, "alpha": None, "k": None,
+                "knn_temperature": None, "datastore_manifest_hash": None, "train_stats": {}, **self.memdec_info}
+        if tokenizer is not None:
+            info["tokenizer_hash"] = tokenizer_fingerprint(tokenizer)
+        if "tokenizer_hash" not in info:
+            raise MemdecError("save_pretrained needs tokenizer=... to record the memory decoder's tokenizer hash")
+        info.update({"lambda": self.lmbda, "temperature": self.temperature})
+        folder = Path(folder)
+        self.memdec.save_pretrained(folder, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / MEMDEC_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        return folder
+
+    @property
+    def lmbda(self) -> float:
+        return self._lmbda
+
+    @lmbda.setter
+    def lmbda(self, value: float) -> None:
+        self._lmbda = check_lambda(value)
+
+    def get_input_embeddings(self):
+        return self.base.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.base.get_output_embeddings()
+
+    # -- mixing ------------------------------------------------------------------------------
+
+    def memdec_logprobs(self, memdec_logits: torch.Tensor) -> torch.Tensor:
+        """log_softmax(logits / T) in float32; [..., V] -> [..., V]."""
+        logits = memdec_logits.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return F.log_softmax(logits, dim=-1)
+
+    def mix_logits(self, base_logits: torch.Tensor, memdec_logits: torch.Tensor) -> torch.Tensor:
+        """Mixed log-probs [..., V] from the two models' raw logits [..., V] (full rows)."""
+        return mix_logprobs(F.log_softmax(base_logits.float(), dim=-1), self.memdec_logprobs(memdec_logits), self.lmbda)
+
+    def _model_kwargs(self, which: str, attention_mask, position_ids, logits_to_keep) -> dict:
+        kw: dict[str, Any] = {"attention_mask": attention_mask}
+        if position_ids is not None and self._pos_ok[which]:
+            kw["position_ids"] = position_ids
+        if self._keep_ok[which]:
+            kw["logits_to_keep"] = logits_to_keep
+        return kw
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Run both models on the same inputs and mix.
+
+        input_ids [B, L]; attention_mask [B, past+L] (1 = token, 0 = padding); position_ids [B, L];
+        cache: a JointCache (or an empty Cache, or None: one is made when ``use_cache``).
+        Returns CausalLMOutputWithPast with ``logits`` = mixed log-probs [B, L', V] (float32),
+        ``cache`` = the JointCache, and ``loss`` = mean NLL of the shifted ``labels`` if given.
+        """
+        if inputs_embeds is not None:
+            raise MemdecError("MemoryDecoderModel takes input_ids only: both models must see the same token ids")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = self._joint_cache(cache) if use_cache else None
+        common = {"input_ids": input_ids, "use_cache": use_cache, **kwargs}
+        out_b = self.base(**common, cache=cache.base if cache is not None else None,
+                          **self._model_kwargs("base", attention_mask, position_ids, logits_to_keep))
+        out_m = self.memdec(**common, cache=cache.memdec if cache is not None else None,
+                            **self._model_kwargs("memdec", attention_mask, position_ids, logits_to_keep))
+        logp = self.mix_logits(out_b.logits, out_m.logits)
+        loss = None
+        if labels is not None:
+            tgt = labels[:, 1:].to(logp.device)
+            lp = logp[:, -tgt.shape[1] - 1 : -1]
+            keep = tgt != -100
+            picked = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            loss = -(picked * keep).sum() / keep.sum().clamp_min(1)
+        return CausalLMOutputWithPast(loss=loss, logits=logp, cache=cache)
+
+    def _joint_cache(self, cache: Cache | None) -> JointCache:
+        if isinstance(cache, JointCache):
+            return cache
+        if cache is not None and cache.get_seq_length() > 0:
+            raise MemdecError("MemoryDecoderModel needs a JointCache (one cache per model), not a single model's cache")
+        base_cache = cache if cache is not None else DynamicCache(config=self.base.config)
+        return JointCache(base_cache, DynamicCache(config=self.memdec.config))
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """As in GenerationMixin, then wrap the base model's fresh cache into a JointCache."""
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None and not isinstance(user_cache, JointCache):
+            raise MemdecError("MemoryDecoderModel.generate() takes a JointCache, or no cache")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise MemdecError(
+                f"MemoryDecoderModel supports dynamic caches only, not cache_implementation="
+                f"{generation_config.cache_implementation!r}"
+            )
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if cache is not None and not isinstance(cache, JointCache):
+            model_kwargs["cache"] = self._joint_cache(cache)
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def target_logprobs_pair(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p_base(target) and log p_mem(target), each float32 [B, n].
+
+        input_ids [B, L]; targets [B, n]: the next tokens of the last n positions. Each model's
+        logits [B, n, V] are reduced by a per-row logsumexp and a gather; nothing of size V is mixed.
+        """
+        n = targets.shape[1]
+        lp_base = target_logprobs(causal_lm_logits(self.base, input_ids, n), targets)
+        mem_logits = causal_lm_logits(self.memdec, input_ids, n)
+        if self.temperature != 1.0:
+            mem_logits = mem_logits.float() / self.temperature
+        return lp_base, target_logprobs(mem_logits, targets)
+
+    def scorer(self, lmbda: float | None = None) -> Scorer:
+        """An ``evaluate`` scorer of the mixture: (input_ids, targets) -> log p(target) [B, n]."""
+        lmbda = self.lmbda if lmbda is None else check_lambda(lmbda)
+
+        def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            lp_base, lp_mem = self.target_logprobs_pair(input_ids, targets)
+            return mix_logprobs(lp_base, lp_mem, lmbda)
+
+        return score
+
+    def memdec_scorer(self) -> Scorer:
+        """An ``evaluate`` scorer of the memory decoder alone (with its temperature)."""
+        model, temperature = self.memdec, self.temperature
+
+        @torch.inference_mode()
+        def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits = causal_lm_logits(model, input_ids, targets.shape[1])
+            if temperature != 1.0:
+                logits = logits.float() / temperature
+            return target_logprobs(logits, targets)
+
+        return score
+
+
+def _tokenizer_of(model):
+    """The tokenizer saved beside a loaded model (``name_or_path``), or MemdecError."""
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means: we cannot tell
+            pass
+    raise MemdecError(
+        f"cannot load the base model's tokenizer from {name!r} to check it against the memory decoder's; "
+        f"pass tokenizer=... (or check_tokenizer=False to skip the check)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The logits processor
+
+
+class MemoryDecoderLogitsProcessor(LogitsProcessor):
+    """Mix a memory decoder into an unmodified model's ``generate()``: greedy decoding and sampling.
+
+        out = base.generate(**enc, logits_processor=[MemoryDecoderLogitsProcessor(memdec, 0.3,
+                            attention_mask=enc["attention_mask"])])
+
+    Each call receives ``input_ids`` [B, cur_len] and the base model's ``scores`` [B, V] and returns
+    the mixed log-probs [B, V]. The processor runs the memory decoder itself, with its own KV cache:
+    the whole prompt on the first call, then only the newest token.
+
+    - Give the prompt's ``attention_mask`` [B, L] for left-padded batches.
+    - Order: ``generate`` runs user processors after its own (repetition penalty, min length,
+      bad words...) and before the sampling warpers (temperature, top-k, top-p). The processor
+      applies ``log_softmax`` to the scores it receives; tokens that an earlier processor set to
+      -inf stay at -inf. Put it first in your own list.
+    - Beam search (and ``num_return_sequences`` > 1) is refused: ``generate`` reorders beams
+      without telling processors, which would desynchronise the decoder's cache. Use
+      ``MemoryDecoderModel`` for beam search.
+    - One processor serves one ``generate()`` call; call ``reset()`` to reuse it.
+    """
+
+    def __init__(self, memdec, lmbda: float, attention_mask: torch.Tensor | None = None, temperature: float = 1.0):
+        self.memdec = memdec
+        self.lmbda = check_lambda(lmbda)
+        if not temperature > 0:
+            raise MemdecError(f"the memory decoder's temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+        self.attention_mask = attention_mask
+        self._pos_ok = _accepts(memdec, "position_ids")
+        self._keep_ok = _accepts(memdec, "logits_to_keep")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache, to start a new ``generate()`` call."""
+        self._cache: DynamicCache | None = None
+        self._prefix: torch.Tensor | None = None  # the ids the cache holds, [B, seen]
+        self._mask: torch.Tensor | None = None  # attention mask of the cache, [B, seen] (None: no padding)
+        self._next_pos: torch.Tensor | None = None  # [B, 1]
+
+    def _refuse(self, why: str) -> None:
+        raise MemdecError(
+            f"MemoryDecoderLogitsProcessor: {why}. It supports greedy decoding and sampling with one sequence "
+            f"per prompt; for beam search use MemoryDecoderModel (memdec generate without --processor). "
+            f"Use a new processor (or reset()) for each generate() call."
+        )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        device = next(self.memdec.parameters()).device
+        ids = input_ids.to(device)
+        batch, cur = ids.shape
+        if self._cache is None:  # prefill: the whole prompt
+            mask = self.attention_mask
+            if mask is not None:
+                mask = mask.to(device)
+                if mask.shape[0] != batch:
+                    self._refuse(f"got {batch} sequences but an attention mask for {mask.shape[0]} prompts "
+                                 f"(beam search or num_return_sequences > 1?)")
+                if mask.shape[1] != cur:
+                    self._refuse(f"the attention mask has {mask.shape[1]} positions but the prompt has {cur}")
+                if bool(mask.all()):
+                    mask = None  # as generate() does: no padding, no mask
+            pos = position_ids_from_mask(mask, cur, device).expand(batch, -1)
+            self._cache, self._mask, new = DynamicCache(config=self.memdec.config), mask, ids
+        else:
+            seen = self._prefix.shape[1]
+            if batch != self._prefix.shape[0] or cur != seen + 1 or not torch.equal(ids[:, :seen], self._prefix):
+                self._refuse("the sequences changed between steps (beam search reorders them)")
+            if self._mask is not None:
+                self._mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
+            pos, new = self._next_pos, ids[:, seen:]
+        kw: dict[str, Any] = {"attention_mask": self._mask}
+        if self._pos_ok:
+            kw["position_ids"] = pos
+        if self._keep_ok:
+            kw["logits_to_keep"] = 1
+        out = self.memdec(input_ids=new, cache=self._cache, use_cache=True, **kw)
+        self._cache, self._prefix, self._next_pos = out.cache, ids, pos[:, -1:] + 1
+
+        mem_logits = out.logits[:, -1].float()
+        if mem_logits.shape[-1] != scores.shape[-1]:
+            raise TokenizerMismatchError(
+                f"the memory decoder scores {mem_logits.shape[-1]} tokens but the base model {scores.shape[-1]}"
+            )
+        if self.temperature != 1.0:
+            mem_logits = mem_logits / self.temperature
+        lp_mem = F.log_softmax(mem_logits, dim=-1).to(scores.device)
+        lp_base = F.log_softmax(scores.float(), dim=-1)
+        mixed = mix_logprobs(lp_base, lp_mem, self.lmbda)
+        return mixed.masked_fill(torch.isneginf(scores), -math.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# `memdec generate`
+
+
+@dataclass
+class GenerateConfig:
+    memdec: str
+    prompt: list[str]
+    model: str = "smollm2-135m"
+    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
+    compare: bool = False
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    seed: int = 0
+    processor: bool = False
+    device: str = "auto"
+
+
+GENERATE_HELP = {
+    "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
+    "prompt": "one or more prompts (batched, left-padded)",
+    "model": "base model spec",
+    "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
+    "compare": "also generate with the base model alone and print both",
+    "max_new_tokens": "tokens to generate",
+    "do_sample": "sample instead of greedy / beam search",
+    "temperature": "sampling temperature",
+    "top_k": "sampling: keep the k most likely tokens",
+    "top_p": "sampling: nucleus mass",
+    "num_beams": "beam search width (not with --processor)",
+    "seed": "random seed; base and joint use the same one",
+    "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
+    "device": "auto, cpu or cuda",
+}
+
+
+def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
+    """The ``generate()`` arguments of a GenerateConfig."""
+    if cfg.max_new_tokens < 1:
+        raise MemdecError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if cfg.num_beams < 1:
+        raise MemdecError(f"--num-beams must be at least 1, got {cfg.num_beams}")
+    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "num_beams": cfg.num_beams,
+                          "pad_token_id": tokenizer.pad_token_id}
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    given = {k: v for k, v in sampling.items() if v is not None}
+    if given and not cfg.do_sample:
+        raise MemdecError(f"--{'/--'.join(k.replace('_', '-') for k in given)} only apply with --do-sample")
+    kw.update(given)
+    return kw
+
+
+def run_generate(cfg: GenerateConfig) -> list[dict]:
+    """Generate a continuation of each prompt. Returns [{"prompt", "joint", "base" (with --compare), "lambda"}]."""
+    from .models import load_model, resolve_device
+
+    if cfg.processor and cfg.num_beams > 1:
+        raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
+                          "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_model(cfg.model, device=device)
+    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
+    kw = generate_kwargs(cfg, tokenizer)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(cfg.prompt), return_tensors="pt", padding=True).to(device)
+    n_prompt = enc["input_ids"].shape[1]
+
+    def decode(ids: torch.Tensor) -> list[str]:
+        return tokenizer.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(cfg.seed)
+        if cfg.processor:
+            proc = MemoryDecoderLogitsProcessor(joint.memdec, joint.lmbda, enc["attention_mask"], joint.temperature)
+            out_joint = base.generate(**enc, **kw, logits_processor=[proc])
+        else:
+            out_joint = joint.generate(**enc, **kw)
+        out_base = None
+        if cfg.compare:
+            torch.manual_seed(cfg.seed)
+            out_base = base.generate(**enc, **kw)
+    joint_text = decode(out_joint)
+    base_text = decode(out_base) if out_base is not None else [None] * len(joint_text)
+    return [{"prompt": p, "lambda": joint.lmbda, "base": b, "joint": j}
+            for p, b, j in zip(cfg.prompt, base_text, joint_text)]
+
+
+def format_generations(results: list[dict], width: int = 100) -> str:
+    """Prompt, then the base and joint continuations side by side (stacked when narrow)."""
+    import textwrap
+
+    blocks = []
+    for r in results:
+        lines = [f"prompt: {r['prompt']}"]
+        joint_title = f"base + memdec (λ={r['lambda']:.2f})"
+        if r["base"] is None:
+            lines += [f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
+        elif width < 60:
+            lines += ["── base ──", textwrap.fill(r["base"], width) or "(empty)",
+                      f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
+        else:
+            col = (width - 3) // 2
+            left = textwrap.wrap(r["base"], col) or ["(empty)"]
+            right = textwrap.wrap(r["joint"], col) or ["(empty)"]
+            lines.append(f"{'base':<{col}} │ {joint_title}")
+            lines.append(f"{'─' * col}─┼─{'─' * col}")
+            for i in range(max(len(left), len(right))):
+                a = left[i] if i < len(left) else ""
+                b = right[i] if i < len(right) else ""
+                lines.append(f"{a:<{col}} │ {b}".rstrip())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
