@@ -55,7 +55,7 @@ EVAL_HELP = {
     "model": "model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
     "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
     "block_size": "window length in tokens",
-    "stride": "new tokens scored per window; the rest is context",
+    "stride": "new tokens scored per window; the rest is context (default: block size / 2)",
     "max_tokens": "score only the first N tokens of the corpus",
     "batch_size": "windows per forward pass",
     "device": "auto, cpu or cuda",
@@ -66,6 +66,10 @@ EVAL_HELP = {
     "sweep": "choose λ on --valid over 0, 0.05, ..., 1, then report it on --corpus",
     "valid": "validation corpus spec for --sweep",
     "plot": "write a PNG of perplexity against λ for each mixed system",
+    "valid_max_tokens": "score only the first N tokens of --valid (default: --max-tokens)",
+    "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
+    "knn_k": "neighbours retrieved per position by kNN-LM",
+    "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
 }
 
 

@@ -8,6 +8,7 @@ same windows to every scorer, so their rows compare token for token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -158,7 +159,7 @@ class EvalConfig:
     model: str = "smollm2-135m"
     corpus: str = "austen:test"
     block_size: int = 1024
-    stride: int = 512
+    stride: int | None = None  # default: block_size // 2
     max_tokens: int | None = None
     batch_size: int = 1
     device: str = "auto"
@@ -168,13 +169,19 @@ class EvalConfig:
     lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})  # else the checkpoint's, or --sweep
     sweep: bool = False  # choose λ on --valid over LAMBDA_GRID, report on --corpus
     valid: str | None = None
+    valid_max_tokens: int | None = None  # default: --max-tokens
     plot: str | None = None  # PNG of perplexity against λ
+    knn: str | None = None  # a datastore: adds the "knn-lm" row (real retrieval at inference)
+    knn_k: int = 1024
+    knn_temp: float | None = None  # default: chosen with --sweep, else the datastore's target temperature
 
 
-def check_block_size(model, block_size: int, spec: str) -> None:
+def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
     from .errors import MemdecError
     from .models import max_context
 
+    if stride is not None and not 1 <= stride <= block_size:
+        raise MemdecError(f"--stride {stride} must lie between 1 and --block-size {block_size}")
     ctx = max_context(model)
     if ctx is not None and block_size > ctx:
         raise MemdecError(f"{spec}: --block-size {block_size} is larger than the model's context of {ctx} tokens")
@@ -206,6 +213,7 @@ class Mixture:
     seconds: float
     default_lambda: float | None = None
     nll_valid: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)  # more keys for the row, e.g. the kNN temperature
 
 
 def mix_nll(nll_base: np.ndarray, nll_other: np.ndarray, lmbda: float) -> np.ndarray:
@@ -227,7 +235,7 @@ def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
 def _check_eval_flags(cfg: EvalConfig) -> None:
     from .errors import MemdecError
 
-    mixes = cfg.memdec is not None
+    mixes = cfg.memdec is not None or cfg.knn is not None
     if cfg.lmbda is not None:
         from .joint import check_lambda
 
@@ -235,11 +243,16 @@ def _check_eval_flags(cfg: EvalConfig) -> None:
         if cfg.sweep:
             raise MemdecError("give --lambda or --sweep, not both")
     if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
-        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT")
+        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT or --knn DATASTORE")
     if cfg.sweep and not cfg.valid:
         raise MemdecError("--sweep chooses λ on a validation corpus: give --valid CORPUS (never the test corpus)")
     if cfg.valid and not cfg.sweep:
         raise MemdecError("--valid is only used by --sweep")
+
+
+def _finite_or_none(x: float, digits: int = 4) -> float | None:
+    """JSON has no infinity: a perplexity of inf (a target the kNN never saw, at λ=1) becomes null."""
+    return round(float(x), digits) if math.isfinite(x) else None
 
 
 def run_eval_report(cfg: EvalConfig) -> EvalReport:
@@ -253,25 +266,50 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
     from .models import load_model, resolve_device
 
     _check_eval_flags(cfg)
+    if cfg.stride is None:
+        cfg = dataclasses.replace(cfg, stride=max(cfg.block_size // 2, 1))
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device)
-    check_block_size(model, cfg.block_size, cfg.model)
+    check_block_size(model, cfg.block_size, cfg.model, cfg.stride)
     joint = None
     if cfg.memdec is not None:  # load (and check) before any scoring
         from .joint import MemoryDecoderModel
 
         joint = MemoryDecoderModel.from_pretrained(model, cfg.memdec, tokenizer=tokenizer)
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
-    valid = load_token_stream(cfg.valid, tokenizer, cfg.max_tokens, cfg.text_field) if cfg.sweep else None
+    valid_tokens = cfg.valid_max_tokens if cfg.valid_max_tokens is not None else cfg.max_tokens
+    valid = load_token_stream(cfg.valid, tokenizer, valid_tokens, cfg.text_field) if cfg.sweep else None
 
     def score(scorer: Scorer, toks: np.ndarray, desc: str) -> tuple[np.ndarray, float]:
         return score_tokens(scorer, toks, cfg.block_size, cfg.stride, cfg.batch_size, device, desc=desc)
 
-    nll_base, seconds_base = score(base_scorer(model), tokens, "base")
-    rows = [make_row("base", cfg.model, nll_base, seconds_base)]
-    nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0] if valid is not None else None
-
     mixtures: list[Mixture] = []
+    if cfg.knn is not None:  # the base pass also records every position's neighbours
+        from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
+
+        retriever = KnnRetriever(cfg.knn, k=cfg.knn_k, tokenizer=tokenizer)
+
+        def kpass(toks: np.ndarray, desc: str):
+            return knn_pass(model, retriever, toks, cfg.block_size, cfg.stride, cfg.batch_size, device, desc=desc)
+
+        test_pass = kpass(tokens, "base + kNN")
+        nll_base, seconds_base = test_pass.nll_base, test_pass.seconds_base
+        valid_pass = kpass(valid, "base + kNN (valid)") if valid is not None else None
+        nll_base_valid = valid_pass.nll_base if valid_pass is not None else None
+        if cfg.knn_temp is not None:
+            temp = cfg.knn_temp
+        elif valid_pass is not None:
+            temp, _, _ = choose_temperature_and_lambda(valid_pass, LAMBDA_GRID, temperature_grid(valid_pass.dists))
+        else:
+            temp = float(retriever.store.manifest["steps"]["targets"].get("temperature") or 1.0)
+        mixtures.append(Mixture("knn-lm", cfg.knn, test_pass.knn_nll(temp), test_pass.seconds_search, 0.25,
+                                valid_pass.knn_nll(temp) if valid_pass is not None else None,
+                                extra={"knn_temperature": round(temp, 4), "k": cfg.knn_k}))
+    else:
+        nll_base, seconds_base = score(base_scorer(model), tokens, "base")
+        nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0] if valid is not None else None
+    rows = [make_row("base", cfg.model, nll_base, seconds_base)]
+
     if joint is not None:
         nll, seconds = score(joint.memdec_scorer(), tokens, "memdec")
         nll_valid = score(joint.memdec_scorer(), valid, "memdec (valid)")[0] if valid is not None else None
@@ -280,7 +318,7 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
     extra: dict = {}
     curves: dict = {}
     for mix in mixtures:
-        row_extra = {"alone_ppl": round(math.exp(float(np.mean(mix.nll, dtype=np.float64))), 4)}
+        row_extra = {"alone_ppl": _finite_or_none(math.exp(float(np.mean(mix.nll, dtype=np.float64)))), **mix.extra}
         if cfg.sweep:
             valid_curve = lambda_curve(nll_base_valid, mix.nll_valid)
             lmbda = LAMBDA_GRID[int(np.argmin(valid_curve))]
@@ -296,8 +334,8 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         if cfg.sweep or cfg.plot:
             curves[mix.system] = {
                 "lambda": lmbda,
-                "test_ppl": [round(float(x), 4) for x in lambda_curve(nll_base, mix.nll)],
-                "valid_ppl": None if valid_curve is None else [round(float(x), 4) for x in valid_curve],
+                "test_ppl": [_finite_or_none(x) for x in lambda_curve(nll_base, mix.nll)],
+                "valid_ppl": None if valid_curve is None else [_finite_or_none(x) for x in valid_curve],
             }
     if nll_base_valid is not None:
         rows[0].extra["valid_ppl"] = round(math.exp(float(np.mean(nll_base_valid, dtype=np.float64))), 4)
@@ -306,6 +344,11 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
     if cfg.plot:
         plot_lambda_curves(cfg.plot, curves, LAMBDA_GRID, test_corpus=cfg.corpus, valid_corpus=cfg.valid)
     return EvalReport(rows, len(nll_base), extra)
+
+
+def _curve(values) -> np.ndarray:
+    """A stored λ curve as floats, null (infinite perplexity) as inf."""
+    return np.array([np.inf if v is None else v for v in values], dtype=np.float64)
 
 
 def format_sweep(extra: dict) -> str:
@@ -317,9 +360,10 @@ def format_sweep(extra: dict) -> str:
     for system, c in sweep["systems"].items():
         parts = [f"{system}: λ={c['lambda']:.2f}"]
         if c.get("valid_ppl") is not None:
-            parts.append(f"chosen on {sweep['valid_corpus']} (valid ppl {min(c['valid_ppl']):.3f})")
-        best = int(np.argmin(c["test_ppl"]))
-        parts.append(f"test-oracle λ={sweep['grid'][best]:.2f} (ppl {c['test_ppl'][best]:.3f}, not used)")
+            parts.append(f"chosen on {sweep['valid_corpus']} (valid ppl {np.min(_curve(c['valid_ppl'])):.3f})")
+        test = _curve(c["test_ppl"])
+        best = int(np.argmin(test))
+        parts.append(f"test-oracle λ={sweep['grid'][best]:.2f} (ppl {test[best]:.3f}, not used)")
         lines.append(", ".join(parts))
     return "\n".join(lines)
 
@@ -334,12 +378,12 @@ def plot_lambda_curves(path: str | os.PathLike, curves: dict, grid, test_corpus:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for i, (system, c) in enumerate(curves.items()):
         color = f"C{i}"
-        ax.plot(grid, c["test_ppl"], "-o", ms=3, color=color, label=f"{system}, test ({test_corpus})")
+        ax.plot(grid, _curve(c["test_ppl"]), "-o", ms=3, color=color, label=f"{system}, test ({test_corpus})")
         if c.get("valid_ppl") is not None:
-            ax.plot(grid, c["valid_ppl"], "--", color=color, label=f"{system}, valid ({valid_corpus})")
+            ax.plot(grid, _curve(c["valid_ppl"]), "--", color=color, label=f"{system}, valid ({valid_corpus})")
         ax.axvline(c["lambda"], color=color, lw=0.8, alpha=0.6)
     # λ near 1 can be orders of magnitude worse (an untrained decoder alone): keep the useful range
-    values = [v for c in curves.values() for key in ("test_ppl", "valid_ppl") for v in (c.get(key) or [])]
+    values = [v for c in curves.values() for key in ("test_ppl", "valid_ppl") for v in (c.get(key) or []) if v is not None]
     base_ppl = max(c["test_ppl"][0] for c in curves.values())
     top = 2.5 * base_ppl
     if max(values) > top:
