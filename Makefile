@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/memdec eval --model smollm2-135m --corpus austen:test --max-tokens 4096 --json runs/demo/eval.json
+	$(VENV)/bin/memdec adapt --model smollm2-135m --corpus austen:train --valid austen:valid --test austen:test --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs

@@ -68,8 +68,9 @@ EVAL_HELP = {
     "plot": "write a PNG of perplexity against λ for each mixed system",
     "valid_max_tokens": "score only the first N tokens of --valid (default: --max-tokens)",
     "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
-    "knn_k": "neighbours retrieved per position by kNN-LM",
+    "knn_k": "neighbours retrieved per position by kNN-LM (default: the datastore's k)",
     "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
+    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn",
 }
 
 
@@ -119,6 +120,14 @@ def cmd_datastore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import AdaptConfig, adapt, format_summary
+
+    run = adapt(config_from_args(AdaptConfig, args))
+    print(format_summary(run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue prompts with base+MemDec; --compare prints the base model's beside")
     add_dataclass_args(p, GenerateConfig, GENERATE_HELP)
     p.set_defaults(func=cmd_generate)
+
+    from .adapt import ADAPT_HELP, AdaptConfig
+
+    p = sub.add_parser("adapt", help="the main job: datastore, memory decoder, lambda, evaluation and a report, resumable")
+    add_dataclass_args(p, AdaptConfig, ADAPT_HELP)
+    p.set_defaults(func=cmd_adapt)
 
     from .train import TRAIN_HELP, TrainConfig
 

@@ -172,8 +172,9 @@ class EvalConfig:
     valid_max_tokens: int | None = None  # default: --max-tokens
     plot: str | None = None  # PNG of perplexity against λ
     knn: str | None = None  # a datastore: adds the "knn-lm" row (real retrieval at inference)
-    knn_k: int = 1024
+    knn_k: int | None = None  # default: the k of the datastore's targets
     knn_temp: float | None = None  # default: chosen with --sweep, else the datastore's target temperature
+    run: str | None = None  # a `memdec adapt` run folder: gives --model, --memdec and --knn
 
 
 def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
@@ -265,6 +266,10 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
     from .data import load_token_stream
     from .models import load_model, resolve_device
 
+    if cfg.run is not None:
+        from .adapt import apply_run
+
+        cfg = apply_run(cfg)
     _check_eval_flags(cfg)
     if cfg.stride is None:
         cfg = dataclasses.replace(cfg, stride=max(cfg.block_size // 2, 1))
@@ -287,6 +292,10 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
     if cfg.knn is not None:  # the base pass also records every position's neighbours
         from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 
+        if cfg.knn_k is None:
+            from .datastore import read_manifest
+
+            cfg = dataclasses.replace(cfg, knn_k=int(read_manifest(cfg.knn)["steps"]["targets"].get("k") or 1024))
         retriever = KnnRetriever(cfg.knn, k=cfg.knn_k, tokenizer=tokenizer)
 
         def kpass(toks: np.ndarray, desc: str):

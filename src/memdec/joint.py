@@ -592,8 +592,9 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
 
 @dataclass
 class GenerateConfig:
-    memdec: str
     prompt: list[str]
+    memdec: str | None = None
+    run: str | None = None  # a `memdec adapt` run folder: gives --model and --memdec
     model: str = "smollm2-135m"
     lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
     compare: bool = False
@@ -610,6 +611,7 @@ class GenerateConfig:
 
 GENERATE_HELP = {
     "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
+    "run": "a `memdec adapt` run folder, in place of --model and --memdec",
     "prompt": "one or more prompts (batched, left-padded)",
     "model": "base model spec",
     "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
@@ -646,6 +648,12 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     """Generate a continuation of each prompt. Returns [{"prompt", "joint", "base" (with --compare), "lambda"}]."""
     from .models import load_model, resolve_device
 
+    if cfg.run is not None:
+        from .adapt import apply_run
+
+        cfg = apply_run(cfg)
+    if cfg.memdec is None:
+        raise MemdecError("give a memory decoder: --memdec CKPT or --run RUN")
     if cfg.processor and cfg.num_beams > 1:
         raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
                           "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")

@@ -1,0 +1,440 @@
+"""The main job: one command from a corpus to an adapted model, with a report.
+
+    memdec adapt --model M --corpus TRAIN --valid V --test T --out RUN [--preset quick|full]
+
+Stages, each cached in ``RUN/`` and resumable:
+
+1. ``datastore``: keys, index and kNN targets of the training corpus (``RUN/datastore``);
+2. ``train``: the memory decoder, λ chosen on the validation split (``RUN/memdec``);
+3. ``eval``: base, base + kNN-LM and base + memory decoder on the test split, λ of each chosen on
+   the validation split (``RUN/eval.json``, ``RUN/lambda.png``);
+4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
+
+then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
+a rerun skips stages whose settings are unchanged and redoes, saying why, those that changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MemdecError
+from .evaluate import atomic_write_text
+
+PRESETS: dict[str, dict] = {
+    # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
+    "quick": dict(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0,
+                  ds_block_size=1024, ds_stride=768, init_layers=None, alpha=0.5, lr=2e-4, epochs=1.0,
+                  batch_size=4, train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512,
+                  samples=3, sample_tokens=40),
+    # The whole training split; meant for a GPU.
+    "full": dict(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0,
+                 ds_block_size=1024, ds_stride=512, init_layers=None, alpha=0.5, lr=1e-4, epochs=2.0,
+                 batch_size=8, train_block_size=1024, eval_every=50, eval_block_size=1024, eval_stride=512,
+                 samples=5, sample_tokens=60),
+}
+
+
+@dataclass
+class AdaptConfig:
+    model: str = "smollm2-135m"
+    corpus: str = "austen:train"
+    valid: str = "austen:valid"
+    test: str = "austen:test"
+    out: str = "runs/demo"
+    preset: str = "quick"
+    # stage options; None takes the preset's value
+    train_tokens: int | None = None
+    valid_tokens: int | None = None
+    test_tokens: int | None = None
+    k: int | None = None
+    knn_temp: float | None = None
+    init: str | None = None
+    init_layers: int | None = None
+    alpha: float | None = None
+    lr: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    block_size: int | None = None  # sets the datastore's, training's and evaluation's windows at once
+    samples: int | None = None
+    device: str = "auto"
+    text_field: str = "text"
+
+
+ADAPT_HELP = {
+    "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
+    "corpus": "training corpus spec (the datastore and the decoder's training text)",
+    "valid": "validation corpus: chooses lambda and the checkpoint",
+    "test": "test corpus: the report's table; never seen in training or in choosing lambda",
+    "out": "run folder; a rerun resumes and skips finished stages",
+    "preset": "quick (15 min on a 2-core CPU) or full (whole corpus, for a GPU)",
+    "train_tokens": "use the first N tokens of the training corpus (preset's by default; 0 = all)",
+    "valid_tokens": "score the first N tokens of the validation corpus",
+    "test_tokens": "score the first N tokens of the test corpus",
+    "k": "neighbours per kNN target",
+    "knn_temp": "temperature of the kNN target distribution",
+    "init": "initialise the memory decoder from this model spec (same tokenizer)",
+    "init_layers": "initialise the memory decoder from the base's first N blocks (default: a full copy)",
+    "alpha": "weight of the kNN KL term in the training loss",
+    "lr": "peak learning rate",
+    "epochs": "passes over the training windows",
+    "max_steps": "optimizer steps (overrides --epochs)",
+    "batch_size": "windows per optimizer step",
+    "block_size": "window length for the datastore, training and evaluation (strides become half of it)",
+    "samples": "test-set prompts continued in the report",
+    "device": "auto, cpu or cuda",
+}
+
+
+@dataclass
+class Settings:
+    """The resolved settings of a run: the preset's values with the user's overrides on top."""
+
+    model: str
+    corpus: str
+    valid: str
+    test: str
+    train_tokens: int | None
+    valid_tokens: int | None
+    test_tokens: int | None
+    k: int
+    knn_temp: float
+    ds_block_size: int
+    ds_stride: int
+    init: str | None
+    init_layers: int | None
+    alpha: float
+    lr: float
+    epochs: float
+    max_steps: int | None
+    batch_size: int
+    train_block_size: int
+    eval_every: int
+    eval_block_size: int
+    eval_stride: int
+    samples: int
+    sample_tokens: int
+    text_field: str
+
+
+def resolve_settings(cfg: AdaptConfig) -> Settings:
+    if cfg.preset not in PRESETS:
+        raise MemdecError(f"unknown --preset '{cfg.preset}' (choose from: {', '.join(PRESETS)})")
+    values = dict(PRESETS[cfg.preset])
+    for f in dataclasses.fields(Settings):
+        given = getattr(cfg, f.name, None)
+        if given is not None:
+            values[f.name] = given
+        values.setdefault(f.name, None)
+    if cfg.block_size is not None:
+        b = cfg.block_size
+        values.update(ds_block_size=b, ds_stride=max(b // 2, 1), eval_block_size=b, eval_stride=max(b // 2, 1),
+                      train_block_size=min(values["train_block_size"], b))
+    if values["train_tokens"] == 0:
+        values["train_tokens"] = None
+    for split in ("valid", "test"):
+        if values[split] == values["corpus"]:
+            raise MemdecError(f"--{split} is the training corpus; held-out text must not be trained on")
+    return Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings)})
+
+
+def _fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage_inputs(s: Settings) -> dict[str, dict]:
+    """The settings each stage depends on, its upstream stages' included."""
+    datastore = dict(model=s.model, corpus=s.corpus, train_tokens=s.train_tokens, block_size=s.ds_block_size,
+                     stride=s.ds_stride, text_field=s.text_field, k=s.k, knn_temp=s.knn_temp)
+    train = dict(datastore=datastore, init=s.init, init_layers=s.init_layers, alpha=s.alpha, lr=s.lr, epochs=s.epochs,
+                 max_steps=s.max_steps, batch_size=s.batch_size, block_size=s.train_block_size, valid=s.valid,
+                 valid_tokens=s.valid_tokens, eval_every=s.eval_every)
+    evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
+                      block_size=s.eval_block_size, stride=s.eval_stride)
+    samples = dict(train=train, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens)
+    return {"datastore": datastore, "train": train, "eval": evaluation, "samples": samples}
+
+
+class StageBook:
+    """``RUN/stages.json``: which stages are done, with which settings, in how long."""
+
+    def __init__(self, run: Path):
+        self.path = run / "stages.json"
+        self.stages: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.stages, indent=2) + "\n")
+
+    def is_done(self, name: str, inputs: dict) -> bool:
+        entry = self.stages.get(name)
+        return bool(entry and entry.get("status") == "done" and entry.get("fingerprint") == _fingerprint(inputs))
+
+    def changed(self, name: str, inputs: dict) -> list[str]:
+        """Which top-level settings differ from the recorded run of this stage (empty if none was)."""
+        entry = self.stages.get(name)
+        if not entry or entry.get("fingerprint") == _fingerprint(inputs):
+            return []
+        old = entry.get("inputs", {})
+        return [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)] or ["settings"]
+
+    def start(self, name: str, inputs: dict) -> None:
+        self.stages[name] = {"status": "running", "fingerprint": _fingerprint(inputs), "inputs": inputs}
+        self.save()
+
+    def finish(self, name: str, seconds: float, summary: dict | None = None) -> None:
+        self.stages[name].update(status="done", seconds=round(seconds, 1), summary=summary or {})
+        self.save()
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def adapt(cfg: AdaptConfig) -> Path:
+    """Run (or resume) every stage; returns the run folder, which holds report.md and report.json."""
+    from .datastore import DatastoreConfig, build_datastore, describe
+    from .evaluate import EvalConfig, run_eval_report
+    from .train import TrainConfig, train
+
+    s = resolve_settings(cfg)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "settings.json", json.dumps(asdict(s), indent=2) + "\n")
+    book = StageBook(run)
+    inputs = stage_inputs(s)
+    plan = ["datastore", "train", "eval", "samples"]
+    t_run = time.perf_counter()
+
+    def stage(i: int, name: str, what: str):
+        done = book.is_done(name, inputs[name])
+        changed = book.changed(name, inputs[name])
+        head = f"[{i}/{len(plan)}] {name}: {what}"
+        if done:
+            _say(f"{head} — cached ({book.stages[name]['seconds']:.0f} s when built)")
+        elif changed:
+            _say(f"{head} — settings changed ({', '.join(changed)}); redoing this stage")
+        else:
+            _say(f"{head}")
+        return done, changed
+
+    # 1. datastore -------------------------------------------------------------------------
+    ds_dir = run / "datastore"
+    done, changed = stage(1, "datastore", f"keys, index and kNN targets of {s.corpus}"
+                          + (f" (first {s.train_tokens} tokens)" if s.train_tokens else ""))
+    if not done:
+        ds_identity = {k: v for k, v in inputs["datastore"].items() if k not in ("k", "knn_temp")}
+        old = book.stages.get("datastore", {}).get("inputs", {})
+        if changed and {k: v for k, v in old.items() if k not in ("k", "knn_temp")} != ds_identity and ds_dir.exists():
+            shutil.rmtree(ds_dir)  # other keys: nothing to reuse (a k/T change reuses keys and index)
+        t0 = time.perf_counter()
+        book.start("datastore", inputs["datastore"])
+        build_datastore(DatastoreConfig(model=s.model, corpus=s.corpus, out=str(ds_dir), k=s.k, knn_temp=s.knn_temp,
+                                        block_size=s.ds_block_size, stride=s.ds_stride, max_tokens=s.train_tokens,
+                                        device=cfg.device, text_field=s.text_field))
+        book.finish("datastore", time.perf_counter() - t0, {"describe": describe(ds_dir)})
+    _say(book.stages["datastore"]["summary"].get("describe", ""))
+
+    # 2. train -----------------------------------------------------------------------------
+    ckpt = run / "memdec"
+    done, changed = stage(2, "train", f"memory decoder (alpha={s.alpha}, "
+                          + (f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")) + ")")
+    if not done:
+        if changed and ckpt.exists():
+            shutil.rmtree(ckpt)
+        t0 = time.perf_counter()
+        book.start("train", inputs["train"])
+        train(TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha,
+                          lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
+                          block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
+                          eval_every=s.eval_every, save_every=s.eval_every, device=cfg.device, warmup=2))
+        info = json.loads((ckpt / "memdec.json").read_text())
+        book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"]})
+
+    # 3. eval ------------------------------------------------------------------------------
+    done, changed = stage(3, "eval", f"base, kNN-LM and memory decoder on {s.test}, lambda chosen on {s.valid}")
+    if not done:
+        t0 = time.perf_counter()
+        book.start("eval", inputs["eval"])
+        report = run_eval_report(EvalConfig(
+            model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
+            device=cfg.device, memdec=str(ckpt), knn=str(ds_dir), sweep=True, valid=s.valid,
+            valid_max_tokens=s.valid_tokens, plot=str(run / "lambda.png"), json=None))
+        payload = {"tokens": report.n_tokens, "corpus": s.test, **report.extra, "results": [r.to_json() for r in report.rows]}
+        atomic_write_text(run / "eval.json", json.dumps(payload, indent=2) + "\n")
+        book.finish("eval", time.perf_counter() - t0)
+
+    # 4. samples ---------------------------------------------------------------------------
+    done, changed = stage(4, "samples", f"{s.samples} continuations of {s.test} prompts, base beside joint")
+    if not done:
+        t0 = time.perf_counter()
+        book.start("samples", inputs["samples"])
+        samples = generate_samples(s, ckpt, cfg.device)
+        atomic_write_text(run / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+        book.finish("samples", time.perf_counter() - t0)
+
+    write_report(run, s, book, time.perf_counter() - t_run)
+    return run
+
+
+def sample_prompts(s: Settings, tokenizer, n: int, prompt_tokens: int = 48) -> list[str]:
+    """``n`` prompts from the test corpus: the text before evenly spaced positions of its scored slice."""
+    from .data import load_token_stream
+
+    tokens = load_token_stream(s.test, tokenizer, s.test_tokens, s.text_field)
+    picks = np.linspace(prompt_tokens, len(tokens) - 1, n + 1, dtype=np.int64)[:-1] if n else []
+    return [tokenizer.decode(tokens[p - prompt_tokens : p]) for p in picks]
+
+
+def generate_samples(s: Settings, ckpt: Path, device: str) -> list[dict]:
+    """Greedy continuations of test prompts by the base alone and by the joint model."""
+    import torch
+
+    from .joint import MemoryDecoderModel
+    from .models import load_model, resolve_device
+
+    base, tokenizer = load_model(s.model, device=resolve_device(device))
+    joint = MemoryDecoderModel.from_pretrained(base, str(ckpt), tokenizer=tokenizer)
+    out = []
+    for prompt in sample_prompts(s, tokenizer, s.samples):
+        ids = tokenizer(prompt, return_tensors="pt").to(base.device)
+        gen = dict(max_new_tokens=s.sample_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            b = base.generate(**ids, **gen)[0, ids.input_ids.shape[1]:]
+            j = joint.generate(**ids, **gen)[0, ids.input_ids.shape[1]:]
+        out.append({"prompt": prompt, "base": tokenizer.decode(b, skip_special_tokens=True),
+                    "memdec": tokenizer.decode(j, skip_special_tokens=True), "lambda": joint.lmbda})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _plot_training(run: Path) -> str | None:
+    log = run / "memdec" / "log.jsonl"
+    if not log.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for key in ("loss", "kl", "ce"):
+        ax1.plot(steps, [r[key] for r in records], label=key)
+    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("nats"), ax1.set_title("training loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    val = [r for r in records if "best_ppl" in r]
+    if val:
+        ax2.plot([r["step"] for r in val], [r["valid_ppl_memdec"] for r in val], "-o", label="memory decoder alone")
+        ax2.plot([r["step"] for r in val], [r["best_ppl"] for r in val], "-o", label="joint, best λ")
+        ax2.axhline(val[0]["valid_ppl_base"], color="gray", ls="--", label="base")
+        ax2.set_xlabel("optimizer step"), ax2.set_ylabel("validation perplexity"), ax2.legend(), ax2.grid(alpha=0.3)
+        ax2.set_title("validation")
+    fig.tight_layout()
+    fig.savefig(run / "training.png")
+    plt.close(fig)
+    return "training.png"
+
+
+def _folder_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None:
+    """Write RUN/report.json and RUN/report.md from the stages' outputs."""
+    ev = json.loads((run / "eval.json").read_text())
+    samples = json.loads((run / "samples.json").read_text()) if (run / "samples.json").is_file() else []
+    info = json.loads((run / "memdec" / "memdec.json").read_text())
+    manifest = json.loads((run / "datastore" / "manifest.json").read_text())
+    rows = ev["results"]
+    base_ppl = next(r["ppl"] for r in rows if r["system"] == "base")
+    base_tps = next(r["tokens_per_s"] for r in rows if r["system"] == "base")
+    sizes = {
+        "datastore_keys": manifest["n_keys"],
+        "datastore_bytes": _folder_bytes(run / "datastore"),
+        "memdec_parameters": info.get("n_parameters"),
+        "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
+    }
+    stage_times = {name: e.get("seconds") for name, e in book.stages.items()}
+    training_png = _plot_training(run)
+    report = {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
+              "corpus": ev["corpus"], "results": rows, "sweep": ev.get("sweep"), "sizes": sizes,
+              "stage_seconds": stage_times, "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s),
+              "samples": samples}
+    atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+    lines = [f"# memdec report: {s.model} adapted to {s.corpus}", "",
+             f"Test: {ev['tokens']} tokens of {ev['corpus']}; λ of each system chosen on {s.valid} "
+             f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", "",
+             "| system | λ | test ppl | vs base | tokens/s | speed vs base |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
+        delta = (r["ppl"] / base_ppl - 1) * 100
+        lines.append(f"| {r['system']} | {lam} | {r['ppl']:.2f} | {delta:+.1f}% | {r['tokens_per_s']:.1f} | "
+                     f"{base_tps / r['tokens_per_s']:.2f}× slower |" if r["system"] != "base" else
+                     f"| base | - | {r['ppl']:.2f} | | {r['tokens_per_s']:.1f} | 1.00× |")
+    lines += ["", "## Sizes", "",
+              f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
+              f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
+              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({info.get('init')})", "",
+              "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in stage_times.items()]
+    lines += ["", "## Plots", ""]
+    if training_png:
+        lines.append(f"![training curves]({training_png})")
+    if (run / "lambda.png").is_file():
+        lines.append("![perplexity against λ](lambda.png)")
+    if samples:
+        lines += ["", "## Samples (greedy)", ""]
+        for smp in samples:
+            lines += [f"**Prompt:** …{smp['prompt'][-200:]}", "", f"- **base:** {smp['base']}",
+                      f"- **memdec (λ={smp['lambda']:.2f}):** {smp['memdec']}", ""]
+    lines += ["", "Load the adapted model in one line:", "", "```python",
+              "from memdec import MemoryDecoderModel",
+              f"model = MemoryDecoderModel.from_pretrained(\"{s.model}\", \"{run / 'memdec'}\")", "```", ""]
+    atomic_write_text(run / "report.md", "\n".join(lines))
+
+
+def run_paths(run: str | Path) -> dict:
+    """What a finished run folder provides to ``eval`` and ``generate``: model, memdec, knn, corpora."""
+    run = Path(run)
+    settings = run / "settings.json"
+    if not settings.is_file() or not (run / "memdec" / "memdec.json").is_file():
+        raise MemdecError(f"{run}: not a finished memdec adapt run (no settings.json or memdec/memdec.json)")
+    s = json.loads(settings.read_text())
+    return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"),
+            "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}
+
+
+def apply_run(cfg):
+    """A copy of an eval/generate config with --model, --memdec (and --knn) taken from ``cfg.run``."""
+    paths = run_paths(cfg.run)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: paths[k] for k in ("model", "memdec", "knn") if k in names})
+
+
+def format_summary(run: Path) -> str:
+    """The report's table, for the terminal."""
+    report = json.loads((Path(run) / "report.json").read_text())
+    rows = report["results"]
+    base = next(r for r in rows if r["system"] == "base")
+    out = [f"{report['tokens']} test tokens of {report['corpus']}",
+           f"{'system':<10} {'lambda':>6} {'ppl':>9} {'vs base':>8} {'tok/s':>8}"]
+    for r in rows:
+        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
+        out.append(f"{r['system']:<10} {lam:>6} {r['ppl']:>9.3f} {(r['ppl'] / base['ppl'] - 1) * 100:>+7.1f}% {r['tokens_per_s']:>8.1f}")
+    out.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
+    out.append(f"report: {Path(run) / 'report.md'}")
+    return "\n".join(out)
