@@ -1,6 +1,6 @@
 """Inference cost of each mixed system relative to the base model alone, on one machine, in one run.
 
-For each system (for now ``memdec``; a ``knn-lm`` row is one more entry of SYSTEMS):
+For each system (``memdec``, and ``knn-lm`` when ``--knn DATASTORE`` is given):
 
 - scoring:  tokens/s of joint scoring ÷ tokens/s of the base alone, over the same sliding windows;
 - decoding: tokens/s of joint greedy decoding ÷ the base alone's ``generate()``, batch 1,
@@ -12,6 +12,7 @@ For GPU runs, ``--arch gpt2 --size xl`` builds a randomly initialised GPT-2 base
 ``--memdec-size small`` for the paper's GPT-2-small decoder (default: a shortened copy).
 
     python bench/inference.py                      # CPU, default model
+    python bench/inference.py --knn runs/demo/datastore   # with the kNN-LM rows
     python bench/inference.py --arch gpt2 --size xl --memdec-size small --device cuda --json r.json
 
 Each timing is the best of ``--repeats`` runs after a warm-up.
@@ -113,7 +114,25 @@ def memdec_system(base, memdec, lmbda: float = 0.3) -> list[System]:
     ]
 
 
-SYSTEMS = {"memdec": memdec_system}  # later: "knn-lm": knnlm_system(base, datastore) -> list[System]
+def knnlm_system(base, memdec, datastore: str | None = None, lmbda: float = 0.25, temperature: float = 1.0,
+                 k: int = 1024) -> list[System]:
+    """kNN-LM with real retrieval at every position (needs --knn DATASTORE built from the base)."""
+    from memdec.knnlm import KnnLMLogitsProcessor, KnnRetriever, knn_lm_scorer
+
+    if datastore is None:
+        return []
+    retriever = KnnRetriever(datastore, k=k)
+    proc = KnnLMLogitsProcessor(base, retriever, lmbda, temperature)
+
+    def decode(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with proc:
+            return greedy(base, ids, new, logits_processor=[proc])
+
+    return [System("knn-lm", knn_lm_scorer(base, retriever, lmbda, temperature), decode,
+                   f"k={k}, {retriever.store.n_keys} keys, {retriever.index.__class__.__name__}")]
+
+
+SYSTEMS = {"memdec": memdec_system, "knn-lm": knnlm_system}
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--knn", help="datastore built from the base model: adds the knn-lm rows")
+    p.add_argument("--knn-k", type=int, default=1024)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
@@ -206,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{desc}; {args.device} ({device_name}), {args.dtype}, {torch.get_num_threads()} threads")
     print(f"base {n_params(base) / 1e6:.1f}M parameters, memory decoder {n_params(memdec) / 1e6:.1f}M")
 
-    systems = [system for name in args.systems for system in SYSTEMS[name](base, memdec)]
+    extra = {"knn-lm": dict(datastore=args.knn, k=args.knn_k)}
+    systems = [system for name in args.systems for system in SYSTEMS[name](base, memdec, **extra.get(name, {}))]
     score_runs = {"base": scoring_run(base_scorer(base), tokens, args)}
     score_runs.update({s.name: scoring_run(s.scorer, tokens, args) for s in systems if s.scores})
     decode_runs = {"base": decoding_run(lambda ids, new: greedy(base, ids, new), prompt, args)}

@@ -127,6 +127,31 @@ def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int
     return KnnPass(nll, dists, values, np.asarray(tokens[1:], dtype=np.int64), seconds - search_s, search_s)
 
 
+def knn_lm_scorer(model, retriever: KnnRetriever, lmbda: float, temperature: float):
+    """A scorer (see ``evaluate``) for base + kNN-LM at a fixed λ and T: retrieval at every position.
+
+    Hooks the model for as long as the returned scorer lives; call ``scorer.close()`` to unhook.
+    """
+    from .datastore import FFNInputCapture
+    from .evaluate import causal_lm_logits, mix_logprobs, target_logprobs
+    from .targets import knn_target_logprob
+
+    capture = FFNInputCapture(model).__enter__()
+    check_same_base(retriever, model, capture.name)
+
+    @torch.inference_mode()
+    def scorer(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = targets.shape[1]
+        lp_base = target_logprobs(causal_lm_logits(model, input_ids, n), targets)
+        dists, values = retriever.neighbours(capture.last[:, -n:].reshape(-1, capture.last.shape[-1]))
+        lp_knn = knn_target_logprob(dists, values, targets.reshape(-1).cpu().numpy(), temperature)
+        lp_knn = torch.from_numpy(lp_knn).to(lp_base.device).view_as(lp_base)
+        return mix_logprobs(lp_base, lp_knn, lmbda)
+
+    scorer.close = lambda: capture.__exit__(None, None, None)
+    return scorer
+
+
 def temperature_grid(dists: np.ndarray, n: int = 9) -> list[float]:
     """Candidate temperatures spanning the distance scale: from sharp (T ≈ d_1/20) to diffuse
     (T ≈ (d_k − d_1)/2), log-spaced, using the median first and last neighbour distances."""
