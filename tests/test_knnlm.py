@@ -82,3 +82,18 @@ def test_bad_inputs(store, tiny_gpt2_dir, tiny_llama_dir):
         knn_pass(gpt2, retriever, np.arange(50, dtype=np.int32), 32, 16, progress=False)
     with pytest.raises(DatastoreError, match="keys"):
         KnnRetriever(str(store), k=10_000)
+
+
+def test_retrieval_scorer_equals_pass_then_mix(store, tiny_llama_dir):
+    from memdec.evaluate import mix_nll
+    from memdec.knnlm import knn_lm_scorer
+
+    model, tok = load_model(str(tiny_llama_dir))
+    retriever = KnnRetriever(str(store), k=8, tokenizer=tok)
+    tokens = load_token_stream("austen:test", tok, max_tokens=100)
+    kp = knn_pass(model, retriever, tokens, 64, 32, progress=False)
+    for lam in (0.0, 0.3):
+        scorer = knn_lm_scorer(model, retriever, lam, 2.0)
+        nll, _ = score_tokens(scorer, tokens, 64, 32, progress=False)
+        scorer.close()
+        np.testing.assert_allclose(nll, mix_nll(kp.nll_base, kp.knn_nll(2.0), lam), rtol=1e-5, atol=1e-5)
