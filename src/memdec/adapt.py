@@ -6,8 +6,12 @@ Stages, each cached in ``RUN/`` and resumable:
 
 1. ``datastore``: keys, index and kNN targets of the training corpus (``RUN/datastore``);
 2. ``train``: the memory decoder, λ chosen on the validation split (``RUN/memdec``);
-3. ``eval``: base, base + kNN-LM and base + memory decoder on the test split, λ of each chosen on
-   the validation split (``RUN/eval.json``, ``RUN/lambda.png``);
+   with ``--baselines``, then ``ce-decoder``, ``dapt`` and ``lora``: the baselines of
+   ``memdec.baselines``, each trained on the same tokens with the same budget
+   (``RUN/baselines/METHOD``);
+3. ``eval``: base, base + kNN-LM and base + memory decoder (and the baselines) on the test split,
+   λ of each chosen on the validation split, every row also scored on a general-text corpus
+   (``--general``, default ``general:test``) to show forgetting (``RUN/eval.json``, ``RUN/lambda.png``);
 4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
 
 then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
@@ -69,6 +73,15 @@ class AdaptConfig:
     samples: int | None = None
     device: str = "auto"
     text_field: str = "text"
+    baselines: bool = False  # also train and report dapt, lora and ce-decoder under the same budget
+    general: str | None = "general:test"  # general-text corpus for the forgetting column; "none" to skip
+    general_tokens: int | None = None  # default: --test-tokens
+    lora_r: int | None = None  # default 8
+    lora_lr: float | None = None  # default: LORA_LR_SCALE x --lr
+
+
+LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
+LORA_R = 8
 
 
 ADAPT_HELP = {
@@ -93,6 +106,12 @@ ADAPT_HELP = {
     "block_size": "window length for the datastore, training and evaluation (strides become half of it)",
     "samples": "test-set prompts continued in the report",
     "device": "auto, cpu or cuda",
+    "baselines": "also train dapt (full fine-tuning), lora and ce-decoder (alpha=0) on the same tokens and budget, "
+                 "and report them",
+    "general": "general-text corpus on which every system is also scored (forgetting); 'none' to skip",
+    "general_tokens": "score the first N tokens of --general (default: --test-tokens)",
+    "lora_r": f"--baselines: LoRA rank (default {LORA_R})",
+    "lora_lr": f"--baselines: LoRA's peak learning rate (default {LORA_LR_SCALE:g} x --lr)",
 }
 
 
@@ -125,6 +144,11 @@ class Settings:
     samples: int
     sample_tokens: int
     text_field: str
+    baselines: bool
+    general: str | None
+    general_tokens: int | None
+    lora_r: int
+    lora_lr: float
 
 
 def resolve_settings(cfg: AdaptConfig) -> Settings:
@@ -142,6 +166,15 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
                       train_block_size=min(values["train_block_size"], b))
     if values["train_tokens"] == 0:
         values["train_tokens"] = None
+    if str(values["general"]).lower() in ("", "none"):
+        values["general"] = None
+    values["baselines"] = bool(values["baselines"])
+    if values["general_tokens"] is None:
+        values["general_tokens"] = values["test_tokens"]
+    if values["lora_r"] is None:
+        values["lora_r"] = LORA_R
+    if values["lora_lr"] is None:
+        values["lora_lr"] = LORA_LR_SCALE * values["lr"]
     for split in ("valid", "test"):
         if values[split] == values["corpus"]:
             raise MemdecError(f"--{split} is the training corpus; held-out text must not be trained on")
@@ -159,10 +192,18 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     train = dict(datastore=datastore, init=s.init, init_layers=s.init_layers, alpha=s.alpha, lr=s.lr, epochs=s.epochs,
                  max_steps=s.max_steps, batch_size=s.batch_size, block_size=s.train_block_size, valid=s.valid,
                  valid_tokens=s.valid_tokens, eval_every=s.eval_every)
+    # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
+    budget = {k: v for k, v in train.items() if k not in ("init", "init_layers", "alpha")}
+    baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
+                 "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
     evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
                       block_size=s.eval_block_size, stride=s.eval_stride)
+    if s.general:
+        evaluation.update(general=s.general, general_tokens=s.general_tokens)
+    if s.baselines:
+        evaluation["baselines"] = baselines
     samples = dict(train=train, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens)
-    return {"datastore": datastore, "train": train, "eval": evaluation, "samples": samples}
+    return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples}
 
 
 class StageBook:
@@ -202,6 +243,7 @@ def _say(msg: str) -> None:
 
 def adapt(cfg: AdaptConfig) -> Path:
     """Run (or resume) every stage; returns the run folder, which holds report.md and report.json."""
+    from .baselines import METHODS, BaselineConfig, train_baseline
     from .datastore import DatastoreConfig, build_datastore, describe
     from .evaluate import EvalConfig, run_eval_report
     from .train import TrainConfig, train
@@ -212,13 +254,13 @@ def adapt(cfg: AdaptConfig) -> Path:
     atomic_write_text(run / "settings.json", json.dumps(asdict(s), indent=2) + "\n")
     book = StageBook(run)
     inputs = stage_inputs(s)
-    plan = ["datastore", "train", "eval", "samples"]
+    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", "samples"]
     t_run = time.perf_counter()
 
-    def stage(i: int, name: str, what: str):
+    def stage(name: str, what: str):
         done = book.is_done(name, inputs[name])
         changed = book.changed(name, inputs[name])
-        head = f"[{i}/{len(plan)}] {name}: {what}"
+        head = f"[{plan.index(name) + 1}/{len(plan)}] {name}: {what}"
         if done:
             _say(f"{head} — cached ({book.stages[name]['seconds']:.0f} s when built)")
         elif changed:
@@ -229,7 +271,7 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     # 1. datastore -------------------------------------------------------------------------
     ds_dir = run / "datastore"
-    done, changed = stage(1, "datastore", f"keys, index and kNN targets of {s.corpus}"
+    done, changed = stage("datastore", f"keys, index and kNN targets of {s.corpus}"
                           + (f" (first {s.train_tokens} tokens)" if s.train_tokens else ""))
     if not done:
         ds_identity = {k: v for k, v in inputs["datastore"].items() if k not in ("k", "knn_temp")}
@@ -246,35 +288,57 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     # 2. train -----------------------------------------------------------------------------
     ckpt = run / "memdec"
-    done, changed = stage(2, "train", f"memory decoder (alpha={s.alpha}, "
+    done, changed = stage("train", f"memory decoder (alpha={s.alpha}, "
                           + (f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")) + ")")
+    train_cfg = TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha,
+                            lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
+                            block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
+                            eval_every=s.eval_every, save_every=s.eval_every, device=cfg.device, warmup=2)
     if not done:
         if changed and ckpt.exists():
             shutil.rmtree(ckpt)
         t0 = time.perf_counter()
         book.start("train", inputs["train"])
-        train(TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha,
-                          lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
-                          block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
-                          eval_every=s.eval_every, save_every=s.eval_every, device=cfg.device, warmup=2))
+        train(train_cfg)
         info = json.loads((ckpt / "memdec.json").read_text())
         book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"]})
 
+    # 2b. baselines: the memory decoder's TrainConfig, so the same tokens, windows, steps and schedule
+    baseline_dirs = []
+    for method in plan[2:-2]:
+        folder = run / "baselines" / method
+        baseline_dirs.append(str(folder))
+        done, changed = stage(method, BASELINE_WHAT[method] + (f", lr {s.lora_lr:g}, r {s.lora_r}" if method == "lora" else ""))
+        if done:
+            continue
+        if changed and folder.exists():
+            shutil.rmtree(folder)
+        t0 = time.perf_counter()
+        book.start(method, inputs[method])
+        own = {"init": None, "init_layers": None} if method != "ce-decoder" else {}
+        if method == "lora":
+            own.update(lr=s.lora_lr, lora_r=s.lora_r)
+        train_baseline(BaselineConfig(**{**asdict(train_cfg), "alpha": 0.0, "out": str(folder), **own}, method=method))
+        info = json.loads((folder / "baseline.json").read_text())
+        book.finish(method, time.perf_counter() - t0, {k: info.get(k) for k in ("lambda", "trainable_parameters", "train_seconds")})
+
     # 3. eval ------------------------------------------------------------------------------
-    done, changed = stage(3, "eval", f"base, kNN-LM and memory decoder on {s.test}, lambda chosen on {s.valid}")
+    done, changed = stage("eval", f"base, kNN-LM, memory decoder{' and baselines' if s.baselines else ''} on {s.test}"
+                          f"{f' and {s.general}' if s.general else ''}, lambda chosen on {s.valid}")
     if not done:
         t0 = time.perf_counter()
         book.start("eval", inputs["eval"])
         report = run_eval_report(EvalConfig(
             model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
             device=cfg.device, memdec=str(ckpt), knn=str(ds_dir), sweep=True, valid=s.valid,
-            valid_max_tokens=s.valid_tokens, plot=str(run / "lambda.png"), json=None))
+            valid_max_tokens=s.valid_tokens, plot=str(run / "lambda.png"), json=None,
+            baseline=baseline_dirs or None, general=s.general, general_max_tokens=s.general_tokens))
         payload = {"tokens": report.n_tokens, "corpus": s.test, **report.extra, "results": [r.to_json() for r in report.rows]}
         atomic_write_text(run / "eval.json", json.dumps(payload, indent=2) + "\n")
         book.finish("eval", time.perf_counter() - t0)
 
     # 4. samples ---------------------------------------------------------------------------
-    done, changed = stage(4, "samples", f"{s.samples} continuations of {s.test} prompts, base beside joint")
+    done, changed = stage("samples", f"{s.samples} continuations of {s.test} prompts, base beside joint")
     if not done:
         t0 = time.perf_counter()
         book.start("samples", inputs["samples"])
@@ -284,6 +348,13 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     write_report(run, s, book, time.perf_counter() - t_run)
     return run
+
+
+BASELINE_WHAT = {
+    "ce-decoder": "baseline: the memory decoder's recipe with alpha=0 (cross-entropy only), same budget",
+    "dapt": "baseline: full fine-tuning of the base model, same tokens and budget",
+    "lora": "baseline: LoRA adapters on the base model, same tokens and budget",
+}
 
 
 def sample_prompts(s: Settings, tokenizer, n: int, prompt_tokens: int = 48) -> list[str]:
@@ -359,8 +430,6 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
     info = json.loads((run / "memdec" / "memdec.json").read_text())
     manifest = json.loads((run / "datastore" / "manifest.json").read_text())
     rows = ev["results"]
-    base_ppl = next(r["ppl"] for r in rows if r["system"] == "base")
-    base_tps = next(r["tokens_per_s"] for r in rows if r["system"] == "base")
     sizes = {
         "datastore_keys": manifest["n_keys"],
         "datastore_bytes": _folder_bytes(run / "datastore"),
@@ -377,14 +446,15 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
 
     lines = [f"# memdec report: {s.model} adapted to {s.corpus}", "",
              f"Test: {ev['tokens']} tokens of {ev['corpus']}; λ of each system chosen on {s.valid} "
-             f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", "",
-             "| system | λ | test ppl | vs base | tokens/s | speed vs base |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
-        delta = (r["ppl"] / base_ppl - 1) * 100
-        lines.append(f"| {r['system']} | {lam} | {r['ppl']:.2f} | {delta:+.1f}% | {r['tokens_per_s']:.1f} | "
-                     f"{base_tps / r['tokens_per_s']:.2f}× slower |" if r["system"] != "base" else
-                     f"| base | - | {r['ppl']:.2f} | | {r['tokens_per_s']:.1f} | 1.00× |")
+             f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
+    lines += results_table(rows, ev.get("general"))
+    if s.baselines:
+        lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
+                      f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
+                      f"{'max_steps ' + str(s.max_steps) if s.max_steps else f'{s.epochs:g} epoch(s)'}, the same warm-up "
+                      f"and cosine schedule, peak lr {s.lr:g} (LoRA: {s.lora_lr:g}, rank {s.lora_r}), next-token "
+                      f"cross-entropy only. dapt and lora are scored alone (LoRA merged into the base); ce-decoder is the "
+                      f"memory decoder's recipe with alpha=0, mixed with the base at its own λ."]
     lines += ["", "## Sizes", "",
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
               f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
@@ -407,6 +477,52 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
     atomic_write_text(run / "report.md", "\n".join(lines))
 
 
+def _pct(x: float | None, ref: float | None) -> str:
+    return "" if x is None or not ref else f"{(x / ref - 1) * 100:+.1f}%"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return "0" if n == 0 else f"{n / 1e6:.2f} M"
+
+
+def _train_time(r: dict) -> str:
+    t = r.get("train_seconds")
+    if r["system"] == "base":
+        return "-"
+    text = "-" if t is None else f"{t:.0f} s"
+    if r.get("datastore_seconds") is not None:
+        text += f" (+ {r['datastore_seconds']:.0f} s datastore)"
+    return text
+
+
+def results_table(rows: list[dict], general: dict | None) -> list[str]:
+    """The report's Markdown table: test and general perplexity, and each system's budget."""
+    base = next(r for r in rows if r["system"] == "base")
+    head = ["system", "λ", "test ppl", "vs base"] + (["general ppl", "vs base"] if general else []) + \
+        ["trainable params", "train time", "tokens/s", "inference time vs base"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
+        ratio = r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
+        cells = [r["system"], lam, f"{r['ppl']:.2f}", _pct(r["ppl"], base["ppl"]) if r is not base else ""]
+        if general:
+            g = r.get("general_ppl")
+            cells += ["-" if g is None else f"{g:.2f}", _pct(g, base.get("general_ppl")) if r is not base else ""]
+        cells += [_params(r.get("trainable_parameters")), _train_time(r), f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
+              "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
+              "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
+              "datastore with its kNN targets, shown beside it. *inference time vs base*: the base model's tokens/s over "
+              "the system's, measured in this evaluation (a mixture runs the base and its second model)."]
+    if general:
+        lines += ["", f"*general ppl*: {general['tokens']} tokens of `{general['corpus']}`, general text far from the "
+                  f"training domain, scored by every system at the λ chosen above: a rise over the base is forgetting."]
+    return lines
+
+
 def run_paths(run: str | Path) -> dict:
     """What a finished run folder provides to ``eval`` and ``generate``: model, memdec, knn, corpora."""
     run = Path(run)
@@ -414,15 +530,22 @@ def run_paths(run: str | Path) -> dict:
     if not settings.is_file() or not (run / "memdec" / "memdec.json").is_file():
         raise MemdecError(f"{run}: not a finished memdec adapt run (no settings.json or memdec/memdec.json)")
     s = json.loads(settings.read_text())
-    return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"),
+    from .baselines import BASELINE_JSON, METHODS
+
+    baselines = [str(run / "baselines" / m) for m in METHODS if (run / "baselines" / m / BASELINE_JSON).is_file()]
+    return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"), "baseline": baselines,
             "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}
 
 
 def apply_run(cfg):
-    """A copy of an eval/generate config with --model, --memdec (and --knn) taken from ``cfg.run``."""
+    """A copy of an eval/generate config with --model, --memdec (and --knn, and the run's baselines
+    unless --baseline is given) taken from ``cfg.run``."""
     paths = run_paths(cfg.run)
     names = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: paths[k] for k in ("model", "memdec", "knn") if k in names})
+    given = {k: paths[k] for k in ("model", "memdec", "knn") if k in names}
+    if "baseline" in names and not cfg.baseline and paths["baseline"]:
+        given["baseline"] = paths["baseline"]
+    return dataclasses.replace(cfg, **given)
 
 
 def format_summary(run: Path) -> str:
@@ -430,11 +553,19 @@ def format_summary(run: Path) -> str:
     report = json.loads((Path(run) / "report.json").read_text())
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
+    general = base.get("general_ppl") is not None
     out = [f"{report['tokens']} test tokens of {report['corpus']}",
-           f"{'system':<10} {'lambda':>6} {'ppl':>9} {'vs base':>8} {'tok/s':>8}"]
+           f"{'system':<10} {'lambda':>6} {'ppl':>9} {'vs base':>8}" + (f" {'general':>9} {'vs base':>8}" if general else "")
+           + f" {'tok/s':>8} {'trainable':>10} {'train s':>8}"]
     for r in rows:
         lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
-        out.append(f"{r['system']:<10} {lam:>6} {r['ppl']:>9.3f} {(r['ppl'] / base['ppl'] - 1) * 100:>+7.1f}% {r['tokens_per_s']:>8.1f}")
+        gen = ""
+        if general:
+            g = r.get("general_ppl")
+            gen = f" {'-' if g is None else f'{g:.3f}':>9} {_pct(g, base['general_ppl']) if g is not None else '':>8}"
+        n, t = r.get("trainable_parameters"), r.get("train_seconds")
+        out.append(f"{r['system']:<10} {lam:>6} {r['ppl']:>9.3f} {(r['ppl'] / base['ppl'] - 1) * 100:>+7.1f}%{gen} "
+                   f"{r['tokens_per_s']:>8.1f} {_params(n):>10} {'-' if t is None else f'{t:.0f}':>8}")
     out.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
     out.append(f"report: {Path(run) / 'report.md'}")
     return "\n".join(out)

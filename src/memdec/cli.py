@@ -37,6 +37,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text,
                                 dest=f.name)
+        elif typing.get_origin(tp) is list and f.metadata.get("action") == "append":  # a repeatable flag
+            (inner,) = typing.get_args(tp)
+            parser.add_argument(flag, type=inner, action="append", default=default, required=required,
+                                help=help_text + " (repeatable)", metavar=flag.lstrip("-").replace("-", "_").upper(),
+                                dest=f.name)
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp)
             parser.add_argument(flag, type=inner, nargs="+", default=default, required=required, help=help_text,
@@ -70,7 +75,10 @@ EVAL_HELP = {
     "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
     "knn_k": "neighbours retrieved per position by kNN-LM (default: the datastore's k)",
     "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
-    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn",
+    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline)",
+    "baseline": "a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed like memdec)",
+    "general": "general-text corpus (e.g. general:test): every row also gets its perplexity there, at its λ",
+    "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",
 }
 
 
@@ -79,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvalConfig, args)
     report = run_eval_report(cfg)
-    print(format_table(report.rows, report.n_tokens, cfg.corpus))
+    print(format_table(report.rows, report.n_tokens, cfg.corpus, cfg.general))
     if sweep := format_sweep(report.extra):
         print(sweep)
     if cfg.json:
@@ -105,6 +113,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = train(config_from_args(TrainConfig, args))
     print(f"memory decoder checkpoint: {out}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from .baselines import BaselineConfig, train_baseline
+
+    cfg = config_from_args(BaselineConfig, args)
+    out = train_baseline(cfg)
+    print(f"{cfg.method} baseline: {out}")
     return 0
 
 
@@ -161,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a memory decoder on a datastore's kNN targets")
     add_dataclass_args(p, TrainConfig, TRAIN_HELP)
     p.set_defaults(func=cmd_train)
+
+    from .baselines import BASELINE_HELP, BaselineConfig
+
+    p = sub.add_parser("baseline", help="train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`")
+    add_dataclass_args(p, BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP})
+    p.set_defaults(func=cmd_baseline)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 A *corpus spec* is one string:
 
-- ``austen:train``, ``austen:valid``, ``austen:test`` (the built-in demo corpus);
+- ``austen:train``, ``austen:valid``, ``austen:test`` (the built-in demo corpus), and
+  ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting);
 - a plain-text file (one document), a ``.jsonl`` file (one document per line, read from
   ``text_field``), a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted), a glob, or
   a folder saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
@@ -26,10 +27,15 @@ import numpy as np
 
 from .errors import CorpusError
 
+# Built-in corpora: name -> documents under the package's ``corpora/<prefix>/`` folder. Each is
+# ``<stem>.txt.xz`` (one document) or ``<stem>.jsonl.xz`` (one document per line, its "text" field).
 BUILTIN_CORPORA: dict[str, list[str]] = {
     "austen:train": ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"],
     "austen:valid": ["northangerabbey"],
     "austen:test": ["persuasion"],
+    # general modern English, to measure forgetting: the background essay of every entry of the CIA World
+    # Factbook (public domain; corpora/general/SOURCE.md says where it came from and how it was built)
+    "general:test": ["factbook"],
 }
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
@@ -50,12 +56,16 @@ def _decode(data: bytes, source: str) -> str:
 
 
 def _read_builtin(name: str) -> list[Document]:
-    root = resources.files("memdec") / "corpora"
-    corpus = name.split(":")[0]
+    folder = resources.files("memdec") / "corpora" / name.split(":")[0]
     docs = []
-    for novel in BUILTIN_CORPORA[name]:
-        data = lzma.decompress((root / corpus / f"{novel}.txt.xz").read_bytes())
-        docs.append(Document(f"{name}/{novel}", _decode(data, novel)))
+    for stem in BUILTIN_CORPORA[name]:
+        jsonl = folder / f"{stem}.jsonl.xz"
+        if jsonl.is_file():
+            text = _decode(lzma.decompress(jsonl.read_bytes()), stem)
+            docs += [Document(f"{name}/{stem}:{i}", json.loads(line)["text"])
+                     for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        else:
+            docs.append(Document(f"{name}/{stem}", _decode(lzma.decompress((folder / f"{stem}.txt.xz").read_bytes()), stem)))
     return docs
 
 

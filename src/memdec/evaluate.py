@@ -146,11 +146,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def format_table(rows: list[ResultRow], n_tokens: int, corpus: str) -> str:
-    lines = [f"{n_tokens} tokens of {corpus}", f"{'system':<12} {'lambda':>7} {'nll':>8} {'ppl':>10} {'tok/s':>9}  model"]
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def format_table(rows: list[ResultRow], n_tokens: int, corpus: str, general: str | None = None) -> str:
+    """The rows as a terminal table; the general-corpus column when any row has ``general_ppl``."""
+    with_general = any("general_ppl" in r.extra for r in rows)
+    lines = [f"{n_tokens} tokens of {corpus}" + (f"; general: {general}" if general and with_general else ""),
+             f"{'system':<12} {'lambda':>7} {'nll':>8} {'ppl':>10}" + (f" {'general ppl':>11}" if with_general else "")
+             + f" {'tok/s':>9} {'x base':>7} {'trainable':>11} {'train s':>8}  model"]
     for r in rows:
         lam = "-" if r.lambda_ is None else f"{r.lambda_:.2f}"
-        lines.append(f"{r.system:<12} {lam:>7} {r.nll:>8.4f} {r.ppl:>10.3f} {r.tokens_per_s:>9.1f}  {r.model}")
+        gen = f" {_fmt(r.extra.get('general_ppl'), '.3f'):>11}" if with_general else ""
+        lines.append(f"{r.system:<12} {lam:>7} {r.nll:>8.4f} {r.ppl:>10.3f}{gen} {r.tokens_per_s:>9.1f} "
+                     f"{_fmt(r.extra.get('inference_ratio'), '.2f'):>7} {_fmt(r.extra.get('trainable_parameters'), ','):>11} "
+                     f"{_fmt(r.extra.get('train_seconds'), '.1f'):>8}  {r.model}")
     return "\n".join(lines)
 
 
@@ -175,6 +186,9 @@ class EvalConfig:
     knn_k: int | None = None  # default: the k of the datastore's targets
     knn_temp: float | None = None  # default: chosen with --sweep, else the datastore's target temperature
     run: str | None = None  # a `memdec adapt` run folder: gives --model, --memdec and --knn
+    baseline: list[str] | None = field(default=None, metadata={"action": "append"})  # `memdec baseline` folders
+    general: str | None = None  # a general-text corpus: every row gains its perplexity there (forgetting)
+    general_max_tokens: int | None = None  # default: --max-tokens
 
 
 def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
@@ -215,6 +229,20 @@ class Mixture:
     default_lambda: float | None = None
     nll_valid: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # more keys for the row, e.g. the kNN temperature
+    nll_general: np.ndarray | None = None  # -log p_other on the --general tokens
+
+
+@dataclass
+class Standalone:
+    """A system scored on its own, in place of the base model (dapt, lora): ``nll`` [N] on the
+    test tokens in ``seconds``, ``nll_general`` on the --general tokens."""
+
+    system: str
+    model: str
+    nll: np.ndarray
+    seconds: float
+    nll_general: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
 
 
 def mix_nll(nll_base: np.ndarray, nll_other: np.ndarray, lmbda: float) -> np.ndarray:
@@ -236,7 +264,7 @@ def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
 def _check_eval_flags(cfg: EvalConfig) -> None:
     from .errors import MemdecError
 
-    mixes = cfg.memdec is not None or cfg.knn is not None
+    mixes = cfg.memdec is not None or cfg.knn is not None or bool(cfg.baseline)
     if cfg.lmbda is not None:
         from .joint import check_lambda
 
@@ -244,7 +272,8 @@ def _check_eval_flags(cfg: EvalConfig) -> None:
         if cfg.sweep:
             raise MemdecError("give --lambda or --sweep, not both")
     if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
-        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT or --knn DATASTORE")
+        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT, --knn DATASTORE "
+                          "or --baseline DIR")
     if cfg.sweep and not cfg.valid:
         raise MemdecError("--sweep chooses λ on a validation corpus: give --valid CORPUS (never the test corpus)")
     if cfg.valid and not cfg.sweep:
@@ -256,12 +285,36 @@ def _finite_or_none(x: float, digits: int = 4) -> float | None:
     return round(float(x), digits) if math.isfinite(x) else None
 
 
+def _mean_ppl(nll: np.ndarray) -> float:
+    return math.exp(float(np.mean(nll, dtype=np.float64)))
+
+
+def _same_tokens(system: str, what: str, nll: np.ndarray, reference: np.ndarray) -> None:
+    """Every system is scored on exactly the base model's positions; a mismatch is a harness bug."""
+    if len(nll) != len(reference):
+        raise AssertionError(f"{system} scored {len(nll)} {what} tokens, the base model {len(reference)}")
+
+
+def _datastore_seconds(path: str, steps: tuple[str, ...]) -> float | None:
+    """Seconds the datastore's build ``steps`` took, from its manifest (None if not recorded)."""
+    from .datastore import read_manifest
+
+    recorded = read_manifest(path).get("steps", {})
+    seconds = [recorded.get(step, {}).get("seconds") for step in steps]
+    return None if any(x is None for x in seconds) else round(float(sum(seconds)), 1)
+
+
 def run_eval_report(cfg: EvalConfig) -> EvalReport:
-    """Score the base model, and each mixture asked for, on the same windows of ``cfg.corpus``.
+    """Score the base model, and each system asked for, on the same windows of ``cfg.corpus``.
 
     Each mixture's per-token log-probs are computed once; mixing at any λ is then a cheap
     elementwise operation, so --sweep scores every λ of LAMBDA_GRID on --valid, keeps the best,
-    and reports that λ on the test corpus.
+    and reports that λ on the test corpus. Systems scored alone (dapt, lora baselines) see the
+    same windows. With --general, every row also gets its perplexity on that corpus, at its λ.
+
+    Rows: base, knn-lm, memdec, then baselines in ``baselines.METHODS`` order. Each row states
+    ``tokens`` (equal for every row), ``trainable_parameters``, ``train_seconds`` (where known) and
+    ``inference_ratio`` (base tokens/s ÷ its tokens/s).
     """
     from .data import load_token_stream
     from .models import load_model, resolve_device
@@ -281,14 +334,21 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         from .joint import MemoryDecoderModel
 
         joint = MemoryDecoderModel.from_pretrained(model, cfg.memdec, tokenizer=tokenizer)
+    baseline_infos = _check_baselines(cfg, tokenizer)
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
     valid_tokens = cfg.valid_max_tokens if cfg.valid_max_tokens is not None else cfg.max_tokens
     valid = load_token_stream(cfg.valid, tokenizer, valid_tokens, cfg.text_field) if cfg.sweep else None
+    general_tokens = cfg.general_max_tokens if cfg.general_max_tokens is not None else cfg.max_tokens
+    general = load_token_stream(cfg.general, tokenizer, general_tokens, cfg.text_field) if cfg.general else None
 
-    def score(scorer: Scorer, toks: np.ndarray, desc: str) -> tuple[np.ndarray, float]:
+    def score(scorer: Scorer, toks: np.ndarray | None, desc: str) -> tuple[np.ndarray | None, float]:
+        if toks is None:
+            return None, 0.0
         return score_tokens(scorer, toks, cfg.block_size, cfg.stride, cfg.batch_size, device, desc=desc)
 
     mixtures: list[Mixture] = []
+    alone: list[Standalone] = []
+    base_budget = {"trainable_parameters": 0, "train_seconds": 0.0}
     if cfg.knn is not None:  # the base pass also records every position's neighbours
         from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 
@@ -305,6 +365,8 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         nll_base, seconds_base = test_pass.nll_base, test_pass.seconds_base
         valid_pass = kpass(valid, "base + kNN (valid)") if valid is not None else None
         nll_base_valid = valid_pass.nll_base if valid_pass is not None else None
+        general_pass = kpass(general, "base + kNN (general)") if general is not None else None
+        nll_base_general = general_pass.nll_base if general_pass is not None else None
         if cfg.knn_temp is not None:
             temp = cfg.knn_temp
         elif valid_pass is not None:
@@ -313,21 +375,54 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
             temp = float(retriever.store.manifest["steps"]["targets"].get("temperature") or 1.0)
         mixtures.append(Mixture("knn-lm", cfg.knn, test_pass.knn_nll(temp), test_pass.seconds_search, 0.25,
                                 valid_pass.knn_nll(temp) if valid_pass is not None else None,
-                                extra={"knn_temperature": round(temp, 4), "k": cfg.knn_k}))
+                                extra={"knn_temperature": round(temp, 4), "k": cfg.knn_k, "trainable_parameters": 0,
+                                       # its "training" is the datastore: keys and index
+                                       "train_seconds": _datastore_seconds(cfg.knn, ("keys", "index"))},
+                                nll_general=general_pass.knn_nll(temp) if general_pass is not None else None))
     else:
         nll_base, seconds_base = score(base_scorer(model), tokens, "base")
-        nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0] if valid is not None else None
-    rows = [make_row("base", cfg.model, nll_base, seconds_base)]
+        nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0]
+        nll_base_general = score(base_scorer(model), general, "base (general)")[0]
+    rows = [make_row("base", cfg.model, nll_base, seconds_base, **base_budget)]
+
+    def add_mixture(system: str, path: str, jm) -> None:
+        """Score a memory decoder (``MemoryDecoderModel`` ``jm``) on every stream, as a mixture."""
+        nll, seconds = score(jm.memdec_scorer(), tokens, system)
+        info = jm.memdec_info
+        extra = {"trainable_parameters": info.get("trainable_parameters", info.get("n_parameters")),
+                 "train_seconds": info.get("train_seconds")}
+        mixtures.append(Mixture(system, path, nll, seconds, jm.lmbda, score(jm.memdec_scorer(), valid, f"{system} (valid)")[0],
+                                extra=extra, nll_general=score(jm.memdec_scorer(), general, f"{system} (general)")[0]))
 
     if joint is not None:
-        nll, seconds = score(joint.memdec_scorer(), tokens, "memdec")
-        nll_valid = score(joint.memdec_scorer(), valid, "memdec (valid)")[0] if valid is not None else None
-        mixtures.append(Mixture("memdec", cfg.memdec, nll, seconds, joint.lmbda, nll_valid))
+        add_mixture("memdec", cfg.memdec, joint)
+        mixtures[-1].extra["corpus_hash"] = joint.memdec_info.get("corpus_hash")
+        if joint.memdec_info.get("datastore"):  # the decoder's prerequisite: keys, index and kNN targets
+            from .errors import MemdecError
+
+            try:
+                mixtures[-1].extra["datastore_seconds"] = _datastore_seconds(joint.memdec_info["datastore"], ("keys", "index", "targets"))
+            except MemdecError:  # the datastore has moved: the row just lacks the number
+                pass
+    for path in baseline_infos:
+        from .baselines import load_baseline
+
+        loaded = load_baseline(path, cfg.model, model, tokenizer)
+        if loaded.method == "ce-decoder":
+            add_mixture("ce-decoder", path, loaded.model)
+            mixtures[-1].extra.update(loaded.budget())
+        else:
+            nll, seconds = score(base_scorer(loaded.model), tokens, loaded.method)
+            alone.append(Standalone(loaded.method, path, nll, seconds, score(base_scorer(loaded.model), general,
+                                                                             f"{loaded.method} (general)")[0],
+                                    extra=loaded.budget()))
+        del loaded
 
     extra: dict = {}
     curves: dict = {}
     for mix in mixtures:
-        row_extra = {"alone_ppl": _finite_or_none(math.exp(float(np.mean(mix.nll, dtype=np.float64)))), **mix.extra}
+        _same_tokens(mix.system, "test", mix.nll, nll_base)
+        row_extra = {"alone_ppl": _finite_or_none(_mean_ppl(mix.nll)), **mix.extra}
         if cfg.sweep:
             valid_curve = lambda_curve(nll_base_valid, mix.nll_valid)
             lmbda = LAMBDA_GRID[int(np.argmin(valid_curve))]
@@ -338,6 +433,9 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         else:
             lmbda, valid_curve = mix.default_lambda, None
             row_extra["lambda_source"] = "checkpoint"
+        if mix.nll_general is not None:
+            _same_tokens(mix.system, "general", mix.nll_general, nll_base_general)
+            row_extra["general_ppl"] = _finite_or_none(_mean_ppl(mix_nll(nll_base_general, mix.nll_general, lmbda)))
         rows.append(make_row(mix.system, mix.model, mix_nll(nll_base, mix.nll, lmbda).astype(np.float32),
                              seconds_base + mix.seconds, lmbda, **row_extra))
         if cfg.sweep or cfg.plot:
@@ -346,13 +444,42 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
                 "test_ppl": [_finite_or_none(x) for x in lambda_curve(nll_base, mix.nll)],
                 "valid_ppl": None if valid_curve is None else [_finite_or_none(x) for x in valid_curve],
             }
+    for sa in alone:
+        _same_tokens(sa.system, "test", sa.nll, nll_base)
+        row_extra = dict(sa.extra)
+        if sa.nll_general is not None:
+            _same_tokens(sa.system, "general", sa.nll_general, nll_base_general)
+            row_extra["general_ppl"] = _finite_or_none(_mean_ppl(sa.nll_general))
+        rows.append(make_row(sa.system, sa.model, sa.nll, sa.seconds, None, **row_extra))
     if nll_base_valid is not None:
-        rows[0].extra["valid_ppl"] = round(math.exp(float(np.mean(nll_base_valid, dtype=np.float64))), 4)
+        rows[0].extra["valid_ppl"] = round(_mean_ppl(nll_base_valid), 4)
+    if nll_base_general is not None:
+        rows[0].extra["general_ppl"] = round(_mean_ppl(nll_base_general), 4)
+        extra["general"] = {"corpus": cfg.general, "tokens": len(nll_base_general)}
+    for row in rows:  # the budget columns, the same for every row
+        row.extra["tokens"] = len(nll_base)
+        row.extra.setdefault("trainable_parameters", None)
+        row.extra.setdefault("train_seconds", None)
+        row.extra["inference_ratio"] = round(rows[0].tokens_per_s / row.tokens_per_s, 3) if row.tokens_per_s > 0 else None
     if curves:
         extra["sweep"] = {"grid": list(LAMBDA_GRID), "valid_corpus": cfg.valid, "systems": curves}
     if cfg.plot:
         plot_lambda_curves(cfg.plot, curves, LAMBDA_GRID, test_corpus=cfg.corpus, valid_corpus=cfg.valid)
     return EvalReport(rows, len(nll_base), extra)
+
+
+def _check_baselines(cfg: EvalConfig, tokenizer) -> list[str]:
+    """The --baseline folders in row order, each checked (format, tokenizer, base model) before any scoring."""
+    from .baselines import METHODS, check_baseline
+    from .errors import MemdecError
+
+    by_method: dict[str, str] = {}
+    for path in cfg.baseline or []:
+        method = check_baseline(path, cfg.model, tokenizer)["method"]
+        if method in by_method:
+            raise MemdecError(f"two --baseline folders of method {method} ({by_method[method]}, {path}); give one per method")
+        by_method[method] = path
+    return [by_method[m] for m in METHODS if m in by_method]
 
 
 def _curve(values) -> np.ndarray:

@@ -349,6 +349,55 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# What to train
+
+
+class Recipe:
+    """What ``train`` trains, and how it saves and reloads it: by default, the memory decoder.
+
+    ``memdec.baselines`` subclasses it (full fine-tuning, LoRA, the α=0 decoder); the loop, the
+    schedule, validation, checkpoints and resume are shared, so every recipe sees the same
+    windows in the same order under the same budget.
+
+    name: the system's name in logs. meta_file: the JSON file that commits a checkpoint.
+    select: the validation score that picks the best checkpoint: ``best_ppl`` (mixed with the
+    base at the best λ) or ``valid_ppl_memdec`` (the trained model alone).
+    """
+
+    name = "memdec"
+    meta_file = "memdec.json"
+    select = "best_ppl"
+
+    def data(self, cfg: TrainConfig) -> tuple[np.ndarray, dict]:
+        """The training token stream, int32 [N+1], and the manifest naming its base model and tokenizer."""
+        from .datastore import open_datastore
+
+        store = open_datastore(cfg.datastore)
+        return np.asarray(store.tokens), store.manifest
+
+    def init_model(self, cfg: TrainConfig, manifest: dict):
+        """(model, tokenizer): the model to train, fp32 on CPU, in train mode."""
+        return init_memory_decoder(cfg, manifest, "cpu")
+
+    def load_weights(self, model, folder: Path) -> None:
+        """Load into ``model`` the weights that a save wrote to ``folder`` (to resume)."""
+        from safetensors.torch import load_file
+
+        sd = load_file(str(folder / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+            raise MemdecError(f"{folder}: the saved weights do not fit the model ({missing[:3]} {unexpected[:3]})")
+        model.tie_weights()
+
+    def write_meta(self, folder: Path, info: dict) -> None:
+        """Write the checkpoint's metadata; written last, it commits the checkpoint."""
+        write_memdec_json(folder, info)
+
+    def read_meta(self, folder: Path) -> dict:
+        return json.loads((folder / self.meta_file).read_text())
+
+
+# --------------------------------------------------------------------------------------------
 # Validation
 
 
@@ -403,23 +452,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: TrainConfig, on_step=None) -> Path:
+def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
     """Train a memory decoder; returns the checkpoint folder. Resumes from CKPT/trainer_state.
 
     ``on_step(step, record)`` is called after every optimizer step (used by tests and the
-    ``adapt`` display).
+    ``adapt`` display). ``recipe`` says what to train (default: the memory decoder); see
+    ``memdec.baselines`` for the others.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .datastore import open_datastore
     from .models import resolve_device, tokenizer_fingerprint
     from .targets import load_targets
 
+    recipe = recipe or Recipe()
     if not 0.0 <= cfg.alpha <= 1.0:
         raise MemdecError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
-    store = open_datastore(cfg.datastore)
-    manifest = store.manifest
+    tokens, manifest = recipe.data(cfg)
     targets = load_targets(cfg.datastore) if cfg.alpha > 0 else None
     manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -429,7 +478,6 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
 
-    tokens = np.asarray(store.tokens)
     n_positions = len(tokens) - 1
     block = min(cfg.block_size, n_positions)
     starts = window_starts(n_positions, block)
@@ -455,24 +503,20 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             )
         if cfg.resume:
             resume_state = prev
-    elif out.exists() and (out / "memdec.json").is_file() and cfg.resume:
+    elif out.exists() and (out / recipe.meta_file).is_file() and cfg.resume:
         raise MemdecError(f"{out} holds a finished checkpoint without trainer state; choose another --out")
 
     init_from = str(state_dir) if resume_state else None
-    model, tokenizer = init_memory_decoder(cfg, manifest, "cpu")
+    model, tokenizer = recipe.init_model(cfg, manifest)
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_hash"]:  # init_memory_decoder checks; keep the invariant
         raise TokenizerMismatchError("tokenizer mismatch")
     if init_from:
-        from safetensors.torch import load_file
-
-        sd = load_file(str(state_dir / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
-            raise MemdecError(f"{state_dir}: the saved weights do not fit the model ({missing[:3]} {unexpected[:3]})")
-        model.tie_weights()
+        recipe.load_weights(model, state_dir)
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # frozen (the base weights under LoRA)
+            continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -492,6 +536,7 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(rng["rng"])
         start_step, best = resume_state["step"], resume_state.get("best")
+    seconds_before = float(resume_state.get("seconds", 0.0)) if resume_state else 0.0  # training time of earlier calls
 
     validator = None
     if cfg.valid and accelerator.is_main_process:
@@ -500,11 +545,13 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     info = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "base_model": manifest["model"], "tokenizer_hash": manifest["tokenizer_hash"],
-        "datastore": str(Path(cfg.datastore).resolve()), "datastore_manifest_hash": manifest_hash,
+        "datastore": str(Path(cfg.datastore).resolve()) if cfg.datastore else None, "datastore_manifest_hash": manifest_hash,
+        "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
         "k": manifest.get("steps", {}).get("targets", {}).get("k"),
         "knn_temperature": manifest.get("steps", {}).get("targets", {}).get("temperature"),
         "alpha": cfg.alpha, "init": cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers else f"{manifest['model']} (full copy)"),
         "n_parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "world_size": world,
     }
 
@@ -512,7 +559,8 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         if not accelerator.is_main_process:
             return
         save_model_folder(unwrapped, tokenizer, out)
-        write_memdec_json(out, {**info, "lambda": record.get("best_lambda", 0.5), "train_stats": record, "train_config": asdict(cfg)})
+        recipe.write_meta(out, {**info, "lambda": record.get("best_lambda", 0.5), "train_seconds": round(train_seconds(), 1),
+                                "train_stats": record, "train_config": asdict(cfg)})
 
     def save_state(step: int) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -524,7 +572,8 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         _atomic_replace(state_dir / "optimizer.pt", lambda p: torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, p))
         _atomic_replace(state_dir / "state.json", lambda p: p.write_text(json.dumps(
-            {"step": step, "total_steps": total_steps, "run_fingerprint": fingerprint, "best": best}, indent=2)))
+            {"step": step, "total_steps": total_steps, "run_fingerprint": fingerprint, "best": best,
+             "seconds": round(train_seconds(), 3)}, indent=2)))
 
     log_path = out / "log.jsonl"
     if accelerator.is_main_process:
@@ -540,6 +589,11 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
     tokens_per_step = windows_per_step * block
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not accelerator.is_main_process)
     t_start, tokens_done = time.perf_counter(), 0
+
+    def train_seconds() -> float:
+        """Wall time of the loop (validation and saves included), over every call that resumed it."""
+        return seconds_before + time.perf_counter() - t_start
+
     model.train()
     for step in range(start_step, total_steps):
         kl_sum = ce_sum = loss_sum = 0.0
@@ -574,10 +628,10 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
         if validator is not None and ((step + 1) % cfg.eval_every == 0 or done):
             scores = validator(unwrapped)
             record.update(scores)
-            if best is None or scores["best_ppl"] < best["best_ppl"]:
+            if best is None or scores[recipe.select] < best[recipe.select]:
                 best = {"step": step + 1, **scores}
                 save_best(record)
-            bar.write(f"step {step + 1}: valid ppl base {scores['valid_ppl_base']:.2f}, memdec {scores['valid_ppl_memdec']:.2f}, "
+            bar.write(f"step {step + 1}: valid ppl base {scores['valid_ppl_base']:.2f}, {recipe.name} {scores['valid_ppl_memdec']:.2f}, "
                       f"joint {scores['best_ppl']:.2f} at lambda {scores['best_lambda']:g}")
         if (step + 1) % cfg.log_every == 0 or "best_ppl" in record or done:
             log(record)
@@ -590,6 +644,8 @@ def train(cfg: TrainConfig, on_step=None) -> Path:
             on_step(step + 1, record)
     bar.close()
     accelerator.wait_for_everyone()
-    if start_step >= total_steps and accelerator.is_main_process and not (out / "memdec.json").is_file():
+    if start_step >= total_steps and accelerator.is_main_process and not (out / recipe.meta_file).is_file():
         save_best({"step": total_steps})
+    elif start_step < total_steps and accelerator.is_main_process:  # the whole loop's time, not the best step's
+        recipe.write_meta(out, {**recipe.read_meta(out), "train_seconds": round(train_seconds(), 1)})
     return out
