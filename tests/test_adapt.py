@@ -11,7 +11,7 @@ from memdec.cli import main
 def tiny_run(tiny_llama_dir, out, **kw):
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
                 train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64, batch_size=2, max_steps=4,
-                lr=1e-3, samples=2)
+                lr=1e-3, samples=2, alpha=[0.5])
     base.update(kw)
     return AdaptConfig(**base)
 
@@ -33,9 +33,19 @@ def test_adapt_end_to_end_then_cached_then_invalidated(tiny_llama_dir, tmp_path,
     out = capsys.readouterr().out
     assert out.count("cached") == 4
 
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=0.0))  # training changed: datastore stays
+    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.0]))  # training changed: datastore stays
     out = capsys.readouterr().out
     assert "[1/4] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
+
+    # several alphas: one decoder each, the best on --valid is RUN/memdec
+    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], samples=0))
+    stages = json.loads((run / "stages.json").read_text())
+    scores = stages["train"]["summary"]["valid_joint_ppl"]
+    chosen = stages["train"]["summary"]["chosen_alpha"]
+    assert set(scores) == {"0.5", "0"} and scores[f"{chosen:g}"] == min(scores.values())
+    assert (run / "memdec").resolve() == (run / "candidates" / f"alpha-{chosen:g}").resolve()
+    assert json.loads((run / "memdec" / "memdec.json").read_text())["alpha"] == chosen
+    assert "runner-up" in (run / "report.md").read_text()
 
     # the run's folder stands in for --model/--memdec/--knn
     rc = main(["eval", "--run", str(run), "--corpus", "austen:test", "--max-tokens", "100", "--block-size", "64",

@@ -37,12 +37,12 @@ from .evaluate import atomic_write_text
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
     "quick": dict(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0,
-                  ds_block_size=1024, ds_stride=768, init_layers=None, alpha=0.5, lr=2e-4, epochs=1.0,
+                  ds_block_size=1024, ds_stride=768, init_layers=None, alpha=[0.5, 0.0], lr=2e-4, epochs=1.0,
                   batch_size=4, train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512,
                   samples=3, sample_tokens=40),
     # The whole training split; meant for a GPU.
     "full": dict(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0,
-                 ds_block_size=1024, ds_stride=512, init_layers=None, alpha=0.5, lr=1e-4, epochs=2.0,
+                 ds_block_size=1024, ds_stride=512, init_layers=None, alpha=[0.5, 0.0], lr=1e-4, epochs=2.0,
                  batch_size=8, train_block_size=1024, eval_every=50, eval_block_size=1024, eval_stride=512,
                  samples=5, sample_tokens=60),
 }
@@ -64,7 +64,7 @@ class AdaptConfig:
     knn_temp: float | None = None
     init: str | None = None
     init_layers: int | None = None
-    alpha: float | None = None
+    alpha: list[float] | None = None  # several: one decoder each, the best on --valid is kept
     lr: float | None = None
     epochs: float | None = None
     max_steps: int | None = None
@@ -98,7 +98,8 @@ ADAPT_HELP = {
     "knn_temp": "temperature of the kNN target distribution",
     "init": "initialise the memory decoder from this model spec (same tokenizer)",
     "init_layers": "initialise the memory decoder from the base's first N blocks (default: a full copy)",
-    "alpha": "weight of the kNN KL term in the training loss",
+    "alpha": "weight of the kNN KL term in the training loss; several values train one decoder each and keep "
+             "the best on --valid (preset: 0.5 0, i.e. kNN distillation against cross-entropy only)",
     "lr": "peak learning rate",
     "epochs": "passes over the training windows",
     "max_steps": "optimizer steps (overrides --epochs)",
@@ -132,7 +133,7 @@ class Settings:
     ds_stride: int
     init: str | None
     init_layers: int | None
-    alpha: float
+    alpha: list[float]
     lr: float
     epochs: float
     max_steps: int | None
@@ -288,20 +289,36 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     # 2. train -----------------------------------------------------------------------------
     ckpt = run / "memdec"
-    done, changed = stage("train", f"memory decoder (alpha={s.alpha}, "
+    done, changed = stage("train", f"memory decoder (alpha {' or '.join(f'{a:g}' for a in s.alpha)}, chosen on {s.valid}; "
                           + (f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")) + ")")
-    train_cfg = TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha,
+    train_cfg = TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha[0],
                             lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
                             block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
                             eval_every=s.eval_every, save_every=s.eval_every, device=cfg.device, warmup=2)
     if not done:
-        if changed and ckpt.exists():
-            shutil.rmtree(ckpt)
+        if changed:
+            for old in (ckpt, run / "candidates"):
+                if old.is_symlink():
+                    old.unlink()
+                elif old.exists():
+                    shutil.rmtree(old)
         t0 = time.perf_counter()
         book.start("train", inputs["train"])
-        train(train_cfg)
+        scores = {}
+        for alpha in s.alpha:  # one decoder per alpha, the same data and schedule; keep the best on --valid
+            out = run / "candidates" / f"alpha-{alpha:g}" if len(s.alpha) > 1 else ckpt
+            train(dataclasses.replace(train_cfg, alpha=alpha, out=str(out)))
+            scores[alpha] = json.loads((out / "memdec.json").read_text())["train_stats"].get("best_ppl", math.inf)
+        chosen = min(scores, key=scores.get) if len(s.alpha) > 1 else s.alpha[0]
+        if len(s.alpha) > 1:
+            if ckpt.is_symlink() or ckpt.exists():
+                ckpt.unlink() if ckpt.is_symlink() else shutil.rmtree(ckpt)
+            ckpt.symlink_to(Path("candidates") / f"alpha-{chosen:g}", target_is_directory=True)
         info = json.loads((ckpt / "memdec.json").read_text())
-        book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"]})
+        book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"],
+                                                        "chosen_alpha": chosen,
+                                                        "valid_joint_ppl": {f"{a:g}": v for a, v in scores.items()}})
+    train_cfg = dataclasses.replace(train_cfg, alpha=book.stages["train"]["summary"].get("chosen_alpha", s.alpha[0]))
 
     # 2b. baselines: the memory decoder's TrainConfig, so the same tokens, windows, steps and schedule
     baseline_dirs = []
@@ -445,9 +462,20 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
     atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
     lines = [f"# memdec report: {s.model} adapted to {s.corpus}", "",
+             f"Run folder `{run}`; wall time of this call {wall_s / 60:.1f} min.", "",
              f"Test: {ev['tokens']} tokens of {ev['corpus']}; λ of each system chosen on {s.valid} "
              f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
     lines += results_table(rows, ev.get("general"))
+    choice = book.stages.get("train", {}).get("summary", {})
+    if len(choice.get("valid_joint_ppl", {})) > 1:
+        ranked = sorted(choice["valid_joint_ppl"].items(), key=lambda kv: kv[1])
+        lines += ["", f"Memory decoder α (weight of the kNN distillation term) chosen on {s.valid}: "
+                      f"**α={ranked[0][0]}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
+                      + ", ".join(f"α={a} ({p:.2f})" for a, p in ranked[1:])
+                      + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
+                         "cross-entropy as a teacher." if ranked[0][0] == "0" else ".")]
+    report["alpha_choice"] = choice.get("valid_joint_ppl")
+    atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if s.baselines:
         lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
                       f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
