@@ -203,7 +203,7 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
         evaluation.update(general=s.general, general_tokens=s.general_tokens)
     if s.baselines:
         evaluation["baselines"] = baselines
-    samples = dict(train=train, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens)
+    samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens)
     return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples}
 
 
@@ -359,7 +359,9 @@ def adapt(cfg: AdaptConfig) -> Path:
     if not done:
         t0 = time.perf_counter()
         book.start("samples", inputs["samples"])
-        samples = generate_samples(s, ckpt, cfg.device)
+        chosen = next((r["lambda"] for r in json.loads((run / "eval.json").read_text())["results"]
+                       if r["system"] == "memdec"), None)
+        samples = generate_samples(s, ckpt, cfg.device, lmbda=chosen)
         atomic_write_text(run / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
         book.finish("samples", time.perf_counter() - t0)
 
@@ -383,15 +385,16 @@ def sample_prompts(s: Settings, tokenizer, n: int, prompt_tokens: int = 48) -> l
     return [tokenizer.decode(tokens[p - prompt_tokens : p]) for p in picks]
 
 
-def generate_samples(s: Settings, ckpt: Path, device: str) -> list[dict]:
-    """Greedy continuations of test prompts by the base alone and by the joint model."""
+def generate_samples(s: Settings, ckpt: Path, device: str, lmbda: float | None = None) -> list[dict]:
+    """Greedy continuations of test prompts by the base alone and by the joint model (at ``lmbda``,
+    default the checkpoint's)."""
     import torch
 
     from .joint import MemoryDecoderModel
     from .models import load_model, resolve_device
 
     base, tokenizer = load_model(s.model, device=resolve_device(device))
-    joint = MemoryDecoderModel.from_pretrained(base, str(ckpt), tokenizer=tokenizer)
+    joint = MemoryDecoderModel.from_pretrained(base, str(ckpt), lmbda=lmbda, tokenizer=tokenizer)
     out = []
     for prompt in sample_prompts(s, tokenizer, s.samples):
         ids = tokenizer(prompt, return_tensors="pt").to(base.device)
