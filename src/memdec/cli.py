@@ -146,44 +146,32 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    from .evaluate import EvalConfig
-
-    p = sub.add_parser("eval", help="perplexity of the base model, and of base+MemDec (and kNN-LM), with a λ sweep")
-    add_dataclass_args(p, EvalConfig, EVAL_HELP)
-    p.set_defaults(func=cmd_eval)
-
-    from .datastore import DATASTORE_HELP, DatastoreConfig
-
-    p = sub.add_parser("datastore", help="build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)")
-    add_dataclass_args(p, DatastoreConfig, DATASTORE_HELP)
-    p.set_defaults(func=cmd_datastore)
-
-    from .joint import GENERATE_HELP, GenerateConfig
-
-    p = sub.add_parser("generate", help="continue prompts with base+MemDec; --compare prints the base model's beside")
-    add_dataclass_args(p, GenerateConfig, GENERATE_HELP)
-    p.set_defaults(func=cmd_generate)
-
     from .adapt import ADAPT_HELP, AdaptConfig
-
-    p = sub.add_parser("adapt", help="the main job: datastore, memory decoder, lambda, evaluation and a report, resumable")
-    add_dataclass_args(p, AdaptConfig, ADAPT_HELP)
-    p.set_defaults(func=cmd_adapt)
-
+    from .baselines import BASELINE_HELP, BaselineConfig
+    from .datastore import DATASTORE_HELP, DatastoreConfig
+    from .evaluate import EvalConfig
+    from .joint import GENERATE_HELP, GenerateConfig
     from .train import TRAIN_HELP, TrainConfig
 
-    p = sub.add_parser("train", help="train a memory decoder on a datastore's kNN targets")
-    add_dataclass_args(p, TrainConfig, TRAIN_HELP)
-    p.set_defaults(func=cmd_train)
-
-    from .baselines import BASELINE_HELP, BaselineConfig
-
-    p = sub.add_parser("baseline", help="train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`")
-    add_dataclass_args(p, BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP})
-    p.set_defaults(func=cmd_baseline)
+    commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
+        ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
+         AdaptConfig, ADAPT_HELP, cmd_adapt),
+        ("datastore", "build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)",
+         DatastoreConfig, DATASTORE_HELP, cmd_datastore),
+        ("train", "train a memory decoder on a datastore's kNN targets", TrainConfig, TRAIN_HELP, cmd_train),
+        ("baseline", "train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`",
+         BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP}, cmd_baseline),
+        ("eval", "perplexity of the base model, base+kNN-LM, base+MemDec and baselines, with a λ sweep",
+         EvalConfig, EVAL_HELP, cmd_eval),
+        ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",
+         GenerateConfig, GENERATE_HELP, cmd_generate),
+    ]
+    parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, config_cls, flag_help, handler in commands:
+        p = sub.add_parser(name, help=help_text)
+        add_dataclass_args(p, config_cls, flag_help)
+        p.set_defaults(func=handler)
     return parser
 
 
