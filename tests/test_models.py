@@ -7,7 +7,7 @@ import torch
 from memdec.data import load_token_stream
 from memdec.errors import ModelSpecError
 from memdec.evaluate import base_scorer, score_tokens
-from memdec.models import load_model, load_tokenizer, resolve_model_spec, tokenizer_fingerprint
+from memdec.models import load_model, resolve_model_spec, tokenizer_fingerprint
 
 
 def test_folder_spec_and_fingerprint(tiny_llama_dir, tokenizer):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MemdecError
-from .evaluate import atomic_write_text
+from .files import atomic_write_text
 
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from .errors import MemdecError, TokenizerMismatchError
-from .train import Recipe, TrainConfig, _atomic_replace, init_memory_decoder, train, write_memdec_json
+from .files import atomic_write, read_json_object
+from .train import Recipe, TrainConfig, init_memory_decoder, train, write_memdec_json
 
 METHODS = ("ce-decoder", "dapt", "lora")  # also the order of their rows in a table
 BASELINE_JSON = "baseline.json"
@@ -173,7 +174,7 @@ class BaselineRecipe(Recipe):
         meta = {**info, "format": BASELINE_FORMAT, "version": 1, "method": self.name}
         if self.name != "ce-decoder":
             meta["lambda"] = None  # evaluated alone
-        _atomic_replace(folder / BASELINE_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(folder / BASELINE_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
 
 
 def train_baseline(cfg: BaselineConfig, on_step=None) -> Path:
@@ -194,11 +195,8 @@ def read_baseline_json(path: str | Path) -> dict:
         raise MemdecError(f"{path}: no such baseline folder")
     if not file.is_file():
         raise MemdecError(f"{path}: not a baseline (no {BASELINE_JSON}; train one with `memdec baseline`)")
-    try:
-        info = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MemdecError(f"{file}: unreadable: {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != BASELINE_FORMAT or info.get("version") != 1:
+    info = read_json_object(file, BASELINE_JSON)
+    if info.get("format") != BASELINE_FORMAT or info.get("version") != 1:
         raise MemdecError(f"{file}: not a memdec baseline of a known format")
     if info.get("method") not in METHODS:
         raise MemdecError(f"{file}: unknown method {info.get('method')!r}")

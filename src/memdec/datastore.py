@@ -45,7 +45,7 @@ from torch import nn
 
 from .data import load_token_stream, sliding_windows, token_stream_hash
 from .errors import DatastoreError
-from .evaluate import atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .targets import TARGETS_DIR, NpyAppender, check_npy
 
 MANIFEST = "manifest.json"
@@ -258,10 +258,11 @@ def _say(cfg: DatastoreConfig, msg: str) -> None:
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
+            np.save(f, arr)
+
+    atomic_write(path, write)
 
 
 def _check_config(cfg: DatastoreConfig) -> None:

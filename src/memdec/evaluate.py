@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import sliding_windows
+from .files import atomic_write_text
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -135,15 +136,6 @@ def write_report_json(path: str | os.PathLike, corpus: str, n_tokens: int, rows:
     """Write the eval JSON atomically: {"tokens", "corpus", "results": [...]}."""
     payload = {"tokens": n_tokens, "corpus": corpus, **extra, "results": [r.to_json() for r in rows]}
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:

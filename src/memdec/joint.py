@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -61,12 +60,9 @@ def read_memdec_json(path: str | Path) -> dict:
         raise MemdecError(f"{path}: no such memory decoder checkpoint")
     if not file.is_file():
         raise MemdecError(f"{path}: not a memory decoder checkpoint (no {MEMDEC_JSON}; train one with `memdec train`)")
-    try:
-        info = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MemdecError(f"{file}: unreadable {MEMDEC_JSON}: {exc}") from exc
-    if not isinstance(info, dict):
-        raise MemdecError(f"{file}: {MEMDEC_JSON} must hold a JSON object")
+    from .files import read_json_object
+
+    info = read_json_object(file, MEMDEC_JSON)
     missing = [k for k in _REQUIRED_KEYS if k not in info]
     if missing:
         raise MemdecError(f"{file}: {MEMDEC_JSON} lacks {', '.join(missing)}")
@@ -332,7 +328,9 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         self.memdec.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / MEMDEC_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        from .files import atomic_write_json
+
+        atomic_write_json(folder / MEMDEC_JSON, info)  # last: it commits the checkpoint
         return folder
 
     @property

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import MemdecError, TokenizerMismatchError
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .targets import KnnTargets
@@ -311,12 +311,6 @@ def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
 # Checkpoints
 
 
-def _atomic_replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model_folder(model, tokenizer, folder: Path) -> None:
     """Save an HF model folder: written whole into a temporary folder, then moved in file by file.
 
@@ -336,7 +330,7 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
 
 
 def write_memdec_json(folder: Path, info: dict) -> None:
-    _atomic_replace(folder / "memdec.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(folder / "memdec.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
 
 
 def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
@@ -564,14 +558,14 @@ def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
 
     def save_state(step: int) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_replace(state_dir / f"rng_{rank}.pt", lambda p: torch.save({"step": step, "rng": _rng_state()}, p))
+        atomic_write(state_dir / f"rng_{rank}.pt", lambda p: torch.save({"step": step, "rng": _rng_state()}, p))
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
         save_model_folder(unwrapped, tokenizer, state_dir)
-        _atomic_replace(state_dir / "optimizer.pt", lambda p: torch.save(
+        atomic_write(state_dir / "optimizer.pt", lambda p: torch.save(
             {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, p))
-        _atomic_replace(state_dir / "state.json", lambda p: p.write_text(json.dumps(
+        atomic_write(state_dir / "state.json", lambda p: p.write_text(json.dumps(
             {"step": step, "total_steps": total_steps, "run_fingerprint": fingerprint, "best": best,
              "seconds": round(train_seconds(), 3)}, indent=2)))
 
