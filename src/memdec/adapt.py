@@ -412,27 +412,36 @@ def generate_samples(s: Settings, ckpt: Path, device: str, lmbda: float | None =
 
 
 def _plot_training(run: Path) -> str | None:
-    log = run / "memdec" / "log.jsonl"
-    if not log.is_file():
+    """Training loss and validation curves of every decoder trained (each α candidate), one colour each."""
+    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]
+    logs = {p.parent.name if p.parent.name.startswith("alpha-") else "memdec": p for p in candidates if p.is_file()}
+    if not logs:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
+    chosen = (run / "memdec").resolve().name
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    for key in ("loss", "kl", "ce"):
-        ax1.plot(steps, [r[key] for r in records], label=key)
-    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("nats"), ax1.set_title("training loss"), ax1.legend(), ax1.grid(alpha=0.3)
-    val = [r for r in records if "best_ppl" in r]
-    if val:
-        ax2.plot([r["step"] for r in val], [r["valid_ppl_memdec"] for r in val], "-o", label="memory decoder alone")
-        ax2.plot([r["step"] for r in val], [r["best_ppl"] for r in val], "-o", label="joint, best λ")
-        ax2.axhline(val[0]["valid_ppl_base"], color="gray", ls="--", label="base")
-        ax2.set_xlabel("optimizer step"), ax2.set_ylabel("validation perplexity"), ax2.legend(), ax2.grid(alpha=0.3)
-        ax2.set_title("validation")
+    for i, (name, log) in enumerate(logs.items()):
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        label = name.replace("alpha-", "α=") + (" (chosen)" if name == chosen and len(logs) > 1 else "")
+        color = f"C{i}"
+        ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label}: loss")
+        ax1.plot([r["step"] for r in records], [r["ce"] for r in records], color=color, ls=":", label=f"{label}: CE")
+        val = [r for r in records if "best_ppl" in r]
+        if val:
+            steps = [r["step"] for r in val]
+            ax2.plot(steps, [r["best_ppl"] for r in val], "-o", color=color, label=f"{label}: joint, best λ")
+            ax2.plot(steps, [r["valid_ppl_memdec"] for r in val], "--", color=color, label=f"{label}: decoder alone")
+            base = val[0]["valid_ppl_base"]
+    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("nats"), ax1.set_title("training loss"), ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    if ax2.lines:
+        ax2.axhline(base, color="gray", ls=":", label="base")
+        ax2.set_xlabel("optimizer step"), ax2.set_ylabel("validation perplexity"), ax2.set_title("validation")
+        ax2.grid(alpha=0.3), ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "training.png")
     plt.close(fig)
