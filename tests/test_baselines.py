@@ -64,19 +64,11 @@ def test_lora_unknown_target_modules_is_one_clear_error(tokenizer):
         add_lora(tiny_model("llama", tokenizer), BaselineConfig(method="lora", out="x", datastore="x", lora_targets=["qkv"]))
 
 
-def test_lora_resumes_exactly(store, tmp_path):
+def test_lora_resumes_exactly(store, tmp_path, interrupt_at):
     cfg = dict(method="lora", datastore=str(store), **{**BUDGET, "valid": None})
     straight = train_baseline(BaselineConfig(out=str(tmp_path / "a"), **cfg))
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_2(step, record):
-        if step == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_baseline(BaselineConfig(out=str(tmp_path / "b"), **cfg), on_step=stop_at_2)
+    with pytest.raises(interrupt_at.error):
+        train_baseline(BaselineConfig(out=str(tmp_path / "b"), **cfg), on_step=interrupt_at(2))
     resumed = train_baseline(BaselineConfig(out=str(tmp_path / "b"), **cfg))
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,15 +21,6 @@ STRATEGIES = {
 }
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, most of all on a shared, busy CPU (40x measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def models(request, tokenizer):
     base = tiny_model(request.param, tokenizer, seed=0, **PEAKED)

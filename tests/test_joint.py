@@ -24,15 +24,6 @@ from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
 PEAKED = {"initializer_range": 0.3}  # random tiny models with varied, non-flat distributions
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread, most of all on a shared, busy CPU (40x measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def write_checkpoint(folder, tokenizer, arch="llama", seed=1, **info):
     """A memory decoder checkpoint: a tiny model folder plus memdec.json."""
     save_tiny_model(folder, arch, tokenizer, seed=seed, **PEAKED)

@@ -48,18 +48,10 @@ def test_checkpoint_loads_and_records(store, tmp_path, tokenizer):
     assert not [p for p in out.rglob(".*tmp*")]  # no temporary file left
 
 
-def test_resume_continues_exactly(store, tmp_path):
+def test_resume_continues_exactly(store, tmp_path, interrupt_at):
     straight = train(config(store, tmp_path / "a"))
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_3(step, record):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(config(store, tmp_path / "b"), on_step=stop_at_3)
+    with pytest.raises(interrupt_at.error):
+        train(config(store, tmp_path / "b"), on_step=interrupt_at(3))
     assert json.loads((tmp_path / "b" / "trainer_state" / "state.json").read_text())["step"] == 3
     resumed = train(config(store, tmp_path / "b"))
     assert losses(resumed) == losses(straight)
