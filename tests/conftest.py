@@ -26,6 +26,17 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def store(tmp_path_factory, tiny_llama_dir):
+    """A finished datastore (keys, flat index, k=16 targets) of 600 tokens, for read-only use."""
+    from memdec.datastore import DatastoreConfig, build_datastore
+
+    out = tmp_path_factory.mktemp("store") / "ds"
+    build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=16,
+                                    block_size=64, stride=32, max_tokens=600, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_model_available():
     """Skip unless the embedded default model's package is installed (it is, via make test)."""
     import importlib.util

@@ -12,7 +12,6 @@ from memdec.adapt import AdaptConfig, adapt, format_summary
 from memdec.baselines import BaselineConfig, add_lora, train_baseline
 from memdec.cli import main
 from memdec.data import load_token_stream, read_corpus
-from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.errors import CorpusError, MemdecError
 from memdec.evaluate import EvalConfig, base_scorer, run_eval_report, score_tokens
 from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
@@ -20,14 +19,6 @@ from memdec.train import TrainConfig, train
 
 BUDGET = dict(max_steps=4, batch_size=2, block_size=32, lr=1e-3, warmup=1, save_every=2, eval_every=2, seed=0,
               valid="austen:test", valid_max_tokens=200)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("store") / "ds"
-    build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=16,
-                                    block_size=64, stride=32, max_tokens=600, progress=False))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,11 @@ import pytest
 import torch
 
 from memdec.data import load_token_stream
-from memdec.datastore import DatastoreConfig, FFNInputCapture, build_datastore
+from memdec.datastore import FFNInputCapture
 from memdec.errors import DatastoreError, TokenizerMismatchError
 from memdec.evaluate import base_scorer, score_tokens
 from memdec.knnlm import KnnLMLogitsProcessor, KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from memdec.models import load_model
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("knn") / "ds"
-    build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=8,
-                                    block_size=64, stride=32, max_tokens=500, progress=False))
-    return out
 
 
 def test_knn_pass_matches_brute_force(store, tiny_llama_dir):

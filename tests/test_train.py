@@ -11,17 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.errors import DatastoreError, MemdecError, TokenizerMismatchError
 from memdec.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_llama_dir):
-    out = tmp_path_factory.mktemp("store") / "ds"
-    build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=16,
-                                    block_size=64, stride=32, max_tokens=600, progress=False))
-    return out
 
 
 def config(store, out, **kw):
