@@ -39,6 +39,20 @@ def test_builtin_corpus_splits():
     assert test[0].text.lstrip().startswith("Persuasion") or "Elliot" in test[0].text[:2000]
 
 
+def test_within_split_is_the_held_out_tail_of_each_training_novel():
+    """austen:train + austen:within rebuild each training novel exactly, cut between paragraphs."""
+    import lzma
+    from importlib import resources
+
+    train, within = read_corpus("austen:train"), read_corpus("austen:within")
+    assert len(train) == len(within) == 4
+    for head, tail in zip(train, within):
+        stem = head.source.split("/")[-1].split("[")[0]
+        full = lzma.decompress((resources.files("memdec") / "corpora" / "austen" / f"{stem}.txt.xz").read_bytes()).decode()
+        assert head.text + tail.text == full
+        assert head.text.endswith("\n\n") and 0.05 < len(tail.text) / len(full) < 0.15
+
+
 def test_readers_text_jsonl_folder_glob(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("First document.")
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "Second."}) + "\n\n" + json.dumps({"body": "Third."}) + "\n")

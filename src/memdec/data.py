@@ -2,8 +2,9 @@
 
 A *corpus spec* is one string:
 
-- ``austen:train``, ``austen:valid``, ``austen:test`` (the built-in demo corpus), and
-  ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting);
+- ``austen:train``, ``austen:valid``, ``austen:test``, ``austen:within`` (the built-in demo
+  corpus: the first 90% of four novels, Northanger Abbey, Persuasion, and the last 10% of the
+  four training novels: held-out text that shares their characters and places), and ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting);
 - a plain-text file (one document), a ``.jsonl`` file (one document per line, read from
   ``text_field``), a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted), a glob, or
   a folder saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
@@ -19,6 +20,7 @@ import glob as globlib
 import hashlib
 import json
 import lzma
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,10 +31,14 @@ from .errors import CorpusError
 
 # Built-in corpora: name -> documents under the package's ``corpora/<prefix>/`` folder. Each is
 # ``<stem>.txt.xz`` (one document) or ``<stem>.jsonl.xz`` (one document per line, its "text" field).
+# ``<stem>[a:b]`` keeps the fraction a..b of a text document, cut at paragraph boundaries.
+AUSTEN_TRAIN_NOVELS = ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"]
+WITHIN_HOLDOUT = 0.9  # the last 10% of each training novel is held out as austen:within
 BUILTIN_CORPORA: dict[str, list[str]] = {
-    "austen:train": ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"],
+    "austen:train": [f"{n}[0:{WITHIN_HOLDOUT}]" for n in AUSTEN_TRAIN_NOVELS],
     "austen:valid": ["northangerabbey"],
     "austen:test": ["persuasion"],
+    "austen:within": [f"{n}[{WITHIN_HOLDOUT}:1]" for n in AUSTEN_TRAIN_NOVELS],
     # general modern English, to measure forgetting: the background essay of every entry of the CIA World
     # Factbook (public domain; corpora/general/SOURCE.md says where it came from and how it was built)
     "general:test": ["factbook"],
@@ -55,17 +61,37 @@ def _decode(data: bytes, source: str) -> str:
         raise CorpusError(f"{source}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start})") from None
 
 
+def paragraph_cut(text: str, fraction: float) -> int:
+    """Offset of the first paragraph start ("\n\n" boundary) at or after ``fraction`` of ``text``."""
+    if fraction <= 0:
+        return 0
+    if fraction >= 1:
+        return len(text)
+    at = text.find("\n\n", int(len(text) * fraction))
+    return len(text) if at < 0 else at + 2
+
+
+def _parse_part(entry: str) -> tuple[str, float, float]:
+    """``stem`` or ``stem[a:b]`` -> (stem, a, b)."""
+    m = re.fullmatch(r"([\w-]+)(?:\[([\d.]+):([\d.]+)\])?", entry)
+    if m is None:
+        raise CorpusError(f"bad built-in corpus entry '{entry}'")
+    return m[1], float(m[2] or 0.0), float(m[3] or 1.0)
+
+
 def _read_builtin(name: str) -> list[Document]:
     folder = resources.files("memdec") / "corpora" / name.split(":")[0]
     docs = []
-    for stem in BUILTIN_CORPORA[name]:
+    for entry in BUILTIN_CORPORA[name]:
+        stem, start, end = _parse_part(entry)
         jsonl = folder / f"{stem}.jsonl.xz"
         if jsonl.is_file():
             text = _decode(lzma.decompress(jsonl.read_bytes()), stem)
             docs += [Document(f"{name}/{stem}:{i}", json.loads(line)["text"])
                      for i, line in enumerate(text.splitlines(), 1) if line.strip()]
         else:
-            docs.append(Document(f"{name}/{stem}", _decode(lzma.decompress((folder / f"{stem}.txt.xz").read_bytes()), stem)))
+            text = _decode(lzma.decompress((folder / f"{stem}.txt.xz").read_bytes()), stem)
+            docs.append(Document(f"{name}/{entry}", text[paragraph_cut(text, start) : paragraph_cut(text, end)]))
     return docs
 
 
