@@ -39,6 +39,16 @@ def test_checkpoint_loads_and_records(store, tmp_path, tokenizer):
     assert not [p for p in out.rglob(".*tmp*")]  # no temporary file left
 
 
+def test_teacher_mixed_with_base_trains_and_is_recorded(store, tmp_path):
+    """β > 0 runs a frozen base forward per step; β = 1 at α = 1 distils the base itself (KL starts at 0)."""
+    out = train(config(store, tmp_path / "mix", max_steps=2, alpha=1.0, teacher_base_weight=1.0, lr=0.0))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert abs(log[0]["kl"]) < 1e-4  # the decoder starts as a copy of the base: nothing to learn
+    assert json.loads((out / "memdec.json").read_text())["teacher_base_weight"] == 1.0
+    with pytest.raises(MemdecError, match="another run"):
+        train(config(store, tmp_path / "mix", max_steps=2, alpha=1.0, teacher_base_weight=0.5, lr=0.0))
+
+
 def test_resume_continues_exactly(store, tmp_path, interrupt_at):
     straight = train(config(store, tmp_path / "a"))
     with pytest.raises(interrupt_at.error):

@@ -57,6 +57,50 @@ def test_sparse_kl_equals_dense_kl_div(tokenizer, alpha):
     torch.testing.assert_close(logits3.grad.double(), logits2.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("alpha,beta", [(0.5, 0.3), (1.0, 1.0), (0.7, 0.0)])
+def test_teacher_mixed_with_base_equals_dense_reference(tokenizer, alpha, beta):
+    """t = (1-β)·p_kNN + β·softmax(base): loss, KL and gradient against a dense kl_div."""
+    vocab = len(tokenizer)
+    csr = random_csr(64, vocab, 40, seed=3)
+    batch = collate(np.random.default_rng(2).integers(0, vocab, 65).astype(np.int32), csr, np.array([0, 32]), 32)
+    labels = batch["labels"].reshape(-1)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, vocab, generator=gen) * 3
+    base_logits = torch.randn(64, vocab, generator=gen) * 3
+    teacher = (1 - beta) * dense_rows(csr, np.arange(64), vocab) + beta * F.softmax(base_logits.double(), -1)
+    ref_logits = logits.double().requires_grad_()
+    dense_kl = F.kl_div(F.log_softmax(ref_logits, -1), teacher, reduction="batchmean")
+    ref = alpha * dense_kl + (1 - alpha) * F.cross_entropy(ref_logits, labels)
+    ref.backward()
+    ours = logits.clone().requires_grad_()
+    loss, kl, _ = sparse_kl_ce_loss(ours, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha, base_logits, beta)
+    loss.backward()
+    torch.testing.assert_close(kl.double(), dense_kl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_mixed_with_one_hot_is_a_smaller_alpha(tokenizer):
+    """KL to (1-γ)·p_kNN + γ·onehot, weighted α, has the gradient of plain kNN distillation at α(1-γ).
+
+    So sweeping α already sweeps the 'kNN mixed with the next token' teacher; it needs no option.
+    """
+    vocab = len(tokenizer)
+    csr = random_csr(64, vocab, 40, seed=4)
+    batch = collate(np.random.default_rng(5).integers(0, vocab, 65).astype(np.int32), csr, np.array([0, 32]), 32)
+    labels = batch["labels"].reshape(-1)
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    alpha, gamma = 0.6, 0.25
+    onehot = F.one_hot(labels, vocab).double()
+    teacher = (1 - gamma) * dense_rows(csr, np.arange(64), vocab) + gamma * onehot
+    mixed = logits.clone().requires_grad_()
+    (alpha * F.kl_div(F.log_softmax(mixed, -1), teacher, reduction="batchmean")
+     + (1 - alpha) * F.cross_entropy(mixed, labels)).backward()
+    smaller = logits.float().requires_grad_()
+    sparse_kl_ce_loss(smaller, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha * (1 - gamma))[0].backward()
+    torch.testing.assert_close(smaller.grad.double(), mixed.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_collate_aligns_tokens_labels_and_targets():
     csr = random_csr(100, 30, 5)
     tokens = np.arange(101, dtype=np.int32)

@@ -57,6 +57,7 @@ class TrainConfig:
     init_layers: int | None = None  # or: a shortened copy of the base with this many blocks
     layer_selection: str = "first"  # "first" N blocks or "spread" (evenly spaced)
     alpha: float = 0.5
+    teacher_base_weight: float = 0.0  # β: the teacher is (1−β)·p_kNN + β·p_base
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 1e-4
@@ -85,6 +86,8 @@ TRAIN_HELP = {
     "init_layers": "initialise from a shortened copy of the base model with N blocks",
     "layer_selection": "with --init-layers: 'first' N blocks or 'spread' (evenly spaced)",
     "alpha": "weight of KL(p_kNN || p_mem); 1-alpha weighs next-token cross-entropy",
+    "teacher_base_weight": "mix the base model's distribution into the kNN teacher: (1-b)*p_kNN + b*p_base "
+                           "(costs a frozen base forward per step)",
     "epochs": "passes over the datastore's windows (ignored if --max-steps is set)",
     "max_steps": "optimizer steps to run",
     "lr": "peak learning rate (AdamW)",
@@ -107,44 +110,62 @@ TRAIN_HELP = {
 
 
 class _SparseKLCE(torch.autograd.Function):
-    """Fused α·KL(p ‖ softmax(z)) + (1−α)·CE over sparse targets, with a hand-written backward.
+    """Fused α·KL(t ‖ softmax(z)) + (1−α)·CE over sparse targets, with a hand-written backward.
 
+    The teacher is t = (1−β)·p_kNN + β·p_base: the sparse kNN rows, optionally mixed with the
+    frozen base model's distribution (``base_logits``, the base's own [P, V] logits of the batch).
     Autograd through logsumexp + gather + advanced indexing allocates several [P, V] buffers;
-    the closed form needs one: dL/dz = ((α·s + 1−α)·softmax(z) − α·p_scatter − (1−α)·onehot) / P,
-    where s is each row's target mass (1 up to fp16 rounding).
+    the closed form needs one: dL/dz = ((α·s + 1−α)·softmax(z) − α·(1−β)·p_scatter − α·β·p_base
+    − (1−α)·onehot) / P, where s = (1−β)·(each row's kNN mass, 1 up to fp16 rounding) + β.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, target_rows, target_ids, target_probs, alpha: float):
+    def forward(ctx, logits, labels, target_rows, target_ids, target_probs, alpha: float, base_logits=None, beta: float = 0.0):
         logits = logits.float()
         n = logits.shape[0]
         lse = torch.logsumexp(logits, dim=-1)  # [P]
         ce = (lse - logits.gather(1, labels[:, None]).squeeze(1)).mean()
+        p_base = None
         if alpha > 0:
+            knn = target_probs * (1 - beta)
             log_q = logits[target_rows, target_ids] - lse[target_rows]  # [nnz]
-            kl = (torch.special.xlogy(target_probs, target_probs) - target_probs * log_q).sum() / n
-            mass = torch.zeros(n, device=logits.device).index_add_(0, target_rows, target_probs)
+            mass = torch.zeros(n, device=logits.device).index_add_(0, target_rows, knn)
+            if beta > 0:
+                p_base = torch.softmax(base_logits.float(), dim=-1)  # [P, V]
+                at_support = beta * p_base[target_rows, target_ids]  # [nnz]
+                # Σ t·log t over the vocabulary: the dense β·p_base part, corrected where kNN rows add mass
+                neg_entropy = (torch.special.xlogy(beta * p_base, beta * p_base).sum()
+                               + (torch.special.xlogy(knn + at_support, knn + at_support)
+                                  - torch.special.xlogy(at_support, at_support)).sum())
+                cross = (knn * log_q).sum() + beta * (p_base * (logits - lse[:, None])).sum()
+                mass = mass + beta
+            else:
+                neg_entropy = torch.special.xlogy(knn, knn).sum()
+                cross = (knn * log_q).sum()
+            kl = (neg_entropy - cross) / n
         else:
-            kl, mass = torch.zeros((), device=logits.device), None
-        ctx.save_for_backward(logits, lse, labels, target_rows, target_ids, target_probs, mass)
-        ctx.alpha = alpha
+            kl, mass, knn = torch.zeros((), device=logits.device), None, target_probs
+        ctx.save_for_backward(logits, lse, labels, target_rows, target_ids, knn, mass, p_base)
+        ctx.alpha, ctx.beta = alpha, beta
         return alpha * kl + (1 - alpha) * ce, kl, ce
 
     @staticmethod
     def backward(ctx, grad_loss, grad_kl, grad_ce):
-        logits, lse, labels, target_rows, target_ids, target_probs, mass = ctx.saved_tensors
+        logits, lse, labels, target_rows, target_ids, knn, mass, p_base = ctx.saved_tensors
         a, n = ctx.alpha, logits.shape[0]
         # only the loss is differentiated; kl and ce are reported values
         grad = torch.exp(logits - lse[:, None])  # softmax, [P, V]
         row_scale = (1 - a) + (a * mass if mass is not None else 0.0)
         grad.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
         if a > 0:
-            grad.index_put_((target_rows, target_ids), -a * target_probs, accumulate=True)
+            grad.index_put_((target_rows, target_ids), -a * knn, accumulate=True)
+            if p_base is not None:
+                grad.add_(p_base, alpha=-a * ctx.beta)
         if a < 1:
             rows = torch.arange(n, device=grad.device)
             grad.index_put_((rows, labels), torch.full((n,), -(1 - a), device=grad.device), accumulate=True)
         grad.mul_(grad_loss / n)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def sparse_kl_ce_loss(
@@ -154,22 +175,31 @@ def sparse_kl_ce_loss(
     target_ids: torch.Tensor | None,
     target_probs: torch.Tensor | None,
     alpha: float,
+    base_logits: torch.Tensor | None = None,
+    beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """α·KL(p_kNN ‖ p_mem) + (1−α)·CE, averaged over positions.
+    """α·KL(t ‖ p_mem) + (1−α)·CE, averaged over positions, with teacher t = (1−β)·p_kNN + β·p_base.
 
     logits: [P, V] decoder logits of P positions; labels: [P] next tokens.
     target_rows: [nnz] long, the position (0..P-1) of each stored kNN entry;
     target_ids: [nnz] long token ids; target_probs: [nnz] float, each row summing to 1.
-    KL = Σ_rows Σ_support p·(log p − log q) / P, gathered at the stored ids only, so no
-    vocabulary-sized target row exists. With α=0 the targets may be None.
+    base_logits: [P, V] the frozen base model's logits at the same positions (needed when β > 0).
+    The kNN part of the KL is gathered at the stored ids only, so no vocabulary-sized target row
+    is built from the datastore. With α=0 the targets may be None.
     Returns (loss, kl, ce), scalars; only ``loss`` carries a gradient.
     """
+    if not 0.0 <= beta <= 1.0:
+        raise MemdecError(f"the teacher's base weight must lie in [0, 1], got {beta}")
     if alpha > 0:
         target_probs = target_probs.float()
+        if beta > 0 and base_logits is None:
+            raise MemdecError("a teacher mixed with the base model (beta > 0) needs the base logits")
     else:
         empty = torch.zeros(0, dtype=torch.long, device=logits.device)
         target_rows, target_ids, target_probs = empty, empty, torch.zeros(0, device=logits.device)
-    loss, kl, ce = _SparseKLCE.apply(logits, labels, target_rows, target_ids, target_probs, float(alpha))
+        beta = 0.0
+    loss, kl, ce = _SparseKLCE.apply(logits, labels, target_rows, target_ids, target_probs, float(alpha),
+                                     base_logits if beta > 0 else None, float(beta))
     return loss, kl.detach(), ce.detach()
 
 
@@ -338,6 +368,8 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
     keep = asdict(cfg)
     for k in ("out", "device", "resume", "log_every", "eval_every", "save_every"):
         keep.pop(k)
+    if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
+        keep.pop("teacher_base_weight")
     keep["datastore_manifest_hash"] = manifest_hash
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -532,6 +564,13 @@ def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
         start_step, best = resume_state["step"], resume_state.get("best")
     seconds_before = float(resume_state.get("seconds", 0.0)) if resume_state else 0.0  # training time of earlier calls
 
+    teacher_base = None  # the frozen base model, when the teacher mixes in its distribution
+    if cfg.alpha > 0 and cfg.teacher_base_weight > 0:
+        from .models import load_model
+
+        teacher_base, _ = load_model(manifest["model"], device=str(accelerator.device))
+        teacher_base.eval().requires_grad_(False)
+
     validator = None
     if cfg.valid and accelerator.is_main_process:
         validator = Validator(cfg, manifest, tokenizer, accelerator.device.type if not cpu else "cpu")
@@ -543,7 +582,7 @@ def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
         "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
         "k": manifest.get("steps", {}).get("targets", {}).get("k"),
         "knn_temperature": manifest.get("steps", {}).get("targets", {}).get("temperature"),
-        "alpha": cfg.alpha, "init": cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers else f"{manifest['model']} (full copy)"),
+        "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight, "init": cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers else f"{manifest['model']} (full copy)"),
         "n_parameters": sum(p.numel() for p in unwrapped.parameters()),
         "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
         "world_size": world,
@@ -599,9 +638,14 @@ def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
             with ctx:
                 with accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"]).logits
+                    base_logits = None
+                    if teacher_base is not None:
+                        with torch.no_grad():
+                            base_logits = teacher_base(input_ids=batch["input_ids"]).logits.reshape(-1, logits.shape[-1])
                 flat = logits.reshape(-1, logits.shape[-1])
                 if cfg.alpha > 0:
-                    loss, kl, ce = sparse_kl_ce_loss(flat, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], cfg.alpha)
+                    loss, kl, ce = sparse_kl_ce_loss(flat, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"],
+                                                     batch["target_probs"], cfg.alpha, base_logits, cfg.teacher_base_weight)
                 else:
                     loss, kl, ce = sparse_kl_ce_loss(flat, batch["labels"].reshape(-1), None, None, None, 0.0)
                 accelerator.backward(loss / micro_per_step)
