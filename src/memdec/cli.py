@@ -79,6 +79,8 @@ EVAL_HELP = {
     "baseline": "a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed like memdec)",
     "general": "general-text corpus (e.g. general:test): every row also gets its perplexity there, at its λ",
     "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",
+    "recurring": "a datastore folder (or corpus): also report perplexity on the names and numbers of --corpus "
+                 "that recur in it (memdec.knowledge)",
 }
 
 

@@ -145,12 +145,15 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def format_table(rows: list[ResultRow], n_tokens: int, corpus: str, general: str | None = None) -> str:
     """The rows as a terminal table; the general-corpus column when any row has ``general_ppl``."""
     with_general = any("general_ppl" in r.extra for r in rows)
+    with_recurring = any("recurring_ppl" in r.extra for r in rows)
     lines = [f"{n_tokens} tokens of {corpus}" + (f"; general: {general}" if general and with_general else ""),
              f"{'system':<12} {'lambda':>7} {'nll':>8} {'ppl':>10}" + (f" {'general ppl':>11}" if with_general else "")
+             + (f" {'recurring':>10}" if with_recurring else "")
              + f" {'tok/s':>9} {'x base':>7} {'trainable':>11} {'train s':>8}  model"]
     for r in rows:
         lam = "-" if r.lambda_ is None else f"{r.lambda_:.2f}"
         gen = f" {_fmt(r.extra.get('general_ppl'), '.3f'):>11}" if with_general else ""
+        gen += f" {_fmt(r.extra.get('recurring_ppl'), '.3f'):>10}" if with_recurring else ""
         lines.append(f"{r.system:<12} {lam:>7} {r.nll:>8.4f} {r.ppl:>10.3f}{gen} {r.tokens_per_s:>9.1f} "
                      f"{_fmt(r.extra.get('inference_ratio'), '.2f'):>7} {_fmt(r.extra.get('trainable_parameters'), ','):>11} "
                      f"{_fmt(r.extra.get('train_seconds'), '.1f'):>8}  {r.model}")
@@ -181,6 +184,7 @@ class EvalConfig:
     baseline: list[str] | None = field(default=None, metadata={"action": "append"})  # `memdec baseline` folders
     general: str | None = None  # a general-text corpus: every row gains its perplexity there (forgetting)
     general_max_tokens: int | None = None  # default: --max-tokens
+    recurring: str | None = None  # a datastore (or corpus): report ppl on the names and numbers it shares with --corpus
 
 
 def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
@@ -376,6 +380,7 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         nll_base_valid = score(base_scorer(model), valid, "base (valid)")[0]
         nll_base_general = score(base_scorer(model), general, "base (general)")[0]
     rows = [make_row("base", cfg.model, nll_base, seconds_base, **base_budget)]
+    row_nll = [nll_base]  # each row's per-token nll on the test corpus, for the recurring-token subset
 
     def add_mixture(system: str, path: str, jm) -> None:
         """Score a memory decoder (``MemoryDecoderModel`` ``jm``) on every stream, as a mixture."""
@@ -428,8 +433,8 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         if mix.nll_general is not None:
             _same_tokens(mix.system, "general", mix.nll_general, nll_base_general)
             row_extra["general_ppl"] = _finite_or_none(_mean_ppl(mix_nll(nll_base_general, mix.nll_general, lmbda)))
-        rows.append(make_row(mix.system, mix.model, mix_nll(nll_base, mix.nll, lmbda).astype(np.float32),
-                             seconds_base + mix.seconds, lmbda, **row_extra))
+        row_nll.append(mix_nll(nll_base, mix.nll, lmbda).astype(np.float32))
+        rows.append(make_row(mix.system, mix.model, row_nll[-1], seconds_base + mix.seconds, lmbda, **row_extra))
         if cfg.sweep or cfg.plot:
             curves[mix.system] = {
                 "lambda": lmbda,
@@ -442,6 +447,7 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         if sa.nll_general is not None:
             _same_tokens(sa.system, "general", sa.nll_general, nll_base_general)
             row_extra["general_ppl"] = _finite_or_none(_mean_ppl(sa.nll_general))
+        row_nll.append(sa.nll)
         rows.append(make_row(sa.system, sa.model, sa.nll, sa.seconds, None, **row_extra))
     if nll_base_valid is not None:
         rows[0].extra["valid_ppl"] = round(_mean_ppl(nll_base_valid), 4)
@@ -453,6 +459,13 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         row.extra.setdefault("trainable_parameters", None)
         row.extra.setdefault("train_seconds", None)
         row.extra["inference_ratio"] = round(rows[0].tokens_per_s / row.tokens_per_s, 3) if row.tokens_per_s > 0 else None
+    if cfg.recurring:
+        from .knowledge import memory_token_stream, recurring_positions
+
+        mask = recurring_positions(tokens, memory_token_stream(cfg.recurring, tokenizer), tokenizer)
+        extra["recurring"] = {"memory": cfg.recurring, "tokens": int(mask.sum())}
+        for row, nll in zip(rows, row_nll):
+            row.extra["recurring_ppl"] = _finite_or_none(_mean_ppl(nll[mask])) if mask.any() else None
     if curves:
         extra["sweep"] = {"grid": list(LAMBDA_GRID), "valid_corpus": cfg.valid, "systems": curves}
     if cfg.plot:
