@@ -8,9 +8,12 @@
    the model body runs, and the hook stops the forward right after the capture, so neither the
    last FFN, the final norm nor the LM head is computed. Keys are written chunk by chunk (one
    batch of windows) into a preallocated fp16 memmap; the manifest records each finished chunk.
-2. **index**: a faiss index over the keys (``memdec.index``), written to ``index.faiss``.
+2. **index**: a faiss index over the keys (``memdec.index``), written to ``index.faiss``; or, with
+   ``--index torch`` (``auto`` where faiss is missing or has no GPU but torch has CUDA), exact
+   torch search, whose ``index.faiss`` is a small JSON file naming ``keys.npy``.
 3. **targets**: every key searches its k+1 nearest keys, drops its own entry by id, and turns the
    rest into a sparse distribution over next tokens (``memdec.targets``), appended to CSR files.
+   With a torch index the whole batch (search, values, distributions) runs on its device.
 
 Folder layout (N keys of dimension d)::
 
@@ -86,7 +89,7 @@ DATASTORE_HELP = {
     "k": "neighbours per position (the position itself excluded)",
     "knn_temp": "temperature T of softmax(-d/T) over squared L2 distances",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
-    "index": "auto, flat (exact) or ivfpq (approximate, for large datastores)",
+    "index": "auto, flat (exact), ivfpq (approximate, for large datastores) or torch (exact, on CUDA; no faiss needed)",
     "block_size": "window length in tokens",
     "stride": "new positions stored per window; the rest is context",
     "max_tokens": "use only the first N tokens of the corpus",
@@ -422,11 +425,49 @@ def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
 # --- step 3: kNN targets ---------------------------------------------------------------------
 
 
+def _numpy_batch_targets(index, keys: np.ndarray, values: np.ndarray, nprobe: int | None, cfg: DatastoreConfig):
+    """``rows(r0, r1)`` for any index, in numpy: search, drop self, values, CSR rows.
+
+    It returns ((offsets [b+1], token_ids [nnz], probs float32 [nnz], kept [b]), positions
+    that missed their own entry, empty neighbour slots).
+    """
+    from .index import search
+    from .targets import drop_self, knn_distribution, lookup_values
+
+    def rows(r0: int, r1: int):
+        dists, ids = search(index, keys[r0:r1], cfg.k + 1, nprobe=nprobe)
+        query_ids = np.arange(r0, r1)
+        self_missing = int((~(ids == query_ids[:, None]).any(axis=1)).sum())
+        dists, ids = drop_self(dists, ids, query_ids)
+        csr = knn_distribution(dists, lookup_values(ids, values), cfg.knn_temp, cfg.top_m, return_kept_mass=True)
+        return csr, self_missing, int((ids < 0).sum())
+
+    return rows
+
+
+def _torch_batch_targets(index, keys: np.ndarray, values: np.ndarray, cfg: DatastoreConfig):
+    """``rows(r0, r1)`` as ``_numpy_batch_targets`` returns, for a TorchFlatIndex: search, drop
+    self, value lookup and the distributions all run on the index's device (the GPU)."""
+    from .targets import drop_self_torch, knn_distribution_torch
+
+    values_dev = torch.from_numpy(np.asarray(values, dtype=np.int64)).to(index.device)
+
+    def rows(r0: int, r1: int):
+        queries = torch.from_numpy(np.asarray(keys[r0:r1], dtype=np.float32))
+        dists, ids = index.search_torch(queries, cfg.k + 1)
+        query_ids = torch.arange(r0, r1, device=ids.device)
+        self_missing = int((~(ids == query_ids[:, None]).any(dim=1)).sum())
+        dists, ids = drop_self_torch(dists, ids, query_ids)  # an exact index leaves no empty slot
+        csr = knn_distribution_torch(dists, values_dev[ids], cfg.knn_temp, cfg.top_m, return_kept_mass=True)
+        return csr, self_missing, 0
+
+    return rows
+
+
 def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
     from tqdm.auto import tqdm
 
-    from .index import auto_nprobe, load_index, search, set_num_threads
-    from .targets import drop_self, knn_distribution, lookup_values
+    from .index import TorchFlatIndex, auto_nprobe, load_index, set_num_threads
 
     n = manifest["n_keys"]
     want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
@@ -461,17 +502,15 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
     probs = NpyAppender(folder / "probs.npy", np.float16, nnz)
     keys = np.load(out / "keys.npy", mmap_mode="r")
     values = np.load(out / "values.npy")
-    k, temperature, top_m, nprobe = cfg.k, cfg.knn_temp, cfg.top_m, step["nprobe"]
+    if isinstance(index, TorchFlatIndex):
+        target_rows = _torch_batch_targets(index, keys, values, cfg)
+    else:
+        target_rows = _numpy_batch_targets(index, keys, values, step["nprobe"], cfg)
     seconds, first, t0 = float(step["seconds"]), rows_done, time.perf_counter()
     with tqdm(total=n, initial=rows_done, desc="targets", unit="tok", disable=not cfg.progress, leave=False) as bar:
         for r0 in range(rows_done, n, batch):
             r1 = min(r0 + batch, n)
-            dists, ids = search(index, keys[r0:r1], k + 1, nprobe=nprobe)
-            query_ids = np.arange(r0, r1)
-            self_missing = int((~(ids == query_ids[:, None]).any(axis=1)).sum())
-            dists, ids = drop_self(dists, ids, query_ids)
-            off, tok, prob, kept = knn_distribution(dists, lookup_values(ids, values), temperature, top_m,
-                                                    return_kept_mass=True)
+            (off, tok, prob, kept), self_missing, empty_slots = target_rows(r0, r1)
             offsets[r0 + 1 : r1 + 1] = nnz + off[1:]
             offsets.flush()
             token_ids.append(tok)
@@ -481,7 +520,7 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
             nnz += len(tok)
             step.update(rows_done=r1, nnz=nnz, kl_sum=step["kl_sum"] - float(np.log(kept).sum()),
                         self_missing=step["self_missing"] + self_missing,
-                        empty_slots=step["empty_slots"] + int((ids < 0).sum()),
+                        empty_slots=step["empty_slots"] + empty_slots,
                         seconds=round(seconds + time.perf_counter() - t0, 3))
             write_manifest(out, manifest)
             bar.update(r1 - r0)
@@ -562,7 +601,7 @@ class Datastore:
         return int(self.manifest["dim"])
 
     def load_index(self, nprobe: int | None = None):
-        """The faiss index, with the nprobe the targets used unless given."""
+        """The index (faiss, or a TorchFlatIndex), with the nprobe the targets used unless given."""
         from .index import load_index
 
         if self.manifest["steps"]["index"].get("status") != "done":

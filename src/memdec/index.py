@@ -1,9 +1,9 @@
-"""Building, loading and searching the faiss index over datastore keys.
+"""Building, loading and searching the index over datastore keys.
 
 Distances are **squared L2** everywhere: what faiss's L2 indexes return, and what kNN-LM puts
 in its softmax, p ∝ exp(-d²/T).
 
-Two kinds of index:
+Three kinds of index:
 
 - ``flat``: ``faiss.IndexFlatL2``, exact. Used below ``flat_threshold`` keys (``auto``).
 - ``ivfpq``: an inverted file of ``nlist`` lists with product-quantised codes (``pq_m`` bytes
@@ -11,33 +11,43 @@ Two kinds of index:
   fp16 copies of the keys (``faiss.IndexRefine`` over ``IndexScalarQuantizer(fp16)``). The
   returned distances are therefore exact up to fp16 rounding of the keys, which the keys on
   disk have anyway; ``refine=0`` gives plain IVF-PQ with approximate (PQ) distances.
+- ``torch``: ``TorchFlatIndex``, exact search with torch matmuls, on CUDA where there is one. It
+  needs no faiss: ``auto`` picks it where faiss is not installed, and where CUDA is there but faiss
+  cannot use it (pip only has faiss-cpu) while the keys fit in half the free GPU memory. On disk
+  it is a small JSON file that points at the datastore's ``keys.npy`` beside it.
 
-faiss searches on all cores (``set_num_threads``); a GPU is used where faiss has one.
+faiss is imported lazily (``_faiss``), so memdec imports and works without it. faiss searches on
+all cores (``set_num_threads``); a GPU is used where faiss has one.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+import torch
 
 from .errors import DatastoreError
+from .files import atomic_write_text
 
-INDEX_KINDS = ("auto", "flat", "ivfpq")
+INDEX_KINDS = ("auto", "flat", "ivfpq", "torch")
 FLAT_THRESHOLD = 100_000  # auto: exact search up to this many keys on CPU (N² d work)
 FLAT_THRESHOLD_GPU = 2_000_000
 GPU_MAX_K = 2048  # faiss GPU indexes return at most this many neighbours
+TORCH_FORMAT = "memdec-torch-flat"  # the "format" of a torch index's JSON file
+TORCH_DIST_BYTES = 2**31  # a TorchFlatIndex search holds at most this much of [queries, N] distances
 
 
 @dataclass
 class IndexParams:
     """The choices behind an index; stored in the manifest."""
 
-    kind: str  # "flat" | "ivfpq"
+    kind: str  # "flat" | "ivfpq" | "torch"
     nlist: int | None = None
     pq_m: int | None = None
     pq_bits: int | None = None
@@ -50,15 +60,56 @@ class IndexParams:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def _faiss():
+    """The faiss module; DatastoreError with the install command where it is missing."""
+    try:
+        import faiss
+    except ImportError:
+        raise DatastoreError("faiss is not installed: pip install faiss-cpu (or build with --index torch, "
+                             "exact search with torch that needs no faiss)") from None
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        _faiss()
+    except DatastoreError:
+        return False
+    return True
+
+
 def set_num_threads(n: int | None = None) -> int:
-    """Let faiss use ``n`` threads (default: every core). Returns the number set."""
+    """Let faiss use ``n`` threads (default: every core; nothing to set without faiss). Returns n."""
     n = n or os.cpu_count() or 1
-    faiss.omp_set_num_threads(n)
+    if faiss_available():
+        _faiss().omp_set_num_threads(n)
     return n
 
 
 def gpu_available() -> bool:
+    """Whether faiss has a GPU (faiss-gpu and a device); False without faiss."""
+    if not faiss_available():
+        return False
+    faiss = _faiss()
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def torch_keys_fit_gpu(n: int, d: int) -> bool:
+    """Whether N fp32 keys of dimension d take at most half of the free CUDA memory."""
+    if not torch.cuda.is_available():
+        return False
+    free, _ = torch.cuda.mem_get_info()
+    return 4 * n * d <= free // 2
+
+
+def _auto_kind(n: int, d: int, flat_threshold: int | None) -> str:
+    """``torch`` without faiss, or with CUDA that faiss cannot use and room for the keys; else
+    ``flat`` up to ``flat_threshold`` keys and ``ivfpq`` above."""
+    if not faiss_available() or (not gpu_available() and torch_keys_fit_gpu(n, d)):
+        return "torch"
+    if flat_threshold is None:
+        flat_threshold = FLAT_THRESHOLD_GPU if gpu_available() else FLAT_THRESHOLD
+    return "flat" if n <= flat_threshold else "ivfpq"
 
 
 def _largest_divisor_at_most(d: int, target: int) -> int:
@@ -80,6 +131,9 @@ def choose_params(
 ) -> IndexParams:
     """Resolve ``kind`` and fill in the IVF-PQ parameters from N and d (any given value wins).
 
+    ``auto`` chooses ``torch`` where faiss is missing, or where CUDA is there, faiss has no GPU
+    and the fp32 keys fit in half the free GPU memory; otherwise ``flat`` up to
+    ``flat_threshold`` keys (100k on CPU, 2M on a faiss GPU) and ``ivfpq`` above.
     - nlist ≈ 4·√N, a power of two, with at least 39 training points per list;
     - pq_m: the largest divisor of d not above min(64, d/8) (≥ 8 dimensions per code byte);
     - pq_bits: 8, fewer only where the sample is too small to train 256 centroids;
@@ -90,11 +144,9 @@ def choose_params(
     if kind not in INDEX_KINDS:
         raise DatastoreError(f"unknown index type '{kind}'; choose one of: {', '.join(INDEX_KINDS)}")
     if kind == "auto":
-        if flat_threshold is None:
-            flat_threshold = FLAT_THRESHOLD_GPU if gpu_available() else FLAT_THRESHOLD
-        kind = "flat" if n <= flat_threshold else "ivfpq"
-    if kind == "flat":
-        return IndexParams("flat", seed=seed)
+        kind = _auto_kind(n, d, flat_threshold)
+    if kind in ("flat", "torch"):
+        return IndexParams(kind, seed=seed)
     if n < 2 * 39:
         raise DatastoreError(f"an ivfpq index needs at least 78 keys, the datastore has {n}; use --index flat")
     if nlist is None:
@@ -123,15 +175,17 @@ def auto_nprobe(index, k: int, base: int | None = None) -> int:
     ivf = _ivf(index)
     if ivf is None:
         return 0
-    factor = max(1, int(getattr(faiss.downcast_index(index), "k_factor", 1)))
+    factor = max(1, int(getattr(_faiss().downcast_index(index), "k_factor", 1)))
     per_list = max(ivf.ntotal / ivf.nlist, 1.0)
     needed = math.ceil(4 * factor * k / per_list)
     return int(min(ivf.nlist, max(base or ivf.nprobe, needed)))
 
 
 def _ivf(index):
+    if isinstance(index, TorchFlatIndex):
+        return None
     try:
-        return faiss.extract_index_ivf(index)
+        return _faiss().extract_index_ivf(index)
     except RuntimeError:
         return None
 
@@ -145,6 +199,142 @@ def _as_f32(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+# --- the torch index -------------------------------------------------------------------------
+
+
+def resolve_torch_device(device: str, n: int, d: int) -> torch.device:
+    """``auto``: CUDA where the fp32 keys fit in half its free memory, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch_keys_fit_gpu(n, d) else "cpu"
+    return torch.device(device)
+
+
+@contextmanager
+def _exact_fp32_matmul():
+    """fp32 matmuls at full precision (no TF32 / bf16 passes) inside the block."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def query_chunk_rows(n_keys: int, max_bytes: int = TORCH_DIST_BYTES) -> int:
+    """Queries per chunk so that the fp32 distances [rows, N] stay within ``max_bytes``."""
+    return max(1, max_bytes // (4 * max(n_keys, 1)))
+
+
+def squared_l2(queries: torch.Tensor, keys: torch.Tensor, key_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|q|² − 2 q·k + |k|², clamped at 0: float32 [B, N] from queries [B, d], keys [N, d] and
+    key_sq_norms [N], all fp32 on one device. Call under ``_exact_fp32_matmul``."""
+    dist = queries @ keys.T
+    dist.mul_(-2.0).add_(queries.pow(2).sum(dim=1, keepdim=True)).add_(key_sq_norms)
+    return dist.clamp_min_(0.0)
+
+
+class TorchFlatIndex:
+    """Exact squared-L2 search with torch, on CUDA where available: the faiss surface memdec uses.
+
+    keys: float16/32 array [N, d] (may be a memmap), uploaded in chunks of ``upload_batch`` rows
+    and kept on ``device`` as fp32 [N, d] with their squared norms [N]. ``.d``, ``.ntotal`` and
+    ``.search(queries float32 [B, d], k) -> (dists float32 [B, k], ids int64 [B, k])`` behave as
+    faiss's ``IndexFlatL2`` (nearest first, never an empty slot); ``search_torch`` does the same
+    on tensors and returns tensors on ``device``. Memory: 4·N·d bytes of keys plus at most
+    ``TORCH_DIST_BYTES`` of distances per query chunk.
+    """
+
+    def __init__(self, keys: np.ndarray, device: str = "auto", upload_batch: int = 65_536):
+        n, d = keys.shape
+        self.keys = torch.empty((n, d), dtype=torch.float32, device=resolve_torch_device(device, n, d))
+        self.device = self.keys.device  # with its index: cuda:0, not cuda
+        self.key_sq_norms = torch.empty(n, dtype=torch.float32, device=self.device)
+        for i, j in _iter_batches(n, upload_batch):
+            chunk = torch.from_numpy(np.array(keys[i:j])).to(self.device).float()
+            self.keys[i:j] = chunk
+            self.key_sq_norms[i:j] = chunk.pow(2).sum(dim=1)
+
+    @property
+    def d(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.keys.shape[0])
+
+    def search_torch(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k nearest keys of queries float [B, d] (any device): (dists float32 [B, k] squared L2,
+        ids int64 [B, k]) on ``self.device``, nearest first."""
+        if queries.ndim != 2 or queries.shape[1] != self.d:
+            raise DatastoreError(f"queries must have shape [B, {self.d}], got {list(queries.shape)}")
+        if not 0 < k <= self.ntotal:
+            raise DatastoreError(f"k={k} neighbours asked of an index that holds {self.ntotal} keys")
+        queries = queries.to(self.device, torch.float32)
+        dists = torch.empty((len(queries), k), dtype=torch.float32, device=self.device)
+        ids = torch.empty((len(queries), k), dtype=torch.int64, device=self.device)
+        with _exact_fp32_matmul():
+            for i, j in _iter_batches(len(queries), query_chunk_rows(self.ntotal)):
+                dist = squared_l2(queries[i:j], self.keys, self.key_sq_norms)
+                dists[i:j], ids[i:j] = torch.topk(dist, k, dim=1, largest=False, sorted=True)
+        return dists, ids
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's ``search``: queries float32 [B, d] -> (dists float32 [B, k], ids int64 [B, k])."""
+        dists, ids = self.search_torch(torch.from_numpy(_as_f32(queries)), k)
+        return dists.cpu().numpy(), ids.cpu().numpy()
+
+
+def _torch_index_json(index: TorchFlatIndex) -> str:
+    return json.dumps({"format": TORCH_FORMAT, "keys": "keys.npy", "n": index.ntotal, "d": index.d}) + "\n"
+
+
+def _open_npy_keys(path: Path, what: Path) -> np.ndarray:
+    """Memory-map the keys a torch index file points at; DatastoreError naming ``what``."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DatastoreError(f"{what}: cannot read its keys {path} (missing or truncated?): {exc}") from None
+
+
+def _save_torch_index(index: TorchFlatIndex, path: Path) -> None:
+    """Write the JSON that points at ``keys.npy`` beside ``path``, which must hold the index's keys."""
+    keys = _open_npy_keys(path.parent / "keys.npy", path)
+    if keys.shape != (index.ntotal, index.d):
+        raise DatastoreError(f"{path}: a torch index is saved beside its keys, but {path.parent / 'keys.npy'} "
+                             f"holds {list(keys.shape)}, not the index's [{index.ntotal}, {index.d}]")
+    atomic_write_text(path, _torch_index_json(index))
+
+
+def _torch_index_fields(meta) -> tuple[str, int, int] | None:
+    """(keys file name beside the index, n, d) from a torch index's JSON; None if it is not one."""
+    if not isinstance(meta, dict) or meta.get("format") != TORCH_FORMAT:
+        return None
+    name, n, d = meta.get("keys"), meta.get("n"), meta.get("d")
+    if not (isinstance(name, str) and Path(name).name == name and isinstance(n, int) and isinstance(d, int)):
+        return None
+    return name, n, d
+
+
+def _load_torch_index(path: Path, device: str) -> TorchFlatIndex:
+    """A TorchFlatIndex from its JSON file and the keys it names, checked against each other."""
+    try:
+        fields = _torch_index_fields(json.loads(path.read_text()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatastoreError(f"{path}: corrupt torch index file ({exc}); delete it to rebuild the index") from None
+    if fields is None:
+        raise DatastoreError(f"{path}: not a {TORCH_FORMAT} index file (needs format, keys, n, d); "
+                             f"delete it to rebuild the index")
+    name, n, d = fields
+    keys = _open_npy_keys(path.parent / name, path)
+    if keys.shape != (n, d):
+        raise DatastoreError(f"{path}: describes {n} keys of dimension {d}, but {path.parent / name} holds "
+                             f"{list(keys.shape)}; delete {path} to rebuild the index")
+    return TorchFlatIndex(keys, device)
+
+
+# --- building, saving, loading, searching ----------------------------------------------------
+
+
 def build_index(
     keys: np.ndarray,
     kind: str = "auto",
@@ -153,10 +343,11 @@ def build_index(
     add_batch: int = 65_536,
     progress: bool = False,
     **choose_kwargs,
-) -> faiss.Index:
-    """Build a CPU faiss index over ``keys`` (float16/32 [N, d], may be a memmap).
+):
+    """Build an index over ``keys`` (float16/32 [N, d], may be a memmap): a CPU faiss index, or
+    a ``TorchFlatIndex`` for kind ``torch``.
 
-    ``kind`` is auto|flat|ivfpq; ``choose_kwargs`` (nlist, pq_m, nprobe, refine, train_size,
+    ``kind`` is auto|flat|ivfpq|torch; ``choose_kwargs`` (nlist, pq_m, nprobe, refine, train_size,
     flat_threshold, seed) override the automatic choices of ``choose_params``. Keys are added in
     batches, so a memmapped store is never copied to fp32 whole. Pass ``params`` (from
     ``choose_params``) to record exactly what was built.
@@ -165,6 +356,9 @@ def build_index(
 
     n, d = keys.shape
     params = params or choose_params(n, d, kind, **choose_kwargs)
+    if params.kind == "torch":
+        return TorchFlatIndex(keys, upload_batch=add_batch)
+    faiss = _faiss()
     if params.kind == "flat":
         index = faiss.IndexFlatL2(d)
     else:
@@ -188,8 +382,16 @@ def build_index(
 
 
 def save_index(index, path: str | os.PathLike) -> int:
-    """Write ``index`` (CPU or GPU) to ``path`` atomically. Returns the file's size in bytes."""
+    """Write ``index`` (CPU or GPU) to ``path`` atomically. Returns the file's size in bytes.
+
+    A ``TorchFlatIndex`` is written as a small JSON file that names ``keys.npy`` beside ``path``
+    (the datastore's keys, which must hold the index's N × d keys).
+    """
     path = Path(path)
+    if isinstance(index, TorchFlatIndex):
+        _save_torch_index(index, path)
+        return path.stat().st_size
+    faiss = _faiss()
     if gpu_available():  # pragma: no cover - needs faiss-gpu
         try:
             index = faiss.index_gpu_to_cpu(index)
@@ -201,14 +403,24 @@ def save_index(index, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
+def _is_torch_index_file(path: Path) -> bool:
+    """A torch index file is JSON; a faiss file never starts with '{'."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"{"
+
+
 def load_index(path: str | os.PathLike, nprobe: int | None = None, gpu: bool | None = None):
     """Read an index written by ``save_index``; on a GPU where faiss has one (``gpu=None``).
 
-    Raises DatastoreError on a missing or unreadable file.
+    A torch index goes to CUDA where its keys fit (``gpu=None``), to CUDA (True) or the CPU (False).
+    Raises DatastoreError on a missing or unreadable file, or faiss missing for a faiss file.
     """
     path = Path(path)
     if not path.is_file():
         raise DatastoreError(f"{path}: no such index file")
+    if _is_torch_index_file(path):
+        return _load_torch_index(path, "auto" if gpu is None else ("cuda" if gpu else "cpu"))
+    faiss = _faiss()
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as exc:
@@ -221,11 +433,12 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None, gpu: bool | N
 
 
 def to_gpu(index):
-    """The index on every GPU faiss sees, or unchanged where it cannot move (CPU build, IndexRefine)."""
-    if not gpu_available():
+    """The index on every GPU faiss sees, or unchanged where it cannot move (CPU build, IndexRefine,
+    a TorchFlatIndex)."""
+    if isinstance(index, TorchFlatIndex) or not gpu_available():
         return index
     try:  # pragma: no cover - needs faiss-gpu
-        return faiss.index_cpu_to_all_gpus(index)
+        return _faiss().index_cpu_to_all_gpus(index)
     except (RuntimeError, AttributeError):  # pragma: no cover
         return index
 
@@ -242,9 +455,9 @@ def search(index, queries, k: int, nprobe: int | None = None, batch_size: int = 
         raise DatastoreError(f"queries must have shape [B, {index.d}], got {list(queries.shape)}")
     if k > index.ntotal:
         raise DatastoreError(f"k={k} neighbours asked of an index that holds {index.ntotal} keys")
-    if k > GPU_MAX_K and gpu_available():  # pragma: no cover - GPU indexes stop at 2048
-        try:
-            index = faiss.index_gpu_to_cpu(index)
+    if k > GPU_MAX_K and not isinstance(index, TorchFlatIndex) and gpu_available():  # pragma: no cover
+        try:  # faiss GPU indexes stop at 2048
+            index = _faiss().index_gpu_to_cpu(index)
         except RuntimeError:
             pass
     ivf = _ivf(index)
@@ -260,5 +473,7 @@ def search(index, queries, k: int, nprobe: int | None = None, batch_size: int = 
 
 
 def index_kind(index) -> str:
-    """``flat`` or ``ivfpq``, from the index itself."""
+    """``flat``, ``ivfpq`` or ``torch``, from the index itself."""
+    if isinstance(index, TorchFlatIndex):
+        return "torch"
     return "ivfpq" if _ivf(index) is not None else "flat"

@@ -15,7 +15,8 @@ reported as KL(p_M ‖ p) = -log Σ_{kept v} p(v), the divergence of the stored 
 full one (KL(p ‖ p_M) is infinite whenever a token is dropped).
 
 Everything here is vectorised over rows: a sort of each row's values, run boundaries, and
-``np.add.reduceat`` of the weights. Nothing vocabulary-sized is ever built.
+``np.add.reduceat`` of the weights. Nothing vocabulary-sized is ever built. ``knn_distribution_torch``
+and ``drop_self_torch`` do the same on torch tensors, on the GPU that searched the neighbours.
 """
 
 from __future__ import annotations
@@ -131,6 +132,85 @@ def knn_distribution(
     np.cumsum(np.bincount(rows, minlength=b), out=offsets[1:])
     out = (offsets, tokens.astype(np.int32, copy=False), probs.astype(np.float32))
     return (*out, kept) if return_kept_mass else out
+
+
+def drop_self_torch(dists, ids, query_ids):
+    """``drop_self`` on torch tensors (one device): dists [B, k+1], ids int64 [B, k+1],
+    query_ids int64 [B] -> (dists [B, k], ids [B, k]), each row's own entry removed (its
+    farthest where its own id is absent), order kept."""
+    import torch
+
+    b, k1 = ids.shape
+    pos = torch.arange(k1, device=ids.device)
+    first_self = torch.where(ids == query_ids[:, None], pos, k1).amin(dim=1)
+    drop = torch.where(first_self < k1, first_self, k1 - 1)
+    keep = pos[None, :] != drop[:, None]
+    return dists[keep].view(b, k1 - 1), ids[keep].view(b, k1 - 1)
+
+
+def _segment_sums_torch(weights, run_start):
+    """Inclusive sums of ``weights`` float64 [B, k] within runs (``run_start`` bool [B, k] marks
+    each run's first entry): a log2(k)-step scan, so a run's last entry holds the run's sum.
+    Deterministic on CUDA, unlike a float scatter_add (atomics), so reruns write equal bytes."""
+    import torch
+
+    k = weights.shape[1]
+    run_id = torch.cumsum(run_start, dim=1)
+    sums, shift = weights.clone(), 1
+    while shift < k:
+        same = run_id[:, shift:] == run_id[:, :-shift]
+        sums[:, shift:] = sums[:, shift:] + torch.where(same, sums[:, :-shift], 0.0)
+        shift *= 2
+    return sums
+
+
+def knn_distribution_torch(
+    dists,
+    neighbour_values,
+    temperature: float,
+    top_m: int | None = None,
+    *,
+    min_prob: float = FP16_ZERO,
+    return_kept_mass: bool = False,
+):
+    """``knn_distribution`` on torch tensors (any device), with the same CSR result in numpy.
+
+    dists float [B, k] squared L2; neighbour_values int [B, k] (-1 = empty slot), on one device.
+    Returns (offsets int64 [B+1], token_ids int32 [nnz], probs float32 [nnz]) and, with
+    ``return_kept_mass``, kept float64 [B]; rows by probability desc, then token asc. Weights are
+    float64; each row's values are sorted, runs summed by ``_segment_sums_torch``, and the run
+    totals sorted per row (stable, so ties stay in token order): no loop over rows.
+    """
+    import torch
+
+    if top_m is not None and top_m < 1:
+        raise DatastoreError(f"top-m must be at least 1, got {top_m}")
+    if temperature <= 0:
+        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    values = torch.as_tensor(neighbour_values, device=dists.device).long()
+    b, k = values.shape
+    valid = values >= 0
+    w = torch.softmax((-dists.double() / temperature).masked_fill(~valid, float("-inf")), dim=1)
+    w = torch.where(valid, w, 0.0)  # rows without a valid slot: 0, not NaN
+    sv, order = torch.sort(values, dim=1, stable=True)
+    run_start = torch.ones_like(sv, dtype=torch.bool)
+    run_start[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    run_end = torch.ones_like(run_start)
+    run_end[:, :-1] = run_start[:, 1:]
+    sums = _segment_sums_torch(torch.gather(w, 1, order), run_start)
+    totals = torch.where(run_end & (sv >= 0), sums, -1.0)  # one entry per distinct token, -1 elsewhere
+    probs, by_prob = torch.sort(totals, dim=1, descending=True, stable=True)
+    tokens = torch.gather(sv, 1, by_prob)
+    rank = torch.arange(k, device=values.device)[None, :]
+    keep = (probs >= 0) & ((probs >= min_prob) | (rank == 0))  # a row always keeps its most probable token
+    if top_m is not None:
+        keep &= rank < top_m
+    kept = torch.where(keep, probs, 0.0).sum(dim=1)
+    offsets = torch.zeros(b + 1, dtype=torch.int64, device=values.device)
+    offsets[1:] = torch.cumsum(keep.sum(dim=1), dim=0)
+    out = (offsets.cpu().numpy(), tokens[keep].int().cpu().numpy(),
+           (probs / kept[:, None])[keep].float().cpu().numpy())
+    return (*out, kept.cpu().numpy()) if return_kept_mass else out
 
 
 def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
