@@ -37,15 +37,22 @@ def test_adapt_end_to_end_then_cached_then_invalidated(tiny_llama_dir, tmp_path,
     out = capsys.readouterr().out
     assert "[1/4] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
 
-    # several alphas: one decoder each, the best on --valid is RUN/memdec
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], samples=0))
+    # several teachers (α, and β for α > 0): one decoder each, the best on --valid is RUN/memdec
+    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], teacher_base_weight=[0.0, 0.5], samples=0))
     stages = json.loads((run / "stages.json").read_text())
-    scores = stages["train"]["summary"]["valid_joint_ppl"]
-    chosen = stages["train"]["summary"]["chosen_alpha"]
-    assert set(scores) == {"0.5", "0"} and scores[f"{chosen:g}"] == min(scores.values())
-    assert (run / "memdec").resolve() == (run / "candidates" / f"alpha-{chosen:g}").resolve()
-    assert json.loads((run / "memdec" / "memdec.json").read_text())["alpha"] == chosen
-    assert "runner-up" in (run / "report.md").read_text()
+    summary = stages["train"]["summary"]
+    scores, chosen = summary["valid_joint_ppl"], summary["chosen"]
+    assert list(scores) == ["alpha-0.5", "alpha-0.5-base-0.5", "alpha-0"] and scores[chosen] == min(scores.values())
+    assert (run / "memdec").resolve() == (run / "candidates" / chosen).resolve()
+    info = json.loads((run / "memdec" / "memdec.json").read_text())
+    assert (info["alpha"], info["teacher_base_weight"]) == (summary["chosen_alpha"], summary["chosen_teacher_base_weight"])
+    assert "runner-up" in (run / "report.md").read_text() and "β=0.5" in (run / "report.md").read_text()
+
+    # a training budget: the first candidate always trains, no other starts once it is spent
+    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], train_budget=0.0, samples=0))
+    summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
+    assert list(summary["valid_joint_ppl"]) == ["alpha-0.5"] and summary["skipped"] == ["alpha-0"]
+    assert "skipped" in capsys.readouterr().out
 
     # the run's folder stands in for --model/--memdec/--knn
     rc = main(["eval", "--run", str(run), "--corpus", "austen:test", "--max-tokens", "100", "--block-size", "64",

@@ -123,7 +123,9 @@ def test_manifest_and_csr_rows(built, tokenizer):
     m = read_manifest(built)
     assert m["version"] == 1 and m["n_keys"] == 599 and m["dim"] == 64 and m["layer"] == "model.layers.1.mlp"
     assert {s: m["steps"][s]["status"] for s in ("keys", "index", "targets")} == dict.fromkeys(("keys", "index", "targets"), "done")
-    assert m["steps"]["index"]["type"] == "flat"
+    from memdec.index import choose_params
+
+    assert m["steps"]["index"]["type"] == choose_params(599, 64).kind == ("torch" if torch.cuda.is_available() else "flat")
     from memdec.models import tokenizer_fingerprint
 
     assert m["tokenizer_hash"] == tokenizer_fingerprint(tokenizer)

@@ -55,7 +55,8 @@ def test_ivfpq_recall_against_flat(tmp_path):
     np.testing.assert_allclose(dists[found], true[found], rtol=2e-3, atol=1e-2)
 
 
-def test_choose_params():
+def test_choose_params(monkeypatch):
+    monkeypatch.setattr("memdec.index.torch_keys_fit_gpu", lambda n, d: False)  # the faiss choices, as on a CPU machine
     assert choose_params(FLAT_THRESHOLD, 576).kind == "flat"
     big = choose_params(FLAT_THRESHOLD + 1, 576)
     assert big.kind == "ivfpq" and 576 % big.pq_m == 0 and big.pq_bits == 8

@@ -37,12 +37,12 @@ from .files import atomic_write_text
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
     "quick": dict(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0,
-                  ds_block_size=1024, ds_stride=768, init_layers=None, alpha=[0.5, 0.0], lr=2e-4, epochs=1.0,
+                  ds_block_size=1024, ds_stride=768, init_layers=None, alpha=[0.25, 0.0], lr=2e-4, epochs=1.0,
                   batch_size=4, train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512,
                   samples=3, sample_tokens=40),
     # The whole training split; meant for a GPU.
     "full": dict(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0,
-                 ds_block_size=1024, ds_stride=512, init_layers=None, alpha=[0.5, 0.0], lr=1e-4, epochs=2.0,
+                 ds_block_size=1024, ds_stride=512, init_layers=None, alpha=[0.25, 0.0], lr=1e-4, epochs=2.0,
                  batch_size=8, train_block_size=1024, eval_every=50, eval_block_size=1024, eval_stride=512,
                  samples=5, sample_tokens=60),
 }
@@ -65,6 +65,8 @@ class AdaptConfig:
     init: str | None = None
     init_layers: int | None = None
     alpha: list[float] | None = None  # several: one decoder each, the best on --valid is kept
+    teacher_base_weight: list[float] | None = None  # β candidates for every α > 0: teacher (1-β)·p_kNN + β·p_base
+    train_budget: float | None = None  # seconds: start no further candidate decoder once training has used this
     lr: float | None = None
     epochs: float | None = None
     max_steps: int | None = None
@@ -99,7 +101,10 @@ ADAPT_HELP = {
     "init": "initialise the memory decoder from this model spec (same tokenizer)",
     "init_layers": "initialise the memory decoder from the base's first N blocks (default: a full copy)",
     "alpha": "weight of the kNN KL term in the training loss; several values train one decoder each and keep "
-             "the best on --valid (preset: 0.5 0, i.e. kNN distillation against cross-entropy only)",
+             "the best on --valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)",
+    "teacher_base_weight": "mix the base model's distribution into the kNN teacher with this weight; several values "
+                           "add one candidate decoder each for every alpha > 0 (default: 0, the pure kNN teacher)",
+    "train_budget": "seconds of training after which no further candidate decoder is started (default: no limit)",
     "lr": "peak learning rate",
     "epochs": "passes over the training windows",
     "max_steps": "optimizer steps (overrides --epochs)",
@@ -134,6 +139,8 @@ class Settings:
     init: str | None
     init_layers: int | None
     alpha: list[float]
+    teacher_base_weight: list[float]
+    train_budget: float | None
     lr: float
     epochs: float
     max_steps: int | None
@@ -165,6 +172,8 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
         b = cfg.block_size
         values.update(ds_block_size=b, ds_stride=max(b // 2, 1), eval_block_size=b, eval_stride=max(b // 2, 1),
                       train_block_size=min(values["train_block_size"], b))
+    if values["teacher_base_weight"] is None:
+        values["teacher_base_weight"] = [0.0]
     if values["train_tokens"] == 0:
         values["train_tokens"] = None
     if str(values["general"]).lower() in ("", "none"):
@@ -182,6 +191,26 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
     return Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings)})
 
 
+def teacher_candidates(alphas: list[float], betas: list[float]) -> list[tuple[float, float]]:
+    """(α, β) of every candidate decoder, in the given order: β only matters where α > 0."""
+    out: list[tuple[float, float]] = []
+    for a in alphas:
+        for b in (betas if a > 0 else [0.0]):
+            if (a, b) not in out:
+                out.append((a, b))
+    return out
+
+
+def candidate_name(alpha: float, beta: float) -> str:
+    """The candidate's folder under RUN/candidates: ``alpha-0.25`` or ``alpha-0.5-base-0.5``."""
+    return f"alpha-{alpha:g}" + (f"-base-{beta:g}" if beta else "")
+
+
+def candidate_label(name: str) -> str:
+    """``alpha-0.5-base-0.5`` -> ``α=0.5, β=0.5`` (β: the base model's weight in the teacher)."""
+    return name.replace("alpha-", "α=").replace("-base-", ", β=")
+
+
 def _fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -193,8 +222,12 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     train = dict(datastore=datastore, init=s.init, init_layers=s.init_layers, alpha=s.alpha, lr=s.lr, epochs=s.epochs,
                  max_steps=s.max_steps, batch_size=s.batch_size, block_size=s.train_block_size, valid=s.valid,
                  valid_tokens=s.valid_tokens, eval_every=s.eval_every)
+    if s.teacher_base_weight != [0.0]:  # only when used, so that earlier runs keep their fingerprint
+        train["teacher_base_weight"] = s.teacher_base_weight
+    if s.train_budget is not None:
+        train["train_budget"] = s.train_budget
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
-    budget = {k: v for k, v in train.items() if k not in ("init", "init_layers", "alpha")}
+    budget = {k: v for k, v in train.items() if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget")}
     baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
                  "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
     evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
@@ -289,7 +322,9 @@ def adapt(cfg: AdaptConfig) -> Path:
 
     # 2. train -----------------------------------------------------------------------------
     ckpt = run / "memdec"
-    done, changed = stage("train", f"memory decoder (alpha {' or '.join(f'{a:g}' for a in s.alpha)}, chosen on {s.valid}; "
+    teachers = teacher_candidates(s.alpha, s.teacher_base_weight)
+    names = [candidate_name(a, b) for a, b in teachers]
+    done, changed = stage("train", f"memory decoder ({' or '.join(candidate_label(n) for n in names)}, chosen on {s.valid}; "
                           + (f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")) + ")")
     train_cfg = TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha[0],
                             lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
@@ -304,20 +339,26 @@ def adapt(cfg: AdaptConfig) -> Path:
                     shutil.rmtree(old)
         t0 = time.perf_counter()
         book.start("train", inputs["train"])
-        scores = {}
-        for alpha in s.alpha:  # one decoder per alpha, the same data and schedule; keep the best on --valid
-            out = run / "candidates" / f"alpha-{alpha:g}" if len(s.alpha) > 1 else ckpt
-            train(dataclasses.replace(train_cfg, alpha=alpha, out=str(out)))
-            scores[alpha] = json.loads((out / "memdec.json").read_text())["train_stats"].get("best_ppl", math.inf)
-        chosen = min(scores, key=scores.get) if len(s.alpha) > 1 else s.alpha[0]
-        if len(s.alpha) > 1:
+        scores, skipped = {}, []
+        for (alpha, beta), name in zip(teachers, names):  # the same data and schedule for each; the best on --valid wins
+            if scores and s.train_budget is not None and time.perf_counter() - t0 > s.train_budget:
+                skipped.append(name)
+                continue
+            out = run / "candidates" / name if len(teachers) > 1 else ckpt
+            train(dataclasses.replace(train_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out)))
+            scores[name] = json.loads((out / "memdec.json").read_text())["train_stats"].get("best_ppl", math.inf)
+        if skipped:
+            _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
+        chosen = min(scores, key=scores.get)
+        if len(teachers) > 1:
             if ckpt.is_symlink() or ckpt.exists():
                 ckpt.unlink() if ckpt.is_symlink() else shutil.rmtree(ckpt)
-            ckpt.symlink_to(Path("candidates") / f"alpha-{chosen:g}", target_is_directory=True)
+            ckpt.symlink_to(Path("candidates") / chosen, target_is_directory=True)
         info = json.loads((ckpt / "memdec.json").read_text())
         book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"],
-                                                        "chosen_alpha": chosen,
-                                                        "valid_joint_ppl": {f"{a:g}": v for a, v in scores.items()}})
+                                                        "chosen": chosen, "chosen_alpha": info["alpha"],
+                                                        "chosen_teacher_base_weight": info.get("teacher_base_weight", 0.0),
+                                                        "valid_joint_ppl": scores, "skipped": skipped})
     train_cfg = dataclasses.replace(train_cfg, alpha=book.stages["train"]["summary"].get("chosen_alpha", s.alpha[0]))
 
     # 2b. baselines: the memory decoder's TrainConfig, so the same tokens, windows, steps and schedule
@@ -413,7 +454,7 @@ def generate_samples(s: Settings, ckpt: Path, device: str, lmbda: float | None =
 
 def _plot_training(run: Path) -> str | None:
     """Training loss and validation curves of every decoder trained (each α candidate), one colour each."""
-    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]
+    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]  # every (α, β) candidate
     logs = {p.parent.name if p.parent.name.startswith("alpha-") else "memdec": p for p in candidates if p.is_file()}
     if not logs:
         return None
@@ -426,7 +467,7 @@ def _plot_training(run: Path) -> str | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     for i, (name, log) in enumerate(logs.items()):
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        label = name.replace("alpha-", "α=") + (" (chosen)" if name == chosen and len(logs) > 1 else "")
+        label = candidate_label(name) + (" (chosen)" if name == chosen and len(logs) > 1 else "")
         color = f"C{i}"
         ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label}: loss")
         ax1.plot([r["step"] for r in records], [r["ce"] for r in records], color=color, ls=":", label=f"{label}: CE")
@@ -481,11 +522,14 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
     choice = book.stages.get("train", {}).get("summary", {})
     if len(choice.get("valid_joint_ppl", {})) > 1:
         ranked = sorted(choice["valid_joint_ppl"].items(), key=lambda kv: kv[1])
-        lines += ["", f"Memory decoder α (weight of the kNN distillation term) chosen on {s.valid}: "
-                      f"**α={ranked[0][0]}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
-                      + ", ".join(f"α={a} ({p:.2f})" for a, p in ranked[1:])
+        label = (lambda n: candidate_label(n if n.startswith("alpha-") else f"alpha-{n}"))  # older runs: keys were α
+        lines += ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
+                      f"of the teacher): **{label(ranked[0][0])}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
+                      + ", ".join(f"{label(a)} ({p:.2f})" for a, p in ranked[1:])
                       + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
-                         "cross-entropy as a teacher." if ranked[0][0] == "0" else ".")]
+                         "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
+        if choice.get("skipped"):
+            lines.append(f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in choice['skipped'])}.")
     report["alpha_choice"] = choice.get("valid_joint_ppl")
     atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if s.baselines:

@@ -70,7 +70,7 @@ class TrainConfig:
     block_size: int = 512
     valid: str | None = None
     valid_max_tokens: int = 4096
-    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    lambdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     eval_every: int = 50
     save_every: int = 50
     log_every: int = 1
