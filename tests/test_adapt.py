@@ -23,6 +23,7 @@ def test_adapt_end_to_end_then_cached_then_invalidated(tiny_llama_dir, tmp_path,
     assert len({r["system"] for r in report["results"]}) == 3 and report["tokens"] == 199
     assert all(r["lambda"] is not None for r in report["results"][1:])
     assert (run / "report.md").read_text().count("| memdec |") == 1
+    assert all("recurring_ppl" in r for r in report["results"])  # names and numbers shared with the datastore
     for png in ("lambda.png", "training.png"):
         assert (run / png).stat().st_size > 1000
     assert len(report["samples"]) == 2 and all(s["base"] is not None for s in report["samples"])

@@ -231,7 +231,7 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
                  "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
     evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
-                      block_size=s.eval_block_size, stride=s.eval_stride)
+                      block_size=s.eval_block_size, stride=s.eval_stride, recurring="datastore")
     if s.general:
         evaluation.update(general=s.general, general_tokens=s.general_tokens)
     if s.baselines:
@@ -390,7 +390,8 @@ def adapt(cfg: AdaptConfig) -> Path:
             model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
             device=cfg.device, memdec=str(ckpt), knn=str(ds_dir), sweep=True, valid=s.valid,
             valid_max_tokens=s.valid_tokens, plot=str(run / "lambda.png"), json=None,
-            baseline=baseline_dirs or None, general=s.general, general_max_tokens=s.general_tokens))
+            baseline=baseline_dirs or None, general=s.general, general_max_tokens=s.general_tokens,
+            recurring=str(ds_dir)))
         payload = {"tokens": report.n_tokens, "corpus": s.test, **report.extra, "results": [r.to_json() for r in report.rows]}
         atomic_write_text(run / "eval.json", json.dumps(payload, indent=2) + "\n")
         book.finish("eval", time.perf_counter() - t0)
@@ -518,7 +519,7 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
              f"Run folder `{run}`; wall time of this call {wall_s / 60:.1f} min.", "",
              f"Test: {ev['tokens']} tokens of {ev['corpus']}; λ of each system chosen on {s.valid} "
              f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
-    lines += results_table(rows, ev.get("general"))
+    lines += results_table(rows, ev.get("general"), ev.get("recurring"))
     choice = book.stages.get("train", {}).get("summary", {})
     if len(choice.get("valid_joint_ppl", {})) > 1:
         ranked = sorted(choice["valid_joint_ppl"].items(), key=lambda kv: kv[1])
@@ -581,19 +582,21 @@ def _train_time(r: dict) -> str:
     return text
 
 
-def results_table(rows: list[dict], general: dict | None) -> list[str]:
-    """The report's Markdown table: test and general perplexity, and each system's budget."""
+def results_table(rows: list[dict], general: dict | None, recurring: dict | None = None) -> list[str]:
+    """The report's Markdown table: test, recurring-token and general perplexity, and each system's budget."""
     base = next(r for r in rows if r["system"] == "base")
-    head = ["system", "λ", "test ppl", "vs base"] + (["general ppl", "vs base"] if general else []) + \
-        ["trainable params", "train time", "tokens/s", "inference time vs base"]
+    recurring = recurring if recurring and any(r.get("recurring_ppl") is not None for r in rows) else None
+    head = ["system", "λ", "test ppl", "vs base"] + (["recurring ppl", "vs base"] if recurring else []) + \
+        (["general ppl", "vs base"] if general else []) + ["trainable params", "train time", "tokens/s", "inference time vs base"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
         ratio = r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
         cells = [r["system"], lam, f"{r['ppl']:.2f}", _pct(r["ppl"], base["ppl"]) if r is not base else ""]
-        if general:
-            g = r.get("general_ppl")
-            cells += ["-" if g is None else f"{g:.2f}", _pct(g, base.get("general_ppl")) if r is not base else ""]
+        for key, on in (("recurring_ppl", recurring), ("general_ppl", general)):
+            if on:
+                v = r.get(key)
+                cells += ["-" if v is None else f"{v:.2f}", _pct(v, base.get(key)) if r is not base else ""]
         cells += [_params(r.get("trainable_parameters")), _train_time(r), f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
@@ -601,6 +604,9 @@ def results_table(rows: list[dict], general: dict | None) -> list[str]:
               "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
               "datastore with its kNN targets, shown beside it. *inference time vs base*: the base model's tokens/s over "
               "the system's, measured in this evaluation (a mixture runs the base and its second model)."]
+    if recurring:
+        lines += ["", f"*recurring ppl*: the {recurring['tokens']} test tokens that belong to names and numbers also found in "
+                  f"the datastore's text (`memdec.knowledge`): the facts a memory is for."]
     if general:
         lines += ["", f"*general ppl*: {general['tokens']} tokens of `{general['corpus']}`, general text far from the "
                   f"training domain, scored by every system at the λ chosen above: a rise over the base is forgetting."]
