@@ -20,6 +20,7 @@ whole-corpus figure. Everything is vectorised over positions; only distinct word
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -106,8 +107,6 @@ def recurring_positions(tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer
 
 def memory_token_stream(spec: str, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """The memory's tokens: a datastore folder's stored stream, or any corpus spec tokenized."""
-    from pathlib import Path
-
     if (Path(spec) / "manifest.json").is_file():
         from .datastore import open_datastore
 
