@@ -53,7 +53,7 @@ def test_resume_continues_exactly(store, tmp_path, interrupt_at):
     straight = train(config(store, tmp_path / "a"))
     with pytest.raises(interrupt_at.error):
         train(config(store, tmp_path / "b"), on_step=interrupt_at(3))
-    assert json.loads((tmp_path / "b" / "trainer_state" / "state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "b" / "trainer_state" / "step-00000003" / "state.json").read_text())["step"] == 3
     resumed = train(config(store, tmp_path / "b"))
     assert losses(resumed) == losses(straight)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")

@@ -33,7 +33,6 @@ Output folder ``DIR``: a Hugging Face model folder (dapt, ce-decoder) or a peft 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MemdecError, TokenizerMismatchError
-from .files import atomic_write, read_json_object
+from .files import atomic_write_json, read_json_object
 from .train import Recipe, TrainConfig, init_memory_decoder, train, write_memdec_json
 
 METHODS = ("ce-decoder", "dapt", "lora")  # also the order of their rows in a table
@@ -74,6 +73,7 @@ BASELINE_HELP = {
     "model": "with --corpus: the base model spec",
     "corpus": "instead of --datastore: train on this corpus, tokenized as `memdec datastore` does",
     "max_tokens": "with --corpus: use its first N tokens (as `memdec datastore --max-tokens`)",
+    "text_field": "with --corpus: the JSONL / dataset field that holds the text",
     "alpha": "must be 0: the baselines learn next-token cross-entropy only",
     "init": "ce-decoder: initialise from this model spec (as `memdec train --init`)",
     "init_layers": "ce-decoder: initialise from the base's first N blocks (as `memdec train --init-layers`)",
@@ -132,6 +132,7 @@ class BaselineRecipe(Recipe):
         if method not in METHODS:
             raise MemdecError(f"unknown --method '{method}' (choose from: {', '.join(METHODS)})")
         self.name = method
+        self.meta_files = (BASELINE_JSON, "memdec.json") if method == "ce-decoder" else (BASELINE_JSON,)
         # ce-decoder is judged mixed with the base, as the memory decoder is; dapt and lora alone
         self.select = "best_ppl" if method == "ce-decoder" else "valid_ppl_memdec"
 
@@ -174,7 +175,7 @@ class BaselineRecipe(Recipe):
         meta = {**info, "format": BASELINE_FORMAT, "version": 1, "method": self.name}
         if self.name != "ce-decoder":
             meta["lambda"] = None  # evaluated alone
-        atomic_write(folder / BASELINE_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write_json(folder / BASELINE_JSON, meta)
 
 
 def train_baseline(cfg: BaselineConfig, on_step=None) -> Path:

@@ -19,3 +19,9 @@ class TokenizerMismatchError(MemdecError):
 
 class DatastoreError(MemdecError):
     """A datastore that is incomplete, corrupt or built from other inputs."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of any exception, for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

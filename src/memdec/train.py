@@ -12,11 +12,14 @@ Output folder ``--out CKPT``:
 - ``CKPT/`` itself is the best checkpoint by validation score (or the last, without ``--valid``):
   a Hugging Face model folder that ``AutoModelForCausalLM.from_pretrained`` loads, plus
   ``memdec.json``;
-- ``CKPT/trainer_state/``: the last checkpoint with optimizer, scheduler and RNG state, for resume;
+- ``CKPT/trainer_state/step-NNNNNNNN/``: the last saved step with optimizer, scheduler and RNG
+  state, for resume; each step is staged whole and committed by one rename (``TrainerState``);
 - ``CKPT/log.jsonl``: one line per logged step and per validation.
 
-Every file is written through a temporary file and renamed into place; ``memdec.json`` and
-``trainer_state/state.json`` are written last, so they commit a save.
+Every file is written through a temporary file and renamed into place. The best checkpoint's
+``memdec.json`` is removed before its weights change and written last, so ``CKPT/`` is a loadable
+checkpoint exactly when it holds one. A folder that memdec did not create is refused as ``--out``;
+a non-finite loss or gradient stops the run before the update, and no non-finite weight is saved.
 """
 
 from __future__ import annotations
@@ -27,23 +30,28 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .checks import check_non_negative, check_positive, check_positive_int, check_unit_interval
+from .data import load_token_stream
+from .datastore import open_datastore
 from .errors import MemdecError, TokenizerMismatchError
-from .files import atomic_write
-
-if TYPE_CHECKING:
-    from .targets import KnnTargets
+from .evaluate import base_scorer, mix_logprobs, score_tokens
+from .files import atomic_write, atomic_write_json, atomic_write_text, read_json_object
+from .models import load_model, resolve_device, tokenizer_fingerprint, vocab_rows
+from .targets import KnnTargets, load_targets
 
 CHECKPOINT_FORMAT = "memdec"
 CHECKPOINT_VERSION = 1
@@ -93,6 +101,11 @@ TRAIN_HELP = {
     "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "cosine decay ends at lr * this",
     "warmup": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay of the matrices (norms and biases get none)",
+    "max_grad_norm": "clip the global gradient norm to this value",
+    "log_every": "write a line to CKPT/log.jsonl every K optimizer steps",
+    "seed": "random seed (window order, initialisation of new parameters)",
+    "device": "auto, cpu or cuda",
     "batch_size": "windows per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "block_size": "window length in tokens",
@@ -220,7 +233,7 @@ def window_starts(n_positions: int, block_size: int) -> np.ndarray:
     return starts
 
 
-def collate(tokens: np.ndarray, targets: "KnnTargets | None", starts: np.ndarray, block: int, need_targets: bool = True) -> dict:
+def collate(tokens: np.ndarray, targets: KnnTargets | None, starts: np.ndarray, block: int, need_targets: bool = True) -> dict:
     """One micro-batch of windows starting at ``starts``.
 
     Returns input_ids [B, T], labels [B, T] (the next tokens), and, when ``need_targets``,
@@ -319,8 +332,6 @@ def shortened_copy(model, n_layers: int, selection: str = "first"):
 
 def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
     """Build the decoder to train; its tokenizer must equal the datastore's. Returns (model, tokenizer)."""
-    from .models import load_model, tokenizer_fingerprint
-
     if cfg.init is not None and cfg.init_layers is not None:
         raise MemdecError("give --init or --init-layers, not both")
     spec = cfg.init or manifest["model"]
@@ -349,18 +360,23 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
     try:
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        model.config.use_cache = False
-        tokenizer.save_pretrained(tmp)
+        write_model_files(model, tokenizer, tmp)
         for f in tmp.iterdir():
             os.replace(f, folder / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_model_files(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of the model (with ``use_cache`` on, as users load it) and its tokenizer."""
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    model.config.use_cache = False
+    tokenizer.save_pretrained(folder)
+
+
 def write_memdec_json(folder: Path, info: dict) -> None:
-    atomic_write(folder / "memdec.json", lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write_json(folder / "memdec.json", info)
 
 
 def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
@@ -374,6 +390,90 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_finite_weights(model, what: str) -> None:
+    """MemdecError unless every parameter of ``model`` is finite: nothing non-finite is ever saved."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise MemdecError(f"{what}: non-finite weights in {len(bad)} tensors ({bad[0]}, ...); nothing was saved. "
+                          f"Lower --lr or --max-grad-norm, or check the datastore's targets")
+
+
+class TrainerState:
+    """``CKPT/trainer_state/``: the resumable checkpoints of a run, one folder per saved step.
+
+    A step is written whole into ``.step-NNNNNNNN.tmp/`` (weights, ``optimizer.pt``,
+    ``rng-RANK.json`` of every process, then ``state.json``) and renamed to ``step-NNNNNNNN/``:
+    one atomic rename commits it. Only then are older steps deleted, so an interruption at any
+    point leaves the previous complete step in place, and a resume takes the newest complete one.
+    Nothing here is unpickled: RNG states are JSON, the optimizer is read with ``weights_only=True``.
+    """
+
+    def __init__(self, out: Path):
+        self.dir = out / "trainer_state"
+
+    def step_dirs(self) -> list[Path]:
+        """Complete steps, oldest first (a ``step-*`` folder exists only once its rename committed it)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name))
+
+    def latest(self) -> dict | None:
+        """``state.json`` of the newest complete step, with its ``folder``; None if there is none."""
+        steps = self.step_dirs()
+        if steps:
+            return {**read_json_object(steps[-1] / "state.json", "trainer state"), "folder": steps[-1]}
+        legacy = self.dir / "state.json"  # memdec before per-step folders: readable, not resumable
+        if legacy.is_file():
+            return {**read_json_object(legacy, "trainer state"), "folder": None}
+        return None
+
+    def staging(self, step: int) -> Path:
+        return self.dir / f".step-{step:08d}.tmp"
+
+    def begin(self, step: int) -> Path:
+        """A fresh staging folder for ``step`` (the main process calls this before any rank writes)."""
+        tmp = self.staging(step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def promote(self, step: int) -> Path:
+        """Rename the staged step into place: the commit. The caller then ``clean``s the older ones."""
+        final = self.dir / f"step-{step:08d}"
+        if final.exists():  # a leftover of an interrupted run at the same step, newer than any resumed from
+            shutil.rmtree(final)
+        os.rename(self.staging(step), final)
+        return final
+
+    def clean(self, keep: Path | None) -> None:
+        """Delete staging folders and every step but ``keep``."""
+        if not self.dir.is_dir():
+            return
+        for p in self.dir.iterdir():
+            if p != keep and p.is_dir() and (p.name.startswith(".step-") or re.fullmatch(r"step-\d{8}", p.name)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state_json() -> dict:
+    """Every RNG this process uses, as plain JSON (never a pickle)."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [version, list(internal), gauss],
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
+
+
+def set_rng_state_json(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
 # --------------------------------------------------------------------------------------------
 # What to train
 
@@ -385,19 +485,19 @@ class Recipe:
     schedule, validation, checkpoints and resume are shared, so every recipe sees the same
     windows in the same order under the same budget.
 
-    name: the system's name in logs. meta_file: the JSON file that commits a checkpoint.
+    name: the system's name in logs. meta_file: the JSON file that commits a checkpoint (meta_files:
+    all of its metadata files).
     select: the validation score that picks the best checkpoint: ``best_ppl`` (mixed with the
     base at the best λ) or ``valid_ppl_memdec`` (the trained model alone).
     """
 
     name = "memdec"
     meta_file = "memdec.json"
+    meta_files: tuple[str, ...] = ("memdec.json",)  # every metadata file a checkpoint of this recipe holds
     select = "best_ppl"
 
     def data(self, cfg: TrainConfig) -> tuple[np.ndarray, dict]:
         """The training token stream, int32 [N+1], and the manifest naming its base model and tokenizer."""
-        from .datastore import open_datastore
-
         store = open_datastore(cfg.datastore)
         return np.asarray(store.tokens), store.manifest
 
@@ -419,8 +519,6 @@ class Recipe:
         """Write the checkpoint's metadata; written last, it commits the checkpoint."""
         write_memdec_json(folder, info)
 
-    def read_meta(self, folder: Path) -> dict:
-        return json.loads((folder / self.meta_file).read_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,10 +529,6 @@ class Validator:
     """Scores the decoder on a validation corpus, alone and mixed with the base at each λ."""
 
     def __init__(self, cfg: TrainConfig, manifest: dict, tokenizer, device: str):
-        from .data import load_token_stream
-        from .evaluate import base_scorer, score_tokens
-        from .models import load_model
-
         self.tokens = load_token_stream(cfg.valid, tokenizer, cfg.valid_max_tokens)
         self.block = cfg.block_size
         self.device = device
@@ -444,8 +538,6 @@ class Validator:
         self.lambdas = sorted(set(cfg.lambdas))
 
     def __call__(self, model) -> dict:
-        from .evaluate import base_scorer, mix_logprobs, score_tokens
-
         was_training = model.training
         model.eval()
         mem_nll, _ = score_tokens(base_scorer(model), self.tokens, self.block, self.block // 2, device=self.device, desc="valid", progress=False)
@@ -465,225 +557,361 @@ class Validator:
 # The loop
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def check_train_config(cfg: TrainConfig) -> None:
+    """Reject every bad setting with one clear line, before anything is loaded or written."""
+    check_unit_interval(cfg.alpha, "--alpha")
+    check_unit_interval(cfg.teacher_base_weight, "--teacher-base-weight")
+    if not cfg.lambdas:
+        raise MemdecError("--lambdas needs at least one value in [0, 1]")
+    for lam in cfg.lambdas:
+        check_unit_interval(lam, "--lambdas")
+    check_non_negative(cfg.lr, "--lr")
+    check_unit_interval(cfg.min_lr_ratio, "--min-lr-ratio")
+    check_positive(cfg.max_grad_norm, "--max-grad-norm")
+    check_non_negative(cfg.weight_decay, "--weight-decay")
+    check_non_negative(cfg.warmup, "--warmup")
+    if cfg.max_steps is None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise MemdecError(f"--epochs must be a positive number, got {cfg.epochs}: the schedule has no steps")
+    for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
+                        ("--block-size", cfg.block_size), ("--eval-every", cfg.eval_every),
+                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every)):
+        if value is not None:
+            check_positive_int(value, flag)
+    if cfg.valid_max_tokens < 2:
+        raise MemdecError(f"--valid-max-tokens must be at least 2, got {cfg.valid_max_tokens}")
+    if cfg.init is not None and cfg.init_layers is not None:
+        raise MemdecError("give --init or --init-layers, not both")
+    if cfg.init_layers is not None:
+        check_positive_int(cfg.init_layers, "--init-layers")
+    if cfg.layer_selection not in ("first", "spread"):
+        raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None:
+    """``--out`` must be new, empty, or a checkpoint folder of this kind that memdec made: a folder
+    memdec did not create is never changed."""
+    if datastore is not None:
+        ds = Path(datastore).expanduser().resolve()
+        if out.resolve() == ds or ds in out.resolve().parents:
+            raise MemdecError(f"--out {out} lies inside the datastore {datastore}; choose a folder of its own")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise MemdecError(f"--out {out} is a file; choose a folder")
+    if not any(out.iterdir()) or (out / "trainer_state").is_dir():
+        return
+    if any((out / f).is_file() for f in recipe.meta_files):
+        return  # a finished checkpoint without trainer state: the resume logic says what to do
+    raise MemdecError(f"--out {out} is a folder memdec did not create (no trainer_state/ or {recipe.meta_file}); "
+                      f"memdec never changes such a folder: choose a new or empty --out")
 
 
-def train(cfg: TrainConfig, on_step=None, recipe: Recipe | None = None) -> Path:
-    """Train a memory decoder; returns the checkpoint folder. Resumes from CKPT/trainer_state.
+class Trainer:
+    """One training run, resumable: ``Trainer(cfg, recipe).run()`` returns the checkpoint folder.
 
-    ``on_step(step, record)`` is called after every optimizer step (used by tests and the
-    ``adapt`` display). ``recipe`` says what to train (default: the memory decoder); see
-    ``memdec.baselines`` for the others.
+    Plan (windows, steps), resume (the newest complete step of ``CKPT/trainer_state``), step
+    (micro-batches, a finite-loss check, clipping, the update), validate (``Validator``) and save
+    (the best checkpoint in ``CKPT/``, the resumable state in ``TrainerState``).
+    ``on_step(step, record)`` runs after every optimizer step; ``on_save(event, step)`` at each
+    point of a save (``rng``, ``weights``, ``optimizer``, ``state``, ``renamed``: tests interrupt there).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
-    from .models import resolve_device, tokenizer_fingerprint
-    from .targets import load_targets
+    def __init__(self, cfg: TrainConfig, recipe: "Recipe | None" = None, on_step=None, on_save=None):
+        check_train_config(cfg)
+        self.cfg, self.recipe = cfg, recipe or Recipe()
+        self.on_step, self.on_save = on_step, on_save
+        self.out = Path(cfg.out).expanduser()
+        check_out_folder(self.out, self.recipe, cfg.datastore)
+        self.state = TrainerState(self.out)
+        self.tokens, self.manifest = self.recipe.data(cfg)
+        self.targets = load_targets(cfg.datastore) if cfg.alpha > 0 else None
+        self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash)
+        self.device = resolve_device(cfg.device)
+        self.cpu = not self.device.startswith("cuda")
+        self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16", gradient_accumulation_steps=1)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self._plan()
+        self.previous = self._previous()
 
-    recipe = recipe or Recipe()
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise MemdecError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
-    tokens, manifest = recipe.data(cfg)
-    targets = load_targets(cfg.datastore) if cfg.alpha > 0 else None
-    manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    # -- plan and resume ---------------------------------------------------------------------
 
-    device = resolve_device(cfg.device)
-    cpu = not device.startswith("cuda")
-    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16", gradient_accumulation_steps=1)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    set_seed(cfg.seed)
+    def _plan(self) -> None:
+        cfg = self.cfg
+        n_positions = len(self.tokens) - 1
+        self.block = min(cfg.block_size, n_positions)
+        self.starts = window_starts(n_positions, self.block)
+        self.windows_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(self.starts) / self.windows_per_step)
+        if self.total_steps < 1:
+            raise MemdecError(f"the schedule has no steps: {len(self.starts)} windows of {self.block} tokens, "
+                              f"{self.windows_per_step} per step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
 
-    n_positions = len(tokens) - 1
-    block = min(cfg.block_size, n_positions)
-    starts = window_starts(n_positions, block)
-    micro_per_step = cfg.grad_accum
-    windows_per_step = cfg.batch_size * cfg.grad_accum * world
-    total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(starts) / windows_per_step)
-    if total_steps < 1:
-        raise MemdecError(
-            f"the schedule has no steps: {len(starts)} windows of {block} tokens, {windows_per_step} per step, "
-            f"epochs={cfg.epochs}, max_steps={cfg.max_steps}"
-        )
+    def _previous(self) -> dict | None:
+        """The state of the newest complete step of an earlier call of this run, to resume from."""
+        prev = self.state.latest()
+        if prev is None:
+            if self.cfg.resume and any((self.out / f).is_file() for f in self.recipe.meta_files):
+                raise MemdecError(f"{self.out} holds a finished checkpoint without trainer state; choose another --out")
+            return None
+        if prev.get("run_fingerprint") != self.fingerprint or prev.get("recipe", self.recipe.name) != self.recipe.name:
+            raise MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
+                              f"choose another --out, or delete {self.out} to start over")
+        if not self.cfg.resume:
+            return None
+        if prev["folder"] is None and prev["step"] < self.total_steps:
+            raise MemdecError(f"{self.state.dir} was written by an older memdec and cannot be resumed; "
+                              f"delete {self.out} (or use --no-resume) to start over")
+        return prev
 
-    out = Path(cfg.out)
-    state_dir = out / "trainer_state"
-    fingerprint = run_fingerprint(cfg, manifest_hash)
-    resume_state = None
-    if (state_dir / "state.json").is_file():
-        prev = json.loads((state_dir / "state.json").read_text())
-        if prev.get("run_fingerprint") != fingerprint:
-            raise MemdecError(
-                f"{out} holds a checkpoint of another run (other datastore or settings); "
-                f"choose another --out, or delete {out} to start over"
-            )
-        if cfg.resume:
-            resume_state = prev
-    elif out.exists() and (out / recipe.meta_file).is_file() and cfg.resume:
-        raise MemdecError(f"{out} holds a finished checkpoint without trainer state; choose another --out")
-
-    init_from = str(state_dir) if resume_state else None
-    model, tokenizer = recipe.init_model(cfg, manifest)
-    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer_hash"]:  # init_memory_decoder checks; keep the invariant
-        raise TokenizerMismatchError("tokenizer mismatch")
-    if init_from:
-        recipe.load_weights(model, state_dir)
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:  # frozen (the base weights under LoRA)
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, cfg.warmup, cfg.min_lr_ratio))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step, best = 0, None
-    if resume_state:
-        payload = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-        if payload["step"] != resume_state["step"]:
-            raise MemdecError(f"{state_dir}: optimizer state (step {payload['step']}) and state.json (step {resume_state['step']}) disagree")
-        rng = torch.load(state_dir / f"rng_{rank}.pt", map_location="cpu", weights_only=False)
-        if rng["step"] != resume_state["step"]:
-            raise MemdecError(f"{state_dir}: RNG state of process {rank} is from step {rng['step']}, not {resume_state['step']}")
+    def _load_resumed(self, optimizer, scheduler) -> None:
+        """Optimizer, scheduler and RNG states of ``self.previous`` (weights are loaded before ``prepare``)."""
+        folder, step = self.previous["folder"], self.previous["step"]
+        try:
+            payload = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a corrupt or crafted file: refuse it, never unpickle
+            raise MemdecError(f"{folder / 'optimizer.pt'}: unreadable optimizer state ({type(exc).__name__}); "
+                              f"delete {self.state.dir} or use --no-resume to start over") from None
+        rng = read_json_object(folder / f"rng-{self.rank}.json", "RNG state")
+        for what, got in (("optimizer state", payload.get("step")), (f"RNG state of process {self.rank}", rng.get("step"))):
+            if got != step:
+                raise MemdecError(f"{folder}: {what} is from step {got}, not {step} (corrupt)")
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        _set_rng_state(rng["rng"])
-        start_step, best = resume_state["step"], resume_state.get("best")
-    seconds_before = float(resume_state.get("seconds", 0.0)) if resume_state else 0.0  # training time of earlier calls
+        set_rng_state_json(rng["rng"])
 
-    teacher_base = None  # the frozen base model, when the teacher mixes in its distribution
-    if cfg.alpha > 0 and cfg.teacher_base_weight > 0:
-        from .models import load_model
+    # -- the run -----------------------------------------------------------------------------
 
-        teacher_base, _ = load_model(manifest["model"], device=str(accelerator.device))
-        teacher_base.eval().requires_grad_(False)
+    def run(self) -> Path:
+        if self.previous is not None and self.previous["folder"] is None:  # a finished run of an older memdec
+            return self.out
+        set_seed(self.cfg.seed)
+        model, self.tokenizer = self.recipe.init_model(self.cfg, self.manifest)
+        if self.targets is not None:
+            self.targets.check_vocab(vocab_rows(model), self.cfg.datastore)
+        if self.previous:
+            self.recipe.load_weights(model, self.previous["folder"])
+        optimizer, scheduler = self._optimizer(model)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        start_step, self.best = 0, None
+        if self.previous:
+            self._load_resumed(self.optimizer, self.scheduler)
+            start_step, self.best = self.previous["step"], self.previous.get("best")
+        self.saved_step = start_step
+        self.seconds_before = float(self.previous.get("seconds", 0.0)) if self.previous else 0.0
+        self.teacher_base = self._teacher_base()
+        self.validator = None
+        if self.cfg.valid and self.accelerator.is_main_process:
+            self.validator = Validator(self.cfg, self.manifest, self.tokenizer, self.accelerator.device.type)
+        self.info = self._info()
+        self._open_log(start_step)
+        self._loop(start_step)
+        return self.out
 
-    validator = None
-    if cfg.valid and accelerator.is_main_process:
-        validator = Validator(cfg, manifest, tokenizer, accelerator.device.type if not cpu else "cpu")
-    unwrapped = accelerator.unwrap_model(model)
-    info = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "base_model": manifest["model"], "tokenizer_hash": manifest["tokenizer_hash"],
-        "datastore": str(Path(cfg.datastore).resolve()) if cfg.datastore else None, "datastore_manifest_hash": manifest_hash,
-        "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
-        "k": manifest.get("steps", {}).get("targets", {}).get("k"),
-        "knn_temperature": manifest.get("steps", {}).get("targets", {}).get("temperature"),
-        "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight, "init": cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers else f"{manifest['model']} (full copy)"),
-        "n_parameters": sum(p.numel() for p in unwrapped.parameters()),
-        "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
-        "world_size": world,
-    }
+    def _optimizer(self, model):
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:  # frozen (the base weights under LoRA)
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        total = self.total_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup, cfg.min_lr_ratio))
+        return optimizer, scheduler
 
-    def save_best(record: dict) -> None:
-        if not accelerator.is_main_process:
+    def _teacher_base(self):
+        """The frozen base model, when the teacher mixes in its distribution (β > 0)."""
+        if not (self.cfg.alpha > 0 and self.cfg.teacher_base_weight > 0):
+            return None
+        base, _ = load_model(self.manifest["model"], device=str(self.accelerator.device))
+        return base.eval().requires_grad_(False)
+
+    def _info(self) -> dict:
+        cfg, manifest, model = self.cfg, self.manifest, self.unwrapped
+        targets = manifest.get("steps", {}).get("targets", {})
+        init = cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers
+                            else f"{manifest['model']} (full copy)")
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "base_model": manifest["model"], "tokenizer_hash": manifest["tokenizer_hash"],
+            "datastore": str(Path(cfg.datastore).resolve()) if cfg.datastore else None,
+            "datastore_manifest_hash": self.manifest_hash,
+            "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
+            "k": targets.get("k"), "knn_temperature": targets.get("temperature"),
+            "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight, "init": init,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "world_size": self.world,
+        }
+
+    def train_seconds(self) -> float:
+        """Wall time of the loop (validation and saves included), over every call that resumed it."""
+        return self.seconds_before + time.perf_counter() - self.t_start
+
+    def _loop(self, start_step: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", disable=not acc.is_main_process)
+        self.t_start, tokens_done = time.perf_counter(), 0
+        self.model.train()
+        for step in range(start_step, self.total_steps):
+            record = self._step(step)
+            tokens_done += self.windows_per_step * self.block
+            record["tokens_per_s"] = tokens_done / (time.perf_counter() - self.t_start)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.3f}", ce=f"{record['ce']:.3f}",
+                            lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            done = step + 1 == self.total_steps
+            if self.validator is not None and ((step + 1) % cfg.eval_every == 0 or done):
+                self._validate(step + 1, record, bar)
+            if (step + 1) % cfg.log_every == 0 or "best_ppl" in record or done:
+                self._log(record)
+            if (step + 1) % cfg.save_every == 0 or done:
+                acc.wait_for_everyone()
+                if self.validator is None and acc.is_main_process:
+                    self._save_best(record)
+                self._save_state(step + 1)
+            if self.on_step is not None:
+                self.on_step(step + 1, record)
+        bar.close()
+        acc.wait_for_everyone()
+        if acc.is_main_process and start_step < self.total_steps:  # the whole loop's time, not the best step's
+            meta = read_json_object(self.out / self.recipe.meta_file, self.recipe.meta_file)
+            self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1)})
+
+    def _step(self, step: int) -> dict:
+        """One optimizer step over ``grad_accum`` micro-batches; MemdecError (before the update) if
+        the loss or the gradient norm is not finite on any process."""
+        cfg, acc, n_micro = self.cfg, self.accelerator, self.cfg.grad_accum
+        sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+        for micro in range(n_micro):
+            starts = micro_batch_starts(self.starts, cfg.seed, step * n_micro + micro, cfg.batch_size, self.rank, self.world)
+            batch = {k: v.to(acc.device) for k, v in collate(self.tokens, self.targets, starts, self.block, cfg.alpha > 0).items()}
+            sync = micro == n_micro - 1
+            with acc.no_sync(self.model) if (not sync and self.world > 1) else nullcontext():
+                loss, kl, ce = self._loss(batch)
+                acc.backward(loss / n_micro)
+            for key, value in (("loss", loss), ("kl", kl), ("ce", ce)):
+                sums[key] += value.item() / n_micro
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        bad = torch.tensor(float(not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm))), device=acc.device)
+        if self.world > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise MemdecError(
+                f"step {step + 1}: the loss ({sums['loss']:.4g}) or the gradient norm ({grad_norm:.4g}) is not finite; "
+                f"stopped before the update. The last good checkpoint is step {self.saved_step} in {self.state.dir}. "
+                f"Lower --lr, or check the datastore's targets")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"step": step + 1, **sums, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+    def _loss(self, batch: dict):
+        cfg = self.cfg
+        with self.accelerator.autocast():
+            logits = self.model(input_ids=batch["input_ids"]).logits
+            base_logits = None
+            if self.teacher_base is not None:
+                with torch.no_grad():
+                    base_logits = self.teacher_base(input_ids=batch["input_ids"]).logits.reshape(-1, logits.shape[-1])
+        flat, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        if cfg.alpha > 0:
+            return sparse_kl_ce_loss(flat, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"],
+                                     cfg.alpha, base_logits, cfg.teacher_base_weight)
+        return sparse_kl_ce_loss(flat, labels, None, None, None, 0.0)
+
+    def _validate(self, step: int, record: dict, bar) -> None:
+        scores = self.validator(self.unwrapped)
+        record.update(scores)
+        select = self.recipe.select
+        if self.best is None or scores[select] < self.best[select]:
+            self.best = {"step": step, **scores}
+            self._save_best(record)
+        bar.write(f"step {step}: valid ppl base {scores['valid_ppl_base']:.2f}, {self.recipe.name} "
+                  f"{scores['valid_ppl_memdec']:.2f}, joint {scores['best_ppl']:.2f} at lambda {scores['best_lambda']:g}")
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def _event(self, name: str, step: int) -> None:
+        if self.on_save is not None:
+            self.on_save(name, step)
+
+    def _save_best(self, record: dict) -> None:
+        """The best checkpoint, in ``CKPT/`` itself: its metadata files go first and come back last,
+        so the folder is a loadable checkpoint exactly when they are there."""
+        if not self.accelerator.is_main_process:
             return
-        save_model_folder(unwrapped, tokenizer, out)
-        recipe.write_meta(out, {**info, "lambda": record.get("best_lambda", 0.5), "train_seconds": round(train_seconds(), 1),
-                                "train_stats": record, "train_config": asdict(cfg)})
+        check_finite_weights(self.unwrapped, f"{self.out} (step {record['step']})")
+        for name in self.recipe.meta_files:
+            (self.out / name).unlink(missing_ok=True)
+        save_model_folder(self.unwrapped, self.tokenizer, self.out)
+        self.recipe.write_meta(self.out, {**self.info, "lambda": record.get("best_lambda", 0.5),
+                                          "train_seconds": round(self.train_seconds(), 1),
+                                          "train_stats": record, "train_config": asdict(self.cfg)})
 
-    def save_state(step: int) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(state_dir / f"rng_{rank}.pt", lambda p: torch.save({"step": step, "rng": _rng_state()}, p))
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
+    def _save_state(self, step: int) -> None:
+        """Stage every process's share of the step, then commit it with one rename (``TrainerState``)."""
+        acc, main = self.accelerator, self.accelerator.is_main_process
+        if main:
+            check_finite_weights(self.unwrapped, f"{self.state.dir} (step {step})")
+            self.state.begin(step)
+        acc.wait_for_everyone()
+        stage = self.state.staging(step)
+        atomic_write_json(stage / f"rng-{self.rank}.json", {"step": step, "rng": rng_state_json()})
+        self._event("rng", step)
+        acc.wait_for_everyone()
+        if main:
+            write_model_files(self.unwrapped, self.tokenizer, stage)
+            self._event("weights", step)
+            payload = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            atomic_write(stage / "optimizer.pt", lambda p: torch.save(payload, p))
+            self._event("optimizer", step)
+            atomic_write_json(stage / "state.json", {
+                "step": step, "total_steps": self.total_steps, "run_fingerprint": self.fingerprint,
+                "recipe": self.recipe.name, "best": self.best, "seconds": round(self.train_seconds(), 3)})
+            self._event("state", step)
+            final = self.state.promote(step)
+            self.saved_step = step
+            self._event("renamed", step)
+            self.state.clean(keep=final)
+        acc.wait_for_everyone()
+
+    # -- the log -----------------------------------------------------------------------------
+
+    def _open_log(self, start_step: int) -> None:
+        """``log.jsonl`` of this run: started afresh, or cut back to the resumed step so no step repeats."""
+        if not self.accelerator.is_main_process:
             return
-        save_model_folder(unwrapped, tokenizer, state_dir)
-        atomic_write(state_dir / "optimizer.pt", lambda p: torch.save(
-            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, p))
-        atomic_write(state_dir / "state.json", lambda p: p.write_text(json.dumps(
-            {"step": step, "total_steps": total_steps, "run_fingerprint": fingerprint, "best": best,
-             "seconds": round(train_seconds(), 3)}, indent=2)))
+        self.state.dir.mkdir(parents=True, exist_ok=True)  # from here on the folder is this run's
+        self.log_path = self.out / "log.jsonl"
+        if start_step == 0:
+            self.log_path.unlink(missing_ok=True)
+        elif self.log_path.is_file():
+            kept = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
+            atomic_write_text(self.log_path, "".join(f"{line}\n" for line in kept))
 
-    log_path = out / "log.jsonl"
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if start_step == 0 and log_path.exists():
-            log_path.unlink()
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    tokens_per_step = windows_per_step * block
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not accelerator.is_main_process)
-    t_start, tokens_done = time.perf_counter(), 0
 
-    def train_seconds() -> float:
-        """Wall time of the loop (validation and saves included), over every call that resumed it."""
-        return seconds_before + time.perf_counter() - t_start
+def train(cfg: TrainConfig, on_step=None, recipe: "Recipe | None" = None, on_save=None) -> Path:
+    """Train a memory decoder (or what ``recipe`` says); returns the checkpoint folder.
 
-    model.train()
-    for step in range(start_step, total_steps):
-        kl_sum = ce_sum = loss_sum = 0.0
-        for micro in range(micro_per_step):
-            batch_starts = micro_batch_starts(starts, cfg.seed, step * micro_per_step + micro, cfg.batch_size, rank, world)
-            batch = {k: v.to(accelerator.device) for k, v in collate(tokens, targets, batch_starts, block, cfg.alpha > 0).items()}
-            sync = micro == micro_per_step - 1
-            ctx = accelerator.no_sync(model) if (not sync and world > 1) else nullcontext()
-            with ctx:
-                with accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"]).logits
-                    base_logits = None
-                    if teacher_base is not None:
-                        with torch.no_grad():
-                            base_logits = teacher_base(input_ids=batch["input_ids"]).logits.reshape(-1, logits.shape[-1])
-                flat = logits.reshape(-1, logits.shape[-1])
-                if cfg.alpha > 0:
-                    loss, kl, ce = sparse_kl_ce_loss(flat, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"],
-                                                     batch["target_probs"], cfg.alpha, base_logits, cfg.teacher_base_weight)
-                else:
-                    loss, kl, ce = sparse_kl_ce_loss(flat, batch["labels"].reshape(-1), None, None, None, 0.0)
-                accelerator.backward(loss / micro_per_step)
-            loss_sum += loss.item() / micro_per_step
-            kl_sum += kl.item() / micro_per_step
-            ce_sum += ce.item() / micro_per_step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_done += tokens_per_step
-        elapsed = time.perf_counter() - t_start
-        record = {"step": step + 1, "loss": loss_sum, "kl": kl_sum, "ce": ce_sum,
-                  "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tokens_done / elapsed}
-        bar.set_postfix(loss=f"{loss_sum:.3f}", kl=f"{kl_sum:.3f}", ce=f"{ce_sum:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        done = step + 1 == total_steps
-        if validator is not None and ((step + 1) % cfg.eval_every == 0 or done):
-            scores = validator(unwrapped)
-            record.update(scores)
-            if best is None or scores[recipe.select] < best[recipe.select]:
-                best = {"step": step + 1, **scores}
-                save_best(record)
-            bar.write(f"step {step + 1}: valid ppl base {scores['valid_ppl_base']:.2f}, {recipe.name} {scores['valid_ppl_memdec']:.2f}, "
-                      f"joint {scores['best_ppl']:.2f} at lambda {scores['best_lambda']:g}")
-        if (step + 1) % cfg.log_every == 0 or "best_ppl" in record or done:
-            log(record)
-        if (step + 1) % cfg.save_every == 0 or done:
-            accelerator.wait_for_everyone()
-            if validator is None and accelerator.is_main_process:
-                save_best(record)
-            save_state(step + 1)
-        if on_step is not None:
-            on_step(step + 1, record)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if start_step >= total_steps and accelerator.is_main_process and not (out / recipe.meta_file).is_file():
-        save_best({"step": total_steps})
-    elif start_step < total_steps and accelerator.is_main_process:  # the whole loop's time, not the best step's
-        recipe.write_meta(out, {**recipe.read_meta(out), "train_seconds": round(train_seconds(), 1)})
-    return out
+    Resumes from the newest complete step in ``CKPT/trainer_state``. ``on_step(step, record)``
+    is called after every optimizer step, ``on_save(event, step)`` inside each save (tests).
+    """
+    return Trainer(cfg, recipe, on_step=on_step, on_save=on_save).run()
