@@ -34,7 +34,9 @@ never touched: that is an error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -55,6 +57,11 @@ MANIFEST = "manifest.json"
 VERSION = 1
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 IDENTITY_FIELDS = ("model", "tokenizer_hash", "corpus_hash", "block_size", "stride")
+SEARCH_BLOCK = 64  # the targets search this many positions per call, at aligned offsets: the
+# distances (and so the files) are then the same whatever --search-batch, since BLAS rounding
+# depends on how many queries a call holds
+DEFAULT_K = 1024
+DEFAULT_KNN_TEMP = 1.0
 
 
 @dataclass
@@ -62,8 +69,8 @@ class DatastoreConfig:
     model: str
     corpus: str
     out: str
-    k: int = 1024
-    knn_temp: float = 1.0
+    k: int | None = None  # None: the folder's k, or DEFAULT_K for a new datastore
+    knn_temp: float | None = None  # None: the folder's temperature, or DEFAULT_KNN_TEMP
     top_m: int | None = None
     index: str = "auto"
     block_size: int = 1024
@@ -86,8 +93,8 @@ DATASTORE_HELP = {
     "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
     "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
     "out": "datastore folder (created; an interrupted build resumes here)",
-    "k": "neighbours per position (the position itself excluded)",
-    "knn_temp": "temperature T of softmax(-d/T) over squared L2 distances",
+    "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
+    "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, else {DEFAULT_KNN_TEMP:g}",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
     "index": "auto, flat (exact), ivfpq (approximate, for large datastores) or torch (exact, on CUDA; no faiss needed)",
     "block_size": "window length in tokens",
@@ -101,7 +108,7 @@ DATASTORE_HELP = {
     "nprobe": "ivfpq: lists probed per search (default: enough for k)",
     "refine": "ivfpq: re-rank refine*k candidates on exact keys (0: plain PQ distances)",
     "flat_threshold": "auto: exact search up to this many keys (default 100000 on CPU)",
-    "search_batch": "positions per target-search chunk",
+    "search_batch": "positions per target chunk written and recorded (a multiple of 64)",
     "threads": "faiss threads (default: every core)",
     "progress": "show progress bars",
 }
@@ -273,16 +280,18 @@ def _check_config(cfg: DatastoreConfig) -> None:
 
     if cfg.index not in INDEX_KINDS:
         raise DatastoreError(f"unknown index type '{cfg.index}'; choose one of: {', '.join(INDEX_KINDS)}")
-    if cfg.k < 1:
-        raise DatastoreError(f"--k must be at least 1, got {cfg.k}")
-    if not cfg.knn_temp > 0:
-        raise DatastoreError(f"--knn-temp must be positive, got {cfg.knn_temp}")
+    if cfg.k is not None and (not isinstance(cfg.k, int) or cfg.k < 1):
+        raise DatastoreError(f"--k must be a whole number >= 1, got {cfg.k}")
+    if cfg.knn_temp is not None and not (math.isfinite(cfg.knn_temp) and cfg.knn_temp > 0):
+        raise DatastoreError(f"--knn-temp must be a positive number, got {cfg.knn_temp}")
     if cfg.top_m is not None and cfg.top_m < 1:
         raise DatastoreError(f"--top-m must be at least 1, got {cfg.top_m}")
     if cfg.block_size < 1 or cfg.stride < 1 or cfg.stride > cfg.block_size:
         raise DatastoreError(f"need 1 <= --stride <= --block-size, got stride {cfg.stride}, block size {cfg.block_size}")
-    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.search_batch < 1:
-        raise DatastoreError("--batch-size and --search-batch must be positive")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise DatastoreError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.search_batch < 1 or cfg.search_batch % SEARCH_BLOCK:
+        raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
 
 
 def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
@@ -410,6 +419,8 @@ def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
             raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.get('bytes')} "
                                  f"(truncated or corrupt); delete it to rebuild the index")
         _say(cfg, f"{path.name} is missing: rebuilding the index")
+    if step["status"] in ("done", "running") and step.get("params") != params.to_json():
+        _say(cfg, f"rebuilding the index (and then the targets): {step.get('params')} -> {params.to_json()}")
     manifest["steps"]["index"] = step = {"status": "running", "type": params.kind, "params": params.to_json()}
     manifest["steps"]["targets"] = {"status": "pending"}  # targets depend on the index
     write_manifest(out, manifest)
@@ -464,6 +475,21 @@ def _torch_batch_targets(index, keys: np.ndarray, values: np.ndarray, cfg: Datas
     return rows
 
 
+def _blockwise(rows):
+    """``rows(r0, r1)`` computed over aligned blocks of SEARCH_BLOCK positions and joined: each
+    position is always searched beside the same others, so a chunk's size never changes a byte."""
+
+    def joined(r0: int, r1: int):
+        parts = [rows(b0, min(b0 + SEARCH_BLOCK, r1)) for b0 in range(r0, r1, SEARCH_BLOCK)]
+        offsets = [np.zeros(1, dtype=np.int64)]
+        for (off, tok, _, _), _, _ in parts:
+            offsets.append(off[1:] + offsets[-1][-1])
+        csr = (np.concatenate(offsets), *(np.concatenate([p[0][i] for p in parts]) for i in (1, 2, 3)))
+        return csr, sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+    return joined
+
+
 def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
     from tqdm.auto import tqdm
 
@@ -481,6 +507,9 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
         return
     set_num_threads(cfg.threads)
     index = load_index(out / "index.faiss")
+    if step.get("status") in ("done", "running") and not same:
+        changed = ", ".join(f"{key} {step.get(key)!r} -> {value!r}" for key, value in want.items() if step.get(key) != value)
+        _say(cfg, f"rebuilding the kNN targets: {changed}")
     if not (step.get("status") == "running" and same):
         step = {"status": "running", **want, "nprobe": cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None,
                 "search_batch": cfg.search_batch, "rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0,
@@ -503,9 +532,9 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
     keys = np.load(out / "keys.npy", mmap_mode="r")
     values = np.load(out / "values.npy")
     if isinstance(index, TorchFlatIndex):
-        target_rows = _torch_batch_targets(index, keys, values, cfg)
+        target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
     else:
-        target_rows = _numpy_batch_targets(index, keys, values, step["nprobe"], cfg)
+        target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
     seconds, first, t0 = float(step["seconds"]), rows_done, time.perf_counter()
     with tqdm(total=n, initial=rows_done, desc="targets", unit="tok", disable=not cfg.progress, leave=False) as bar:
         for r0 in range(rows_done, n, batch):
@@ -546,6 +575,18 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
 # --- the whole build -------------------------------------------------------------------------
 
 
+def _with_target_defaults(cfg: DatastoreConfig, out: Path) -> DatastoreConfig:
+    """``--k`` and ``--knn-temp`` left out keep the folder's values (else the defaults), so a rerun
+    without them never rebuilds the targets."""
+    recorded = {}
+    if (out / MANIFEST).is_file():
+        recorded = read_manifest(out).get("steps", {}).get("targets", {})
+    k = cfg.k if cfg.k is not None else int(recorded.get("k") or DEFAULT_K)
+    temp = cfg.knn_temp if cfg.knn_temp is not None else float(recorded.get("temperature") or DEFAULT_KNN_TEMP)
+    return dataclasses.replace(cfg, k=k, knn_temp=temp)
+
+
+
 def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
     """Build (or resume, or update) the datastore ``cfg.out``; returns its path.
 
@@ -557,6 +598,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
 
     _check_config(cfg)
     out = Path(cfg.out).expanduser()
+    cfg = _with_target_defaults(cfg, out)
     tokenizer = load_tokenizer(cfg.model)
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
     n = len(tokens) - 1

@@ -7,7 +7,8 @@ holding value tokens v_j, the kNN-LM distribution is
 
 Only the distinct tokens among the v_j have mass, so a row holds at most k entries. Rows are kept
 in CSR form: ``offsets`` int64 [N+1], ``token_ids`` int32 [nnz], ``probs`` float16 [nnz]; row p
-is ``token_ids[offsets[p]:offsets[p+1]]``, most probable first (ties: lower token id first).
+is ``token_ids[offsets[p]:offsets[p+1]]``, in increasing token id order: a canonical order, so the
+files are byte-identical whatever the search batch.
 
 Truncation keeps the ``top_m`` most probable tokens of a row (all by default) and renormalises.
 Entries that fp16 would store as 0 (p < 2^-25) are dropped as well. The KL lost to truncation is
@@ -108,7 +109,7 @@ def knn_distribution(
     dists float [B, k] squared L2; neighbour_values int [B, k] (-1 = empty slot).
     Keeps each row's ``top_m`` most probable tokens (all if None) whose probability is at least
     ``min_prob``, renormalised. Returns (offsets int64 [B+1], token_ids int32 [nnz],
-    probs float32 [nnz]), each row most probable first; with ``return_kept_mass``, also the
+    probs float32 [nnz]), each row by token id; with ``return_kept_mass``, also the
     mass each row kept before renormalising, float64 [B] (KL lost = -log of it).
     """
     values = np.asarray(neighbour_values)
@@ -126,6 +127,8 @@ def knn_distribution(
         rank = np.arange(len(rows)) - row_first[rows]
         keep &= rank < top_m
     rows, tokens, probs = rows[keep], tokens[keep], probs[keep]
+    by_token = np.lexsort((tokens, rows))  # the stored order: by token id, whatever the search's rounding
+    rows, tokens, probs = rows[by_token], tokens[by_token], probs[by_token]
     kept = np.bincount(rows, weights=probs, minlength=b)
     probs = probs / kept[rows]
     offsets = np.zeros(b + 1, dtype=np.int64)
@@ -177,7 +180,7 @@ def knn_distribution_torch(
 
     dists float [B, k] squared L2; neighbour_values int [B, k] (-1 = empty slot), on one device.
     Returns (offsets int64 [B+1], token_ids int32 [nnz], probs float32 [nnz]) and, with
-    ``return_kept_mass``, kept float64 [B]; rows by probability desc, then token asc. Weights are
+    ``return_kept_mass``, kept float64 [B]; each row by token id. Weights are
     float64; each row's values are sorted, runs summed by ``_segment_sums_torch``, and the run
     totals sorted per row (stable, so ties stay in token order): no loop over rows.
     """
@@ -208,6 +211,10 @@ def knn_distribution_torch(
     kept = torch.where(keep, probs, 0.0).sum(dim=1)
     offsets = torch.zeros(b + 1, dtype=torch.int64, device=values.device)
     offsets[1:] = torch.cumsum(keep.sum(dim=1), dim=0)
+    # the stored order: kept entries by token id (dropped ones sort last, after every real id)
+    sort_key = torch.where(keep, tokens, torch.iinfo(torch.int64).max)
+    sort_key, by_token = torch.sort(sort_key, dim=1, stable=True)
+    tokens, probs, keep = sort_key, torch.gather(probs, 1, by_token), torch.gather(keep, 1, by_token)
     out = (offsets.cpu().numpy(), tokens[keep].int().cpu().numpy(),
            (probs / kept[:, None])[keep].float().cpu().numpy())
     return (*out, kept.cpu().numpy()) if return_kept_mass else out
@@ -333,6 +340,7 @@ class KnnTargets:
     k: int
     temperature: float
     top_m: int | None
+    max_token_id: int = -1  # the largest stored token id (``validate_targets``)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -352,6 +360,50 @@ class KnnTargets:
         np.cumsum(lens, out=out[1:])
         idx = np.repeat(starts - out[:-1], lens) + np.arange(out[-1])
         return out, np.asarray(self.token_ids[idx]), np.asarray(self.probs[idx])
+
+    def check_vocab(self, vocab_size: int, where: str) -> None:
+        """DatastoreError unless every stored token id is below ``vocab_size`` (the model's logits)."""
+        if self.max_token_id >= vocab_size:
+            raise DatastoreError(f"{where}: the kNN targets hold token id {self.max_token_id}, but the model scores "
+                                 f"only {vocab_size} tokens (corrupt targets, or another tokenizer)")
+
+
+ROW_SUM_TOLERANCE = 2e-3  # fp16 storage: each entry is off by at most 2^-11 of itself
+VALIDATE_ROWS = 1 << 20  # rows checked per chunk
+
+
+def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarray, where: str) -> int:
+    """Check CSR targets chunk by chunk: offsets non-decreasing, probabilities finite and in [0, 1],
+    every non-empty row summing to 1 within fp16 tolerance, token ids >= 0.
+
+    Returns the largest token id (-1 if none). Raises DatastoreError naming the first bad row.
+    """
+    n, max_id = len(offsets) - 1, -1
+    for r0 in range(0, n, VALIDATE_ROWS):
+        r1 = min(r0 + VALIDATE_ROWS, n)
+        off = np.asarray(offsets[r0 : r1 + 1], dtype=np.int64)
+        lens = np.diff(off)
+        if (lens < 0).any():
+            raise DatastoreError(f"{where}: target offsets decrease at row {r0 + int(np.argmax(lens < 0))} (corrupt)")
+        p = np.asarray(probs[off[0] : off[-1]], dtype=np.float32)
+        ids = np.asarray(token_ids[off[0] : off[-1]])
+        bad = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
+        if bad.any():
+            row = r0 + int(np.searchsorted(off, off[0] + int(np.argmax(bad)), side="right")) - 1
+            raise DatastoreError(f"{where}: row {row} of the kNN targets holds a probability that is not in [0, 1] "
+                                 f"({p[bad][0]}); the targets are corrupt: delete them and rerun memdec datastore")
+        if ids.size and ids.min() < 0:
+            raise DatastoreError(f"{where}: the kNN targets hold a negative token id (corrupt)")
+        nonempty = lens > 0
+        if nonempty.any():
+            sums = np.add.reduceat(p, (off[:-1] - off[0])[nonempty])
+            worst = int(np.argmax(np.abs(sums - 1)))
+            if abs(sums[worst] - 1) > ROW_SUM_TOLERANCE:
+                row = r0 + int(np.flatnonzero(nonempty)[worst])
+                raise DatastoreError(f"{where}: row {row} of the kNN targets sums to {sums[worst]:.4f}, not 1; the "
+                                     f"targets are corrupt: delete them and rerun memdec datastore")
+            max_id = max(max_id, int(ids.max()))
+    return max_id
 
 
 def load_targets(datastore_path: str | os.PathLike) -> KnnTargets:
@@ -376,11 +428,14 @@ def load_targets(datastore_path: str | os.PathLike) -> KnnTargets:
     offsets = np.load(folder / "offsets.npy", mmap_mode="r")
     if offsets[0] != 0 or offsets[-1] != nnz:
         raise DatastoreError(f"{folder}/offsets.npy: does not span the {nnz} stored entries (corrupt)")
+    token_ids = np.load(folder / "token_ids.npy", mmap_mode="r")
+    probs = np.load(folder / "probs.npy", mmap_mode="r")
     return KnnTargets(
         offsets=offsets,
-        token_ids=np.load(folder / "token_ids.npy", mmap_mode="r"),
-        probs=np.load(folder / "probs.npy", mmap_mode="r"),
+        token_ids=token_ids,
+        probs=probs,
         k=int(step["k"]),
         temperature=float(step["temperature"]),
         top_m=step.get("top_m"),
+        max_token_id=validate_targets(offsets, token_ids, probs, str(folder)),
     )
