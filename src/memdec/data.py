@@ -166,22 +166,63 @@ def read_corpus(spec: str, text_field: str = "text") -> list[Document]:
     return docs
 
 
-def tokenize_documents(tokenizer, docs: list[Document], batch_size: int = 64) -> np.ndarray:
+def tokenize_documents(tokenizer, docs: list[Document], batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
     """Tokenize documents in batches and join them with EOS between documents.
 
-    Returns: int32 array [n_tokens].
+    With ``max_tokens``, tokenization stops once that many tokens exist, and a long document is
+    tokenized only as far as needed (``tokenize_prefix``): the result equals the whole stream cut
+    to ``max_tokens``, without tokenizing the rest. Returns: int32 array [n_tokens].
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("the tokenizer has no EOS token to separate documents")
     pieces: list[np.ndarray] = []
-    for i in range(0, len(docs), batch_size):
-        batch = [d.text for d in docs[i : i + batch_size]]
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+    total, i = 0, 0
+    while i < len(docs) and (max_tokens is None or total < max_tokens):
+        texts = [d.text for d in docs[i : i + batch_size]]
+        first_long = None  # the batch stops before the first document longer than what is still needed
+        if max_tokens is not None:
+            need = PREFIX_CHARS_PER_TOKEN * (max_tokens - total)
+            first_long = next((j for j, t in enumerate(texts) if len(t) > need), None)
+        if first_long == 0:
+            texts = texts[:1]
+            encoded = [tokenize_prefix(tokenizer, texts[0], max_tokens - total)]
+        else:
+            texts = texts[:first_long]
+            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        i += len(texts)
+        for ids in encoded:
             if pieces:
                 pieces.append(np.array([eos], dtype=np.int32))
             pieces.append(np.asarray(ids, dtype=np.int32))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+            total += len(ids) + (len(pieces) > 1)
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return stream if max_tokens is None else stream[:max_tokens]
+
+
+PREFIX_CHARS_PER_TOKEN = 8  # a first guess at the characters that hold one token (English: about 4)
+
+
+def tokenize_prefix(tokenizer, text: str, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` tokens of ``tokenizer(text)``, tokenizing only a prefix of ``text``.
+
+    Cutting the text can change the tokens near the cut only. Two prefixes, the second twice as
+    long, are tokenized; the tokens they agree on (minus a margin) are those of the whole text.
+    The prefix doubles until enough tokens agree, or until it is the whole text.
+    """
+    chars = max(1024, PREFIX_CHARS_PER_TOKEN * n_tokens)
+    short = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+    while True:
+        if 2 * chars >= len(text):
+            return tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+        long = tokenizer(text[: 2 * chars], add_special_tokens=False)["input_ids"]
+        same = next((i for i, (a, b) in enumerate(zip(short, long)) if a != b), min(len(short), len(long)))
+        if same - PREFIX_MARGIN_TOKENS >= n_tokens:
+            return long[:n_tokens]
+        short, chars = long, 2 * chars
+
+
+PREFIX_MARGIN_TOKENS = 8
 
 
 def load_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_field: str = "text") -> np.ndarray:
@@ -189,11 +230,9 @@ def load_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_
 
     Returns: int32 array [n_tokens], at least 2 tokens long.
     """
-    tokens = tokenize_documents(tokenizer, read_corpus(spec, text_field))
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise CorpusError(f"--max-tokens must be at least 2, got {max_tokens}")
-        tokens = tokens[:max_tokens]
+    if max_tokens is not None and max_tokens < 2:
+        raise CorpusError(f"--max-tokens must be at least 2, got {max_tokens}")
+    tokens = tokenize_documents(tokenizer, read_corpus(spec, text_field), max_tokens=max_tokens)
     if len(tokens) < 2:
         raise CorpusError(f"{spec}: the corpus has fewer than 2 tokens, so nothing can be predicted")
     return tokens
