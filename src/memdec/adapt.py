@@ -31,8 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MemdecError
-from .files import atomic_write_text
+from .checks import check_non_negative, check_positive, check_positive_int, check_temperature, check_unit_interval
+from .data import read_corpus
+from .errors import CorpusError, MemdecError
+from .files import atomic_write_text, read_json_object
+from .models import resolve_model_spec
 
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
@@ -112,6 +115,7 @@ ADAPT_HELP = {
     "block_size": "window length for the datastore, training and evaluation (strides become half of it)",
     "samples": "test-set prompts continued in the report",
     "device": "auto, cpu or cuda",
+    "text_field": "JSONL / dataset field that holds the text",
     "baselines": "also train dapt (full fine-tuning), lora and ce-decoder (alpha=0) on the same tokens and budget, "
                  "and report them",
     "general": "general-text corpus on which every system is also scored (forgetting); 'none' to skip",
@@ -191,6 +195,57 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
     return Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings)})
 
 
+def check_settings(s: Settings) -> None:
+    """Every resolved setting checked, one clear line each: before any model loads or file is written."""
+    for flag, value in (("--train-tokens", s.train_tokens), ("--valid-tokens", s.valid_tokens),
+                        ("--test-tokens", s.test_tokens), ("--general-tokens", s.general_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 2):
+            raise MemdecError(f"{flag} must be at least 2, got {value}")
+    for flag, value in (("--k", s.k), ("--batch-size", s.batch_size), ("--block-size", s.train_block_size),
+                        ("--block-size", s.ds_block_size), ("--block-size", s.eval_block_size), ("--lora-r", s.lora_r)):
+        check_positive_int(value, flag)
+    if s.max_steps is not None:
+        check_positive_int(s.max_steps, "--max-steps")
+    if s.init_layers is not None:
+        check_positive_int(s.init_layers, "--init-layers")
+    if s.init is not None and s.init_layers is not None:
+        raise MemdecError("give --init or --init-layers, not both")
+    if s.samples < 0:
+        raise MemdecError(f"--samples must be 0 or more, got {s.samples}")
+    check_temperature(s.knn_temp, "--knn-temp")
+    check_positive(s.lr, "--lr")
+    check_positive(s.lora_lr, "--lora-lr")
+    check_positive(s.epochs, "--epochs")
+    if s.train_budget is not None:
+        check_non_negative(s.train_budget, "--train-budget")
+    if not s.alpha:
+        raise MemdecError("--alpha needs at least one value in [0, 1]")
+    for a in s.alpha:
+        check_unit_interval(a, "--alpha")
+    for b in s.teacher_base_weight:
+        check_unit_interval(b, "--teacher-base-weight")
+
+
+def check_inputs(s: Settings, run: Path) -> None:
+    """The model spec resolves, every corpus reads, and ``run`` is new, empty or an adapt run:
+    all before anything is loaded or written."""
+    resolve_model_spec(s.model)
+    if s.init is not None:
+        resolve_model_spec(s.init)
+    for flag, spec in (("--corpus", s.corpus), ("--valid", s.valid), ("--test", s.test), ("--general", s.general)):
+        if spec is not None:
+            try:
+                read_corpus(spec, s.text_field)
+            except CorpusError as exc:
+                raise CorpusError(f"{flag}: {exc}") from None
+    if run.exists():
+        if not run.is_dir():
+            raise MemdecError(f"--out {run} is a file; choose a folder")
+        if any(run.iterdir()) and not (run / "stages.json").is_file():
+            raise MemdecError(f"--out {run} is a folder memdec did not create (no stages.json); memdec never changes "
+                              f"such a folder: choose a new or empty --out")
+
+
 def teacher_candidates(alphas: list[float], betas: list[float]) -> list[tuple[float, float]]:
     """(α, β) of every candidate decoder, in the given order: β only matters where α > 0."""
     out: list[tuple[float, float]] = []
@@ -245,7 +300,7 @@ class StageBook:
 
     def __init__(self, run: Path):
         self.path = run / "stages.json"
-        self.stages: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.stages: dict = read_json_object(self.path, "stage record") if self.path.is_file() else {}
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.stages, indent=2) + "\n")
@@ -283,10 +338,13 @@ def adapt(cfg: AdaptConfig) -> Path:
     from .train import TrainConfig, train
 
     s = resolve_settings(cfg)
-    run = Path(cfg.out)
+    run = Path(cfg.out).expanduser()
+    check_settings(s)
+    check_inputs(s, run)
+    book = StageBook(run)  # read (and checked) before anything is written
     run.mkdir(parents=True, exist_ok=True)
+    book.save()  # first: stages.json marks the folder as this run's
     atomic_write_text(run / "settings.json", json.dumps(asdict(s), indent=2) + "\n")
-    book = StageBook(run)
     inputs = stage_inputs(s)
     plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", "samples"]
     t_run = time.perf_counter()

@@ -34,6 +34,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         help_text = helps.get(f.name, "")
+        if required:
+            help_text += " (required)"
+        elif default is not None and default is not False:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_text += f" (default: {shown})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text,
                                 dest=f.name)

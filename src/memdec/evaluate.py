@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_lambda, check_positive_int, check_temperature
 from .data import sliding_windows
+from .errors import MemdecError
 from .files import atomic_write_text
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -258,18 +260,34 @@ def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
 
 
 def _check_eval_flags(cfg: EvalConfig) -> None:
-    from .errors import MemdecError
-
+    """Every flag of ``memdec eval`` checked, one clear line each, before any model loads."""
+    check_positive_int(cfg.block_size, "--block-size")
+    if cfg.stride is not None and not (isinstance(cfg.stride, int) and 1 <= cfg.stride <= cfg.block_size):
+        raise MemdecError(f"--stride {cfg.stride} must lie between 1 and --block-size {cfg.block_size}")
+    check_positive_int(cfg.batch_size, "--batch-size")
+    for flag, value in (("--max-tokens", cfg.max_tokens), ("--valid-max-tokens", cfg.valid_max_tokens),
+                        ("--general-max-tokens", cfg.general_max_tokens)):
+        if value is not None and value < 2:
+            raise MemdecError(f"{flag} must be at least 2, got {value}")
+    if cfg.knn_k is not None:
+        check_positive_int(cfg.knn_k, "--knn-k")
+    if cfg.knn_temp is not None:
+        check_temperature(cfg.knn_temp, "--knn-temp")
+    for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
+        if path is not None and Path(path).is_dir():
+            raise MemdecError(f"{flag} {path} is a folder; give a file name")
+    if cfg.recurring is not None and not Path(cfg.recurring).expanduser().exists() and ":" not in cfg.recurring:
+        raise MemdecError(f"--recurring {cfg.recurring}: no such datastore folder or corpus")
     mixes = cfg.memdec is not None or cfg.knn is not None or bool(cfg.baseline)
     if cfg.lmbda is not None:
-        from .joint import check_lambda
-
         check_lambda(cfg.lmbda, "--lambda")
         if cfg.sweep:
             raise MemdecError("give --lambda or --sweep, not both")
     if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
         raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT, --knn DATASTORE "
                           "or --baseline DIR")
+    if cfg.knn is None and (cfg.knn_k is not None or cfg.knn_temp is not None):
+        raise MemdecError("--knn-k and --knn-temp need --knn DATASTORE")
     if cfg.sweep and not cfg.valid:
         raise MemdecError("--sweep chooses λ on a validation corpus: give --valid CORPUS (never the test corpus)")
     if cfg.valid and not cfg.sweep:

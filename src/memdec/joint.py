@@ -35,8 +35,10 @@ from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .errors import MemdecError, TokenizerMismatchError
+from .checks import check_lambda, check_positive_int, check_temperature
+from .errors import MemdecError, TokenizerMismatchError, one_line
 from .evaluate import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
+from .models import vocab_rows
 
 MEMDEC_JSON = "memdec.json"
 _REQUIRED_KEYS = ("format", "version", "base_model", "tokenizer_hash", "lambda")
@@ -72,28 +74,9 @@ def read_memdec_json(path: str | Path) -> dict:
     return info
 
 
-def check_lambda(lmbda, what: str = "lambda") -> float:
-    """λ as a float in [0, 1], or MemdecError."""
-    try:
-        value = float(lmbda)
-    except (TypeError, ValueError):
-        raise MemdecError(f"{what} must be a number in [0, 1], got {lmbda!r}") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise MemdecError(f"{what} must lie in [0, 1], got {lmbda}")
-    return value
-
-
-def _vocab_rows(model) -> int:
-    """Rows of the output layer (the logits' last dimension), else of the input embeddings."""
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is None or not hasattr(emb, "weight"):
-        emb = model.get_input_embeddings()
-    return int(emb.weight.shape[0])
-
-
 def check_same_vocab(base, memdec) -> None:
     """Both models must produce logits over the same vocabulary. Raises TokenizerMismatchError."""
-    nb, nm = _vocab_rows(base), _vocab_rows(memdec)
+    nb, nm = vocab_rows(base), vocab_rows(memdec)
     if nb != nm:
         raise TokenizerMismatchError(
             f"the memory decoder scores {nm} tokens but the base model scores {nb}; "
@@ -121,8 +104,8 @@ def load_memory_decoder(path: str | Path, device=None, dtype=None):
     kwargs = {} if dtype is None else {"dtype": dtype}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise MemdecError(f"{path}: cannot load the memory decoder: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
+        raise MemdecError(f"{path}: cannot load the memory decoder ({one_line(exc)})") from None
     if device is not None:
         model.to(device)
     return model.eval(), info
@@ -626,19 +609,35 @@ GENERATE_HELP = {
 }
 
 
+def check_generate_config(cfg: GenerateConfig) -> None:
+    """Every flag of ``memdec generate`` checked, one clear line each, before any model loads."""
+    if not cfg.prompt or any(not p.strip() for p in cfg.prompt):
+        raise MemdecError("--prompt must be non-empty text (an empty prompt gives the model nothing to continue)")
+    check_positive_int(cfg.max_new_tokens, "--max-new-tokens")
+    check_positive_int(cfg.num_beams, "--num-beams")
+    if cfg.lmbda is not None:
+        check_lambda(cfg.lmbda, "--lambda")
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    given = [k for k, v in sampling.items() if v is not None]
+    if given and not cfg.do_sample:
+        raise MemdecError(f"--{'/--'.join(k.replace('_', '-') for k in given)} only apply with --do-sample")
+    if cfg.temperature is not None:
+        check_temperature(cfg.temperature, "--temperature")
+    if cfg.top_k is not None:
+        check_positive_int(cfg.top_k, "--top-k")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        raise MemdecError(f"--top-p must lie in (0, 1], got {cfg.top_p}")
+    if cfg.processor and cfg.num_beams > 1:
+        raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
+                          "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
+
+
 def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
-    """The ``generate()`` arguments of a GenerateConfig."""
-    if cfg.max_new_tokens < 1:
-        raise MemdecError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    if cfg.num_beams < 1:
-        raise MemdecError(f"--num-beams must be at least 1, got {cfg.num_beams}")
+    """The ``generate()`` arguments of a (checked) GenerateConfig."""
     kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "num_beams": cfg.num_beams,
                           "pad_token_id": tokenizer.pad_token_id}
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    given = {k: v for k, v in sampling.items() if v is not None}
-    if given and not cfg.do_sample:
-        raise MemdecError(f"--{'/--'.join(k.replace('_', '-') for k in given)} only apply with --do-sample")
-    kw.update(given)
+    kw.update({k: v for k, v in sampling.items() if v is not None})
     return kw
 
 
@@ -652,9 +651,7 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
         cfg = apply_run(cfg)
     if cfg.memdec is None:
         raise MemdecError("give a memory decoder: --memdec CKPT or --run RUN")
-    if cfg.processor and cfg.num_beams > 1:
-        raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
-                          "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
+    check_generate_config(cfg)
     device = resolve_device(cfg.device)
     base, tokenizer = load_model(cfg.model, device=device)
     joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ModelSpecError
+from .errors import ModelSpecError, one_line
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,8 @@ def _convert_gguf(gguf_path: str, dest: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ImportError as exc:
         raise ModelSpecError(f"{gguf_path}: loading GGUF needs the 'gguf' package ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - gguf and transformers raise many kinds on a bad file
+        raise ModelSpecError(f"{gguf_path}: not a readable GGUF model ({one_line(exc)})") from None
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
 
@@ -189,7 +191,12 @@ def load_tokenizer(spec: str):
     """The fast tokenizer of a model spec."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(local_model_folder(spec))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_model_folder(spec))
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSpecError(f"{spec}: cannot load the tokenizer ({one_line(exc)})") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -208,8 +215,8 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelSpecError(f"{spec}: cannot load model: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
+        raise ModelSpecError(f"{spec}: cannot load the model ({one_line(exc)})") from None
     model.to(device).eval()
     return model, load_tokenizer(spec)
 
@@ -232,6 +239,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     payload = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def vocab_rows(model) -> int:
+    """Rows of the output layer (the logits' last dimension), else of the input embeddings."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or not hasattr(emb, "weight"):
+        emb = model.get_input_embeddings()
+    return int(emb.weight.shape[0])
 
 
 def max_context(model) -> int | None:
