@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec.data import load_token_stream, sliding_windows
+from memdec.data import load_token_stream, sliding_windows, window_batches
 from memdec.datastore import (
     DatastoreConfig,
     FFNInputCapture,
@@ -36,7 +36,6 @@ from memdec.datastore import (
     model_body,
     open_datastore,
     read_manifest,
-    window_batches,
     write_manifest,
     window_keys,
 )

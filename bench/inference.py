@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memdec.evaluate import Scorer, base_scorer, score_tokens
+from memdec.scoring import Scorer, base_scorer, score_tokens
 from memdec.joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
 
 GPT2_SIZES = {  # n_embd, n_layer, n_head
@@ -68,7 +68,7 @@ def gpt2_model(size: str, device: str, dtype: torch.dtype, seed: int = 0):
 
 def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module, np.ndarray, str]:
     """(base, memory decoder, corpus token ids, description)."""
-    from memdec.train import shortened_copy
+    from memdec.models import shortened_copy
 
     if args.arch == "gpt2":
         base = gpt2_model(args.size, args.device, args.dtype)

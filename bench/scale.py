@@ -81,7 +81,7 @@ def evaluate(args, ckpt: Path | None, store: Path, knn: bool = False) -> dict:
                          recurring=str(store), batch_size=args.eval_batch)
         report = run_eval_report(cfg)
         base, mix = report.rows[0], report.rows[1]
-        scores[corpus] = {"base_ppl": round(base.ppl, 3), "ppl": round(mix.ppl, 3), "lambda": mix.lambda_,
+        scores[corpus] = {"base_ppl": round(base.ppl, 3), "ppl": round(mix.ppl, 3), "lambda": mix.lmbda,
                           "base_recurring_ppl": base.extra.get("recurring_ppl"),
                           "recurring_ppl": mix.extra.get("recurring_ppl"),
                           "recurring_tokens": report.extra["recurring"]["tokens"], "tokens": report.n_tokens,

@@ -57,8 +57,7 @@ def plain_ce_loss(logits, labels, target_rows, target_ids, target_probs, alpha):
 
 
 def build_model(args):
-    from memdec.models import load_model
-    from memdec.train import shortened_copy
+    from memdec.models import load_model, shortened_copy
 
     if args.random:
         from transformers import AutoConfig, AutoModelForCausalLM

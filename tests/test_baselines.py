@@ -13,7 +13,8 @@ from memdec.baselines import BaselineConfig, add_lora, train_baseline
 from memdec.cli import main
 from memdec.data import load_token_stream, read_corpus
 from memdec.errors import CorpusError, MemdecError
-from memdec.evaluate import EvalConfig, base_scorer, run_eval_report, score_tokens
+from memdec.evaluate import EvalConfig, run_eval_report
+from memdec.scoring import base_scorer, score_tokens
 from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
 from memdec.train import TrainConfig, train
 

@@ -17,10 +17,10 @@ from memdec.datastore import (
     build_datastore,
     find_ffn_input_module,
     open_datastore,
+    open_targets,
     read_manifest,
 )
 from memdec.errors import DatastoreError
-from memdec.targets import load_targets
 from memdec.testing import tiny_tokenizer
 
 ARTEFACTS = ["tokens.npy", "keys.npy", "values.npy", "index.faiss",
@@ -129,7 +129,7 @@ def test_manifest_and_csr_rows(built, tokenizer):
     from memdec.models import tokenizer_fingerprint
 
     assert m["tokenizer_hash"] == tokenizer_fingerprint(tokenizer)
-    t = load_targets(built)
+    t = open_targets(built)
     assert len(t) == 599 and t.offsets[0] == 0 and t.probs.dtype == np.float16
     sums = np.add.reduceat(t.probs.astype(np.float64), t.offsets[:-1])
     np.testing.assert_allclose(sums, 1.0, atol=2e-3)  # fp16 rounding
@@ -181,7 +181,7 @@ def test_changed_k_redoes_only_targets_and_changed_index_redoes_index(tmp_path, 
     build_datastore(config(tiny_llama_dir, out, k=4, top_m=2))
     after = {f: (out / f).stat().st_mtime_ns for f in ARTEFACTS}
     assert all(after[f] == mtimes[f] for f in ["tokens.npy", "keys.npy", "values.npy", "index.faiss"])
-    t = load_targets(out)
+    t = open_targets(out)
     assert t.k == 4 and t.top_m == 2 and np.diff(t.offsets).max() <= 2
     assert read_manifest(out)["steps"]["targets"]["kl_truncation_mean"] > 0
 

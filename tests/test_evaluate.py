@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from memdec.data import load_token_stream
-from memdec.evaluate import base_scorer, make_row, score_tokens, target_logprobs
+from memdec.evaluate import make_row
+from memdec.scoring import base_scorer, score_tokens, target_logprobs
 from memdec.testing import tiny_model
 
 

@@ -8,7 +8,8 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from memdec.cli import main
 from memdec.errors import MemdecError
-from memdec.joint import GenerateConfig, MemoryDecoderLogitsProcessor, MemoryDecoderModel, run_generate
+from memdec.generate import GenerateConfig, run_generate
+from memdec.joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
 from memdec.models import tokenizer_fingerprint
 from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
 

@@ -11,13 +11,10 @@ import torch.nn.functional as F
 from memdec.cli import main
 from memdec.data import load_token_stream
 from memdec.errors import MemdecError, TokenizerMismatchError
-from memdec.evaluate import EvalConfig, base_scorer, run_eval_report, score_tokens
-from memdec.joint import (
-    JointCache,
-    MemoryDecoderModel,
-    position_ids_from_mask,
-    read_memdec_json,
-)
+from memdec.evaluate import EvalConfig, run_eval_report
+from memdec.scoring import base_scorer, score_tokens
+from memdec.checkpoint import read_memdec_json
+from memdec.joint import JointCache, MemoryDecoderModel, position_ids_from_mask
 from memdec.models import tokenizer_fingerprint
 from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
 
@@ -231,7 +228,7 @@ def test_eval_memdec_row_equals_joint_scoring(tokenizer, tiny_llama_dir, ckpt):
     report = run_eval_report(cfg)
     base_row, mem_row = report.rows
     assert (base_row.system, mem_row.system) == ("base", "memdec")
-    assert mem_row.lambda_ == 0.25 and mem_row.extra["lambda_source"] == "checkpoint"
+    assert mem_row.lmbda == 0.25 and mem_row.extra["lambda_source"] == "checkpoint"
     assert mem_row.tokens_per_s < base_row.tokens_per_s  # its time counts both forwards
     joint = MemoryDecoderModel.from_pretrained(str(tiny_llama_dir), ckpt)
     tokens = load_token_stream("austen:valid", tokenizer, 300)
@@ -239,7 +236,7 @@ def test_eval_memdec_row_equals_joint_scoring(tokenizer, tiny_llama_dir, ckpt):
     assert math.isclose(mem_row.nll, float(np.mean(nll, dtype=np.float64)), rel_tol=1e-5)
     # λ = 0 is the base model exactly
     zero = run_eval_report(EvalConfig(**{**cfg.__dict__, "lmbda": 0.0})).rows
-    assert zero[1].nll == zero[0].nll and zero[1].lambda_ == 0.0
+    assert zero[1].nll == zero[0].nll and zero[1].lmbda == 0.0
 
 
 def test_eval_cli_sweep_json_and_plot(tiny_llama_dir, ckpt, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from memdec.data import load_token_stream
 from memdec.datastore import FFNInputCapture
 from memdec.errors import DatastoreError, TokenizerMismatchError
-from memdec.evaluate import base_scorer, score_tokens
+from memdec.scoring import base_scorer, score_tokens
 from memdec.knnlm import KnnLMLogitsProcessor, KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from memdec.models import load_model
 
@@ -77,7 +77,7 @@ def test_bad_inputs(store, tiny_gpt2_dir, tiny_llama_dir):
 
 
 def test_retrieval_scorer_equals_pass_then_mix(store, tiny_llama_dir):
-    from memdec.evaluate import mix_nll
+    from memdec.scoring import mix_nll
     from memdec.knnlm import knn_lm_scorer
 
     model, tok = load_model(str(tiny_llama_dir))

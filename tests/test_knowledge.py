@@ -58,7 +58,8 @@ def test_eval_reports_recurring_token_perplexity(tiny_llama_dir, store, tokenize
     """Every row's recurring_ppl is its perplexity over exactly the masked positions."""
     import math
 
-    from memdec.evaluate import EvalConfig, base_scorer, run_eval_report, score_tokens
+    from memdec.evaluate import EvalConfig, run_eval_report
+    from memdec.scoring import base_scorer, score_tokens
     from memdec.models import load_model
 
     cfg = EvalConfig(model=str(tiny_llama_dir), corpus="austen:valid", max_tokens=900, block_size=64, stride=32,

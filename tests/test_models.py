@@ -6,7 +6,7 @@ import torch
 
 from memdec.data import load_token_stream
 from memdec.errors import ModelSpecError
-from memdec.evaluate import base_scorer, score_tokens
+from memdec.scoring import base_scorer, score_tokens
 from memdec.models import load_model, resolve_model_spec, tokenizer_fingerprint
 
 

@@ -230,7 +230,7 @@ def test_train_settings_are_checked_before_any_work(store, tmp_path, no_model_lo
 
 def test_eval_and_generate_settings_are_checked_before_any_model_loads(tiny_llama_dir, store, tmp_path, no_model_loads):
     from memdec.evaluate import EvalConfig, run_eval_report
-    from memdec.joint import GenerateConfig, run_generate
+    from memdec.generate import GenerateConfig, run_generate
 
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", max_tokens=100, block_size=64)
     for bad, needle in ((dict(knn=str(store), knn_temp=0.0), "--knn-temp"), (dict(knn=str(store), knn_k=0), "--knn-k"),

@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from memdec.errors import DatastoreError
+from memdec.files import NpyAppender, check_npy
 from memdec.index import build_index, search
 from memdec.targets import (
-    NpyAppender,
-    check_npy,
     drop_self,
     knn_distribution,
     knn_target_logprob,
-    load_targets,
     lookup_values,
 )
 
@@ -148,8 +146,10 @@ def test_npy_appender_resumes_byte_for_byte(tmp_path):
 
 
 def test_load_targets_needs_a_finished_step(tmp_path):
+    from memdec.datastore import open_targets
+
     with pytest.raises(DatastoreError, match="not a datastore"):
-        load_targets(tmp_path)
+        open_targets(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "n_keys": 3, "steps": {"targets": {"status": "running"}}}))
     with pytest.raises(DatastoreError, match="not built"):
-        load_targets(tmp_path)
+        open_targets(tmp_path)

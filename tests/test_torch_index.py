@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memdec.index as index_mod
-from memdec.datastore import DatastoreConfig, build_datastore, open_datastore, read_manifest
+from memdec.datastore import DatastoreConfig, build_datastore, open_datastore, open_targets, read_manifest
 from memdec.errors import DatastoreError
 from memdec.index import (
     TorchFlatIndex,
@@ -22,7 +22,7 @@ from memdec.index import (
     search,
 )
 from memdec.knnlm import KnnRetriever
-from memdec.targets import drop_self, drop_self_torch, knn_distribution, knn_distribution_torch, load_targets
+from memdec.targets import drop_self, drop_self_torch, knn_distribution, knn_distribution_torch
 
 TARGET_FILES = ["targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]
 
@@ -133,7 +133,7 @@ def test_torch_datastore_targets_equal_flat(store, torch_store):
     assert m["steps"]["index"]["type"] == "torch" and m["steps"]["index"]["params"] == {"kind": "torch", "seed": 0}
     assert m["steps"]["targets"]["status"] == "done" and m["steps"]["targets"]["nprobe"] is None
     assert m["steps"]["targets"]["empty_slots"] == 0
-    flat, torch_t = load_targets(store), load_targets(torch_store)
+    flat, torch_t = open_targets(store), open_targets(torch_store)
     np.testing.assert_array_equal(torch_t.offsets, flat.offsets)
     np.testing.assert_array_equal(torch_t.token_ids, flat.token_ids)
     np.testing.assert_allclose(torch_t.probs.astype(np.float32), flat.probs.astype(np.float32), rtol=2e-3, atol=1e-4)

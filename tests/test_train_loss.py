@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memdec.models import shortened_copy
 from memdec.targets import KnnTargets
-from memdec.train import collate, lr_at, micro_batch_starts, shortened_copy, sparse_kl_ce_loss, window_starts
+from memdec.train import collate, lr_at, micro_batch_starts, sparse_kl_ce_loss, window_starts
 from memdec.testing import tiny_model
 
 

@@ -1,20 +1,11 @@
 """memdec: adapt any causal LM to a domain with a Memory Decoder.
 
-The pipeline, one module per stage: ``data`` → ``datastore`` → ``index`` → ``targets`` →
-``train`` → ``joint`` / ``knnlm`` → ``evaluate`` → ``adapt``. See docs/architecture.md.
+Data flows one way through layers: files → models, data → scoring → datastore, index, targets →
+checkpoint → train, knnlm, joint → baselines → evaluate, generate → adapt → cli. See
+docs/architecture.md; ``lint-imports`` (import-linter) checks the layers.
 """
 
 __version__ = "0.1.0"
 
 from .errors import CorpusError, DatastoreError, MemdecError, ModelSpecError, TokenizerMismatchError  # noqa: F401
-
-_LAZY = {"MemoryDecoderModel": "joint", "MemoryDecoderLogitsProcessor": "joint"}
-
-
-def __getattr__(name: str):
-    """Heavy classes load on first use, so ``import memdec`` stays light."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel  # noqa: F401

@@ -24,18 +24,28 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
+from .baselines import BaselineConfig, train_baseline
+from .checkpoint import MEMDEC_JSON, METHODS, read_baseline_json, read_memdec_json, write_baseline_json, write_memdec_json
 from .checks import check_non_negative, check_positive, check_positive_int, check_temperature, check_unit_interval
-from .data import read_corpus
+from .data import load_token_stream, read_corpus
+from .datastore import DatastoreConfig, build_datastore, describe, read_manifest
 from .errors import CorpusError, MemdecError
-from .files import atomic_write_text, read_json_object
-from .models import resolve_model_spec
+from .evaluate import EvalConfig, run_eval_report
+from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
+from .joint import MemoryDecoderModel
+from .models import load_model, resolve_device, resolve_model_spec
+from .tables import render_table
+from .train import TrainConfig, train
 
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
@@ -85,6 +95,7 @@ class AdaptConfig:
     lora_lr: float | None = None  # default: LORA_LR_SCALE x --lr
 
 
+SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
 LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
 LORA_R = 8
 
@@ -291,19 +302,22 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
         evaluation.update(general=s.general, general_tokens=s.general_tokens)
     if s.baselines:
         evaluation["baselines"] = baselines
-    samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens)
+    samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens, sampling=SAMPLING)
     return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples}
 
 
 class StageBook:
-    """``RUN/stages.json``: which stages are done, with which settings, in how long."""
+    """``RUN/stages.json``: which stages are done, with which settings, in how long; it owns the
+    caching. ``begin`` says whether a stage is cached (same settings, done) or what changed;
+    ``run`` does a stage's work between a ``running`` and a ``done`` record."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, plan: list[str] | None = None):
         self.path = run / "stages.json"
+        self.plan = plan or []
         self.stages: dict = read_json_object(self.path, "stage record") if self.path.is_file() else {}
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.stages, indent=2) + "\n")
+        atomic_write_json(self.path, self.stages)
 
     def is_done(self, name: str, inputs: dict) -> bool:
         entry = self.stages.get(name)
@@ -316,6 +330,32 @@ class StageBook:
             return []
         old = entry.get("inputs", {})
         return [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)] or ["settings"]
+
+    def recorded_inputs(self, name: str) -> dict:
+        return self.stages.get(name, {}).get("inputs", {})
+
+    def summary(self, name: str) -> dict:
+        return self.stages.get(name, {}).get("summary", {})
+
+    def begin(self, name: str, inputs: dict, what: str) -> tuple[bool, list[str]]:
+        """Announce a stage; returns (cached, the settings that changed since its last run)."""
+        done, changed = self.is_done(name, inputs), self.changed(name, inputs)
+        position = f"[{self.plan.index(name) + 1}/{len(self.plan)}] " if name in self.plan else ""
+        head = f"{position}{name}: {what}"
+        if done:
+            _say(f"{head} — cached ({self.stages[name]['seconds']:.0f} s when built)")
+        elif changed:
+            _say(f"{head} — settings changed ({', '.join(changed)}); redoing this stage")
+        else:
+            _say(head)
+        return done, changed
+
+    def run(self, name: str, inputs: dict, work: Callable[[], dict | None]) -> None:
+        """Record ``name`` as running, call ``work()`` (which returns the stage's summary), record it done."""
+        self.start(name, inputs)
+        t0 = time.perf_counter()
+        summary = work()
+        self.finish(name, time.perf_counter() - t0, summary)
 
     def start(self, name: str, inputs: dict) -> None:
         self.stages[name] = {"status": "running", "fingerprint": _fingerprint(inputs), "inputs": inputs}
@@ -330,143 +370,124 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+@dataclass
+class Job:
+    """One ``memdec adapt`` call: the run folder, its settings, the stages' inputs and their record."""
+
+    run: Path
+    s: Settings
+    device: str
+    book: StageBook
+    inputs: dict
+
+    @property
+    def datastore(self) -> Path:
+        return self.run / "datastore"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run / "memdec"
+
+
 def adapt(cfg: AdaptConfig) -> Path:
     """Run (or resume) every stage; returns the run folder, which holds report.md and report.json."""
-    from .baselines import METHODS, BaselineConfig, train_baseline
-    from .datastore import DatastoreConfig, build_datastore, describe
-    from .evaluate import EvalConfig, run_eval_report
-    from .train import TrainConfig, train
-
     s = resolve_settings(cfg)
     run = Path(cfg.out).expanduser()
     check_settings(s)
     check_inputs(s, run)
-    book = StageBook(run)  # read (and checked) before anything is written
+    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", "samples"]
+    book = StageBook(run, plan)  # read (and checked) before anything is written
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
-    atomic_write_text(run / "settings.json", json.dumps(asdict(s), indent=2) + "\n")
-    inputs = stage_inputs(s)
-    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", "samples"]
+    atomic_write_json(run / "settings.json", asdict(s))
+    job = Job(run, s, cfg.device, book, stage_inputs(s))
     t_run = time.perf_counter()
-
-    def stage(name: str, what: str):
-        done = book.is_done(name, inputs[name])
-        changed = book.changed(name, inputs[name])
-        head = f"[{plan.index(name) + 1}/{len(plan)}] {name}: {what}"
-        if done:
-            _say(f"{head} — cached ({book.stages[name]['seconds']:.0f} s when built)")
-        elif changed:
-            _say(f"{head} — settings changed ({', '.join(changed)}); redoing this stage")
-        else:
-            _say(f"{head}")
-        return done, changed
-
-    # 1. datastore -------------------------------------------------------------------------
-    ds_dir = run / "datastore"
-    done, changed = stage("datastore", f"keys, index and kNN targets of {s.corpus}"
-                          + (f" (first {s.train_tokens} tokens)" if s.train_tokens else ""))
-    if not done:
-        ds_identity = {k: v for k, v in inputs["datastore"].items() if k not in ("k", "knn_temp")}
-        old = book.stages.get("datastore", {}).get("inputs", {})
-        if changed and {k: v for k, v in old.items() if k not in ("k", "knn_temp")} != ds_identity and ds_dir.exists():
-            shutil.rmtree(ds_dir)  # other keys: nothing to reuse (a k/T change reuses keys and index)
-        t0 = time.perf_counter()
-        book.start("datastore", inputs["datastore"])
-        build_datastore(DatastoreConfig(model=s.model, corpus=s.corpus, out=str(ds_dir), k=s.k, knn_temp=s.knn_temp,
-                                        block_size=s.ds_block_size, stride=s.ds_stride, max_tokens=s.train_tokens,
-                                        device=cfg.device, text_field=s.text_field))
-        book.finish("datastore", time.perf_counter() - t0, {"describe": describe(ds_dir)})
-    _say(book.stages["datastore"]["summary"].get("describe", ""))
-
-    # 2. train -----------------------------------------------------------------------------
-    ckpt = run / "memdec"
-    teachers = teacher_candidates(s.alpha, s.teacher_base_weight)
-    names = [candidate_name(a, b) for a, b in teachers]
-    done, changed = stage("train", f"memory decoder ({' or '.join(candidate_label(n) for n in names)}, chosen on {s.valid}; "
-                          + (f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")) + ")")
-    train_cfg = TrainConfig(datastore=str(ds_dir), out=str(ckpt), init=s.init, init_layers=s.init_layers, alpha=s.alpha[0],
-                            lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
-                            block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
-                            eval_every=s.eval_every, save_every=s.eval_every, device=cfg.device, warmup=2)
-    if not done:
-        if changed:
-            for old in (ckpt, run / "candidates"):
-                if old.is_symlink():
-                    old.unlink()
-                elif old.exists():
-                    shutil.rmtree(old)
-        t0 = time.perf_counter()
-        book.start("train", inputs["train"])
-        scores, skipped = {}, []
-        for (alpha, beta), name in zip(teachers, names):  # the same data and schedule for each; the best on --valid wins
-            if scores and s.train_budget is not None and time.perf_counter() - t0 > s.train_budget:
-                skipped.append(name)
-                continue
-            out = run / "candidates" / name if len(teachers) > 1 else ckpt
-            train(dataclasses.replace(train_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out)))
-            scores[name] = json.loads((out / "memdec.json").read_text())["train_stats"].get("best_ppl", math.inf)
-        if skipped:
-            _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
-        chosen = min(scores, key=scores.get)
-        if len(teachers) > 1:
-            if ckpt.is_symlink() or ckpt.exists():
-                ckpt.unlink() if ckpt.is_symlink() else shutil.rmtree(ckpt)
-            ckpt.symlink_to(Path("candidates") / chosen, target_is_directory=True)
-        info = json.loads((ckpt / "memdec.json").read_text())
-        book.finish("train", time.perf_counter() - t0, {"lambda": info["lambda"], "train_stats": info["train_stats"],
-                                                        "chosen": chosen, "chosen_alpha": info["alpha"],
-                                                        "chosen_teacher_base_weight": info.get("teacher_base_weight", 0.0),
-                                                        "valid_joint_ppl": scores, "skipped": skipped})
-    train_cfg = dataclasses.replace(train_cfg, alpha=book.stages["train"]["summary"].get("chosen_alpha", s.alpha[0]))
-
-    # 2b. baselines: the memory decoder's TrainConfig, so the same tokens, windows, steps and schedule
-    baseline_dirs = []
-    for method in plan[2:-2]:
-        folder = run / "baselines" / method
-        baseline_dirs.append(str(folder))
-        done, changed = stage(method, BASELINE_WHAT[method] + (f", lr {s.lora_lr:g}, r {s.lora_r}" if method == "lora" else ""))
-        if done:
-            continue
-        if changed and folder.exists():
-            shutil.rmtree(folder)
-        t0 = time.perf_counter()
-        book.start(method, inputs[method])
-        own = {"init": None, "init_layers": None} if method != "ce-decoder" else {}
-        if method == "lora":
-            own.update(lr=s.lora_lr, lora_r=s.lora_r)
-        train_baseline(BaselineConfig(**{**asdict(train_cfg), "alpha": 0.0, "out": str(folder), **own}, method=method))
-        info = json.loads((folder / "baseline.json").read_text())
-        book.finish(method, time.perf_counter() - t0, {k: info.get(k) for k in ("lambda", "trainable_parameters", "train_seconds")})
-
-    # 3. eval ------------------------------------------------------------------------------
-    done, changed = stage("eval", f"base, kNN-LM, memory decoder{' and baselines' if s.baselines else ''} on {s.test}"
-                          f"{f' and {s.general}' if s.general else ''}, lambda chosen on {s.valid}")
-    if not done:
-        t0 = time.perf_counter()
-        book.start("eval", inputs["eval"])
-        report = run_eval_report(EvalConfig(
-            model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
-            device=cfg.device, memdec=str(ckpt), knn=str(ds_dir), sweep=True, valid=s.valid,
-            valid_max_tokens=s.valid_tokens, plot=str(run / "lambda.png"), json=None,
-            baseline=baseline_dirs or None, general=s.general, general_max_tokens=s.general_tokens,
-            recurring=str(ds_dir)))
-        payload = {"tokens": report.n_tokens, "corpus": s.test, **report.extra, "results": [r.to_json() for r in report.rows]}
-        atomic_write_text(run / "eval.json", json.dumps(payload, indent=2) + "\n")
-        book.finish("eval", time.perf_counter() - t0)
-
-    # 4. samples ---------------------------------------------------------------------------
-    done, changed = stage("samples", f"{s.samples} continuations of {s.test} prompts, base beside joint")
-    if not done:
-        t0 = time.perf_counter()
-        book.start("samples", inputs["samples"])
-        chosen = next((r["lambda"] for r in json.loads((run / "eval.json").read_text())["results"]
-                       if r["system"] == "memdec"), None)
-        samples = generate_samples(s, ckpt, cfg.device, lmbda=chosen)
-        atomic_write_text(run / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
-        book.finish("samples", time.perf_counter() - t0)
-
+    datastore_stage(job)
+    train_cfg = train_stage(job)
+    baseline_dirs = [baseline_stage(job, method, train_cfg) for method in plan if method in METHODS]
+    eval_stage(job, baseline_dirs)
+    samples_stage(job)
     write_report(run, s, book, time.perf_counter() - t_run)
     return run
+
+
+def _remove(*paths: Path) -> None:
+    """Delete what an earlier call of this run made (a symlink, or a folder under the run)."""
+    for p in paths:
+        if p.is_symlink():
+            p.unlink()
+        elif p.exists():
+            shutil.rmtree(p)
+
+
+def datastore_stage(job: Job) -> None:
+    """1. Keys, index and kNN targets of the training corpus, in ``RUN/datastore``."""
+    s, book, inputs = job.s, job.book, job.inputs["datastore"]
+    done, changed = book.begin("datastore", inputs, f"keys, index and kNN targets of {s.corpus}"
+                               + (f" (first {s.train_tokens} tokens)" if s.train_tokens else ""))
+    if not done:
+        keys_identity = lambda d: {k: v for k, v in d.items() if k not in ("k", "knn_temp")}  # noqa: E731
+        if changed and keys_identity(book.recorded_inputs("datastore")) != keys_identity(inputs):
+            _remove(job.datastore)  # other keys: nothing to reuse (a k/T change reuses keys and index)
+
+        def work() -> dict:
+            build_datastore(DatastoreConfig(model=s.model, corpus=s.corpus, out=str(job.datastore), k=s.k,
+                                            knn_temp=s.knn_temp, block_size=s.ds_block_size, stride=s.ds_stride,
+                                            max_tokens=s.train_tokens, device=job.device, text_field=s.text_field))
+            return {"describe": describe(job.datastore)}
+
+        book.run("datastore", inputs, work)
+    _say(book.summary("datastore").get("describe", ""))
+
+
+def train_config(job: Job) -> TrainConfig:
+    """The memory decoder's TrainConfig (its first teacher candidate); the baselines share its budget."""
+    s = job.s
+    return TrainConfig(datastore=str(job.datastore), out=str(job.ckpt), init=s.init, init_layers=s.init_layers,
+                       alpha=s.alpha[0], lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
+                       block_size=s.train_block_size, valid=s.valid, valid_max_tokens=s.valid_tokens,
+                       eval_every=s.eval_every, save_every=s.eval_every, device=job.device, warmup=2)
+
+
+def train_stage(job: Job) -> TrainConfig:
+    """2. One memory decoder per teacher candidate (α, β); the best on --valid becomes ``RUN/memdec``.
+    Returns the chosen candidate's TrainConfig."""
+    s, book = job.s, job.book
+    names = [candidate_name(a, b) for a, b in teacher_candidates(s.alpha, s.teacher_base_weight)]
+    init = f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")
+    done, changed = book.begin("train", job.inputs["train"], f"memory decoder ({' or '.join(candidate_label(n) for n in names)}, "
+                               f"chosen on {s.valid}; {init})")
+    if not done:
+        if changed:
+            _remove(job.ckpt, job.run / "candidates")
+        book.run("train", job.inputs["train"], lambda: train_candidates(job))
+    return dataclasses.replace(train_config(job), alpha=book.summary("train").get("chosen_alpha", s.alpha[0]))
+
+
+def train_candidates(job: Job) -> dict:
+    """Train each candidate on the same data and schedule (within --train-budget), link the best on
+    --valid as ``RUN/memdec``; returns the stage's summary."""
+    s, base_cfg = job.s, train_config(job)
+    teachers = teacher_candidates(s.alpha, s.teacher_base_weight)
+    scores, skipped, t0 = {}, [], time.perf_counter()
+    for alpha, beta in teachers:
+        name = candidate_name(alpha, beta)
+        if scores and s.train_budget is not None and time.perf_counter() - t0 > s.train_budget:
+            skipped.append(name)
+            continue
+        out = job.run / "candidates" / name if len(teachers) > 1 else job.ckpt
+        train(dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out)))
+        scores[name] = read_memdec_json(out)["train_stats"].get("best_ppl", math.inf)
+    if skipped:
+        _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
+    chosen = min(scores, key=scores.get)
+    if len(teachers) > 1:
+        _remove(job.ckpt)
+        job.ckpt.symlink_to(Path("candidates") / chosen, target_is_directory=True)
+    info = read_memdec_json(job.ckpt)
+    return {"lambda": info["lambda"], "train_stats": info["train_stats"], "chosen": chosen,
+            "chosen_alpha": info["alpha"], "chosen_teacher_base_weight": info.get("teacher_base_weight", 0.0),
+            "valid_joint_ppl": scores, "skipped": skipped}
 
 
 BASELINE_WHAT = {
@@ -476,32 +497,113 @@ BASELINE_WHAT = {
 }
 
 
+def baseline_stage(job: Job, method: str, train_cfg: TrainConfig) -> str:
+    """2b. A baseline on the memory decoder's TrainConfig: the same tokens, windows, steps and
+    schedule, α=0. The ce-decoder reuses the α=0 teacher candidate when there is one: it is the
+    same recipe on the same tokens. Returns the baseline's folder."""
+    s, book, folder = job.s, job.book, job.run / "baselines" / method
+    done, changed = book.begin(method, job.inputs[method], BASELINE_WHAT[method]
+                               + (f", lr {s.lora_lr:g}, r {s.lora_r}" if method == "lora" else ""))
+    if done:
+        return str(folder)
+    if changed:
+        _remove(folder)
+    reusable = job.run / "candidates" / candidate_name(0.0, 0.0)
+    if method == "ce-decoder" and (reusable / MEMDEC_JSON).is_file():
+        book.run(method, job.inputs[method], lambda: reuse_as_ce_decoder(reusable, folder))
+        return str(folder)
+    own = {"init": None, "init_layers": None} if method != "ce-decoder" else {}
+    if method == "lora":
+        own.update(lr=s.lora_lr, lora_r=s.lora_r)
+
+    def work() -> dict:
+        train_baseline(BaselineConfig(**{**asdict(train_cfg), "alpha": 0.0, "out": str(folder), **own}, method=method))
+        info = read_baseline_json(folder)
+        return {k: info.get(k) for k in ("lambda", "trainable_parameters", "train_seconds")}
+
+    book.run(method, job.inputs[method], work)
+    return str(folder)
+
+
+def reuse_as_ce_decoder(candidate: Path, folder: Path) -> dict:
+    """The α=0 candidate as the ce-decoder baseline: its files hard-linked (no copy, no training),
+    then ``baseline.json``. Returns the stage's summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in candidate.iterdir():
+        if f.is_file() and f.name not in (MEMDEC_JSON, "log.jsonl"):
+            try:
+                os.link(f, folder / f.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(f, folder / f.name)
+    info = {**read_memdec_json(candidate), "reused_from": str(candidate.relative_to(folder.parent.parent))}
+    write_baseline_json(folder, info, "ce-decoder")
+    _say(f"ce-decoder: reused {info['reused_from']} (the same recipe on the same tokens), not trained again")
+    return {"lambda": info["lambda"], "trainable_parameters": info.get("trainable_parameters"),
+            "train_seconds": info.get("train_seconds"), "reused_from": info["reused_from"]}
+
+
+def eval_stage(job: Job, baseline_dirs: list[str]) -> None:
+    """3. Every system on the test split, λ chosen on --valid; the memory decoder's chosen λ is
+    written into its checkpoint, so that loading ``RUN/memdec`` gives the λ the report shows."""
+    s, book = job.s, job.book
+    done, _ = book.begin("eval", job.inputs["eval"], f"base, kNN-LM, memory decoder{' and baselines' if s.baselines else ''} "
+                         f"on {s.test}{f' and {s.general}' if s.general else ''}, lambda chosen on {s.valid}")
+    if done:
+        return
+
+    def work() -> None:
+        report = run_eval_report(EvalConfig(
+            model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
+            device=job.device, memdec=str(job.ckpt), knn=str(job.datastore), sweep=True, valid=s.valid,
+            valid_max_tokens=s.valid_tokens, plot=str(job.run / "lambda.png"), json=None,
+            baseline=baseline_dirs or None, general=s.general, general_max_tokens=s.general_tokens,
+            recurring=str(job.datastore)))
+        atomic_write_json(job.run / "eval.json", report.to_json(s.test))
+        chosen = next(r.lmbda for r in report.rows if r.system == "memdec")
+        write_memdec_json(job.ckpt, {**read_memdec_json(job.ckpt), "lambda": chosen,
+                                     "lambda_source": f"memdec adapt: chosen on {s.valid} ({s.valid_tokens} tokens)"})
+
+    book.run("eval", job.inputs["eval"], work)
+
+
+def samples_stage(job: Job) -> None:
+    """4. Continuations of a few test prompts, base beside joint, in ``RUN/samples.json``."""
+    s, book = job.s, job.book
+    done, _ = book.begin("samples", job.inputs["samples"], f"{s.samples} continuations of {s.test} prompts, base beside joint")
+    if done:
+        return
+
+    def work() -> None:
+        lmbda = next(r["lambda"] for r in read_json_object(job.run / "eval.json", "eval report")["results"]
+                     if r["system"] == "memdec")
+        atomic_write_json(job.run / "samples.json", generate_samples(s, job.ckpt, job.device, lmbda), ensure_ascii=False)
+
+    book.run("samples", job.inputs["samples"], work)
+
+
 def sample_prompts(s: Settings, tokenizer, n: int, prompt_tokens: int = 48) -> list[str]:
     """``n`` prompts from the test corpus: the text before evenly spaced positions of its scored slice."""
-    from .data import load_token_stream
-
     tokens = load_token_stream(s.test, tokenizer, s.test_tokens, s.text_field)
     picks = np.linspace(prompt_tokens, len(tokens) - 1, n + 1, dtype=np.int64)[:-1] if n else []
     return [tokenizer.decode(tokens[p - prompt_tokens : p]) for p in picks]
 
 
 def generate_samples(s: Settings, ckpt: Path, device: str, lmbda: float | None = None) -> list[dict]:
-    """Greedy continuations of test prompts by the base alone and by the joint model (at ``lmbda``,
-    default the checkpoint's)."""
-    import torch
-
-    from .joint import MemoryDecoderModel
-    from .models import load_model, resolve_device
-
+    """Continuations of test prompts by the base alone and by the joint model (at ``lmbda``, default
+    the checkpoint's), drawn as ``SAMPLING`` says, with the same seed for both."""
     base, tokenizer = load_model(s.model, device=resolve_device(device))
     joint = MemoryDecoderModel.from_pretrained(base, str(ckpt), lmbda=lmbda, tokenizer=tokenizer)
+    gen = dict(max_new_tokens=s.sample_tokens, pad_token_id=tokenizer.pad_token_id,
+               **{k: v for k, v in SAMPLING.items() if k != "seed"})
     out = []
     for prompt in sample_prompts(s, tokenizer, s.samples):
         ids = tokenizer(prompt, return_tensors="pt").to(base.device)
-        gen = dict(max_new_tokens=s.sample_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        n = ids.input_ids.shape[1]
         with torch.no_grad():
-            b = base.generate(**ids, **gen)[0, ids.input_ids.shape[1]:]
-            j = joint.generate(**ids, **gen)[0, ids.input_ids.shape[1]:]
+            torch.manual_seed(SAMPLING["seed"])
+            b = base.generate(**ids, **gen)[0, n:]
+            torch.manual_seed(SAMPLING["seed"])
+            j = joint.generate(**ids, **gen)[0, n:]
         out.append({"prompt": prompt, "base": tokenizer.decode(b, skip_special_tokens=True),
                     "memdec": tokenizer.decode(j, skip_special_tokens=True), "lambda": joint.lmbda})
     return out
@@ -513,19 +615,20 @@ def generate_samples(s: Settings, ckpt: Path, device: str, lmbda: float | None =
 
 def _plot_training(run: Path) -> str | None:
     """Training loss and validation curves of every decoder trained (each α candidate), one colour each."""
-    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]  # every (α, β) candidate
+    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]
     logs = {p.parent.name if p.parent.name.startswith("alpha-") else "memdec": p for p in candidates if p.is_file()}
     if not logs:
         return None
-    import matplotlib
+    import matplotlib  # optional and heavy: only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     chosen = (run / "memdec").resolve().name
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    base = None
     for i, (name, log) in enumerate(logs.items()):
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = [r for r in read_jsonl(log) if "step" in r]
         label = candidate_label(name) + (" (chosen)" if name == chosen and len(logs) > 1 else "")
         color = f"C{i}"
         ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label}: loss")
@@ -538,7 +641,7 @@ def _plot_training(run: Path) -> str | None:
             base = val[0]["valid_ppl_base"]
     ax1.set_xlabel("optimizer step"), ax1.set_ylabel("nats"), ax1.set_title("training loss"), ax1.grid(alpha=0.3)
     ax1.legend(fontsize=7)
-    if ax2.lines:
+    if base is not None:
         ax2.axhline(base, color="gray", ls=":", label="base")
         ax2.set_xlabel("optimizer step"), ax2.set_ylabel("validation perplexity"), ax2.set_title("validation")
         ax2.grid(alpha=0.3), ax2.legend(fontsize=7)
@@ -553,44 +656,39 @@ def _folder_bytes(path: Path, pattern: str = "*") -> int:
 
 
 def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None:
-    """Write RUN/report.json and RUN/report.md from the stages' outputs."""
-    ev = json.loads((run / "eval.json").read_text())
-    samples = json.loads((run / "samples.json").read_text()) if (run / "samples.json").is_file() else []
-    info = json.loads((run / "memdec" / "memdec.json").read_text())
-    manifest = json.loads((run / "datastore" / "manifest.json").read_text())
-    rows = ev["results"]
-    sizes = {
-        "datastore_keys": manifest["n_keys"],
-        "datastore_bytes": _folder_bytes(run / "datastore"),
-        "memdec_parameters": info.get("n_parameters"),
-        "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
-    }
-    stage_times = {name: e.get("seconds") for name, e in book.stages.items()}
-    training_png = _plot_training(run)
-    report = {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
-              "corpus": ev["corpus"], "results": rows, "sweep": ev.get("sweep"), "sizes": sizes,
-              "stage_seconds": stage_times, "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s),
-              "samples": samples}
-    atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    """Write RUN/report.json, then RUN/report.md, from the stages' outputs."""
+    report = report_json(run, s, book, wall_s)
+    atomic_write_json(run / "report.json", report, ensure_ascii=False)
+    atomic_write_text(run / "report.md", "\n".join(report_markdown(run, s, report, _plot_training(run))))
 
+
+def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
+    """Everything the report shows, as one JSON object."""
+    ev = read_json_object(run / "eval.json", "eval report")
+    samples_file = run / "samples.json"
+    samples = read_json(samples_file, "samples") if samples_file.is_file() else []
+    info = read_memdec_json(run / "memdec")
+    manifest = read_manifest(run / "datastore")
+    sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
+             "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
+             "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors"))}
+    return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
+            "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
+            "recurring": ev.get("recurring"), "sizes": sizes,
+            "stage_seconds": {name: e.get("seconds") for name, e in book.stages.items()},
+            "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s), "samples": samples,
+            "alpha_choice": book.summary("train").get("valid_joint_ppl"), "skipped": book.summary("train").get("skipped"),
+            "ce_decoder_reused_from": book.summary("ce-decoder").get("reused_from")}
+
+
+def report_markdown(run: Path, s: Settings, report: dict, training_png: str | None) -> list[str]:
+    """The lines of RUN/report.md."""
     lines = [f"# memdec report: {s.model} adapted to {s.corpus}", "",
-             f"Run folder `{run}`; wall time of this call {wall_s / 60:.1f} min.", "",
-             f"Test: {ev['tokens']} tokens of {ev['corpus']}; λ of each system chosen on {s.valid} "
+             f"Run folder `{run}`; wall time of this call {report['wall_seconds_this_call'] / 60:.1f} min.", "",
+             f"Test: {report['tokens']} tokens of {report['corpus']}; λ of each system chosen on {s.valid} "
              f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
-    lines += results_table(rows, ev.get("general"), ev.get("recurring"))
-    choice = book.stages.get("train", {}).get("summary", {})
-    if len(choice.get("valid_joint_ppl", {})) > 1:
-        ranked = sorted(choice["valid_joint_ppl"].items(), key=lambda kv: kv[1])
-        label = (lambda n: candidate_label(n if n.startswith("alpha-") else f"alpha-{n}"))  # older runs: keys were α
-        lines += ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
-                      f"of the teacher): **{label(ranked[0][0])}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
-                      + ", ".join(f"{label(a)} ({p:.2f})" for a, p in ranked[1:])
-                      + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
-                         "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
-        if choice.get("skipped"):
-            lines.append(f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in choice['skipped'])}.")
-    report["alpha_choice"] = choice.get("valid_joint_ppl")
-    atomic_write_text(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    lines += results_table(report["results"], report["general"], report["recurring"])
+    lines += _teacher_lines(s, report)
     if s.baselines:
         lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
                       f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
@@ -598,26 +696,53 @@ def write_report(run: Path, s: Settings, book: StageBook, wall_s: float) -> None
                       f"and cosine schedule, peak lr {s.lr:g} (LoRA: {s.lora_lr:g}, rank {s.lora_r}), next-token "
                       f"cross-entropy only. dapt and lora are scored alone (LoRA merged into the base); ce-decoder is the "
                       f"memory decoder's recipe with alpha=0, mixed with the base at its own λ."]
+        if report["ce_decoder_reused_from"]:
+            lines.append(f"The ce-decoder is `{report['ce_decoder_reused_from']}`, the α=0 teacher candidate: the same "
+                         f"recipe on the same tokens, so it was not trained twice.")
+    sizes = report["sizes"]
     lines += ["", "## Sizes", "",
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
               f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
-              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({info.get('init')})", "",
-              "## Stage times", "", "| stage | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in stage_times.items()]
+              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", "",
+              "## Stage times", ""]
+    lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
     lines += ["", "## Plots", ""]
     if training_png:
         lines.append(f"![training curves]({training_png})")
     if (run / "lambda.png").is_file():
         lines.append("![perplexity against λ](lambda.png)")
-    if samples:
-        lines += ["", "## Samples (greedy)", ""]
-        for smp in samples:
-            lines += [f"**Prompt:** …{smp['prompt'][-200:]}", "", f"- **base:** {smp['base']}",
-                      f"- **memdec (λ={smp['lambda']:.2f}):** {smp['memdec']}", ""]
-    lines += ["", "Load the adapted model in one line:", "", "```python",
+    lines += _sample_lines(report["samples"])
+    lines += ["", "Load the adapted model in one line (its λ is the one chosen above):", "", "```python",
               "from memdec import MemoryDecoderModel",
               f"model = MemoryDecoderModel.from_pretrained(\"{s.model}\", \"{run / 'memdec'}\")", "```", ""]
-    atomic_write_text(run / "report.md", "\n".join(lines))
+    return lines
+
+
+def _teacher_lines(s: Settings, report: dict) -> list[str]:
+    choice = report["alpha_choice"] or {}
+    if len(choice) < 2:
+        return []
+    ranked = sorted(choice.items(), key=lambda kv: kv[1])
+    label = (lambda n: candidate_label(n if n.startswith("alpha-") else f"alpha-{n}"))  # older runs: keys were α
+    lines = ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
+                 f"of the teacher): **{label(ranked[0][0])}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
+                 + ", ".join(f"{label(a)} ({p:.2f})" for a, p in ranked[1:])
+                 + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
+                    "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
+    if report.get("skipped"):
+        lines.append(f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in report['skipped'])}.")
+    return lines
+
+
+def _sample_lines(samples: list[dict]) -> list[str]:
+    if not samples:
+        return []
+    how = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in SAMPLING.items() if k != "do_sample")
+    lines = ["", f"## Samples (sampled: {how}; the same seed for both)", ""]
+    for smp in samples:
+        lines += [f"**Prompt:** …{smp['prompt'][-200:]}", "", f"- **base:** {smp['base']}",
+                  f"- **memdec (λ={smp['lambda']:.2f}):** {smp['memdec']}", ""]
+    return lines
 
 
 def _pct(x: float | None, ref: float | None) -> str:
@@ -646,7 +771,7 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
     recurring = recurring if recurring and any(r.get("recurring_ppl") is not None for r in rows) else None
     head = ["system", "λ", "test ppl", "vs base"] + (["recurring ppl", "vs base"] if recurring else []) + \
         (["general ppl", "vs base"] if general else []) + ["trainable params", "train time", "tokens/s", "inference time vs base"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    body = []
     for r in rows:
         lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
         ratio = r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
@@ -656,7 +781,8 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
                 v = r.get(key)
                 cells += ["-" if v is None else f"{v:.2f}", _pct(v, base.get(key)) if r is not base else ""]
         cells += [_params(r.get("trainable_parameters")), _train_time(r), f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×"]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines = render_table(head, body)
     lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
               "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
               "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
@@ -671,49 +797,25 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
     return lines
 
 
-def run_paths(run: str | Path) -> dict:
-    """What a finished run folder provides to ``eval`` and ``generate``: model, memdec, knn, corpora."""
-    run = Path(run)
-    settings = run / "settings.json"
-    if not settings.is_file() or not (run / "memdec" / "memdec.json").is_file():
-        raise MemdecError(f"{run}: not a finished memdec adapt run (no settings.json or memdec/memdec.json)")
-    s = json.loads(settings.read_text())
-    from .baselines import BASELINE_JSON, METHODS
-
-    baselines = [str(run / "baselines" / m) for m in METHODS if (run / "baselines" / m / BASELINE_JSON).is_file()]
-    return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"), "baseline": baselines,
-            "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}
-
-
-def apply_run(cfg):
-    """A copy of an eval/generate config with --model, --memdec (and --knn, and the run's baselines
-    unless --baseline is given) taken from ``cfg.run``."""
-    paths = run_paths(cfg.run)
-    names = {f.name for f in dataclasses.fields(cfg)}
-    given = {k: paths[k] for k in ("model", "memdec", "knn") if k in names}
-    if "baseline" in names and not cfg.baseline and paths["baseline"]:
-        given["baseline"] = paths["baseline"]
-    return dataclasses.replace(cfg, **given)
-
-
 def format_summary(run: Path) -> str:
     """The report's table, for the terminal."""
-    report = json.loads((Path(run) / "report.json").read_text())
+    report = read_json_object(Path(run) / "report.json", "report")
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
     general = base.get("general_ppl") is not None
-    out = [f"{report['tokens']} test tokens of {report['corpus']}",
-           f"{'system':<10} {'lambda':>6} {'ppl':>9} {'vs base':>8}" + (f" {'general':>9} {'vs base':>8}" if general else "")
-           + f" {'tok/s':>8} {'trainable':>10} {'train s':>8}"]
+    header = ["system", "lambda", "ppl", "vs base"] + (["general", "vs base"] if general else []) + \
+        ["tok/s", "trainable", "train s"]
+    body = []
     for r in rows:
-        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
-        gen = ""
+        cells = ["-" if r.get("lambda") is None else f"{r['lambda']:.2f}", f"{r['ppl']:.3f}",
+                 f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%"]
         if general:
             g = r.get("general_ppl")
-            gen = f" {'-' if g is None else f'{g:.3f}':>9} {_pct(g, base['general_ppl']) if g is not None else '':>8}"
-        n, t = r.get("trainable_parameters"), r.get("train_seconds")
-        out.append(f"{r['system']:<10} {lam:>6} {r['ppl']:>9.3f} {(r['ppl'] / base['ppl'] - 1) * 100:>+7.1f}%{gen} "
-                   f"{r['tokens_per_s']:>8.1f} {_params(n):>10} {'-' if t is None else f'{t:.0f}':>8}")
+            cells += ["-" if g is None else f"{g:.3f}", _pct(g, base["general_ppl"]) if g is not None else ""]
+        t = r.get("train_seconds")
+        cells += [f"{r['tokens_per_s']:.1f}", _params(r.get("trainable_parameters")), "-" if t is None else f"{t:.0f}"]
+        body.append([r["system"], *cells])
+    out = [f"{report['tokens']} test tokens of {report['corpus']}", *render_table(header, body, "text")]
     out.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
     out.append(f"report: {Path(run) / 'report.md'}")
     return "\n".join(out)

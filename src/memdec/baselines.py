@@ -39,14 +39,23 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MemdecError, TokenizerMismatchError
-from .files import atomic_write_json, read_json_object
-from .train import Recipe, TrainConfig, init_memory_decoder, train, write_memdec_json
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-METHODS = ("ce-decoder", "dapt", "lora")  # also the order of their rows in a table
-BASELINE_JSON = "baseline.json"
-BASELINE_FORMAT = "memdec-baseline"
-LORA_ADAPTER = "adapter_model.safetensors"
+from .checkpoint import (
+    BASELINE_JSON,
+    LORA_ADAPTER,
+    MEMDEC_JSON,
+    METHODS,
+    check_checkpoint_tokenizer,
+    read_baseline_json,
+    write_baseline_json,
+)
+from .data import load_token_stream, token_stream_hash
+from .errors import MemdecError
+from .joint import MemoryDecoderModel
+from .models import load_model, load_tokenizer, resolve_model_spec, tokenizer_fingerprint
+from .train import Recipe, TrainConfig, init_memory_decoder, train
 
 
 @dataclass(kw_only=True)
@@ -132,7 +141,7 @@ class BaselineRecipe(Recipe):
         if method not in METHODS:
             raise MemdecError(f"unknown --method '{method}' (choose from: {', '.join(METHODS)})")
         self.name = method
-        self.meta_files = (BASELINE_JSON, "memdec.json") if method == "ce-decoder" else (BASELINE_JSON,)
+        self.meta_files = (BASELINE_JSON, MEMDEC_JSON) if method == "ce-decoder" else (BASELINE_JSON,)
         # ce-decoder is judged mixed with the base, as the memory decoder is; dapt and lora alone
         self.select = "best_ppl" if method == "ce-decoder" else "valid_ppl_memdec"
 
@@ -142,8 +151,6 @@ class BaselineRecipe(Recipe):
             if cfg.model is not None and cfg.model != manifest["model"]:
                 raise MemdecError(f"--model {cfg.model} differs from the datastore's base model {manifest['model']}")
             return tokens, manifest
-        from .data import load_token_stream, token_stream_hash
-        from .models import load_tokenizer, tokenizer_fingerprint
 
         tokenizer = load_tokenizer(cfg.model)
         tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
@@ -163,19 +170,13 @@ class BaselineRecipe(Recipe):
         if self.name != "lora":
             return super().load_weights(model, folder)
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         result = set_peft_model_state_dict(model, load_file(str(folder / LORA_ADAPTER)))
         if result.unexpected_keys:
             raise MemdecError(f"{folder}: the saved adapters do not fit the model ({result.unexpected_keys[:3]})")
 
     def write_meta(self, folder: Path, info: dict) -> None:
-        if self.name == "ce-decoder":  # a memory decoder with α=0: loadable as one
-            write_memdec_json(folder, {k: v for k, v in info.items() if k != "method"} | {"format": "memdec", "version": 1})
-        meta = {**info, "format": BASELINE_FORMAT, "version": 1, "method": self.name}
-        if self.name != "ce-decoder":
-            meta["lambda"] = None  # evaluated alone
-        atomic_write_json(folder / BASELINE_JSON, meta)
+        write_baseline_json(folder, info, self.name)
 
 
 def train_baseline(cfg: BaselineConfig, on_step=None) -> Path:
@@ -188,27 +189,10 @@ def train_baseline(cfg: BaselineConfig, on_step=None) -> Path:
 # Loading for evaluation
 
 
-def read_baseline_json(path: str | Path) -> dict:
-    """The ``baseline.json`` of a baseline folder, checked. Raises MemdecError."""
-    path = Path(path).expanduser()
-    file = path / BASELINE_JSON
-    if not path.is_dir():
-        raise MemdecError(f"{path}: no such baseline folder")
-    if not file.is_file():
-        raise MemdecError(f"{path}: not a baseline (no {BASELINE_JSON}; train one with `memdec baseline`)")
-    info = read_json_object(file, BASELINE_JSON)
-    if info.get("format") != BASELINE_FORMAT or info.get("version") != 1:
-        raise MemdecError(f"{file}: not a memdec baseline of a known format")
-    if info.get("method") not in METHODS:
-        raise MemdecError(f"{file}: unknown method {info.get('method')!r}")
-    return info
-
-
 def same_model(a: str, b: str) -> bool:
     """Whether two model specs name the same model (equal, or resolving to the same file or folder)."""
     if a == b:
         return True
-    from .models import resolve_model_spec
 
     try:
         return resolve_model_spec(a).path == resolve_model_spec(b).path
@@ -238,14 +222,9 @@ def check_baseline(path: str | Path, base_spec: str, tokenizer) -> dict:
     Raises TokenizerMismatchError if it was trained for another tokenizer, MemdecError if it was
     trained from another base model or is no baseline.
     """
-    from .models import tokenizer_fingerprint
-
     info = read_baseline_json(path)
     method = info["method"]
-    fp = tokenizer_fingerprint(tokenizer)
-    if info.get("tokenizer_hash") != fp:
-        raise TokenizerMismatchError(f"baseline {path} ({method}) was trained for another tokenizer: its tokenizer hash is "
-                                     f"{info.get('tokenizer_hash')} (base model {info.get('base_model')!r}), the base model's is {fp}")
+    check_checkpoint_tokenizer(tokenizer, info, f"baseline {path} ({method})")
     if not same_model(str(info.get("base_model")), base_spec):
         raise MemdecError(f"baseline {path} ({method}) was trained from base model {info.get('base_model')!r}, not {base_spec!r}")
     return info
@@ -257,17 +236,11 @@ def load_baseline(path: str | Path, base_spec: str, base_model, tokenizer) -> Lo
     method = info["method"]
     device, dtype = base_model.device, base_model.dtype
     if method == "ce-decoder":
-        from .joint import MemoryDecoderModel
-
         model = MemoryDecoderModel.from_pretrained(base_model, str(path), tokenizer=tokenizer)
     elif method == "dapt":
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     else:  # lora: the adapters merged into a fresh copy of the base, as one would deploy them
         from peft import PeftModel
-
-        from .models import load_model
 
         copy, _ = load_model(base_spec, device=str(device), dtype=dtype)
         model = PeftModel.from_pretrained(copy, str(path)).merge_and_unload().eval()

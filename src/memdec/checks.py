@@ -11,11 +11,11 @@ import math
 from .errors import MemdecError
 
 
-def _number(value, what: str) -> float:
+def _number(value, what: str, error: type[MemdecError] = MemdecError) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise MemdecError(f"{what} must be a number, got {value!r}") from None
+        raise error(f"{what} must be a number, got {value!r}") from None
 
 
 def check_unit_interval(value, what: str) -> float:
@@ -31,17 +31,17 @@ def check_lambda(value, what: str = "lambda") -> float:
     return check_unit_interval(value, what)
 
 
-def check_positive(value, what: str) -> float:
+def check_positive(value, what: str, error: type[MemdecError] = MemdecError) -> float:
     """A finite number > 0 (a learning rate, a temperature, a norm)."""
-    x = _number(value, what)
+    x = _number(value, what, error)
     if not (math.isfinite(x) and x > 0):
-        raise MemdecError(f"{what} must be a positive number, got {value}")
+        raise error(f"{what} must be a positive number, got {value}")
     return x
 
 
-def check_temperature(value, what: str = "temperature") -> float:
-    """A softmax temperature: a finite number > 0."""
-    return check_positive(value, what)
+def check_temperature(value, what: str = "temperature", error: type[MemdecError] = MemdecError) -> float:
+    """A softmax temperature: a finite number > 0 (``error``: the MemdecError kind to raise)."""
+    return check_positive(value, what, error)
 
 
 def check_non_negative(value, what: str) -> float:

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
+import time
 import types
 import typing
 
+from transformers.utils import logging as hf_logging
+
+from .adapt import ADAPT_HELP, AdaptConfig, adapt, format_summary
+from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
+from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe
 from .errors import MemdecError
+from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
+from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .train import TRAIN_HELP, TrainConfig, train
 
 
 def _field_type(tp):
@@ -61,37 +71,7 @@ def config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-EVAL_HELP = {
-    "model": "model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
-    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
-    "block_size": "window length in tokens",
-    "stride": "new tokens scored per window; the rest is context (default: block size / 2)",
-    "max_tokens": "score only the first N tokens of the corpus",
-    "batch_size": "windows per forward pass",
-    "device": "auto, cpu or cuda",
-    "text_field": "JSONL / dataset field that holds the text",
-    "json": "write the results to this JSON file",
-    "memdec": "memory decoder checkpoint: adds the base+MemDec row",
-    "lmbda": "mixing weight λ in [0, 1] (default: the checkpoint's recommended λ)",
-    "sweep": "choose λ on --valid over 0, 0.05, ..., 1, then report it on --corpus",
-    "valid": "validation corpus spec for --sweep",
-    "plot": "write a PNG of perplexity against λ for each mixed system",
-    "valid_max_tokens": "score only the first N tokens of --valid (default: --max-tokens)",
-    "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
-    "knn_k": "neighbours retrieved per position by kNN-LM (default: the datastore's k)",
-    "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
-    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline)",
-    "baseline": "a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed like memdec)",
-    "general": "general-text corpus (e.g. general:test): every row also gets its perplexity there, at its λ",
-    "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",
-    "recurring": "a datastore folder (or corpus): also report perplexity on the names and numbers of --corpus "
-                 "that recur in it (memdec.knowledge)",
-}
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
-
     cfg = config_from_args(EvalConfig, args)
     report = run_eval_report(cfg)
     print(format_table(report.rows, report.n_tokens, cfg.corpus, cfg.general))
@@ -106,26 +86,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .joint import GenerateConfig, format_generations, run_generate
-
     results = run_generate(config_from_args(GenerateConfig, args))
     print(format_generations(results, width=min(shutil.get_terminal_size((120, 20)).columns, 160)))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-
     out = train(config_from_args(TrainConfig, args))
     print(f"memory decoder checkpoint: {out}")
     return 0
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from .baselines import BaselineConfig, train_baseline
-
     cfg = config_from_args(BaselineConfig, args)
     out = train_baseline(cfg)
     print(f"{cfg.method} baseline: {out}")
@@ -133,10 +105,6 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_datastore(args: argparse.Namespace) -> int:
-    import time
-
-    from .datastore import DatastoreConfig, build_datastore, describe
-
     t0 = time.perf_counter()
     out = build_datastore(config_from_args(DatastoreConfig, args))
     print(describe(out))
@@ -145,21 +113,12 @@ def cmd_datastore(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import AdaptConfig, adapt, format_summary
-
     run = adapt(config_from_args(AdaptConfig, args))
     print(format_summary(run))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .adapt import ADAPT_HELP, AdaptConfig
-    from .baselines import BASELINE_HELP, BaselineConfig
-    from .datastore import DATASTORE_HELP, DatastoreConfig
-    from .evaluate import EvalConfig
-    from .joint import GENERATE_HELP, GenerateConfig
-    from .train import TRAIN_HELP, TrainConfig
-
     commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
          AdaptConfig, ADAPT_HELP, cmd_adapt),
@@ -185,8 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     try:
         return args.func(args)

@@ -266,3 +266,23 @@ def sliding_windows(n_tokens: int, block_size: int, stride: int) -> np.ndarray:
     starts = np.maximum(ends - block_size, 0)
     score_starts = np.concatenate([[0], ends[:-1]])
     return np.stack([starts, ends, score_starts], axis=1)
+
+
+def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Group consecutive windows of equal (length, stored count) into batches of ``batch_size``.
+
+    windows: int64 [W, 3] from ``sliding_windows``. Each batch [b, 3] stores one contiguous run
+    of positions, ``[batch[0, 2], batch[-1, 1])``. The grouping is a pure function of its
+    inputs, so a resumed build meets the same chunks.
+    """
+    out: list[np.ndarray] = []
+    group: list[np.ndarray] = []
+    for w in windows:
+        shape = (w[1] - w[0], w[1] - w[2])
+        if group and (len(group) == batch_size or (group[0][1] - group[0][0], group[0][1] - group[0][2]) != shape):
+            out.append(np.stack(group))
+            group = []
+        group.append(w)
+    if group:
+        out.append(np.stack(group))
+    return out

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -47,11 +46,24 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import load_token_stream, sliding_windows, token_stream_hash
+from .checks import check_temperature
+from .data import load_token_stream, sliding_windows, token_stream_hash, window_batches
 from .errors import DatastoreError
-from .files import atomic_write, atomic_write_text
-from .targets import TARGETS_DIR, NpyAppender, check_npy
+from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
+from .models import check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from .files import NpyAppender, atomic_save_npy, atomic_write_json, check_npy, read_json_object
+from .targets import (
+    TARGETS_DIR,
+    KnnTargets,
+    drop_self,
+    drop_self_torch,
+    knn_distribution,
+    knn_distribution_torch,
+    load_targets,
+    lookup_values,
+)
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -205,26 +217,6 @@ def forward_ffn_inputs(model: nn.Module, input_ids: torch.Tensor, capture: FFNIn
     return capture.last
 
 
-def window_batches(windows: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Group consecutive windows of equal (length, stored count) into batches of ``batch_size``.
-
-    windows: int64 [W, 3] from ``sliding_windows``. Each batch [b, 3] stores one contiguous run
-    of positions, ``[batch[0, 2], batch[-1, 1])``. The grouping is a pure function of its
-    inputs, so a resumed build meets the same chunks.
-    """
-    out: list[np.ndarray] = []
-    group: list[np.ndarray] = []
-    for w in windows:
-        shape = (w[1] - w[0], w[1] - w[2])
-        if group and (len(group) == batch_size or (group[0][1] - group[0][0], group[0][1] - group[0][2]) != shape):
-            out.append(np.stack(group))
-            group = []
-        group.append(w)
-    if group:
-        out.append(np.stack(group))
-    return out
-
-
 def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInputCapture, device="cpu") -> np.ndarray:
     """Keys of the positions a batch of windows stores: float16 [P, d], P = batch[-1,1] - batch[0,2].
 
@@ -246,20 +238,17 @@ def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInpu
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a datastore folder; DatastoreError if it is missing or corrupt."""
     mpath = Path(path) / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise DatastoreError(f"{path}: not a datastore (no {MANIFEST}); build one with memdec datastore") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatastoreError(f"{mpath}: corrupt ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
+    if not mpath.is_file():
+        raise DatastoreError(f"{path}: not a datastore (no {MANIFEST}); build one with memdec datastore")
+    manifest = read_json_object(mpath, "datastore manifest", DatastoreError)
+    if manifest.get("version") != VERSION:
         raise DatastoreError(f"{mpath}: not a version-{VERSION} memdec manifest")
     return manifest
 
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
     """Write the manifest atomically (temporary file, then rename)."""
-    atomic_write_text(Path(path) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(Path(path) / MANIFEST, manifest)
 
 
 def _say(cfg: DatastoreConfig, msg: str) -> None:
@@ -267,23 +256,13 @@ def _say(cfg: DatastoreConfig, msg: str) -> None:
         print(f"memdec datastore: {msg}", file=sys.stderr, flush=True)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
-            np.save(f, arr)
-
-    atomic_write(path, write)
-
-
 def _check_config(cfg: DatastoreConfig) -> None:
-    from .index import INDEX_KINDS
-
     if cfg.index not in INDEX_KINDS:
         raise DatastoreError(f"unknown index type '{cfg.index}'; choose one of: {', '.join(INDEX_KINDS)}")
     if cfg.k is not None and (not isinstance(cfg.k, int) or cfg.k < 1):
         raise DatastoreError(f"--k must be a whole number >= 1, got {cfg.k}")
-    if cfg.knn_temp is not None and not (math.isfinite(cfg.knn_temp) and cfg.knn_temp > 0):
-        raise DatastoreError(f"--knn-temp must be a positive number, got {cfg.knn_temp}")
+    if cfg.knn_temp is not None:
+        check_temperature(cfg.knn_temp, "--knn-temp", DatastoreError)
     if cfg.top_m is not None and cfg.top_m < 1:
         raise DatastoreError(f"--top-m must be at least 1, got {cfg.top_m}")
     if cfg.block_size < 1 or cfg.stride < 1 or cfg.stride > cfg.block_size:
@@ -320,7 +299,7 @@ def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
     n = identity["n_keys"]
     for name, arr in (("tokens.npy", tokens), ("values.npy", tokens[1:])):
         if manifest["steps"]["keys"]["status"] != "done" and not (out / name).exists():
-            _atomic_save_npy(out / name, np.ascontiguousarray(arr, dtype=np.int32))
+            atomic_save_npy(out / name, np.ascontiguousarray(arr, dtype=np.int32))
     check_npy(out / "tokens.npy", np.int32, (n + 1,), "token stream")
     check_npy(out / "values.npy", np.int32, (n,), "values")
     stored = np.load(out / "tokens.npy", mmap_mode="r")
@@ -334,10 +313,6 @@ def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
 
 
 def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk) -> None:
-    from tqdm.auto import tqdm
-
-    from .evaluate import check_block_size
-    from .models import load_model, resolve_device
 
     step = manifest["steps"]["keys"]
     n = manifest["n_keys"]
@@ -399,15 +374,11 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
 
 
 def _index_params(cfg: DatastoreConfig, n: int, dim: int):
-    from .index import choose_params
-
     return choose_params(n, dim, cfg.index, nlist=cfg.nlist, pq_m=cfg.pq_m, nprobe=cfg.nprobe,
                          refine=cfg.refine, flat_threshold=cfg.flat_threshold)
 
 
 def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
-    from .index import build_index, save_index, set_num_threads
-
     n, dim = manifest["n_keys"], manifest["dim"]
     params = _index_params(cfg, n, dim)
     step = manifest["steps"]["index"]
@@ -442,9 +413,6 @@ def _numpy_batch_targets(index, keys: np.ndarray, values: np.ndarray, nprobe: in
     It returns ((offsets [b+1], token_ids [nnz], probs float32 [nnz], kept [b]), positions
     that missed their own entry, empty neighbour slots).
     """
-    from .index import search
-    from .targets import drop_self, knn_distribution, lookup_values
-
     def rows(r0: int, r1: int):
         dists, ids = search(index, keys[r0:r1], cfg.k + 1, nprobe=nprobe)
         query_ids = np.arange(r0, r1)
@@ -459,8 +427,6 @@ def _numpy_batch_targets(index, keys: np.ndarray, values: np.ndarray, nprobe: in
 def _torch_batch_targets(index, keys: np.ndarray, values: np.ndarray, cfg: DatastoreConfig):
     """``rows(r0, r1)`` as ``_numpy_batch_targets`` returns, for a TorchFlatIndex: search, drop
     self, value lookup and the distributions all run on the index's device (the GPU)."""
-    from .targets import drop_self_torch, knn_distribution_torch
-
     values_dev = torch.from_numpy(np.asarray(values, dtype=np.int64)).to(index.device)
 
     def rows(r0: int, r1: int):
@@ -491,9 +457,6 @@ def _blockwise(rows):
 
 
 def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
-    from tqdm.auto import tqdm
-
-    from .index import TorchFlatIndex, auto_nprobe, load_index, set_num_threads
 
     n = manifest["n_keys"]
     want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
@@ -594,8 +557,6 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     been written and recorded (used by tests to simulate an interruption).
     Raises DatastoreError on bad input, before anything already written is touched.
     """
-    from .models import load_tokenizer, tokenizer_fingerprint
-
     _check_config(cfg)
     out = Path(cfg.out).expanduser()
     cfg = _with_target_defaults(cfg, out)
@@ -644,16 +605,13 @@ class Datastore:
 
     def load_index(self, nprobe: int | None = None):
         """The index (faiss, or a TorchFlatIndex), with the nprobe the targets used unless given."""
-        from .index import load_index
-
         if self.manifest["steps"]["index"].get("status") != "done":
             raise DatastoreError(f"{self.path}: the index is not built; rerun memdec datastore --out {self.path}")
         return load_index(self.path / "index.faiss", nprobe or self.manifest["steps"]["targets"].get("nprobe"))
 
-    def load_targets(self):
-        from .targets import load_targets
-
-        return load_targets(self.path)
+    def load_targets(self) -> KnnTargets:
+        """The kNN targets, memory-mapped and validated (``targets.load_targets``)."""
+        return load_targets(self.path, self.manifest)
 
 
 def open_datastore(path: str | os.PathLike) -> Datastore:
@@ -679,6 +637,11 @@ def open_datastore(path: str | os.PathLike) -> Datastore:
         keys=np.load(path / "keys.npy", mmap_mode="r"),
         values=np.load(path / "values.npy", mmap_mode="r"),
     )
+
+
+def open_targets(path: str | os.PathLike) -> KnnTargets:
+    """The kNN targets of the datastore at ``path``, memory-mapped and validated."""
+    return load_targets(path, read_manifest(path))
 
 
 def describe(path: str | os.PathLike) -> str:

@@ -1,4 +1,5 @@
-"""Writing files so that a crash never leaves a half-written one, and reading JSON with clear errors.
+"""Writing files so that a crash never leaves a half-written one; reading JSON with clear errors;
+``.npy`` files that grow by appends and are checked against their expected shape.
 
 Every artefact memdec writes goes through ``atomic_write``: the bytes land in a temporary file in
 the same folder, which is then renamed over the target (an atomic step on POSIX filesystems).
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Callable
 
-from .errors import MemdecError
+import numpy as np
+
+from .errors import DatastoreError, MemdecError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -34,13 +38,124 @@ def atomic_write_json(path: str | os.PathLike, payload, **dump_kwargs) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, **dump_kwargs) + "\n")
 
 
-def read_json_object(file: str | os.PathLike, what: str) -> dict:
-    """A JSON file that must hold an object; MemdecError naming ``what`` if it is unreadable."""
+def read_json(file: str | os.PathLike, what: str, error: type[MemdecError] = MemdecError):
+    """The JSON value in ``file``; ``error`` (a MemdecError) naming ``what`` if it is unreadable."""
     file = Path(file)
     try:
-        value = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MemdecError(f"{file}: unreadable {what}: {exc}") from None
+        raise error(f"{file}: unreadable {what}: {exc}") from None
+
+
+def read_json_object(file: str | os.PathLike, what: str, error: type[MemdecError] = MemdecError) -> dict:
+    """A JSON file that must hold an object; ``error`` (a MemdecError) naming ``what`` if it is unreadable."""
+    value = read_json(file, what, error)
     if not isinstance(value, dict):
-        raise MemdecError(f"{file}: {what} must hold a JSON object")
+        raise error(f"{file}: {what} must hold a JSON object")
     return value
+
+
+def read_jsonl(file: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log; a line cut short by an interruption is skipped."""
+    records = []
+    for line in Path(file).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_jsonl(file: str | os.PathLike, record: dict) -> None:
+    """Append one record to a JSON-lines log."""
+    with open(file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# --- .npy files that grow, and their checks ---------------------------------------------------
+
+
+def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` through ``atomic_write``."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
+            np.save(f, arr)
+
+    atomic_write(path, write)
+
+
+NPY_HEADER_BYTES = 128  # fixed, so an array can grow in place while staying a valid .npy file
+
+
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
+    body = d.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+class NpyAppender:
+    """A 1-D .npy file that grows by appends and is valid after every ``flush``.
+
+    Opening truncates the file to its first ``n`` elements (those a finished chunk recorded),
+    so a resumed run continues byte for byte where the last one ended.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype, n: int = 0):
+        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), int(n)
+        size = NPY_HEADER_BYTES + self.n * self.dtype.itemsize
+        if self.n == 0:
+            self.f = open(self.path, "w+b")
+        else:
+            if not self.path.is_file() or self.path.stat().st_size < size:
+                raise DatastoreError(f"{self.path}: shorter than the {self.n} entries the manifest records (truncated?)")
+            self.f = open(self.path, "r+b")
+        self.f.truncate(size)
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, self.n))
+        self.f.seek(size)
+
+    def append(self, arr: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self.n += len(arr)
+
+    def flush(self) -> None:
+        self.f.seek(0)
+        self.f.write(_npy_header(self.dtype, self.n))
+        self.f.seek(0, os.SEEK_END)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+
+
+def check_npy(path: str | os.PathLike, dtype, shape: tuple[int, ...] | None = None, what: str = "") -> tuple[int, ...]:
+    """Check a .npy file's header and exact size without reading its data. Returns its shape.
+
+    Raises DatastoreError naming the file on a missing, truncated, padded or mismatched file.
+    """
+    path = Path(path)
+    label = f"{path}" + (f" ({what})" if what else "")
+    if not path.is_file():
+        raise DatastoreError(f"{label}: missing")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, fortran, got_dtype = read(f)
+            offset = f.tell()
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise DatastoreError(f"{label}: not a readable .npy file ({exc})") from None
+    if got_dtype != np.dtype(dtype) or fortran:
+        raise DatastoreError(f"{label}: holds {got_dtype} data, expected {np.dtype(dtype)}")
+    if shape is not None and tuple(got_shape) != tuple(shape):
+        raise DatastoreError(f"{label}: has shape {list(got_shape)}, the manifest says {list(shape)}")
+    expected = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DatastoreError(f"{label}: {actual} bytes on disk, {expected} expected (truncated or corrupt)")
+    return tuple(got_shape)

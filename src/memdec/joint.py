@@ -15,8 +15,8 @@ before its softmax. Three ways in:
 - scorers for ``memdec.evaluate``: target log-probs of each model (per-row logsumexp + gather),
   mixed on the targets only; never a full-vocabulary logaddexp.
 
-A memory decoder checkpoint is a Hugging Face model folder plus ``memdec.json``; see
-``read_memdec_json``.
+A memory decoder checkpoint is a Hugging Face model folder plus ``memdec.json``; its format is
+owned by ``memdec.checkpoint``. ``memdec generate`` lives in ``memdec.generate``.
 """
 
 from __future__ import annotations
@@ -24,91 +24,31 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers import AutoTokenizer, GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .checks import check_lambda, check_positive_int, check_temperature
-from .errors import MemdecError, TokenizerMismatchError, one_line
-from .evaluate import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
-from .models import vocab_rows
-
-MEMDEC_JSON = "memdec.json"
-_REQUIRED_KEYS = ("format", "version", "base_model", "tokenizer_hash", "lambda")
-
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    check_checkpoint_tokenizer,
+    check_same_vocab,
+    load_memory_decoder,
+    read_memdec_json,
+    write_memdec_json,
+)
+from .checks import check_lambda, check_temperature
+from .errors import MemdecError, TokenizerMismatchError
+from .models import load_model, tokenizer_fingerprint
+from .scoring import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
 
 # --------------------------------------------------------------------------------------------
-# Checkpoint metadata and checks
-
-
-def read_memdec_json(path: str | Path) -> dict:
-    """The ``memdec.json`` of a memory decoder checkpoint (the folder, or the file itself).
-
-    Required keys: ``format`` ("memdec"), ``version`` (1), ``base_model``, ``tokenizer_hash``,
-    ``lambda`` (the recommended λ, in [0, 1]). Optional: ``temperature`` (applied to the
-    decoder's logits at inference, default 1), ``alpha``, ``k``, ``knn_temperature``,
-    ``datastore_manifest_hash``, ``train_stats``. Raises MemdecError if missing or invalid.
-    """
-    path = Path(path).expanduser()
-    file = path / MEMDEC_JSON if path.is_dir() else path
-    if not path.exists():
-        raise MemdecError(f"{path}: no such memory decoder checkpoint")
-    if not file.is_file():
-        raise MemdecError(f"{path}: not a memory decoder checkpoint (no {MEMDEC_JSON}; train one with `memdec train`)")
-    from .files import read_json_object
-
-    info = read_json_object(file, MEMDEC_JSON)
-    missing = [k for k in _REQUIRED_KEYS if k not in info]
-    if missing:
-        raise MemdecError(f"{file}: {MEMDEC_JSON} lacks {', '.join(missing)}")
-    if info["format"] != "memdec" or info["version"] != 1:
-        raise MemdecError(f"{file}: unsupported checkpoint format {info['format']!r} version {info['version']!r}")
-    check_lambda(info["lambda"], what=f"{file}: lambda")
-    return info
-
-
-def check_same_vocab(base, memdec) -> None:
-    """Both models must produce logits over the same vocabulary. Raises TokenizerMismatchError."""
-    nb, nm = vocab_rows(base), vocab_rows(memdec)
-    if nb != nm:
-        raise TokenizerMismatchError(
-            f"the memory decoder scores {nm} tokens but the base model scores {nb}; "
-            f"a memory decoder must be built for the base model's tokenizer"
-        )
-
-
-def check_tokenizer_hash(tokenizer, info: dict, where: str = "memory decoder") -> None:
-    """The base tokenizer's fingerprint must equal the checkpoint's ``tokenizer_hash``."""
-    from .models import tokenizer_fingerprint
-
-    fp = tokenizer_fingerprint(tokenizer)
-    if fp != info["tokenizer_hash"]:
-        raise TokenizerMismatchError(
-            f"{where} was trained for another tokenizer: its tokenizer hash is {info['tokenizer_hash']} "
-            f"(base model {info.get('base_model')!r}), the base model's is {fp}"
-        )
-
-
-def load_memory_decoder(path: str | Path, device=None, dtype=None):
-    """Load ``(model, info)`` from a checkpoint folder, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    info = read_memdec_json(path)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
-        raise MemdecError(f"{path}: cannot load the memory decoder ({one_line(exc)})") from None
-    if device is not None:
-        model.to(device)
-    return model.eval(), info
+# Helpers
 
 
 def _accepts(model, name: str) -> bool:
@@ -244,9 +184,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         self.base = base
         self.memdec = memdec
         self.lmbda = lmbda
-        if not temperature > 0:
-            raise MemdecError(f"the memory decoder's temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, "the memory decoder's temperature")
         self.memdec_info = dict(memdec_info or {})
         if getattr(base, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(base.generation_config)
@@ -280,15 +218,13 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         The decoder is loaded onto the base model's device, in its dtype.
         """
         if isinstance(base_model, (str, Path)):
-            from .models import load_model
-
             base_model, loaded_tok = load_model(str(base_model))
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         info = read_memdec_json(memdec_path)
         if check_tokenizer:
             if tokenizer is None:
                 tokenizer = _tokenizer_of(base_model)
-            check_tokenizer_hash(tokenizer, info, where=f"memory decoder {memdec_path}")
+            check_checkpoint_tokenizer(tokenizer, info, f"memory decoder {memdec_path}")
         lmbda = info["lambda"] if lmbda is None else lmbda
         temperature = float(info.get("temperature") or 1.0) if temperature is None else temperature
         memdec, _ = load_memory_decoder(memdec_path, device=base_model.device, dtype=base_model.dtype)
@@ -298,9 +234,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         """Save the memory decoder only, peft-style: its model folder plus ``memdec.json``, with the
         current λ and temperature as the recommended ones. ``tokenizer`` (the shared one) is saved
         beside it and, for a wrapper not loaded from a checkpoint, gives ``tokenizer_hash``."""
-        from .models import tokenizer_fingerprint
-
-        info = {"format": "memdec", "version": 1, "base_model": self.base.name_or_path, "alpha": None, "k": None,
+        info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "base_model": self.base.name_or_path, "alpha": None, "k": None,
                 "knn_temperature": None, "datastore_manifest_hash": None, "train_stats": {}, **self.memdec_info}
         if tokenizer is not None:
             info["tokenizer_hash"] = tokenizer_fingerprint(tokenizer)
@@ -311,9 +245,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         self.memdec.save_pretrained(folder, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        from .files import atomic_write_json
-
-        atomic_write_json(folder / MEMDEC_JSON, info)  # last: it commits the checkpoint
+        write_memdec_json(folder, info)  # last: it commits the checkpoint
         return folder
 
     @property
@@ -457,8 +389,6 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
 
 def _tokenizer_of(model):
     """The tokenizer saved beside a loaded model (``name_or_path``), or MemdecError."""
-    from transformers import AutoTokenizer
-
     name = getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
     if name:
         try:
@@ -499,9 +429,7 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
     def __init__(self, memdec, lmbda: float, attention_mask: torch.Tensor | None = None, temperature: float = 1.0):
         self.memdec = memdec
         self.lmbda = check_lambda(lmbda)
-        if not temperature > 0:
-            raise MemdecError(f"the memory decoder's temperature must be positive, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_temperature(temperature, "the memory decoder's temperature")
         self.attention_mask = attention_mask
         self._pos_ok = _accepts(memdec, "position_ids")
         self._keep_ok = _accepts(memdec, "logits_to_keep")
@@ -566,143 +494,3 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
         mixed = mix_logprobs(lp_base, lp_mem, self.lmbda)
         return mixed.masked_fill(torch.isneginf(scores), -math.inf)
 
-
-# --------------------------------------------------------------------------------------------
-# `memdec generate`
-
-
-@dataclass
-class GenerateConfig:
-    prompt: list[str]
-    memdec: str | None = None
-    run: str | None = None  # a `memdec adapt` run folder: gives --model and --memdec
-    model: str = "smollm2-135m"
-    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
-    compare: bool = False
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    num_beams: int = 1
-    seed: int = 0
-    processor: bool = False
-    device: str = "auto"
-
-
-GENERATE_HELP = {
-    "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
-    "run": "a `memdec adapt` run folder, in place of --model and --memdec",
-    "prompt": "one or more prompts (batched, left-padded)",
-    "model": "base model spec",
-    "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
-    "compare": "also generate with the base model alone and print both",
-    "max_new_tokens": "tokens to generate",
-    "do_sample": "sample instead of greedy / beam search",
-    "temperature": "sampling temperature",
-    "top_k": "sampling: keep the k most likely tokens",
-    "top_p": "sampling: nucleus mass",
-    "num_beams": "beam search width (not with --processor)",
-    "seed": "random seed; base and joint use the same one",
-    "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
-    "device": "auto, cpu or cuda",
-}
-
-
-def check_generate_config(cfg: GenerateConfig) -> None:
-    """Every flag of ``memdec generate`` checked, one clear line each, before any model loads."""
-    if not cfg.prompt or any(not p.strip() for p in cfg.prompt):
-        raise MemdecError("--prompt must be non-empty text (an empty prompt gives the model nothing to continue)")
-    check_positive_int(cfg.max_new_tokens, "--max-new-tokens")
-    check_positive_int(cfg.num_beams, "--num-beams")
-    if cfg.lmbda is not None:
-        check_lambda(cfg.lmbda, "--lambda")
-    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    given = [k for k, v in sampling.items() if v is not None]
-    if given and not cfg.do_sample:
-        raise MemdecError(f"--{'/--'.join(k.replace('_', '-') for k in given)} only apply with --do-sample")
-    if cfg.temperature is not None:
-        check_temperature(cfg.temperature, "--temperature")
-    if cfg.top_k is not None:
-        check_positive_int(cfg.top_k, "--top-k")
-    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
-        raise MemdecError(f"--top-p must lie in (0, 1], got {cfg.top_p}")
-    if cfg.processor and cfg.num_beams > 1:
-        raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
-                          "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
-
-
-def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
-    """The ``generate()`` arguments of a (checked) GenerateConfig."""
-    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "num_beams": cfg.num_beams,
-                          "pad_token_id": tokenizer.pad_token_id}
-    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    kw.update({k: v for k, v in sampling.items() if v is not None})
-    return kw
-
-
-def run_generate(cfg: GenerateConfig) -> list[dict]:
-    """Generate a continuation of each prompt. Returns [{"prompt", "joint", "base" (with --compare), "lambda"}]."""
-    from .models import load_model, resolve_device
-
-    if cfg.run is not None:
-        from .adapt import apply_run
-
-        cfg = apply_run(cfg)
-    if cfg.memdec is None:
-        raise MemdecError("give a memory decoder: --memdec CKPT or --run RUN")
-    check_generate_config(cfg)
-    device = resolve_device(cfg.device)
-    base, tokenizer = load_model(cfg.model, device=device)
-    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
-    kw = generate_kwargs(cfg, tokenizer)
-    tokenizer.padding_side = "left"
-    enc = tokenizer(list(cfg.prompt), return_tensors="pt", padding=True).to(device)
-    n_prompt = enc["input_ids"].shape[1]
-
-    def decode(ids: torch.Tensor) -> list[str]:
-        return tokenizer.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(cfg.seed)
-        if cfg.processor:
-            proc = MemoryDecoderLogitsProcessor(joint.memdec, joint.lmbda, enc["attention_mask"], joint.temperature)
-            out_joint = base.generate(**enc, **kw, logits_processor=[proc])
-        else:
-            out_joint = joint.generate(**enc, **kw)
-        out_base = None
-        if cfg.compare:
-            torch.manual_seed(cfg.seed)
-            out_base = base.generate(**enc, **kw)
-    joint_text = decode(out_joint)
-    base_text = decode(out_base) if out_base is not None else [None] * len(joint_text)
-    return [{"prompt": p, "lambda": joint.lmbda, "base": b, "joint": j}
-            for p, b, j in zip(cfg.prompt, base_text, joint_text)]
-
-
-def format_generations(results: list[dict], width: int = 100) -> str:
-    """Prompt, then the base and joint continuations side by side (stacked when narrow)."""
-    import textwrap
-
-    blocks = []
-    for r in results:
-        lines = [f"prompt: {r['prompt']}"]
-        joint_title = f"base + memdec (λ={r['lambda']:.2f})"
-        if r["base"] is None:
-            lines += [f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
-        elif width < 60:
-            lines += ["── base ──", textwrap.fill(r["base"], width) or "(empty)",
-                      f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
-        else:
-            col = (width - 3) // 2
-            left = textwrap.wrap(r["base"], col) or ["(empty)"]
-            right = textwrap.wrap(r["joint"], col) or ["(empty)"]
-            lines.append(f"{'base':<{col}} │ {joint_title}")
-            lines.append(f"{'─' * col}─┼─{'─' * col}")
-            for i in range(max(len(left), len(right))):
-                a = left[i] if i < len(left) else ""
-                b = right[i] if i < len(right) else ""
-                lines.append(f"{a:<{col}} │ {b}".rstrip())
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from .errors import DatastoreError, MemdecError, TokenizerMismatchError
+from .checks import check_lambda, check_temperature
+from .datastore import FFNInputCapture, open_datastore
+from .errors import DatastoreError, MemdecError
+from .index import search
+from .models import check_tokenizer
+from .scoring import causal_lm_logits, mix_logprobs, score_tokens, target_logprobs
+from .targets import knn_distribution, knn_target_logprob, lookup_values
 
 
 class KnnRetriever:
@@ -32,16 +38,10 @@ class KnnRetriever:
     """
 
     def __init__(self, datastore: str, k: int = 1024, nprobe: int | None = None, tokenizer=None):
-        from .datastore import open_datastore
-        from .models import tokenizer_fingerprint
-
         self.store = open_datastore(datastore)
         manifest = self.store.manifest
-        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_hash"]:
-            raise TokenizerMismatchError(
-                f"datastore {datastore} was built with another tokenizer ({manifest['tokenizer_hash']}, model "
-                f"{manifest['model']}) than the base model's ({tokenizer_fingerprint(tokenizer)})"
-            )
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"datastore {datastore}", made_with=manifest["model"])
         if k > self.store.n_keys:
             raise DatastoreError(f"k={k} neighbours asked of a datastore with {self.store.n_keys} keys")
         self.k = k
@@ -51,9 +51,6 @@ class KnnRetriever:
         self.layer = manifest["layer"]
 
     def neighbours(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from .index import search
-        from .targets import lookup_values
-
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries, np.float32)
         dists, ids = search(self.index, q, self.k)
         return dists, lookup_values(ids, self.values)
@@ -89,17 +86,12 @@ class KnnPass:
 
     def knn_nll(self, temperature: float) -> np.ndarray:
         """-log p_kNN(target) of every position at temperature T: float64 [N] (inf where absent)."""
-        from .targets import knn_target_logprob
-
         return -knn_target_logprob(self.dists, self.values, self.targets, temperature).astype(np.float64)
 
 
 def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int, stride: int,
              batch_size: int = 1, device: str = "cpu", desc: str = "base + kNN", progress: bool = True) -> KnnPass:
     """Score the base model over ``tokens`` [N+1] and search the neighbours of every position's key."""
-    from .datastore import FFNInputCapture
-    from .evaluate import causal_lm_logits, score_tokens, target_logprobs
-
     found_d: list[np.ndarray] = []
     found_v: list[np.ndarray] = []
     search_s = 0.0
@@ -132,10 +124,6 @@ def knn_lm_scorer(model, retriever: KnnRetriever, lmbda: float, temperature: flo
 
     Hooks the model for as long as the returned scorer lives; call ``scorer.close()`` to unhook.
     """
-    from .datastore import FFNInputCapture
-    from .evaluate import causal_lm_logits, mix_logprobs, target_logprobs
-    from .targets import knn_target_logprob
-
     capture = FFNInputCapture(model).__enter__()
     check_same_base(retriever, model, capture.name)
 
@@ -163,8 +151,6 @@ def temperature_grid(dists: np.ndarray, n: int = 9) -> list[float]:
 
 def choose_temperature_and_lambda(valid: KnnPass, lambdas, temperatures) -> tuple[float, float, float]:
     """(T, λ, valid ppl) minimising the mixture's perplexity on the validation pass."""
-    from .evaluate import mix_logprobs
-
     best = (math.inf, None, None)
     base_lp = -valid.nll_base.astype(np.float64)
     for t in temperatures:
@@ -195,13 +181,9 @@ class KnnLMLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, model, retriever: KnnRetriever, lmbda: float, temperature: float):
-        from .datastore import FFNInputCapture
-
-        if not 0.0 <= lmbda <= 1.0:
-            raise MemdecError(f"lambda must lie in [0, 1], got {lmbda}")
-        if not temperature > 0:
-            raise MemdecError(f"the kNN temperature must be positive, got {temperature}")
-        self.retriever, self.lmbda, self.temperature = retriever, float(lmbda), float(temperature)
+        self.retriever = retriever
+        self.lmbda = check_lambda(lmbda)
+        self.temperature = check_temperature(temperature, "the kNN temperature")
         self.capture = FFNInputCapture(model)
         check_same_base(retriever, model, self.capture.name)
 
@@ -214,8 +196,6 @@ class KnnLMLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        from .targets import knn_distribution
-
         if self.capture.last is None:
             raise MemdecError("KnnLMLogitsProcessor must be used inside its `with` block")
         keys = self.capture.last[:, -1]  # [B, d], the position whose next token is chosen now

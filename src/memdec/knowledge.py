@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import load_token_stream
+from .datastore import open_datastore
+
 SENTENCE_END = ('.', '!', '?', '"', "'", '\u201d', '\u2019', ':', ';')
 
 
@@ -108,9 +111,6 @@ def recurring_positions(tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer
 def memory_token_stream(spec: str, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """The memory's tokens: a datastore folder's stored stream, or any corpus spec tokenized."""
     if (Path(spec) / "manifest.json").is_file():
-        from .datastore import open_datastore
-
         return np.asarray(open_datastore(spec).tokens)
-    from .data import load_token_stream
 
     return load_token_stream(spec, tokenizer, max_tokens)

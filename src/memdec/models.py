@@ -22,11 +22,16 @@ import shutil
 import socket
 import tempfile
 import time
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ModelSpecError, one_line
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import ModelSpecError, TokenizerMismatchError, one_line
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,6 @@ def _atomic_save_folder(dest: Path, write) -> None:
 
 def _convert_gguf(gguf_path: str, dest: Path) -> None:
     """Dequantise a GGUF file into an fp32 safetensors folder with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = os.path.split(gguf_path)
     t0 = time.perf_counter()
     try:
@@ -189,8 +191,6 @@ def _hub_folder(repo_id: str) -> str:
 
 def load_tokenizer(spec: str):
     """The fast tokenizer of a model spec."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_model_folder(spec))
     except ModelSpecError:
@@ -207,9 +207,6 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
 
     Returns a ``transformers`` causal LM and its tokenizer.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     folder = local_model_folder(spec)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else torch.bfloat16
@@ -222,7 +219,6 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
 
 
 def resolve_device(device: str = "auto") -> str:
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,6 +245,18 @@ def vocab_rows(model) -> int:
     return int(emb.weight.shape[0])
 
 
+def check_tokenizer(tokenizer, expected_hash: str, what: str, made_with: str | None = None) -> None:
+    """The one tokenizer check: TokenizerMismatchError unless ``tokenizer`` has fingerprint
+    ``expected_hash``, the one ``what`` (a datastore, a checkpoint, a baseline) was built with."""
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp != expected_hash:
+        model = f", model {made_with!r}" if made_with else ""
+        raise TokenizerMismatchError(
+            f"{what} was built with another tokenizer (hash {expected_hash}{model}) than this model's (hash {fp}); "
+            f"a memory decoder, its datastore and its base model must share one tokenizer exactly"
+        )
+
+
 def max_context(model) -> int | None:
     """The model's longest supported sequence, from its config, or None if it does not say."""
     cfg = model.config
@@ -257,3 +265,62 @@ def max_context(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
+    """ModelSpecError unless ``block_size`` fits the model's context (and 1 <= ``stride`` <= it)."""
+    if stride is not None and not 1 <= stride <= block_size:
+        raise ModelSpecError(f"--stride {stride} must lie between 1 and --block-size {block_size}")
+    ctx = max_context(model)
+    if ctx is not None and block_size > ctx:
+        raise ModelSpecError(f"{spec}: --block-size {block_size} is larger than the model's context of {ctx} tokens")
+
+
+# --- shortened copies: a smaller decoder from a model's own blocks --------------------------------
+
+
+def decoder_layers(model) -> tuple[torch.nn.Module, str]:
+    """(parent module, attribute name) of a causal LM's list of transformer blocks."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
+        parent, ok = model, True
+        *heads, last = path.split(".")
+        for name in heads:
+            parent = getattr(parent, name, None)
+            if parent is None:
+                ok = False
+                break
+        if ok and isinstance(getattr(parent, last, None), torch.nn.ModuleList):
+            return parent, last
+    raise ModelSpecError(f"cannot find the transformer blocks of a {type(model).__name__}")
+
+
+def select_layers(n_total: int, n_keep: int, selection: str) -> list[int]:
+    if not 1 <= n_keep <= n_total:
+        raise ModelSpecError(f"--init-layers must be between 1 and {n_total}, got {n_keep}")
+    if selection == "first":
+        return list(range(n_keep))
+    if selection == "spread":
+        return sorted({int(round(x)) for x in np.linspace(0, n_total - 1, n_keep)})
+    raise ModelSpecError(f"unknown --layer-selection '{selection}' (first or spread)")
+
+
+def shortened_copy(model, n_layers: int, selection: str = "first"):
+    """A copy of ``model`` with ``n_layers`` of its blocks, and its embeddings, final norm and head."""
+    parent, attr = decoder_layers(model)
+    layers = getattr(parent, attr)
+    keep = select_layers(len(layers), n_layers, selection)
+    small = copy.deepcopy(model)
+    s_parent, _ = decoder_layers(small)
+    new_layers = torch.nn.ModuleList([copy.deepcopy(layers[i]) for i in keep])
+    for new_idx, layer in enumerate(new_layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    setattr(s_parent, attr, new_layers)
+    cfg = small.config
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, len(keep))
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    return small

@@ -22,15 +22,15 @@ and ``drop_self_torch`` do the same on torch tensors, on the GPU that searched t
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .checks import check_temperature
 from .errors import DatastoreError
+from .files import check_npy
 
 FP16_ZERO = 2.0**-25  # probabilities below this round to 0 in float16
 TARGETS_DIR = "targets"
@@ -62,8 +62,7 @@ def lookup_values(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def knn_weights(dists: np.ndarray, valid: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(-d / T) over the valid entries of each row; float64 [B, k], 0 where invalid."""
-    if temperature <= 0:
-        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    check_temperature(temperature, "the kNN temperature", DatastoreError)
     logits = np.where(valid, -np.asarray(dists, dtype=np.float64) / temperature, -np.inf)
     top = logits.max(axis=1, keepdims=True)
     top[~np.isfinite(top)] = 0.0
@@ -188,8 +187,7 @@ def knn_distribution_torch(
 
     if top_m is not None and top_m < 1:
         raise DatastoreError(f"top-m must be at least 1, got {top_m}")
-    if temperature <= 0:
-        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    check_temperature(temperature, "the kNN temperature", DatastoreError)
     values = torch.as_tensor(neighbour_values, device=dists.device).long()
     b, k = values.shape
     valid = values >= 0
@@ -227,8 +225,7 @@ def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
     Accepts numpy arrays (returns float32 numpy [B]) or torch tensors (returns float32 tensor
     [B] on their device).
     """
-    if temperature <= 0:
-        raise DatastoreError(f"the kNN temperature must be positive, got {temperature}")
+    check_temperature(temperature, "the kNN temperature", DatastoreError)
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -255,80 +252,6 @@ def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
 
 
 # --- the CSR files ---------------------------------------------------------------------------
-
-NPY_HEADER_BYTES = 128  # fixed, so an array can grow in place while staying a valid .npy file
-
-
-def _npy_header(dtype: np.dtype, n: int) -> bytes:
-    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
-    body = d.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
-
-
-class NpyAppender:
-    """A 1-D .npy file that grows by appends and is valid after every ``flush``.
-
-    Opening truncates the file to its first ``n`` elements (those a finished chunk recorded),
-    so a resumed run continues byte for byte where the last one ended.
-    """
-
-    def __init__(self, path: str | os.PathLike, dtype, n: int = 0):
-        self.path, self.dtype, self.n = Path(path), np.dtype(dtype), int(n)
-        size = NPY_HEADER_BYTES + self.n * self.dtype.itemsize
-        if self.n == 0:
-            self.f = open(self.path, "w+b")
-        else:
-            if not self.path.is_file() or self.path.stat().st_size < size:
-                raise DatastoreError(f"{self.path}: shorter than the {self.n} entries the manifest records (truncated?)")
-            self.f = open(self.path, "r+b")
-        self.f.truncate(size)
-        self.f.seek(0)
-        self.f.write(_npy_header(self.dtype, self.n))
-        self.f.seek(size)
-
-    def append(self, arr: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
-        self.n += len(arr)
-
-    def flush(self) -> None:
-        self.f.seek(0)
-        self.f.write(_npy_header(self.dtype, self.n))
-        self.f.seek(0, os.SEEK_END)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.flush()
-        self.f.close()
-
-
-def check_npy(path: str | os.PathLike, dtype, shape: tuple[int, ...] | None = None, what: str = "") -> tuple[int, ...]:
-    """Check a .npy file's header and exact size without reading its data. Returns its shape.
-
-    Raises DatastoreError naming the file on a missing, truncated, padded or mismatched file.
-    """
-    path = Path(path)
-    label = f"{path}" + (f" ({what})" if what else "")
-    if not path.is_file():
-        raise DatastoreError(f"{label}: missing")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            got_shape, fortran, got_dtype = read(f)
-            offset = f.tell()
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise DatastoreError(f"{label}: not a readable .npy file ({exc})") from None
-    if got_dtype != np.dtype(dtype) or fortran:
-        raise DatastoreError(f"{label}: holds {got_dtype} data, expected {np.dtype(dtype)}")
-    if shape is not None and tuple(got_shape) != tuple(shape):
-        raise DatastoreError(f"{label}: has shape {list(got_shape)}, the manifest says {list(shape)}")
-    expected = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
-    actual = path.stat().st_size
-    if actual != expected:
-        raise DatastoreError(f"{label}: {actual} bytes on disk, {expected} expected (truncated or corrupt)")
-    return tuple(got_shape)
-
 
 @dataclass
 class KnnTargets:
@@ -406,16 +329,10 @@ def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarr
     return max_id
 
 
-def load_targets(datastore_path: str | os.PathLike) -> KnnTargets:
-    """Memory-map a datastore's kNN targets. Raises DatastoreError unless the step is done and
-    the files match the manifest."""
+def load_targets(datastore_path: str | os.PathLike, manifest: dict) -> KnnTargets:
+    """Memory-map a datastore's kNN targets (``manifest``: its manifest). Raises DatastoreError
+    unless the step is done, the files match the manifest and the rows pass ``validate_targets``."""
     root = Path(datastore_path)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise DatastoreError(f"{root}: not a datastore (no manifest.json); build one with memdec datastore") from None
-    except json.JSONDecodeError as exc:
-        raise DatastoreError(f"{root}/manifest.json: corrupt ({exc.msg})") from None
     step = manifest.get("steps", {}).get("targets", {})
     if step.get("status") != "done":
         raise DatastoreError(f"{root}: the kNN targets are not built (status: {step.get('status', 'missing')}); "

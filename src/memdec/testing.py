@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .data import read_corpus
+
 TINY_EOS = "<|endoftext|>"
 TINY_PAD = "<|pad|>"
 
@@ -19,7 +21,6 @@ def tiny_tokenizer(vocab_size: int = 384, n_chars: int = 60_000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import read_corpus
 
     text = read_corpus("austen:valid")[0].text[:n_chars]
     tok = Tokenizer(models.BPE())

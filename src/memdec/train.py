@@ -24,7 +24,6 @@ a non-finite loss or gradient stops the run before the update, and no non-finite
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -44,18 +43,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, write_memdec_json
 from .checks import check_non_negative, check_positive, check_positive_int, check_unit_interval
 from .data import load_token_stream
 from .datastore import open_datastore
-from .errors import MemdecError, TokenizerMismatchError
-from .evaluate import base_scorer, mix_logprobs, score_tokens
+from .errors import MemdecError
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json_object
-from .models import load_model, resolve_device, tokenizer_fingerprint, vocab_rows
-from .targets import KnnTargets, load_targets
-
-CHECKPOINT_FORMAT = "memdec"
-CHECKPOINT_VERSION = 1
-
+from .models import check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows
+from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
+from .targets import KnnTargets
 
 @dataclass
 class TrainConfig:
@@ -201,8 +197,7 @@ def sparse_kl_ce_loss(
     is built from the datastore. With α=0 the targets may be None.
     Returns (loss, kl, ce), scalars; only ``loss`` carries a gradient.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise MemdecError(f"the teacher's base weight must lie in [0, 1], got {beta}")
+    check_unit_interval(beta, "the teacher's base weight")
     if alpha > 0:
         target_probs = target_probs.float()
         if beta > 0 and base_logits is None:
@@ -283,65 +278,13 @@ def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
 # Initialisation
 
 
-def decoder_layers(model) -> tuple[torch.nn.Module, str]:
-    """(parent module, attribute name) of a causal LM's list of transformer blocks."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers"):
-        parent, ok = model, True
-        *heads, last = path.split(".")
-        for name in heads:
-            parent = getattr(parent, name, None)
-            if parent is None:
-                ok = False
-                break
-        if ok and isinstance(getattr(parent, last, None), torch.nn.ModuleList):
-            return parent, last
-    raise MemdecError(f"cannot find the transformer blocks of a {type(model).__name__}")
-
-
-def select_layers(n_total: int, n_keep: int, selection: str) -> list[int]:
-    if not 1 <= n_keep <= n_total:
-        raise MemdecError(f"--init-layers must be between 1 and {n_total}, got {n_keep}")
-    if selection == "first":
-        return list(range(n_keep))
-    if selection == "spread":
-        return sorted({int(round(x)) for x in np.linspace(0, n_total - 1, n_keep)})
-    raise MemdecError(f"unknown --layer-selection '{selection}' (first or spread)")
-
-
-def shortened_copy(model, n_layers: int, selection: str = "first"):
-    """A copy of ``model`` with ``n_layers`` of its blocks, and its embeddings, final norm and head."""
-    parent, attr = decoder_layers(model)
-    layers = getattr(parent, attr)
-    keep = select_layers(len(layers), n_layers, selection)
-    small = copy.deepcopy(model)
-    s_parent, _ = decoder_layers(small)
-    new_layers = torch.nn.ModuleList([copy.deepcopy(layers[i]) for i in keep])
-    for new_idx, layer in enumerate(new_layers):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    setattr(s_parent, attr, new_layers)
-    cfg = small.config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, len(keep))
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
-    return small
-
-
 def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
     """Build the decoder to train; its tokenizer must equal the datastore's. Returns (model, tokenizer)."""
     if cfg.init is not None and cfg.init_layers is not None:
         raise MemdecError("give --init or --init-layers, not both")
     spec = cfg.init or manifest["model"]
     model, tokenizer = load_model(spec, device="cpu", dtype=torch.float32)
-    fp = tokenizer_fingerprint(tokenizer)
-    if fp != manifest["tokenizer_hash"]:
-        raise TokenizerMismatchError(
-            f"--init {spec}: its tokenizer ({fp}) differs from the datastore's ({manifest['tokenizer_hash']}, "
-            f"model {manifest['model']}); a memory decoder must share the base model's tokenizer exactly"
-        )
+    check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     if cfg.init_layers is not None:
         model = shortened_copy(model, cfg.init_layers, cfg.layer_selection)
     model.config.use_cache = False
@@ -373,10 +316,6 @@ def write_model_files(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     model.config.use_cache = False
     tokenizer.save_pretrained(folder)
-
-
-def write_memdec_json(folder: Path, info: dict) -> None:
-    atomic_write_json(folder / "memdec.json", info)
 
 
 def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
@@ -492,8 +431,8 @@ class Recipe:
     """
 
     name = "memdec"
-    meta_file = "memdec.json"
-    meta_files: tuple[str, ...] = ("memdec.json",)  # every metadata file a checkpoint of this recipe holds
+    meta_file = MEMDEC_JSON
+    meta_files: tuple[str, ...] = (MEMDEC_JSON,)  # every metadata file a checkpoint of this recipe holds
     select = "best_ppl"
 
     def data(self, cfg: TrainConfig) -> tuple[np.ndarray, dict]:
@@ -545,8 +484,8 @@ class Validator:
         joint = {lam: float(-np.mean(mix_logprobs(-self.base_nll.astype(np.float64), -mem_nll.astype(np.float64), lam))) for lam in self.lambdas}
         best_lam = min(joint, key=joint.get)
         return {
-            "valid_ppl_base": math.exp(float(np.mean(self.base_nll, dtype=np.float64))),
-            "valid_ppl_memdec": math.exp(float(np.mean(mem_nll, dtype=np.float64))),
+            "valid_ppl_base": mean_ppl(self.base_nll),
+            "valid_ppl_memdec": mean_ppl(mem_nll),
             "valid_ppl_joint": {f"{lam:g}": math.exp(v) for lam, v in joint.items()},
             "best_lambda": best_lam,
             "best_ppl": math.exp(joint[best_lam]),
@@ -624,7 +563,7 @@ class Trainer:
         check_out_folder(self.out, self.recipe, cfg.datastore)
         self.state = TrainerState(self.out)
         self.tokens, self.manifest = self.recipe.data(cfg)
-        self.targets = load_targets(cfg.datastore) if cfg.alpha > 0 else None
+        self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.fingerprint = run_fingerprint(cfg, self.manifest_hash)
         self.device = resolve_device(cfg.device)

@@ -1,0 +1,151 @@
+"""``memdec generate``: continue prompts with a base model and a memory decoder, base beside joint.
+
+Greedy decoding, sampling and beam search all go through ``MemoryDecoderModel.generate``; with
+``--processor`` the base model's own ``generate()`` mixes the decoder in through
+``MemoryDecoderLogitsProcessor`` (greedy and sampling only).
+"""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import apply_run
+from .checks import check_lambda, check_positive_int, check_temperature
+from .errors import MemdecError
+from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
+from .models import load_model, resolve_device
+
+
+@dataclass
+class GenerateConfig:
+    prompt: list[str]
+    memdec: str | None = None
+    run: str | None = None  # a `memdec adapt` run folder: gives --model and --memdec
+    model: str = "smollm2-135m"
+    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
+    compare: bool = False
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    seed: int = 0
+    processor: bool = False
+    device: str = "auto"
+
+
+GENERATE_HELP = {
+    "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
+    "run": "a `memdec adapt` run folder, in place of --model and --memdec",
+    "prompt": "one or more prompts (batched, left-padded)",
+    "model": "base model spec",
+    "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
+    "compare": "also generate with the base model alone and print both",
+    "max_new_tokens": "tokens to generate",
+    "do_sample": "sample instead of greedy / beam search",
+    "temperature": "sampling temperature",
+    "top_k": "sampling: keep the k most likely tokens",
+    "top_p": "sampling: nucleus mass",
+    "num_beams": "beam search width (not with --processor)",
+    "seed": "random seed; base and joint use the same one",
+    "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
+    "device": "auto, cpu or cuda",
+}
+
+
+def check_generate_config(cfg: GenerateConfig) -> None:
+    """Every flag of ``memdec generate`` checked, one clear line each, before any model loads."""
+    if not cfg.prompt or any(not p.strip() for p in cfg.prompt):
+        raise MemdecError("--prompt must be non-empty text (an empty prompt gives the model nothing to continue)")
+    check_positive_int(cfg.max_new_tokens, "--max-new-tokens")
+    check_positive_int(cfg.num_beams, "--num-beams")
+    if cfg.lmbda is not None:
+        check_lambda(cfg.lmbda, "--lambda")
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    given = [k for k, v in sampling.items() if v is not None]
+    if given and not cfg.do_sample:
+        raise MemdecError(f"--{'/--'.join(k.replace('_', '-') for k in given)} only apply with --do-sample")
+    if cfg.temperature is not None:
+        check_temperature(cfg.temperature, "--temperature")
+    if cfg.top_k is not None:
+        check_positive_int(cfg.top_k, "--top-k")
+    if cfg.top_p is not None and not 0.0 < cfg.top_p <= 1.0:
+        raise MemdecError(f"--top-p must lie in (0, 1], got {cfg.top_p}")
+    if cfg.processor and cfg.num_beams > 1:
+        raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
+                          "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
+
+
+def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
+    """The ``generate()`` arguments of a (checked) GenerateConfig."""
+    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "num_beams": cfg.num_beams,
+                          "pad_token_id": tokenizer.pad_token_id}
+    sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+    kw.update({k: v for k, v in sampling.items() if v is not None})
+    return kw
+
+
+def run_generate(cfg: GenerateConfig) -> list[dict]:
+    """Generate a continuation of each prompt. Returns [{"prompt", "joint", "base" (with --compare), "lambda"}]."""
+    cfg = apply_run(cfg)
+    if cfg.memdec is None:
+        raise MemdecError("give a memory decoder: --memdec CKPT or --run RUN")
+    check_generate_config(cfg)
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_model(cfg.model, device=device)
+    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
+    kw = generate_kwargs(cfg, tokenizer)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(cfg.prompt), return_tensors="pt", padding=True).to(device)
+    n_prompt = enc["input_ids"].shape[1]
+
+    def decode(ids: torch.Tensor) -> list[str]:
+        return tokenizer.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(cfg.seed)
+        if cfg.processor:
+            proc = MemoryDecoderLogitsProcessor(joint.memdec, joint.lmbda, enc["attention_mask"], joint.temperature)
+            out_joint = base.generate(**enc, **kw, logits_processor=[proc])
+        else:
+            out_joint = joint.generate(**enc, **kw)
+        out_base = None
+        if cfg.compare:
+            torch.manual_seed(cfg.seed)
+            out_base = base.generate(**enc, **kw)
+    joint_text = decode(out_joint)
+    base_text = decode(out_base) if out_base is not None else [None] * len(joint_text)
+    return [{"prompt": p, "lambda": joint.lmbda, "base": b, "joint": j}
+            for p, b, j in zip(cfg.prompt, base_text, joint_text)]
+
+
+def format_generations(results: list[dict], width: int = 100) -> str:
+    """Prompt, then the base and joint continuations side by side (stacked when narrow)."""
+    blocks = []
+    for r in results:
+        lines = [f"prompt: {r['prompt']}"]
+        joint_title = f"base + memdec (λ={r['lambda']:.2f})"
+        if r["base"] is None:
+            lines += [f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
+        elif width < 60:
+            lines += ["── base ──", textwrap.fill(r["base"], width) or "(empty)",
+                      f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
+        else:
+            col = (width - 3) // 2
+            left = textwrap.wrap(r["base"], col) or ["(empty)"]
+            right = textwrap.wrap(r["joint"], col) or ["(empty)"]
+            lines.append(f"{'base':<{col}} │ {joint_title}")
+            lines.append(f"{'─' * col}─┼─{'─' * col}")
+            for i in range(max(len(left), len(right))):
+                a = left[i] if i < len(left) else ""
+                b = right[i] if i < len(right) else ""
+                lines.append(f"{a:<{col}} │ {b}".rstrip())
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
