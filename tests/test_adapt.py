@@ -1,11 +1,16 @@
-"""The main job end to end on a tiny model: every stage, the report, caching and invalidation."""
+"""The main job end to end on a tiny model: every stage, the report, caching and invalidation.
+
+One finished run (module fixture) is shared; tests that change settings work on a copy of it."""
 
 import json
+import shutil
 
 import pytest
 
 from memdec.adapt import AdaptConfig, adapt, format_summary
+from memdec.checkpoint import read_memdec_json
 from memdec.cli import main
+from memdec.errors import MemdecError
 
 
 def tiny_run(tiny_llama_dir, out, **kw):
@@ -16,47 +21,72 @@ def tiny_run(tiny_llama_dir, out, **kw):
     return AdaptConfig(**base)
 
 
-def test_adapt_end_to_end_then_cached_then_invalidated(tiny_llama_dir, tmp_path, capsys):
-    run = adapt(tiny_run(tiny_llama_dir, tmp_path / "run"))
+@pytest.fixture(scope="module")
+def finished(tiny_llama_dir, tmp_path_factory):
+    return adapt(tiny_run(tiny_llama_dir, tmp_path_factory.mktemp("adapt") / "run"))
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, symlinks=True)
+    return run
+
+
+def test_the_report_has_every_system_and_its_plots(finished):
+    run = finished
     report = json.loads((run / "report.json").read_text())
     assert [r["system"] for r in report["results"]] == ["base", "knn-lm", "memdec"]
-    assert len({r["system"] for r in report["results"]}) == 3 and report["tokens"] == 199
-    assert all(r["lambda"] is not None for r in report["results"][1:])
+    assert report["tokens"] == 199 and all(r["lambda"] is not None for r in report["results"][1:])
     assert (run / "report.md").read_text().count("| memdec |") == 1
     assert all("recurring_ppl" in r for r in report["results"])  # names and numbers shared with the datastore
     for png in ("lambda.png", "training.png"):
         assert (run / png).stat().st_size > 1000
     assert len(report["samples"]) == 2 and all(s["base"] is not None for s in report["samples"])
+    assert "top-p 0.9" in (run / "report.md").read_text()  # samples are drawn as people would, and say how
     assert "knn-lm" in format_summary(run)
+
+
+def test_the_checkpoint_loads_with_the_lambda_the_report_shows(finished):
+    report = json.loads((finished / "report.json").read_text())
+    shown = next(r["lambda"] for r in report["results"] if r["system"] == "memdec")
+    info = read_memdec_json(finished / "memdec")
+    assert info["lambda"] == shown and "chosen on austen:test" in info["lambda_source"]
+
+
+def test_a_rerun_with_the_same_settings_is_cached(tiny_llama_dir, finished, capsys):
     capsys.readouterr()
+    adapt(tiny_run(tiny_llama_dir, finished))
+    assert capsys.readouterr().out.count("cached") == 4
 
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run"))  # same settings: every stage cached
-    out = capsys.readouterr().out
-    assert out.count("cached") == 4
 
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.0]))  # training changed: datastore stays
+def test_changed_training_settings_redo_training_but_keep_the_datastore(tiny_llama_dir, copy_of, capsys):
+    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.0]))
     out = capsys.readouterr().out
     assert "[1/4] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
 
-    # several teachers (α, and β for α > 0): one decoder each, the best on --valid is RUN/memdec
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], teacher_base_weight=[0.0, 0.5], samples=0))
-    stages = json.loads((run / "stages.json").read_text())
-    summary = stages["train"]["summary"]
+
+def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_dir, copy_of):
+    run = copy_of
+    adapt(tiny_run(tiny_llama_dir, run, alpha=[0.5, 0.0], teacher_base_weight=[0.0, 0.5], samples=0))
+    summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
     scores, chosen = summary["valid_joint_ppl"], summary["chosen"]
     assert list(scores) == ["alpha-0.5", "alpha-0.5-base-0.5", "alpha-0"] and scores[chosen] == min(scores.values())
     assert (run / "memdec").resolve() == (run / "candidates" / chosen).resolve()
-    info = json.loads((run / "memdec" / "memdec.json").read_text())
+    info = read_memdec_json(run / "memdec")
     assert (info["alpha"], info["teacher_base_weight"]) == (summary["chosen_alpha"], summary["chosen_teacher_base_weight"])
     assert "runner-up" in (run / "report.md").read_text() and "β=0.5" in (run / "report.md").read_text()
 
-    # a training budget: the first candidate always trains, no other starts once it is spent
-    adapt(tiny_run(tiny_llama_dir, tmp_path / "run", alpha=[0.5, 0.0], train_budget=0.0, samples=0))
-    summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
+
+def test_a_training_budget_skips_later_candidates(tiny_llama_dir, copy_of, capsys):
+    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.5, 0.0], train_budget=0.0, samples=0))
+    summary = json.loads((copy_of / "stages.json").read_text())["train"]["summary"]
     assert list(summary["valid_joint_ppl"]) == ["alpha-0.5"] and summary["skipped"] == ["alpha-0"]
     assert "skipped" in capsys.readouterr().out
 
-    # the run's folder stands in for --model/--memdec/--knn
-    rc = main(["eval", "--run", str(run), "--corpus", "austen:test", "--max-tokens", "100", "--block-size", "64",
+
+def test_eval_takes_a_run_folder(finished, tmp_path):
+    rc = main(["eval", "--run", str(finished), "--corpus", "austen:test", "--max-tokens", "100", "--block-size", "64",
                "--json", str(tmp_path / "e.json")])
     assert rc == 0
     rows = json.loads((tmp_path / "e.json").read_text())["results"]
@@ -64,7 +94,5 @@ def test_adapt_end_to_end_then_cached_then_invalidated(tiny_llama_dir, tmp_path,
 
 
 def test_adapt_refuses_training_on_test(tiny_llama_dir, tmp_path):
-    from memdec.errors import MemdecError
-
     with pytest.raises(MemdecError, match="held-out"):
         adapt(tiny_run(tiny_llama_dir, tmp_path / "r", test="austen:valid"))

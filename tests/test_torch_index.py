@@ -205,7 +205,7 @@ def test_corrupt_or_mismatched_torch_index_file(tmp_path):
         with pytest.raises(DatastoreError, match=message):
             load_index(path)
     path.write_text('{"format": "memdec-torch-flat", "n": 1')
-    with pytest.raises(DatastoreError, match="corrupt torch index file"):
+    with pytest.raises(DatastoreError, match="unreadable torch index file"):
         load_index(path)
     with pytest.raises(DatastoreError, match=r"holds \[100, 8\], not the index's \[50, 8\]"):
         save_index(build_index(keys[:50], "torch"), path)

@@ -457,7 +457,7 @@ def _blockwise(rows):
 
 
 def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
-
+    """Step 3: every position's kNN target row, appended chunk by chunk to the CSR files, resumable."""
     n = manifest["n_keys"]
     want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
     step = manifest["steps"]["targets"]
@@ -479,8 +479,18 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
                 "empty_slots": 0, "seconds": 0.0}
         manifest["steps"]["targets"] = step
         write_manifest(out, manifest)
+    keys, values = np.load(out / "keys.npy", mmap_mode="r"), np.load(out / "values.npy")
+    if isinstance(index, TorchFlatIndex):
+        target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
+    else:
+        target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
+    _append_target_rows(out, manifest, cfg, target_rows, on_chunk)
+
+
+def _open_target_files(folder: Path, step: dict, n: int, cfg: DatastoreConfig):
+    """(offsets memmap [N+1], token id appender, probability appender), cut back to ``rows_done``."""
     folder.mkdir(exist_ok=True)
-    rows_done, nnz, batch = int(step["rows_done"]), int(step["nnz"]), int(step["search_batch"])
+    rows_done, nnz = int(step["rows_done"]), int(step["nnz"])
     offsets_path = folder / "offsets.npy"
     if rows_done == 0:
         tmp = folder / ".offsets.npy.tmp"
@@ -489,15 +499,15 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
     else:
         check_npy(offsets_path, np.int64, (n + 1,), "target offsets")
         _say(cfg, f"resuming targets at position {rows_done}/{n}")
-    offsets = np.load(offsets_path, mmap_mode="r+")
-    token_ids = NpyAppender(folder / "token_ids.npy", np.int32, nnz)
-    probs = NpyAppender(folder / "probs.npy", np.float16, nnz)
-    keys = np.load(out / "keys.npy", mmap_mode="r")
-    values = np.load(out / "values.npy")
-    if isinstance(index, TorchFlatIndex):
-        target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
-    else:
-        target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
+    return (np.load(offsets_path, mmap_mode="r+"), NpyAppender(folder / "token_ids.npy", np.int32, nnz),
+            NpyAppender(folder / "probs.npy", np.float16, nnz))
+
+
+def _append_target_rows(out: Path, manifest: dict, cfg: DatastoreConfig, target_rows, on_chunk) -> None:
+    """The targets loop: each chunk of ``search_batch`` rows appended, flushed, then recorded."""
+    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
+    offsets, token_ids, probs = _open_target_files(folder, step, n, cfg)
+    rows_done, nnz, batch = int(step["rows_done"]), int(step["nnz"]), int(step["search_batch"])
     seconds, first, t0 = float(step["seconds"]), rows_done, time.perf_counter()
     with tqdm(total=n, initial=rows_done, desc="targets", unit="tok", disable=not cfg.progress, leave=False) as bar:
         for r0 in range(rows_done, n, batch):
@@ -524,14 +534,10 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> 
     support = np.diff(np.asarray(offsets))
     del offsets
     target_bytes = sum((folder / f).stat().st_size for f in ("offsets.npy", "token_ids.npy", "probs.npy"))
-    step.update(
-        status="done",
-        mean_support=round(float(support.mean()), 3),
-        support_percentiles={f"p{q}": float(np.percentile(support, q)) for q in (0, 10, 50, 90, 99, 100)},
-        kl_truncation_mean=step["kl_sum"] / n,
-        bytes_per_token=round(target_bytes / n, 2),
-        rows_per_s=round((n - first) / max(elapsed, 1e-9), 1),
-    )
+    step.update(status="done", mean_support=round(float(support.mean()), 3),
+                support_percentiles={f"p{q}": float(np.percentile(support, q)) for q in (0, 10, 50, 90, 99, 100)},
+                kl_truncation_mean=step["kl_sum"] / n, bytes_per_token=round(target_bytes / n, 2),
+                rows_per_s=round((n - first) / max(elapsed, 1e-9), 1))
     write_manifest(out, manifest)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .errors import DatastoreError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json
 
 INDEX_KINDS = ("auto", "flat", "ivfpq", "torch")
 FLAT_THRESHOLD = 100_000  # auto: exact search up to this many keys on CPU (N² d work)
@@ -317,10 +317,7 @@ def _torch_index_fields(meta) -> tuple[str, int, int] | None:
 
 def _load_torch_index(path: Path, device: str) -> TorchFlatIndex:
     """A TorchFlatIndex from its JSON file and the keys it names, checked against each other."""
-    try:
-        fields = _torch_index_fields(json.loads(path.read_text()))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatastoreError(f"{path}: corrupt torch index file ({exc}); delete it to rebuild the index") from None
+    fields = _torch_index_fields(read_json(path, "torch index file (delete it to rebuild the index)", DatastoreError))
     if fields is None:
         raise DatastoreError(f"{path}: not a {TORCH_FORMAT} index file (needs format, keys, n, d); "
                              f"delete it to rebuild the index")

@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelSpecError, TokenizerMismatchError, one_line
+from .files import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,7 @@ def _convert_gguf(gguf_path: str, dest: Path) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "memdec_source.json").write_text(
-            json.dumps({"gguf": gguf_path, "convert_seconds": round(time.perf_counter() - t0, 2)}, indent=2)
-        )
+        atomic_write_json(tmp / "memdec_source.json", {"gguf": gguf_path, "convert_seconds": round(time.perf_counter() - t0, 2)})
 
     _atomic_save_folder(dest, write)
 

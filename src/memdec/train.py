@@ -48,7 +48,7 @@ from .checks import check_non_negative, check_positive, check_positive_int, chec
 from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
-from .files import atomic_write, atomic_write_json, atomic_write_text, read_json_object
+from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from .models import check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
@@ -831,20 +831,13 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         if start_step == 0:
             self.log_path.unlink(missing_ok=True)
-        elif self.log_path.is_file():
-            kept = []
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= start_step:
-                        kept.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut short by an interruption
-            atomic_write_text(self.log_path, "".join(f"{line}\n" for line in kept))
+        elif self.log_path.is_file():  # a line cut short by an interruption is dropped too
+            kept = [r for r in read_jsonl(self.log_path) if isinstance(r.get("step"), int) and r["step"] <= start_step]
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(self.log_path, record)
 
 
 def train(cfg: TrainConfig, on_step=None, recipe: "Recipe | None" = None, on_save=None) -> Path:

@@ -1,0 +1,108 @@
+"""Unit tests of the pure logic that the end-to-end tests cover only indirectly: settings, teacher
+candidates, the stage record, run folders, log-space mixing and the table renderer; and pinned
+stage fingerprints, so that runs made by earlier versions stay cached."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from memdec.adapt import PRESETS, AdaptConfig, StageBook, _fingerprint, resolve_settings, stage_inputs, teacher_candidates
+from memdec.checkpoint import apply_run
+from memdec.errors import MemdecError
+from memdec.evaluate import EvalConfig
+from memdec.generate import GenerateConfig
+from memdec.scoring import mix_logprobs
+from memdec.tables import render_table
+
+
+def test_resolve_settings_layers_overrides_on_the_preset():
+    s = resolve_settings(AdaptConfig())
+    assert (s.train_tokens, s.k, s.alpha, s.teacher_base_weight) == (24_000, 1024, [0.25, 0.0], [0.0])
+    assert s.general_tokens == s.test_tokens == PRESETS["quick"]["test_tokens"] and s.lora_lr == 5 * s.lr
+    s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
+    assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
+    assert s.train_tokens is None and s.general is None and s.lora_lr == 2e-3
+    with pytest.raises(MemdecError, match="preset"):
+        resolve_settings(AdaptConfig(preset="huge"))
+    with pytest.raises(MemdecError, match="held-out"):
+        resolve_settings(AdaptConfig(valid="austen:train"))
+
+
+def test_teacher_candidates_pair_beta_only_with_positive_alpha():
+    assert teacher_candidates([0.25, 0.0], [0.0]) == [(0.25, 0.0), (0.0, 0.0)]
+    assert teacher_candidates([0.5, 0.0, 0.5], [0.0, 0.5]) == [(0.5, 0.0), (0.5, 0.5), (0.0, 0.0)]
+
+
+def test_stage_book_says_what_changed(tmp_path, capsys):
+    book = StageBook(tmp_path, plan=["datastore", "train"])
+    inputs = {"k": 8, "corpus": "a"}
+    assert not book.is_done("datastore", inputs) and book.changed("datastore", inputs) == []
+    assert book.begin("datastore", inputs, "keys") == (False, []) and "[1/2] datastore: keys" in capsys.readouterr().out
+    book.run("datastore", inputs, lambda: {"n": 3})
+    again = StageBook(tmp_path, plan=["datastore", "train"])  # read back from stages.json
+    assert again.is_done("datastore", inputs) and again.summary("datastore") == {"n": 3}
+    assert again.changed("datastore", {"k": 16, "corpus": "a"}) == ["k"]
+    assert again.changed("datastore", {"k": 8}) == ["corpus"]
+    assert again.begin("datastore", {"k": 16, "corpus": "a"}, "keys") == (False, ["k"])
+    assert "settings changed (k)" in capsys.readouterr().out
+
+
+def test_stage_fingerprints_are_pinned():
+    """Changing these invalidates every finished run's cache: do it only on purpose (the samples stage
+    changed when the report's samples moved from greedy to seeded top-p sampling)."""
+    quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
+    assert quick == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
+                     "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82"}
+    full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0)
+    assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {
+        "datastore": "aa57179b327b", "train": "c10a9f218b60", "ce-decoder": "14a71001e6ae", "dapt": "85f23afe36da",
+        "lora": "cf11f5df6d46", "eval": "0e4cba115563", "samples": "2dd966e2a0ad"}
+
+
+def fake_run(root, baselines=("dapt",)):
+    (root / "memdec").mkdir(parents=True)
+    (root / "memdec" / "memdec.json").write_text("{}")
+    (root / "settings.json").write_text(json.dumps({"model": "m", "valid": "v", "test": "t", "test_tokens": 9}))
+    for method in baselines:
+        (root / "baselines" / method).mkdir(parents=True)
+        (root / "baselines" / method / "baseline.json").write_text("{}")
+    return root
+
+
+def test_apply_run_fills_in_what_the_run_folder_provides(tmp_path):
+    run = fake_run(tmp_path / "run")
+    cfg = apply_run(EvalConfig(run=str(run)))
+    assert (cfg.model, cfg.memdec, cfg.knn) == ("m", str(run / "memdec"), str(run / "datastore"))
+    assert cfg.baseline == [str(run / "baselines" / "dapt")]
+    assert apply_run(EvalConfig(run=str(run), baseline=["mine"])).baseline == ["mine"]  # given ones win
+    gen = apply_run(GenerateConfig(prompt=["x"], run=str(run)))
+    assert (gen.model, gen.memdec) == ("m", str(run / "memdec"))
+    assert apply_run(EvalConfig(model="keep")).model == "keep"  # no run: unchanged
+    with pytest.raises(MemdecError, match="not a finished memdec adapt run"):
+        apply_run(EvalConfig(run=str(tmp_path)))
+
+
+def test_mix_logprobs_is_exact_at_the_ends_and_log_linear_between():
+    rng = np.random.default_rng(0)
+    a, b = np.log(rng.dirichlet(np.ones(7))), np.log(rng.dirichlet(np.ones(7)))
+    assert mix_logprobs(a, b, 0.0) is a and mix_logprobs(a, b, 1.0) is b
+    np.testing.assert_allclose(mix_logprobs(a, b, 0.3), np.log(0.7 * np.exp(a) + 0.3 * np.exp(b)), rtol=1e-12)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch.testing.assert_close(mix_logprobs(ta, tb, 0.3), torch.from_numpy(np.log(0.7 * np.exp(a) + 0.3 * np.exp(b))))
+    assert math.isclose(float(np.logaddexp.reduce(mix_logprobs(a, b, 0.6))), 0.0, abs_tol=1e-12)  # still sums to 1
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MemdecError, match="lambda"):
+            mix_logprobs(a, b, bad)
+
+
+def test_render_table_markdown_and_text():
+    rows = [["base", "32.60"], ["memdec", "29.25"]]
+    assert render_table(["system", "ppl"], rows) == ["| system | ppl |", "| --- | --- |", "| base | 32.60 |",
+                                                     "| memdec | 29.25 |"]
+    assert render_table(["system", "ppl"], rows, "text") == ["system   ppl", "base   32.60", "memdec 29.25"]
+    assert render_table(["a", "b"], [["x", "y"]], "text", align="<<") == ["a b", "x y"]
+    with pytest.raises(ValueError):
+        render_table(["a"], [], "html")
