@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from memdec.fast import FastJointGenerator, fast_generate
+from memdec.fast import FastJointGenerator, fast_generate, fast_scorer
 from memdec.joint import MemoryDecoderModel
 from memdec.testing import tiny_model
 
@@ -139,3 +139,10 @@ def test_refuses_what_is_not_a_joint_model(tokenizer):
 
     with pytest.raises(MemdecError, match="needs a MemoryDecoderModel"):
         FastJointGenerator(tiny_model("llama", tokenizer))
+
+
+def test_fast_scorer_equals_the_joint_scorer(joint, tokenizer):
+    ids = encode(tokenizer, PROMPTS[:1])["input_ids"]
+    inputs, targets = ids[:, :-1], ids[:, -5:]
+    assert torch.equal(fast_scorer(joint)(inputs, targets), joint.scorer()(inputs, targets))
+    assert torch.equal(fast_scorer(joint, 0.0)(inputs, targets), joint.scorer(0.0)(inputs, targets))

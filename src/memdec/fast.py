@@ -14,7 +14,8 @@ criteria, attention mask and position ids), and hands the decoding loop to this 
 - one step function runs both models' single-token forwards and the log-space mix
   (``MemoryDecoderModel.mix_logits``, the eager path's own); at λ = 0 the memory decoder is skipped;
 - on CUDA that step is captured once as a CUDA graph and replayed (no Python or launches per layer),
-  and the loop checks whether every sequence has finished only every ``sync_every`` steps, then
+  the memory decoder on a second stream beside the base model (at small batches neither fills the
+  GPU, so the decoder's layers run in the base model's shadow), and the loop checks whether every sequence has finished only every ``sync_every`` steps, then
   drops the steps past the end (their tokens would all be padding).
 
 Greedy decoding and sampling (temperature, top-k, top-p and every other logits processor, EOS and
@@ -22,6 +23,11 @@ padding, left-padded batches) are supported. Beam search, assisted decoding, sev
 prompt, streamers, ``return_dict_in_generate`` and caches passed in fall back to
 ``joint.generate(...)`` with a one-time warning saying why; so do models whose attention is neither
 ``sdpa`` nor ``eager`` and caches with sliding-window or linear layers.
+
+``fast_scorer(joint)`` is ``joint.scorer()`` with the two forwards on two CUDA streams.
+
+On the CPU the loop is exact but not faster than ``generate`` (no launches to save, and every step
+attends over all static slots); measurements in docs/benchmarks-gpu.md.
 
 Sampling draws from the global torch generator exactly as ``generate`` does, so a seeded call gives
 the same tokens. (On CUDA the last ``sync_every`` steps past the end may draw more numbers than
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,9 +46,10 @@ from transformers import GenerationMixin, StaticCache
 from transformers.generation.configuration_utils import GenerationMode
 
 from .errors import MemdecError
+from .evaluate import causal_lm_logits, mix_logprobs, target_logprobs
 from .joint import MemoryDecoderModel
 
-__all__ = ["FastJointGenerator", "fast_generate"]
+__all__ = ["FastJointGenerator", "fast_generate", "fast_scorer"]
 
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _FALLBACK_ARGS = {  # generate() arguments that the fast loop does not handle, and why
@@ -71,7 +78,7 @@ class _State:
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     out: torch.Tensor | None = None  # the graph's output: mixed log-probs [B, V] float32
     graph_error: str | None = None
-    used: int = field(default=0)
+    two_streams: bool = False
 
 
 class FastJointGenerator:
@@ -80,6 +87,9 @@ class FastJointGenerator:
     joint: the MemoryDecoderModel (its λ and temperature are read at each call; the two models must
         not change while the generator holds graphs of them).
     cuda_graphs: capture the decode step on CUDA (default: True on CUDA, off elsewhere).
+    streams: inside the captured step, run the memory decoder on a second CUDA stream, beside the
+        base model (default True): at small batch sizes neither model fills the GPU, so the
+        decoder's layers hide in the base model's.
     sync_every: how many steps run between checks that every sequence has finished (each check waits
         for the device); default 16 on CUDA, 1 elsewhere.
     max_states: how many (batch, length) shapes keep their caches and graphs (oldest dropped first).
@@ -89,14 +99,15 @@ class FastJointGenerator:
     call used: "graph", "static" (static caches, eager steps) or "fallback".
     """
 
-    def __init__(self, joint: MemoryDecoderModel, *, cuda_graphs: bool | None = None, sync_every: int | None = None,
-                 max_states: int = 2):
+    def __init__(self, joint: MemoryDecoderModel, *, cuda_graphs: bool | None = None, streams: bool = True,
+                 sync_every: int | None = None, max_states: int = 2):
         if not isinstance(joint, MemoryDecoderModel):
             raise MemdecError(f"FastJointGenerator needs a MemoryDecoderModel, got {type(joint).__name__}")
         if sync_every is not None and sync_every < 1:
             raise MemdecError(f"sync_every must be at least 1, got {sync_every}")
         self.joint = joint
         self.cuda_graphs = cuda_graphs
+        self.streams = streams
         self.sync_every = sync_every
         self.max_states = max_states
         self.last_path: str | None = None
@@ -199,14 +210,27 @@ class FastJointGenerator:
         else:
             mask[..., slot] = 0.0
 
-    def _step(self, state: _State) -> torch.Tensor:
-        """One decode step of both models on ``state.tok``: mixed log-probs [B, V] float32."""
+    def _step(self, state: _State, side=None) -> torch.Tensor:
+        """One decode step of both models on ``state.tok``: mixed log-probs [B, V] float32.
+        ``side``: a CUDA stream that runs the memory decoder while the current stream runs the base."""
         joint = self.joint
         logits = {}
-        for which, model in self._models().items():
+
+        def run(which: str, model) -> None:
             kw = joint._model_kwargs(which, state.masks[which], state.pos, 1)
-            out = model(input_ids=state.tok, cache=state.caches[which], use_cache=True, **kw)
-            logits[which] = out.logits[:, -1]
+            logits[which] = model(input_ids=state.tok, cache=state.caches[which], use_cache=True, **kw).logits[:, -1]
+
+        models = self._models()
+        if side is not None and "memdec" in models:
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)  # fork: the decoder sees this step's token, mask and position
+            with torch.cuda.stream(side):
+                run("memdec", models["memdec"])
+            run("base", models["base"])
+            main.wait_stream(side)  # join
+        else:
+            for which, model in models.items():
+                run(which, model)
         return self._mix(logits)
 
     def _mix(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -215,26 +239,32 @@ class FastJointGenerator:
         return self.joint.mix_logits(logits["base"], logits["memdec"])
 
     def _capture(self, state: _State, seen: int) -> None:
-        """Capture ``_step`` as a CUDA graph. The warm-up steps write cache slot ``seen`` (and the next);
-        the cache lengths are put back to ``seen`` after, and those slots are rewritten before use."""
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step(state)
-                    self._rewind(state, seen)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._step(state)
-            self._rewind(state, seen)
-            state.graph, state.out = graph, out
-        except Exception as exc:  # noqa: BLE001 - any capture failure: run eager static steps instead
-            torch.cuda.synchronize()
-            self._rewind(state, seen)
-            state.graph_error = f"{type(exc).__name__}: {exc}"
-            why = f"CUDA graph capture failed ({state.graph_error}); decoding with static caches, eager steps"
+        """Capture ``_step`` as a CUDA graph (two streams, else one). The warm-up steps write cache slot
+        ``seen``; the cache lengths are put back to ``seen`` after, and the slot is rewritten before use."""
+        errors = []
+        for side in ([torch.cuda.Stream()] if self.streams else []) + [None]:
+            try:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self._step(state, side)
+                        self._rewind(state, seen)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self._step(state, side)
+                self._rewind(state, seen)
+                state.graph, state.out, state.two_streams = graph, out, side is not None
+                break
+            except Exception as exc:  # noqa: BLE001 - any capture failure: try one stream, then eager steps
+                torch.cuda.synchronize()
+                self._rewind(state, seen)
+                errors.append(f"{'two streams' if side is not None else 'one stream'}: {type(exc).__name__}: {exc}")
+        if errors:
+            state.graph_error = "; ".join(errors)
+            how = "one stream" if state.graph is not None else "static caches, eager steps"
+            why = f"CUDA graph capture failed ({state.graph_error}); decoding with {how}"
             if why not in self._warned:
                 self._warned.add(why)
                 warnings.warn(why, stacklevel=4)
@@ -318,7 +348,7 @@ class FastJointGenerator:
             state.tok.copy_(next_tokens[:, None])
             for which in state.masks:
                 self._open(state, which, cur)
-            if use_graph and state.graph is None and state.graph_error is None:
+            if use_graph and state.graph is None and not state.graph_error:
                 self._capture(state, seen=cur)
             if use_graph and state.graph is not None:
                 state.graph.replay()
@@ -332,6 +362,36 @@ class FastJointGenerator:
             end = length + int(done[0, 0]) + 1
         self.last_path = path
         return ids[:, :end]
+
+
+def fast_scorer(joint: MemoryDecoderModel, lmbda: float | None = None):
+    """``joint.scorer(lmbda)`` with the memory decoder's forward on a second CUDA stream, beside the
+    base model's; the same operations, so the same values. Elsewhere than CUDA: ``joint.scorer``."""
+    eager = joint.scorer(lmbda)
+    lmbda = joint.lmbda if lmbda is None else lmbda
+    side: list = []
+
+    @torch.inference_mode()
+    def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if input_ids.device.type != "cuda" or lmbda == 0.0:
+            return eager(input_ids, targets)
+        if not side:
+            side.append(torch.cuda.Stream(device=input_ids.device))
+        main = torch.cuda.current_stream(input_ids.device)
+        side[0].wait_stream(main)
+        n = targets.shape[1]
+        with torch.cuda.stream(side[0]):
+            mem_logits = causal_lm_logits(joint.memdec, input_ids, n)
+            if joint.temperature != 1.0:
+                mem_logits = mem_logits.float() / joint.temperature
+            lp_mem = target_logprobs(mem_logits, targets)
+            del mem_logits
+        lp_base = target_logprobs(causal_lm_logits(joint.base, input_ids, n), targets)
+        main.wait_stream(side[0])
+        lp_mem.record_stream(main)
+        return mix_logprobs(lp_base, lp_mem, lmbda)
+
+    return score
 
 
 _GENERATORS: "weakref.WeakKeyDictionary[MemoryDecoderModel, FastJointGenerator]" = weakref.WeakKeyDictionary()
