@@ -147,12 +147,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    serve(config_from_args(ServeConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapt import ADAPT_HELP, AdaptConfig
     from .baselines import BASELINE_HELP, BaselineConfig
     from .datastore import DATASTORE_HELP, DatastoreConfig
     from .evaluate import EvalConfig
     from .joint import GENERATE_HELP, GenerateConfig
+    from .serve import SERVE_HELP, ServeConfig
     from .train import TRAIN_HELP, TrainConfig
 
     commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
          EvalConfig, EVAL_HELP, cmd_eval),
         ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",
          GenerateConfig, GENERATE_HELP, cmd_generate),
+        ("serve", "serve the base model and memory decoders over an OpenAI-compatible HTTP API",
+         ServeConfig, SERVE_HELP, cmd_serve),
     ]
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
