@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, StoppingCriteria
 
 from .errors import MemdecError
 from .files import read_json_object
@@ -128,8 +129,8 @@ def parse_memdec_spec(spec: str) -> tuple[str, str]:
 
 
 def _check_numbers(cfg: ServeConfig) -> None:
-    if not 0 <= cfg.port <= 65535:
-        raise MemdecError(f"--port must lie in [0, 65535], got {cfg.port}")
+    if not 1 <= cfg.port <= 65535:
+        raise MemdecError(f"--port must lie in [1, 65535], got {cfg.port}")
     for flag, value in (("--max-batch", cfg.max_batch), ("--max-queue", cfg.max_queue), ("--max-tokens", cfg.max_tokens)):
         if value < 1:
             raise MemdecError(f"{flag} must be at least 1, got {value}")
@@ -225,7 +226,19 @@ def load_models(plan: Plan) -> Models:
     base, tokenizer = load_model(plan.base_spec, device=resolve_device(plan.device))
     joints = {name: MemoryDecoderModel.from_pretrained(base, ckpt, plan.lmbda, tokenizer=tokenizer)
               for name, ckpt, _ in plan.decoders}
-    return Models(base, tokenizer, plan.base_id, joints, {name: ckpt for name, ckpt, _ in plan.decoders})
+    models = Models(base, tokenizer, plan.base_id, joints, {name: ckpt for name, ckpt, _ in plan.decoders})
+    warm_up(models)
+    return models
+
+
+def warm_up(models: Models) -> None:
+    """One short greedy generate() per model, so that the first request does not pay for first-call set-up."""
+    ids, mask = left_pad([models.tokenizer("Hello")["input_ids"] or [models.pad_id]], models.pad_id, models.device)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (models.base, *models.joints.values()):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                           pad_token_id=models.pad_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +604,7 @@ def safe_end(text: str, stops: list[str]) -> int:
     return min(end, len(text) - hold)
 
 
-class LogprobRecorder:
+class LogprobRecorder(LogitsProcessor):
     """A logits processor (placed before the sampling warpers) that keeps the step's log-probs."""
 
     def __init__(self, active: bool):
@@ -604,7 +617,7 @@ class LogprobRecorder:
         return scores
 
 
-class StepHook:
+class StepHook(StoppingCriteria):
     """A stopping criterion that generate() calls after each new token: it appends each row's token,
     stops rows one by one, and streams text or answers jobs as their rows finish."""
 
