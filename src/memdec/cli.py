@@ -22,6 +22,7 @@ from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describ
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .serve import SERVE_HELP, ServeConfig, serve
 from .train import TRAIN_HELP, TrainConfig, train
 
 
@@ -118,6 +119,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    serve(config_from_args(ServeConfig, args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
@@ -131,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
          EvalConfig, EVAL_HELP, cmd_eval),
         ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",
          GenerateConfig, GENERATE_HELP, cmd_generate),
+        ("serve", "serve the base model and memory decoders over an OpenAI-compatible HTTP API",
+         ServeConfig, SERVE_HELP, cmd_serve),
     ]
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -46,7 +46,7 @@ from transformers import GenerationMixin, StaticCache
 from transformers.generation.configuration_utils import GenerationMode
 
 from .errors import MemdecError
-from .evaluate import causal_lm_logits, mix_logprobs, target_logprobs
+from .scoring import causal_lm_logits, mix_logprobs, target_logprobs
 from .joint import MemoryDecoderModel
 
 __all__ = ["FastJointGenerator", "fast_generate", "fast_scorer"]
