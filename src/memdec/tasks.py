@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .baselines import load_baseline
 from .checks import check_lambda, check_positive_int, check_temperature
@@ -222,7 +223,8 @@ class _MemdecLMMixin:
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []
-        for (key, context_enc, continuation_enc) in requests:
+        for (key, context_enc, continuation_enc) in tqdm(requests, desc=f"{self.system.name}: loglikelihood",
+                                                         disable=disable_tqdm, leave=False):
             out.append(self._score(context_enc, continuation_enc))
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, out[-1])
