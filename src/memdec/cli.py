@@ -23,6 +23,7 @@ from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
 from .serve import SERVE_HELP, ServeConfig, serve
+from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
 
 
@@ -40,6 +41,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
     helps = helps or {}
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
+        if f.metadata.get("positional"):  # the command adds it itself
+            continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")  # metadata: a flag that is no identifier
         tp, _ = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -124,6 +127,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    for path in run_tasks(config_from_args(TasksConfig, args)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    return run_lm_eval(args.lm_eval_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
@@ -146,12 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         add_dataclass_args(p, config_cls, flag_help)
         p.set_defaults(func=handler)
+    p = sub.add_parser("tasks", help="write an lm-eval task from text: facts (recall of the user's names and numbers) "
+                                     "or general (LAMBADA-style last word and a cloze, outside the domain)")
+    p.add_argument("kind", choices=["facts", "general"], help="which task to write")
+    add_dataclass_args(p, TasksConfig, TASKS_HELP)
+    p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the `memdec` "
+                                                        "model registered: every argument passes through")
+    p.set_defaults(func=cmd_lm_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "lm-eval":
+        args.lm_eval_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     try:
         return args.func(args)
