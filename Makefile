@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q
 
 demo: $(STAMP)
 	$(VENV)/bin/memdec adapt --model smollm2-135m --corpus austen:train --valid austen:valid --test austen:test --out runs/demo

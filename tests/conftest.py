@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from memdec.testing import save_tiny_model, tiny_tokenizer
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model or dataset hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from memdec.testing import save_tiny_model, tiny_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models run fastest on one thread, and CPU may be shared
 
