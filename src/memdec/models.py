@@ -2,7 +2,9 @@
 
 A *model spec* is one string that names a causal LM:
 
-- an alias of an embedded model, e.g. ``smollm2-135m`` (the default base model);
+- an alias of an embedded model, e.g. ``smollm2-135m`` (the default base model) or ``gemma3-270m``
+  (Gemma 3 270M, whose package ships its GGUF in chunks that its ``assemble()`` joins: done under
+  ``$MEMDEC_HOME/gguf`` the first time the model is loaded, never on import or on resolving);
 - a local Hugging Face folder (holds ``config.json``);
 - a local ``.gguf`` file;
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M``, used only where the hub is reachable.
