@@ -21,6 +21,11 @@
    ``transfer``: the source decoder, its base model and tokenizer hash, the init and the mapping's
    coverage.
 
+``memdec adapt --transfer-from SRC`` (not wired yet) would, after its datastore stage, call
+``transfer(TransferConfig(decoder=SRC, model=settings.model, datastore=RUN/datastore, out=RUN/memdec,
+budget=..., init="mapped", valid=settings.valid, **the train stage's budget keys))`` in place of
+``train``; its StageBook fingerprint would add SRC's ``memdec.json`` hash and the init.
+
 The mapping is vectorised: every vocabulary string is decoded in one batch call and tokenized in
 one batch call; the rows are a segment mean (``index_add_`` over a flat index array).
 """
