@@ -25,6 +25,7 @@ from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_gen
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
+from .transfer import TRANSFER_HELP, TransferConfig, transfer
 
 
 def _field_type(tp):
@@ -101,6 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    out = transfer(config_from_args(TransferConfig, args))
+    print(f"transferred memory decoder checkpoint: {out}")
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = config_from_args(BaselineConfig, args)
     out = train_baseline(cfg)
@@ -144,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("datastore", "build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)",
          DatastoreConfig, DATASTORE_HELP, cmd_datastore),
         ("train", "train a memory decoder on a datastore's kNN targets", TrainConfig, TRAIN_HELP, cmd_train),
+        ("transfer", "move a memory decoder to a base model with another tokenizer: new embeddings, brief training",
+         TransferConfig, {**TRAIN_HELP, **TRANSFER_HELP}, cmd_transfer),
         ("baseline", "train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`",
          BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP}, cmd_baseline),
         ("eval", "perplexity of the base model, base+kNN-LM, base+MemDec and baselines, with a λ sweep",

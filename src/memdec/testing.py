@@ -1,7 +1,8 @@
 """Tiny models and tokenizers built locally, for tests and benchmarks that must run offline.
 
 ``tiny_tokenizer()`` trains a byte-level BPE on a slice of the built-in corpus (under a second);
-``tiny_model(arch, tokenizer)`` builds a randomly initialised 2-layer Llama or GPT-2 from a config.
+``tiny_model(arch, tokenizer)`` builds a randomly initialised 2-layer Llama or GPT-2 (or a 3-layer
+Gemma 3 with two sliding-window layers and one global layer) from a config.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def tiny_tokenizer(vocab_size: int = 384, n_chars: int = 60_000):
 
 
 def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, hidden: int = 64, context: int = 256, **overrides):
-    """A small Llama (``llama``) or GPT-2 (``gpt2``) config."""
+    """A small Llama (``llama``), GPT-2 (``gpt2``) or Gemma 3 (``gemma3``) config.
+
+    ``gemma3``: a Gemma3TextConfig (Gemma3ForCausalLM) of at least 3 blocks, sliding-window
+    attention (window 16 tokens, so short prompts already cross it) in all but every third block,
+    which attends globally, as Gemma 3's 5:1 pattern does at full size.
+    """
     if arch == "llama":
         from transformers import LlamaConfig
 
@@ -53,6 +59,17 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, hidden: int = 64,
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=context,
             bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        )
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        n_layers = max(n_layers, 3)
+        cfg = Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
+            max_position_embeddings=context, sliding_window=16,
+            layer_types=["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(n_layers)],
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1,
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
