@@ -16,7 +16,7 @@ from memdec.errors import MemdecError
 def tiny_run(tiny_llama_dir, out, **kw):
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
                 train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64, batch_size=2, max_steps=4,
-                lr=1e-3, samples=2, alpha=[0.5])
+                lr=1e-3, samples=2, alpha=[0.5], task_items=8)
     base.update(kw)
     return AdaptConfig(**base)
 
@@ -47,6 +47,26 @@ def test_the_report_has_every_system_and_its_plots(finished):
     assert "knn-lm" in format_summary(run)
 
 
+def test_every_system_is_scored_on_the_facts_and_general_tasks(finished):
+    tasks = json.loads((finished / "tasks.json").read_text())
+    assert set(tasks["tasks"]) == {"memdec_facts", "memdec_general_lambada", "memdec_general_cloze"}
+    assert all(1 <= w["items"] <= 8 for w in tasks["tasks"].values()) and not tasks["skipped"]
+    eval_rows = json.loads((finished / "eval.json").read_text())["results"]
+    assert [r["system"] for r in tasks["results"]] == [r["system"] for r in eval_rows]
+    for row, ev in zip(tasks["results"], eval_rows):
+        assert row["lambda"] == ev["lambda"] and row["knn_temperature"] == ev.get("knn_temperature")
+        assert set(row["tasks"]) == set(tasks["tasks"])
+        for task, e in row["tasks"].items():
+            assert e["n"] == tasks["tasks"][task]["items"] and 0 <= e["acc"] <= 1
+            assert e["ci95"][0] <= e["acc"] <= e["ci95"][1] and e["correct"] == round(e["acc"] * e["n"])
+    assert json.loads((finished / "report.json").read_text())["tasks"] == tasks
+    md = (finished / "report.md").read_text()
+    assert "| facts acc | general acc |" in md and "Wilson" in md
+    n = tasks["tasks"]["memdec_facts"]["items"]
+    assert md.split("| memdec |")[1].split("\n")[0].count(f"(n={n})") >= 1
+    assert "facts" in format_summary(finished)
+
+
 def test_the_checkpoint_loads_with_the_lambda_the_report_shows(finished):
     report = json.loads((finished / "report.json").read_text())
     shown = next(r["lambda"] for r in report["results"] if r["system"] == "memdec")
@@ -57,18 +77,18 @@ def test_the_checkpoint_loads_with_the_lambda_the_report_shows(finished):
 def test_a_rerun_with_the_same_settings_is_cached(tiny_llama_dir, finished, capsys):
     capsys.readouterr()
     adapt(tiny_run(tiny_llama_dir, finished))
-    assert capsys.readouterr().out.count("cached") == 4
+    assert capsys.readouterr().out.count("cached") == 5
 
 
 def test_changed_training_settings_redo_training_but_keep_the_datastore(tiny_llama_dir, copy_of, capsys):
-    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.0]))
+    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.0], task_items=0))
     out = capsys.readouterr().out
     assert "[1/4] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
 
 
 def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_dir, copy_of):
     run = copy_of
-    adapt(tiny_run(tiny_llama_dir, run, alpha=[0.5, 0.0], teacher_base_weight=[0.0, 0.5], samples=0))
+    adapt(tiny_run(tiny_llama_dir, run, alpha=[0.5, 0.0], teacher_base_weight=[0.0, 0.5], samples=0, task_items=0))
     summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
     scores, chosen = summary["valid_joint_ppl"], summary["chosen"]
     assert list(scores) == ["alpha-0.5", "alpha-0.5-base-0.5", "alpha-0"] and scores[chosen] == min(scores.values())
@@ -79,7 +99,7 @@ def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_di
 
 
 def test_a_training_budget_skips_later_candidates(tiny_llama_dir, copy_of, capsys):
-    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.5, 0.0], train_budget=0.0, samples=0))
+    adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.5, 0.0], train_budget=0.0, samples=0, task_items=0))
     summary = json.loads((copy_of / "stages.json").read_text())["train"]["summary"]
     assert list(summary["valid_joint_ppl"]) == ["alpha-0.5"] and summary["skipped"] == ["alpha-0"]
     assert "skipped" in capsys.readouterr().out

@@ -190,7 +190,8 @@ def test_general_corpus_is_built_in():
 def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
     cfg = AdaptConfig(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train",
                       out=str(tmp_path / "run"), train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64,
-                      batch_size=2, max_steps=3, lr=1e-3, samples=1, baselines=True, general_tokens=150)
+                      batch_size=2, max_steps=3, lr=1e-3, samples=1, baselines=True, general_tokens=150,
+                      task_items=4)
     run = adapt(cfg)
     report = json.loads((run / "report.json").read_text())
     rows = report["results"]
@@ -209,11 +210,15 @@ def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
     md = (run / "report.md").read_text()
     assert "| lora |" in md and "general ppl" in md and "trainable params" in md
     assert "lora" in format_summary(run)
+    tasks = json.loads((run / "tasks.json").read_text())  # every system, the baselines too, on the lm-eval tasks
+    assert [r["system"] for r in tasks["results"]] == [r["system"] for r in rows]
+    assert all(e["n"] == tasks["tasks"][t]["items"] for r in tasks["results"] for t, e in r["tasks"].items())
+    assert "| facts acc | general acc |" in md
     capsys.readouterr()
 
     adapt(cfg)  # every stage cached
     out = capsys.readouterr().out
-    assert out.count("cached") == 7 and "[3/7] ce-decoder" in out
+    assert out.count("cached") == 8 and "[3/8] ce-decoder" in out
 
     # the run's folder gives eval its baselines too
     assert main(["eval", "--run", str(run), "--corpus", "austen:test", "--max-tokens", "80", "--block-size", "64",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.adapt import PRESETS, AdaptConfig, StageBook, _fingerprint, resolve_settings, stage_inputs, teacher_candidates
+from memdec.adapt import (PRESETS, AdaptConfig, StageBook, _fingerprint, accuracy_entry, resolve_settings, stage_inputs,
+                          task_cell, teacher_candidates, wilson_interval)
 from memdec.checkpoint import apply_run
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig
@@ -22,6 +23,7 @@ def test_resolve_settings_layers_overrides_on_the_preset():
     s = resolve_settings(AdaptConfig())
     assert (s.train_tokens, s.k, s.alpha, s.teacher_base_weight) == (24_000, 1024, [0.25, 0.0], [0.0])
     assert s.general_tokens == s.test_tokens == PRESETS["quick"]["test_tokens"] and s.lora_lr == 5 * s.lr
+    assert s.task_items == 100 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
     s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
     assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
     assert s.train_tokens is None and s.general is None and s.lora_lr == 2e-3
@@ -55,11 +57,13 @@ def test_stage_fingerprints_are_pinned():
     changed when the report's samples moved from greedy to seeded top-p sampling)."""
     quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
     assert quick == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
-                     "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82"}
+                     "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
+                     "tasks": "dfc605dd5206"}
     full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0)
     assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {
         "datastore": "aa57179b327b", "train": "c10a9f218b60", "ce-decoder": "14a71001e6ae", "dapt": "85f23afe36da",
-        "lora": "cf11f5df6d46", "eval": "0e4cba115563", "samples": "2dd966e2a0ad"}
+        "lora": "cf11f5df6d46", "eval": "0e4cba115563", "samples": "2dd966e2a0ad",
+        "tasks": "5eebe2fddd93"}
 
 
 def fake_run(root, baselines=("dapt",)):
@@ -106,3 +110,18 @@ def test_render_table_markdown_and_text():
     assert render_table(["a", "b"], [["x", "y"]], "text", align="<<") == ["a b", "x y"]
     with pytest.raises(ValueError):
         render_table(["a"], [], "html")
+
+
+def test_wilson_interval_matches_known_values():
+    """95% Wilson score intervals (Wilson 1927; e.g. Newcombe 1998, Table I; Brown, Cai & DasGupta 2001)."""
+    for (k, n), (lo, hi) in {(5, 10): (0.2366, 0.7634), (0, 10): (0.0, 0.2775), (10, 10): (0.7225, 1.0),
+                             (50, 100): (0.4038, 0.5962), (81, 263): (0.2553, 0.3662)}.items():
+        got = wilson_interval(k, n)
+        assert math.isclose(got[0], lo, abs_tol=1e-4) and math.isclose(got[1], hi, abs_tol=1e-4), (k, n, got)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(3, 4, z=1.0) != wilson_interval(3, 4)  # z sets the level
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+    entry = accuracy_entry(0.5, 10)
+    assert entry["correct"] == 5 and entry["ci95"] == [0.236593, 0.763407]
+    assert task_cell(entry) == "0.50 ± 0.26 (n=10)" and task_cell(None) == "-"

@@ -12,6 +12,9 @@ Stages, each cached in ``RUN/`` and resumable:
 3. ``eval``: base, base + kNN-LM and base + memory decoder (and the baselines) on the test split,
    λ of each chosen on the validation split, every row also scored on a general-text corpus
    (``--general``, default ``general:test``) to show forgetting (``RUN/eval.json``, ``RUN/lambda.png``);
+   then ``tasks`` (``--task-items`` > 0): a factual-recall task from the test text and a general-ability task
+   from ``--general`` (``memdec.tasks``, ``RUN/tasks/``), every system of the eval stage scored on them through
+   lm-evaluation-harness at its chosen λ: accuracy, items and a 95% Wilson interval (``RUN/tasks.json``);
 4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
 
 then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -43,8 +47,9 @@ from .errors import CorpusError, MemdecError
 from .evaluate import EvalConfig, run_eval_report
 from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
 from .joint import MemoryDecoderModel
-from .models import load_model, resolve_device, resolve_model_spec
+from .models import load_model, load_tokenizer, resolve_device, resolve_model_spec
 from .tables import render_table
+from .tasks import memdec_lm_class, write_facts_task, write_general_task
 from .train import TrainConfig, train
 
 PRESETS: dict[str, dict] = {
@@ -52,12 +57,12 @@ PRESETS: dict[str, dict] = {
     "quick": dict(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0,
                   ds_block_size=1024, ds_stride=768, init_layers=None, alpha=[0.25, 0.0], lr=2e-4, epochs=1.0,
                   batch_size=4, train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512,
-                  samples=3, sample_tokens=40),
+                  samples=3, sample_tokens=40, task_items=100),
     # The whole training split; meant for a GPU.
     "full": dict(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0,
                  ds_block_size=1024, ds_stride=512, init_layers=None, alpha=[0.25, 0.0], lr=1e-4, epochs=2.0,
                  batch_size=8, train_block_size=1024, eval_every=50, eval_block_size=1024, eval_stride=512,
-                 samples=5, sample_tokens=60),
+                 samples=5, sample_tokens=60, task_items=500),
 }
 
 
@@ -86,6 +91,7 @@ class AdaptConfig:
     batch_size: int | None = None
     block_size: int | None = None  # sets the datastore's, training's and evaluation's windows at once
     samples: int | None = None
+    task_items: int | None = None  # items per lm-eval task (facts, general); 0 skips the tasks stage
     device: str = "auto"
     text_field: str = "text"
     baselines: bool = False  # also train and report dapt, lora and ce-decoder under the same budget
@@ -96,6 +102,15 @@ class AdaptConfig:
 
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
+# the lm-eval tasks of the tasks stage (memdec.tasks): fixed, so that every run's tasks are alike
+TASK_SEED = 0
+FACTS_CONTEXT_TOKENS = 64
+GENERAL_CONTEXT_WORDS = 60
+TASK_CHOICES = 4
+HELDOUT_TOKENS_PER_ITEM = 200  # the facts task reads this many test tokens per item wanted (at least --test-tokens)
+FACTS_TASK, GENERAL_TASK = "memdec_facts", "memdec_general"
+# the report's columns: task name -> column; the LAMBADA-style task is in tasks.json and report.json
+TASK_COLUMNS = {FACTS_TASK: "facts acc", f"{GENERAL_TASK}_cloze": "general acc"}
 LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
 LORA_R = 8
 
@@ -125,6 +140,8 @@ ADAPT_HELP = {
     "batch_size": "windows per optimizer step",
     "block_size": "window length for the datastore, training and evaluation (strides become half of it)",
     "samples": "test-set prompts continued in the report",
+    "task_items": "items per lm-eval task scored for every system: factual recall (names and numbers of --test also "
+                  "in the training text) and general ability (--general); preset: quick 100, full 500; 0 skips",
     "device": "auto, cpu or cuda",
     "text_field": "JSONL / dataset field that holds the text",
     "baselines": "also train dapt (full fine-tuning), lora and ce-decoder (alpha=0) on the same tokens and budget, "
@@ -166,6 +183,7 @@ class Settings:
     eval_stride: int
     samples: int
     sample_tokens: int
+    task_items: int
     text_field: str
     baselines: bool
     general: str | None
@@ -223,6 +241,8 @@ def check_settings(s: Settings) -> None:
         raise MemdecError("give --init or --init-layers, not both")
     if s.samples < 0:
         raise MemdecError(f"--samples must be 0 or more, got {s.samples}")
+    if not isinstance(s.task_items, int) or s.task_items < 0:
+        raise MemdecError(f"--task-items must be 0 or more, got {s.task_items}")
     check_temperature(s.knn_temp, "--knn-temp")
     check_positive(s.lr, "--lr")
     check_positive(s.lora_lr, "--lora-lr")
@@ -303,7 +323,10 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     if s.baselines:
         evaluation["baselines"] = baselines
     samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens, sampling=SAMPLING)
-    return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples}
+    tasks = dict(eval=evaluation, test=s.test, heldout_tokens=task_heldout_tokens(s), general=s.general,
+                 items=s.task_items, seed=TASK_SEED, context_tokens=FACTS_CONTEXT_TOKENS,
+                 context_words=GENERAL_CONTEXT_WORDS, n_choices=TASK_CHOICES)
+    return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples, "tasks": tasks}
 
 
 class StageBook:
@@ -395,7 +418,8 @@ def adapt(cfg: AdaptConfig) -> Path:
     run = Path(cfg.out).expanduser()
     check_settings(s)
     check_inputs(s, run)
-    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", "samples"]
+    with_tasks = bool(s.task_items) and lm_eval_available()
+    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]
     book = StageBook(run, plan)  # read (and checked) before anything is written
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
@@ -406,6 +430,8 @@ def adapt(cfg: AdaptConfig) -> Path:
     train_cfg = train_stage(job)
     baseline_dirs = [baseline_stage(job, method, train_cfg) for method in plan if method in METHODS]
     eval_stage(job, baseline_dirs)
+    if with_tasks:
+        tasks_stage(job)
     samples_stage(job)
     write_report(run, s, book, time.perf_counter() - t_run)
     return run
@@ -566,6 +592,133 @@ def eval_stage(job: Job, baseline_dirs: list[str]) -> None:
     book.run("eval", job.inputs["eval"], work)
 
 
+def lm_eval_available() -> bool:
+    """Whether lm-evaluation-harness is installed (the optional extra ``memdec[eval]``); says so when not."""
+    if importlib.util.find_spec("lm_eval") is not None:
+        return True
+    _say("tasks: lm-eval is not installed (pip install 'memdec[eval]'): no facts or general accuracy this run")
+    return False
+
+
+def task_heldout_tokens(s: Settings) -> int | None:
+    """Test tokens the facts task reads: enough for ``task_items`` items, never fewer than --test-tokens."""
+    if s.test_tokens is None:
+        return None
+    return max(s.test_tokens, HELDOUT_TOKENS_PER_ITEM * s.task_items)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``correct / n`` (95% by default); (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in [0, n], got {correct} of {n}")
+    p, z2 = correct / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
+
+
+def accuracy_entry(acc: float, n: int) -> dict:
+    """One system's accuracy on one task: ``acc``, ``n``, ``correct`` and the 95% Wilson interval."""
+    correct = int(round(acc * n))
+    lo, hi = wilson_interval(correct, n)
+    return {"acc": round(acc, 6), "n": n, "correct": correct, "ci95": [round(lo, 6), round(hi, 6)]}
+
+
+def write_tasks(job: Job) -> tuple[dict, dict]:
+    """Write the facts and general tasks into ``RUN/tasks``: ({task: {corpus, items}}, {kind: why it was skipped})."""
+    s, out = job.s, job.run / "tasks"
+    _remove(out)
+    written, skipped = {}, {}
+    try:
+        write_facts_task(str(job.datastore), s.test, out, load_tokenizer(s.model), s.task_items, TASK_SEED,
+                         FACTS_CONTEXT_TOKENS, TASK_CHOICES, heldout_max_tokens=task_heldout_tokens(s), name=FACTS_TASK)
+        written[FACTS_TASK] = {"corpus": s.corpus, "heldout": s.test, "items": _count_lines(out / f"{FACTS_TASK}.jsonl")}
+    except MemdecError as exc:
+        skipped["facts"] = str(exc)
+    if s.general is None:
+        skipped["general"] = "--general none"
+    else:
+        try:
+            write_general_task(s.general, out, s.task_items, TASK_SEED, GENERAL_CONTEXT_WORDS, TASK_CHOICES, GENERAL_TASK)
+            n = _count_lines(out / f"{GENERAL_TASK}.jsonl")
+            written.update({f"{GENERAL_TASK}_{kind}": {"corpus": s.general, "items": n} for kind in ("lambada", "cloze")})
+        except MemdecError as exc:
+            skipped["general"] = str(exc)
+    for kind, why in skipped.items():
+        _say(f"tasks: no {kind} task: {why}")
+    return written, skipped
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def task_systems(job: Job) -> list[dict]:
+    """Each row of ``RUN/eval.json`` as the memdec lm-eval model's arguments, at the λ (and kNN temperature)
+    the eval stage chose."""
+    out = []
+    for r in read_json_object(job.run / "eval.json", "eval report")["results"]:
+        system, args = r["system"], {"base": job.s.model, "device": job.device}
+        if system == "memdec":
+            args.update(memdec=str(job.ckpt), lmbda=r["lambda"])
+        elif system == "knn-lm":
+            args.update(knn=str(job.datastore), lmbda=r["lambda"], knn_temp=r.get("knn_temperature"), knn_k=r.get("k"))
+        elif system in METHODS:
+            args.update(baseline=str(job.run / "baselines" / system), lmbda=r.get("lambda"))
+        elif system != "base":
+            continue
+        out.append({"system": system, "lambda": r.get("lambda"), "knn_temperature": r.get("knn_temperature"), "args": args})
+    return out
+
+
+def score_tasks(args: dict, tasks_dir: Path, tasks: dict[str, dict]) -> dict:
+    """One system on the tasks of ``tasks_dir`` through lm-eval: {task: accuracy entry}."""
+    from lm_eval import simple_evaluate  # optional and heavy: only for this stage
+    from lm_eval.tasks import TaskManager
+
+    lm = memdec_lm_class()(**args)
+    try:
+        res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=[str(tasks_dir)],
+                              include_defaults=False), log_samples=False, bootstrap_iters=0, batch_size=1)
+    finally:
+        lm.system.close()
+    out = {}
+    for task in tasks:
+        n = (res.get("n-samples") or {}).get(task, {}).get("effective", tasks[task]["items"])
+        out[task] = accuracy_entry(float(res["results"][task]["acc,none"]), int(n))
+        if "perplexity,none" in res["results"][task]:
+            out[task]["perplexity"] = round(float(res["results"][task]["perplexity,none"]), 4)
+    return out
+
+
+def tasks_stage(job: Job) -> None:
+    """3b. The factual-recall and general-ability tasks (``memdec.tasks``) written into ``RUN/tasks``, every
+    system of the eval stage scored on them through lm-eval at its chosen λ: ``RUN/tasks.json``."""
+    s, book, inputs = job.s, job.book, job.inputs["tasks"]
+    done, _ = book.begin("tasks", inputs, f"factual recall ({s.test}) and general ability "
+                         f"({s.general or 'skipped'}) through lm-eval, {s.task_items} items each, every system")
+    if done:
+        return
+
+    def work() -> dict:
+        _remove(job.run / "tasks.json")
+        written, skipped = write_tasks(job)
+        rows = []
+        for system in task_systems(job):
+            t0 = time.perf_counter()
+            scores = score_tasks(system.pop("args"), job.run / "tasks", written) if written else {}
+            rows.append({**system, "tasks": scores, "seconds": round(time.perf_counter() - t0, 1)})
+            _say(f"tasks: {system['system']}: " + ", ".join(f"{t} {e['acc']:.3f} (n={e['n']})" for t, e in scores.items()))
+        atomic_write_json(job.run / "tasks.json", {"items": s.task_items, "seed": TASK_SEED, "tasks": written,
+                                                   "skipped": skipped, "results": rows})
+        return {"tasks": {t: w["items"] for t, w in written.items()}, "skipped": list(skipped)}
+
+    book.run("tasks", inputs, work)
+
+
 def samples_stage(job: Job) -> None:
     """4. Continuations of a few test prompts, base beside joint, in ``RUN/samples.json``."""
     s, book = job.s, job.book
@@ -667,6 +820,8 @@ def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
     ev = read_json_object(run / "eval.json", "eval report")
     samples_file = run / "samples.json"
     samples = read_json(samples_file, "samples") if samples_file.is_file() else []
+    tasks_file = run / "tasks.json"
+    tasks = read_json_object(tasks_file, "tasks report") if s.task_items and tasks_file.is_file() else None
     info = read_memdec_json(run / "memdec")
     manifest = read_manifest(run / "datastore")
     sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
@@ -676,7 +831,7 @@ def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
             "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
             "recurring": ev.get("recurring"), "sizes": sizes,
             "stage_seconds": {name: e.get("seconds") for name, e in book.stages.items()},
-            "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s), "samples": samples,
+            "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s), "samples": samples, "tasks": tasks,
             "alpha_choice": book.summary("train").get("valid_joint_ppl"), "skipped": book.summary("train").get("skipped"),
             "ce_decoder_reused_from": book.summary("ce-decoder").get("reused_from")}
 
@@ -687,7 +842,7 @@ def report_markdown(run: Path, s: Settings, report: dict, training_png: str | No
              f"Run folder `{run}`; wall time of this call {report['wall_seconds_this_call'] / 60:.1f} min.", "",
              f"Test: {report['tokens']} tokens of {report['corpus']}; λ of each system chosen on {s.valid} "
              f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
-    lines += results_table(report["results"], report["general"], report["recurring"])
+    lines += results_table(report["results"], report["general"], report["recurring"], report.get("tasks"))
     lines += _teacher_lines(s, report)
     if s.baselines:
         lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
@@ -765,12 +920,31 @@ def _train_time(r: dict) -> str:
     return text
 
 
-def results_table(rows: list[dict], general: dict | None, recurring: dict | None = None) -> list[str]:
-    """The report's Markdown table: test, recurring-token and general perplexity, and each system's budget."""
+def task_cell(entry: dict | None) -> str:
+    """``0.62 ± 0.09 (n=100)``: the accuracy, half the width of its 95% Wilson interval, the items."""
+    if not entry:
+        return "-"
+    lo, hi = entry["ci95"]
+    return f"{entry['acc']:.2f} ± {(hi - lo) / 2:.2f} (n={entry['n']})"
+
+
+def task_columns(tasks: dict | None) -> dict[str, str]:
+    """{task: column} of the tasks that tasks.json scored."""
+    written = (tasks or {}).get("tasks") or {}
+    return {task: column for task, column in TASK_COLUMNS.items() if task in written}
+
+
+def results_table(rows: list[dict], general: dict | None, recurring: dict | None = None,
+                  tasks: dict | None = None) -> list[str]:
+    """The report's Markdown table: test, recurring-token and general perplexity, the lm-eval tasks'
+    accuracies (``RUN/tasks.json``), and each system's budget."""
     base = next(r for r in rows if r["system"] == "base")
     recurring = recurring if recurring and any(r.get("recurring_ppl") is not None for r in rows) else None
+    columns = task_columns(tasks)
+    by_system = {r["system"]: r["tasks"] for r in (tasks or {}).get("results", [])}
     head = ["system", "λ", "test ppl", "vs base"] + (["recurring ppl", "vs base"] if recurring else []) + \
-        (["general ppl", "vs base"] if general else []) + ["trainable params", "train time", "tokens/s", "inference time vs base"]
+        (["general ppl", "vs base"] if general else []) + list(columns.values()) + \
+        ["trainable params", "train time", "tokens/s", "inference time vs base"]
     body = []
     for r in rows:
         lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
@@ -780,6 +954,7 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
             if on:
                 v = r.get(key)
                 cells += ["-" if v is None else f"{v:.2f}", _pct(v, base.get(key)) if r is not base else ""]
+        cells += [task_cell(by_system.get(r["system"], {}).get(task)) for task in columns]
         cells += [_params(r.get("trainable_parameters")), _train_time(r), f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×"]
         body.append(cells)
     lines = render_table(head, body)
@@ -791,9 +966,34 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
     if recurring:
         lines += ["", f"*recurring ppl*: the {recurring['tokens']} test tokens that belong to names and numbers also found in "
                   f"the datastore's text (`memdec.knowledge`): the facts a memory is for."]
+    lines += _task_notes(tasks, columns)
     if general:
         lines += ["", f"*general ppl*: {general['tokens']} tokens of `{general['corpus']}`, general text far from the "
                   f"training domain, scored by every system at the λ chosen above: a rise over the base is forgetting."]
+    return lines
+
+
+def _task_notes(tasks: dict | None, columns: dict[str, str]) -> list[str]:
+    if not tasks:
+        return []
+    written = tasks.get("tasks") or {}
+    lines = []
+    if FACTS_TASK in columns:
+        w = written[FACTS_TASK]
+        lines += ["", f"*facts acc*: factual recall, {w['items']} multiple-choice item(s) ({TASK_CHOICES} options) from "
+                      f"`{w['heldout']}`: a name or number of the test text that also occurs in the training text, "
+                      f"after the {FACTS_CONTEXT_TOKENS} tokens before it; the distractors are other names or numbers "
+                      f"of the training text (lm-eval task `{FACTS_TASK}` in `tasks/`)."]
+    if f"{GENERAL_TASK}_cloze" in columns:
+        w = written[f"{GENERAL_TASK}_cloze"]
+        lines += ["", f"*general acc*: general ability, {w['items']} passages of `{w['corpus']}`, the last word of each "
+                      f"to pick among {TASK_CHOICES} (`{GENERAL_TASK}_cloze`); a drop against the base is forgetting. "
+                      f"The LAMBADA-style exact match of the same words (`{GENERAL_TASK}_lambada`) is in report.json."]
+    if columns:
+        lines += ["", "Accuracies: each system through lm-evaluation-harness (the `memdec` model) at the λ chosen "
+                      "above; ± is half the width of the 95% Wilson interval, n the number of items."]
+    for kind, why in (tasks.get("skipped") or {}).items():
+        lines += ["", f"No {kind} task: {why}."]
     return lines
 
 
@@ -803,8 +1003,10 @@ def format_summary(run: Path) -> str:
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
     general = base.get("general_ppl") is not None
+    columns = task_columns(report.get("tasks"))
+    by_system = {r["system"]: r["tasks"] for r in (report.get("tasks") or {}).get("results", [])}
     header = ["system", "lambda", "ppl", "vs base"] + (["general", "vs base"] if general else []) + \
-        ["tok/s", "trainable", "train s"]
+        [c.replace(" acc", "") for c in columns.values()] + ["tok/s", "trainable", "train s"]
     body = []
     for r in rows:
         cells = ["-" if r.get("lambda") is None else f"{r['lambda']:.2f}", f"{r['ppl']:.3f}",
@@ -812,6 +1014,7 @@ def format_summary(run: Path) -> str:
         if general:
             g = r.get("general_ppl")
             cells += ["-" if g is None else f"{g:.3f}", _pct(g, base["general_ppl"]) if g is not None else ""]
+        cells += [task_cell(by_system.get(r["system"], {}).get(task)) for task in columns]
         t = r.get("train_seconds")
         cells += [f"{r['tokens_per_s']:.1f}", _params(r.get("trainable_parameters")), "-" if t is None else f"{t:.0f}"]
         body.append([r["system"], *cells])
