@@ -23,7 +23,7 @@ def test_resolve_settings_layers_overrides_on_the_preset():
     s = resolve_settings(AdaptConfig())
     assert (s.train_tokens, s.k, s.alpha, s.teacher_base_weight) == (24_000, 1024, [0.25, 0.0], [0.0])
     assert s.general_tokens == s.test_tokens == PRESETS["quick"]["test_tokens"] and s.lora_lr == 5 * s.lr
-    assert s.task_items == 100 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
+    assert s.task_items == 0 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
     s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
     assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
     assert s.train_tokens is None and s.general is None and s.lora_lr == 2e-3
@@ -58,7 +58,7 @@ def test_stage_fingerprints_are_pinned():
     quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
     assert quick == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
                      "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
-                     "tasks": "dfc605dd5206"}
+                     "tasks": "aa168714b46e"}
     full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0)
     assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {
         "datastore": "aa57179b327b", "train": "c10a9f218b60", "ce-decoder": "14a71001e6ae", "dapt": "85f23afe36da",

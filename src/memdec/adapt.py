@@ -57,7 +57,7 @@ PRESETS: dict[str, dict] = {
     "quick": dict(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0,
                   ds_block_size=1024, ds_stride=768, init_layers=None, alpha=[0.25, 0.0], lr=2e-4, epochs=1.0,
                   batch_size=4, train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512,
-                  samples=3, sample_tokens=40, task_items=100),
+                  samples=3, sample_tokens=40, task_items=0),  # lm-eval tasks: opt in with --task-items on a CPU
     # The whole training split; meant for a GPU.
     "full": dict(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0,
                  ds_block_size=1024, ds_stride=512, init_layers=None, alpha=[0.25, 0.0], lr=1e-4, epochs=2.0,
@@ -141,7 +141,7 @@ ADAPT_HELP = {
     "block_size": "window length for the datastore, training and evaluation (strides become half of it)",
     "samples": "test-set prompts continued in the report",
     "task_items": "items per lm-eval task scored for every system: factual recall (names and numbers of --test also "
-                  "in the training text) and general ability (--general); preset: quick 100, full 500; 0 skips",
+                  "in the training text) and general ability (--general); preset: quick 0 (CPU: opt in), full 500; 0 skips",
     "device": "auto, cpu or cuda",
     "text_field": "JSONL / dataset field that holds the text",
     "baselines": "also train dapt (full fine-tuning), lora and ce-decoder (alpha=0) on the same tokens and budget, "
