@@ -168,6 +168,23 @@ def choose_temperature_and_lambda(valid: KnnPass, lambdas, temperatures) -> tupl
 # Generation
 
 
+def knn_mix_rows(logp: torch.Tensor, dists: np.ndarray, values: np.ndarray, lmbda: float, temperature: float) -> torch.Tensor:
+    """log((1-λ)·p_base + λ·p_kNN) of full rows: logp [P, V], neighbours [P, k] -> [P, V]."""
+    if lmbda == 0.0:
+        return logp
+    offsets, token_ids, probs = knn_distribution(dists, values, temperature)
+    rows = torch.from_numpy(np.repeat(np.arange(len(logp)), np.diff(offsets))).to(logp.device)
+    ids = torch.from_numpy(token_ids.astype(np.int64)).to(logp.device)
+    p = torch.from_numpy(probs).to(logp.device, torch.float32)
+    if lmbda == 1.0:
+        out = torch.full_like(logp, -math.inf)
+        out[rows, ids] = p.log()
+        return out
+    out = logp + math.log1p(-lmbda)
+    out[rows, ids] = torch.logaddexp(out[rows, ids], p.log() + math.log(lmbda))
+    return out
+
+
 class KnnLMLogitsProcessor(LogitsProcessor):
     """kNN-LM in ``generate()``: greedy decoding and sampling.
 
@@ -203,14 +220,4 @@ class KnnLMLogitsProcessor(LogitsProcessor):
         if self.lmbda == 0.0:
             return logp
         dists, values = self.retriever.neighbours(keys)
-        offsets, token_ids, probs = knn_distribution(dists, values, self.temperature)
-        rows = torch.from_numpy(np.repeat(np.arange(len(keys)), np.diff(offsets))).to(logp.device)
-        ids = torch.from_numpy(token_ids.astype(np.int64)).to(logp.device)
-        p = torch.from_numpy(probs).to(logp.device, torch.float32)
-        if self.lmbda == 1.0:
-            out = torch.full_like(logp, -math.inf)
-            out[rows, ids] = p.log()
-            return out
-        out = logp + math.log1p(-self.lmbda)
-        out[rows, ids] = torch.logaddexp(out[rows, ids], p.log() + math.log(self.lmbda))
-        return out
+        return knn_mix_rows(logp, dists, values, self.lmbda, self.temperature)

@@ -20,7 +20,6 @@ runs offline. ``lm_eval`` is imported only inside the functions that need it.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from collections import Counter
@@ -40,11 +39,10 @@ from .datastore import FFNInputCapture, read_manifest
 from .errors import MemdecError
 from .files import atomic_write_text
 from .joint import MemoryDecoderModel
-from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base
+from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base, knn_mix_rows
 from .knowledge import memory_token_stream, token_classes, word_spans
 from .models import load_model, load_tokenizer, max_context, resolve_device
 from .scoring import causal_lm_logits
-from .targets import knn_distribution
 
 # --------------------------------------------------------------------------------------------
 # Systems: full log-probability rows and generation, one per row of memdec's table
@@ -77,23 +75,6 @@ def _joint_system(name: str, joint: MemoryDecoderModel) -> System:
         return joint(input_ids=input_ids, use_cache=False, logits_to_keep=n).logits[0, -n:].float()
 
     return System(name, rows, joint)
-
-
-def knn_mix_rows(logp: torch.Tensor, dists: np.ndarray, values: np.ndarray, lmbda: float, temperature: float) -> torch.Tensor:
-    """log((1-λ)·p_base + λ·p_kNN) of full rows: logp [P, V], neighbours [P, k] -> [P, V]."""
-    if lmbda == 0.0:
-        return logp
-    offsets, token_ids, probs = knn_distribution(dists, values, temperature)
-    rows = torch.from_numpy(np.repeat(np.arange(len(logp)), np.diff(offsets))).to(logp.device)
-    ids = torch.from_numpy(token_ids.astype(np.int64)).to(logp.device)
-    p = torch.from_numpy(probs).to(logp.device, torch.float32)
-    if lmbda == 1.0:
-        out = torch.full_like(logp, -math.inf)
-        out[rows, ids] = p.log()
-        return out
-    out = logp + math.log1p(-lmbda)
-    out[rows, ids] = torch.logaddexp(out[rows, ids], p.log() + math.log(lmbda))
-    return out
 
 
 def _knn_system(model, tokenizer, datastore: str, lmbda: float, k: int | None, temperature: float | None) -> System:

@@ -44,7 +44,7 @@ from transformers import AutoConfig, AutoTokenizer
 from .checkpoint import load_memory_decoder, read_memdec_json, write_memdec_json
 from .datastore import open_datastore
 from .errors import MemdecError, one_line
-from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint, vocab_rows
+from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
 from .train import Recipe, TrainConfig, Trainer, window_starts
 
 INITS = ("mapped", "random")
