@@ -52,7 +52,7 @@ from .checks import check_temperature
 from .data import load_token_stream, sliding_windows, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
-from .models import check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from .models import bos_prefix, check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint, with_prefix
 from .files import NpyAppender, atomic_save_npy, atomic_write_json, check_npy, read_json_object
 from .targets import (
     TARGETS_DIR,
@@ -68,7 +68,7 @@ from .targets import (
 MANIFEST = "manifest.json"
 VERSION = 1
 FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-IDENTITY_FIELDS = ("model", "tokenizer_hash", "corpus_hash", "block_size", "stride")
+IDENTITY_FIELDS = ("model", "tokenizer_hash", "corpus_hash", "block_size", "stride", "prefix_token")
 SEARCH_BLOCK = 64  # the targets search this many positions per call, at aligned offsets: the
 # distances (and so the files) are then the same whatever --search-batch, since BLAS rounding
 # depends on how many queries a call holds
@@ -217,15 +217,17 @@ def forward_ffn_inputs(model: nn.Module, input_ids: torch.Tensor, capture: FFNIn
     return capture.last
 
 
-def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInputCapture, device="cpu") -> np.ndarray:
+def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInputCapture, device="cpu",
+                prefix: int | None = None) -> np.ndarray:
     """Keys of the positions a batch of windows stores: float16 [P, d], P = batch[-1,1] - batch[0,2].
 
-    stream: int64 tensor [n_tokens]; batch: int64 [b, 3] of equal-shaped windows.
+    stream: int64 tensor [n_tokens]; batch: int64 [b, 3] of equal-shaped windows; ``prefix``: a
+    token put in front of every window (``models.bos_prefix``).
     """
     start, end, score_start = batch[:, 0], batch[:, 1], batch[:, 2]
     length, n_keep = int(end[0] - start[0]), int(end[0] - score_start[0])
     idx = torch.as_tensor(start)[:, None] + torch.arange(length)[None, :]
-    hidden = forward_ffn_inputs(model, stream[idx].to(device), capture)[:, -n_keep:]
+    hidden = forward_ffn_inputs(model, with_prefix(stream[idx], prefix).to(device), capture)[:, -n_keep:]
     keys = hidden.reshape(-1, hidden.shape[-1]).to(torch.float16).cpu()
     if not torch.isfinite(keys).all():
         raise DatastoreError(f"non-finite keys at {capture.name} (the hidden state overflows float16)")
@@ -277,8 +279,8 @@ def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
     """Load and check the manifest of ``out``, or start a new datastore there."""
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        diffs = [f"{f}: {manifest.get(f)!r} in the folder, {identity[f]!r} requested"
-                 for f in IDENTITY_FIELDS if manifest.get(f) != identity[f]]
+        diffs = [f"{f}: {manifest.get(f)!r} in the folder, {identity.get(f)!r} requested"
+                 for f in IDENTITY_FIELDS if manifest.get(f) != identity.get(f)]
         if manifest.get("corpus_hash") != identity["corpus_hash"]:
             diffs.append(f"corpus: {manifest.get('corpus')!r} (max_tokens {manifest.get('max_tokens')}) in the folder, "
                          f"{identity['corpus']!r} (max_tokens {identity['max_tokens']}) requested")
@@ -356,7 +358,7 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
         for ci in range(done, len(chunks)):
             batch = chunks[ci]
             p0, p1 = int(batch[0, 2]), int(batch[-1, 1])
-            keys[p0:p1] = window_keys(model, stream, batch, capture, device)
+            keys[p0:p1] = window_keys(model, stream, batch, capture, device, manifest.get("prefix_token"))
             keys.flush()
             step.update(chunks_done=ci + 1, positions_done=p1, seconds=round(seconds + time.perf_counter() - t0, 3))
             write_manifest(out, manifest)
@@ -577,6 +579,8 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
         "corpus_hash": token_stream_hash(tokens), "text_field": cfg.text_field, "n_keys": n,
         "block_size": cfg.block_size, "stride": cfg.stride, "max_tokens": cfg.max_tokens,
     }
+    if (prefix := bos_prefix(tokenizer)) is not None:  # recorded only where there is one: other manifests stay as they were
+        identity["prefix_token"] = prefix
     manifest = _open_manifest(out, identity, tokens)
     _keys_step(out, manifest, cfg, tokens, on_chunk)
     _index_step(out, manifest, cfg)

@@ -29,7 +29,7 @@ from .files import atomic_write_json
 from .joint import MemoryDecoderModel
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
-from .models import check_block_size, load_model, resolve_device
+from .models import bos_prefix, check_block_size, load_model, resolve_device
 from .scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
 from .tables import render_table
 
@@ -221,6 +221,7 @@ class EvalInputs:
     model: object
     tokenizer: object
     device: str
+    prefix: int | None  # the token put in front of every window (models.bos_prefix)
     joint: MemoryDecoderModel | None
     baselines: list[str]
     streams: dict[str, np.ndarray | None]
@@ -240,7 +241,7 @@ def load_inputs(cfg: EvalConfig) -> EvalInputs:
     streams = {"test": stream(cfg.corpus, cfg.max_tokens),
                "valid": stream(cfg.valid, pick(cfg.valid_max_tokens)) if cfg.sweep else None,
                "general": stream(cfg.general, pick(cfg.general_max_tokens))}
-    return EvalInputs(model, tokenizer, device, joint, baselines, streams)
+    return EvalInputs(model, tokenizer, device, bos_prefix(tokenizer), joint, baselines, streams)
 
 
 def _check_baselines(cfg: EvalConfig, tokenizer) -> list[str]:
@@ -323,7 +324,8 @@ def _score_each(cfg, inputs: EvalInputs, scorer, desc: str, streams=("test", "va
             nll[name] = None
             continue
         label = desc if name == "test" else f"{desc} ({name})"
-        nll[name], took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device, desc=label)
+        nll[name], took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device, desc=label,
+                                       prefix=inputs.prefix)
         seconds = took if name == "test" else seconds
     return nll, seconds
 
@@ -333,7 +335,7 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
     retriever = KnnRetriever(cfg.knn, k=cfg.knn_k, tokenizer=inputs.tokenizer)
     passes = {name: None if tokens is None else
               knn_pass(inputs.model, retriever, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device,
-                       desc="base + kNN" + ("" if name == "test" else f" ({name})"))
+                       desc="base + kNN" + ("" if name == "test" else f" ({name})"), prefix=inputs.prefix)
               for name, tokens in inputs.streams.items()}
     if cfg.knn_temp is not None:
         temp = cfg.knn_temp

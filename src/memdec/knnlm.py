@@ -90,7 +90,8 @@ class KnnPass:
 
 
 def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int, stride: int,
-             batch_size: int = 1, device: str = "cpu", desc: str = "base + kNN", progress: bool = True) -> KnnPass:
+             batch_size: int = 1, device: str = "cpu", desc: str = "base + kNN", progress: bool = True,
+             prefix: int | None = None) -> KnnPass:
     """Score the base model over ``tokens`` [N+1] and search the neighbours of every position's key."""
     found_d: list[np.ndarray] = []
     found_v: list[np.ndarray] = []
@@ -111,7 +112,8 @@ def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int
             found_v.append(v.reshape(len(targets), n, -1))
             return lp
 
-        nll, seconds = score_tokens(scorer, tokens, block_size, stride, batch_size, device, desc=desc, progress=progress)
+        nll, seconds = score_tokens(scorer, tokens, block_size, stride, batch_size, device, desc=desc, progress=progress,
+                                    prefix=prefix)
     # windows are scored in order of position, each batch's rows in order: concatenate back
     dists = np.concatenate([d.reshape(-1, d.shape[-1]) for d in found_d])
     values = np.concatenate([v.reshape(-1, v.shape[-1]) for v in found_v])

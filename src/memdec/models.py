@@ -292,6 +292,27 @@ def check_tokenizer(tokenizer, expected_hash: str, what: str, made_with: str | N
         )
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The token this tokenizer puts before every text (Gemma's ``<bos>``), or None (SmolLM2, GPT-2).
+
+    Corpora are tokenized without special tokens into one stream; memdec then puts this token in
+    front of every window it feeds a model (scoring, datastore keys, training), as the model saw it
+    in pretraining. Gemma 3 without it: 72.9 perplexity on Northanger Abbey; with it: 32.5.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_prefix(input_ids: torch.Tensor, prefix: int | None) -> torch.Tensor:
+    """``input_ids`` [B, L] with ``prefix`` in front of every row: [B, L+1] (unchanged if None)."""
+    if prefix is None:
+        return input_ids
+    return torch.cat([input_ids.new_full((input_ids.shape[0], 1), prefix), input_ids], dim=1)
+
+
 def max_context(model) -> int | None:
     """The model's longest supported sequence, from its config, or None if it does not say."""
     cfg = model.config

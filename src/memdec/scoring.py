@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_lambda
 from .data import sliding_windows, window_batches
+from .models import with_prefix
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -63,10 +64,13 @@ def score_tokens(
     device: str = "cpu",
     desc: str = "scoring",
     progress: bool = True,
+    prefix: int | None = None,
 ) -> tuple[np.ndarray, float]:
     """Negative log-likelihood of every position of a token stream.
 
     tokens: int array [N]. Returns (nll float32 [N-1], seconds), where nll[p] = -log p(tokens[p+1]).
+    ``prefix`` (``models.bos_prefix``): a token put in front of every window; the scorer still
+    scores the window's last positions, so nothing else changes.
     """
     windows = sliding_windows(len(tokens), block_size, stride)
     nll = np.empty(len(tokens) - 1, dtype=np.float32)
@@ -79,7 +83,7 @@ def score_tokens(
             length = int(end[0] - start[0])
             idx = torch.as_tensor(start)[:, None] + torch.arange(length + 1)[None, :]
             chunk = stream[idx]  # [B, L+1]
-            input_ids = chunk[:, :-1].to(device)
+            input_ids = with_prefix(chunk[:, :-1], prefix).to(device)
             targets = chunk[:, -n_keep:].to(device)
             logprobs = scorer(input_ids, targets).float().cpu().numpy()
             for row, s in enumerate(score_start):

@@ -49,7 +49,7 @@ from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
-from .models import check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows
+from .models import bos_prefix, check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows, with_prefix
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
 
@@ -472,14 +472,17 @@ class Validator:
         self.block = cfg.block_size
         self.device = device
         base, _ = load_model(manifest["model"], device=device)
-        self.base_nll, _ = score_tokens(base_scorer(base), self.tokens, self.block, self.block // 2, device=device, desc="valid base", progress=False)
+        self.prefix = bos_prefix(tokenizer)
+        self.base_nll, _ = score_tokens(base_scorer(base), self.tokens, self.block, self.block // 2, device=device,
+                                        desc="valid base", progress=False, prefix=self.prefix)
         del base
         self.lambdas = sorted(set(cfg.lambdas))
 
     def __call__(self, model) -> dict:
         was_training = model.training
         model.eval()
-        mem_nll, _ = score_tokens(base_scorer(model), self.tokens, self.block, self.block // 2, device=self.device, desc="valid", progress=False)
+        mem_nll, _ = score_tokens(base_scorer(model), self.tokens, self.block, self.block // 2, device=self.device,
+                                  desc="valid", progress=False, prefix=self.prefix)
         model.train(was_training)
         joint = {lam: float(-np.mean(mix_logprobs(-self.base_nll.astype(np.float64), -mem_nll.astype(np.float64), lam))) for lam in self.lambdas}
         best_lam = min(joint, key=joint.get)
@@ -626,6 +629,7 @@ class Trainer:
             return self.out
         set_seed(self.cfg.seed)
         model, self.tokenizer = self.recipe.init_model(self.cfg, self.manifest)
+        self.prefix = bos_prefix(self.tokenizer)
         if self.targets is not None:
             self.targets.check_vocab(vocab_rows(model), self.cfg.datastore)
         if self.previous:
@@ -752,13 +756,15 @@ class Trainer:
         return {"step": step + 1, **sums, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
     def _loss(self, batch: dict):
+        """The loss of one micro-batch; with a BOS prefix, the window gets it and its logits lose it."""
         cfg = self.cfg
+        input_ids, n = with_prefix(batch["input_ids"], self.prefix), batch["input_ids"].shape[1]
         with self.accelerator.autocast():
-            logits = self.model(input_ids=batch["input_ids"]).logits
+            logits = self.model(input_ids=input_ids).logits[:, -n:]
             base_logits = None
             if self.teacher_base is not None:
                 with torch.no_grad():
-                    base_logits = self.teacher_base(input_ids=batch["input_ids"]).logits.reshape(-1, logits.shape[-1])
+                    base_logits = self.teacher_base(input_ids=input_ids).logits[:, -n:].reshape(-1, logits.shape[-1])
         flat, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
         if cfg.alpha > 0:
             return sparse_kl_ce_loss(flat, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"],
