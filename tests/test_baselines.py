@@ -209,6 +209,11 @@ def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
         assert info["train_config"]["lr"] == (5 * 1e-3 if method == "lora" else 1e-3)
     md = (run / "report.md").read_text()
     assert "| lora |" in md and "general ppl" in md and "trainable params" in md
+    # the ce-decoder is the α=0 teacher candidate, the same recipe on the same tokens: reused, not trained twice
+    ce = run / "baselines" / "ce-decoder"
+    assert json.loads((ce / "baseline.json").read_text())["reused_from"] == "candidates/alpha-0"
+    assert (ce / "model.safetensors").samefile(run / "candidates" / "alpha-0" / "model.safetensors")
+    assert "not trained twice" in md
     assert "lora" in format_summary(run)
     tasks = json.loads((run / "tasks.json").read_text())  # every system, the baselines too, on the lm-eval tasks
     assert [r["system"] for r in tasks["results"]] == [r["system"] for r in rows]
