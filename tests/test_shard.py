@@ -114,3 +114,47 @@ def test_resumed_by_another_number_of_processes(single, sharded, tmp_path, tiny_
     (out / "targets" / "shard-1").mkdir()
     build_datastore(DatastoreConfig(model=str(tiny_llama_dir), out=str(out), progress=False, **OPTIONS))
     assert read_bytes(out) == read_bytes(single) and not list((out / "targets").glob("shard-*"))
+
+
+def test_killed_target_shards_resume(single, tmp_path, tiny_llama_dir, monkeypatch):
+    """The ranks of a 2-process targets step run one after another in this process (their barriers
+    then wait for nobody): rank 0 is killed after its first chunk, rank 1 after its second; each
+    rerun resumes its shard from its last finished chunk, rank 0 merges, and the bytes are those of
+    one process."""
+    import memdec.datastore as ds_mod
+
+    out = tmp_path / "ds"
+    shutil.copytree(single, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["steps"]["targets"] = {"status": "pending"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(out / "targets")
+    cfg = DatastoreConfig(model=str(tiny_llama_dir), out=str(out), progress=False, **{**OPTIONS, "search_batch": 64})
+
+    class Killed(Exception):
+        pass
+
+    def run_as(rank, kill_after=None):
+        monkeypatch.setattr(ds_mod, "launched_ranks", lambda device: ds_mod.Ranks(rank, 2, "cpu"))
+        chunks = []
+
+        def on_chunk(step, chunk):
+            chunks.append(chunk)
+            if len(chunks) == kill_after:
+                raise Killed
+
+        if kill_after is None:
+            build_datastore(cfg, on_chunk=on_chunk)
+        else:
+            with pytest.raises(Killed):
+                build_datastore(cfg, on_chunk=on_chunk)
+        return chunks
+
+    assert run_as(0, kill_after=1) == [0]  # shard 0: positions [0, 320), chunks 0..4 of 64
+    assert run_as(1, kill_after=2) == [5, 6]  # shard 1: [320, 599), chunks 5..9
+    step = read_manifest(out)["steps"]["targets"]
+    assert step["status"] == "running" and step["shards"] == [[0, 320], [320, 599]]
+    assert run_as(1) == [7, 8, 9]
+    assert run_as(0) == [1, 2, 3, 4]
+    assert read_bytes(out) == read_bytes(single) and not list((out / "targets").glob("shard-*"))
+    assert read_manifest(out)["steps"]["targets"]["nnz"] == read_manifest(single)["steps"]["targets"]["nnz"]

@@ -53,6 +53,7 @@ finished in a row from the start, and starts the targets again.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -386,11 +387,15 @@ class Ranks:
             self.state.wait_for_everyone()
 
 
+BARRIER_TIMEOUT = datetime.timedelta(days=7)  # the other ranks wait while rank 0 tokenizes, builds the index
+# or merges the targets: hours at a billion tokens, far past torch's default of 30 minutes
+
+
 def launched_ranks(device: str) -> Ranks:
     """The ``Ranks`` of this process on ``device`` (cpu or cuda) under the launcher that started it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks(device=device)
-    state = PartialState(cpu=not device.startswith("cuda"))
+    state = PartialState(cpu=not device.startswith("cuda"), timeout=BARRIER_TIMEOUT)
     return Ranks(state.process_index, state.num_processes, str(state.device) if device.startswith("cuda") else "cpu", state)
 
 
