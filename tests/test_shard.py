@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memdec.data import sliding_windows, window_batches
-from memdec.datastore import DatastoreConfig, build_datastore, read_manifest, shard_bounds
+from memdec.datastore import DatastoreConfig, build_datastore, read_manifest, shard_bounds, support_stats
 
 ARTEFACTS = ["tokens.npy", "keys.npy", "values.npy", "index.faiss",
              "targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]
@@ -56,6 +56,15 @@ def test_shard_bounds_tile_the_range():
         b = shard_bounds(start, end, world, align)
         assert b[0][0] == start and b[-1][1] == end and all(x[1] == y[0] for x, y in zip(b, b[1:]))
         assert all((x[0] - start) % align == 0 for x in b)
+
+
+def test_support_stats_read_in_chunks_equal_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 1000, 12345):
+        lengths = rng.integers(0, 300, n)
+        mean, percentiles = support_stats(np.concatenate([[0], np.cumsum(lengths)]), chunk=100)
+        assert percentiles == {f"p{q}": float(np.percentile(lengths, q)) for q in (0, 10, 50, 90, 99, 100)}
+        assert mean == pytest.approx(lengths.mean(), rel=1e-12)
 
 
 def test_two_processes_write_the_bytes_of_one(single, sharded):

@@ -837,17 +837,43 @@ def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> Non
     probs.close()
 
 
+SUPPORT_PERCENTILES = (0, 10, 50, 90, 99, 100)
+
+
+def support_stats(offsets: np.ndarray, chunk: int = MERGE_ROWS) -> tuple[float, dict[str, float]]:
+    """(mean, percentiles ``SUPPORT_PERCENTILES``) of the row lengths of CSR ``offsets`` [N+1],
+    read chunk by chunk into a histogram: the values ``np.percentile`` gives (linear
+    interpolation), without an N-sized array in memory."""
+    n = len(offsets) - 1
+    counts = np.zeros(1, dtype=np.int64)
+    for r0 in range(0, n, chunk):
+        part = np.bincount(np.diff(np.asarray(offsets[r0 : r0 + chunk + 1])))
+        counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
+        counts[: len(part)] += part
+    below = np.cumsum(counts)  # below[v]: rows of length <= v
+
+    def value(i: int) -> int:  # the i-th smallest length
+        return int(np.searchsorted(below, i, side="right"))
+
+    def percentile(q: float) -> float:
+        pos = q / 100 * (n - 1)
+        lo = int(np.floor(pos))
+        a, b = value(lo), value(min(lo + 1, n - 1))
+        return float(a + (b - a) * (pos - lo))
+
+    return float(offsets[-1] - offsets[0]) / n, {f"p{q}": percentile(q) for q in SUPPORT_PERCENTILES}
+
+
 def _finish_targets(out: Path, manifest: dict, searched: int, elapsed: float) -> None:
     """Rank 0: the targets step recorded as done, with statistics of the rows (``searched``
     positions searched by this run in ``elapsed`` seconds)."""
     n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
-    support = np.diff(np.load(folder / "offsets.npy", mmap_mode="r"))
+    mean_support, percentiles = support_stats(np.load(folder / "offsets.npy", mmap_mode="r"))
     target_bytes = sum((folder / f).stat().st_size for f in ("offsets.npy", "token_ids.npy", "probs.npy"))
     if shards := step.pop("shards", None):
         step.update(processes=len(shards), seconds=round(step["seconds"] + elapsed, 3))
         step.pop("merged", None)
-    step.update(status="done", mean_support=round(float(support.mean()), 3),
-                support_percentiles={f"p{q}": float(np.percentile(support, q)) for q in (0, 10, 50, 90, 99, 100)},
+    step.update(status="done", mean_support=round(mean_support, 3), support_percentiles=percentiles,
                 kl_truncation_mean=step["kl_sum"] / n, bytes_per_token=round(target_bytes / n, 2),
                 rows_per_s=round(searched / max(elapsed, 1e-9), 1))
     write_manifest(out, manifest)
