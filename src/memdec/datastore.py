@@ -810,6 +810,8 @@ def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> Non
     n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
     merged, nnz = int(step["merged"]), int(step["nnz"])
     _say(cfg, f"merging {len(step['shards'])} target shards")
+    for i in range(merged):  # recorded as merged, but the run stopped before deleting it
+        shutil.rmtree(_target_shard_dir(out, i), ignore_errors=True)
     offsets, token_ids, probs = _open_target_files(folder, {"rows_done": merged, "nnz": nnz}, n)
     for i in range(merged, len(step["shards"])):
         (a, b), shard = step["shards"][i], _target_shard_dir(out, i)
