@@ -5,9 +5,13 @@ import pytest
 
 from memdec.data import (
     BUILTIN_CORPORA,
+    Document,
+    iter_corpus,
+    iter_token_pieces,
     load_token_stream,
     read_corpus,
     sliding_windows,
+    stream_tokens_to_file,
     token_stream_hash,
     tokenize_documents,
 )
@@ -97,3 +101,65 @@ def test_max_tokens_and_hash(tokenizer):
     b = load_token_stream("austen:valid", tokenizer, max_tokens=500)
     assert len(a) == 500 and token_stream_hash(a) == token_stream_hash(b)
     assert token_stream_hash(a) != token_stream_hash(a[:499])
+
+
+# --- streaming: a corpus larger than memory -------------------------------------------------
+
+
+class Text(str):
+    """A str that can be watched (weakref.finalize): the test counts the texts still alive."""
+
+
+def test_streamed_tokens_hold_one_batch_of_text(tokenizer):
+    """A generated corpus tokenized through a generator: the stream equals the one tokenized from a
+    list, and when the tokenizer runs no more than a batch of texts (plus the one the reader holds)
+    is alive: the texts are read lazily and dropped once tokenized."""
+    import weakref
+
+    paragraphs = read_corpus("austen:valid")[0].text.split("\n\n")
+    alive, most = [0], [0]
+
+    def gone():
+        alive[0] -= 1
+
+    def documents():
+        for i, p in enumerate(paragraphs * 3):
+            text = Text(p)
+            weakref.finalize(text, gone)
+            alive[0] += 1
+            yield Document(f"gen:{i}", text)
+
+    class Watching:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, texts, **kw):
+            most[0] = max(most[0], alive[0])
+            return tokenizer(texts, **kw)
+
+    streamed = np.concatenate(list(iter_token_pieces(Watching(), documents(), batch_size=16)))
+    assert 1 < most[0] <= 16 + 1 and alive[0] == 0
+    assert len(paragraphs) * 3 > 100 * 16  # many batches went through
+    assert np.array_equal(streamed, tokenize_documents(tokenizer, [Document("x", p) for p in paragraphs * 3]))
+
+
+def test_stream_to_file_equals_the_stream_in_memory(tokenizer, tmp_path):
+    docs = [{"text": p} for p in read_corpus("austen:valid")[0].text.split("\n\n") if p.strip()]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    spec = str(tmp_path / "c.jsonl")
+    for max_tokens in (None, 3, 5000):
+        on_disk = stream_tokens_to_file(spec, tokenizer, tmp_path / "t.npy", max_tokens)
+        assert isinstance(on_disk, np.memmap) and on_disk.dtype == np.int32
+        assert np.array_equal(on_disk, load_token_stream(spec, tokenizer, max_tokens))
+        assert token_stream_hash(on_disk) == token_stream_hash(np.array(on_disk))
+    assert np.array_equal(on_disk[:5000], tokenize_documents(tokenizer, read_corpus(spec))[:5000])
+
+
+def test_jsonl_is_read_line_by_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\nnot json\n')
+    docs = iter_corpus(str(tmp_path / "c.jsonl"))
+    assert [next(docs).text, next(docs).text] == ["one", "two"]  # read before the bad line is reached
+    with pytest.raises(CorpusError, match="c.jsonl:4: not valid JSON"):
+        next(docs)
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n')
+    with pytest.raises(CorpusError, match="invalid byte 0xff at byte offset 28"):
+        read_corpus(str(tmp_path / "d.jsonl"))

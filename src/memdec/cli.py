@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from .adapt import ADAPT_HELP, AdaptConfig, adapt, format_summary
 from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
-from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe
+from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe, is_main_process
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
@@ -118,8 +118,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_datastore(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = build_datastore(config_from_args(DatastoreConfig, args))
-    print(describe(out))
-    print(f"  wall time: {time.perf_counter() - t0:.1f} s")
+    if is_main_process():  # under accelerate launch / torchrun, rank 0 speaks for all
+        print(describe(out))
+        print(f"  wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 

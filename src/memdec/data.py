@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import itertools
 import json
 import lzma
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from .errors import CorpusError
+from .files import NpyAppender
 
 # Built-in corpora: name -> documents under the package's ``corpora/<prefix>/`` folder. Each is
 # ``<stem>.txt.xz`` (one document) or ``<stem>.jsonl.xz`` (one document per line, its "text" field).
@@ -95,30 +98,39 @@ def _read_builtin(name: str) -> list[Document]:
     return docs
 
 
-def _read_text_file(path: Path) -> list[Document]:
-    return [Document(str(path), _decode(path.read_bytes(), str(path)))]
+def _read_text_file(path: Path) -> Iterator[Document]:
+    yield Document(str(path), _decode(path.read_bytes(), str(path)))
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
-    text = _decode(path.read_bytes(), str(path))
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            raise CorpusError(f"{path}:{lineno}: no field '{text_field}' (set it with --text-field)")
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise CorpusError(f"{path}:{lineno}: field '{text_field}' is not a string")
-        docs.append(Document(f"{path}:{lineno}", value))
-    return docs
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    """The documents of a JSON-lines file, read one line at a time."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorpusError(f"{path}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at byte offset "
+                                  f"{offset + exc.start})") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise CorpusError(f"{path}:{lineno}: no field '{text_field}' (set it with --text-field)")
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise CorpusError(f"{path}:{lineno}: field '{text_field}' is not a string")
+            yield Document(f"{path}:{lineno}", value)
 
 
-def _read_arrow_dataset(path: Path, text_field: str) -> list[Document]:
+ARROW_BATCH = 1024  # rows of a saved dataset read at a time
+
+
+def _read_arrow_dataset(path: Path, text_field: str) -> Iterator[Document]:
     try:
         from datasets import load_from_disk
     except ImportError:
@@ -128,76 +140,113 @@ def _read_arrow_dataset(path: Path, text_field: str) -> list[Document]:
         ds = ds[sorted(ds.keys())[0]]
     if text_field not in ds.column_names:
         raise CorpusError(f"{path}: no column '{text_field}' (columns: {', '.join(ds.column_names)}; set --text-field)")
-    return [Document(f"{path}#{i}", t) for i, t in enumerate(ds[text_field]) if isinstance(t, str)]
+    for start in range(0, len(ds), ARROW_BATCH):  # memory-mapped: only a batch of rows is read at a time
+        texts = ds[start : start + ARROW_BATCH][text_field]
+        yield from (Document(f"{path}#{start + i}", t) for i, t in enumerate(texts) if isinstance(t, str))
 
 
-def _read_path(path: Path, text_field: str) -> list[Document]:
+def _read_path(path: Path, text_field: str) -> Iterator[Document]:
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return _read_arrow_dataset(path, text_field)
+            yield from _read_arrow_dataset(path, text_field)
+            return
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
         if not files:
             raise CorpusError(f"{path}: folder holds no .txt, .md or .jsonl files")
-        return [d for f in files for d in _read_path(f, text_field)]
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return _read_jsonl(path, text_field)
-    return _read_text_file(path)
+        for f in files:
+            yield from _read_path(f, text_field)
+    elif path.suffix.lower() in JSONL_SUFFIXES:
+        yield from _read_jsonl(path, text_field)
+    else:
+        yield from _read_text_file(path)
+
+
+def _corpus_paths(spec: str) -> list[Path]:
+    """The files or folders a (non built-in) corpus spec names; CorpusError if there are none."""
+    if ":" in spec and spec.split(":")[0] in {k.split(":")[0] for k in BUILTIN_CORPORA} and not Path(spec).exists():
+        raise CorpusError(f"unknown built-in corpus '{spec}'; choose one of: {', '.join(BUILTIN_CORPORA)}")
+    if any(ch in spec for ch in "*?[") and not Path(spec).exists():
+        paths = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise CorpusError(f"{spec}: the pattern matches no file")
+        return paths
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CorpusError(f"{spec}: no such file or folder")
+    return [path]
+
+
+def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
+    """The non-blank documents of a corpus spec, read lazily: one file, one JSONL line or one batch
+    of dataset rows at a time, so a corpus larger than memory streams through (each document
+    must fit). A bad spec raises CorpusError at once; a bad file when it is reached. Raises
+    CorpusError at the end if no document had text."""
+    paths = None if spec in BUILTIN_CORPORA else _corpus_paths(spec)
+
+    def documents() -> Iterator[Document]:
+        found = False
+        sources = iter(_read_builtin(spec)) if paths is None else (d for p in paths for d in _read_path(p, text_field))
+        for doc in sources:
+            if doc.text.strip():
+                found = True
+                yield doc
+        if not found:
+            raise CorpusError(f"{spec}: the corpus is empty (no non-blank text)")
+
+    return documents()
 
 
 def read_corpus(spec: str, text_field: str = "text") -> list[Document]:
     """Read a corpus spec into documents. Raises CorpusError on a missing, empty or non-UTF-8 corpus."""
-    if spec in BUILTIN_CORPORA:
-        docs = _read_builtin(spec)
-    elif ":" in spec and spec.split(":")[0] in {k.split(":")[0] for k in BUILTIN_CORPORA} and not Path(spec).exists():
-        raise CorpusError(f"unknown built-in corpus '{spec}'; choose one of: {', '.join(BUILTIN_CORPORA)}")
-    elif any(ch in spec for ch in "*?[") and not Path(spec).exists():
-        paths = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise CorpusError(f"{spec}: the pattern matches no file")
-        docs = [d for p in paths for d in _read_path(p, text_field)]
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise CorpusError(f"{spec}: no such file or folder")
-        docs = _read_path(path, text_field)
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise CorpusError(f"{spec}: the corpus is empty (no non-blank text)")
-    return docs
+    return list(iter_corpus(spec, text_field))
 
 
-def tokenize_documents(tokenizer, docs: list[Document], batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
-    """Tokenize documents in batches and join them with EOS between documents.
+def iter_token_pieces(tokenizer, docs: Iterable[Document], batch_size: int = 64,
+                      max_tokens: int | None = None) -> Iterator[np.ndarray]:
+    """The token stream of ``docs`` in pieces (int32 arrays), EOS between documents.
 
-    With ``max_tokens``, tokenization stops once that many tokens exist, and a long document is
-    tokenized only as far as needed (``tokenize_prefix``): the result equals the whole stream cut
-    to ``max_tokens``, without tokenizing the rest. Returns: int32 array [n_tokens].
+    ``docs`` is consumed lazily, ``batch_size`` documents at a time, so only one batch of text is
+    held at once. With ``max_tokens``, tokenization stops once that many tokens exist, and a long
+    document is tokenized only as far as needed (``tokenize_prefix``): the pieces join to the
+    whole stream cut to ``max_tokens``, without tokenizing the rest.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("the tokenizer has no EOS token to separate documents")
-    pieces: list[np.ndarray] = []
-    total, i = 0, 0
-    while i < len(docs) and (max_tokens is None or total < max_tokens):
-        texts = [d.text for d in docs[i : i + batch_size]]
+    docs = iter(docs)
+    pending: list[str] = []  # texts read but not yet tokenized (at most one batch)
+    total, first = 0, True
+    while max_tokens is None or total < max_tokens:
+        pending += [d.text for d in itertools.islice(docs, batch_size - len(pending))]
+        if not pending:
+            return
         first_long = None  # the batch stops before the first document longer than what is still needed
         if max_tokens is not None:
             need = PREFIX_CHARS_PER_TOKEN * (max_tokens - total)
-            first_long = next((j for j, t in enumerate(texts) if len(t) > need), None)
+            first_long = next((j for j, t in enumerate(pending) if len(t) > need), None)
         if first_long == 0:
-            texts = texts[:1]
+            texts = pending[:1]
             encoded = [tokenize_prefix(tokenizer, texts[0], max_tokens - total)]
         else:
-            texts = texts[:first_long]
+            texts = pending[:first_long]
             encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        i += len(texts)
+        del pending[: len(texts)]
         for ids in encoded:
-            if pieces:
-                pieces.append(np.array([eos], dtype=np.int32))
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            total += len(ids) + (len(pieces) > 1)
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return stream if max_tokens is None else stream[:max_tokens]
+            piece = np.asarray(ids if first else [eos, *ids], dtype=np.int32)
+            first = False
+            if max_tokens is not None:
+                piece = piece[: max_tokens - total]
+            total += len(piece)
+            yield piece
+
+
+def tokenize_documents(tokenizer, docs: Iterable[Document], batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
+    """Tokenize documents in batches and join them with EOS between documents (``iter_token_pieces``).
+
+    Returns: int32 array [n_tokens].
+    """
+    pieces = list(iter_token_pieces(tokenizer, docs, batch_size, max_tokens))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 
 
 PREFIX_CHARS_PER_TOKEN = 8  # a first guess at the characters that hold one token (English: about 4)
@@ -225,22 +274,53 @@ def tokenize_prefix(tokenizer, text: str, n_tokens: int) -> list[int]:
 PREFIX_MARGIN_TOKENS = 8
 
 
+def _check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and max_tokens < 2:
+        raise CorpusError(f"--max-tokens must be at least 2, got {max_tokens}")
+
+
+def _check_length(n: int, spec: str) -> None:
+    if n < 2:
+        raise CorpusError(f"{spec}: the corpus has fewer than 2 tokens, so nothing can be predicted")
+
+
 def load_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_field: str = "text") -> np.ndarray:
     """Read, tokenize and (optionally) truncate a corpus to its first ``max_tokens`` tokens.
 
     Returns: int32 array [n_tokens], at least 2 tokens long.
     """
-    if max_tokens is not None and max_tokens < 2:
-        raise CorpusError(f"--max-tokens must be at least 2, got {max_tokens}")
-    tokens = tokenize_documents(tokenizer, read_corpus(spec, text_field), max_tokens=max_tokens)
-    if len(tokens) < 2:
-        raise CorpusError(f"{spec}: the corpus has fewer than 2 tokens, so nothing can be predicted")
+    _check_max_tokens(max_tokens)
+    tokens = tokenize_documents(tokenizer, iter_corpus(spec, text_field), max_tokens=max_tokens)
+    _check_length(len(tokens), spec)
     return tokens
 
 
+def stream_tokens_to_file(spec: str, tokenizer, path: str | Path, max_tokens: int | None = None,
+                          text_field: str = "text") -> np.ndarray:
+    """``load_token_stream`` written straight to the .npy file ``path`` as it is tokenized: the
+    documents stream through, one batch at a time, and only the int32 token stream (4 bytes a
+    token) ever exists whole, on disk. Returns it memory-mapped, int32 [n_tokens]."""
+    _check_max_tokens(max_tokens)
+    sink = NpyAppender(path, np.int32)
+    try:
+        for piece in iter_token_pieces(tokenizer, iter_corpus(spec, text_field), max_tokens=max_tokens):
+            sink.append(piece)
+    finally:
+        sink.close()
+    _check_length(sink.n, spec)
+    return np.load(path, mmap_mode="r")
+
+
+HASH_CHUNK = 1 << 24  # tokens hashed at a time
+
+
 def token_stream_hash(tokens: np.ndarray) -> str:
-    """sha256 (16 hex digits) of a token stream, as int32 little-endian bytes."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:16]
+    """sha256 (16 hex digits) of a token stream, as int32 little-endian bytes (hashed in chunks,
+    so a memory-mapped stream is never copied whole)."""
+    digest = hashlib.sha256()
+    for i in range(0, len(tokens), HASH_CHUNK):
+        digest.update(np.ascontiguousarray(tokens[i : i + HASH_CHUNK], dtype="<i4").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def sliding_windows(n_tokens: int, block_size: int, stride: int) -> np.ndarray:

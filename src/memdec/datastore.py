@@ -30,13 +30,33 @@ A rerun with the same inputs skips finished steps and resumes a running one from
 finished chunk; changing k, T or top-m redoes only the targets, changing the index redoes the
 index and the targets. A folder built from another model, tokenizer, corpus or windowing is
 never touched: that is an error.
+
+The corpus streams in: documents are read and tokenized a batch at a time straight into
+``tokens.npy`` (``data.stream_tokens_to_file``); the token stream (4 bytes a token) is the one
+array that exists whole, and it is memory-mapped.
+
+**Several processes** (``accelerate launch --num_processes P -m memdec.cli datastore ...`` or
+``torchrun``; gloo on CPU, one GPU a rank): rank 0 tokenizes and builds the index; the keys and
+the targets are split among the ranks, and rank 0 records a step once every rank is done
+(barriers). Keys: each rank computes a contiguous range of window chunks and writes its rows in
+place into the one preallocated ``keys.npy`` (positioned writes; the file's size is known from
+the start, so there is nothing to merge), recording its progress in ``.keys-shard-i.json``: a
+killed rank resumes from its last finished chunk. Targets: each rank searches a range of
+positions (bounds at multiples of 64, so every query meets the search blocks one process would
+give it) into its own CSR folder ``targets/shard-i`` (its size is known only once searched);
+rank 0 then appends the shards, in order, to ``targets/`` with shifted offsets, deleting each once
+it is recorded. The files are those of one process, byte for byte, with an exact index, and
+every reader stays as it is. A run resumed by another number of processes keeps the key chunks
+finished in a row from the start, and starts the targets again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,14 +66,15 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .checks import check_temperature
-from .data import load_token_stream, sliding_windows, token_stream_hash, window_batches
+from .data import sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
 from .models import bos_prefix, check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint, with_prefix
-from .files import NpyAppender, atomic_save_npy, atomic_write_json, check_npy, read_json_object
+from .files import NpyAppender, atomic_write_json, check_npy, read_json_object
 from .targets import (
     TARGETS_DIR,
     KnnTargets,
@@ -217,17 +238,19 @@ def forward_ffn_inputs(model: nn.Module, input_ids: torch.Tensor, capture: FFNIn
     return capture.last
 
 
-def window_keys(model, stream: torch.Tensor, batch: np.ndarray, capture: FFNInputCapture, device="cpu",
+def window_keys(model, tokens: np.ndarray, batch: np.ndarray, capture: FFNInputCapture, device="cpu",
                 prefix: int | None = None) -> np.ndarray:
     """Keys of the positions a batch of windows stores: float16 [P, d], P = batch[-1,1] - batch[0,2].
 
-    stream: int64 tensor [n_tokens]; batch: int64 [b, 3] of equal-shaped windows; ``prefix``: a
-    token put in front of every window (``models.bos_prefix``).
+    tokens: int [n_tokens] (a memory-mapped stream: only the batch's windows are read); batch:
+    int64 [b, 3] of equal-shaped windows; ``prefix``: a token put in front of every window
+    (``models.bos_prefix``).
     """
     start, end, score_start = batch[:, 0], batch[:, 1], batch[:, 2]
     length, n_keep = int(end[0] - start[0]), int(end[0] - score_start[0])
-    idx = torch.as_tensor(start)[:, None] + torch.arange(length)[None, :]
-    hidden = forward_ffn_inputs(model, with_prefix(stream[idx], prefix).to(device), capture)[:, -n_keep:]
+    idx = np.asarray(start)[:, None] + np.arange(length)[None, :]
+    ids = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    hidden = forward_ffn_inputs(model, with_prefix(ids, prefix).to(device), capture)[:, -n_keep:]
     keys = hidden.reshape(-1, hidden.shape[-1]).to(torch.float16).cpu()
     if not torch.isfinite(keys).all():
         raise DatastoreError(f"non-finite keys at {capture.name} (the hidden state overflows float16)")
@@ -275,8 +298,33 @@ def _check_config(cfg: DatastoreConfig) -> None:
         raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
 
 
-def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
-    """Load and check the manifest of ``out``, or start a new datastore there."""
+TOKENS_TMP = ".tokens.npy.tmp"  # the token stream as it is tokenized, before it is checked
+
+
+def _check_out_folder(out: Path) -> None:
+    """DatastoreError unless ``out`` is a datastore, absent, or empty (but for an unfinished token stream)."""
+    if (out / MANIFEST).exists():
+        return
+    if out.exists() and (not out.is_dir() or any(p.name != TOKENS_TMP for p in out.iterdir())):
+        raise DatastoreError(f"{out} exists and is not a memdec datastore (no {MANIFEST}); choose another --out")
+
+
+COPY_CHUNK = 1 << 24  # elements copied at a time between .npy files
+
+
+def _copy_npy(src: np.ndarray, path: Path, dtype) -> None:
+    """Write the 1-D ``src`` (a memmap) to ``path`` chunk by chunk, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    out = NpyAppender(tmp, dtype)
+    for i in range(0, len(src), COPY_CHUNK):
+        out.append(src[i : i + COPY_CHUNK])
+    out.close()
+    os.replace(tmp, path)
+
+
+def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> dict:
+    """Load and check the manifest of ``out``, or start a new datastore there; ``tokens_tmp`` (the
+    streamed token stream) becomes ``tokens.npy`` where there is none yet, and is removed."""
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
         diffs = [f"{f}: {manifest.get(f)!r} in the folder, {identity.get(f)!r} requested"
@@ -285,50 +333,179 @@ def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
             diffs.append(f"corpus: {manifest.get('corpus')!r} (max_tokens {manifest.get('max_tokens')}) in the folder, "
                          f"{identity['corpus']!r} (max_tokens {identity['max_tokens']}) requested")
         if diffs:
+            tokens_tmp.unlink(missing_ok=True)
             raise DatastoreError(
                 f"{out} holds a datastore built from other inputs ({'; '.join(diffs)}); "
                 f"choose another --out, or delete {out} to rebuild it"
             )
     else:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise DatastoreError(f"{out} exists and is not a memdec datastore (no {MANIFEST}); choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
         manifest = {"version": VERSION, **identity, "layer": None, "dim": None, "distance": "squared_l2",
                     "key_dtype": "float16",
                     "steps": {"keys": {"status": "pending"}, "index": {"status": "pending"},
                               "targets": {"status": "pending"}}}
         write_manifest(out, manifest)
     n = identity["n_keys"]
-    for name, arr in (("tokens.npy", tokens), ("values.npy", tokens[1:])):
-        if manifest["steps"]["keys"]["status"] != "done" and not (out / name).exists():
-            atomic_save_npy(out / name, np.ascontiguousarray(arr, dtype=np.int32))
+    writable = manifest["steps"]["keys"]["status"] != "done"
+    if writable and not (out / "tokens.npy").exists():
+        os.replace(tokens_tmp, out / "tokens.npy")
+    tokens_tmp.unlink(missing_ok=True)
     check_npy(out / "tokens.npy", np.int32, (n + 1,), "token stream")
-    check_npy(out / "values.npy", np.int32, (n,), "values")
     stored = np.load(out / "tokens.npy", mmap_mode="r")
-    if token_stream_hash(stored) != identity["corpus_hash"] or not np.array_equal(np.load(out / "values.npy", mmap_mode="r"), stored[1:]):
+    if writable and not (out / "values.npy").exists():
+        _copy_npy(stored[1:], out / "values.npy", np.int32)
+    check_npy(out / "values.npy", np.int32, (n,), "values")
+    if token_stream_hash(stored) != identity["corpus_hash"] or token_stream_hash(np.load(out / "values.npy", mmap_mode="r")) != token_stream_hash(stored[1:]):
         raise DatastoreError(f"{out}: tokens.npy / values.npy do not match the manifest's corpus hash (corrupt); "
                              f"delete {out} to rebuild it")
     return manifest
 
 
+# --- processes: one, or several under accelerate launch / torchrun ----------------------------
+
+
+@dataclass
+class Ranks:
+    """This process's place in a launch: ``rank`` of ``world`` processes, and the device it runs on.
+
+    Alone (no ``WORLD_SIZE`` above 1 in the environment) it is rank 0 of 1 and ``barrier`` does
+    nothing; under ``accelerate launch`` or ``torchrun`` accelerate's ``PartialState`` joins the
+    process group (gloo on CPU, NCCL on GPUs; each rank takes its own GPU), as training does.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    state: PartialState | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+BARRIER_TIMEOUT = datetime.timedelta(days=7)  # the other ranks wait while rank 0 tokenizes, builds the index
+# or merges the targets: hours at a billion tokens, far past torch's default of 30 minutes
+
+
+def launched_ranks(device: str) -> Ranks:
+    """The ``Ranks`` of this process on ``device`` (cpu or cuda) under the launcher that started it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks(device=device)
+    state = PartialState(cpu=not device.startswith("cuda"), timeout=BARRIER_TIMEOUT)
+    return Ranks(state.process_index, state.num_processes, str(state.device) if device.startswith("cuda") else "cpu", state)
+
+
+def is_main_process() -> bool:
+    """Whether this process prints a launch's results (rank 0, or a process on its own)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _sync(out: Path, manifest: dict, ranks: Ranks) -> dict:
+    """A barrier, after which every rank holds the manifest rank 0 wrote (rank 0 keeps its own)."""
+    ranks.barrier()
+    return manifest if ranks.main else read_manifest(out)
+
+
+def shard_bounds(start: int, end: int, world: int, align: int = 1) -> list[list[int]]:
+    """``world`` contiguous ranges ``[a, b)`` that tile ``[start, end)`` as evenly as ``align`` allows
+    (every inner bound is ``start`` plus a multiple of ``align``)."""
+    units = -(-(end - start) // align)
+    cuts = [min(end, start + align * (units * i // world)) for i in range(world + 1)]
+    return [[cuts[i], cuts[i + 1]] for i in range(world)]
+
+
+def _default_threads(cfg: DatastoreConfig, ranks: Ranks) -> int:
+    """--threads, else this machine's cores shared among the launch's processes on it."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    return cfg.threads or max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
 # --- step 1: keys and values -----------------------------------------------------------------
 
 
-def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk) -> None:
+def _key_shard_file(out: Path, shard: int) -> Path:
+    return out / f".keys-shard-{shard}.json"
 
+
+def _finished_key_chunks(out: Path, step: dict) -> tuple[int, int]:
+    """(chunks finished in a row from chunk 0, chunks finished in all) of a keys step run by any
+    number of processes (``shards``: their chunk ranges, each with its own progress file)."""
+    if not step.get("shards"):
+        done = int(step.get("chunks_done", 0))
+        return done, done
+    prefix, total, in_row = int(step.get("chunks_done", 0)), int(step.get("chunks_done", 0)), True
+    for i, (a, b) in enumerate(step["shards"]):
+        path = _key_shard_file(out, i)
+        done = int(read_json_object(path, "keys shard progress", DatastoreError)["chunks_done"]) if path.is_file() else 0
+        total += done
+        if in_row:
+            prefix, in_row = a + done, a + done == b
+    return prefix, total
+
+
+def _plan_keys(out: Path, manifest: dict, n_chunks: int, world: int, cfg: DatastoreConfig) -> None:
+    """Rank 0: split the chunks still to do among ``world`` processes and record the plan.
+
+    A run resumed with the number of processes it began with keeps each shard's progress; with
+    another number, the chunks finished in a row from the start are kept and the rest is split
+    anew. The keys file is (re)allocated only when no chunk is finished.
+    """
+    step, n, dim = manifest["steps"]["keys"], manifest["n_keys"], manifest["dim"]
+    prefix, finished = _finished_key_chunks(out, step)
+    shards = step.get("shards")
+    if not (shards and len(shards) == world):
+        if shards:
+            _say(cfg, f"the keys were begun by {len(shards)} processes, resumed by {world}: "
+                      f"redoing from chunk {prefix} on")
+        for i in range(len(shards or [])):
+            _key_shard_file(out, i).unlink(missing_ok=True)
+        step.pop("shards", None)
+        step["chunks_done"] = prefix
+        if world > 1:
+            step["shards"] = shard_bounds(prefix, n_chunks, world)
+            for i in range(world):
+                atomic_write_json(_key_shard_file(out, i), {"chunks_done": 0, "seconds": 0.0})
+        finished = prefix
+    keys_path = out / "keys.npy"
+    if finished == 0:  # nothing recorded yet: (re)allocate the keys file
+        tmp = out / ".keys.npy.tmp"
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+        os.replace(tmp, keys_path)
+    else:
+        check_npy(keys_path, np.float16, (n, dim), "keys")
+        _say(cfg, f"resuming keys: {finished}/{n_chunks} chunks are done")
+    step.update(status="running", chunks_total=n_chunks)
+    write_manifest(out, manifest)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (positioned writes: ranks never share a buffered page)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk, ranks: Ranks) -> dict:
+    """Step 1: every rank computes the keys of its shard of the window chunks, written in place
+    into the rows of ``keys.npy`` they belong to; rank 0 records the step once all are done.
+    Returns the manifest as every rank then holds it."""
     step = manifest["steps"]["keys"]
     n = manifest["n_keys"]
     keys_path = out / "keys.npy"
     if step["status"] == "done":
         check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
-        return
-    device = resolve_device(cfg.device)
+        return manifest
+    device = ranks.device
     model, _ = load_model(cfg.model, device=device)
     check_block_size(model, cfg.block_size, cfg.model)
-    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     capture = FFNInputCapture(model, stop=True)
     with capture:
-        dim = int(forward_ffn_inputs(model, stream[None, :2].to(device), capture).shape[-1])
+        dim = int(forward_ffn_inputs(model, torch.from_numpy(np.array(tokens[None, :2], dtype=np.int64)).to(device), capture).shape[-1])
     for field, value in (("layer", capture.name), ("dim", dim)):
         if manifest.get(field) not in (None, value):
             raise DatastoreError(f"{out}: keys were started at {field} {manifest[field]!r}, this model gives {value!r}; "
@@ -338,38 +515,75 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
     windows = sliding_windows(len(tokens), cfg.block_size, cfg.stride)
     batch_size = step.get("batch_size") or cfg.batch_size or (1 if device == "cpu" else 8)
     chunks = window_batches(windows, batch_size)
-    done = int(step.get("chunks_done", 0))
-    if done == 0:  # nothing recorded yet: (re)allocate the keys file
-        tmp = out / ".keys.npy.tmp"
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
-        os.replace(tmp, keys_path)
+    if ranks.main:
+        step["batch_size"] = batch_size
+        _plan_keys(out, manifest, len(chunks), ranks.world, cfg)
+    manifest = _sync(out, manifest, ranks)
+    step = manifest["steps"]["keys"]
+    if ranks.world == 1:
+        record, first, end = step, int(step["chunks_done"]), len(chunks)
+        save = lambda: write_manifest(out, manifest)  # noqa: E731
     else:
-        check_npy(keys_path, np.float16, (n, dim), "keys")
-        _say(cfg, f"resuming keys at chunk {done}/{len(chunks)} (position {step['positions_done']}/{n})")
-    keys = np.load(keys_path, mmap_mode="r+")
-    step.update(status="running", batch_size=batch_size, chunks_total=len(chunks), chunks_done=done,
-                positions_done=int(chunks[done - 1][-1, 1]) if done else 0)
-    write_manifest(out, manifest)
-
-    seconds = float(step.get("seconds", 0.0))
-    first = step["positions_done"]
+        shard_file = _key_shard_file(out, ranks.rank)
+        (a, end), record = step["shards"][ranks.rank], read_json_object(shard_file, "keys shard progress", DatastoreError)
+        first = a + int(record["chunks_done"])
+        save = lambda: atomic_write_json(shard_file, record)  # noqa: E731
     t0 = time.perf_counter()
-    with capture, tqdm(total=n, initial=first, desc="keys", unit="tok", disable=not cfg.progress, leave=False) as bar:
-        for ci in range(done, len(chunks)):
-            batch = chunks[ci]
-            p0, p1 = int(batch[0, 2]), int(batch[-1, 1])
-            keys[p0:p1] = window_keys(model, stream, batch, capture, device, manifest.get("prefix_token"))
-            keys.flush()
-            step.update(chunks_done=ci + 1, positions_done=p1, seconds=round(seconds + time.perf_counter() - t0, 3))
-            write_manifest(out, manifest)
-            bar.update(p1 - p0)
-            if on_chunk is not None:
-                on_chunk("keys", ci)
-    elapsed = time.perf_counter() - t0
-    del keys
-    step.update(status="done", seconds=round(seconds + elapsed, 3),
-                tokens_per_s=round((n - first) / max(elapsed, 1e-9), 1))
+    _compute_keys(keys_path, chunks, (first, end), model, tokens, capture, record, save, on_chunk,
+                              manifest.get("prefix_token"), device, cfg.progress and ranks.main)
+    manifest = _sync(out, manifest, ranks)
+    if ranks.main:
+        _finish_keys(out, manifest, time.perf_counter() - t0)
+    return manifest
+
+
+def _compute_keys(keys_path: Path, chunks: list[np.ndarray], span: tuple[int, int], model, tokens: np.ndarray,
+                  capture: FFNInputCapture, record: dict, save, on_chunk, prefix: int | None, device: str,
+                  progress: bool) -> None:
+    """The keys loop over chunks ``span`` = [first, end): each chunk's keys written at their rows,
+    synced, then counted in ``record`` (``chunks_done``, ``seconds``) and ``save()``d; at the end
+    ``positions`` (computed in this run) and ``tokens_per_s``."""
+    first, end = span
+    done0, seconds, t0 = int(record["chunks_done"]), float(record.get("seconds", 0.0)), time.perf_counter()
+    offset = np.load(keys_path, mmap_mode="r").offset
+    row_bytes = np.load(keys_path, mmap_mode="r").shape[1] * 2
+    total = sum(int(c[-1, 1] - c[0, 2]) for c in chunks[first:end])
+    fd = os.open(keys_path, os.O_RDWR)
+    try:
+        with capture, tqdm(total=total, desc="keys", unit="tok", disable=not progress, leave=False) as bar:
+            for ci in range(first, end):
+                batch = chunks[ci]
+                p0, p1 = int(batch[0, 2]), int(batch[-1, 1])
+                _pwrite_all(fd, window_keys(model, tokens, batch, capture, device, prefix).tobytes(), offset + p0 * row_bytes)
+                os.fsync(fd)
+                record.update(chunks_done=done0 + ci - first + 1, positions_done=p1,
+                              seconds=round(seconds + time.perf_counter() - t0, 3))
+                save()
+                bar.update(p1 - p0)
+                if on_chunk is not None:
+                    on_chunk("keys", ci)
+    finally:
+        os.close(fd)
+    record.update(positions=total, tokens_per_s=round(total / max(time.perf_counter() - t0, 1e-9), 1))
+    save()
+
+
+def _finish_keys(out: Path, manifest: dict, elapsed: float) -> None:
+    """Rank 0, once every shard is done: the keys step recorded as done, shard progress removed.
+    ``elapsed``: this run's wall time of the keys loop (all shards)."""
+    step = manifest["steps"]["keys"]
+    shards = step.pop("shards", None)
+    if shards:
+        records = [read_json_object(_key_shard_file(out, i), "keys shard progress", DatastoreError) for i in range(len(shards))]
+        step.update(processes=len(shards), chunks_done=step["chunks_total"],
+                    shard_tokens_per_s=[r.get("tokens_per_s") for r in records],
+                    shard_positions=[int(r.get("positions", 0)) for r in records],
+                    tokens_per_s=round(sum(int(r.get("positions", 0)) for r in records) / max(elapsed, 1e-9), 1),
+                    seconds=round(float(step.get("seconds", 0.0)) + elapsed, 3))
+    step["status"] = "done"
     write_manifest(out, manifest)
+    for i in range(len(shards or [])):
+        _key_shard_file(out, i).unlink(missing_ok=True)
 
 
 # --- step 2: index ---------------------------------------------------------------------------
@@ -458,88 +672,212 @@ def _blockwise(rows):
     return joined
 
 
-def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk) -> None:
-    """Step 3: every position's kNN target row, appended chunk by chunk to the CSR files, resumable."""
-    n = manifest["n_keys"]
-    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
-    step = manifest["steps"]["targets"]
+def _target_shard_dir(out: Path, shard: int) -> Path:
+    return out / TARGETS_DIR / f"shard-{shard}"
+
+
+def _fresh_target_record() -> dict:
+    return {"rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0, "empty_slots": 0, "seconds": 0.0}
+
+
+def _plan_targets(out: Path, manifest: dict, cfg: DatastoreConfig, want: dict, index, world: int) -> None:
+    """Rank 0: keep a running targets step begun with the same settings and process count, or
+    start afresh (with ``world`` > 1: one range of positions per process, each with its own CSR
+    folder ``targets/shard-i`` and progress file, merged in order at the end)."""
+    n, step = manifest["n_keys"], manifest["steps"]["targets"]
     same = all(step.get(key) == value for key, value in want.items())
-    folder = out / TARGETS_DIR
-    if step.get("status") == "done" and same:
-        check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
-        check_npy(folder / "token_ids.npy", np.int32, (step["nnz"],), "target token ids")
-        check_npy(folder / "probs.npy", np.float16, (step["nnz"],), "target probabilities")
-        return
-    set_num_threads(cfg.threads)
-    index = load_index(out / "index.faiss")
     if step.get("status") in ("done", "running") and not same:
         changed = ", ".join(f"{key} {step.get(key)!r} -> {value!r}" for key, value in want.items() if step.get(key) != value)
         _say(cfg, f"rebuilding the kNN targets: {changed}")
-    if not (step.get("status") == "running" and same):
-        step = {"status": "running", **want, "nprobe": cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None,
-                "search_batch": cfg.search_batch, "rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0,
-                "empty_slots": 0, "seconds": 0.0}
-        manifest["steps"]["targets"] = step
-        write_manifest(out, manifest)
+    plan = shard_bounds(0, n, world, SEARCH_BLOCK) if world > 1 else None  # aligned: the same search blocks as one process
+    if step.get("status") == "running" and same and step.get("shards") == plan:
+        return
+    if step.get("status") == "running" and same:
+        _say(cfg, f"the targets were begun by {len(step.get('shards') or [0])} processes, resumed by {world}: starting them again")
+    for old in (out / TARGETS_DIR).glob("shard-*"):
+        shutil.rmtree(old)
+    step = {"status": "running", **want, "nprobe": cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None,
+            "search_batch": cfg.search_batch, **_fresh_target_record()}
+    if plan:
+        step.update(shards=plan, merged=0)
+        for i in range(world):
+            _target_shard_dir(out, i).mkdir(parents=True)
+            atomic_write_json(_target_shard_dir(out, i) / "progress.json", _fresh_target_record())
+    manifest["steps"]["targets"] = step
+    write_manifest(out, manifest)
+
+
+def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ranks: Ranks) -> dict:
+    """Step 3: every position's kNN target row, appended chunk by chunk to the CSR files, resumable.
+    Each rank searches its range of positions into its own CSR shard; rank 0 then merges them into
+    the one CSR a single process writes, byte for byte. Returns the manifest every rank holds."""
+    n = manifest["n_keys"]
+    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
+    step = manifest["steps"]["targets"]
+    folder = out / TARGETS_DIR
+    if step.get("status") == "done" and all(step.get(key) == value for key, value in want.items()):
+        check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
+        check_npy(folder / "token_ids.npy", np.int32, (step["nnz"],), "target token ids")
+        check_npy(folder / "probs.npy", np.float16, (step["nnz"],), "target probabilities")
+        return manifest
+    set_num_threads(_default_threads(cfg, ranks))
+    index = load_index(out / "index.faiss")
+    if ranks.main:
+        _plan_targets(out, manifest, cfg, want, index, ranks.world)
+    manifest = _sync(out, manifest, ranks)
+    step = manifest["steps"]["targets"]
     keys, values = np.load(out / "keys.npy", mmap_mode="r"), np.load(out / "values.npy")
     if isinstance(index, TorchFlatIndex):
         target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
     else:
         target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
-    _append_target_rows(out, manifest, cfg, target_rows, on_chunk)
+    batch, show = int(step["search_batch"]), cfg.progress and ranks.main
+    t0 = time.perf_counter()
+    if ranks.world == 1:
+        first = int(step["rows_done"])
+        _append_target_rows(folder, step, (0, n), batch, target_rows, lambda: write_manifest(out, manifest), on_chunk, show)
+    elif ranks.rank >= int(step.get("merged", 0)):  # a merged shard is done
+        shard = _target_shard_dir(out, ranks.rank)
+        record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
+        _append_target_rows(shard, record, tuple(step["shards"][ranks.rank]), batch, target_rows,
+                            lambda: atomic_write_json(shard / "progress.json", record), on_chunk, show)
+    manifest = _sync(out, manifest, ranks)
+    if ranks.main:
+        if ranks.world > 1:
+            first = 0
+            _merge_target_shards(out, manifest, cfg)
+        _finish_targets(out, manifest, n - first, time.perf_counter() - t0)
+    return manifest
 
 
-def _open_target_files(folder: Path, step: dict, n: int, cfg: DatastoreConfig):
-    """(offsets memmap [N+1], token id appender, probability appender), cut back to ``rows_done``."""
+def _open_target_files(folder: Path, record: dict, rows: int):
+    """(offsets memmap [rows+1], token id appender, probability appender), cut back to ``rows_done``."""
     folder.mkdir(exist_ok=True)
-    rows_done, nnz = int(step["rows_done"]), int(step["nnz"])
+    rows_done, nnz = int(record["rows_done"]), int(record["nnz"])
     offsets_path = folder / "offsets.npy"
     if rows_done == 0:
         tmp = folder / ".offsets.npy.tmp"
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n + 1,)).flush()
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(rows + 1,)).flush()
         os.replace(tmp, offsets_path)
     else:
-        check_npy(offsets_path, np.int64, (n + 1,), "target offsets")
-        _say(cfg, f"resuming targets at position {rows_done}/{n}")
+        check_npy(offsets_path, np.int64, (rows + 1,), "target offsets")
     return (np.load(offsets_path, mmap_mode="r+"), NpyAppender(folder / "token_ids.npy", np.int32, nnz),
             NpyAppender(folder / "probs.npy", np.float16, nnz))
 
 
-def _append_target_rows(out: Path, manifest: dict, cfg: DatastoreConfig, target_rows, on_chunk) -> None:
-    """The targets loop: each chunk of ``search_batch`` rows appended, flushed, then recorded."""
-    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
-    offsets, token_ids, probs = _open_target_files(folder, step, n, cfg)
-    rows_done, nnz, batch = int(step["rows_done"]), int(step["nnz"]), int(step["search_batch"])
-    seconds, first, t0 = float(step["seconds"]), rows_done, time.perf_counter()
-    with tqdm(total=n, initial=rows_done, desc="targets", unit="tok", disable=not cfg.progress, leave=False) as bar:
-        for r0 in range(rows_done, n, batch):
-            r1 = min(r0 + batch, n)
+def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch: int, target_rows, save,
+                        on_chunk, progress: bool) -> None:
+    """The targets loop over positions ``span`` = [a, b): each chunk of ``batch`` rows appended to
+    the CSR files in ``folder`` (offsets relative to row a), flushed, then counted in ``record``
+    (``rows_done`` from a, ``nnz``, sums of the statistics) and ``save()``d."""
+    (a, b), seconds, t0 = span, float(record["seconds"]), time.perf_counter()
+    offsets, token_ids, probs = _open_target_files(folder, record, b - a)
+    if record["rows_done"] and progress:
+        print(f"memdec datastore: resuming targets at position {a + int(record['rows_done'])}/{b}", file=sys.stderr, flush=True)
+    nnz = int(record["nnz"])
+    with tqdm(total=b - a, initial=int(record["rows_done"]), desc="targets", unit="tok", disable=not progress, leave=False) as bar:
+        for r0 in range(a + int(record["rows_done"]), b, batch):
+            r1 = min(r0 + batch, b)
             (off, tok, prob, kept), self_missing, empty_slots = target_rows(r0, r1)
-            offsets[r0 + 1 : r1 + 1] = nnz + off[1:]
+            offsets[r0 - a + 1 : r1 - a + 1] = nnz + off[1:]
             offsets.flush()
             token_ids.append(tok)
             probs.append(prob.astype(np.float16))
             token_ids.flush()
             probs.flush()
             nnz += len(tok)
-            step.update(rows_done=r1, nnz=nnz, kl_sum=step["kl_sum"] - float(np.log(kept).sum()),
-                        self_missing=step["self_missing"] + self_missing,
-                        empty_slots=step["empty_slots"] + empty_slots,
-                        seconds=round(seconds + time.perf_counter() - t0, 3))
-            write_manifest(out, manifest)
+            record.update(rows_done=r1 - a, nnz=nnz, kl_sum=record["kl_sum"] - float(np.log(kept).sum()),
+                          self_missing=record["self_missing"] + self_missing,
+                          empty_slots=record["empty_slots"] + empty_slots,
+                          seconds=round(seconds + time.perf_counter() - t0, 3))
+            save()
             bar.update(r1 - r0)
             if on_chunk is not None:
                 on_chunk("targets", r0 // batch)
-    elapsed = time.perf_counter() - t0
     token_ids.close()
     probs.close()
-    support = np.diff(np.asarray(offsets))
-    del offsets
+    record["rows_per_s"] = round((b - a) / max(float(record["seconds"]), 1e-9), 1)
+    save()
+
+
+MERGE_ROWS = 1 << 22  # rows (and entries) copied at a time when shards are merged
+
+
+def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
+    """Rank 0: append the CSR shards, in order, to ``targets/``, shifting each shard's offsets by
+    the entries before it. Each merged shard is recorded, then deleted, so a merge resumes where
+    it stopped and the disk holds at most one shard twice."""
+    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
+    merged, nnz = int(step["merged"]), int(step["nnz"])
+    _say(cfg, f"merging {len(step['shards'])} target shards")
+    for i in range(merged):  # recorded as merged, but the run stopped before deleting it
+        shutil.rmtree(_target_shard_dir(out, i), ignore_errors=True)
+    offsets, token_ids, probs = _open_target_files(folder, {"rows_done": merged, "nnz": nnz}, n)
+    for i in range(merged, len(step["shards"])):
+        (a, b), shard = step["shards"][i], _target_shard_dir(out, i)
+        record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
+        check_npy(shard / "offsets.npy", np.int64, (b - a + 1,), "target offsets")
+        local = np.load(shard / "offsets.npy", mmap_mode="r")
+        for r0 in range(0, b - a, MERGE_ROWS):
+            offsets[a + r0 + 1 : a + min(r0 + MERGE_ROWS, b - a) + 1] = nnz + local[r0 + 1 : r0 + MERGE_ROWS + 1]
+        for name, sink, dtype in (("token_ids.npy", token_ids, np.int32), ("probs.npy", probs, np.float16)):
+            check_npy(shard / name, dtype, (int(record["nnz"]),), f"target shard {i}")
+            part = np.load(shard / name, mmap_mode="r")
+            for e0 in range(0, len(part), MERGE_ROWS):
+                sink.append(part[e0 : e0 + MERGE_ROWS])
+        offsets.flush()
+        token_ids.flush()
+        probs.flush()
+        nnz += int(record["nnz"])
+        step.update(merged=i + 1, nnz=nnz, rows_done=b, kl_sum=step["kl_sum"] + record["kl_sum"],
+                    self_missing=step["self_missing"] + record["self_missing"],
+                    empty_slots=step["empty_slots"] + record["empty_slots"])
+        step.setdefault("shard_rows_per_s", []).append(record.get("rows_per_s"))
+        write_manifest(out, manifest)
+        shutil.rmtree(shard)
+    token_ids.close()
+    probs.close()
+
+
+SUPPORT_PERCENTILES = (0, 10, 50, 90, 99, 100)
+
+
+def support_stats(offsets: np.ndarray, chunk: int = MERGE_ROWS) -> tuple[float, dict[str, float]]:
+    """(mean, percentiles ``SUPPORT_PERCENTILES``) of the row lengths of CSR ``offsets`` [N+1],
+    read chunk by chunk into a histogram: the values ``np.percentile`` gives (linear
+    interpolation), without an N-sized array in memory."""
+    n = len(offsets) - 1
+    counts = np.zeros(1, dtype=np.int64)
+    for r0 in range(0, n, chunk):
+        part = np.bincount(np.diff(np.asarray(offsets[r0 : r0 + chunk + 1])))
+        counts = np.pad(counts, (0, max(0, len(part) - len(counts))))
+        counts[: len(part)] += part
+    below = np.cumsum(counts)  # below[v]: rows of length <= v
+
+    def value(i: int) -> int:  # the i-th smallest length
+        return int(np.searchsorted(below, i, side="right"))
+
+    def percentile(q: float) -> float:
+        pos = q / 100 * (n - 1)
+        lo = int(np.floor(pos))
+        a, b = value(lo), value(min(lo + 1, n - 1))
+        return float(a + (b - a) * (pos - lo))
+
+    return float(offsets[-1] - offsets[0]) / n, {f"p{q}": percentile(q) for q in SUPPORT_PERCENTILES}
+
+
+def _finish_targets(out: Path, manifest: dict, searched: int, elapsed: float) -> None:
+    """Rank 0: the targets step recorded as done, with statistics of the rows (``searched``
+    positions searched by this run in ``elapsed`` seconds)."""
+    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
+    mean_support, percentiles = support_stats(np.load(folder / "offsets.npy", mmap_mode="r"))
     target_bytes = sum((folder / f).stat().st_size for f in ("offsets.npy", "token_ids.npy", "probs.npy"))
-    step.update(status="done", mean_support=round(float(support.mean()), 3),
-                support_percentiles={f"p{q}": float(np.percentile(support, q)) for q in (0, 10, 50, 90, 99, 100)},
+    if shards := step.pop("shards", None):
+        step.update(processes=len(shards), seconds=round(step["seconds"] + elapsed, 3))
+        step.pop("merged", None)
+    step.update(status="done", mean_support=round(mean_support, 3), support_percentiles=percentiles,
                 kl_truncation_mean=step["kl_sum"] / n, bytes_per_token=round(target_bytes / n, 2),
-                rows_per_s=round((n - first) / max(elapsed, 1e-9), 1))
+                rows_per_s=round(searched / max(elapsed, 1e-9), 1))
     write_manifest(out, manifest)
 
 
@@ -558,22 +896,22 @@ def _with_target_defaults(cfg: DatastoreConfig, out: Path) -> DatastoreConfig:
 
 
 
-def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
-    """Build (or resume, or update) the datastore ``cfg.out``; returns its path.
-
-    ``on_chunk(step, chunk_index)`` is called after each chunk of the keys and targets steps has
-    been written and recorded (used by tests to simulate an interruption).
-    Raises DatastoreError on bad input, before anything already written is touched.
-    """
-    _check_config(cfg)
-    out = Path(cfg.out).expanduser()
-    cfg = _with_target_defaults(cfg, out)
-    tokenizer = load_tokenizer(cfg.model)
-    tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
-    n = len(tokens) - 1
-    if cfg.k >= n:
-        raise DatastoreError(f"--k {cfg.k} must be smaller than the number of keys N={n}: "
-                             f"each position needs k neighbours besides itself")
+def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> dict:
+    """Rank 0: stream the corpus's tokens into the folder, check them against (or start) the manifest."""
+    _check_out_folder(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        tokens = stream_tokens_to_file(cfg.corpus, tokenizer, out / TOKENS_TMP, cfg.max_tokens, cfg.text_field)
+        n = len(tokens) - 1
+        if cfg.k >= n:
+            raise DatastoreError(f"--k {cfg.k} must be smaller than the number of keys N={n}: "
+                                 f"each position needs k neighbours besides itself")
+    except BaseException:  # bad input: leave the folder as it was
+        (out / TOKENS_TMP).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
+        raise
     identity = {
         "model": cfg.model, "tokenizer_hash": tokenizer_fingerprint(tokenizer), "corpus": cfg.corpus,
         "corpus_hash": token_stream_hash(tokens), "text_field": cfg.text_field, "n_keys": n,
@@ -581,14 +919,39 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     }
     if (prefix := bos_prefix(tokenizer)) is not None:  # recorded only where there is one: other manifests stay as they were
         identity["prefix_token"] = prefix
-    manifest = _open_manifest(out, identity, tokens)
-    _keys_step(out, manifest, cfg, tokens, on_chunk)
-    _index_step(out, manifest, cfg)
-    _targets_step(out, manifest, cfg, on_chunk)
-    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
-             if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
-    manifest["disk"] = {"files": files, "bytes_per_token": round(sum(files.values()) / n, 2)}
-    write_manifest(out, manifest)
+    del tokens
+    return _open_manifest(out, identity, out / TOKENS_TMP)
+
+
+def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
+    """Build (or resume, or update) the datastore ``cfg.out``; returns its path.
+
+    Under ``accelerate launch`` / ``torchrun`` every process runs this: rank 0 tokenizes the corpus
+    and builds the index; the keys and the targets are split among the ranks (``_keys_step``,
+    ``_targets_step``), and rank 0 records each step once every rank is done.
+    ``on_chunk(step, chunk_index)`` is called after each chunk of the keys and targets steps has
+    been written and recorded (used by tests to simulate an interruption).
+    Raises DatastoreError on bad input, before anything already written is touched.
+    """
+    _check_config(cfg)
+    out = Path(cfg.out).expanduser()
+    cfg = _with_target_defaults(cfg, out)
+    ranks = launched_ranks(resolve_device(cfg.device))
+    tokenizer = load_tokenizer(cfg.model)
+    manifest = _sync(out, _prepare(out, cfg, tokenizer) if ranks.main else {}, ranks)
+    tokens = np.load(out / "tokens.npy", mmap_mode="r")
+    manifest = _keys_step(out, manifest, cfg, tokens, on_chunk, ranks)
+    if ranks.main:
+        _index_step(out, manifest, cfg)
+    manifest = _sync(out, manifest, ranks)
+    manifest = _targets_step(out, manifest, cfg, on_chunk, ranks)
+    if ranks.main:
+        n = manifest["n_keys"]
+        files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+                 if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
+        manifest["disk"] = {"files": files, "bytes_per_token": round(sum(files.values()) / n, 2)}
+        write_manifest(out, manifest)
+    ranks.barrier()
     return out
 
 
