@@ -43,7 +43,7 @@ def dense_run(model, batch, alpha, base=None, beta=0.0):
     return (loss.detach(), kl, ce), grads(model)
 
 
-def chunked_run(model, batch, alpha, budget, base=None, beta=0.0):
+def chunked_run(model, batch, alpha, budget, base=None, beta=0.0, keep=0):
     probe = batch["input_ids"][:1, :8]
     head = lm_head(model, probe)
     assert head is not None
@@ -53,7 +53,7 @@ def chunked_run(model, batch, alpha, budget, base=None, beta=0.0):
         with torch.no_grad():
             teacher = (last_hidden(base, batch["input_ids"], P_WINDOW), lm_head(base, probe))
     loss, kl, ce = head_kl_ce_loss(hidden, head, batch["labels"].reshape(-1), *targets_of(batch, alpha), alpha,
-                                   teacher, beta, budget=budget)
+                                   teacher, beta, budget=budget, keep=keep)
     loss.backward()
     return (loss.detach(), kl, ce), grads(model)
 
@@ -68,14 +68,15 @@ def assert_same(dense, chunked):
 
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("gpt2", True), ("gemma3", True)])
 @pytest.mark.parametrize("alpha,with_targets", [(0.0, False), (0.0, True), (0.5, True), (1.0, True)])
-@pytest.mark.parametrize("rows_per_chunk", [5, None])  # 72 positions in 15 chunks, or one chunk kept for backward
-def test_chunked_equals_full_logits(tokenizer, arch, tied, alpha, with_targets, rows_per_chunk):
+# 72 positions in 15 chunks or in one; their logits recomputed in backward (keep=0) or kept
+@pytest.mark.parametrize("rows_per_chunk,keep", [(5, 0), (5, None), (None, 0)])
+def test_chunked_equals_full_logits(tokenizer, arch, tied, alpha, with_targets, rows_per_chunk, keep):
     model = tiny_model(arch, tokenizer, tie_word_embeddings=tied)
     vocab = model.config.vocab_size
     batch = batch_of(vocab, with_targets=with_targets)
     budget = rows_per_chunk * 4 * vocab if rows_per_chunk else None
     dense = dense_run(model, batch, alpha)
-    chunked = chunked_run(model, batch, alpha, budget)
+    chunked = chunked_run(model, batch, alpha, budget, keep=keep)
     assert_same(dense, chunked)
     embed = model.get_input_embeddings().weight
     assert (model.get_output_embeddings().weight is embed) == tied
@@ -124,15 +125,16 @@ def test_head_that_is_not_reproducible_is_refused(tokenizer):
 
 
 def test_training_chunked_equals_training_on_full_logits(store, tmp_path, monkeypatch, tokenizer):
-    """Two steps through ``train``: chunked (several chunks), one kept chunk, and the full logits."""
+    """Two steps through ``train``: several chunks recomputed in backward, one chunk kept, and the full logits."""
     cfg = dict(datastore=str(store), max_steps=2, batch_size=2, block_size=32, lr=1e-3, warmup=1, save_every=2, seed=0)
-    patches = {"chunks": (memdec.loss, "LOGITS_BUDGET_BYTES", 7 * 4 * len(tokenizer)), "one": None,
-               "logits": (memdec.train, "lm_head", lambda model, probe: None)}
+    patches = {"chunks": [(memdec.loss, "LOGITS_BUDGET_BYTES", 7 * 4 * len(tokenizer)), (memdec.loss, "KEEP_LOGITS_BYTES", 0)],
+               "one": [],
+               "logits": [(memdec.train, "lm_head", lambda model, probe: None)]}
     runs = {}
     for name, patch in patches.items():
         with monkeypatch.context() as m:
-            if patch is not None:
-                m.setattr(*patch)
+            for target in patch:
+                m.setattr(*target)
             out = train(TrainConfig(out=str(tmp_path / name), **cfg))
         runs[name] = (load_file(out / "model.safetensors"),
                       [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()])

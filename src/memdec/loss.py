@@ -5,10 +5,12 @@
   under Gemma 3's 262,144-token vocabulary.
 - ``head_kl_ce_loss(hidden, head, ...)``: from the decoder's final hidden states [P, d] and its
   LM head. It applies the head to a chunk of positions at a time, so that a chunk's fp32 logits
-  stay under ``LOGITS_BUDGET_BYTES``, and recomputes each chunk's logits in backward; nothing of
-  size P·V is ever held. With one chunk (a small vocabulary), the logits are kept for backward
-  instead of recomputed, so that case costs no extra matmul. The teacher's base-model part
-  (β > 0) is chunked the same way, from the base model's hidden states and head.
+  stay under ``LOGITS_BUDGET_BYTES``, and recomputes each chunk's logits in backward, so that
+  nothing of size P·V is held. Where P·V·4 bytes fit ``KEEP_LOGITS_BYTES`` (a small vocabulary:
+  SmolLM2's 49,152 tokens at 4×512 positions take 384 MiB), the chunks' logits are kept for
+  backward instead, so that case costs no extra matmul and still holds one chunk's gradient only.
+  The teacher's base-model part (β > 0) is chunked the same way, from the base model's hidden
+  states and head.
 
 Both give the same loss and gradients (up to fp32 summation order); the hand-written backward is
 dL/dz = ((α·s + 1−α)·softmax(z) − α·(1−β)·p_scatter − α·β·p_base − (1−α)·onehot) / P, where
@@ -30,6 +32,7 @@ from .checks import check_unit_interval
 from .errors import MemdecError
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # a chunk's fp32 logits stay under this
+KEEP_LOGITS_BYTES = 2**30  # all chunks' logits kept for backward (no recompute) when they total at most this
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,11 +238,13 @@ def sparse_kl_ce_loss(
 @dataclass
 class _Plan:
     """How ``_HeadKLCE`` runs: the head (and the teacher's base hidden states [P, d_b] and head,
-    when β > 0), the matmuls' dtype, and the positions per chunk."""
+    when β > 0), the matmuls' dtype, the positions per chunk, and up to how many bytes of logits
+    are kept for backward rather than recomputed."""
 
     head: LMHead
     dtype: torch.dtype
     rows: int
+    keep: int
     teacher_hidden: torch.Tensor | None = None
     teacher_head: LMHead | None = None
 
@@ -266,7 +271,7 @@ class _HeadKLCE(torch.autograd.Function):
         base = plan.teacher_head.cast(plan.dtype) if beta > 0 else None
         lse = torch.empty(n, device=hidden.device)
         sums = torch.zeros(3, device=hidden.device)  # Σ CE, Σ t·log q, Σ t·log t
-        kept = None
+        kept = [] if n * head.weight.shape[0] * 4 <= plan.keep else None
         with torch.autocast(hidden.device.type, enabled=False):
             for i, (s, e) in enumerate(chunks):
                 z = head.logits(hidden[s:e])
@@ -274,7 +279,8 @@ class _HeadKLCE(torch.autograd.Function):
                 lse[s:e], *parts = _chunk_forward(z, labels[s:e], targets.rows[a:b] - s, targets.ids[a:b],
                                                   targets.knn[a:b], plan.base_probs(base, s, e), beta)
                 sums += torch.stack(parts)
-                kept = z if len(chunks) == 1 else None  # one chunk: keep it rather than recompute it
+                if kept is not None:
+                    kept.append(z)
         ctx.save_for_backward(hidden, lse, labels)
         ctx.kept, ctx.targets, ctx.alpha, ctx.beta, ctx.plan, ctx.edges = kept, targets, alpha, beta, plan, edges
         ctx.has_bias = bias is not None
@@ -291,15 +297,18 @@ class _HeadKLCE(torch.autograd.Function):
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
+        kept, ctx.kept = ctx.kept, None  # used up here: a second backward recomputes
         with torch.autocast(hidden.device.type, enabled=False):
             for i, (s, e) in enumerate(plan.chunks(n)):
-                z = ctx.kept if ctx.kept is not None else head.logits(hidden[s:e])
+                z = kept[i] if kept is not None else head.logits(hidden[s:e])
+                if kept is not None:
+                    kept[i] = None
                 softcap = head.softcap
                 deriv = 1 - (z / softcap) ** 2 if softcap is not None else None  # d z / d u under soft-capping
                 a, b = ctx.edges[i], ctx.edges[i + 1]
                 mass = t.mass[s:e] if t.mass is not None else None
                 g = _chunk_grad(z, lse[s:e], mass, labels[s:e], t.rows[a:b] - s, t.ids[a:b], t.knn[a:b],
-                                plan.base_probs(base, s, e), alpha, beta, inplace=ctx.kept is None)
+                                plan.base_probs(base, s, e), alpha, beta, inplace=True)
                 g.mul_(grad_loss / n)
                 if deriv is not None:
                     g.mul_(deriv)
@@ -310,7 +319,6 @@ class _HeadKLCE(torch.autograd.Function):
                     grad_h[s:e] = (g @ head.weight).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += (g.T @ hidden[s:e].to(plan.dtype)).float()
-        ctx.kept = None
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(plan.head.bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -327,13 +335,15 @@ def head_kl_ce_loss(
     teacher: tuple[torch.Tensor, LMHead] | None = None,
     beta: float = 0.0,
     budget: int | None = None,
+    keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_kl_ce_loss`` of the logits ``head`` gives on ``hidden``, never holding them whole.
 
     hidden: [P, d] the decoder's final hidden states; head: its ``LMHead`` (gradients reach its
     weight and bias, and through ``hidden`` the rest of the model). teacher: (the base model's
     final hidden states [P, d_b], its LMHead), needed when β > 0. Positions go through in chunks
-    whose fp32 logits fit ``budget`` bytes (default ``LOGITS_BUDGET_BYTES``). Under autocast, the head's matmuls run in the
+    whose fp32 logits fit ``budget`` bytes (default ``LOGITS_BUDGET_BYTES``); the logits are
+    recomputed in backward unless all of them fit ``keep`` bytes (default ``KEEP_LOGITS_BYTES``). Under autocast, the head's matmuls run in the
     autocast dtype, as the model's own head would. Returns (loss, kl, ce) as ``sparse_kl_ce_loss``.
     """
     beta = _check_teacher(alpha, beta, teacher)
@@ -341,6 +351,6 @@ def head_kl_ce_loss(
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
     targets = _Targets.build(n, target_rows, target_ids, target_probs, alpha, beta, device)
     plan = _Plan(head, dtype, chunk_rows(head.weight.shape[0], budget or LOGITS_BUDGET_BYTES),
-                 teacher[0].detach() if beta > 0 else None, teacher[1] if beta > 0 else None)
+                 KEEP_LOGITS_BYTES if keep is None else keep, teacher[0].detach() if beta > 0 else None, teacher[1] if beta > 0 else None)
     loss, kl, ce = _HeadKLCE.apply(hidden, head.weight, head.bias, labels, targets, float(alpha), beta, plan)
     return loss, kl.detach(), ce.detach()
