@@ -317,8 +317,12 @@ class _HeadKLCE(torch.autograd.Function):
                 g = g.to(plan.dtype)
                 if grad_h is not None:
                     grad_h[s:e] = (g @ head.weight).to(hidden.dtype)
-                if grad_w is not None:
-                    grad_w += (g.T @ hidden[s:e].to(plan.dtype)).float()
+                if grad_w is not None:  # accumulated in place: no second weight-sized buffer in fp32
+                    h = hidden[s:e].to(plan.dtype)
+                    if g.dtype == grad_w.dtype:
+                        grad_w.addmm_(g.T, h)
+                    else:
+                        grad_w.add_(g.T @ h)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(plan.head.bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
