@@ -142,3 +142,23 @@ def test_training_chunked_equals_training_on_full_logits(store, tmp_path, monkey
         np.testing.assert_allclose(runs[name][1], runs["logits"][1], rtol=1e-5)
         for key, value in runs["logits"][0].items():
             torch.testing.assert_close(runs[name][0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_lora_wrapped_model(tokenizer):
+    """Under LoRA the head is frozen (no weight gradient is made) and the adapters' gradients match;
+    adapters on the head itself make it one the chunked loss cannot reproduce."""
+    pytest.importorskip("peft")
+    from memdec.baselines import BaselineConfig, add_lora
+
+    lora = add_lora(tiny_model("llama", tokenizer), BaselineConfig(datastore="ds", out="o", method="lora", alpha=0.0))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))  # B = 0 would hide a wrong gradient
+    batch = batch_of(lora.config.vocab_size, with_targets=False)
+    dense, chunked = dense_run(lora, batch, 0.0), chunked_run(lora, batch, 0.0, 7 * 4 * lora.config.vocab_size)
+    assert_same(dense, chunked)
+    assert dense[1] and all("lora_" in name for name in chunked[1])
+    on_head = add_lora(tiny_model("llama", tokenizer), BaselineConfig(datastore="ds", out="o", method="lora", alpha=0.0,
+                                                                      lora_targets=["lm_head", "q_proj"]))
+    assert lm_head(on_head, batch["input_ids"][:1, :8]) is None
