@@ -5,13 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import memdec.scoring
 from memdec.data import load_token_stream
 from memdec.evaluate import make_row
 from memdec.scoring import base_scorer, score_tokens, target_logprobs
 from memdec.testing import tiny_model
 
 
-def test_target_logprobs_matches_log_softmax():
+@pytest.mark.parametrize("budget_rows", [None, 1, 4])  # the logsumexp in one chunk, or in chunks of 1 and 4 rows
+def test_target_logprobs_matches_log_softmax(monkeypatch, budget_rows):
+    if budget_rows:
+        monkeypatch.setattr(memdec.scoring, "LSE_BUDGET_BYTES", budget_rows * 4 * 50)
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 50) * 5
     targets = torch.randint(0, 50, (3, 7))

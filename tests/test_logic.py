@@ -66,6 +66,20 @@ def test_stage_fingerprints_are_pinned():
         "tasks": "5eebe2fddd93"}
 
 
+def test_transfer_stage_fingerprint_is_pinned(tmp_path):
+    """--transfer-from adds SRC's memdec.json hash, the budget and the init to the train stage (and so
+    to the stages after it); the datastore and the baselines keep the fingerprints of a plain run."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "memdec.json").write_text('{"base_model": "smollm2-135m", "lambda": 0.3}\n')
+    got = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig(transfer_from=str(src)))).items()}
+    assert got == {"datastore": "888fc130e5e8", "train": "0ac439d593c5", "ce-decoder": "dcc9f4db2500",
+                   "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "065c2e7b4e23", "samples": "71a0bc659e54",
+                   "tasks": "dace3f4a3348"}
+    other = AdaptConfig(transfer_from=str(src), transfer_init="random", transfer_budget=0.1)
+    assert _fingerprint(stage_inputs(resolve_settings(other))["train"]) == "cf7a7065cd76"
+
+
 def fake_run(root, baselines=("dapt",)):
     (root / "memdec").mkdir(parents=True)
     (root / "memdec" / "memdec.json").write_text("{}")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.checkpoint import write_memdec_json
+from memdec.adapt import AdaptConfig, adapt
+from memdec.checkpoint import read_memdec_json, write_memdec_json
 from memdec.cli import main
 from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.errors import MemdecError
@@ -14,7 +15,7 @@ from memdec.joint import MemoryDecoderModel
 from memdec.models import load_model, tokenizer_fingerprint
 from memdec.scoring import base_scorer, score_tokens
 from memdec.testing import save_tiny_model, tiny_model, tiny_tokenizer
-from memdec.transfer import TransferConfig, build_mapping, mapped_rows, transfer, transfer_model
+from memdec.transfer import TransferConfig, build_mapping, mapped_rows, source_fingerprint, transfer, transfer_model
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,64 @@ def test_cli(tmp_path, source, new_base, capsys):
     assert rc == 0 and "transferred memory decoder" in capsys.readouterr().out
     assert main(["transfer", "--decoder", str(tmp_path), "--model", str(base), "--datastore", str(ds),
                  "--out", str(tmp_path / "d"), "--max-steps", "1"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# memdec adapt --transfer-from
+
+
+def adapt_cfg(source, new_base, out, **kw):
+    base, _ = new_base
+    settings = dict(model=str(base), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
+                    train_tokens=400, valid_tokens=120, test_tokens=120, k=8, block_size=64, batch_size=2, lr=1e-3,
+                    samples=0, alpha=[0.5], task_items=0, general="none", transfer_from=str(source))
+    return AdaptConfig(**{**settings, **kw})
+
+
+def test_adapt_transfer_from_runs_end_to_end(tmp_path, source, new_base, capsys):
+    run = adapt(adapt_cfg(source, new_base, tmp_path / "run"))
+    info = read_memdec_json(run / "memdec")
+    origin = info["transfer"]
+    assert origin["source_decoder"] == str(source.resolve()) and origin["init"] == "mapped"
+    assert info["train_config"]["max_steps"] == 1  # 0.25 x the source's 4 steps of 2x64 tokens, at 2x64 per step
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["train"]["inputs"]["transfer"] == {"source": source_fingerprint(str(source)), "budget": 0.25, "init": "mapped"}
+    report = json.loads((run / "report.json").read_text())
+    assert report["sizes"]["memdec_transfer"] == origin
+    assert [r["system"] for r in report["results"]] == ["base", "knn-lm", "memdec"]
+    assert f"transferred from `{source.resolve()}`" in (run / "report.md").read_text()
+
+    base, new_tok = load_model(str(new_base[0]))
+    joint = MemoryDecoderModel.from_pretrained(base, run / "memdec", lmbda=0.0)  # the result loads for the new base
+    ids = np.asarray(new_tok("It is a truth universally acknowledged, that a single man")["input_ids"], dtype=np.int32)
+    base_nll, _ = score_tokens(base_scorer(base), ids, 16, 8, progress=False)
+    np.testing.assert_array_equal(score_tokens(joint.scorer(0.0), ids, 16, 8, progress=False)[0], base_nll)
+
+    capsys.readouterr()
+    adapt(adapt_cfg(source, new_base, run))  # the same settings: cached
+    assert "train: memory decoder" in (out := capsys.readouterr().out) and "cached" in out.split("train:")[1].splitlines()[0]
+    adapt(adapt_cfg(source, new_base, run, transfer_init="random"))  # another init: the train stage is redone
+    assert read_memdec_json(run / "memdec")["transfer"]["init"] == "random"
+
+
+def test_adapt_bad_transfer_settings_are_one_line_before_anything_loads(tmp_path, source, new_base, capsys):
+    not_a_decoder = tmp_path / "plain"
+    not_a_decoder.mkdir()
+    half = tmp_path / "half"  # a memdec.json without the model
+    half.mkdir()
+    (half / "memdec.json").write_text((source / "memdec.json").read_text())
+    for kw, msg in (({"transfer_from": str(not_a_decoder)}, "--transfer-from: .*no memdec.json"),
+                    ({"transfer_from": str(tmp_path / "missing")}, "no such memory decoder"),
+                    ({"transfer_from": str(half)}, "no model config"),
+                    ({"transfer_init": "copy"}, "mapped or random"),
+                    ({"transfer_budget": 0.5, "max_steps": 3}, "give one"),
+                    ({"transfer_budget": -1.0}, "positive fraction"),
+                    ({"init_layers": 1}, "one or the other"),
+                    ({"transfer_from": None, "transfer_budget": 0.5}, "need --transfer-from")):
+        with pytest.raises(MemdecError, match=msg):
+            adapt(adapt_cfg(source, new_base, tmp_path / "run", **kw))
+    assert not (tmp_path / "run").exists()  # nothing written, so nothing loaded
+    base, _ = new_base
+    rc = main(["adapt", "--model", str(base), "--out", str(tmp_path / "run"), "--transfer-from", str(not_a_decoder)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--transfer-from" in err and not (tmp_path / "run").exists()

@@ -51,6 +51,7 @@ from .models import load_model, load_tokenizer, resolve_device, resolve_model_sp
 from .tables import render_table
 from .tasks import memdec_lm_class, write_facts_task, write_general_task
 from .train import TrainConfig, train
+from .transfer import INITS, TransferConfig, check_source, source_fingerprint, transfer
 
 PRESETS: dict[str, dict] = {
     # Fits 15 minutes of wall time on a 2-core CPU with the default model, set-up included.
@@ -99,6 +100,9 @@ class AdaptConfig:
     general_tokens: int | None = None  # default: --test-tokens
     lora_r: int | None = None  # default 8
     lora_lr: float | None = None  # default: LORA_LR_SCALE x --lr
+    transfer_from: str | None = None  # a memory decoder for another base (tokenizer): transfer it instead of training
+    transfer_budget: float | None = None  # its training: this fraction of SRC's training tokens (default 0.25)
+    transfer_init: str = "mapped"  # the new embedding and LM-head rows: mapped or random
 
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
@@ -111,6 +115,7 @@ HELDOUT_TOKENS_PER_ITEM = 200  # the facts task reads this many test tokens per 
 FACTS_TASK, GENERAL_TASK = "memdec_facts", "memdec_general"
 # the report's columns: task name -> column; the LAMBADA-style task is in tasks.json and report.json
 TASK_COLUMNS = {FACTS_TASK: "facts acc", f"{GENERAL_TASK}_cloze": "general acc"}
+TRANSFER_BUDGET = 0.25  # --transfer-from: a quarter of the source decoder's training tokens, unless --max-steps
 LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
 LORA_R = 8
 
@@ -150,6 +155,12 @@ ADAPT_HELP = {
     "general_tokens": "score the first N tokens of --general (default: --test-tokens)",
     "lora_r": f"--baselines: LoRA rank (default {LORA_R})",
     "lora_lr": f"--baselines: LoRA's peak learning rate (default {LORA_LR_SCALE:g} x --lr)",
+    "transfer_from": "the train stage transfers this memory decoder (a checkpoint for another base model, e.g. "
+                     "another tokenizer) to --model instead of training one from the base (`memdec transfer`)",
+    "transfer_budget": f"--transfer-from: train for this fraction of the source decoder's training tokens "
+                       f"(default {TRANSFER_BUDGET:g}; --max-steps instead sets the steps)",
+    "transfer_init": "--transfer-from: the new embedding and LM-head rows, 'mapped' (from the source's rows of each "
+                     "token's pieces) or 'random' (the ablation)",
 }
 
 
@@ -190,6 +201,9 @@ class Settings:
     general_tokens: int | None
     lora_r: int
     lora_lr: float
+    transfer_from: str | None = None
+    transfer_budget: float | None = None
+    transfer_init: str = "mapped"
 
 
 def resolve_settings(cfg: AdaptConfig) -> Settings:
@@ -218,6 +232,8 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
         values["lora_r"] = LORA_R
     if values["lora_lr"] is None:
         values["lora_lr"] = LORA_LR_SCALE * values["lr"]
+    if values["transfer_from"] is not None and values["transfer_budget"] is None and values["max_steps"] is None:
+        values["transfer_budget"] = TRANSFER_BUDGET
     for split in ("valid", "test"):
         if values[split] == values["corpus"]:
             raise MemdecError(f"--{split} is the training corpus; held-out text must not be trained on")
@@ -255,6 +271,24 @@ def check_settings(s: Settings) -> None:
         check_unit_interval(a, "--alpha")
     for b in s.teacher_base_weight:
         check_unit_interval(b, "--teacher-base-weight")
+    check_transfer_settings(s)
+
+
+def check_transfer_settings(s: Settings) -> None:
+    """--transfer-from and its options: one clear line each, before anything loads."""
+    if s.transfer_from is None:
+        if s.transfer_budget is not None or s.transfer_init != "mapped":
+            raise MemdecError("--transfer-budget and --transfer-init need --transfer-from")
+        return
+    if s.transfer_init not in INITS:
+        raise MemdecError(f"unknown --transfer-init '{s.transfer_init}' (mapped or random)")
+    if s.init is not None or s.init_layers is not None:
+        raise MemdecError("--init and --init-layers choose a decoder trained from the base; --transfer-from "
+                          "starts from the source decoder instead: give one or the other")
+    if s.transfer_budget is not None and s.max_steps is not None:
+        raise MemdecError("--transfer-budget and --max-steps both set the transfer's length: give one")
+    if s.transfer_budget is not None and not (math.isfinite(s.transfer_budget) and 0 < s.transfer_budget <= 100):
+        raise MemdecError(f"--transfer-budget must be a positive fraction of the source's training, got {s.transfer_budget}")
 
 
 def check_inputs(s: Settings, run: Path) -> None:
@@ -263,6 +297,11 @@ def check_inputs(s: Settings, run: Path) -> None:
     resolve_model_spec(s.model)
     if s.init is not None:
         resolve_model_spec(s.init)
+    if s.transfer_from is not None:
+        try:
+            check_source(s.transfer_from)
+        except MemdecError as exc:
+            raise MemdecError(f"--transfer-from: {exc}") from None
     for flag, spec in (("--corpus", s.corpus), ("--valid", s.valid), ("--test", s.test), ("--general", s.general)):
         if spec is not None:
             try:
@@ -312,8 +351,11 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
         train["teacher_base_weight"] = s.teacher_base_weight
     if s.train_budget is not None:
         train["train_budget"] = s.train_budget
+    if s.transfer_from is not None:  # only when used, so that earlier runs keep their fingerprint
+        train["transfer"] = dict(source=source_fingerprint(s.transfer_from), budget=s.transfer_budget, init=s.transfer_init)
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
-    budget = {k: v for k, v in train.items() if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget")}
+    budget = {k: v for k, v in train.items()
+              if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer")}
     baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
                  "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
     evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
@@ -481,6 +523,9 @@ def train_stage(job: Job) -> TrainConfig:
     s, book = job.s, job.book
     names = [candidate_name(a, b) for a, b in teacher_candidates(s.alpha, s.teacher_base_weight)]
     init = f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")
+    if s.transfer_from is not None:
+        init = (f"transferred from {s.transfer_from}, {s.transfer_init} rows, "
+                + (f"{s.transfer_budget:g} of its training tokens" if s.transfer_budget is not None else f"{s.max_steps} steps"))
     done, changed = book.begin("train", job.inputs["train"], f"memory decoder ({' or '.join(candidate_label(n) for n in names)}, "
                                f"chosen on {s.valid}; {init})")
     if not done:
@@ -502,7 +547,12 @@ def train_candidates(job: Job) -> dict:
             skipped.append(name)
             continue
         out = job.run / "candidates" / name if len(teachers) > 1 else job.ckpt
-        train(dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out)))
+        cfg = dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out))
+        if s.transfer_from is not None:
+            transfer(TransferConfig(**{**asdict(cfg), "decoder": s.transfer_from, "model": s.model, "init": s.transfer_init,
+                                       "budget": s.transfer_budget}))
+        else:
+            train(cfg)
         scores[name] = read_memdec_json(out)["train_stats"].get("best_ppl", math.inf)
     if skipped:
         _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
@@ -526,7 +576,7 @@ BASELINE_WHAT = {
 def baseline_stage(job: Job, method: str, train_cfg: TrainConfig) -> str:
     """2b. A baseline on the memory decoder's TrainConfig: the same tokens, windows, steps and
     schedule, α=0. The ce-decoder reuses the α=0 teacher candidate when there is one: it is the
-    same recipe on the same tokens. Returns the baseline's folder."""
+    same recipe on the same tokens (not a transferred one). Returns the baseline's folder."""
     s, book, folder = job.s, job.book, job.run / "baselines" / method
     done, changed = book.begin(method, job.inputs[method], BASELINE_WHAT[method]
                                + (f", lr {s.lora_lr:g}, r {s.lora_r}" if method == "lora" else ""))
@@ -535,7 +585,7 @@ def baseline_stage(job: Job, method: str, train_cfg: TrainConfig) -> str:
     if changed:
         _remove(folder)
     reusable = job.run / "candidates" / candidate_name(0.0, 0.0)
-    if method == "ce-decoder" and (reusable / MEMDEC_JSON).is_file():
+    if method == "ce-decoder" and s.transfer_from is None and (reusable / MEMDEC_JSON).is_file():
         book.run(method, job.inputs[method], lambda: reuse_as_ce_decoder(reusable, folder))
         return str(folder)
     own = {"init": None, "init_layers": None} if method != "ce-decoder" else {}
@@ -826,7 +876,8 @@ def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
     manifest = read_manifest(run / "datastore")
     sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
-             "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors"))}
+             "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
+             "memdec_transfer": info.get("transfer")}
     return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
             "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
             "recurring": ev.get("recurring"), "sizes": sizes,
@@ -858,7 +909,7 @@ def report_markdown(run: Path, s: Settings, report: dict, training_png: str | No
     lines += ["", "## Sizes", "",
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
               f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
-              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", "",
+              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), "",
               "## Stage times", ""]
     lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
     lines += ["", "## Plots", ""]
@@ -871,6 +922,18 @@ def report_markdown(run: Path, s: Settings, report: dict, training_png: str | No
               "from memdec import MemoryDecoderModel",
               f"model = MemoryDecoderModel.from_pretrained(\"{s.model}\", \"{run / 'memdec'}\")", "```", ""]
     return lines
+
+
+def _origin_lines(origin: dict | None) -> list[str]:
+    """Where a transferred decoder comes from (``memdec.json``'s ``transfer`` record)."""
+    if not origin:
+        return []
+    cov = origin.get("mapping") or {}
+    return [f"- origin: transferred from `{origin.get('source_decoder')}` (a decoder for "
+            f"`{origin.get('source_base_model')}`, tokenizer {origin.get('source_tokenizer_hash')}), {origin.get('init')} "
+            f"embedding and LM-head rows; the mapping covers {100 * cov.get('coverage', 0):.1f}% of the "
+            f"{cov.get('tokens', '?')} tokens ({cov.get('single_piece', '?')} as one source piece, "
+            f"{cov.get('fallback', '?')} given the mean row)"]
 
 
 def _teacher_lines(s: Settings, report: dict) -> list[str]:

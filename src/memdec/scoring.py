@@ -27,13 +27,23 @@ from .models import with_prefix
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+LSE_BUDGET_BYTES = 256 * 2**20  # the fp32 temporaries of one logsumexp chunk stay under this
+
+
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] without materialising the log-softmax.
 
-    logits: [..., V]; targets: [...] long. Returns float32 [...].
+    logits: [..., V]; targets: [...] long. Returns float32 [...]. The logsumexp runs over chunks of
+    rows whose fp32 temporaries fit ``LSE_BUDGET_BYTES``, so that a window of a 262k-token
+    vocabulary costs no second window-sized buffer.
     """
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    return picked - torch.logsumexp(logits.float(), dim=-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = max(1, LSE_BUDGET_BYTES // (4 * logits.shape[-1]))
+    lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, flat.shape[0], rows):
+        lse[s : s + rows] = torch.logsumexp(flat[s : s + rows].float(), dim=-1)
+    return picked - lse.reshape(picked.shape)
 
 
 def causal_lm_logits(model, input_ids: torch.Tensor, n_keep: int, **kwargs) -> torch.Tensor:

@@ -49,6 +49,7 @@ from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
+from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from .models import bos_prefix, check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows, with_prefix
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
@@ -112,103 +113,6 @@ TRAIN_HELP = {
     "save_every": "save a resumable checkpoint every K optimizer steps",
     "resume": "continue from CKPT/trainer_state if it exists",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Loss
-
-
-class _SparseKLCE(torch.autograd.Function):
-    """Fused α·KL(t ‖ softmax(z)) + (1−α)·CE over sparse targets, with a hand-written backward.
-
-    The teacher is t = (1−β)·p_kNN + β·p_base: the sparse kNN rows, optionally mixed with the
-    frozen base model's distribution (``base_logits``, the base's own [P, V] logits of the batch).
-    Autograd through logsumexp + gather + advanced indexing allocates several [P, V] buffers;
-    the closed form needs one: dL/dz = ((α·s + 1−α)·softmax(z) − α·(1−β)·p_scatter − α·β·p_base
-    − (1−α)·onehot) / P, where s = (1−β)·(each row's kNN mass, 1 up to fp16 rounding) + β.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, target_rows, target_ids, target_probs, alpha: float, base_logits=None, beta: float = 0.0):
-        logits = logits.float()
-        n = logits.shape[0]
-        lse = torch.logsumexp(logits, dim=-1)  # [P]
-        ce = (lse - logits.gather(1, labels[:, None]).squeeze(1)).mean()
-        p_base = None
-        if alpha > 0:
-            knn = target_probs * (1 - beta)
-            log_q = logits[target_rows, target_ids] - lse[target_rows]  # [nnz]
-            mass = torch.zeros(n, device=logits.device).index_add_(0, target_rows, knn)
-            if beta > 0:
-                p_base = torch.softmax(base_logits.float(), dim=-1)  # [P, V]
-                at_support = beta * p_base[target_rows, target_ids]  # [nnz]
-                # Σ t·log t over the vocabulary: the dense β·p_base part, corrected where kNN rows add mass
-                neg_entropy = (torch.special.xlogy(beta * p_base, beta * p_base).sum()
-                               + (torch.special.xlogy(knn + at_support, knn + at_support)
-                                  - torch.special.xlogy(at_support, at_support)).sum())
-                cross = (knn * log_q).sum() + beta * (p_base * (logits - lse[:, None])).sum()
-                mass = mass + beta
-            else:
-                neg_entropy = torch.special.xlogy(knn, knn).sum()
-                cross = (knn * log_q).sum()
-            kl = (neg_entropy - cross) / n
-        else:
-            kl, mass, knn = torch.zeros((), device=logits.device), None, target_probs
-        ctx.save_for_backward(logits, lse, labels, target_rows, target_ids, knn, mass, p_base)
-        ctx.alpha, ctx.beta = alpha, beta
-        return alpha * kl + (1 - alpha) * ce, kl, ce
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_kl, grad_ce):
-        logits, lse, labels, target_rows, target_ids, knn, mass, p_base = ctx.saved_tensors
-        a, n = ctx.alpha, logits.shape[0]
-        # only the loss is differentiated; kl and ce are reported values
-        grad = torch.exp(logits - lse[:, None])  # softmax, [P, V]
-        row_scale = (1 - a) + (a * mass if mass is not None else 0.0)
-        grad.mul_(row_scale[:, None] if torch.is_tensor(row_scale) else row_scale)
-        if a > 0:
-            grad.index_put_((target_rows, target_ids), -a * knn, accumulate=True)
-            if p_base is not None:
-                grad.add_(p_base, alpha=-a * ctx.beta)
-        if a < 1:
-            rows = torch.arange(n, device=grad.device)
-            grad.index_put_((rows, labels), torch.full((n,), -(1 - a), device=grad.device), accumulate=True)
-        grad.mul_(grad_loss / n)
-        return grad, None, None, None, None, None, None, None
-
-
-def sparse_kl_ce_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    target_rows: torch.Tensor | None,
-    target_ids: torch.Tensor | None,
-    target_probs: torch.Tensor | None,
-    alpha: float,
-    base_logits: torch.Tensor | None = None,
-    beta: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """α·KL(t ‖ p_mem) + (1−α)·CE, averaged over positions, with teacher t = (1−β)·p_kNN + β·p_base.
-
-    logits: [P, V] decoder logits of P positions; labels: [P] next tokens.
-    target_rows: [nnz] long, the position (0..P-1) of each stored kNN entry;
-    target_ids: [nnz] long token ids; target_probs: [nnz] float, each row summing to 1.
-    base_logits: [P, V] the frozen base model's logits at the same positions (needed when β > 0).
-    The kNN part of the KL is gathered at the stored ids only, so no vocabulary-sized target row
-    is built from the datastore. With α=0 the targets may be None.
-    Returns (loss, kl, ce), scalars; only ``loss`` carries a gradient.
-    """
-    check_unit_interval(beta, "the teacher's base weight")
-    if alpha > 0:
-        target_probs = target_probs.float()
-        if beta > 0 and base_logits is None:
-            raise MemdecError("a teacher mixed with the base model (beta > 0) needs the base logits")
-    else:
-        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
-        target_rows, target_ids, target_probs = empty, empty, torch.zeros(0, device=logits.device)
-        beta = 0.0
-    loss, kl, ce = _SparseKLCE.apply(logits, labels, target_rows, target_ids, target_probs, float(alpha),
-                                     base_logits if beta > 0 else None, float(beta))
-    return loss, kl.detach(), ce.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +549,7 @@ class Trainer:
         self.saved_step = start_step
         self.seconds_before = float(self.previous.get("seconds", 0.0)) if self.previous else 0.0
         self.teacher_base = self._teacher_base()
+        self.heads = self._heads()
         self.validator = None
         if self.cfg.valid and self.accelerator.is_main_process:
             self.validator = Validator(self.cfg, self.manifest, self.tokenizer, self.accelerator.device.type)
@@ -674,6 +579,16 @@ class Trainer:
             return None
         base, _ = load_model(self.manifest["model"], device=str(self.accelerator.device))
         return base.eval().requires_grad_(False)
+
+    def _heads(self):
+        """(the decoder's LM head, the teacher base's or None) for the chunked loss; None where a
+        head does not reproduce its model's logits: then the loss takes the full logits."""
+        probe = with_prefix(torch.from_numpy(self.tokens[:16].astype(np.int64))[None], self.prefix).to(self.accelerator.device)
+        head = lm_head(self.unwrapped, probe)
+        teacher = lm_head(self.teacher_base, probe) if self.teacher_base is not None else None
+        if head is None or (self.teacher_base is not None and teacher is None):
+            return None
+        return head, teacher
 
     def _info(self) -> dict:
         cfg, manifest, model = self.cfg, self.manifest, self.unwrapped
@@ -756,20 +671,32 @@ class Trainer:
         return {"step": step + 1, **sums, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
     def _loss(self, batch: dict):
-        """The loss of one micro-batch; with a BOS prefix, the window gets it and its logits lose it."""
+        """The loss of one micro-batch; with a BOS prefix, the window gets it and its logits lose it.
+
+        The loss goes from the final hidden states through the LM head chunk by chunk
+        (``loss.head_kl_ce_loss``: no [positions × vocab] logits held); from the full logits only
+        for a model whose head ``loss.lm_head`` cannot reproduce."""
         cfg = self.cfg
         input_ids, n = with_prefix(batch["input_ids"], self.prefix), batch["input_ids"].shape[1]
+        labels = batch["labels"].reshape(-1)
+        targets = ((batch["target_rows"], batch["target_ids"], batch["target_probs"]) if cfg.alpha > 0
+                   else (None, None, None))
         with self.accelerator.autocast():
+            if self.heads is not None:
+                head, teacher_head = self.heads
+                hidden = last_hidden(self.model, input_ids, n)  # [P, d]
+                teacher = None
+                if self.teacher_base is not None:
+                    with torch.no_grad():
+                        teacher = (last_hidden(self.teacher_base, input_ids, n), teacher_head)
+                return head_kl_ce_loss(hidden, head, labels, *targets, cfg.alpha, teacher, cfg.teacher_base_weight)
             logits = self.model(input_ids=input_ids).logits[:, -n:]
+            logits = logits.reshape(-1, logits.shape[-1])
             base_logits = None
             if self.teacher_base is not None:
                 with torch.no_grad():
-                    base_logits = self.teacher_base(input_ids=input_ids).logits[:, -n:].reshape(-1, logits.shape[-1])
-        flat, labels = logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-        if cfg.alpha > 0:
-            return sparse_kl_ce_loss(flat, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"],
-                                     cfg.alpha, base_logits, cfg.teacher_base_weight)
-        return sparse_kl_ce_loss(flat, labels, None, None, None, 0.0)
+                    base_logits = self.teacher_base(input_ids=input_ids).logits[:, -n:].reshape(logits.shape)
+        return sparse_kl_ce_loss(logits, labels, *targets, cfg.alpha, base_logits, cfg.teacher_base_weight)
 
     def _validate(self, step: int, record: dict, bar) -> None:
         scores = self.validator(self.unwrapped)

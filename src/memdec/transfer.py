@@ -21,10 +21,11 @@
    ``transfer``: the source decoder, its base model and tokenizer hash, the init and the mapping's
    coverage.
 
-``memdec adapt --transfer-from SRC`` (not wired yet) would, after its datastore stage, call
-``transfer(TransferConfig(decoder=SRC, model=settings.model, datastore=RUN/datastore, out=RUN/memdec,
-budget=..., init="mapped", valid=settings.valid, **the train stage's budget keys))`` in place of
-``train``; its StageBook fingerprint would add SRC's ``memdec.json`` hash and the init.
+``memdec adapt --transfer-from SRC`` runs this as its train stage: each teacher candidate is
+``transfer(TransferConfig(decoder=SRC, model=settings.model, datastore=RUN/datastore, ...))`` in
+place of ``train``, with the train stage's settings, ``--transfer-budget`` and ``--transfer-init``;
+the stage's fingerprint adds ``source_fingerprint(SRC)`` (the hash of SRC's ``memdec.json``), the
+budget and the init.
 
 The mapping is vectorised: every vocabulary string is decoded in one batch call and tokenized in
 one batch call; the rows are a segment mean (``index_add_`` over a flat index array).
@@ -32,6 +33,7 @@ one batch call; the rows are a segment mean (``index_add_`` over a flat index ar
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .checkpoint import load_memory_decoder, read_memdec_json, write_memdec_json
+from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
 from .datastore import open_datastore
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
@@ -302,6 +304,24 @@ def budget_steps(cfg: TransferConfig, source_info: dict, manifest: dict) -> int:
     return max(1, math.ceil(cfg.budget * steps * per_step / new_per_step))
 
 
+def check_source(path: str) -> dict:
+    """The source decoder's ``memdec.json``; MemdecError (one line) unless ``path`` is a memory-decoder
+    checkpoint folder with a model config and a tokenizer. Reads files only: nothing is loaded."""
+    folder = Path(path).expanduser()
+    info = read_memdec_json(folder)
+    if not folder.is_dir():
+        raise MemdecError(f"{path}: give the source decoder's checkpoint folder, not a file")
+    for name, what in (("config.json", "model config"), ("tokenizer_config.json", "tokenizer")):
+        if not (folder / name).is_file():
+            raise MemdecError(f"{path}: not a memory decoder checkpoint (no {what}, {name})")
+    return info
+
+
+def source_fingerprint(path: str) -> str:
+    """The hash of the source decoder's ``memdec.json``: which decoder (trained how) a transfer starts from."""
+    return hashlib.sha256((Path(path).expanduser() / MEMDEC_JSON).read_bytes()).hexdigest()[:16]
+
+
 def check_transfer_config(cfg: TransferConfig) -> None:
     if cfg.init not in INITS:
         raise MemdecError(f"unknown --init '{cfg.init}' (mapped or random)")
@@ -318,7 +338,7 @@ def check_transfer_config(cfg: TransferConfig) -> None:
 def transfer(cfg: TransferConfig, on_step=None) -> Path:
     """Transfer ``cfg.decoder`` to ``cfg.model``'s tokenizer and train it; returns the checkpoint folder."""
     check_transfer_config(cfg)
-    source_info = read_memdec_json(cfg.decoder)
+    source_info = check_source(cfg.decoder)
     manifest = open_datastore(cfg.datastore).manifest  # its tokenizer must be --model's (TransferRecipe.init_model)
     if cfg.budget is not None:
         cfg = TransferConfig(**{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget})
