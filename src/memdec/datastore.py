@@ -4,7 +4,10 @@
 
 1. **keys**: the base model reads the corpus in the same sliding windows as evaluation. For each
    position p (a token that has a successor) a forward pre-hook captures the input of the last
-   transformer block's feed-forward layer, the kNN-LM key; the value is ``tokens[p+1]``. Only
+   transformer block's feed-forward layer, the kNN-LM key; the value is ``tokens[p+1]``. With
+   ``--key-model`` another model of the same tokenizer (a domain-adapted one) reads the same
+   windows and gives the keys; the manifest records it (spec and weights hash), and a change of
+   key model rebuilds keys, index and targets. Only
    the model body runs, and the hook stops the forward right after the capture, so neither the
    last FFN, the final norm nor the LM head is computed. Keys are written chunk by chunk (one
    batch of windows) into a preallocated fp16 memmap; the manifest records each finished chunk.
@@ -49,10 +52,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import check_temperature
-from .data import load_token_stream, sliding_windows, token_stream_hash, window_batches
+from .data import corpus_source, load_token_stream, sliding_windows, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
-from .models import bos_prefix, check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint, with_prefix
+from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, load_tokenizer, model_fingerprint,
+                     resolve_device, tokenizer_fingerprint, with_prefix)
 from .files import NpyAppender, atomic_save_npy, atomic_write_json, check_npy, read_json_object
 from .targets import (
     TARGETS_DIR,
@@ -81,6 +85,7 @@ class DatastoreConfig:
     model: str
     corpus: str
     out: str
+    key_model: str | None = None  # None: the keys come from the base model itself
     k: int | None = None  # None: the folder's k, or DEFAULT_K for a new datastore
     knn_temp: float | None = None  # None: the folder's temperature, or DEFAULT_KNN_TEMP
     top_m: int | None = None
@@ -103,8 +108,10 @@ class DatastoreConfig:
 
 DATASTORE_HELP = {
     "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
-    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
+    "corpus": "corpus spec: austen:train|valid|test, stdlib:train|valid|test, a text/JSONL file, a folder or a glob",
     "out": "datastore folder (created; an interrupted build resumes here)",
+    "key_model": "take the keys from this model (same tokenizer as --model), e.g. a domain-adapted one: a CE-trained "
+                 "decoder or a dapt baseline; windows, values and tokens stay the base's (default: the base itself)",
     "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
     "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, else {DEFAULT_KNN_TEMP:g}",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
@@ -314,17 +321,35 @@ def _open_manifest(out: Path, identity: dict, tokens: np.ndarray) -> dict:
 # --- step 1: keys and values -----------------------------------------------------------------
 
 
-def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk) -> None:
+def _key_model_text(key_model: dict | None) -> str:
+    return f"{key_model['spec']} (hash {key_model['hash']})" if key_model else "the base model"
 
+
+def _restart_keys(out: Path, manifest: dict, cfg: DatastoreConfig, key_model: dict | None) -> dict:
+    """Another key model than the recorded one: the keys, the index and the targets start over."""
+    _say(cfg, f"rebuilding the keys (and then the index and the targets): key model "
+              f"{_key_model_text(manifest['steps']['keys'].get('key_model'))} -> {_key_model_text(key_model)}")
+    manifest.update(layer=None, dim=None)
+    manifest["steps"] = {"keys": {"status": "pending"}, "index": {"status": "pending"}, "targets": {"status": "pending"}}
+    write_manifest(out, manifest)
+    return manifest["steps"]["keys"]
+
+
+def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk,
+               key_model: dict | None = None) -> None:
+    """Step 1: the keys, from the base or from ``key_model`` ({spec, hash}), resumable by chunk."""
     step = manifest["steps"]["keys"]
     n = manifest["n_keys"]
     keys_path = out / "keys.npy"
+    if step.get("key_model") != key_model and step["status"] != "pending":
+        step = _restart_keys(out, manifest, cfg, key_model)
     if step["status"] == "done":
         check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
         return
     device = resolve_device(cfg.device)
-    model, _ = load_model(cfg.model, device=device)
-    check_block_size(model, cfg.block_size, cfg.model)
+    spec = key_model["spec"] if key_model else cfg.model
+    model, _ = load_model(spec, device=device)
+    check_block_size(model, cfg.block_size, spec)
     stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
     capture = FFNInputCapture(model, stop=True)
     with capture:
@@ -349,6 +374,8 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
     keys = np.load(keys_path, mmap_mode="r+")
     step.update(status="running", batch_size=batch_size, chunks_total=len(chunks), chunks_done=done,
                 positions_done=int(chunks[done - 1][-1, 1]) if done else 0)
+    if key_model:  # recorded only where there is one: other manifests stay as they were
+        step["key_model"] = key_model
     write_manifest(out, manifest)
 
     seconds = float(step.get("seconds", 0.0))
@@ -558,6 +585,16 @@ def _with_target_defaults(cfg: DatastoreConfig, out: Path) -> DatastoreConfig:
 
 
 
+def _key_model(cfg: DatastoreConfig, tokenizer) -> dict | None:
+    """``{spec, hash}`` of ``--key-model`` (None when it is the base itself), its tokenizer
+    checked against the base's before any weights load."""
+    if cfg.key_model is None or cfg.key_model == cfg.model:
+        return None
+    check_same_tokenizer(cfg.key_model, tokenizer_fingerprint(tokenizer), f"--key-model {cfg.key_model}: the base model",
+                         made_with=cfg.model)
+    return {"spec": cfg.key_model, "hash": model_fingerprint(cfg.key_model)}
+
+
 def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
     """Build (or resume, or update) the datastore ``cfg.out``; returns its path.
 
@@ -569,6 +606,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     out = Path(cfg.out).expanduser()
     cfg = _with_target_defaults(cfg, out)
     tokenizer = load_tokenizer(cfg.model)
+    key_model = _key_model(cfg, tokenizer)
     tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
     n = len(tokens) - 1
     if cfg.k >= n:
@@ -582,7 +620,10 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     if (prefix := bos_prefix(tokenizer)) is not None:  # recorded only where there is one: other manifests stay as they were
         identity["prefix_token"] = prefix
     manifest = _open_manifest(out, identity, tokens)
-    _keys_step(out, manifest, cfg, tokens, on_chunk)
+    if (source := corpus_source(cfg.corpus)) is not None and manifest.get("corpus_source") != source:
+        manifest["corpus_source"] = source  # what the stdlib spec read here; the token stream's hash is the identity
+        write_manifest(out, manifest)
+    _keys_step(out, manifest, cfg, tokens, on_chunk, key_model)
     _index_step(out, manifest, cfg)
     _targets_step(out, manifest, cfg, on_chunk)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
@@ -661,7 +702,8 @@ def describe(path: str | os.PathLike) -> str:
     pct = targets.get("support_percentiles", {})
     lines = [
         f"datastore {path}: {m['n_keys']} keys of dim {m['dim']} at {m['layer']} ({m['model']}, {m['corpus']})",
-        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s",
+        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s"
+        + (f", from the key model {_key_model_text(keys['key_model'])}" if keys.get("key_model") else ""),
         f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
         f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
         f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",

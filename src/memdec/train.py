@@ -49,7 +49,8 @@ from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
-from .models import bos_prefix, check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows, with_prefix
+from .models import (bos_prefix, check_same_tokenizer, load_model, model_fingerprint, resolve_device, shortened_copy,
+                     vocab_rows, with_prefix)
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
 
@@ -86,7 +87,10 @@ class TrainConfig:
 TRAIN_HELP = {
     "datastore": "datastore folder built by `memdec datastore` (its targets step must be done)",
     "out": "checkpoint folder: the best checkpoint, plus trainer_state/ for resume",
-    "init": "initialise from this model spec (same tokenizer as the base); default: a full copy of the base",
+    "init": "initialise from this model spec (same tokenizer as the base): a memory decoder checkpoint, a dapt "
+            "baseline or any model folder, e.g. a CE-trained decoder for a second, kNN phase (fresh optimizer and "
+            "schedule; its weights' hash is part of the run, so resume starts from the same ones); "
+            "default: a full copy of the base",
     "init_layers": "initialise from a shortened copy of the base model with N blocks",
     "layer_selection": "with --init-layers: 'first' N blocks or 'spread' (evenly spaced)",
     "alpha": "weight of KL(p_kNN || p_mem); 1-alpha weighs next-token cross-entropy",
@@ -283,8 +287,8 @@ def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
     if cfg.init is not None and cfg.init_layers is not None:
         raise MemdecError("give --init or --init-layers, not both")
     spec = cfg.init or manifest["model"]
+    check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     model, tokenizer = load_model(spec, device="cpu", dtype=torch.float32)
-    check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     if cfg.init_layers is not None:
         model = shortened_copy(model, cfg.init_layers, cfg.layer_selection)
     model.config.use_cache = False
@@ -318,13 +322,19 @@ def write_model_files(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
-    """What makes two training runs the same run: everything but budget-free knobs."""
+def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None) -> str:
+    """What makes two training runs the same run: everything but budget-free knobs.
+
+    ``init_hash``: the ``model_fingerprint`` of ``--init``, so that a resume starts from the very
+    weights the run began with (a folder retrained in place is another run).
+    """
     keep = asdict(cfg)
     for k in ("out", "device", "resume", "log_every", "eval_every", "save_every"):
         keep.pop(k)
     if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
         keep.pop("teacher_base_weight")
+    if init_hash is not None:  # only with --init: other runs keep their fingerprint
+        keep["init_hash"] = init_hash
     keep["datastore_manifest_hash"] = manifest_hash
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -568,7 +578,8 @@ class Trainer:
         self.tokens, self.manifest = self.recipe.data(cfg)
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        self.fingerprint = run_fingerprint(cfg, self.manifest_hash)
+        self.init_hash = self._init_hash()
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash)
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
         self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16", gradient_accumulation_steps=1)
@@ -577,6 +588,16 @@ class Trainer:
         self.previous = self._previous()
 
     # -- plan and resume ---------------------------------------------------------------------
+
+    def _init_hash(self) -> str | None:
+        """``model_fingerprint`` of ``--init`` (None without it), its tokenizer checked first:
+        one clear line, before any weights load, if it does not share the training data's."""
+        spec = self.cfg.init
+        if spec is None:
+            return None
+        check_same_tokenizer(spec, self.manifest["tokenizer_hash"], f"--init {spec}: the training data",
+                             made_with=self.manifest["model"])
+        return model_fingerprint(spec)
 
     def _plan(self) -> None:
         cfg = self.cfg
@@ -688,6 +709,7 @@ class Trainer:
             "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
             "k": targets.get("k"), "knn_temperature": targets.get("temperature"),
             "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight, "init": init,
+            **({"init_hash": self.init_hash} if self.init_hash else {}),
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "world_size": self.world,
