@@ -143,3 +143,18 @@ def test_init_tokenizer_is_checked_before_the_weights_load(store, tmp_path):
     with pytest.raises(TokenizerMismatchError, match="--init"):
         train(config(store, tmp_path / "c", init=str(foreign)))
     assert not (tmp_path / "c").exists()
+
+
+def test_patience_stops_early_where_resume_would_too(store, tmp_path, interrupt_at):
+    """lr 0: no validation ever beats the first, so patience 1 stops at the second validation;
+    the best checkpoint is the first, the schedule is the full run's, and a rerun resumes to the
+    same stop without another step."""
+    kw = dict(valid="austen:test", valid_max_tokens=200, lr=0.0, max_steps=12, eval_every=2, save_every=100, patience=1)
+    out = train(config(store, tmp_path / "es", **kw))
+    info = json.loads((out / "memdec.json").read_text())
+    assert info["stopped_early_at"] == 4 and info["train_stats"]["step"] == 2
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][-1] == 4
+    train(config(store, tmp_path / "es", **kw))  # resumes at step 4 and stops there again
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][-1] == 4
+    with pytest.raises(MemdecError, match="--patience"):
+        train(config(store, tmp_path / "x", patience=2))

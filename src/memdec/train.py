@@ -77,6 +77,7 @@ class TrainConfig:
     valid_max_tokens: int = 4096
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     eval_every: int = 50
+    patience: int | None = None  # early stopping: stop after this many validations without a better score
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
@@ -113,6 +114,8 @@ TRAIN_HELP = {
     "valid_max_tokens": "validate on the first N tokens of --valid",
     "lambdas": "interpolation weights tried at validation",
     "eval_every": "validate every K optimizer steps",
+    "patience": "with --valid: stop early once this many validations in a row found no better checkpoint "
+                "(the schedule stays that of the full run; default: never stop early)",
     "save_every": "save a resumable checkpoint every K optimizer steps",
     "resume": "continue from CKPT/trainer_state if it exists",
 }
@@ -329,7 +332,7 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None 
     weights the run began with (a folder retrained in place is another run).
     """
     keep = asdict(cfg)
-    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every"):
+    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience"):
         keep.pop(k)
     if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
         keep.pop("teacher_base_weight")
@@ -526,9 +529,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise MemdecError(f"--epochs must be a positive number, got {cfg.epochs}: the schedule has no steps")
     for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
                         ("--block-size", cfg.block_size), ("--eval-every", cfg.eval_every),
-                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every)):
+                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every), ("--patience", cfg.patience)):
         if value is not None:
             check_positive_int(value, flag)
+    if cfg.patience is not None and not cfg.valid:
+        raise MemdecError("--patience stops on the validation score: give --valid CORPUS")
     if cfg.valid_max_tokens < 2:
         raise MemdecError(f"--valid-max-tokens must be at least 2, got {cfg.valid_max_tokens}")
     if cfg.init is not None and cfg.init_layers is not None:
@@ -724,7 +729,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", disable=not acc.is_main_process)
         self.t_start, tokens_done = time.perf_counter(), 0
         self.model.train()
+        stopped = None
         for step in range(start_step, self.total_steps):
+            if self._patience_spent(step):  # a resumed run that had already stopped early
+                stopped = step
+                break
             record = self._step(step)
             tokens_done += self.windows_per_step * self.block
             record["tokens_per_s"] = tokens_done / (time.perf_counter() - self.t_start)
@@ -734,6 +743,11 @@ class Trainer:
             done = step + 1 == self.total_steps
             if self.validator is not None and ((step + 1) % cfg.eval_every == 0 or done):
                 self._validate(step + 1, record, bar)
+                if not done and self._patience_spent(step + 1):
+                    done, stopped = True, step + 1
+                    record["stopped_early"] = True
+                    bar.write(f"step {step + 1}: no better checkpoint in {cfg.patience} validations "
+                              f"(best: step {self.best['step']}): stopping early")
             if (step + 1) % cfg.log_every == 0 or "best_ppl" in record or done:
                 self._log(record)
             if (step + 1) % cfg.save_every == 0 or done:
@@ -743,11 +757,22 @@ class Trainer:
                 self._save_state(step + 1)
             if self.on_step is not None:
                 self.on_step(step + 1, record)
+            if stopped is not None:
+                break
         bar.close()
         acc.wait_for_everyone()
         if acc.is_main_process and start_step < self.total_steps:  # the whole loop's time, not the best step's
             meta = read_json_object(self.out / self.recipe.meta_file, self.recipe.meta_file)
-            self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1)})
+            extra = {"stopped_early_at": stopped} if stopped is not None else {}
+            self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1), **extra})
+
+    def _patience_spent(self, step: int) -> bool:
+        """Early stopping: ``--patience`` validations since the best one (a function of the step and
+        the best step alone, so a resumed run stops where the straight one did)."""
+        cfg = self.cfg
+        if cfg.patience is None or self.validator is None or self.best is None:
+            return False
+        return step - self.best["step"] >= cfg.patience * cfg.eval_every
 
     def _step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; MemdecError (before the update) if
