@@ -544,6 +544,15 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
 
 
+def planned_steps(cfg: TrainConfig, n_positions: int, world: int = 1) -> int:
+    """Optimizer steps of a run over ``n_positions`` training positions: ``--max-steps``, else
+    ``--epochs`` passes over its windows (what a budget of "the same steps" means)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    n_windows = len(window_starts(n_positions, min(cfg.block_size, n_positions)))
+    return math.ceil(cfg.epochs * n_windows / (cfg.batch_size * cfg.grad_accum * world))
+
+
 def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None:
     """``--out`` must be new, empty, or a checkpoint folder of this kind that memdec made: a folder
     memdec did not create is never changed."""
@@ -610,7 +619,7 @@ class Trainer:
         self.block = min(cfg.block_size, n_positions)
         self.starts = window_starts(n_positions, self.block)
         self.windows_per_step = cfg.batch_size * cfg.grad_accum * self.world
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(self.starts) / self.windows_per_step)
+        self.total_steps = planned_steps(cfg, n_positions, self.world)
         if self.total_steps < 1:
             raise MemdecError(f"the schedule has no steps: {len(self.starts)} windows of {self.block} tokens, "
                               f"{self.windows_per_step} per step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
