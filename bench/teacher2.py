@@ -240,13 +240,13 @@ def table(records: list[dict]) -> str:
         lines += [f"### {domain}: {setup.get('n_keys', '?')} keys of {DOMAINS[domain]['train']}; base valid "
                   f"{setup.get('base_valid_ppl', '?')}, test " + ", ".join(f"{t} {v}" for t, v in setup.get("base_test_ppl", {}).items()),
                   "", "| recipe | keys from | total budget | steps (best) | valid ppl | " + " | ".join(f"{t} ppl" for t in tests)
-                  + " | λ | alone valid | train s |", "|" + " --- |" * (8 + len(tests))]
+                  + " | λ | alone valid | train (+ keys) s |", "|" + " --- |" * (8 + len(tests))]
         for r in rows:
             recipe, keys, budget = RECIPES[r["row"]]
             steps = f"{r['steps']} ({r.get('best_step', '-')})" if "steps" in r else "-"
             if "phase_steps" in r:
                 steps = f"{r['phase_steps'][0]}+{r['phase_steps'][1]} ({r.get('phase_one_best_step')}, {r.get('best_step')})"
-            secs = r.get("train_s", 0) + r.get("rekey_datastore_s", 0) + (r.get("datastore_s", 0) if r["row"] == "knn-lm-adapted" else 0)
+            secs = r.get("train_s", 0) + r.get("rekey_datastore_s", 0) + r.get("datastore_s", 0)  # kNN-LM: its datastore
             tests_cells = [f"{r['test_ppl'].get(t, float('nan')):.2f}" for t in tests]
             valid = f"{r['valid_ppl']:.2f}" if r.get("valid_ppl") is not None else "-"
             alone = f"{r['valid_alone_ppl']:.2f}" if r.get("valid_alone_ppl") is not None else "-"

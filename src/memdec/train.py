@@ -457,6 +457,16 @@ class Recipe:
         """(model, tokenizer): the model to train, fp32 on CPU, in train mode."""
         return init_memory_decoder(cfg, manifest, "cpu")
 
+    def init_hash(self, cfg: TrainConfig, manifest: dict) -> str | None:
+        """``model_fingerprint`` of ``--init`` (None without it), its tokenizer checked first: one
+        clear line, before any weights load, if it does not share the training data's. The hash
+        joins the run's fingerprint, so a resume starts from the same weights."""
+        spec = cfg.init
+        if spec is None:
+            return None
+        check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
+        return model_fingerprint(spec)
+
     def load_weights(self, model, folder: Path) -> None:
         """Load into ``model`` the weights that a save wrote to ``folder`` (to resume)."""
         from safetensors.torch import load_file
@@ -604,14 +614,7 @@ class Trainer:
     # -- plan and resume ---------------------------------------------------------------------
 
     def _init_hash(self) -> str | None:
-        """``model_fingerprint`` of ``--init`` (None without it), its tokenizer checked first:
-        one clear line, before any weights load, if it does not share the training data's."""
-        spec = self.cfg.init
-        if spec is None:
-            return None
-        check_same_tokenizer(spec, self.manifest["tokenizer_hash"], f"--init {spec}: the training data",
-                             made_with=self.manifest["model"])
-        return model_fingerprint(spec)
+        return self.recipe.init_hash(self.cfg, self.manifest)
 
     def _plan(self) -> None:
         cfg = self.cfg
