@@ -98,6 +98,26 @@ def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_di
     assert "runner-up" in (run / "report.md").read_text() and "β=0.5" in (run / "report.md").read_text()
 
 
+def test_two_phase_candidate_splits_the_same_steps_and_competes_on_valid(tiny_llama_dir, copy_of):
+    """--two-phase 0.5: CE for half the CE-only candidate's steps, then α=0.5 from its best
+    checkpoint for the other half; chosen on valid like the others, both phases' time counted."""
+    run = copy_of
+    adapt(tiny_run(tiny_llama_dir, run, alpha=[0.0], two_phase=[0.5], samples=0, task_items=0))
+    summary = json.loads((run / "stages.json").read_text())["train"]["summary"]
+    assert list(summary["valid_joint_ppl"]) == ["alpha-0", "two-phase-0.5"]
+    assert summary["valid_joint_ppl"][summary["chosen"]] == min(summary["valid_joint_ppl"].values())
+    phase_one, phase_two = run / "candidates" / "two-phase-ce", run / "candidates" / "two-phase-0.5"
+    one, two = read_memdec_json(phase_one), read_memdec_json(phase_two)
+    steps = read_memdec_json(run / "candidates" / "alpha-0")["train_config"]["max_steps"]
+    assert (one["alpha"], one["train_config"]["max_steps"]) == (0.0, steps // 2)
+    assert (two["alpha"], two["train_config"]["max_steps"]) == (0.5, steps - steps // 2)
+    assert two["init"] == str(phase_one) and len(two["init_hash"]) == 16
+    assert summary["train_seconds"]["two-phase-0.5"] == round(one["train_seconds"] + two["train_seconds"], 1)
+    assert "CE, then α=0.5" in (run / "report.md").read_text()
+    with pytest.raises(MemdecError, match="--two-phase"):
+        adapt(tiny_run(tiny_llama_dir, run, two_phase=[0.0]))
+
+
 def test_a_training_budget_skips_later_candidates(tiny_llama_dir, copy_of, capsys):
     adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.5, 0.0], train_budget=0.0, samples=0, task_items=0))
     summary = json.loads((copy_of / "stages.json").read_text())["train"]["summary"]

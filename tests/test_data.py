@@ -163,3 +163,43 @@ def test_jsonl_is_read_line_by_line(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xff"}\n')
     with pytest.raises(CorpusError, match="invalid byte 0xff at byte offset 28"):
         read_corpus(str(tmp_path / "d.jsonl"))
+# --- the Python standard library as a code domain ----------------------------------------------
+
+
+def test_stdlib_splits_are_disjoint_by_module_and_cover_the_library():
+    from pathlib import PurePosixPath
+
+    from memdec.data import STDLIB_SPLITS, stdlib_files, stdlib_split, stdlib_unit
+
+    files = {split: stdlib_files(split) for split in STDLIB_SPLITS}
+    units = {split: {stdlib_unit(f) for f in fs} for split, fs in files.items()}
+    assert all(files.values()) and all(fs == sorted(fs) for fs in files.values())
+    assert not (units["train"] & units["valid"] or units["train"] & units["test"] or units["valid"] & units["test"])
+    every = sorted(f for fs in files.values() for f in fs)
+    assert len(every) == len(set(every))  # each file in one split
+    sizes = {s: len(u) for s, u in units.items()}
+    assert sizes["train"] > 5 * (sizes["valid"] + sizes["test"])  # about 90 / 5 / 5 of the units
+    # the split is a pure function of the module's name: pinned, so every machine agrees
+    assert [stdlib_split(u) for u in ("json", "email", "asyncio", "test.test_os", "aifc")] == \
+        ["train", "train", "train", "train", "valid"]
+    assert stdlib_unit(PurePosixPath("test/test_asyncio/test_events.py")) == "test.test_asyncio"
+    assert stdlib_unit(PurePosixPath("email/mime/text.py")) == "email"
+    notest = stdlib_files("train", with_tests=False)
+    assert set(notest) < set(files["train"]) and not [f for f in notest if "test" in f.parts[:-1]]
+
+
+def test_stdlib_corpus_is_deterministic_and_recorded(tokenizer):
+    from memdec.data import corpus_source, stdlib_split, stdlib_unit
+
+    docs = read_corpus("stdlib:valid")
+    assert docs == read_corpus("stdlib:valid")
+    from pathlib import PurePosixPath
+
+    assert {stdlib_split(stdlib_unit(PurePosixPath(d.source))) for d in docs} == {"valid"}
+    a = load_token_stream("stdlib:valid", tokenizer, max_tokens=3000)
+    assert token_stream_hash(a) == token_stream_hash(load_token_stream("stdlib:valid", tokenizer, max_tokens=3000))
+    source = corpus_source("stdlib:valid")
+    assert source == corpus_source("stdlib:valid") and source["files"] == len(docs) and len(source["sha256"]) == 16
+    assert corpus_source("austen:valid") is None
+    with pytest.raises(CorpusError, match="stdlib:train"):
+        read_corpus("stdlib:dev")

@@ -259,3 +259,67 @@ def test_cli(tmp_path, tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "299 keys" in out and "distinct tokens per row" in out
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["steps"]["targets"]["top_m"] == 2
+
+
+# --- keys from another model of the same tokenizer (--key-model) ------------------------------
+
+
+def test_key_model_base_itself_is_the_default_and_another_changes_only_keys(tmp_path, tiny_llama_dir, built, tokenizer, capsys):
+    """--key-model = the base gives the default build byte for byte; another model of the same
+    tokenizer changes the keys (and so index and targets) but never the tokens, values or windows.
+    Going back to the base rebuilds the keys, says why, and gives the default's bytes again."""
+    from memdec.testing import save_tiny_model
+
+    same = build_datastore(config(tiny_llama_dir, tmp_path / "same", key_model=str(tiny_llama_dir)))
+    assert read_bytes(same) == read_bytes(built)
+    assert "key_model" not in read_manifest(same)["steps"]["keys"]
+
+    other_model = save_tiny_model(tmp_path / "adapted", "llama", tokenizer, seed=7)
+    other = build_datastore(config(tiny_llama_dir, tmp_path / "other", key_model=str(other_model)))
+    a, b = open_datastore(built), open_datastore(other)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.values, b.values)
+    assert a.keys.shape == b.keys.shape and not np.array_equal(a.keys, b.keys)
+    recorded = read_manifest(other)["steps"]["keys"]["key_model"]
+    assert recorded["spec"] == str(other_model) and len(recorded["hash"]) == 16
+    # the keys are the other model's FFN inputs over the base's windows
+    other_lm = AutoModelForCausalLM.from_pretrained(other_model).eval()
+    with FFNInputCapture(other_lm) as cap:
+        other_lm(input_ids=torch.tensor(np.array(a.tokens[:64]), dtype=torch.long)[None])
+    np.testing.assert_allclose(b.keys[:64].astype(np.float32), cap.last[0].numpy(), rtol=1e-2, atol=1e-3)
+
+    capsys.readouterr()
+    back = build_datastore(config(tiny_llama_dir, tmp_path / "other", progress=True))
+    assert "rebuilding the keys" in capsys.readouterr().err
+    assert read_bytes(back) == read_bytes(built)
+
+
+def test_key_model_with_another_tokenizer_is_refused_before_loading(tmp_path, tiny_llama_dir):
+    """One clear line, and no weights read: the key model's weights file here is garbage."""
+    from memdec.errors import TokenizerMismatchError
+    from memdec.testing import save_tiny_model
+
+    foreign = save_tiny_model(tmp_path / "foreign", "llama", tiny_tokenizer(vocab_size=300))
+    (foreign / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(TokenizerMismatchError, match="--key-model .* another tokenizer"):
+        build_datastore(config(tiny_llama_dir, tmp_path / "x", key_model=str(foreign)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_knn_lm_with_adapted_keys_queries_the_key_model(tmp_path, tiny_llama_dir, tokenizer):
+    """kNN-LM over a datastore keyed by another model takes its queries from that model: on the
+    datastore's own text and windows every position finds itself at distance ~0. Without the key
+    model the retriever refuses, rather than search with the base's keys."""
+    from memdec.knnlm import KnnRetriever, knn_pass
+    from memdec.testing import save_tiny_model
+
+    adapted = save_tiny_model(tmp_path / "adapted", "llama", tokenizer, seed=3)
+    store = build_datastore(config(tiny_llama_dir, tmp_path / "ds", key_model=str(adapted)))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    key_model = AutoModelForCausalLM.from_pretrained(adapted).eval()
+    retriever = KnnRetriever(str(store), k=4, tokenizer=tokenizer)
+    tokens = open_datastore(store).tokens
+    found = knn_pass(base, retriever, tokens, 64, 32, progress=False, key_model=key_model)
+    scale = float(np.median(found.dists[:, 1]))
+    assert float(np.max(found.dists[:, 0])) < 1e-3 * scale
+    with pytest.raises(DatastoreError, match="key model"):
+        knn_pass(base, retriever, tokens, 64, 32, progress=False)

@@ -104,3 +104,57 @@ def test_ddp_two_cpu_processes_match_one_process(store, tmp_path):
     a, b, c = (load_file(p / "model.safetensors") for p in (single, tmp_path / "ddp", half))
     dist = lambda x, y: max((x[k] - y[k]).abs().mean().item() for k in x)  # noqa: E731
     assert dist(a, b) < 0.1 * dist(a, c), (dist(a, b), dist(a, c))
+
+
+def test_init_from_a_checkpoint_is_phase_two(store, tmp_path, interrupt_at):
+    """--init CKPT starts from that checkpoint's weights with a fresh optimizer and schedule; the
+    weights' hash is part of the run: resume is exact, and another --init (or the same folder
+    retrained in place) refuses to resume."""
+    phase1 = train(config(store, tmp_path / "p1", alpha=0.0, max_steps=3))
+    still = train(config(store, tmp_path / "still", init=str(phase1), max_steps=1, lr=0.0))
+    a, b = load_file(phase1 / "model.safetensors"), load_file(still / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the phase-one weights, unchanged
+    info = json.loads((still / "memdec.json").read_text())
+    assert info["init"] == str(phase1) and len(info["init_hash"]) == 16
+
+    straight = train(config(store, tmp_path / "p2", init=str(phase1), alpha=0.5))
+    assert json.loads((straight / "log.jsonl").read_text().splitlines()[0])["lr"] > 0  # a fresh warm-up
+    with pytest.raises(interrupt_at.error):
+        train(config(store, tmp_path / "p2b", init=str(phase1), alpha=0.5), on_step=interrupt_at(3))
+    resumed = train(config(store, tmp_path / "p2b", init=str(phase1), alpha=0.5))
+    assert losses(resumed) == losses(straight)
+
+    other = train(config(store, tmp_path / "p1other", alpha=0.0, max_steps=3, lr=5e-4))
+    with pytest.raises(MemdecError, match="another run"):
+        train(config(store, tmp_path / "p2b", init=str(other), alpha=0.5))
+    weights = load_file(phase1 / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1e-3 for k, v in weights.items()}, str(phase1 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MemdecError, match="another run"):
+        train(config(store, tmp_path / "p2b", init=str(phase1), alpha=0.5))
+
+
+def test_init_tokenizer_is_checked_before_the_weights_load(store, tmp_path):
+    from memdec.testing import save_tiny_model, tiny_tokenizer
+
+    foreign = save_tiny_model(tmp_path / "foreign", "llama", tiny_tokenizer(vocab_size=300))
+    (foreign / "model.safetensors").write_bytes(b"garbage")  # never read: the tokenizer check comes first
+    with pytest.raises(TokenizerMismatchError, match="--init"):
+        train(config(store, tmp_path / "c", init=str(foreign)))
+    assert not (tmp_path / "c").exists()
+
+
+def test_patience_stops_early_where_resume_would_too(store, tmp_path, interrupt_at):
+    """lr 0: no validation ever beats the first, so patience 1 stops at the second validation;
+    the best checkpoint is the first, the schedule is the full run's, and a rerun resumes to the
+    same stop without another step."""
+    kw = dict(valid="austen:test", valid_max_tokens=200, lr=0.0, max_steps=12, eval_every=2, save_every=100, patience=1)
+    out = train(config(store, tmp_path / "es", **kw))
+    info = json.loads((out / "memdec.json").read_text())
+    assert info["stopped_early_at"] == 4 and info["train_stats"]["step"] == 2
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][-1] == 4
+    train(config(store, tmp_path / "es", **kw))  # resumes at step 4 and stops there again
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()][-1] == 4
+    with pytest.raises(MemdecError, match="--patience"):
+        train(config(store, tmp_path / "x", patience=2))

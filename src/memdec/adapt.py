@@ -50,7 +50,7 @@ from .joint import MemoryDecoderModel
 from .models import load_model, load_tokenizer, resolve_device, resolve_model_spec
 from .tables import render_table
 from .tasks import memdec_lm_class, write_facts_task, write_general_task
-from .train import TrainConfig, train
+from .train import TrainConfig, planned_steps, train
 from .transfer import INITS, TransferConfig, check_source, source_fingerprint, transfer
 
 PRESETS: dict[str, dict] = {
@@ -85,6 +85,7 @@ class AdaptConfig:
     init_layers: int | None = None
     alpha: list[float] | None = None  # several: one decoder each, the best on --valid is kept
     teacher_base_weight: list[float] | None = None  # β candidates for every α > 0: teacher (1-β)·p_kNN + β·p_base
+    two_phase: list[float] | None = None  # α of two-phase candidates: CE for half the steps, then α for the rest
     train_budget: float | None = None  # seconds: start no further candidate decoder once training has used this
     lr: float | None = None
     epochs: float | None = None
@@ -138,6 +139,9 @@ ADAPT_HELP = {
              "the best on --valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)",
     "teacher_base_weight": "mix the base model's distribution into the kNN teacher with this weight; several values "
                            "add one candidate decoder each for every alpha > 0 (default: 0, the pure kNN teacher)",
+    "two_phase": "add a two-phase candidate for each value A: cross-entropy for the first half of the steps, then "
+                 "alpha=A from that decoder's best checkpoint for the other half (the official recipe's two phases, "
+                 "in the same total steps as every other candidate); e.g. --two-phase 0.5 (default: none)",
     "train_budget": "seconds of training after which no further candidate decoder is started (default: no limit)",
     "lr": "peak learning rate",
     "epochs": "passes over the training windows",
@@ -183,6 +187,7 @@ class Settings:
     init_layers: int | None
     alpha: list[float]
     teacher_base_weight: list[float]
+    two_phase: list[float]
     train_budget: float | None
     lr: float
     epochs: float
@@ -221,6 +226,8 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
                       train_block_size=min(values["train_block_size"], b))
     if values["teacher_base_weight"] is None:
         values["teacher_base_weight"] = [0.0]
+    if values["two_phase"] is None:
+        values["two_phase"] = []
     if values["train_tokens"] == 0:
         values["train_tokens"] = None
     if str(values["general"]).lower() in ("", "none"):
@@ -271,6 +278,11 @@ def check_settings(s: Settings) -> None:
         check_unit_interval(a, "--alpha")
     for b in s.teacher_base_weight:
         check_unit_interval(b, "--teacher-base-weight")
+    for a in s.two_phase:
+        if check_unit_interval(a, "--two-phase") == 0:
+            raise MemdecError("--two-phase 0 is cross-entropy in both phases: give an alpha above 0")
+    if s.two_phase and s.max_steps is not None and s.max_steps < 2:
+        raise MemdecError(f"--two-phase splits the steps in two: --max-steps must be at least 2, got {s.max_steps}")
     check_transfer_settings(s)
 
 
@@ -282,6 +294,9 @@ def check_transfer_settings(s: Settings) -> None:
         return
     if s.transfer_init not in INITS:
         raise MemdecError(f"unknown --transfer-init '{s.transfer_init}' (mapped or random)")
+    if s.two_phase:
+        raise MemdecError("--two-phase trains a decoder from the base; --transfer-from starts from the source "
+                          "decoder instead: give one or the other")
     if s.init is not None or s.init_layers is not None:
         raise MemdecError("--init and --init-layers choose a decoder trained from the base; --transfer-from "
                           "starts from the source decoder instead: give one or the other")
@@ -331,8 +346,20 @@ def candidate_name(alpha: float, beta: float) -> str:
     return f"alpha-{alpha:g}" + (f"-base-{beta:g}" if beta else "")
 
 
+TWO_PHASE_PREFIX = "two-phase-"
+PHASE_ONE = "two-phase-ce"  # the shared first phase of the two-phase candidates, under RUN/candidates
+
+
+def two_phase_name(alpha: float) -> str:
+    """The two-phase candidate's folder under RUN/candidates: ``two-phase-0.5``."""
+    return f"{TWO_PHASE_PREFIX}{alpha:g}"
+
+
 def candidate_label(name: str) -> str:
-    """``alpha-0.5-base-0.5`` -> ``α=0.5, β=0.5`` (β: the base model's weight in the teacher)."""
+    """``alpha-0.5-base-0.5`` -> ``α=0.5, β=0.5`` (β: the base model's weight in the teacher);
+    ``two-phase-0.5`` -> ``CE, then α=0.5``."""
+    if name.startswith(TWO_PHASE_PREFIX):
+        return f"CE, then α={name[len(TWO_PHASE_PREFIX):]}"
     return name.replace("alpha-", "α=").replace("-base-", ", β=")
 
 
@@ -353,9 +380,11 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
         train["train_budget"] = s.train_budget
     if s.transfer_from is not None:  # only when used, so that earlier runs keep their fingerprint
         train["transfer"] = dict(source=source_fingerprint(s.transfer_from), budget=s.transfer_budget, init=s.transfer_init)
+    if s.two_phase:  # likewise
+        train["two_phase"] = s.two_phase
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
     budget = {k: v for k, v in train.items()
-              if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer")}
+              if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer", "two_phase")}
     baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
                  "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
     evaluation = dict(train=train, test=s.test, test_tokens=s.test_tokens, valid_tokens=s.valid_tokens,
@@ -522,6 +551,7 @@ def train_stage(job: Job) -> TrainConfig:
     Returns the chosen candidate's TrainConfig."""
     s, book = job.s, job.book
     names = [candidate_name(a, b) for a, b in teacher_candidates(s.alpha, s.teacher_base_weight)]
+    names += [two_phase_name(a) for a in s.two_phase]
     init = f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")
     if s.transfer_from is not None:
         init = (f"transferred from {s.transfer_from}, {s.transfer_init} rows, "
@@ -540,30 +570,56 @@ def train_candidates(job: Job) -> dict:
     --valid as ``RUN/memdec``; returns the stage's summary."""
     s, base_cfg = job.s, train_config(job)
     teachers = teacher_candidates(s.alpha, s.teacher_base_weight)
-    scores, skipped, t0 = {}, [], time.perf_counter()
+    several = len(teachers) + len(s.two_phase) > 1
+    scores, seconds, skipped, t0 = {}, {}, [], time.perf_counter()
+    spent = lambda: scores and s.train_budget is not None and time.perf_counter() - t0 > s.train_budget  # noqa: E731
     for alpha, beta in teachers:
         name = candidate_name(alpha, beta)
-        if scores and s.train_budget is not None and time.perf_counter() - t0 > s.train_budget:
+        if spent():
             skipped.append(name)
             continue
-        out = job.run / "candidates" / name if len(teachers) > 1 else job.ckpt
+        out = job.run / "candidates" / name if several else job.ckpt
         cfg = dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out))
         if s.transfer_from is not None:
             transfer(TransferConfig(**{**asdict(cfg), "decoder": s.transfer_from, "model": s.model, "init": s.transfer_init,
                                        "budget": s.transfer_budget}))
         else:
             train(cfg)
+        info = read_memdec_json(out)
+        scores[name], seconds[name] = info["train_stats"].get("best_ppl", math.inf), info.get("train_seconds")
+    for alpha in s.two_phase:
+        name = two_phase_name(alpha)
+        if spent():
+            skipped.append(name)
+            continue
+        out = job.run / "candidates" / name if several else job.ckpt
+        seconds[name] = train_two_phase(job, base_cfg, alpha, out)
         scores[name] = read_memdec_json(out)["train_stats"].get("best_ppl", math.inf)
     if skipped:
         _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
     chosen = min(scores, key=scores.get)
-    if len(teachers) > 1:
+    if several:
         _remove(job.ckpt)
         job.ckpt.symlink_to(Path("candidates") / chosen, target_is_directory=True)
     info = read_memdec_json(job.ckpt)
     return {"lambda": info["lambda"], "train_stats": info["train_stats"], "chosen": chosen,
             "chosen_alpha": info["alpha"], "chosen_teacher_base_weight": info.get("teacher_base_weight", 0.0),
-            "valid_joint_ppl": scores, "skipped": skipped}
+            "valid_joint_ppl": scores, "train_seconds": seconds, "skipped": skipped}
+
+
+def train_two_phase(job: Job, base_cfg: TrainConfig, alpha: float, out: Path) -> float | None:
+    """A two-phase candidate in the CE-only candidate's steps: cross-entropy for the first half
+    (``RUN/candidates/two-phase-ce``, shared by every two-phase candidate), then ``alpha`` from its
+    best checkpoint for the rest, with a fresh optimizer and schedule. Returns both phases' seconds."""
+    total = planned_steps(base_cfg, int(read_manifest(job.datastore)["n_keys"]))
+    if total < 2:
+        raise MemdecError(f"--two-phase splits the steps in two, but the run has {total} step; raise --epochs or --max-steps")
+    first = job.run / "candidates" / PHASE_ONE
+    train(dataclasses.replace(base_cfg, alpha=0.0, teacher_base_weight=0.0, max_steps=total // 2, out=str(first)))
+    train(dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=0.0, init=str(first), init_layers=None,
+                              max_steps=total - total // 2, out=str(out)))
+    phases = [read_memdec_json(p).get("train_seconds") for p in (first, out)]
+    return None if None in phases else round(sum(phases), 1)
 
 
 BASELINE_WHAT = {
@@ -884,6 +940,7 @@ def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
             "stage_seconds": {name: e.get("seconds") for name, e in book.stages.items()},
             "wall_seconds_this_call": round(wall_s, 1), "settings": asdict(s), "samples": samples, "tasks": tasks,
             "alpha_choice": book.summary("train").get("valid_joint_ppl"), "skipped": book.summary("train").get("skipped"),
+            "candidate_seconds": book.summary("train").get("train_seconds"),
             "ce_decoder_reused_from": book.summary("ce-decoder").get("reused_from")}
 
 
@@ -941,10 +998,13 @@ def _teacher_lines(s: Settings, report: dict) -> list[str]:
     if len(choice) < 2:
         return []
     ranked = sorted(choice.items(), key=lambda kv: kv[1])
-    label = (lambda n: candidate_label(n if n.startswith("alpha-") else f"alpha-{n}"))  # older runs: keys were α
+    label = (lambda n: candidate_label(n if n.startswith(("alpha-", TWO_PHASE_PREFIX)) else f"alpha-{n}"))  # older runs: keys were α
+    secs = report.get("candidate_seconds") or {}
+    took = lambda n: f", {secs[n]:.0f} s" if secs.get(n) is not None else ""  # noqa: E731 - wall time of its training
     lines = ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
-                 f"of the teacher): **{label(ranked[0][0])}** (joint valid ppl {ranked[0][1]:.2f}); runner-up "
-                 + ", ".join(f"{label(a)} ({p:.2f})" for a, p in ranked[1:])
+                 f"of the teacher; every candidate trained for the same steps): **{label(ranked[0][0])}** "
+                 f"(joint valid ppl {ranked[0][1]:.2f}{took(ranked[0][0])}); runner-up "
+                 + ", ".join(f"{label(a)} ({p:.2f}{took(a)})" for a, p in ranked[1:])
                  + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
                     "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
     if report.get("skipped"):

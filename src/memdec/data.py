@@ -5,6 +5,9 @@ A *corpus spec* is one string:
 - ``austen:train``, ``austen:valid``, ``austen:test``, ``austen:within`` (the built-in demo
   corpus: the first 90% of four novels, Northanger Abbey, Persuasion, and the last 10% of the
   four training novels: held-out text that shares their characters and places), and ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting);
+- ``stdlib:train``, ``stdlib:valid``, ``stdlib:test``: the running Python's standard library source,
+  one document per ``.py`` file, split 90/5/5 by module (``stdlib_split``); ``stdlib-notest:*``
+  leaves out the test code;
 - a plain-text file (one document), a ``.jsonl`` file (one document per line, read from
   ``text_field``), a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted), a glob, or
   a folder saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
@@ -24,7 +27,7 @@ import lzma
 import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -46,6 +49,15 @@ BUILTIN_CORPORA: dict[str, list[str]] = {
     # Factbook (public domain; corpora/general/SOURCE.md says where it came from and how it was built)
     "general:test": ["factbook"],
 }
+
+# The Python standard library's own source, a code domain on every machine (``stdlib:SPLIT``; ``stdlib-notest:SPLIT``
+# leaves out the test code). Split by module, never by line: each file's *unit* (its top-level module or package;
+# inside the big ``test`` package, its second-level module or package) falls in train / valid / test by a hash of
+# the unit's name, so the split is the same on every machine whose Python has the same files.
+STDLIB_PREFIXES = ("stdlib", "stdlib-notest")
+STDLIB_SPLITS = {"train": (0, 90), "valid": (90, 95), "test": (95, 100)}  # percent of units, by name hash
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # third-party packages, bytecode
+STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -96,6 +108,88 @@ def _read_builtin(name: str) -> list[Document]:
             text = _decode(lzma.decompress((folder / f"{stem}.txt.xz").read_bytes()), stem)
             docs.append(Document(f"{name}/{entry}", text[paragraph_cut(text, start) : paragraph_cut(text, end)]))
     return docs
+
+
+def stdlib_root() -> Path:
+    """The standard library's folder of this Python (``sysconfig.get_paths()["stdlib"]``)."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_unit(rel: PurePosixPath) -> str:
+    """The split unit of a stdlib file (path relative to the stdlib root): ``email/parser.py`` ->
+    ``email``, ``json.py`` -> ``json``, ``test/test_os.py`` -> ``test.test_os``,
+    ``test/test_asyncio/test_events.py`` -> ``test.test_asyncio``."""
+    parts = rel.with_suffix("").parts
+    return f"test.{parts[1]}" if parts[0] == "test" and len(parts) > 1 else parts[0]
+
+
+def stdlib_split(unit: str) -> str:
+    """``train``, ``valid`` or ``test``: a pure function of the unit's name (sha256, mod 100)."""
+    bucket = int(hashlib.sha256(unit.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return next(name for name, (lo, hi) in STDLIB_SPLITS.items() if lo <= bucket < hi)
+
+
+def _is_stdlib_source(rel: PurePosixPath, with_tests: bool) -> bool:
+    """A ``.py`` file of the library itself: not third-party, not build-specific (``config-*``,
+    ``_sysconfigdata_*``, which hold the build's paths), and, without tests, no test code."""
+    if rel.suffix != ".py" or STDLIB_SKIP_DIRS & set(rel.parts) or rel.parts[0].startswith("config-"):
+        return False
+    if rel.name.startswith("_sysconfigdata_"):
+        return False
+    return with_tests or not (STDLIB_TEST_DIRS & set(rel.parts[:-1]) or rel.name.startswith("test_"))
+
+
+def stdlib_files(split: str, with_tests: bool = True, root: Path | None = None) -> list[PurePosixPath]:
+    """The stdlib files of ``split``, relative to the root, sorted by path (posix)."""
+    root = root or stdlib_root()
+    if not root.is_dir():
+        raise CorpusError(f"the Python standard library's source is not at {root}")
+    rels = (PurePosixPath(p.relative_to(root).as_posix()) for p in root.rglob("*.py") if p.is_file())
+    return sorted(r for r in rels if _is_stdlib_source(r, with_tests) and stdlib_split(stdlib_unit(r)) == split)
+
+
+def _parse_stdlib_spec(spec: str) -> tuple[str, bool] | None:
+    """(split, with_tests) of a ``stdlib:SPLIT`` / ``stdlib-notest:SPLIT`` spec; None for other specs."""
+    prefix, _, split = spec.partition(":")
+    if prefix not in STDLIB_PREFIXES or Path(spec).exists():
+        return None
+    if split not in STDLIB_SPLITS:
+        raise CorpusError(f"unknown corpus '{spec}'; choose one of: "
+                          + ", ".join(f"{p}:{s}" for p in STDLIB_PREFIXES for s in STDLIB_SPLITS))
+    return split, prefix == "stdlib"
+
+
+def _read_stdlib(split: str, with_tests: bool) -> list[Document]:
+    """One document per file, in path order; files that are not UTF-8 (a few deliberately
+    mis-encoded test inputs) are left out, the same on every machine."""
+    root, docs = stdlib_root(), []
+    for rel in stdlib_files(split, with_tests, root):
+        try:
+            text = (root / rel).read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            docs.append(Document(str(rel), text))
+    return docs
+
+
+def corpus_source(spec: str) -> dict | None:
+    """What a stdlib spec read on this machine (Python version, files, bytes, a sha256 of every
+    path and content, 16 hex digits), to record beside the token stream's hash; None for other specs."""
+    parsed = _parse_stdlib_spec(spec)
+    if parsed is None:
+        return None
+    import platform
+
+    docs = _read_stdlib(*parsed)
+    digest = hashlib.sha256()
+    for d in docs:
+        digest.update(f"{d.source}\0{len(d.text)}\0".encode())
+        digest.update(d.text.encode("utf-8"))
+    return {"python": platform.python_version(), "files": len(docs), "chars": sum(len(d.text) for d in docs),
+            "sha256": digest.hexdigest()[:16]}
 
 
 def _read_text_file(path: Path) -> Iterator[Document]:
@@ -181,11 +275,15 @@ def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
     of dataset rows at a time, so a corpus larger than memory streams through (each document
     must fit). A bad spec raises CorpusError at once; a bad file when it is reached. Raises
     CorpusError at the end if no document had text."""
-    paths = None if spec in BUILTIN_CORPORA else _corpus_paths(spec)
+    stdlib = None if spec in BUILTIN_CORPORA else _parse_stdlib_spec(spec)
+    paths = None if spec in BUILTIN_CORPORA or stdlib else _corpus_paths(spec)
 
     def documents() -> Iterator[Document]:
         found = False
-        sources = iter(_read_builtin(spec)) if paths is None else (d for p in paths for d in _read_path(p, text_field))
+        if paths is not None:
+            sources = (d for p in paths for d in _read_path(p, text_field))
+        else:
+            sources = iter(_read_stdlib(*stdlib) if stdlib else _read_builtin(spec))
         for doc in sources:
             if doc.text.strip():
                 found = True

@@ -4,7 +4,10 @@
 
 1. **keys**: the base model reads the corpus in the same sliding windows as evaluation. For each
    position p (a token that has a successor) a forward pre-hook captures the input of the last
-   transformer block's feed-forward layer, the kNN-LM key; the value is ``tokens[p+1]``. Only
+   transformer block's feed-forward layer, the kNN-LM key; the value is ``tokens[p+1]``. With
+   ``--key-model`` another model of the same tokenizer (a domain-adapted one) reads the same
+   windows and gives the keys; the manifest records it (spec and weights hash), and a change of
+   key model rebuilds keys, index and targets. Only
    the model body runs, and the hook stops the forward right after the capture, so neither the
    last FFN, the final norm nor the LM head is computed. Keys are written chunk by chunk (one
    batch of windows) into a preallocated fp16 memmap; the manifest records each finished chunk.
@@ -70,10 +73,11 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from .checks import check_temperature
-from .data import sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
+from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
-from .models import bos_prefix, check_block_size, load_model, load_tokenizer, resolve_device, tokenizer_fingerprint, with_prefix
+from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, load_tokenizer, model_fingerprint,
+                     resolve_device, tokenizer_fingerprint, with_prefix)
 from .files import NpyAppender, atomic_write_json, check_npy, read_json_object
 from .targets import (
     TARGETS_DIR,
@@ -102,6 +106,7 @@ class DatastoreConfig:
     model: str
     corpus: str
     out: str
+    key_model: str | None = None  # None: the keys come from the base model itself
     k: int | None = None  # None: the folder's k, or DEFAULT_K for a new datastore
     knn_temp: float | None = None  # None: the folder's temperature, or DEFAULT_KNN_TEMP
     top_m: int | None = None
@@ -124,8 +129,10 @@ class DatastoreConfig:
 
 DATASTORE_HELP = {
     "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
-    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
+    "corpus": "corpus spec: austen:train|valid|test, stdlib:train|valid|test, a text/JSONL file, a folder or a glob",
     "out": "datastore folder (created; an interrupted build resumes here)",
+    "key_model": "take the keys from this model (same tokenizer as --model), e.g. a domain-adapted one: a CE-trained "
+                 "decoder or a dapt baseline; windows, values and tokens stay the base's (default: the base itself)",
     "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
     "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, else {DEFAULT_KNN_TEMP:g}",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
@@ -490,19 +497,40 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk, ranks: Ranks) -> dict:
-    """Step 1: every rank computes the keys of its shard of the window chunks, written in place
-    into the rows of ``keys.npy`` they belong to; rank 0 records the step once all are done.
-    Returns the manifest as every rank then holds it."""
+def _key_model_text(key_model: dict | None) -> str:
+    return f"{key_model['spec']} (hash {key_model['hash']})" if key_model else "the base model"
+
+
+def _restart_keys(out: Path, manifest: dict, cfg: DatastoreConfig, key_model: dict | None) -> dict:
+    """Another key model than the recorded one: the keys, the index and the targets start over."""
+    _say(cfg, f"rebuilding the keys (and then the index and the targets): key model "
+              f"{_key_model_text(manifest['steps']['keys'].get('key_model'))} -> {_key_model_text(key_model)}")
+    manifest.update(layer=None, dim=None)
+    manifest["steps"] = {"keys": {"status": "pending"}, "index": {"status": "pending"}, "targets": {"status": "pending"}}
+    write_manifest(out, manifest)
+    return manifest["steps"]["keys"]
+
+
+def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk, ranks: Ranks,
+               key_model: dict | None = None) -> dict:
+    """Step 1: every rank computes the keys of its shard of the window chunks, from the base or from
+    ``key_model`` ({spec, hash}), written in place into the rows of ``keys.npy`` they belong to;
+    rank 0 records the step once all are done. Returns the manifest as every rank then holds it."""
     step = manifest["steps"]["keys"]
     n = manifest["n_keys"]
     keys_path = out / "keys.npy"
+    if step.get("key_model") != key_model and step["status"] != "pending":
+        if ranks.main:
+            _restart_keys(out, manifest, cfg, key_model)
+        manifest = _sync(out, manifest, ranks)
+        step = manifest["steps"]["keys"]
     if step["status"] == "done":
         check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
         return manifest
     device = ranks.device
-    model, _ = load_model(cfg.model, device=device)
-    check_block_size(model, cfg.block_size, cfg.model)
+    spec = key_model["spec"] if key_model else cfg.model
+    model, _ = load_model(spec, device=device)
+    check_block_size(model, cfg.block_size, spec)
     capture = FFNInputCapture(model, stop=True)
     with capture:
         dim = int(forward_ffn_inputs(model, torch.from_numpy(np.array(tokens[None, :2], dtype=np.int64)).to(device), capture).shape[-1])
@@ -517,6 +545,8 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
     chunks = window_batches(windows, batch_size)
     if ranks.main:
         step["batch_size"] = batch_size
+        if key_model:  # recorded only where there is one: other manifests stay as they were
+            step["key_model"] = key_model
         _plan_keys(out, manifest, len(chunks), ranks.world, cfg)
     manifest = _sync(out, manifest, ranks)
     step = manifest["steps"]["keys"]
@@ -896,6 +926,16 @@ def _with_target_defaults(cfg: DatastoreConfig, out: Path) -> DatastoreConfig:
 
 
 
+def _key_model(cfg: DatastoreConfig, tokenizer) -> dict | None:
+    """``{spec, hash}`` of ``--key-model`` (None when it is the base itself), its tokenizer
+    checked against the base's before any weights load."""
+    if cfg.key_model is None or cfg.key_model == cfg.model:
+        return None
+    check_same_tokenizer(cfg.key_model, tokenizer_fingerprint(tokenizer), f"--key-model {cfg.key_model}: the base model",
+                         made_with=cfg.model)
+    return {"spec": cfg.key_model, "hash": model_fingerprint(cfg.key_model)}
+
+
 def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> dict:
     """Rank 0: stream the corpus's tokens into the folder, check them against (or start) the manifest."""
     _check_out_folder(out)
@@ -920,7 +960,11 @@ def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> dict:
     if (prefix := bos_prefix(tokenizer)) is not None:  # recorded only where there is one: other manifests stay as they were
         identity["prefix_token"] = prefix
     del tokens
-    return _open_manifest(out, identity, out / TOKENS_TMP)
+    manifest = _open_manifest(out, identity, out / TOKENS_TMP)
+    if (source := corpus_source(cfg.corpus)) is not None and manifest.get("corpus_source") != source:
+        manifest["corpus_source"] = source  # what the stdlib spec read here; the token stream's hash is the identity
+        write_manifest(out, manifest)
+    return manifest
 
 
 def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] | None = None) -> Path:
@@ -938,9 +982,10 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     cfg = _with_target_defaults(cfg, out)
     ranks = launched_ranks(resolve_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model)
+    key_model = _key_model(cfg, tokenizer)
     manifest = _sync(out, _prepare(out, cfg, tokenizer) if ranks.main else {}, ranks)
     tokens = np.load(out / "tokens.npy", mmap_mode="r")
-    manifest = _keys_step(out, manifest, cfg, tokens, on_chunk, ranks)
+    manifest = _keys_step(out, manifest, cfg, tokens, on_chunk, ranks, key_model)
     if ranks.main:
         _index_step(out, manifest, cfg)
     manifest = _sync(out, manifest, ranks)
@@ -1024,7 +1069,8 @@ def describe(path: str | os.PathLike) -> str:
     pct = targets.get("support_percentiles", {})
     lines = [
         f"datastore {path}: {m['n_keys']} keys of dim {m['dim']} at {m['layer']} ({m['model']}, {m['corpus']})",
-        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s",
+        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s"
+        + (f", from the key model {_key_model_text(keys['key_model'])}" if keys.get("key_model") else ""),
         f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
         f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
         f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",

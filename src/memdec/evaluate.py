@@ -29,7 +29,8 @@ from .files import atomic_write_json
 from .joint import MemoryDecoderModel
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
-from .models import bos_prefix, check_block_size, load_model, resolve_device
+from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint, resolve_device,
+                     tokenizer_fingerprint)
 from .scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
 from .tables import render_table
 
@@ -333,9 +334,11 @@ def _score_each(cfg, inputs: EvalInputs, scorer, desc: str, streams=("test", "va
 def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
     """One pass per stream gives the base NLL and every position's neighbours; T is chosen on valid."""
     retriever = KnnRetriever(cfg.knn, k=cfg.knn_k, tokenizer=inputs.tokenizer)
+    key_model = _load_key_model(retriever, inputs)
     passes = {name: None if tokens is None else
               knn_pass(inputs.model, retriever, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device,
-                       desc="base + kNN" + ("" if name == "test" else f" ({name})"), prefix=inputs.prefix)
+                       desc="base + kNN" + ("" if name == "test" else f" ({name})"), prefix=inputs.prefix,
+                       key_model=key_model)
               for name, tokens in inputs.streams.items()}
     if cfg.knn_temp is not None:
         temp = cfg.knn_temp
@@ -350,6 +353,21 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
                   test.seconds_search, 0.25, extra)
     base = {n: None if p is None else p.nll_base for n, p in passes.items()}
     return Scored(base, test.seconds_base, [knn])
+
+
+def _load_key_model(retriever: KnnRetriever, inputs: EvalInputs):
+    """The model that made the datastore's keys when it is not the base (``--key-model``), loaded
+    and checked to hold the very weights recorded (tokenizer first); None for base keys."""
+    recorded = retriever.key_model
+    if not recorded:
+        return None
+    spec = recorded["spec"]
+    check_same_tokenizer(spec, tokenizer_fingerprint(inputs.tokenizer), f"the key model {spec}")
+    if model_fingerprint(spec) != recorded["hash"]:
+        raise MemdecError(f"the key model {spec} changed since the datastore {retriever.store.path} was built "
+                          f"(hash {recorded['hash']}); rebuild the datastore with memdec datastore --key-model {spec}")
+    key_model, _ = load_model(spec, device=inputs.device)
+    return key_model
 
 
 def _score_memdec(cfg, inputs: EvalInputs, system: str, path: str, joint: MemoryDecoderModel, budget=None) -> Mixture:

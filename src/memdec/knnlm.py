@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .checks import check_lambda, check_temperature
-from .datastore import FFNInputCapture, open_datastore
+from .datastore import FFNInputCapture, forward_ffn_inputs, open_datastore
 from .errors import DatastoreError, MemdecError
 from .index import search
 from .models import check_tokenizer
@@ -49,6 +49,7 @@ class KnnRetriever:
         self.values = np.ascontiguousarray(self.store.values)
         self.model = manifest["model"]
         self.layer = manifest["layer"]
+        self.key_model = manifest["steps"]["keys"].get("key_model")  # {spec, hash}, or None: the base's keys
 
     def neighbours(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries, np.float32)
@@ -56,8 +57,14 @@ class KnnRetriever:
         return dists, lookup_values(ids, self.values)
 
 
-def check_same_base(retriever: KnnRetriever, model, capture_name: str) -> None:
-    """The keys at inference must come from the layer the datastore used."""
+def check_same_base(retriever: KnnRetriever, model, capture_name: str, key_model_given: bool = False) -> None:
+    """The keys at inference must come from the layer the datastore used, of the model that made
+    its keys: a datastore keyed by another model (``--key-model``) needs that model beside the base
+    (``knn_pass(key_model=...)``); ``key_model_given`` says it is ``model`` here."""
+    if retriever.key_model and not key_model_given:
+        raise DatastoreError(
+            f"the datastore's keys come from the key model {retriever.key_model['spec']}, not from the base "
+            f"{retriever.model}; kNN-LM here needs base keys (memdec eval --knn takes either)")
     if capture_name != retriever.layer:
         raise DatastoreError(
             f"the datastore's keys come from {retriever.layer} of {retriever.model}, "
@@ -91,20 +98,26 @@ class KnnPass:
 
 def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int, stride: int,
              batch_size: int = 1, device: str = "cpu", desc: str = "base + kNN", progress: bool = True,
-             prefix: int | None = None) -> KnnPass:
-    """Score the base model over ``tokens`` [N+1] and search the neighbours of every position's key."""
+             prefix: int | None = None, key_model=None) -> KnnPass:
+    """Score the base model over ``tokens`` [N+1] and search the neighbours of every position's key.
+
+    The keys come from ``model`` itself, or, for a datastore built with ``--key-model``, from
+    ``key_model`` (that model, loaded): it reads the same windows, up to its last FFN only.
+    """
     found_d: list[np.ndarray] = []
     found_v: list[np.ndarray] = []
     search_s = 0.0
-    with FFNInputCapture(model) as capture:
-        check_same_base(retriever, model, capture.name)
+    keyed = model if key_model is None else key_model
+    with FFNInputCapture(keyed, stop=key_model is not None) as capture:
+        check_same_base(retriever, keyed, capture.name, key_model_given=key_model is not None)
 
         @torch.inference_mode()
         def scorer(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             nonlocal search_s
             n = targets.shape[1]
             lp = target_logprobs(causal_lm_logits(model, input_ids, n), targets)
-            keys = capture.last[:, -n:].reshape(-1, capture.last.shape[-1])
+            hidden = capture.last if key_model is None else forward_ffn_inputs(key_model, input_ids, capture)
+            keys = hidden[:, -n:].reshape(-1, hidden.shape[-1])
             t0 = time.perf_counter()
             d, v = retriever.neighbours(keys)
             search_s += time.perf_counter() - t0

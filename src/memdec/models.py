@@ -272,6 +272,35 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin")  # what makes a model folder's weights what they are
+
+
+def model_fingerprint(spec: str) -> str:
+    """sha256 (16 hex digits) of a model's config and weight files, read from its local folder.
+
+    Two specs with the same fingerprint load the same weights, wherever their folders lie; a
+    folder retrained in place gets a new one. Reads every weight file once (~1 s per GB).
+    """
+    folder = Path(local_model_folder(spec))
+    if not folder.is_dir():
+        raise ModelSpecError(f"{spec}: no local model folder to fingerprint")
+    files = sorted({f for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def check_same_tokenizer(spec: str, expected_hash: str, what: str, made_with: str | None = None):
+    """Load only the tokenizer of ``spec`` and check it against ``expected_hash``, before any
+    weights load. Returns the tokenizer; TokenizerMismatchError names ``what``."""
+    tokenizer = load_tokenizer(spec)
+    check_tokenizer(tokenizer, expected_hash, what, made_with=made_with)
+    return tokenizer
+
+
 def vocab_rows(model) -> int:
     """Rows of the output layer (the logits' last dimension), else of the input embeddings."""
     emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

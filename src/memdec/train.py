@@ -50,7 +50,8 @@ from .datastore import open_datastore
 from .errors import MemdecError
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
-from .models import bos_prefix, check_tokenizer, load_model, resolve_device, shortened_copy, vocab_rows, with_prefix
+from .models import (bos_prefix, check_same_tokenizer, load_model, model_fingerprint, resolve_device,
+                     shortened_copy, vocab_rows, with_prefix)
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
 
@@ -77,6 +78,7 @@ class TrainConfig:
     valid_max_tokens: int = 4096
     lambdas: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     eval_every: int = 50
+    patience: int | None = None  # early stopping: stop after this many validations without a better score
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
@@ -87,7 +89,10 @@ class TrainConfig:
 TRAIN_HELP = {
     "datastore": "datastore folder built by `memdec datastore` (its targets step must be done)",
     "out": "checkpoint folder: the best checkpoint, plus trainer_state/ for resume",
-    "init": "initialise from this model spec (same tokenizer as the base); default: a full copy of the base",
+    "init": "initialise from this model spec (same tokenizer as the base): a memory decoder checkpoint, a dapt "
+            "baseline or any model folder, e.g. a CE-trained decoder for a second, kNN phase (fresh optimizer and "
+            "schedule; its weights' hash is part of the run, so resume starts from the same ones); "
+            "default: a full copy of the base",
     "init_layers": "initialise from a shortened copy of the base model with N blocks",
     "layer_selection": "with --init-layers: 'first' N blocks or 'spread' (evenly spaced)",
     "alpha": "weight of KL(p_kNN || p_mem); 1-alpha weighs next-token cross-entropy",
@@ -110,6 +115,8 @@ TRAIN_HELP = {
     "valid_max_tokens": "validate on the first N tokens of --valid",
     "lambdas": "interpolation weights tried at validation",
     "eval_every": "validate every K optimizer steps",
+    "patience": "with --valid: stop early once this many validations in a row found no better checkpoint "
+                "(the schedule stays that of the full run; default: never stop early)",
     "save_every": "save a resumable checkpoint every K optimizer steps",
     "resume": "continue from CKPT/trainer_state if it exists",
 }
@@ -187,8 +194,8 @@ def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
     if cfg.init is not None and cfg.init_layers is not None:
         raise MemdecError("give --init or --init-layers, not both")
     spec = cfg.init or manifest["model"]
+    check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     model, tokenizer = load_model(spec, device="cpu", dtype=torch.float32)
-    check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     if cfg.init_layers is not None:
         model = shortened_copy(model, cfg.init_layers, cfg.layer_selection)
     model.config.use_cache = False
@@ -222,13 +229,19 @@ def write_model_files(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_fingerprint(cfg: TrainConfig, manifest_hash: str) -> str:
-    """What makes two training runs the same run: everything but budget-free knobs."""
+def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None) -> str:
+    """What makes two training runs the same run: everything but budget-free knobs.
+
+    ``init_hash``: the ``model_fingerprint`` of ``--init``, so that a resume starts from the very
+    weights the run began with (a folder retrained in place is another run).
+    """
     keep = asdict(cfg)
-    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every"):
+    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience"):
         keep.pop(k)
     if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
         keep.pop("teacher_base_weight")
+    if init_hash is not None:  # only with --init: other runs keep their fingerprint
+        keep["init_hash"] = init_hash
     keep["datastore_manifest_hash"] = manifest_hash
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -348,6 +361,16 @@ class Recipe:
         """(model, tokenizer): the model to train, fp32 on CPU, in train mode."""
         return init_memory_decoder(cfg, manifest, "cpu")
 
+    def init_hash(self, cfg: TrainConfig, manifest: dict) -> str | None:
+        """``model_fingerprint`` of ``--init`` (None without it), its tokenizer checked first: one
+        clear line, before any weights load, if it does not share the training data's. The hash
+        joins the run's fingerprint, so a resume starts from the same weights."""
+        spec = cfg.init
+        if spec is None:
+            return None
+        check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
+        return model_fingerprint(spec)
+
     def load_weights(self, model, folder: Path) -> None:
         """Load into ``model`` the weights that a save wrote to ``folder`` (to resume)."""
         from safetensors.torch import load_file
@@ -420,9 +443,11 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise MemdecError(f"--epochs must be a positive number, got {cfg.epochs}: the schedule has no steps")
     for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size), ("--grad-accum", cfg.grad_accum),
                         ("--block-size", cfg.block_size), ("--eval-every", cfg.eval_every),
-                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every)):
+                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every), ("--patience", cfg.patience)):
         if value is not None:
             check_positive_int(value, flag)
+    if cfg.patience is not None and not cfg.valid:
+        raise MemdecError("--patience stops on the validation score: give --valid CORPUS")
     if cfg.valid_max_tokens < 2:
         raise MemdecError(f"--valid-max-tokens must be at least 2, got {cfg.valid_max_tokens}")
     if cfg.init is not None and cfg.init_layers is not None:
@@ -431,6 +456,15 @@ def check_train_config(cfg: TrainConfig) -> None:
         check_positive_int(cfg.init_layers, "--init-layers")
     if cfg.layer_selection not in ("first", "spread"):
         raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
+
+
+def planned_steps(cfg: TrainConfig, n_positions: int, world: int = 1) -> int:
+    """Optimizer steps of a run over ``n_positions`` training positions: ``--max-steps``, else
+    ``--epochs`` passes over its windows (what a budget of "the same steps" means)."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    n_windows = len(window_starts(n_positions, min(cfg.block_size, n_positions)))
+    return math.ceil(cfg.epochs * n_windows / (cfg.batch_size * cfg.grad_accum * world))
 
 
 def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None:
@@ -472,7 +506,8 @@ class Trainer:
         self.tokens, self.manifest = self.recipe.data(cfg)
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        self.fingerprint = run_fingerprint(cfg, self.manifest_hash)
+        self.init_hash = self._init_hash()
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash)
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
         self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16", gradient_accumulation_steps=1)
@@ -482,13 +517,16 @@ class Trainer:
 
     # -- plan and resume ---------------------------------------------------------------------
 
+    def _init_hash(self) -> str | None:
+        return self.recipe.init_hash(self.cfg, self.manifest)
+
     def _plan(self) -> None:
         cfg = self.cfg
         n_positions = len(self.tokens) - 1
         self.block = min(cfg.block_size, n_positions)
         self.starts = window_starts(n_positions, self.block)
         self.windows_per_step = cfg.batch_size * cfg.grad_accum * self.world
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.epochs * len(self.starts) / self.windows_per_step)
+        self.total_steps = planned_steps(cfg, n_positions, self.world)
         if self.total_steps < 1:
             raise MemdecError(f"the schedule has no steps: {len(self.starts)} windows of {self.block} tokens, "
                               f"{self.windows_per_step} per step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
@@ -603,6 +641,7 @@ class Trainer:
             "corpus": manifest.get("corpus"), "corpus_hash": manifest.get("corpus_hash"),
             "k": targets.get("k"), "knn_temperature": targets.get("temperature"),
             "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight, "init": init,
+            **({"init_hash": self.init_hash} if self.init_hash else {}),
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "world_size": self.world,
@@ -617,7 +656,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", disable=not acc.is_main_process)
         self.t_start, tokens_done = time.perf_counter(), 0
         self.model.train()
+        stopped = None
         for step in range(start_step, self.total_steps):
+            if self._patience_spent(step):  # a resumed run that had already stopped early
+                stopped = step
+                break
             record = self._step(step)
             tokens_done += self.windows_per_step * self.block
             record["tokens_per_s"] = tokens_done / (time.perf_counter() - self.t_start)
@@ -627,6 +670,11 @@ class Trainer:
             done = step + 1 == self.total_steps
             if self.validator is not None and ((step + 1) % cfg.eval_every == 0 or done):
                 self._validate(step + 1, record, bar)
+                if not done and self._patience_spent(step + 1):
+                    done, stopped = True, step + 1
+                    record["stopped_early"] = True
+                    bar.write(f"step {step + 1}: no better checkpoint in {cfg.patience} validations "
+                              f"(best: step {self.best['step']}): stopping early")
             if (step + 1) % cfg.log_every == 0 or "best_ppl" in record or done:
                 self._log(record)
             if (step + 1) % cfg.save_every == 0 or done:
@@ -636,11 +684,22 @@ class Trainer:
                 self._save_state(step + 1)
             if self.on_step is not None:
                 self.on_step(step + 1, record)
+            if stopped is not None:
+                break
         bar.close()
         acc.wait_for_everyone()
         if acc.is_main_process and start_step < self.total_steps:  # the whole loop's time, not the best step's
             meta = read_json_object(self.out / self.recipe.meta_file, self.recipe.meta_file)
-            self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1)})
+            extra = {"stopped_early_at": stopped} if stopped is not None else {}
+            self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1), **extra})
+
+    def _patience_spent(self, step: int) -> bool:
+        """Early stopping: ``--patience`` validations since the best one (a function of the step and
+        the best step alone, so a resumed run stops where the straight one did)."""
+        cfg = self.cfg
+        if cfg.patience is None or self.validator is None or self.best is None:
+            return False
+        return step - self.best["step"] >= cfg.patience * cfg.eval_every
 
     def _step(self, step: int) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; MemdecError (before the update) if

@@ -244,6 +244,11 @@ class TransferRecipe(Recipe):
         self.cfg, self.source_info = cfg, source_info
         self.step, self.origin, self._hooks = 0, None, []
 
+    def init_hash(self, cfg: TransferConfig, manifest: dict) -> None:
+        """None: a transfer's ``--init`` names how new rows start (mapped, random), not a model;
+        the source decoder is part of the run through ``--decoder``."""
+        return None
+
     def init_model(self, cfg: TransferConfig, manifest: dict):
         new_tok = load_tokenizer(cfg.model)
         check_tokenizer(new_tok, manifest["tokenizer_hash"], f"the datastore {cfg.datastore}", made_with=manifest["model"])
