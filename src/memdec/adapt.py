@@ -325,7 +325,7 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens, sampling=SAMPLING)
     tasks = dict(eval=evaluation, test=s.test, heldout_tokens=task_heldout_tokens(s), general=s.general,
                  items=s.task_items, seed=TASK_SEED, context_tokens=FACTS_CONTEXT_TOKENS,
-                 context_words=GENERAL_CONTEXT_WORDS, n_choices=TASK_CHOICES, text_field=s.text_field)
+                 context_words=GENERAL_CONTEXT_WORDS, n_choices=TASK_CHOICES)  # text_field: in eval
     return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples, "tasks": tasks}
 
 
