@@ -154,9 +154,16 @@ def token_requests(tokenizer, n=7):
     return [(None, stream[10 * i: 10 * i + c], stream[10 * i + c: 10 * i + c + k]) for i, (c, k) in enumerate(shapes)]
 
 
+def shared_input_requests(tokenizer):
+    """Requests whose inputs coincide: one-token choices after one context, one request twice, and a
+    two-token continuation whose input is another request's (context + first token)."""
+    (_, ctx, cont), (_, ctx2, cont2) = token_requests(tokenizer)[1:3]
+    choices = [(None, ctx, [t]) for t in (cont[0], cont2[0], 7, cont[0])]
+    return choices + [(None, ctx, cont[:2]), (None, ctx + cont[:1], [cont2[1]]), (None, ctx2, cont2)]
+
+
 def one_at_a_time(lm, requests):
-    lm.batch_size = 1
-    return lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    return [lm._score(ctx, cont) for _, ctx, cont in requests]
 
 
 @pytest.mark.parametrize("system", ["base", "memdec", "knn"])
@@ -165,8 +172,8 @@ def test_batched_requests_equal_one_at_a_time(system, tiny_llama_dir, ckpt, stor
             "knn": {"knn": str(store), "lmbda": 0.4, "knn_temp": 3.0}}
     lm = memdec_lm_class()(base=str(tiny_llama_dir), device="cpu", batch_size=5,
                            **(args[system] if system != "base" else {}))
-    requests = token_requests(tokenizer)
-    batched = lm._loglikelihood_tokens(requests, disable_tqdm=True)  # two forwards, padded on the right
+    requests = token_requests(tokenizer) + shared_input_requests(tokenizer)
+    batched = lm._loglikelihood_tokens(requests, disable_tqdm=True)  # 9 distinct inputs: two forwards, right-padded
     single = one_at_a_time(lm, requests)
     assert [g for _, g in batched] == [g for _, g in single]
     np.testing.assert_allclose([x for x, _ in batched], [x for x, _ in single], rtol=1e-5, atol=1e-5)

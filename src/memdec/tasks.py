@@ -230,42 +230,56 @@ class _MemdecLMMixin:
         from the left, the last token dropped; the continuation's tokens are the last inputs' targets."""
         return (context_enc + continuation_enc)[-(self.max_length + 1):][:-1], continuation_enc
 
-    def _score_batch(self, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) of each (input tokens, continuation): one forward, right padding."""
-        lengths = torch.tensor([len(ids) for ids, _ in requests])
-        n = torch.tensor([len(cont) for _, cont in requests])
-        input_ids = torch.full((len(requests), int(lengths.max())), self._pad_id, dtype=torch.long)
-        for row, (ids, _) in enumerate(requests):
-            input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        batch = torch.repeat_interleave(torch.arange(len(requests)), n)  # [M]: the request of each target
-        first = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-        position = torch.repeat_interleave(lengths - n, n) + torch.arange(int(n.sum())) - first  # [M]
-        logp = self.system.rows(input_ids.to(self._device), batch.to(self._device), position.to(self._device))
-        target = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=logp.device)
-        picked = logp.gather(-1, target[:, None])[:, 0].double()
-        batch = batch.to(logp.device)
-        total = torch.zeros(len(requests), dtype=torch.float64, device=logp.device).index_add_(0, batch, picked)
-        missed = torch.zeros(len(requests), device=logp.device).index_add_(0, batch, (logp.argmax(-1) != target).float())
-        return [(float(t), bool(m == 0)) for t, m in zip(total.tolist(), missed.tolist())]
+    def _score_batch(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """(log-likelihood, is_greedy) of each continuation of each (input tokens, continuations): one
+        forward, right padding. A row's continuations are the targets of its last inputs (of different
+        requests whose inputs are the same: e.g. one-token choices after one context)."""
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
+        n = torch.tensor([max(len(c) for c in conts) for _, conts in rows])  # positions scored per row
+        input_ids = torch.full((len(rows), int(lengths.max())), self._pad_id, dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        batch = torch.repeat_interleave(torch.arange(len(rows)), n)  # [M]: the row of each scored position
+        first = torch.cumsum(n, 0) - n  # [B]: each row's first entry among the M
+        position = torch.repeat_interleave(lengths - n, n) + torch.arange(int(n.sum())) - torch.repeat_interleave(first, n)
+        logp = self.system.rows(input_ids.to(self._device), batch.to(self._device), position.to(self._device))  # [M, V]
+        # every continuation token: its entry among the M (the row's last len(c) entries) and its id
+        conts = [(r, c) for r, (_, cs) in enumerate(rows) for c in cs]
+        entry = torch.tensor([int(first[r] + n[r]) - len(c) + j for r, c in conts for j in range(len(c))])
+        target = torch.tensor([t for _, c in conts for t in c], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(len(conts)), torch.tensor([len(c) for _, c in conts]))
+        entry, target, owner = entry.to(logp.device), target.to(logp.device), owner.to(logp.device)
+        picked = logp[entry, target].double()
+        total = torch.zeros(len(conts), dtype=torch.float64, device=logp.device).index_add_(0, owner, picked)
+        missed = torch.zeros(len(conts), device=logp.device).index_add_(0, owner, (logp.argmax(-1)[entry] != target).float())
+        results = iter([(float(t), bool(m == 0)) for t, m in zip(total.tolist(), missed.tolist())])
+        return [[next(results) for _ in cs] for _, cs in rows]
 
     def _score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
-        return self._score_batch([self._request(context_enc, continuation_enc)])[0]
+        ids, cont = self._request(context_enc, continuation_enc)
+        return self._score_batch([(ids, [cont])])[0][0]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """Scored ``batch_size`` requests per forward, longest first (similar lengths pad little); results in
-        the order of ``requests``."""
+        """Requests with the same input tokens share one row (one-token choices after one context, the
+        same request of two tasks); ``batch_size`` rows per forward, longest first (similar lengths pad
+        little); results in the order of ``requests``."""
         prepared = [self._request(ctx, cont) for _, ctx, cont in requests]
-        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+        same_input: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, _) in enumerate(prepared):
+            same_input.setdefault(tuple(ids), []).append(i)
+        inputs = sorted(same_input, key=len, reverse=True)
         out: list[tuple[float, bool] | None] = [None] * len(prepared)
         with tqdm(total=len(prepared), desc=f"{self.system.name}: loglikelihood", disable=disable_tqdm,
                   leave=False) as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                for i, result in zip(chunk, self._score_batch([prepared[i] for i in chunk])):
-                    out[i] = result
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
-                bar.update(len(chunk))
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = [same_input[ids] for ids in inputs[start:start + self.batch_size]]
+                scored = self._score_batch([(prepared[idx[0]][0], [prepared[i][1] for i in idx]) for idx in chunk])
+                for idx, results in zip(chunk, scored):
+                    for i, result in zip(idx, results):
+                        out[i] = result
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    bar.update(len(idx))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
