@@ -396,7 +396,7 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     samples = dict(eval=evaluation, test=s.test, samples=s.samples, sample_tokens=s.sample_tokens, sampling=SAMPLING)
     tasks = dict(eval=evaluation, test=s.test, heldout_tokens=task_heldout_tokens(s), general=s.general,
                  items=s.task_items, seed=TASK_SEED, context_tokens=FACTS_CONTEXT_TOKENS,
-                 context_words=GENERAL_CONTEXT_WORDS, n_choices=TASK_CHOICES)
+                 context_words=GENERAL_CONTEXT_WORDS, n_choices=TASK_CHOICES)  # text_field: in eval
     return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples, "tasks": tasks}
 
 
@@ -739,7 +739,8 @@ def write_tasks(job: Job) -> tuple[dict, dict]:
     written, skipped = {}, {}
     try:
         write_facts_task(str(job.datastore), s.test, out, load_tokenizer(s.model), s.task_items, TASK_SEED,
-                         FACTS_CONTEXT_TOKENS, TASK_CHOICES, heldout_max_tokens=task_heldout_tokens(s), name=FACTS_TASK)
+                         FACTS_CONTEXT_TOKENS, TASK_CHOICES, heldout_max_tokens=task_heldout_tokens(s), name=FACTS_TASK,
+                         text_field=s.text_field)
         written[FACTS_TASK] = {"corpus": s.corpus, "heldout": s.test, "items": _count_lines(out / f"{FACTS_TASK}.jsonl")}
     except MemdecError as exc:
         skipped["facts"] = str(exc)
@@ -747,7 +748,8 @@ def write_tasks(job: Job) -> tuple[dict, dict]:
         skipped["general"] = "--general none"
     else:
         try:
-            write_general_task(s.general, out, s.task_items, TASK_SEED, GENERAL_CONTEXT_WORDS, TASK_CHOICES, GENERAL_TASK)
+            write_general_task(s.general, out, s.task_items, TASK_SEED, GENERAL_CONTEXT_WORDS, TASK_CHOICES, GENERAL_TASK,
+                               s.text_field)
             n = _count_lines(out / f"{GENERAL_TASK}.jsonl")
             written.update({f"{GENERAL_TASK}_{kind}": {"corpus": s.general, "items": n} for kind in ("lambada", "cloze")})
         except MemdecError as exc:

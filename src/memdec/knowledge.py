@@ -108,9 +108,10 @@ def recurring_positions(tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer
     return mask[1:]
 
 
-def memory_token_stream(spec: str, tokenizer, max_tokens: int | None = None) -> np.ndarray:
-    """The memory's tokens: a datastore folder's stored stream, or any corpus spec tokenized."""
+def memory_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_field: str = "text") -> np.ndarray:
+    """The memory's tokens: a datastore folder's stored stream, or any corpus spec tokenized (``text_field``:
+    the JSONL / dataset field that holds the text)."""
     if (Path(spec) / "manifest.json").is_file():
         return np.asarray(open_datastore(spec).tokens)
 
-    return load_token_stream(spec, tokenizer, max_tokens)
+    return load_token_stream(spec, tokenizer, max_tokens, text_field)

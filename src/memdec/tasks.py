@@ -50,29 +50,42 @@ from .scoring import causal_lm_logits
 
 @dataclass
 class System:
-    """One scored system. ``rows(input_ids [1, L], n)`` -> log-probs float32 [n, V] of the last n
-    positions; ``generator``: the causal LM whose ``generate`` continues prompts; ``processors``:
-    logits processors that ``generate`` needs (kNN-LM), made fresh per call."""
+    """One scored system. ``rows(input_ids [B, L], batch [M], position [M])`` -> log-probs float32
+    [M, V] of the token after ``input_ids[batch[m], position[m]]`` (right padding past a row's end is
+    harmless: attention is causal); ``generator``: the causal LM whose ``generate`` continues
+    prompts; ``processors``: logits processors that ``generate`` needs (kNN-LM), made fresh per call."""
 
     name: str
-    rows: Callable[[torch.Tensor, int], torch.Tensor]
+    rows: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     generator: Any
     processors: Callable[[], list] = list
     close: Callable[[], None] = lambda: None
 
 
+def _kept(input_ids: torch.Tensor, position: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(n_keep, index): the last ``n_keep`` positions cover every wanted one, at ``index`` among them."""
+    keep = input_ids.shape[1] - int(position.min())
+    return keep, position - (input_ids.shape[1] - keep)
+
+
+def _plain_logp(model, input_ids: torch.Tensor, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    keep, index = _kept(input_ids, position)
+    return F.log_softmax(causal_lm_logits(model, input_ids, keep)[batch, index].float(), dim=-1)
+
+
 def _plain_system(name: str, model) -> System:
     @torch.inference_mode()
-    def rows(input_ids: torch.Tensor, n: int) -> torch.Tensor:
-        return F.log_softmax(causal_lm_logits(model, input_ids, n)[0].float(), dim=-1)
+    def rows(input_ids: torch.Tensor, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        return _plain_logp(model, input_ids, batch, position)
 
     return System(name, rows, model)
 
 
 def _joint_system(name: str, joint: MemoryDecoderModel) -> System:
     @torch.inference_mode()
-    def rows(input_ids: torch.Tensor, n: int) -> torch.Tensor:
-        return joint(input_ids=input_ids, use_cache=False, logits_to_keep=n).logits[0, -n:].float()
+    def rows(input_ids: torch.Tensor, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        keep, index = _kept(input_ids, position)
+        return joint(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits[batch, index].float()
 
     return System(name, rows, joint)
 
@@ -86,9 +99,9 @@ def _knn_system(model, tokenizer, datastore: str, lmbda: float, k: int | None, t
     check_same_base(retriever, model, capture.name)
 
     @torch.inference_mode()
-    def rows(input_ids: torch.Tensor, n: int) -> torch.Tensor:
-        logp = F.log_softmax(causal_lm_logits(model, input_ids, n)[0].float(), dim=-1)
-        dists, values = retriever.neighbours(capture.last[0, -n:])
+    def rows(input_ids: torch.Tensor, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        logp = _plain_logp(model, input_ids, batch, position)
+        dists, values = retriever.neighbours(capture.last[batch, position])  # only the wanted positions
         return knn_mix_rows(logp, dists, values, lmbda, temperature)
 
     return System("knn-lm", rows, model, lambda: [KnnLMLogitsProcessor(model, retriever, lmbda, temperature)],
@@ -154,14 +167,30 @@ def memdec_lm_class():
     return _LM_CLASS
 
 
+DEFAULT_BATCH_SIZE = 16  # log-likelihood requests per forward
+
+
+def batch_size_arg(value: Any) -> int:
+    """lm-eval's ``batch_size``: an integer, or ``auto``/``auto:N`` (taken as ``DEFAULT_BATCH_SIZE``)."""
+    text = str(value if value is not None else DEFAULT_BATCH_SIZE).strip()
+    if text.startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(text)
+    except ValueError:
+        raise MemdecError(f"batch_size must be a positive integer or 'auto', got {value!r}") from None
+    return check_positive_int(size, "batch_size")
+
+
 class _MemdecLMMixin:
     """lm-eval's LM interface over a ``System`` (see ``memdec_lm_class``)."""
 
     def __init__(self, base: str = "smollm2-135m", memdec: str | None = None, knn: str | None = None,
                  baseline: str | None = None, lmbda: float | None = None, knn_k: int | None = None,
                  knn_temp: float | None = None, device: str = "auto", max_length: int | None = None,
-                 max_gen_toks: int = 256, batch_size: Any = 1, **ignored):
+                 max_gen_toks: int = 256, batch_size: Any = DEFAULT_BATCH_SIZE, **ignored):
         super().__init__()
+        self.batch_size = batch_size_arg(batch_size)  # before the model loads
         device = "auto" if device in (None, "") else str(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
@@ -170,6 +199,8 @@ class _MemdecLMMixin:
         self._device = next(model.parameters()).device
         self._max_length = int(max_length or max_context(model) or 2048)
         self.max_gen_toks = int(max_gen_toks)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad if pad is not None else self.eot_token_id)
 
     # -- tokenization, as lm-eval's hf model -------------------------------------------------
 
@@ -194,21 +225,61 @@ class _MemdecLMMixin:
 
     # -- scoring ----------------------------------------------------------------------------
 
+    def _request(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[list[int], list[int]]:
+        """(input tokens, continuation) as lm-eval's hf model: the pair cut to ``max_length`` + 1 tokens
+        from the left, the last token dropped; the continuation's tokens are the last inputs' targets."""
+        return (context_enc + continuation_enc)[-(self.max_length + 1):][:-1], continuation_enc
+
+    def _score_batch(self, rows: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """(log-likelihood, is_greedy) of each continuation of each (input tokens, continuations): one
+        forward, right padding. A row's continuations are the targets of its last inputs (of different
+        requests whose inputs are the same: e.g. one-token choices after one context)."""
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
+        n = torch.tensor([max(len(c) for c in conts) for _, conts in rows])  # positions scored per row
+        input_ids = torch.full((len(rows), int(lengths.max())), self._pad_id, dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        batch = torch.repeat_interleave(torch.arange(len(rows)), n)  # [M]: the row of each scored position
+        first = torch.cumsum(n, 0) - n  # [B]: each row's first entry among the M
+        position = torch.repeat_interleave(lengths - n, n) + torch.arange(int(n.sum())) - torch.repeat_interleave(first, n)
+        logp = self.system.rows(input_ids.to(self._device), batch.to(self._device), position.to(self._device))  # [M, V]
+        # every continuation token: its entry among the M (the row's last len(c) entries) and its id
+        conts = [(r, c) for r, (_, cs) in enumerate(rows) for c in cs]
+        entry = torch.tensor([int(first[r] + n[r]) - len(c) + j for r, c in conts for j in range(len(c))])
+        target = torch.tensor([t for _, c in conts for t in c], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(len(conts)), torch.tensor([len(c) for _, c in conts]))
+        entry, target, owner = entry.to(logp.device), target.to(logp.device), owner.to(logp.device)
+        picked = logp[entry, target].double()
+        total = torch.zeros(len(conts), dtype=torch.float64, device=logp.device).index_add_(0, owner, picked)
+        missed = torch.zeros(len(conts), device=logp.device).index_add_(0, owner, (logp.argmax(-1)[entry] != target).float())
+        results = iter([(float(t), bool(m == 0)) for t, m in zip(total.tolist(), missed.tolist())])
+        return [[next(results) for _ in cs] for _, cs in rows]
+
     def _score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
-        ids = (context_enc + continuation_enc)[-(self.max_length + 1):][:-1]
-        n = len(continuation_enc)
-        logp = self.system.rows(torch.tensor([ids], dtype=torch.long, device=self._device), n)  # [n, V]
-        cont = torch.tensor(continuation_enc, dtype=torch.long, device=logp.device)
-        greedy = bool((logp.argmax(dim=-1) == cont).all())
-        return float(logp.gather(-1, cont[:, None]).sum()), greedy
+        ids, cont = self._request(context_enc, continuation_enc)
+        return self._score_batch([(ids, [cont])])[0][0]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        out = []
-        for (key, context_enc, continuation_enc) in tqdm(requests, desc=f"{self.system.name}: loglikelihood",
-                                                         disable=disable_tqdm, leave=False):
-            out.append(self._score(context_enc, continuation_enc))
-            if key is not None:
-                self.cache_hook.add_partial("loglikelihood", key, out[-1])
+        """Requests with the same input tokens share one row (one-token choices after one context, the
+        same request of two tasks); ``batch_size`` rows per forward, longest first (similar lengths pad
+        little); results in the order of ``requests``."""
+        prepared = [self._request(ctx, cont) for _, ctx, cont in requests]
+        same_input: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, _) in enumerate(prepared):
+            same_input.setdefault(tuple(ids), []).append(i)
+        inputs = sorted(same_input, key=len, reverse=True)
+        out: list[tuple[float, bool] | None] = [None] * len(prepared)
+        with tqdm(total=len(prepared), desc=f"{self.system.name}: loglikelihood", disable=disable_tqdm,
+                  leave=False) as bar:
+            for start in range(0, len(inputs), self.batch_size):
+                chunk = [same_input[ids] for ids in inputs[start:start + self.batch_size]]
+                scored = self._score_batch([(prepared[idx[0]][0], [prepared[i][1] for i in idx]) for idx in chunk])
+                for idx, results in zip(chunk, scored):
+                    for i, result in zip(idx, results):
+                        out[i] = result
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+                    bar.update(len(idx))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -387,7 +458,7 @@ def _fact_candidates(held: np.ndarray, tokenizer, classes, known: set[bytes], co
 
 def write_facts_task(corpus: str, heldout: str, out: str | Path, tokenizer, n_items: int = 200, seed: int = 0,
                      context_tokens: int = 64, n_choices: int = 4, max_tokens: int | None = None,
-                     heldout_max_tokens: int | None = None, name: str = "memdec_facts") -> Path:
+                     heldout_max_tokens: int | None = None, name: str = "memdec_facts", text_field: str = "text") -> Path:
     """A multiple-choice factual-recall task: DIR/NAME.jsonl + DIR/NAME.yaml; returns the YAML path.
 
     corpus: the training text (a corpus spec or a datastore folder); heldout: the held-out text.
@@ -396,15 +467,16 @@ def write_facts_task(corpus: str, heldout: str, out: str | Path, tokenizer, n_it
     continuation and ``n_choices - 1`` other names or numbers of the same kind from the training
     text, each with the answer's leading space), ``label``, ``answer``, ``kind``, ``source`` and
     ``position`` (the answer's first token in the held-out token stream). Deduplicated on
-    (context, answer), at most ``n_items`` kept (a seeded sample, in stream order).
+    (context, answer), at most ``n_items`` kept (a seeded sample, in stream order). ``text_field``:
+    the JSONL / dataset field that holds the text, in both corpora.
     """
     check_positive_int(n_items, "--n-items")
     check_positive_int(context_tokens, "--context-tokens")
     if n_choices < 2:
         raise MemdecError(f"--n-choices must be at least 2, got {n_choices}")
     classes = token_classes(tokenizer)
-    known, pools = _word_pool(memory_token_stream(corpus, tokenizer, max_tokens), tokenizer, classes)
-    held = load_token_stream(heldout, tokenizer, heldout_max_tokens)
+    known, pools = _word_pool(memory_token_stream(corpus, tokenizer, max_tokens, text_field), tokenizer, classes)
+    held = load_token_stream(heldout, tokenizer, heldout_max_tokens, text_field)
     rng = np.random.default_rng(seed)
     items = []
     for cand in _fact_candidates(held, tokenizer, classes, known, context_tokens):
@@ -441,19 +513,21 @@ def _passages(text: str, context_words: int) -> list[tuple[str, str]]:
 
 
 def write_general_task(corpus: str = "general:test", out: str | Path = "tasks", n_items: int = 200, seed: int = 0,
-                       context_words: int = 60, n_choices: int = 4, name: str = "memdec_general") -> list[Path]:
+                       context_words: int = 60, n_choices: int = 4, name: str = "memdec_general",
+                       text_field: str = "text") -> list[Path]:
     """General-ability tasks from text outside the domain; returns the two YAML paths.
 
     NAME_lambada: predict the last word of a passage (``output_type: loglikelihood``; ``acc`` is
     the greedy exact match of the whole word, ``perplexity`` from its log-likelihood).
     NAME_cloze: the same passages as multiple choice, the distractors other words of 4+ letters of
     the corpus. Items: ``context``, ``target`` (" word"), ``choices``, ``label``, ``source``, ``doc``.
+    ``text_field``: the JSONL / dataset field that holds the text.
     """
     check_positive_int(n_items, "--n-items")
     check_positive_int(context_words, "--context-words")
     if n_choices < 2:
         raise MemdecError(f"--n-choices must be at least 2, got {n_choices}")
-    docs = read_corpus(corpus)
+    docs = read_corpus(corpus, text_field)
     passages = [(d.source, c, w) for d in docs for c, w in _passages(d.text, context_words)]
     if not passages:
         raise MemdecError(f"{corpus}: no sentence ends in a word of 4+ letters: no passage to write")
@@ -492,6 +566,7 @@ class TasksConfig:
     max_tokens: int | None = None
     heldout_max_tokens: int | None = None
     name: str | None = None
+    text_field: str = "text"
 
 
 TASKS_HELP = {
@@ -508,6 +583,7 @@ TASKS_HELP = {
     "max_tokens": "facts: read only the first N tokens of --corpus",
     "heldout_max_tokens": "facts: read only the first N tokens of --heldout",
     "name": "task name (default memdec_facts / memdec_general)",
+    "text_field": "JSONL / dataset field that holds the text (--corpus and --heldout)",
 }
 
 
@@ -516,13 +592,13 @@ def run_tasks(cfg: TasksConfig) -> list[Path]:
     check_positive_int(cfg.n_items, "--n-items")
     if cfg.kind == "general":
         return write_general_task(cfg.corpus or "general:test", cfg.out, cfg.n_items, cfg.seed, cfg.context_words,
-                                  cfg.n_choices, cfg.name or "memdec_general")
+                                  cfg.n_choices, cfg.name or "memdec_general", cfg.text_field)
     if cfg.kind != "facts":
         raise MemdecError(f"unknown task kind {cfg.kind!r}: facts or general")
     if not cfg.corpus or not cfg.heldout:
         raise MemdecError("memdec tasks facts needs --corpus TRAIN and --heldout TEST")
     check_positive_int(cfg.context_tokens, "--context-tokens")
-    read_corpus(cfg.heldout)  # a missing file is one line before the tokenizer loads
+    read_corpus(cfg.heldout, cfg.text_field)  # a missing file or field is one line before the tokenizer loads
     return [write_facts_task(cfg.corpus, cfg.heldout, cfg.out, load_tokenizer(cfg.model), cfg.n_items, cfg.seed,
                              cfg.context_tokens, cfg.n_choices, cfg.max_tokens, cfg.heldout_max_tokens,
-                             cfg.name or "memdec_facts")]
+                             cfg.name or "memdec_facts", cfg.text_field)]
