@@ -259,6 +259,12 @@ def test_cli(tmp_path, tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "299 keys" in out and "distinct tokens per row" in out
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["steps"]["targets"]["top_m"] == 2
+    assert main(args + ["--out", str(tmp_path / "ok"), "--top-m", "2", "--target-dtype", "uint8", "--no-keep-keys"]) == 0
+    out = capsys.readouterr().out
+    assert "probs=uint8" in out and "keys.npy deleted" in out and not (tmp_path / "ok" / "keys.npy").exists()
+    assert main(args + ["--out", str(tmp_path / "t"), "--index", "torch", "--no-keep-keys"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-keep-keys: a torch index searches keys.npy itself" in err
 
 
 # --- saving disk: 8-bit targets, on-disk index, dropped keys ----------------------------------

@@ -753,6 +753,7 @@ def describe(path: str | os.PathLike) -> str:
         f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s",
         f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
         f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
+        f"probs={targets.get('prob_dtype', 'float16')} "
         f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",
         f"  distinct tokens per row: mean {targets.get('mean_support', 0):.1f}, "
         + ", ".join(f"{q} {v:g}" for q, v in pct.items()),
@@ -760,6 +761,8 @@ def describe(path: str | os.PathLike) -> str:
         f"  disk: {m.get('disk', {}).get('bytes_per_token', 0):.1f} bytes/token "
         f"(targets {targets.get('bytes_per_token', 0):.1f})",
     ]
+    if keys.get("dropped"):
+        lines.append("  keys.npy deleted after the build (--no-keep-keys)")
     if targets.get("self_missing"):
         lines.append(f"  note: {targets['self_missing']} positions did not find themselves among their neighbours")
     return "\n".join(lines)
