@@ -259,6 +259,12 @@ def test_cli(tmp_path, tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "299 keys" in out and "distinct tokens per row" in out
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["steps"]["targets"]["top_m"] == 2
+    assert main(args + ["--out", str(tmp_path / "ok"), "--top-m", "2", "--target-dtype", "uint8", "--no-keep-keys"]) == 0
+    out = capsys.readouterr().out
+    assert "probs=uint8" in out and "keys.npy deleted" in out and not (tmp_path / "ok" / "keys.npy").exists()
+    assert main(args + ["--out", str(tmp_path / "t"), "--index", "torch", "--no-keep-keys"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-keep-keys: a torch index searches keys.npy itself" in err
 
 
 # --- keys from another model of the same tokenizer (--key-model) ------------------------------
@@ -323,3 +329,66 @@ def test_knn_lm_with_adapted_keys_queries_the_key_model(tmp_path, tiny_llama_dir
     assert float(np.max(found.dists[:, 0])) < 1e-3 * scale
     with pytest.raises(DatastoreError, match="key model"):
         knn_pass(base, retriever, tokens, 64, 32, progress=False)
+
+
+# --- saving disk: 8-bit targets, on-disk index, dropped keys ----------------------------------
+
+
+def test_uint8_targets_are_the_float16_rows_coded(tmp_path, tiny_llama_dir, built):
+    from memdec.targets import decode_log_u8
+
+    out = tmp_path / "u8"
+    shutil.copytree(built, out)
+    build_datastore(config(tiny_llama_dir, out, target_dtype="uint8"))
+    step = read_manifest(out)["steps"]["targets"]
+    assert step["prob_dtype"] == "uint8" and (out / "index.faiss").read_bytes() == (built / "index.faiss").read_bytes()
+    t16, t8 = open_targets(built), open_targets(out)
+    assert t8.prob_dtype == "uint8" and t8.probs.dtype == np.uint8
+    # each uint8 row holds the float16 row's tokens but those past code 255 (p < e^-16 p_max)
+    rows16 = np.repeat(np.arange(len(t16)), np.diff(t16.offsets))
+    rows8 = np.repeat(np.arange(len(t8)), np.diff(t8.offsets))
+    cell16, cell8 = rows16 * 10**6 + t16.token_ids, rows8 * 10**6 + t8.token_ids
+    assert np.isin(cell8, cell16).all()
+    p16 = t16.probs.astype(np.float64)
+    row_max = np.maximum.reduceat(p16, t16.offsets[:-1])[rows16]
+    dropped = ~np.isin(cell16, cell8)
+    assert (p16[dropped] < row_max[dropped] * np.exp(-15)).all()
+    precise = ~dropped & (p16 > 2**-14)  # float16 normal numbers; subnormals are too coarse to compare
+    assert (p16[precise] > row_max[precise] * np.exp(-16.1)).all()
+    # the decoded rows: the float16 rows renormalised over what was kept, within a code step where
+    # float16 itself is precise (normal numbers)
+    o, _, p = t8.gather(np.arange(len(t8)))
+    np.testing.assert_allclose(p, decode_log_u8(t8.offsets, t8.probs), rtol=1e-6)
+    kept16 = p16[~dropped] / np.bincount(rows16[~dropped], weights=p16[~dropped])[rows8]
+    normal = p16[~dropped] > 2**-14
+    np.testing.assert_allclose(p[normal], kept16[normal], rtol=2 * (np.exp(1 / 32) - 1) + 2e-3)
+    assert step["bytes_per_token"] < read_manifest(built)["steps"]["targets"]["bytes_per_token"]
+    build_datastore(config(tiny_llama_dir, out, target_dtype="uint8"))  # a rerun keeps them
+    assert read_manifest(out)["steps"]["targets"] == step
+    with pytest.raises(DatastoreError, match="--target-dtype must be one of float16, uint8"):
+        build_datastore(config(tiny_llama_dir, out, target_dtype="int4"))
+
+
+def test_ondisk_index_datastore_and_dropped_keys(tmp_path, tiny_llama_dir, built):
+    out = tmp_path / "disk"
+    shutil.copytree(built, out)
+    cfg = config(tiny_llama_dir, out, index="ivfpq-disk", nlist=4, pq_m=16, keep_keys=False)
+    build_datastore(cfg)
+    m = read_manifest(out)
+    assert m["steps"]["index"]["type"] == "ivfpq-disk" and m["steps"]["keys"]["dropped"] is True
+    assert not (out / "keys.npy").exists() and "keys.npy" not in m["disk"]["files"]
+    assert m["disk"]["files"]["index.ivfdata"] == m["steps"]["index"]["ivfdata_bytes"]
+    store = open_datastore(out)
+    assert store.keys is None and store.load_index().ntotal == 599
+    assert len(open_targets(out)) == 599
+    build_datastore(cfg)  # nothing to redo: fine without the keys
+    with pytest.raises(DatastoreError, match="cannot rebuild the kNN targets: keys.npy was deleted"):
+        build_datastore(dataclasses.replace(cfg, k=4))
+    with pytest.raises(DatastoreError, match="cannot rebuild the index: keys.npy was deleted"):
+        build_datastore(dataclasses.replace(cfg, index="flat"))
+    (out / "index.ivfdata").unlink()
+    with pytest.raises(DatastoreError, match="cannot rebuild the index"):  # its lists gone: only the keys could redo them
+        build_datastore(cfg)
+    with pytest.raises(DatastoreError, match="--no-keep-keys: a torch index searches keys.npy itself"):
+        build_datastore(config(tiny_llama_dir, tmp_path / "t", index="torch", keep_keys=False))
+    assert not (tmp_path / "t").exists()

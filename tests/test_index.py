@@ -7,11 +7,14 @@ from memdec.index import (
     FLAT_THRESHOLD,
     auto_nprobe,
     build_index,
+    build_ondisk_index,
     choose_params,
+    ivfdata_path,
     index_kind,
     load_index,
     save_index,
     search,
+    train_ivfpq,
 )
 
 
@@ -85,3 +88,64 @@ def test_plain_ivfpq_without_refine_and_errors(tmp_path):
         load_index(bad)
     with pytest.raises(DatastoreError, match="no such index"):
         load_index(tmp_path / "missing.faiss")
+
+
+def test_ondisk_ivfpq_equals_in_memory_ivfpq_from_the_same_training(tmp_path, capfd):
+    keys = clustered(6000, 32, 40, seed=2).astype(np.float16)  # fp16, as on disk
+    params = choose_params(len(keys), 32, "ivfpq-disk", nlist=64, pq_m=8)
+    assert params.kind == "ivfpq-disk" and params.refine == 0
+    folder = tmp_path / "store"
+    folder.mkdir()
+    size = build_ondisk_index(keys, folder / "index.faiss", params, shard_keys=1700, add_batch=500)  # 4 shards
+    assert sorted(p.name for p in folder.iterdir()) == ["index.faiss", "index.ivfdata"]  # shards cleaned up
+    assert size == (folder / "index.faiss").stat().st_size + ivfdata_path(folder / "index.faiss").stat().st_size
+    moved = tmp_path / "moved"
+    folder.rename(moved)  # the lists are found beside the index, wherever the folder goes
+    disk = load_index(moved / "index.faiss")
+    assert index_kind(disk) == "ivfpq-disk" and disk.ntotal == 6000
+    memory = train_ivfpq(keys, params)  # the same sample and seed: the same quantizer and codebooks
+    memory.add(keys.astype(np.float32))
+    code_size = memory.code_size  # 8 sub-quantizers of pq_bits bits
+    assert (moved / "index.ivfdata").stat().st_size == 6000 * (code_size + 8)  # the codes and ids live there
+    queries = keys[::25].astype(np.float32)
+    for k in (16, 200):
+        got = search(disk, queries, k, nprobe=12)
+        want = search(memory, queries, k, nprobe=12)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    assert capfd.readouterr().out == ""  # faiss's own messages go to stderr
+
+
+def test_ondisk_build_resumes_from_its_shards(tmp_path, monkeypatch):
+    import memdec.index as index_mod
+
+    keys = clustered(3000, 16, 20, seed=3)
+    params = choose_params(len(keys), 16, "ivfpq-disk", nlist=16, pq_m=4)
+    path = tmp_path / "index.faiss"
+    real, calls = index_mod._write_faiss, []
+
+    def dies_on_third_shard(index, p):
+        if p.name == "shard-00002.faiss":
+            raise KeyboardInterrupt
+        calls.append(p.name)
+        real(index, p)
+
+    monkeypatch.setattr(index_mod, "_write_faiss", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_ondisk_index(keys, path, params, shard_keys=700)
+    assert calls == ["trained.faiss", "shard-00000.faiss", "shard-00001.faiss"] and not path.exists()
+    monkeypatch.setattr(index_mod, "_write_faiss", lambda index, p: calls.append(p.name) or real(index, p))
+    build_ondisk_index(keys, path, params, shard_keys=700)
+    assert calls[3:] == ["shard-00002.faiss", "shard-00003.faiss", "shard-00004.faiss", "index.faiss"]
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    build_ondisk_index(keys, reference / "index.faiss", params, shard_keys=3000)  # one shard, no interruption
+    a, b = load_index(path), load_index(reference / "index.faiss")
+    np.testing.assert_array_equal(search(a, keys[:50], 10, nprobe=16)[1], search(b, keys[:50], 10, nprobe=16)[1])
+
+
+def test_ondisk_ivfpq_refuses_refine():
+    with pytest.raises(DatastoreError, match="ivfpq-disk index re-ranks nothing"):
+        choose_params(10_000, 32, "ivfpq-disk", refine=4)
+    with pytest.raises(DatastoreError, match="build_ondisk_index"):
+        build_index(clustered(200, 8, 4), "ivfpq-disk", nlist=2)

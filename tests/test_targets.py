@@ -9,10 +9,15 @@ from memdec.errors import DatastoreError
 from memdec.files import NpyAppender, check_npy
 from memdec.index import build_index, search
 from memdec.targets import (
+    LOG_CODE_STEPS,
+    KnnTargets,
+    decode_log_u8,
     drop_self,
+    encode_log_u8,
     knn_distribution,
     knn_target_logprob,
     lookup_values,
+    validate_targets,
 )
 
 
@@ -153,3 +158,50 @@ def test_load_targets_needs_a_finished_step(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "n_keys": 3, "steps": {"targets": {"status": "running"}}}))
     with pytest.raises(DatastoreError, match="not built"):
         open_targets(tmp_path)
+
+
+def test_uint8_log_codes_round_trip_within_their_step():
+    dists, values = random_neighbours(b=50, k=64, vocab=40, seed=4)
+    values[7] = 3  # a row of one token
+    offsets, tokens, probs = knn_distribution(dists, values, 2.0, min_prob=0.0)
+    probs[offsets[3] + 1] = probs[offsets[3]] * 1e-9  # an entry past code 255: dropped
+    row3 = probs[offsets[3] : offsets[4]]
+    row3 /= row3.sum()
+    off8, tok8, codes, kept = encode_log_u8(offsets, tokens, probs)
+    assert codes.dtype == np.uint8 and off8.dtype == np.int64 and len(off8) == 51
+    lost = tokens[offsets[3] + 1]
+    assert lost not in tok8[off8[3] : off8[4]] and len(tok8) == len(tokens) - 1
+    np.testing.assert_allclose(kept[3], 1 - float(probs[offsets[3] + 1]), rtol=1e-6)
+    assert np.all(kept[np.arange(50) != 3] == 1.0)
+    rows = np.repeat(np.arange(50), np.diff(off8))
+    assert np.all(np.minimum.reduceat(codes, off8[:-1]) == 0)  # each row's most probable entry is code 0
+    decoded = decode_log_u8(off8, codes)
+    assert decoded.dtype == np.float32
+    np.testing.assert_allclose(np.bincount(rows, weights=decoded), 1.0, rtol=1e-6)
+    # the same entries, renormalised over what was kept: each within half a code step, relative
+    ref = np.concatenate([probs[offsets[i] : offsets[i + 1]][np.isin(tokens[offsets[i] : offsets[i + 1]], tok8[off8[i] : off8[i + 1]])]
+                          for i in range(50)])
+    ref = ref / np.bincount(rows, weights=ref)[rows]
+    ratio = decoded / ref
+    bound = math.exp(1 / LOG_CODE_STEPS) - 1  # half a step each for the entry and, at worst, the row sum
+    assert np.abs(ratio - 1).max() <= bound
+    assert off8[8] - off8[7] == 1 and decoded[off8[7]] == 1.0 and codes[off8[7]] == 0
+
+
+def test_uint8_targets_gather_and_validation():
+    dists, values = random_neighbours(b=20, k=30, vocab=25, seed=5)
+    offsets, tokens, probs = knn_distribution(dists, values, 3.0)
+    off8, tok8, codes, _ = encode_log_u8(offsets, tokens, probs)
+    t = KnnTargets(off8, tok8, codes, k=30, temperature=3.0, top_m=None, prob_dtype="uint8")
+    assert validate_targets(off8, tok8, codes, "x", "uint8") == tok8.max()
+    o, ids, p = t.gather([4, 0, 4])
+    assert p.dtype == np.float32
+    for j, pos in enumerate([4, 0, 4]):
+        row_ids, row_p = t.row(pos)
+        np.testing.assert_array_equal(ids[o[j] : o[j + 1]], row_ids)
+        np.testing.assert_allclose(p[o[j] : o[j + 1]], row_p, rtol=1e-6)
+        np.testing.assert_allclose(row_p.sum(), 1.0, rtol=1e-6)
+    bad = codes.copy()
+    bad[off8[6] : off8[7]] += 1  # row 6 lost its most probable entry
+    with pytest.raises(DatastoreError, match="row 6 of the 8-bit kNN targets has no code 0"):
+        validate_targets(off8, tok8, bad, "x", "uint8")

@@ -27,7 +27,12 @@ Folder layout (N keys of dimension d)::
     index.faiss
     targets/offsets.npy    int64 [N+1]
     targets/token_ids.npy  int32 [nnz]
-    targets/probs.npy      float16 [nnz]
+    targets/probs.npy      float16 [nnz], or uint8 log codes with --target-dtype uint8
+
+``--index ivfpq-disk`` adds ``index.ivfdata`` (its inverted lists, memory-mapped). ``--no-keep-keys``
+deletes ``keys.npy`` once the targets are written (the manifest's keys step says ``dropped``): the
+index must then hold its own vectors or codes (not ``--index torch``), and the index and targets
+can no longer be rebuilt.
 
 A rerun with the same inputs skips finished steps and resumes a running one from its last
 finished chunk; changing k, T or top-m redoes only the targets, changing the index redoes the
@@ -75,15 +80,29 @@ from tqdm.auto import tqdm
 from .checks import check_temperature
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
-from .index import INDEX_KINDS, TorchFlatIndex, auto_nprobe, build_index, choose_params, load_index, save_index, search, set_num_threads
+from .index import (
+    INDEX_KINDS,
+    TorchFlatIndex,
+    auto_nprobe,
+    build_index,
+    build_ondisk_index,
+    choose_params,
+    ivfdata_path,
+    load_index,
+    save_index,
+    search,
+    set_num_threads,
+)
 from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, load_tokenizer, model_fingerprint,
                      resolve_device, tokenizer_fingerprint, with_prefix)
 from .files import NpyAppender, atomic_write_json, check_npy, read_json_object
 from .targets import (
+    PROB_DTYPES,
     TARGETS_DIR,
     KnnTargets,
     drop_self,
     drop_self_torch,
+    encode_log_u8,
     knn_distribution,
     knn_distribution_torch,
     load_targets,
@@ -124,6 +143,8 @@ class DatastoreConfig:
     flat_threshold: int | None = None
     search_batch: int = 1024
     threads: int | None = None
+    target_dtype: str = "float16"
+    keep_keys: bool = True
     progress: bool = True
 
 
@@ -136,7 +157,8 @@ DATASTORE_HELP = {
     "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
     "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, else {DEFAULT_KNN_TEMP:g}",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
-    "index": "auto, flat (exact), ivfpq (approximate, for large datastores) or torch (exact, on CUDA; no faiss needed)",
+    "index": "auto, flat (exact), ivfpq (approximate, for large datastores), ivfpq-disk (ivfpq with its lists on "
+             "disk, memory-mapped: the keys are never in memory together) or torch (exact, on CUDA; no faiss needed)",
     "block_size": "window length in tokens",
     "stride": "new positions stored per window; the rest is context",
     "max_tokens": "use only the first N tokens of the corpus",
@@ -150,6 +172,9 @@ DATASTORE_HELP = {
     "flat_threshold": "auto: exact search up to this many keys (default 100000 on CPU)",
     "search_batch": "positions per target chunk written and recorded (a multiple of 64)",
     "threads": "faiss threads (default: every core)",
+    "target_dtype": "how target probabilities are stored: float16 (2 bytes) or uint8 (1 byte: log codes, ±3.2%)",
+    "keep_keys": "keep keys.npy once the targets are written (--no-keep-keys deletes it; not with --index torch, "
+                 "and the index and targets can then never be rebuilt)",
     "progress": "show progress bars",
 }
 
@@ -301,6 +326,11 @@ def _check_config(cfg: DatastoreConfig) -> None:
         raise DatastoreError(f"need 1 <= --stride <= --block-size, got stride {cfg.stride}, block size {cfg.block_size}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise DatastoreError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.target_dtype not in PROB_DTYPES:
+        raise DatastoreError(f"--target-dtype must be one of {', '.join(PROB_DTYPES)}, got {cfg.target_dtype!r}")
+    if not cfg.keep_keys and cfg.index == "torch":
+        raise DatastoreError("--no-keep-keys: a torch index searches keys.npy itself; choose --index flat, ivfpq or "
+                             "ivfpq-disk, or keep the keys")
     if cfg.search_batch < 1 or cfg.search_batch % SEARCH_BLOCK:
         raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
 
@@ -525,7 +555,8 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
         manifest = _sync(out, manifest, ranks)
         step = manifest["steps"]["keys"]
     if step["status"] == "done":
-        check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
+        if not step.get("dropped"):
+            check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
         return manifest
     device = ranks.device
     spec = key_model["spec"] if key_model else cfg.model
@@ -624,6 +655,38 @@ def _index_params(cfg: DatastoreConfig, n: int, dim: int):
                          refine=cfg.refine, flat_threshold=cfg.flat_threshold)
 
 
+def _need_keys(out: Path, manifest: dict, what: str) -> None:
+    """DatastoreError where keys.npy was deleted (--no-keep-keys) and ``what`` needs it."""
+    if manifest["steps"]["keys"].get("dropped"):
+        raise DatastoreError(f"{out}: cannot {what}: keys.npy was deleted after the build (--no-keep-keys); "
+                             f"rerun with the options it was built with, or rebuild it in a new --out")
+
+
+def _drop_keys(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
+    """--no-keep-keys: delete keys.npy once the index and targets are done (a torch index needs it)."""
+    step = manifest["steps"]["keys"]
+    if cfg.keep_keys or step.get("dropped"):
+        return
+    if manifest["steps"]["index"].get("type") == "torch":
+        raise DatastoreError(f"{out}: --no-keep-keys: the torch index searches keys.npy itself; keys kept")
+    step["dropped"] = True  # recorded first: a crash leaves a datastore that knows its keys may be gone
+    write_manifest(out, manifest)
+    (out / "keys.npy").unlink(missing_ok=True)
+    _say(cfg, "deleted keys.npy (--no-keep-keys)")
+
+
+def _ivfdata_ok(path: Path, step: dict) -> bool:
+    """An ivfpq-disk index's lists file has the size the manifest records (other kinds have none).
+    DatastoreError where it is there with another size."""
+    if "ivfdata_bytes" not in step:
+        return True
+    data = ivfdata_path(path)
+    if data.is_file() and data.stat().st_size != step["ivfdata_bytes"]:
+        raise DatastoreError(f"{data}: {data.stat().st_size} bytes, the manifest says {step['ivfdata_bytes']} "
+                             f"(truncated or corrupt); delete it to rebuild the index")
+    return data.is_file()
+
+
 def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
     n, dim = manifest["n_keys"], manifest["dim"]
     params = _index_params(cfg, n, dim)
@@ -631,22 +694,29 @@ def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
     path = out / "index.faiss"
     if step["status"] == "done" and step.get("params") == params.to_json():
         if path.is_file() and path.stat().st_size == step.get("bytes"):
-            return
-        if path.exists():
+            if _ivfdata_ok(path, step):
+                return
+            _say(cfg, f"{ivfdata_path(path).name} is missing: rebuilding the index")
+        elif path.exists():
             raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.get('bytes')} "
                                  f"(truncated or corrupt); delete it to rebuild the index")
-        _say(cfg, f"{path.name} is missing: rebuilding the index")
+        else:
+            _say(cfg, f"{path.name} is missing: rebuilding the index")
     if step["status"] in ("done", "running") and step.get("params") != params.to_json():
         _say(cfg, f"rebuilding the index (and then the targets): {step.get('params')} -> {params.to_json()}")
+    _need_keys(out, manifest, "rebuild the index")
     manifest["steps"]["index"] = step = {"status": "running", "type": params.kind, "params": params.to_json()}
     manifest["steps"]["targets"] = {"status": "pending"}  # targets depend on the index
     write_manifest(out, manifest)
     set_num_threads(cfg.threads)
     keys = np.load(out / "keys.npy", mmap_mode="r")
     t0 = time.perf_counter()
-    index = build_index(keys, params=params, progress=cfg.progress)
-    size = save_index(index, path)
-    step.update(status="done", bytes=size, seconds=round(time.perf_counter() - t0, 3))
+    if params.kind == "ivfpq-disk":
+        build_ondisk_index(keys, path, params, progress=cfg.progress)
+        step["ivfdata_bytes"] = ivfdata_path(path).stat().st_size
+    else:
+        save_index(build_index(keys, params=params, progress=cfg.progress), path)
+    step.update(status="done", bytes=path.stat().st_size, seconds=round(time.perf_counter() - t0, 3))
     write_manifest(out, manifest)
 
 
@@ -710,12 +780,17 @@ def _fresh_target_record() -> dict:
     return {"rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0, "empty_slots": 0, "seconds": 0.0}
 
 
+def _same_targets(step: dict, want: dict) -> bool:
+    """The recorded targets step was made with ``want`` (a step from before --target-dtype is float16)."""
+    return all(step.get(key, "float16" if key == "prob_dtype" else None) == value for key, value in want.items())
+
+
 def _plan_targets(out: Path, manifest: dict, cfg: DatastoreConfig, want: dict, index, world: int) -> None:
     """Rank 0: keep a running targets step begun with the same settings and process count, or
     start afresh (with ``world`` > 1: one range of positions per process, each with its own CSR
     folder ``targets/shard-i`` and progress file, merged in order at the end)."""
     n, step = manifest["n_keys"], manifest["steps"]["targets"]
-    same = all(step.get(key) == value for key, value in want.items())
+    same = _same_targets(step, want)
     if step.get("status") in ("done", "running") and not same:
         changed = ", ".join(f"{key} {step.get(key)!r} -> {value!r}" for key, value in want.items() if step.get(key) != value)
         _say(cfg, f"rebuilding the kNN targets: {changed}")
@@ -742,14 +817,16 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ran
     Each rank searches its range of positions into its own CSR shard; rank 0 then merges them into
     the one CSR a single process writes, byte for byte. Returns the manifest every rank holds."""
     n = manifest["n_keys"]
-    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"]}
+    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"],
+            "prob_dtype": cfg.target_dtype}
     step = manifest["steps"]["targets"]
     folder = out / TARGETS_DIR
-    if step.get("status") == "done" and all(step.get(key) == value for key, value in want.items()):
+    if step.get("status") == "done" and _same_targets(step, want):
         check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
         check_npy(folder / "token_ids.npy", np.int32, (step["nnz"],), "target token ids")
-        check_npy(folder / "probs.npy", np.float16, (step["nnz"],), "target probabilities")
+        check_npy(folder / "probs.npy", cfg.target_dtype, (step["nnz"],), "target probabilities")
         return manifest
+    _need_keys(out, manifest, "rebuild the kNN targets")
     set_num_threads(_default_threads(cfg, ranks))
     index = load_index(out / "index.faiss")
     if ranks.main:
@@ -761,16 +838,19 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ran
         target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
     else:
         target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
+    if cfg.target_dtype == "uint8":
+        target_rows = _log_u8_rows(target_rows)
     batch, show = int(step["search_batch"]), cfg.progress and ranks.main
     t0 = time.perf_counter()
     if ranks.world == 1:
         first = int(step["rows_done"])
-        _append_target_rows(folder, step, (0, n), batch, target_rows, lambda: write_manifest(out, manifest), on_chunk, show)
+        _append_target_rows(folder, step, (0, n), batch, target_rows, lambda: write_manifest(out, manifest), on_chunk, show,
+                            cfg.target_dtype)
     elif ranks.rank >= int(step.get("merged", 0)):  # a merged shard is done
         shard = _target_shard_dir(out, ranks.rank)
         record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
         _append_target_rows(shard, record, tuple(step["shards"][ranks.rank]), batch, target_rows,
-                            lambda: atomic_write_json(shard / "progress.json", record), on_chunk, show)
+                            lambda: atomic_write_json(shard / "progress.json", record), on_chunk, show, cfg.target_dtype)
     manifest = _sync(out, manifest, ranks)
     if ranks.main:
         if ranks.world > 1:
@@ -780,7 +860,19 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ran
     return manifest
 
 
-def _open_target_files(folder: Path, record: dict, rows: int):
+def _log_u8_rows(rows):
+    """``rows(r0, r1)`` with its probabilities as uint8 log codes (``targets.encode_log_u8``): the
+    entries past code 255 dropped, each row's kept mass scaled by what the codes keep."""
+
+    def coded(r0: int, r1: int):
+        (off, tok, prob, kept), self_missing, empty_slots = rows(r0, r1)
+        off, tok, codes, kept_codes = encode_log_u8(off, tok, prob)
+        return (off, tok, codes, kept * kept_codes), self_missing, empty_slots
+
+    return coded
+
+
+def _open_target_files(folder: Path, record: dict, rows: int, prob_dtype: str):
     """(offsets memmap [rows+1], token id appender, probability appender), cut back to ``rows_done``."""
     folder.mkdir(exist_ok=True)
     rows_done, nnz = int(record["rows_done"]), int(record["nnz"])
@@ -792,16 +884,16 @@ def _open_target_files(folder: Path, record: dict, rows: int):
     else:
         check_npy(offsets_path, np.int64, (rows + 1,), "target offsets")
     return (np.load(offsets_path, mmap_mode="r+"), NpyAppender(folder / "token_ids.npy", np.int32, nnz),
-            NpyAppender(folder / "probs.npy", np.float16, nnz))
+            NpyAppender(folder / "probs.npy", prob_dtype, nnz))
 
 
 def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch: int, target_rows, save,
-                        on_chunk, progress: bool) -> None:
+                        on_chunk, progress: bool, prob_dtype: str = "float16") -> None:
     """The targets loop over positions ``span`` = [a, b): each chunk of ``batch`` rows appended to
     the CSR files in ``folder`` (offsets relative to row a), flushed, then counted in ``record``
     (``rows_done`` from a, ``nnz``, sums of the statistics) and ``save()``d."""
     (a, b), seconds, t0 = span, float(record["seconds"]), time.perf_counter()
-    offsets, token_ids, probs = _open_target_files(folder, record, b - a)
+    offsets, token_ids, probs = _open_target_files(folder, record, b - a, prob_dtype)
     if record["rows_done"] and progress:
         print(f"memdec datastore: resuming targets at position {a + int(record['rows_done'])}/{b}", file=sys.stderr, flush=True)
     nnz = int(record["nnz"])
@@ -812,7 +904,7 @@ def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch
             offsets[r0 - a + 1 : r1 - a + 1] = nnz + off[1:]
             offsets.flush()
             token_ids.append(tok)
-            probs.append(prob.astype(np.float16))
+            probs.append(prob)  # cast to the file's dtype: float16, or uint8 codes already
             token_ids.flush()
             probs.flush()
             nnz += len(tok)
@@ -842,7 +934,8 @@ def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> Non
     _say(cfg, f"merging {len(step['shards'])} target shards")
     for i in range(merged):  # recorded as merged, but the run stopped before deleting it
         shutil.rmtree(_target_shard_dir(out, i), ignore_errors=True)
-    offsets, token_ids, probs = _open_target_files(folder, {"rows_done": merged, "nnz": nnz}, n)
+    prob_dtype = step.get("prob_dtype", "float16")
+    offsets, token_ids, probs = _open_target_files(folder, {"rows_done": merged, "nnz": nnz}, n, prob_dtype)
     for i in range(merged, len(step["shards"])):
         (a, b), shard = step["shards"][i], _target_shard_dir(out, i)
         record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
@@ -850,7 +943,7 @@ def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> Non
         local = np.load(shard / "offsets.npy", mmap_mode="r")
         for r0 in range(0, b - a, MERGE_ROWS):
             offsets[a + r0 + 1 : a + min(r0 + MERGE_ROWS, b - a) + 1] = nnz + local[r0 + 1 : r0 + MERGE_ROWS + 1]
-        for name, sink, dtype in (("token_ids.npy", token_ids, np.int32), ("probs.npy", probs, np.float16)):
+        for name, sink, dtype in (("token_ids.npy", token_ids, np.int32), ("probs.npy", probs, prob_dtype)):
             check_npy(shard / name, dtype, (int(record["nnz"]),), f"target shard {i}")
             part = np.load(shard / name, mmap_mode="r")
             for e0 in range(0, len(part), MERGE_ROWS):
@@ -991,6 +1084,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     manifest = _sync(out, manifest, ranks)
     manifest = _targets_step(out, manifest, cfg, on_chunk, ranks)
     if ranks.main:
+        _drop_keys(out, manifest, cfg)
         n = manifest["n_keys"]
         files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
                  if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
@@ -1010,7 +1104,7 @@ class Datastore:
     path: Path
     manifest: dict
     tokens: np.ndarray  # int32 [N+1]
-    keys: np.ndarray  # float16 [N, d]
+    keys: np.ndarray | None  # float16 [N, d]; None where deleted after the build (--no-keep-keys)
     values: np.ndarray  # int32 [N]
 
     @property
@@ -1045,14 +1139,16 @@ def open_datastore(path: str | os.PathLike) -> Datastore:
         raise DatastoreError(f"{path}: the keys are not finished (status: {status}); "
                              f"rerun memdec datastore with --out {path} to resume")
     n, d = int(manifest["n_keys"]), int(manifest["dim"])
+    dropped = bool(manifest["steps"]["keys"].get("dropped"))
     check_npy(path / "tokens.npy", np.int32, (n + 1,), "token stream")
-    check_npy(path / "keys.npy", np.float16, (n, d), "keys")
+    if not dropped:
+        check_npy(path / "keys.npy", np.float16, (n, d), "keys")
     check_npy(path / "values.npy", np.int32, (n,), "values")
     return Datastore(
         path=path,
         manifest=manifest,
         tokens=np.load(path / "tokens.npy", mmap_mode="r"),
-        keys=np.load(path / "keys.npy", mmap_mode="r"),
+        keys=None if dropped else np.load(path / "keys.npy", mmap_mode="r"),
         values=np.load(path / "values.npy", mmap_mode="r"),
     )
 
@@ -1073,6 +1169,7 @@ def describe(path: str | os.PathLike) -> str:
         + (f", from the key model {_key_model_text(keys['key_model'])}" if keys.get("key_model") else ""),
         f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
         f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
+        f"probs={targets.get('prob_dtype', 'float16')} "
         f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",
         f"  distinct tokens per row: mean {targets.get('mean_support', 0):.1f}, "
         + ", ".join(f"{q} {v:g}" for q, v in pct.items()),
@@ -1080,6 +1177,8 @@ def describe(path: str | os.PathLike) -> str:
         f"  disk: {m.get('disk', {}).get('bytes_per_token', 0):.1f} bytes/token "
         f"(targets {targets.get('bytes_per_token', 0):.1f})",
     ]
+    if keys.get("dropped"):
+        lines.append("  keys.npy deleted after the build (--no-keep-keys)")
     if targets.get("self_missing"):
         lines.append(f"  note: {targets['self_missing']} positions did not find themselves among their neighbours")
     return "\n".join(lines)

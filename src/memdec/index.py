@@ -11,6 +11,11 @@ Three kinds of index:
   fp16 copies of the keys (``faiss.IndexRefine`` over ``IndexScalarQuantizer(fp16)``). The
   returned distances are therefore exact up to fp16 rounding of the keys, which the keys on
   disk have anyway; ``refine=0`` gives plain IVF-PQ with approximate (PQ) distances.
+- ``ivfpq-disk``: the same IVF-PQ (trained on a sample of the keys), its inverted lists on disk
+  (``index.ivfdata`` beside ``index.faiss``): the keys are added shard by shard into small
+  in-memory IVF files, merged by faiss's ``merge_ondisk`` into ``faiss.OnDiskInvertedLists``, and
+  the lists are memory-mapped at search time, so neither the keys nor the codes are ever in memory
+  together. No re-ranking (the lists hold codes only): distances are PQ approximations.
 - ``torch``: ``TorchFlatIndex``, exact search with torch matmuls, on CUDA where there is one. It
   needs no faiss: ``auto`` picks it where faiss is not installed, and where CUDA is there but faiss
   cannot use it (pip only has faiss-cpu) while the keys fit in half the free GPU memory. On disk
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +41,9 @@ import torch
 from .errors import DatastoreError
 from .files import atomic_write_text, read_json
 
-INDEX_KINDS = ("auto", "flat", "ivfpq", "torch")
+INDEX_KINDS = ("auto", "flat", "ivfpq", "ivfpq-disk", "torch")
+IVFDATA_SUFFIX = ".ivfdata"  # an ivfpq-disk index's inverted lists, beside its index file
+DISK_SHARD_KEYS = 1 << 20  # ivfpq-disk: keys added per shard file before the merge
 FLAT_THRESHOLD = 100_000  # auto: exact search up to this many keys on CPU (N² d work)
 FLAT_THRESHOLD_GPU = 2_000_000
 GPU_MAX_K = 2048  # faiss GPU indexes return at most this many neighbours
@@ -47,7 +55,7 @@ TORCH_DIST_BYTES = 2**31  # a TorchFlatIndex search holds at most this much of [
 class IndexParams:
     """The choices behind an index; stored in the manifest."""
 
-    kind: str  # "flat" | "ivfpq" | "torch"
+    kind: str  # "flat" | "ivfpq" | "ivfpq-disk" | "torch"
     nlist: int | None = None
     pq_m: int | None = None
     pq_bits: int | None = None
@@ -140,6 +148,7 @@ def choose_params(
     - train_size: max(64·nlist, 256·64) points, at most N;
     - refine 4 (PQ alone ranks too coarsely: recall ≈0.8 with 2, ≈0.97 with 4 on clustered data),
       nprobe max(16, nlist/64).
+    ``ivfpq-disk`` takes the same choices except refine, which is always 0 (its lists hold codes only).
     """
     if kind not in INDEX_KINDS:
         raise DatastoreError(f"unknown index type '{kind}'; choose one of: {', '.join(INDEX_KINDS)}")
@@ -147,8 +156,11 @@ def choose_params(
         kind = _auto_kind(n, d, flat_threshold)
     if kind in ("flat", "torch"):
         return IndexParams(kind, seed=seed)
+    if kind == "ivfpq-disk" and refine:
+        raise DatastoreError(f"--refine {refine}: an ivfpq-disk index re-ranks nothing (its lists on disk hold PQ "
+                             f"codes only); leave --refine out, or use --index ivfpq")
     if n < 2 * 39:
-        raise DatastoreError(f"an ivfpq index needs at least 78 keys, the datastore has {n}; use --index flat")
+        raise DatastoreError(f"an {kind} index needs at least 78 keys, the datastore has {n}; use --index flat")
     if nlist is None:
         nlist = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
         nlist = max(1, min(nlist, n // 39))
@@ -162,9 +174,9 @@ def choose_params(
     if d % pq_m:
         raise DatastoreError(f"ivfpq: pq_m={pq_m} must divide the key dimension {d}")
     pq_bits = max(1, min(8, int(math.log2(train_size / 39))))
-    refine = 4 if refine is None else refine
+    refine = 0 if kind == "ivfpq-disk" else 4 if refine is None else refine
     nprobe = nprobe or max(16, nlist // 64)
-    return IndexParams("ivfpq", nlist, pq_m, pq_bits, refine, min(nprobe, nlist), train_size, seed)
+    return IndexParams(kind, nlist, pq_m, pq_bits, refine, min(nprobe, nlist), train_size, seed)
 
 
 def auto_nprobe(index, k: int, base: int | None = None) -> int:
@@ -355,27 +367,134 @@ def build_index(
     params = params or choose_params(n, d, kind, **choose_kwargs)
     if params.kind == "torch":
         return TorchFlatIndex(keys, upload_batch=add_batch)
+    if params.kind == "ivfpq-disk":
+        raise DatastoreError("an ivfpq-disk index is built on disk: call build_ondisk_index")
     faiss = _faiss()
-    if params.kind == "flat":
-        index = faiss.IndexFlatL2(d)
-    else:
-        base = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, params.nlist, params.pq_m, params.pq_bits)
-        base.cp.seed = params.seed
-        base.pq.cp.seed = params.seed
-        if params.refine:
-            index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16))
-            index.k_factor = float(params.refine)
-        else:
-            index = base
-        rng = np.random.default_rng(params.seed)
-        sample = np.sort(rng.choice(n, size=params.train_size, replace=False))
-        index.train(_as_f32(keys[sample]))
-        _ivf(index).nprobe = params.nprobe
+    index = faiss.IndexFlatL2(d) if params.kind == "flat" else train_ivfpq(keys, params)
     with tqdm(total=n, desc="index", unit="key", disable=not progress, leave=False) as bar:
         for i, j in _iter_batches(n, add_batch):
             index.add(_as_f32(keys[i:j]))
             bar.update(j - i)
     return index
+
+
+def train_ivfpq(keys: np.ndarray, params: IndexParams):
+    """An empty IVF-PQ index (``IndexRefine`` over fp16 keys where ``params.refine``), its coarse
+    quantizer and PQ codebooks trained on ``params.train_size`` keys drawn with ``params.seed``.
+
+    keys: float16/32 [N, d], may be a memmap (only the sample is read)."""
+    faiss = _faiss()
+    n, d = keys.shape
+    base = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, params.nlist, params.pq_m, params.pq_bits)
+    base.cp.seed = params.seed
+    base.pq.cp.seed = params.seed
+    if params.refine:
+        index = faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16))
+        index.k_factor = float(params.refine)
+    else:
+        index = base
+    rng = np.random.default_rng(params.seed)
+    sample = np.sort(rng.choice(n, size=params.train_size, replace=False))
+    index.train(_as_f32(keys[sample]))
+    _ivf(index).nprobe = params.nprobe
+    return index
+
+
+# --- the on-disk IVF-PQ index ----------------------------------------------------------------
+
+
+def ivfdata_path(path: str | os.PathLike) -> Path:
+    """Where the inverted lists of the ivfpq-disk index file ``path`` live: ``index.ivfdata``."""
+    return Path(path).with_suffix(IVFDATA_SUFFIX)
+
+
+@contextmanager
+def _faiss_prints_to_stderr():
+    """faiss's on-disk lists printf their resizes and moves to stdout; inside the block they go to
+    stderr, so a command's stdout stays its own output."""
+    import ctypes
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _write_faiss(index, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    _faiss().write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def _shard_files(trained, keys: np.ndarray, folder: Path, shard_keys: int, add_batch: int, progress: bool) -> list[str]:
+    """One IVF file per ``shard_keys`` keys (global ids), each holding only its shard's codes;
+    a file already there (an interrupted build) is kept. Returns the file names in key order."""
+    from tqdm.auto import tqdm
+
+    faiss, n = _faiss(), len(keys)
+    names = []
+    with tqdm(total=n, desc="index shards", unit="key", disable=not progress, leave=False) as bar:
+        for s, (i, j) in enumerate(_iter_batches(n, shard_keys)):
+            name = folder / f"shard-{s:05d}.faiss"
+            names.append(str(name))
+            if not name.is_file():
+                shard = faiss.clone_index(trained)
+                for a, b in _iter_batches(j - i, add_batch):
+                    shard.add_with_ids(_as_f32(keys[i + a : i + b]), np.arange(i + a, i + b, dtype=np.int64))
+                _write_faiss(shard, name)
+                del shard
+            bar.update(j - i)
+    return names
+
+
+def build_ondisk_index(
+    keys: np.ndarray,
+    path: str | os.PathLike,
+    params: IndexParams,
+    *,
+    shard_keys: int = DISK_SHARD_KEYS,
+    add_batch: int = 65_536,
+    progress: bool = False,
+) -> int:
+    """Build the ivfpq-disk index over ``keys`` (float16/32 [N, d], may be a memmap) at ``path``,
+    with its inverted lists in ``ivfdata_path(path)``. Returns the bytes of both files.
+
+    The trained index and the shard files wait in ``.PATH.shards/`` (removed at the end), so an
+    interrupted build resumes at its first missing shard. Memory: one shard's codes
+    (``shard_keys`` × pq_m bytes) and ``add_batch`` fp32 keys at a time.
+    """
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss, path = _faiss(), Path(path)
+    if params.kind != "ivfpq-disk":
+        raise DatastoreError(f"build_ondisk_index builds ivfpq-disk indexes, not {params.kind}")
+    folder = path.with_name(f".{path.name}.shards")
+    folder.mkdir(exist_ok=True)
+    meta = folder / "params.json"
+    if not meta.is_file() or read_json(meta, "index shard parameters", DatastoreError) != {**params.to_json(), "shard_keys": shard_keys}:
+        for old in folder.iterdir():  # shards of another build: start again
+            old.unlink()
+        _write_faiss(train_ivfpq(keys, params), folder / "trained.faiss")
+        atomic_write_text(meta, json.dumps({**params.to_json(), "shard_keys": shard_keys}))
+    trained = faiss.read_index(str(folder / "trained.faiss"))
+    names = _shard_files(trained, keys, folder, shard_keys, add_batch, progress)
+    data, tmp_data = ivfdata_path(path), folder / f"merged{IVFDATA_SUFFIX}"
+    tmp_data.unlink(missing_ok=True)
+    with _faiss_prints_to_stderr():
+        merge_ondisk(trained, names, str(tmp_data))
+    faiss.downcast_InvertedLists(_ivf(trained).invlists).filename = data.name  # read back from the index's folder
+    _write_faiss(trained, path)
+    del trained
+    os.replace(tmp_data, data)
+    for old in folder.iterdir():
+        old.unlink()
+    folder.rmdir()
+    return path.stat().st_size + data.stat().st_size
 
 
 def save_index(index, path: str | os.PathLike) -> int:
@@ -418,8 +537,9 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None, gpu: bool | N
     if _is_torch_index_file(path):
         return _load_torch_index(path, "auto" if gpu is None else ("cuda" if gpu else "cpu"))
     faiss = _faiss()
-    try:
-        index = faiss.read_index(str(path))
+    try:  # an ivfpq-disk index finds its lists beside the file, wherever the folder has moved
+        with _faiss_prints_to_stderr():
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as exc:
         raise DatastoreError(f"{path}: cannot read the faiss index (corrupt or truncated?): {str(exc).splitlines()[0]}") from None
     if nprobe is not None and _ivf(index) is not None:
@@ -432,7 +552,7 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None, gpu: bool | N
 def to_gpu(index):
     """The index on every GPU faiss sees, or unchanged where it cannot move (CPU build, IndexRefine,
     a TorchFlatIndex)."""
-    if isinstance(index, TorchFlatIndex) or not gpu_available():
+    if isinstance(index, TorchFlatIndex) or not gpu_available() or _on_disk(index):
         return index
     try:  # pragma: no cover - needs faiss-gpu
         return _faiss().index_cpu_to_all_gpus(index)
@@ -469,8 +589,16 @@ def search(index, queries, k: int, nprobe: int | None = None, batch_size: int = 
     return dists, ids
 
 
+def _on_disk(index) -> bool:
+    """Whether ``index`` is IVF with its inverted lists on disk (ivfpq-disk)."""
+    ivf = _ivf(index)
+    return ivf is not None and isinstance(_faiss().downcast_InvertedLists(ivf.invlists), _faiss().OnDiskInvertedLists)
+
+
 def index_kind(index) -> str:
-    """``flat``, ``ivfpq`` or ``torch``, from the index itself."""
+    """``flat``, ``ivfpq``, ``ivfpq-disk`` or ``torch``, from the index itself."""
     if isinstance(index, TorchFlatIndex):
         return "torch"
-    return "ivfpq" if _ivf(index) is not None else "flat"
+    if _ivf(index) is None:
+        return "flat"
+    return "ivfpq-disk" if _on_disk(index) else "ivfpq"

@@ -10,6 +10,11 @@ in CSR form: ``offsets`` int64 [N+1], ``token_ids`` int32 [nnz], ``probs`` float
 is ``token_ids[offsets[p]:offsets[p+1]]``, in increasing token id order: a canonical order, so the
 files are byte-identical whatever the search batch.
 
+Probabilities are stored as float16 (``prob_dtype`` "float16", the default) or as 8-bit codes
+(``"uint8"``): code c = round(16·ln(p_max / p)) relative to the row's most probable entry (code 0),
+entries past code 255 (p < e^-16·p_max) dropped; the reader decodes p ∝ e^(-c/16) and renormalises
+each row. The relative error is at most ±e^(1/32)−1 ≈ 3.2% an entry, whatever the row's shape.
+
 Truncation keeps the ``top_m`` most probable tokens of a row (all by default) and renormalises.
 Entries that fp16 would store as 0 (p < 2^-25) are dropped as well. The KL lost to truncation is
 reported as KL(p_M ‖ p) = -log Σ_{kept v} p(v), the divergence of the stored row p_M from the
@@ -34,6 +39,8 @@ from .files import check_npy
 
 FP16_ZERO = 2.0**-25  # probabilities below this round to 0 in float16
 TARGETS_DIR = "targets"
+PROB_DTYPES = ("float16", "uint8")  # how target probabilities are stored
+LOG_CODE_STEPS = 16.0  # uint8 probabilities: codes per nat below the row's most probable entry
 
 
 # --- neighbours -> distributions -------------------------------------------------------------
@@ -251,6 +258,47 @@ def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
     return out.astype(np.float32)
 
 
+# --- 8-bit probabilities ---------------------------------------------------------------------
+
+
+def _row_index(offsets: np.ndarray) -> np.ndarray:
+    """The row of each CSR entry: int64 [nnz] from offsets int64 [B+1]."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+
+
+def encode_log_u8(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarray):
+    """CSR rows with float probabilities -> the same rows with uint8 log codes.
+
+    offsets int64 [B+1], token_ids int32 [nnz], probs float [nnz] (each non-empty row sums to 1).
+    Code c = round(LOG_CODE_STEPS · ln(p_max / p)): 0 for the row's most probable entry; entries
+    whose code would pass 255 are dropped. Returns (offsets int64 [B+1], token_ids int32 [nnz'],
+    codes uint8 [nnz'], kept float64 [B]: the share of each row's mass the codes keep, 1 for an empty row).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    b, rows = len(offsets) - 1, _row_index(offsets)
+    p = np.asarray(probs, dtype=np.float64)
+    row_max = np.zeros(b)
+    np.maximum.at(row_max, rows, p)
+    with np.errstate(divide="ignore"):
+        codes = np.rint(LOG_CODE_STEPS * (np.log(row_max[rows]) - np.log(p)))
+    keep = codes <= 255
+    total = np.bincount(rows, weights=p, minlength=b)
+    kept = np.divide(np.bincount(rows[keep], weights=p[keep], minlength=b), total, out=np.ones(b), where=total > 0)
+    new_offsets = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=b), out=new_offsets[1:])
+    return new_offsets, np.asarray(token_ids)[keep], codes[keep].astype(np.uint8), kept
+
+
+def decode_log_u8(offsets: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """uint8 log codes [nnz] of CSR rows (offsets int64 [B+1]) -> probabilities float32 [nnz],
+    each non-empty row renormalised to sum to 1."""
+    rows = _row_index(offsets)
+    w = np.exp(-np.asarray(codes, dtype=np.float64) / LOG_CODE_STEPS)
+    total = np.bincount(rows, weights=w, minlength=len(offsets) - 1)
+    return (w / total[rows]).astype(np.float32)
+
+
 # --- the CSR files ---------------------------------------------------------------------------
 
 @dataclass
@@ -259,30 +307,35 @@ class KnnTargets:
 
     offsets: np.ndarray  # int64 [N+1]
     token_ids: np.ndarray  # int32 [nnz]
-    probs: np.ndarray  # float16 [nnz]
+    probs: np.ndarray  # float16 [nnz], or uint8 log codes [nnz] (prob_dtype "uint8")
     k: int
     temperature: float
     top_m: int | None
     max_token_id: int = -1  # the largest stored token id (``validate_targets``)
+    prob_dtype: str = "float16"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def _decoded(self, offsets: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        return decode_log_u8(offsets, stored) if self.prob_dtype == "uint8" else np.asarray(stored)
+
     def row(self, p: int) -> tuple[np.ndarray, np.ndarray]:
-        """(token_ids int32 [n], probs float16 [n]) of position p."""
+        """(token_ids int32 [n], probs [n]: float16, or float32 decoded from uint8) of position p."""
         a, b = int(self.offsets[p]), int(self.offsets[p + 1])
-        return self.token_ids[a:b], self.probs[a:b]
+        return self.token_ids[a:b], self._decoded(np.array([0, b - a]), self.probs[a:b])
 
     def gather(self, positions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows of ``positions`` (int [P]) as one CSR batch: (offsets int64 [P+1],
-        token_ids int32 [nnz], probs float16 [nnz]), gathered without a Python loop."""
+        token_ids int32 [nnz], probs [nnz]: float16, or float32 decoded from uint8), gathered
+        without a Python loop."""
         pos = np.asarray(positions, dtype=np.int64).ravel()
         starts, ends = self.offsets[pos], self.offsets[pos + 1]
         lens = ends - starts
         out = np.zeros(len(pos) + 1, dtype=np.int64)
         np.cumsum(lens, out=out[1:])
         idx = np.repeat(starts - out[:-1], lens) + np.arange(out[-1])
-        return out, np.asarray(self.token_ids[idx]), np.asarray(self.probs[idx])
+        return out, np.asarray(self.token_ids[idx]), self._decoded(out, self.probs[idx])
 
     def check_vocab(self, vocab_size: int, where: str) -> None:
         """DatastoreError unless every stored token id is below ``vocab_size`` (the model's logits)."""
@@ -295,9 +348,23 @@ ROW_SUM_TOLERANCE = 2e-3  # fp16 storage: each entry is off by at most 2^-11 of 
 VALIDATE_ROWS = 1 << 20  # rows checked per chunk
 
 
-def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarray, where: str) -> int:
-    """Check CSR targets chunk by chunk: offsets non-decreasing, probabilities finite and in [0, 1],
-    every non-empty row summing to 1 within fp16 tolerance, token ids >= 0.
+def _check_u8_rows(off: np.ndarray, codes: np.ndarray, r0: int, where: str) -> None:
+    """Each non-empty row of uint8 log codes must hold a 0, its most probable entry."""
+    lens = np.diff(off)
+    nonempty = lens > 0
+    if nonempty.any():
+        mins = np.minimum.reduceat(codes, (off[:-1] - off[0])[nonempty])
+        if mins.any():
+            row = r0 + int(np.flatnonzero(nonempty)[int(np.argmax(mins > 0))])
+            raise DatastoreError(f"{where}: row {row} of the 8-bit kNN targets has no code 0 (its most probable "
+                                 f"entry); the targets are corrupt: delete them and rerun memdec datastore")
+
+
+def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarray, where: str,
+                     prob_dtype: str = "float16") -> int:
+    """Check CSR targets chunk by chunk: offsets non-decreasing, token ids >= 0; float16
+    probabilities finite and in [0, 1], every non-empty row summing to 1 within fp16 tolerance;
+    uint8 codes with a 0 (the row's most probable entry) in every non-empty row.
 
     Returns the largest token id (-1 if none). Raises DatastoreError naming the first bad row.
     """
@@ -308,15 +375,20 @@ def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarr
         lens = np.diff(off)
         if (lens < 0).any():
             raise DatastoreError(f"{where}: target offsets decrease at row {r0 + int(np.argmax(lens < 0))} (corrupt)")
-        p = np.asarray(probs[off[0] : off[-1]], dtype=np.float32)
         ids = np.asarray(token_ids[off[0] : off[-1]])
+        if ids.size and ids.min() < 0:
+            raise DatastoreError(f"{where}: the kNN targets hold a negative token id (corrupt)")
+        if ids.size:
+            max_id = max(max_id, int(ids.max()))
+        if prob_dtype == "uint8":
+            _check_u8_rows(off, np.asarray(probs[off[0] : off[-1]]), r0, where)
+            continue
+        p = np.asarray(probs[off[0] : off[-1]], dtype=np.float32)
         bad = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
         if bad.any():
             row = r0 + int(np.searchsorted(off, off[0] + int(np.argmax(bad)), side="right")) - 1
             raise DatastoreError(f"{where}: row {row} of the kNN targets holds a probability that is not in [0, 1] "
                                  f"({p[bad][0]}); the targets are corrupt: delete them and rerun memdec datastore")
-        if ids.size and ids.min() < 0:
-            raise DatastoreError(f"{where}: the kNN targets hold a negative token id (corrupt)")
         nonempty = lens > 0
         if nonempty.any():
             sums = np.add.reduceat(p, (off[:-1] - off[0])[nonempty])
@@ -325,7 +397,6 @@ def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarr
                 row = r0 + int(np.flatnonzero(nonempty)[worst])
                 raise DatastoreError(f"{where}: row {row} of the kNN targets sums to {sums[worst]:.4f}, not 1; the "
                                      f"targets are corrupt: delete them and rerun memdec datastore")
-            max_id = max(max_id, int(ids.max()))
     return max_id
 
 
@@ -338,10 +409,13 @@ def load_targets(datastore_path: str | os.PathLike, manifest: dict) -> KnnTarget
         raise DatastoreError(f"{root}: the kNN targets are not built (status: {step.get('status', 'missing')}); "
                              f"run memdec datastore with --out {root}")
     n, nnz = int(manifest["n_keys"]), int(step["nnz"])
+    prob_dtype = step.get("prob_dtype", "float16")
+    if prob_dtype not in PROB_DTYPES:
+        raise DatastoreError(f"{root}: the manifest's target prob_dtype {prob_dtype!r} is not one of {', '.join(PROB_DTYPES)}")
     folder = root / TARGETS_DIR
     check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
     check_npy(folder / "token_ids.npy", np.int32, (nnz,), "target token ids")
-    check_npy(folder / "probs.npy", np.float16, (nnz,), "target probabilities")
+    check_npy(folder / "probs.npy", prob_dtype, (nnz,), "target probabilities")
     offsets = np.load(folder / "offsets.npy", mmap_mode="r")
     if offsets[0] != 0 or offsets[-1] != nnz:
         raise DatastoreError(f"{folder}/offsets.npy: does not span the {nnz} stored entries (corrupt)")
@@ -354,5 +428,6 @@ def load_targets(datastore_path: str | os.PathLike, manifest: dict) -> KnnTarget
         k=int(step["k"]),
         temperature=float(step["temperature"]),
         top_m=step.get("top_m"),
-        max_token_id=validate_targets(offsets, token_ids, probs, str(folder)),
+        max_token_id=validate_targets(offsets, token_ids, probs, str(folder), prob_dtype),
+        prob_dtype=prob_dtype,
     )
