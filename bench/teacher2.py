@@ -26,7 +26,9 @@ steps run and the wall time of its training (both phases, and the keys pass wher
 Rows run in priority order: every domain's budget-B rows first, then the 3B rows, so a run cut
 short (``--budget-s``, or killed) still holds the decisive comparisons. Each finished row is one
 JSON line appended to ``--out-jsonl`` at once; the markdown table (``--out-md``) is rewritten after
-every row.
+every row. A second run with the same settings resumes: the rows already in ``--out-jsonl`` under a
+set-up record of equal settings are kept, not run again, and the table holds them all (the rows of
+other settings in the same file are ignored).
 
     python bench/teacher2.py --domain austen stdlib --out-jsonl runs/t2/rows.jsonl --work runs/t2
 """
@@ -52,7 +54,7 @@ from memdec.checkpoint import load_memory_decoder, read_memdec_json
 from memdec.data import corpus_source, load_token_stream
 from memdec.datastore import DatastoreConfig, build_datastore, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
-from memdec.files import append_jsonl, atomic_write_text
+from memdec.files import append_jsonl, atomic_write_text, read_jsonl
 from memdec.models import bos_prefix, load_model, resolve_device
 from memdec.scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
 from memdec.train import TrainConfig, train
@@ -74,6 +76,9 @@ RECIPES = {  # row -> (recipe, keys from, budget), the table's first columns
     "knn-lm-base": ("kNN-LM", "base", "keys pass"),
     "knn-lm-adapted": ("kNN-LM", "the CE decoder (re-keyed)", "B/2 + keys pass"),
 }
+# The arguments a row's numbers depend on: rows are reused across runs only where all of them agree.
+SETTINGS = ("model", "train_tokens", "steps", "batch_size", "block_size", "lr", "evals", "patience", "k", "index",
+            "ds_block", "eval_block", "eval_batch", "valid_tokens", "test_tokens", "device")
 
 
 def say(log: Path, msg: str) -> None:
@@ -230,17 +235,46 @@ def run_row(d: Domain, row: str) -> dict:
     return record
 
 
+def run_settings(args: argparse.Namespace) -> dict:
+    """The arguments of ``SETTINGS``, as JSON values (``--smoke``'s model path by its name)."""
+    values = {k: getattr(args, k) for k in SETTINGS}
+    values["model"] = Path(values["model"]).name if args.smoke else values["model"]
+    return values
+
+
+def prior_records(path: Path, settings: dict) -> list[dict]:
+    """The records of ``path`` (a previous run's ``--out-jsonl``) measured with ``settings``: each
+    record belongs to the set-up record of its domain before it in the file; a row measured twice
+    keeps its last record."""
+    if not path.exists():
+        return []
+    current: dict[str, bool] = {}  # domain -> whether its latest set-up had these settings
+    kept: dict[tuple[str, str], dict] = {}
+    for r in read_jsonl(path):
+        domain, row = r.get("domain"), r.get("row")
+        if row == "setup":
+            current[domain] = r.get("settings") == settings
+        if current.get(domain) and (domain, row) != (None, None):
+            kept.pop((domain, row), None)
+            kept[domain, row] = r
+    return list(kept.values())
+
+
 def table(records: list[dict]) -> str:
     """The issue's table: one block per domain."""
     lines = []
     for domain in dict.fromkeys(r["domain"] for r in records):
-        rows = [r for r in records if r["domain"] == domain and r["row"] != "setup"]
-        setup = next((r for r in records if r["domain"] == domain and r["row"] == "setup"), {})
+        order = {row: i for i, row in enumerate(ROWS_B + ROWS_3B)}
+        rows = sorted((r for r in records if r["domain"] == domain and r["row"] != "setup"), key=lambda r: order[r["row"]])
+        setup = next((r for r in reversed(records) if r["domain"] == domain and r["row"] == "setup"), {})
         tests = DOMAINS[domain]["tests"]
         lines += [f"### {domain}: {setup.get('n_keys', '?')} keys of {DOMAINS[domain]['train']}; base valid "
                   f"{setup.get('base_valid_ppl', '?')}, test " + ", ".join(f"{t} {v}" for t, v in setup.get("base_test_ppl", {}).items()),
                   "", "| recipe | keys from | total budget | steps (best) | valid ppl | " + " | ".join(f"{t} ppl" for t in tests)
                   + " | λ | alone valid | train (+ keys) s |", "|" + " --- |" * (8 + len(tests))]
+        if setup:
+            lines.append("| " + " | ".join(["base", "-", "0", "-", f"{setup['base_valid_ppl']:.2f}",
+                                             *(f"{setup['base_test_ppl'][t]:.2f}" for t in tests), "-", "-", "-"]) + " |")
         for r in rows:
             recipe, keys, budget = RECIPES[r["row"]]
             steps = f"{r['steps']} ({r.get('best_step', '-')})" if "steps" in r else "-"
@@ -314,8 +348,12 @@ def main(argv: list[str] | None = None) -> int:
              f"{vars(args)}")
     t_start = time.perf_counter()
     domains = {name: Domain(name, args, work / name) for name in args.domain}
-    plan = [(name, row) for tier in (ROWS_B, ROWS_3B) for name in args.domain for row in tier if row in args.rows]
-    records: list[dict] = []
+    records = [r for r in prior_records(args.out_jsonl, run_settings(args)) if r.get("domain") in args.domain]
+    done = {(r["domain"], r["row"]) for r in records}
+    if done - {(name, "setup") for name in args.domain}:
+        say(log, f"resuming: {len(done)} records of {args.out_jsonl} have these settings; their rows are not run again")
+    plan = [(name, row) for tier in (ROWS_B, ROWS_3B) for name in args.domain for row in tier
+            if row in args.rows and (name, row) not in done]
     for name, row in plan:
         elapsed = time.perf_counter() - t_start
         if elapsed > args.budget_s:
@@ -325,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if d.base is None:
                 setup = d.setup(log)
-                setup["python"] = platform.python_version()
+                setup.update(python=platform.python_version(), settings=run_settings(args))
                 records.append(setup)
                 append_jsonl(args.out_jsonl, setup)
             t0 = time.perf_counter()
