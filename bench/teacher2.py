@@ -134,16 +134,18 @@ class Domain:
         return nll
 
     def store(self, key_model: str | None) -> tuple[Path, float]:
-        """The datastore of the training split, keys from the base (None) or from ``key_model``."""
+        """The datastore of the training split, keys from the base (None) or from ``key_model``, and the
+        seconds its keys, index and targets took (from its manifest, so a store built by an earlier run
+        counts what it cost then)."""
         name = "base" if key_model is None else key_model
         if name not in self.stores:
             a = self.args
             path = self.work / "stores" / ("base" if key_model is None else f"keys-{Path(key_model).name}")
-            t0 = time.perf_counter()
             build_datastore(DatastoreConfig(model=a.model, corpus=self.spec["train"], out=str(path), key_model=key_model,
                                             k=a.k, index=a.index, block_size=a.ds_block, stride=a.ds_block // 2,
                                             max_tokens=a.train_tokens, device=a.device, progress=False))
-            self.stores[name] = (path, time.perf_counter() - t0)
+            steps = read_manifest(path)["steps"]  # the time that built it, in this run or in the one it resumes
+            self.stores[name] = (path, sum(steps[s].get("seconds", 0.0) for s in ("keys", "index", "targets")))
         return self.stores[name]
 
     def train(self, name: str, store: Path, alpha: float, steps: int, init: str | None = None,
