@@ -95,7 +95,7 @@ from .index import (
 )
 from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, load_tokenizer, model_fingerprint,
                      resolve_device, tokenizer_fingerprint, with_prefix)
-from .files import NpyAppender, atomic_write_json, check_npy, read_json_object
+from .files import NpyAppender, atomic_write, atomic_write_json, check_npy, read_json_object
 from .targets import (
     PROB_DTYPES,
     TARGETS_DIR,
@@ -351,12 +351,20 @@ COPY_CHUNK = 1 << 24  # elements copied at a time between .npy files
 
 def _copy_npy(src: np.ndarray, path: Path, dtype) -> None:
     """Write the 1-D ``src`` (a memmap) to ``path`` chunk by chunk, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = NpyAppender(tmp, dtype)
-    for i in range(0, len(src), COPY_CHUNK):
-        out.append(src[i : i + COPY_CHUNK])
-    out.close()
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        out = NpyAppender(tmp, dtype)
+        for i in range(0, len(src), COPY_CHUNK):
+            out.append(src[i : i + COPY_CHUNK])
+        out.close()
+
+    atomic_write(path, write)
+
+
+def _same_npy(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether the 1-D arrays ``a`` and ``b`` (memmaps) are equal, compared chunk by chunk."""
+    return len(a) == len(b) and all(np.array_equal(a[i : i + COPY_CHUNK], b[i : i + COPY_CHUNK])
+                                    for i in range(0, len(a), COPY_CHUNK))
 
 
 def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> dict:
@@ -383,15 +391,18 @@ def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> dict:
         write_manifest(out, manifest)
     n = identity["n_keys"]
     writable = manifest["steps"]["keys"]["status"] != "done"
-    if writable and not (out / "tokens.npy").exists():
+    new_tokens = writable and not (out / "tokens.npy").exists()  # the stream _prepare just hashed
+    if new_tokens:
         os.replace(tokens_tmp, out / "tokens.npy")
     tokens_tmp.unlink(missing_ok=True)
     check_npy(out / "tokens.npy", np.int32, (n + 1,), "token stream")
     stored = np.load(out / "tokens.npy", mmap_mode="r")
-    if writable and not (out / "values.npy").exists():
+    new_values = writable and not (out / "values.npy").exists()
+    if new_values:
         _copy_npy(stored[1:], out / "values.npy", np.int32)
     check_npy(out / "values.npy", np.int32, (n,), "values")
-    if token_stream_hash(stored) != identity["corpus_hash"] or token_stream_hash(np.load(out / "values.npy", mmap_mode="r")) != token_stream_hash(stored[1:]):
+    if ((not new_tokens and token_stream_hash(stored) != identity["corpus_hash"])
+            or (not new_values and not _same_npy(np.load(out / "values.npy", mmap_mode="r"), stored[1:]))):
         raise DatastoreError(f"{out}: tokens.npy / values.npy do not match the manifest's corpus hash (corrupt); "
                              f"delete {out} to rebuild it")
     return manifest

@@ -77,16 +77,6 @@ def append_jsonl(file: str | os.PathLike, record: dict) -> None:
 # --- .npy files that grow, and their checks ---------------------------------------------------
 
 
-def atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    """``np.save`` through ``atomic_write``."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.save(path) would append ".npy" to the name
-            np.save(f, arr)
-
-    atomic_write(path, write)
-
-
 NPY_HEADER_BYTES = 128  # fixed, so an array can grow in place while staying a valid .npy file
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .errors import DatastoreError
-from .files import atomic_write_text, read_json
+from .files import atomic_write, atomic_write_text, read_json
 
 INDEX_KINDS = ("auto", "flat", "ivfpq", "ivfpq-disk", "torch")
 IVFDATA_SUFFIX = ".ivfdata"  # an ivfpq-disk index's inverted lists, beside its index file
@@ -426,9 +426,8 @@ def _faiss_prints_to_stderr():
 
 
 def _write_faiss(index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    _faiss().write_index(index, str(tmp))
-    os.replace(tmp, path)
+    """``faiss.write_index`` through ``atomic_write``."""
+    atomic_write(path, lambda tmp: _faiss().write_index(index, str(tmp)))
 
 
 def _shard_files(trained, keys: np.ndarray, folder: Path, shard_keys: int, add_batch: int, progress: bool) -> list[str]:
@@ -475,12 +474,12 @@ def build_ondisk_index(
         raise DatastoreError(f"build_ondisk_index builds ivfpq-disk indexes, not {params.kind}")
     folder = path.with_name(f".{path.name}.shards")
     folder.mkdir(exist_ok=True)
-    meta = folder / "params.json"
-    if not meta.is_file() or read_json(meta, "index shard parameters", DatastoreError) != {**params.to_json(), "shard_keys": shard_keys}:
+    meta, wanted = folder / "params.json", {**params.to_json(), "shard_keys": shard_keys}
+    if not meta.is_file() or read_json(meta, "index shard parameters", DatastoreError) != wanted:
         for old in folder.iterdir():  # shards of another build: start again
             old.unlink()
         _write_faiss(train_ivfpq(keys, params), folder / "trained.faiss")
-        atomic_write_text(meta, json.dumps({**params.to_json(), "shard_keys": shard_keys}))
+        atomic_write_text(meta, json.dumps(wanted))
     trained = faiss.read_index(str(folder / "trained.faiss"))
     names = _shard_files(trained, keys, folder, shard_keys, add_batch, progress)
     data, tmp_data = ivfdata_path(path), folder / f"merged{IVFDATA_SUFFIX}"
@@ -513,9 +512,7 @@ def save_index(index, path: str | os.PathLike) -> int:
             index = faiss.index_gpu_to_cpu(index)
         except RuntimeError:
             pass  # already a CPU index
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    _write_faiss(index, path)
     return path.stat().st_size
 
 
