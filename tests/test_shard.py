@@ -12,14 +12,9 @@ import pytest
 
 from memdec.data import sliding_windows, window_batches
 from memdec.datastore import DatastoreConfig, build_datastore, read_manifest, shard_bounds, support_stats
+from test_datastore import read_bytes  # the bytes of every file a build writes
 
-ARTEFACTS = ["tokens.npy", "keys.npy", "values.npy", "index.faiss",
-             "targets/offsets.npy", "targets/token_ids.npy", "targets/probs.npy"]
 OPTIONS = dict(corpus="austen:valid", k=8, max_tokens=600, block_size=64, stride=32, search_batch=128)
-
-
-def read_bytes(path):
-    return {name: (path / name).read_bytes() for name in ARTEFACTS}
 
 
 def launch(model_dir, out, processes=2):
