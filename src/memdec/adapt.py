@@ -587,13 +587,15 @@ def train_candidates(job: Job) -> dict:
             train(cfg)
         info = read_memdec_json(out)
         scores[name], seconds[name] = info["train_stats"].get("best_ppl", math.inf), info.get("train_seconds")
+    phase_one = None  # (its folder, the steps left for phase two): trained once, before the first two-phase candidate
     for alpha in s.two_phase:
         name = two_phase_name(alpha)
         if spent():
             skipped.append(name)
             continue
         out = job.run / "candidates" / name if several else job.ckpt
-        seconds[name] = train_two_phase(job, base_cfg, alpha, out)
+        phase_one = phase_one or train_phase_one(job, base_cfg)
+        seconds[name] = train_phase_two(base_cfg, alpha, out, *phase_one)
         scores[name] = read_memdec_json(out)["train_stats"].get("best_ppl", math.inf)
     if skipped:
         _say(f"training budget of {s.train_budget:g} s spent: skipped {', '.join(candidate_label(n) for n in skipped)}")
@@ -607,17 +609,23 @@ def train_candidates(job: Job) -> dict:
             "valid_joint_ppl": scores, "train_seconds": seconds, "skipped": skipped}
 
 
-def train_two_phase(job: Job, base_cfg: TrainConfig, alpha: float, out: Path) -> float | None:
-    """A two-phase candidate in the CE-only candidate's steps: cross-entropy for the first half
-    (``RUN/candidates/two-phase-ce``, shared by every two-phase candidate), then ``alpha`` from its
-    best checkpoint for the rest, with a fresh optimizer and schedule. Returns both phases' seconds."""
+def train_phase_one(job: Job, base_cfg: TrainConfig) -> tuple[Path, int]:
+    """The first phase of the two-phase candidates, shared by all of them: cross-entropy for the first
+    half of the CE-only candidate's steps, in ``RUN/candidates/two-phase-ce``. Returns its folder and
+    the steps left for phase two."""
     total = planned_steps(base_cfg, int(read_manifest(job.datastore)["n_keys"]))
     if total < 2:
         raise MemdecError(f"--two-phase splits the steps in two, but the run has {total} step; raise --epochs or --max-steps")
     first = job.run / "candidates" / PHASE_ONE
     train(dataclasses.replace(base_cfg, alpha=0.0, teacher_base_weight=0.0, max_steps=total // 2, out=str(first)))
+    return first, total - total // 2
+
+
+def train_phase_two(base_cfg: TrainConfig, alpha: float, out: Path, first: Path, steps: int) -> float | None:
+    """A two-phase candidate's second phase: ``alpha`` for ``steps`` from phase one's best checkpoint
+    ``first``, with a fresh optimizer and schedule. Returns both phases' seconds."""
     train(dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=0.0, init=str(first), init_layers=None,
-                              max_steps=total - total // 2, out=str(out)))
+                              max_steps=steps, out=str(out)))
     phases = [read_memdec_json(p).get("train_seconds") for p in (first, out)]
     return None if None in phases else round(sum(phases), 1)
 
