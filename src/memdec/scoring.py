@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_lambda
 from .data import sliding_windows, window_batches
+from .loss import chunk_rows
 from .models import with_prefix
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,7 +40,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     """
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
     flat = logits.reshape(-1, logits.shape[-1])
-    rows = max(1, LSE_BUDGET_BYTES // (4 * logits.shape[-1]))
+    rows = chunk_rows(logits.shape[-1], LSE_BUDGET_BYTES)
     lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     for s in range(0, flat.shape[0], rows):
         lse[s : s + rows] = torch.logsumexp(flat[s : s + rows].float(), dim=-1)
