@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from memdec.checkpoint import load_memory_decoder, read_memdec_json
-from memdec.data import corpus_source, load_token_stream
+from memdec.data import load_token_stream
 from memdec.datastore import DatastoreConfig, build_datastore, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.files import append_jsonl, atomic_write_text, read_jsonl
@@ -140,7 +140,7 @@ class Domain:
         name = "base" if key_model is None else key_model
         if name not in self.stores:
             a = self.args
-            path = self.work / "stores" / ("base" if key_model is None else f"keys-{Path(key_model).name}")
+            path = self.work / "stores" / (name if key_model is None else f"keys-{Path(key_model).name}")
             build_datastore(DatastoreConfig(model=a.model, corpus=self.spec["train"], out=str(path), key_model=key_model,
                                             k=a.k, index=a.index, block_size=a.ds_block, stride=a.ds_block // 2,
                                             max_tokens=a.train_tokens, device=a.device, progress=False))
@@ -186,7 +186,7 @@ class Domain:
     def knn_lm(self, store: Path) -> dict:
         """kNN-LM through ``memdec eval --knn --sweep`` (T and λ on valid), per test corpus."""
         a, out = self.args, {"test_ppl": {}}
-        for t in self.spec["tests"]:  # T and λ come from the same valid pass for every test corpus
+        for t in self.spec["tests"]:  # each call sweeps the same valid tokens, so T and λ agree across tests
             report = run_eval_report(EvalConfig(model=a.model, corpus=t, max_tokens=a.test_tokens, block_size=a.eval_block,
                                                 knn=str(store), sweep=True, valid=self.spec["valid"],
                                                 valid_max_tokens=a.valid_tokens, batch_size=a.eval_batch, device=a.device))
@@ -210,13 +210,13 @@ def run_row(d: Domain, row: str) -> dict:
         record.update(steps=info.get("stopped_early_at") or 3 * B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
     elif row.startswith("two-phase"):
         long = row.endswith("-3x")
-        half = (3 * B) // 2 if long else B // 2
-        patience = a.patience if long else None
+        total = 3 * B if long else B
+        half, patience = total // 2, a.patience if long else None
         p1, p1_s, p1_info = d.phase_one_ckpt(half, patience)
         store, keys_s = d.store(str(p1)) if "rekeyed" in row else (d.store(None)[0], 0.0)
-        ckpt, seconds, info = d.train(row, store, 0.5, B - B // 2 if not long else 3 * B - half, init=str(p1), patience=patience)
+        ckpt, seconds, info = d.train(row, store, 0.5, total - half, init=str(p1), patience=patience)
         p1_steps = p1_info.get("stopped_early_at") or half
-        p2_steps = info.get("stopped_early_at") or (B - B // 2 if not long else 3 * B - half)
+        p2_steps = info.get("stopped_early_at") or total - half
         record.update(steps=p1_steps + p2_steps, phase_steps=[p1_steps, p2_steps], train_s=round(p1_s + seconds, 1),
                       phase_one_best_step=p1_info["train_stats"]["step"], best_step=info["train_stats"]["step"],
                       **({"rekey_datastore_s": round(keys_s, 1)} if "rekeyed" in row else {}))
@@ -232,7 +232,7 @@ def run_row(d: Domain, row: str) -> dict:
     else:
         raise ValueError(f"unknown row {row}")
     record.update(d.evaluate(ckpt), loop_s=info.get("train_seconds"))
-    if ckpt.parent.name == "ckpt" and not ckpt.name.startswith("phase1-") and not a.keep:
+    if not a.keep:
         shutil.rmtree(ckpt, ignore_errors=True)  # 0.5 GB each; the numbers are what we keep
     return record
 
