@@ -50,7 +50,7 @@ from .datastore import open_datastore
 from .errors import MemdecError
 from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
-from .models import (bos_prefix, check_same_tokenizer, load_model, model_fingerprint, resolve_device,
+from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_model, model_fingerprint, resolve_device,
                      shortened_copy, vocab_rows, with_prefix)
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
@@ -193,9 +193,9 @@ def init_memory_decoder(cfg: TrainConfig, manifest: dict, device: str):
     """Build the decoder to train; its tokenizer must equal the datastore's. Returns (model, tokenizer)."""
     if cfg.init is not None and cfg.init_layers is not None:
         raise MemdecError("give --init or --init-layers, not both")
-    spec = cfg.init or manifest["model"]
-    check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
+    spec = cfg.init or manifest["model"]  # an --init was checked before any weights loaded (Recipe.init_hash)
     model, tokenizer = load_model(spec, device="cpu", dtype=torch.float32)
+    check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
     if cfg.init_layers is not None:
         model = shortened_copy(model, cfg.init_layers, cfg.layer_selection)
     model.config.use_cache = False
@@ -506,7 +506,7 @@ class Trainer:
         self.tokens, self.manifest = self.recipe.data(cfg)
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
-        self.init_hash = self._init_hash()
+        self.init_hash = self.recipe.init_hash(cfg, self.manifest)
         self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash)
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
@@ -516,9 +516,6 @@ class Trainer:
         self.previous = self._previous()
 
     # -- plan and resume ---------------------------------------------------------------------
-
-    def _init_hash(self) -> str | None:
-        return self.recipe.init_hash(self.cfg, self.manifest)
 
     def _plan(self) -> None:
         cfg = self.cfg
