@@ -161,18 +161,17 @@ def _parse_stdlib_spec(spec: str) -> tuple[str, bool] | None:
     return split, prefix == "stdlib"
 
 
-def _read_stdlib(split: str, with_tests: bool) -> list[Document]:
-    """One document per file, in path order; files that are not UTF-8 (a few deliberately
-    mis-encoded test inputs) are left out, the same on every machine."""
-    root, docs = stdlib_root(), []
+def _read_stdlib(split: str, with_tests: bool) -> Iterator[Document]:
+    """One document per file, in path order, read one file at a time; files that are not UTF-8
+    (a few deliberately mis-encoded test inputs) are left out, the same on every machine."""
+    root = stdlib_root()
     for rel in stdlib_files(split, with_tests, root):
         try:
             text = (root / rel).read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             continue
         if text.strip():
-            docs.append(Document(str(rel), text))
-    return docs
+            yield Document(str(rel), text)
 
 
 def corpus_source(spec: str) -> dict | None:
@@ -183,13 +182,12 @@ def corpus_source(spec: str) -> dict | None:
         return None
     import platform
 
-    docs = _read_stdlib(*parsed)
-    digest = hashlib.sha256()
-    for d in docs:
+    digest, files, chars = hashlib.sha256(), 0, 0
+    for d in _read_stdlib(*parsed):
         digest.update(f"{d.source}\0{len(d.text)}\0".encode())
         digest.update(d.text.encode("utf-8"))
-    return {"python": platform.python_version(), "files": len(docs), "chars": sum(len(d.text) for d in docs),
-            "sha256": digest.hexdigest()[:16]}
+        files, chars = files + 1, chars + len(d.text)
+    return {"python": platform.python_version(), "files": files, "chars": chars, "sha256": digest.hexdigest()[:16]}
 
 
 def _read_text_file(path: Path) -> Iterator[Document]:
@@ -283,7 +281,7 @@ def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
         if paths is not None:
             sources = (d for p in paths for d in _read_path(p, text_field))
         else:
-            sources = iter(_read_stdlib(*stdlib) if stdlib else _read_builtin(spec))
+            sources = _read_stdlib(*stdlib) if stdlib else iter(_read_builtin(spec))
         for doc in sources:
             if doc.text.strip():
                 found = True
