@@ -617,8 +617,9 @@ def _compute_keys(keys_path: Path, chunks: list[np.ndarray], span: tuple[int, in
     ``positions`` (computed in this run) and ``tokens_per_s``."""
     first, end = span
     done0, seconds, t0 = int(record["chunks_done"]), float(record.get("seconds", 0.0)), time.perf_counter()
-    offset = np.load(keys_path, mmap_mode="r").offset
-    row_bytes = np.load(keys_path, mmap_mode="r").shape[1] * 2
+    keys = np.load(keys_path, mmap_mode="r")
+    offset, row_bytes = keys.offset, keys.shape[1] * keys.dtype.itemsize
+    del keys  # the rows are written through fd, not the memmap
     total = sum(int(c[-1, 1] - c[0, 2]) for c in chunks[first:end])
     fd = os.open(keys_path, os.O_RDWR)
     try:
