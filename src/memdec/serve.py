@@ -13,15 +13,26 @@ format, ending with ``data: [DONE]``. Every error has OpenAI's shape:
 Concurrency: a handler validates and tokenizes its request, then queues a Job (429 when
 ``--max-queue`` jobs already wait). One worker thread takes the oldest job together with every
 waiting job that can share its ``generate()`` call (same model, λ and sampling settings), up to
-``--max-batch`` rows, and runs them as one left-padded batch. A per-step hook (a stopping
-criterion) streams each row's new text, stops rows one by one (EOS, stop strings, their own
-``max_tokens``, a client that left) and answers each job as soon as its rows are done.
+``--max-batch`` rows, and runs them as one left-padded batch; a job with more rows runs over
+several batches. A per-step hook (a stopping criterion) streams each row's new text, stops rows one
+by one (EOS, stop strings, their own ``max_tokens``, a client that left) and answers each job as
+soon as its rows are done.
+
+Limits: a body over ``--max-body-bytes`` gets 413 before it is read whole, a request of more than
+``--max-request-rows`` rows (prompts × n) a 400 before it is tokenized, JSON nested deeper than
+``MAX_JSON_DEPTH`` a 400. With ``--api-key`` (or ``MEMDEC_API_KEY``) every ``/v1/*`` request needs
+``Authorization: Bearer KEY`` (401 otherwise); ``/health`` stays open. A host other than loopback
+needs a key or ``--allow-unauthenticated``.
 """
 
 import asyncio
 import contextlib
+import hashlib
+import ipaddress
 import json
+import os
 import re
+import secrets
 import socket
 import threading
 import time
@@ -46,6 +57,10 @@ GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long to finish on SIGINT
 BATCH_WINDOW_S = 0.005  # the worker waits this long for compatible requests to join a batch that has room
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 16
+MAX_JSON_DEPTH = 32  # containers inside containers in a request body (an OpenAI request needs about 5)
+DEFAULT_MAX_REQUEST_ROWS = 64
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+API_KEY_ENV = "MEMDEC_API_KEY"
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +78,10 @@ class ServeConfig:
     max_batch: int = 8
     max_queue: int = 64
     max_tokens: int = 256
+    max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_key: str | None = None
+    allow_unauthenticated: bool = False
     device: str = "auto"
 
 
@@ -77,6 +96,12 @@ SERVE_HELP = {
     "max_batch": "most rows (prompts × n) in one generate() call; 1 turns batching off",
     "max_queue": "most requests waiting for the model; beyond it the server answers 429",
     "max_tokens": "tokens generated when a request gives no max_tokens (capped by the context)",
+    "max_request_rows": "most rows (prompts × n) in one request, else 400; a request of more than --max-batch rows "
+                        "runs over several batches",
+    "max_body_bytes": "largest request body in bytes, else 413 (checked before the body is read whole)",
+    "api_key": f"key every /v1/* request must send as `Authorization: Bearer KEY`, else 401; /health stays open "
+               f"(default: ${API_KEY_ENV}, else no key; the variable keeps the key off the command line)",
+    "allow_unauthenticated": "serve a --host other than loopback (127.0.0.0/8, ::1, localhost) without a key",
     "device": "auto, cpu or cuda",
 }
 
@@ -90,6 +115,7 @@ class Plan:
     decoders: list[tuple[str, str, dict]]  # (name, checkpoint folder, memdec.json)
     lmbda: float | None
     device: str
+    api_key: str | None = None
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:@+-]*$")
@@ -133,7 +159,8 @@ def parse_memdec_spec(spec: str) -> tuple[str, str]:
 def _check_numbers(cfg: ServeConfig) -> None:
     if not 1 <= cfg.port <= 65535:
         raise MemdecError(f"--port must lie in [1, 65535], got {cfg.port}")
-    for flag, value in (("--max-batch", cfg.max_batch), ("--max-queue", cfg.max_queue), ("--max-tokens", cfg.max_tokens)):
+    for flag, value in (("--max-batch", cfg.max_batch), ("--max-queue", cfg.max_queue), ("--max-tokens", cfg.max_tokens),
+                        ("--max-request-rows", cfg.max_request_rows), ("--max-body-bytes", cfg.max_body_bytes)):
         if value < 1:
             raise MemdecError(f"{flag} must be at least 1, got {value}")
     if not cfg.host:
@@ -142,9 +169,38 @@ def _check_numbers(cfg: ServeConfig) -> None:
         raise MemdecError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
 
 
+def api_key(cfg: ServeConfig) -> str | None:
+    """The key requests must send: ``--api-key``, else ``$MEMDEC_API_KEY`` (unset or empty: none)."""
+    return cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1 (a bracketed [::1] too)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(cfg: ServeConfig) -> str | None:
+    """The API key, checked (never shown); a host other than loopback needs one or --allow-unauthenticated."""
+    key = api_key(cfg)
+    source = "--api-key" if cfg.api_key is not None else API_KEY_ENV
+    if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise MemdecError(f"{source} must be non-empty printable ASCII without spaces (clients send it as "
+                          f"`Authorization: Bearer KEY`)")
+    if key is None and not cfg.allow_unauthenticated and not is_loopback(cfg.host):
+        raise MemdecError(f"--host {cfg.host} is not a loopback address: give --api-key (or {API_KEY_ENV}) so that "
+                          f"requests must authenticate, or --allow-unauthenticated to serve anyone who can reach it")
+    return key
+
+
 def check_config(cfg: ServeConfig) -> Plan:
     """Check every argument (and every checkpoint's memdec.json) before anything is loaded."""
     _check_numbers(cfg)
+    key = check_access(cfg)
     lmbda = None if cfg.lmbda is None else check_lambda(cfg.lmbda, what="--lambda")
     specs = list(cfg.memdec or [])
     model = cfg.model
@@ -163,7 +219,7 @@ def check_config(cfg: ServeConfig) -> Plan:
             raise MemdecError(f"--memdec {spec!r}: the name {name!r} is taken; give another with NAME=CKPT")
         seen.add(name)
         decoders.append((name, ckpt, read_memdec_json(ckpt)))
-    return Plan(model, base_id, decoders, lmbda, cfg.device)
+    return Plan(model, base_id, decoders, lmbda, cfg.device, key)
 
 
 def check_port(host: str, port: int) -> None:
@@ -423,13 +479,24 @@ def parse_common(body: dict, models: Models, kind: str, prompts: list[list[int]]
     )
 
 
-def parse_completion(body: dict, models: Models, default_max: int) -> GenRequest:
+def check_rows(n_prompts: int, n: int, max_rows: int) -> None:
+    """A 400 (before anything is tokenized) for a request of more than ``max_rows`` rows (prompts × n)."""
+    if n_prompts * n > max_rows:
+        raise ApiError(400, f"This request asks for {n_prompts * n} completions ({n_prompts} prompt(s) × n = {n}); "
+                            f"this server takes at most {max_rows} per request: split it",
+                       param="prompt" if n_prompts > max_rows else "n", code="too_many_rows")
+
+
+def parse_completion(body: dict, models: Models, default_max: int, max_rows: int) -> GenRequest:
     check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiError(400, "`prompt` must be a string or a non-empty list of strings (token-id prompts are not "
-                            "supported)", param="prompt", code="invalid_value")
+    bad = "`prompt` must be a string or a non-empty list of strings (token-id prompts are not supported)"
+    if not isinstance(texts, list) or not texts:
+        raise ApiError(400, bad, param="prompt", code="invalid_value")
+    check_rows(len(texts), get_int(body, "n", 1, 1, MAX_N), max_rows)
+    if not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, bad, param="prompt", code="invalid_value")
     prompts = [models.tokenizer(t)["input_ids"] for t in texts]
     req = parse_common(body, models, "completion", prompts, "prompt", default_max, get_int(body, "max_tokens", None, 1))
     req.logprobs = get_int(body, "logprobs", None, 0, 5)
@@ -454,9 +521,10 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, models: Models, default_max: int) -> GenRequest:
+def parse_chat(body: dict, models: Models, default_max: int, max_rows: int) -> GenRequest:
     check_fields(body, CHAT_FIELDS)
     messages = chat_messages(body)
+    check_rows(1, get_int(body, "n", 1, 1, MAX_N), max_rows)
     tok = models.tokenizer
     if not getattr(tok, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages",
@@ -505,6 +573,11 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.done = False
+        self.next_row = 0  # rows handed to the worker so far: a job of more than --max-batch rows runs in parts
+
+    @property
+    def rows_left(self) -> int:
+        return len(self.rows) - self.next_row
 
     def emit(self, event: tuple) -> None:
         """Called from the worker thread."""
@@ -540,16 +613,18 @@ class Scheduler:
             self._cond.notify_all()
 
     def drop(self, job: Job) -> None:
-        """Forget a waiting job whose client left, freeing its place in the queue."""
-        with self._cond, contextlib.suppress(ValueError):
-            self._pending.remove(job)
+        """Count a job whose client left, and forget its waiting rows, freeing its place in the queue
+        (its running rows stop at the next token)."""
+        with self._cond:
             self.stats["cancelled"] += 1
+            with contextlib.suppress(ValueError):
+                self._pending.remove(job)
 
     def _compatible_rows(self, key) -> int:
-        return sum(len(j.rows) for j in self._pending if j.key == key)
+        return sum(j.rows_left for j in self._pending if j.key == key)
 
-    def next_batch(self, window: float = BATCH_WINDOW_S) -> list[Job] | None:
-        """The oldest job and the waiting jobs that may share its generate() call; None once closed."""
+    def next_batch(self, window: float = BATCH_WINDOW_S) -> list[tuple[Job, list[Row]]] | None:
+        """Rows of the oldest job and of the waiting jobs that may share its generate() call; None once closed."""
         with self._cond:
             while not self._pending and not self.closed:
                 self._cond.wait()
@@ -565,16 +640,23 @@ class Scheduler:
                 return None if self.closed else []
             return self._take()
 
-    def _take(self) -> list[Job]:
-        first = self._pending.popleft()
-        batch, rows = [first], len(first.rows)
+    def _take(self) -> list[tuple[Job, list[Row]]]:
+        """Up to --max-batch rows: the oldest job's next rows, then those of waiting jobs with its batch key, in
+        order. A job whose rows are not all taken keeps its place in the queue (the oldest runs on next)."""
+        key, room, batch = self._pending[0].key, self.max_batch, []
         for job in list(self._pending):
-            if job.key == first.key and rows + len(job.rows) <= self.max_batch:
-                batch.append(job)
-                rows += len(job.rows)
+            if room == 0:
+                break
+            if job.key != key:
+                continue
+            rows = job.rows[job.next_row: job.next_row + room]
+            job.next_row += len(rows)
+            room -= len(rows)
+            batch.append((job, rows))
+            if job.rows_left == 0:
                 self._pending.remove(job)
         self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], self.max_batch - room)
         return batch
 
     def close(self) -> list[Job]:
@@ -623,10 +705,10 @@ class StepHook(StoppingCriteria):
     """A stopping criterion that generate() calls after each new token: it appends each row's token,
     stops rows one by one, and streams text or answers jobs as their rows finish."""
 
-    def __init__(self, jobs: list[Job], models: Models):
-        self.jobs, self.models = jobs, models
-        self.pairs = [(row, job) for job in jobs for row in job.rows]
-        self.recorder = LogprobRecorder(any(job.req.logprobs is not None for job in jobs))
+    def __init__(self, batch: list[tuple[Job, list[Row]]], models: Models):
+        self.jobs, self.models = [job for job, _ in batch], models
+        self.pairs = [(row, job) for job, rows in batch for row in rows]
+        self.recorder = LogprobRecorder(any(job.req.logprobs is not None for job in self.jobs))
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         new = input_ids[:, -1].tolist()
@@ -725,6 +807,7 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         """Fail the waiting jobs, cancel the running ones, and wait for the worker to end."""
         for job in self.scheduler.close():
+            job.done = True  # answered: not a cancellation
             job.emit(("error", ApiError(503, "the server is shutting down", "server_error", code="shutting_down")))
         for job in list(self.current):
             job.cancelled = True
@@ -732,15 +815,15 @@ class Engine:
 
     def _loop(self) -> None:
         while (batch := self.scheduler.next_batch()) is not None:
-            batch = [job for job in batch if not job.cancelled]
+            batch = [(job, rows) for job, rows in batch if not job.cancelled]
             if not batch:
                 continue
-            self.current = batch
-            self.scheduler.stats["running"] = sum(len(j.rows) for j in batch)
+            self.current = [job for job, _ in batch]
+            self.scheduler.stats["running"] = sum(len(rows) for _, rows in batch)
             try:
                 self.run(batch)
             except Exception as exc:  # noqa: BLE001 - one failed batch must not stop the server
-                for job in batch:
+                for job in self.current:
                     if not job.done:
                         job.done = True
                         job.emit(("error", ApiError(500, f"generation failed: {type(exc).__name__}: {exc}",
@@ -749,19 +832,19 @@ class Engine:
                 self.current = []
                 self.scheduler.stats["running"] = 0
 
-    def run(self, jobs: list[Job]) -> None:
-        """One generate() call for every row of ``jobs`` (which share one batch key)."""
+    def run(self, batch: list[tuple[Job, list[Row]]]) -> None:
+        """One generate() call for the rows of ``batch`` (jobs that share one batch key, and their rows)."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        req = jobs[0].req
-        hook = StepHook(jobs, self.models)
+        req = batch[0][0].req
+        hook = StepHook(batch, self.models)
         rows = [row for row, _ in hook.pairs]
         ids, mask = left_pad([row.prompt for row in rows], self.models.pad_id, self.models.device)
         kw: dict[str, Any] = {"do_sample": False}
         if req.sampling:
             kw = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p, "top_k": 0}
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
+            if req.seed is not None:  # a seeded job runs alone
+                torch.manual_seed(batch_seed(req.seed, rows[0].index))
         model = self.models.runner(req.target, req.lmbda)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -769,7 +852,14 @@ class Engine:
                            pad_token_id=self.models.pad_id, logits_processor=LogitsProcessorList([hook.recorder]),
                            stopping_criteria=StoppingCriteriaList([hook]), **kw)
         hook.finish()
-        self.scheduler.stats["cancelled"] += sum(job.cancelled for job in jobs)
+
+
+def batch_seed(seed: int, first_row: int) -> int:
+    """The torch seed of a seeded request's batch that starts at row ``first_row``: the request's seed for its
+    first batch; for a later one (more rows than --max-batch) a hash of both, so that no batch repeats another."""
+    if first_row == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_row}".encode()).digest()[:8], "little")
 
 
 # --------------------------------------------------------------------------------------------
@@ -866,15 +956,53 @@ async def wait_job(job: Job, request, scheduler: Scheduler) -> bool:
 # The app
 
 
-async def read_body(request) -> dict:
-    raw = await request.body()
+async def read_body(request, limit: int) -> dict:
+    """The JSON object of a request body of at most ``limit`` bytes: a 413 as soon as its Content-Length, or
+    the bytes read so far of a chunked body, pass the limit (the rest is never held)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit)
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > limit:
+            raise body_too_large(limit)
+    return parse_json_object(bytes(raw))
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than this server takes ({limit} bytes, --max-body-bytes)",
+                    code="request_too_large")
+
+
+def parse_json_object(raw: bytes) -> dict:
+    """A request body's JSON object, or a 400: malformed, not an object, or nested too deeply."""
+    too_deep = ApiError(400, f"The request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                        code="invalid_json")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise too_deep
     return body
+
+
+def json_depth(value) -> int:
+    """How many containers deep a parsed JSON value goes (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def models_body(models: Models) -> dict:
@@ -903,6 +1031,43 @@ def add_error_handlers(app) -> None:
     async def server_error(request, exc: Exception):
         err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
         return JSONResponse(err.body(), status_code=500)
+
+
+def require_key(key: str):
+    """A FastAPI dependency: a 401 unless the request sends ``Authorization: Bearer <key>``. Neither key is
+    ever shown."""
+    from fastapi import Depends
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    bearer = HTTPBearer(auto_error=False)
+    expected = key.encode()
+
+    async def check_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected):
+            raise ApiError(401, "Missing or incorrect API key: send the server's key as `Authorization: Bearer KEY`",
+                           error_type(401), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check_key
+
+
+def v1_router(key: str | None):
+    """The router of the ``/v1`` paths, behind the key when there is one."""
+    from fastapi import APIRouter, Depends
+
+    return APIRouter(prefix="/v1", dependencies=[Depends(require_key(key))] if key else [])
+
+
+def add_unknown_route(router) -> None:
+    """Last in ``router``: every other ``/v1/*`` path, answered 404 (405 for a known path) after the router's
+    key check, so that no ``/v1`` answer comes without the key."""
+    known = {route.path for route in router.routes}
+
+    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                      include_in_schema=False)
+    async def unknown(path: str):
+        if f"{router.prefix}/{path}" in known:
+            raise ApiError(405, "Method Not Allowed")
+        raise ApiError(404, "Not Found")
 
 
 def create_app(models: Models, cfg: ServeConfig):
@@ -934,17 +1099,24 @@ def create_app(models: Models, cfg: ServeConfig):
             return Response(status_code=499)  # nobody reads it
         return JSONResponse(final_body(job))
 
-    @app.post("/v1/completions")
+    v1 = v1_router(api_key(cfg))
+
+    @v1.post("/completions")
     async def completions(request: Request):
-        return await respond(request, parse_completion(await read_body(request), models, cfg.max_tokens))
+        body = await read_body(request, cfg.max_body_bytes)
+        return await respond(request, parse_completion(body, models, cfg.max_tokens, cfg.max_request_rows))
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        return await respond(request, parse_chat(await read_body(request), models, cfg.max_tokens))
+        body = await read_body(request, cfg.max_body_bytes)
+        return await respond(request, parse_chat(body, models, cfg.max_tokens, cfg.max_request_rows))
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def list_models():
         return models_body(models)
+
+    add_unknown_route(v1)
+    app.include_router(v1)
 
     @app.get("/health")
     async def health():
@@ -965,8 +1137,10 @@ def banner(models: Models, cfg: ServeConfig) -> str:
              f"  {models.base_id:<{width}}  base model alone (λ = 0), context {models.context or '?'} tokens"]
     lines += [f"  {name:<{width}}  base {models.base_id} + memory decoder {models.ckpts[name]}, "
               f"λ = {models.default_lambda[name]:.2f}" for name in models.joints]
-    lines.append(f"  device {models.device}; up to {cfg.max_batch} rows per batch, {cfg.max_queue} requests queued; "
-                 f"Ctrl-C stops")
+    lines.append(f"  device {models.device}; up to {cfg.max_batch} rows per batch, {cfg.max_queue} requests queued, "
+                 f"{cfg.max_request_rows} rows and {cfg.max_body_bytes} bytes per request; Ctrl-C stops")
+    lines.append("  API key required on /v1 (Authorization: Bearer); /health is open" if api_key(cfg) else
+                 f"  no API key: anyone who can reach {cfg.host} may use it")
     return "\n".join(lines)
 
 
