@@ -117,7 +117,7 @@ def test_ondisk_ivfpq_equals_in_memory_ivfpq_from_the_same_training(tmp_path, ca
 
 
 def test_ondisk_build_resumes_from_its_shards(tmp_path, monkeypatch):
-    import memdec.index as index_mod
+    import memdec.index.ivfpq_disk as index_mod  # where build_ondisk_index writes its files
 
     keys = clustered(3000, 16, 20, seed=3)
     params = choose_params(len(keys), 16, "ivfpq-disk", nlist=16, pq_m=4)

@@ -44,7 +44,7 @@ def store_config(tiny_llama_dir, out, **kw) -> DatastoreConfig:
 def test_torch_search_equals_faiss_flat(monkeypatch):
     keys = random_keys()
     queries = np.random.default_rng(1).normal(size=(150, 16)).astype(np.float32)
-    monkeypatch.setattr(index_mod, "query_chunk_rows", lambda n: 7)  # many query chunks
+    monkeypatch.setattr(index_mod.torch_flat, "query_chunk_rows", lambda n: 7)  # many query chunks
     index = build_index(keys, "torch", add_batch=300)  # several upload chunks
     assert isinstance(index, TorchFlatIndex) and index_kind(index) == "torch"
     assert (index.d, index.ntotal) == (16, 2000) and index.keys.device == index.device  # CUDA where there is one

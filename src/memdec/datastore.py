@@ -81,15 +81,15 @@ from .checks import check_temperature
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import (
-    INDEX_KINDS,
     TorchFlatIndex,
     auto_nprobe,
-    build_index,
-    build_ondisk_index,
+    check_kind,
     choose_params,
-    ivfdata_path,
+    get_kind,
+    kind_names,
+    kinds_help,
     load_index,
-    save_index,
+    or_list,
     search,
     set_num_threads,
 )
@@ -157,8 +157,7 @@ DATASTORE_HELP = {
     "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
     "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, else {DEFAULT_KNN_TEMP:g}",
     "top_m": "keep only the M most probable tokens of each target row (default: all)",
-    "index": "auto, flat (exact), ivfpq (approximate, for large datastores), ivfpq-disk (ivfpq with its lists on "
-             "disk, memory-mapped: the keys are never in memory together) or torch (exact, on CUDA; no faiss needed)",
+    "index": kinds_help(),
     "block_size": "window length in tokens",
     "stride": "new positions stored per window; the rest is context",
     "max_tokens": "use only the first N tokens of the corpus",
@@ -314,8 +313,7 @@ def _say(cfg: DatastoreConfig, msg: str) -> None:
 
 
 def _check_config(cfg: DatastoreConfig) -> None:
-    if cfg.index not in INDEX_KINDS:
-        raise DatastoreError(f"unknown index type '{cfg.index}'; choose one of: {', '.join(INDEX_KINDS)}")
+    check_kind(cfg.index)
     if cfg.k is not None and (not isinstance(cfg.k, int) or cfg.k < 1):
         raise DatastoreError(f"--k must be a whole number >= 1, got {cfg.k}")
     if cfg.knn_temp is not None:
@@ -328,9 +326,10 @@ def _check_config(cfg: DatastoreConfig) -> None:
         raise DatastoreError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.target_dtype not in PROB_DTYPES:
         raise DatastoreError(f"--target-dtype must be one of {', '.join(PROB_DTYPES)}, got {cfg.target_dtype!r}")
-    if not cfg.keep_keys and cfg.index == "torch":
-        raise DatastoreError("--no-keep-keys: a torch index searches keys.npy itself; choose --index flat, ivfpq or "
-                             "ivfpq-disk, or keep the keys")
+    if not cfg.keep_keys and cfg.index != "auto" and get_kind(cfg.index).needs_keys_at_search:
+        own = or_list(k for k in kind_names() if not get_kind(k).needs_keys_at_search)
+        raise DatastoreError(f"--no-keep-keys: a {cfg.index} index searches keys.npy itself; choose --index {own}, "
+                             f"or keep the keys")
     if cfg.search_batch < 1 or cfg.search_batch % SEARCH_BLOCK:
         raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
 
@@ -679,24 +678,33 @@ def _drop_keys(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
     step = manifest["steps"]["keys"]
     if cfg.keep_keys or step.get("dropped"):
         return
-    if manifest["steps"]["index"].get("type") == "torch":
-        raise DatastoreError(f"{out}: --no-keep-keys: the torch index searches keys.npy itself; keys kept")
+    kind = manifest["steps"]["index"].get("type")
+    if get_kind(kind).needs_keys_at_search:
+        raise DatastoreError(f"{out}: --no-keep-keys: the {kind} index searches keys.npy itself; keys kept")
     step["dropped"] = True  # recorded first: a crash leaves a datastore that knows its keys may be gone
     write_manifest(out, manifest)
     (out / "keys.npy").unlink(missing_ok=True)
     _say(cfg, "deleted keys.npy (--no-keep-keys)")
 
 
-def _ivfdata_ok(path: Path, step: dict) -> bool:
-    """An ivfpq-disk index's lists file has the size the manifest records (other kinds have none).
-    DatastoreError where it is there with another size."""
-    if "ivfdata_bytes" not in step:
-        return True
-    data = ivfdata_path(path)
-    if data.is_file() and data.stat().st_size != step["ivfdata_bytes"]:
-        raise DatastoreError(f"{data}: {data.stat().st_size} bytes, the manifest says {step['ivfdata_bytes']} "
-                             f"(truncated or corrupt); delete it to rebuild the index")
-    return data.is_file()
+def _extra_bytes_field(data: Path) -> str:
+    """The index step's manifest field for the size of a file of the index's (``ivfdata_bytes``)."""
+    return f"{data.suffix.lstrip('.')}_bytes"
+
+
+def _missing_extra_file(path: Path, step: dict, kind: str) -> Path | None:
+    """The first file beside the index (an ivfpq-disk index's lists) that the manifest records and
+    is gone; None where all are there. DatastoreError where one is there with another size."""
+    for data in get_kind(kind).extra_files(path):
+        field = _extra_bytes_field(data)
+        if field not in step:
+            continue
+        if data.is_file() and data.stat().st_size != step[field]:
+            raise DatastoreError(f"{data}: {data.stat().st_size} bytes, the manifest says {step[field]} "
+                                 f"(truncated or corrupt); delete it to rebuild the index")
+        if not data.is_file():
+            return data
+    return None
 
 
 def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
@@ -706,9 +714,10 @@ def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
     path = out / "index.faiss"
     if step["status"] == "done" and step.get("params") == params.to_json():
         if path.is_file() and path.stat().st_size == step.get("bytes"):
-            if _ivfdata_ok(path, step):
+            missing = _missing_extra_file(path, step, params.kind)
+            if missing is None:
                 return
-            _say(cfg, f"{ivfdata_path(path).name} is missing: rebuilding the index")
+            _say(cfg, f"{missing.name} is missing: rebuilding the index")
         elif path.exists():
             raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.get('bytes')} "
                                  f"(truncated or corrupt); delete it to rebuild the index")
@@ -723,11 +732,9 @@ def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
     set_num_threads(cfg.threads)
     keys = np.load(out / "keys.npy", mmap_mode="r")
     t0 = time.perf_counter()
-    if params.kind == "ivfpq-disk":
-        build_ondisk_index(keys, path, params, progress=cfg.progress)
-        step["ivfdata_bytes"] = ivfdata_path(path).stat().st_size
-    else:
-        save_index(build_index(keys, params=params, progress=cfg.progress), path)
+    kind = get_kind(params.kind)
+    kind.write(keys, path, params, progress=cfg.progress)
+    step.update({_extra_bytes_field(data): data.stat().st_size for data in kind.extra_files(path)})
     step.update(status="done", bytes=path.stat().st_size, seconds=round(time.perf_counter() - t0, 3))
     write_manifest(out, manifest)
 
