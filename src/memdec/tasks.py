@@ -604,7 +604,7 @@ def run_tasks(cfg: TasksConfig) -> list[Path]:
     check_positive_int(cfg.n_items, "--n-items")
     if cfg.kind not in ("facts", "general"):
         raise MemdecError(f"unknown task kind {cfg.kind!r}: facts or general")
-    name = check_plain_name(cfg.name or f"memdec_{cfg.kind}", "--name")
+    name = check_plain_name(f"memdec_{cfg.kind}" if cfg.name is None else cfg.name, "--name")
     check_own_folder(cfg.out, TASKS_MARKER)
     if cfg.kind == "general":
         return write_general_task(cfg.corpus or "general:test", cfg.out, cfg.n_items, cfg.seed, cfg.context_words,
