@@ -185,7 +185,7 @@ def test_datastore_refuses_threads_below_one(tiny_llama_dir, tmp_path, capsys):
     for threads in ("0", "-3"):
         line = one_line_error(capsys, ["datastore", "--model", str(tiny_llama_dir), "--corpus", "austen:valid",
                                        "--out", str(tmp_path / "ds"), "--max-tokens", "300", "--k", "8",
-                                       "--threads", threads, "--no-progress"])
+                                       "--block-size", "64", "--stride", "32", "--threads", threads, "--no-progress"])
         assert "--threads" in line
     assert not (tmp_path / "ds").exists()
 
