@@ -40,7 +40,8 @@ import torch
 
 from .baselines import BaselineConfig, train_baseline
 from .checkpoint import MEMDEC_JSON, METHODS, read_baseline_json, read_memdec_json, write_baseline_json, write_memdec_json
-from .checks import check_non_negative, check_positive, check_positive_int, check_temperature, check_unit_interval
+from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
+                     check_temperature, check_unit_interval)
 from .data import load_token_stream, read_corpus
 from .datastore import DatastoreConfig, build_datastore, describe, read_manifest
 from .errors import CorpusError, MemdecError
@@ -323,12 +324,7 @@ def check_inputs(s: Settings, run: Path) -> None:
                 read_corpus(spec, s.text_field)
             except CorpusError as exc:
                 raise CorpusError(f"{flag}: {exc}") from None
-    if run.exists():
-        if not run.is_dir():
-            raise MemdecError(f"--out {run} is a file; choose a folder")
-        if any(run.iterdir()) and not (run / "stages.json").is_file():
-            raise MemdecError(f"--out {run} is a folder memdec did not create (no stages.json); memdec never changes "
-                              f"such a folder: choose a new or empty --out")
+    check_own_folder(run, "stages.json")
 
 
 def teacher_candidates(alphas: list[float], betas: list[float]) -> list[tuple[float, float]]:
@@ -488,6 +484,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     s = resolve_settings(cfg)
     run = Path(cfg.out).expanduser()
     check_settings(s)
+    check_device(cfg.device)
     check_inputs(s, run)
     with_tasks = bool(s.task_items) and lm_eval_available()
     plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]

@@ -51,6 +51,7 @@ from .checkpoint import (
     read_baseline_json,
     write_baseline_json,
 )
+from .checks import check_unit_interval
 from .data import load_token_stream, token_stream_hash
 from .errors import MemdecError
 from .joint import MemoryDecoderModel
@@ -108,6 +109,8 @@ def check_config(cfg: BaselineConfig) -> None:
         raise MemdecError(f"--init and --init-layers choose a decoder's initialisation; {cfg.method} starts from the base model itself")
     if cfg.lora_r < 1:
         raise MemdecError(f"--lora-r must be at least 1, got {cfg.lora_r}")
+    if check_unit_interval(cfg.lora_dropout, "--lora-dropout") == 1.0:
+        raise MemdecError("--lora-dropout 1 drops every input of the adapters: give a value in [0, 1)")
 
 
 def add_lora(model, cfg: BaselineConfig):

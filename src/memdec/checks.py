@@ -7,6 +7,12 @@ NaN fails every check (comparisons with NaN are false).
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .errors import MemdecError
 
@@ -16,6 +22,98 @@ def _number(value, what: str, error: type[MemdecError] = MemdecError) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise error(f"{what} must be a number, got {value!r}") from None
+
+
+# --- devices, thread counts, plain names and output paths -----------------------------------
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value, what: str = "--device") -> str:
+    """A device that exists here: auto, cpu, cuda (with a GPU), cuda:N (N below the GPU count) or
+    mps (where available). Returns it unchanged."""
+    m = _DEVICE.match(str(value))
+    if m is None:
+        raise MemdecError(f"{what} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    if value.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(m.group(2)[1:]) if m.group(2) else 0
+        if index >= count:
+            have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device"
+            raise MemdecError(f"{what} {value}: this machine has {have}")
+    if value == "mps" and not torch.backends.mps.is_available():
+        raise MemdecError(f"{what} mps: MPS is not available on this machine")
+    return value
+
+
+def check_threads(value, what: str = "--threads") -> int | None:
+    """A thread count: None (every core) or an integer >= 1."""
+    return None if value is None else check_positive_int(value, what)
+
+
+def check_plain_name(value, what: str) -> str:
+    """A name that becomes a file name: no folder part, not empty, not ``.`` or ``..``."""
+    name = str(value)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name != name.strip():
+        raise MemdecError(f"{what} must be a plain name (no folder, no '/' or '..'), got {value!r}")
+    return name
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_path(value, what: str, folder: bool = False) -> Path:
+    """An output path memdec can create or replace: a file (``folder``: a folder) that exists and is
+    writable, or one whose nearest existing ancestor is a writable folder. Checked before any work,
+    so an unwritable output fails at once rather than after the run. Returns it as a Path."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if folder != path.is_dir():
+            raise MemdecError(f"{what} {value} is a {'file' if folder else 'folder'}; give a "
+                              f"{'folder' if folder else 'file name'}")
+        if not os.access(path, os.W_OK):
+            raise MemdecError(f"{what} {value}: not writable")
+        if folder:
+            return path
+    parent = _nearest_existing(path.parent if path.exists() else path)
+    if not parent.is_dir():
+        raise MemdecError(f"{what} {value}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MemdecError(f"{what} {value}: cannot write in {parent} (permission denied or read-only)")
+    return path
+
+
+def check_own_folder(value, *markers: str, what: str = "--out") -> Path:
+    """An output folder memdec may write: new, empty, or one memdec made, known by one of ``markers``
+    (a file it writes there first; a name ending in ``/``: a folder). A folder memdec did not create is
+    never changed. Returns it as a Path."""
+    path = check_writable_path(value, what, folder=True)
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    if any((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in markers):
+        return path
+    raise MemdecError(f"{what} {value} is a folder memdec did not create (no {' or '.join(markers)}); memdec never "
+                      f"changes such a folder: choose a new or empty {what}")
+
+
+def check_context(n_prompt: int, n_new: int | None, context: int | None,
+                  error: Callable[[str, str], Exception]) -> None:
+    """Raise ``error(message, part)`` unless ``n_prompt`` prompt tokens and ``n_new`` new ones (None: not
+    given) fit a model's ``context`` (None: the model does not say). ``part``: "prompt" when the prompt
+    alone fills the context, else "new"; the message is OpenAI's wording (the server returns it as is)."""
+    if context is None:
+        return
+    if n_prompt >= context:
+        raise error(f"This model's maximum context length is {context} tokens, but the prompt has "
+                    f"{n_prompt} tokens", "prompt")
+    if n_new is not None and n_prompt + n_new > context:
+        raise error(f"This model's maximum context length is {context} tokens; you requested "
+                    f"{n_prompt + n_new} tokens ({n_prompt} in the prompt, {n_new} for the completion)", "new")
 
 
 def check_unit_interval(value, what: str) -> float:

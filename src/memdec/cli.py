@@ -54,6 +54,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
         elif default is not None and default is not False:
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             help_text += f" (default: {shown})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal one must be doubled
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text,
                                 dest=f.name)

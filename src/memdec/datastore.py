@@ -77,7 +77,7 @@ from torch import nn
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from .checks import check_temperature
+from .checks import check_device, check_temperature, check_threads, check_writable_path
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import (
@@ -93,8 +93,8 @@ from .index import (
     search,
     set_num_threads,
 )
-from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, load_tokenizer, model_fingerprint,
-                     resolve_device, tokenizer_fingerprint, with_prefix)
+from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_config, load_model, load_tokenizer,
+                     model_fingerprint, resolve_device, tokenizer_fingerprint, with_prefix)
 from .files import NpyAppender, atomic_write, atomic_write_json, check_npy, read_json_object
 from .targets import (
     PROB_DTYPES,
@@ -332,6 +332,9 @@ def _check_config(cfg: DatastoreConfig) -> None:
                              f"or keep the keys")
     if cfg.search_batch < 1 or cfg.search_batch % SEARCH_BLOCK:
         raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
+    check_threads(cfg.threads)
+    check_device(cfg.device)
+    check_writable_path(cfg.out, "--out", folder=True)
 
 
 TOKENS_TMP = ".tokens.npy.tmp"  # the token stream as it is tokenized, before it is checked
@@ -1094,6 +1097,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     cfg = _with_target_defaults(cfg, out)
     ranks = launched_ranks(resolve_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model)
+    check_block_size(load_config(cfg.model), cfg.block_size, cfg.model)  # before anything is written
     key_model = _key_model(cfg, tokenizer)
     manifest = _sync(out, _prepare(out, cfg, tokenizer) if ranks.main else {}, ranks)
     tokens = np.load(out / "tokens.npy", mmap_mode="r")

@@ -21,11 +21,11 @@ import numpy as np
 
 from .baselines import check_baseline, load_baseline
 from .checkpoint import METHODS, apply_run
-from .checks import check_lambda, check_positive_int, check_temperature
+from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
 from .data import load_token_stream
 from .datastore import read_manifest
 from .errors import MemdecError
-from .files import atomic_write_json
+from .files import atomic_write, atomic_write_json
 from .joint import MemoryDecoderModel
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
@@ -174,9 +174,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
         check_positive_int(cfg.knn_k, "--knn-k")
     if cfg.knn_temp is not None:
         check_temperature(cfg.knn_temp, "--knn-temp")
+    check_device(cfg.device)
     for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
-        if path is not None and Path(path).is_dir():
-            raise MemdecError(f"{flag} {path} is a folder; give a file name")
+        if path is not None:
+            check_writable_path(path, flag)  # before any model loads, not after the whole evaluation
     if cfg.recurring is not None and not Path(cfg.recurring).expanduser().exists() and ":" not in cfg.recurring:
         raise MemdecError(f"--recurring {cfg.recurring}: no such datastore folder or corpus")
     _check_mixing_flags(cfg)
@@ -549,10 +550,10 @@ def plot_lambda_curves(path: str | os.PathLike, curves: dict, grid, test_corpus:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # the temporary name has no .png suffix
+    finally:
+        plt.close(fig)
 
 
 def _finite_or_none(x: float, digits: int = 4) -> float | None:

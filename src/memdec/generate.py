@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from .checkpoint import apply_run
-from .checks import check_lambda, check_positive_int, check_temperature
+from .checks import check_context, check_device, check_lambda, check_positive_int, check_temperature
 from .errors import MemdecError
 from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
-from .models import load_model, resolve_device
+from .models import load_model, max_context, resolve_device
 
 
 @dataclass
@@ -80,6 +80,17 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     if cfg.processor and cfg.num_beams > 1:
         raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
                           "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
+    check_device(cfg.device)
+
+
+def check_fits_context(n_prompt: int, max_new_tokens: int, model) -> None:
+    """One line unless the (longest, padded) prompt and ``--max-new-tokens`` fit the model's context:
+    the check ``memdec serve`` makes per request, here before anything is generated."""
+    def refuse(message: str, part: str) -> MemdecError:
+        flag = "--prompt" if part == "prompt" else f"--max-new-tokens {max_new_tokens}"
+        return MemdecError(f"{flag}: {message}")
+
+    check_context(n_prompt, max_new_tokens, max_context(model), refuse)
 
 
 def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
@@ -99,11 +110,12 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     check_generate_config(cfg)
     device = resolve_device(cfg.device)
     base, tokenizer = load_model(cfg.model, device=device)
-    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
-    kw = generate_kwargs(cfg, tokenizer)
     tokenizer.padding_side = "left"
     enc = tokenizer(list(cfg.prompt), return_tensors="pt", padding=True).to(device)
     n_prompt = enc["input_ids"].shape[1]
+    check_fits_context(n_prompt, cfg.max_new_tokens, base)  # before the decoder loads
+    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
+    kw = generate_kwargs(cfg, tokenizer)
 
     def decode(ids: torch.Tensor) -> list[str]:
         return tokenizer.batch_decode(ids[:, n_prompt:], skip_special_tokens=True)

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelSpecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json
@@ -342,9 +342,19 @@ def with_prefix(input_ids: torch.Tensor, prefix: int | None) -> torch.Tensor:
     return torch.cat([input_ids.new_full((input_ids.shape[0], 1), prefix), input_ids], dim=1)
 
 
+def load_config(spec: str):
+    """The model's config alone (no weights): what ``max_context`` needs before a model loads."""
+    try:
+        return AutoConfig.from_pretrained(local_model_folder(spec))
+    except ModelSpecError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelSpecError(f"{spec}: cannot read the model's config ({one_line(exc)})") from None
+
+
 def max_context(model) -> int | None:
-    """The model's longest supported sequence, from its config, or None if it does not say."""
-    cfg = model.config
+    """The longest supported sequence of a model (or of its config, ``load_config``), or None if it does not say."""
+    cfg = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
@@ -353,7 +363,8 @@ def max_context(model) -> int | None:
 
 
 def check_block_size(model, block_size: int, spec: str, stride: int | None = None) -> None:
-    """ModelSpecError unless ``block_size`` fits the model's context (and 1 <= ``stride`` <= it)."""
+    """ModelSpecError unless ``block_size`` fits the context of the model (or of its config, ``load_config``),
+    and 1 <= ``stride`` <= it."""
     if stride is not None and not 1 <= stride <= block_size:
         raise ModelSpecError(f"--stride {stride} must lie between 1 and --block-size {block_size}")
     ctx = max_context(model)

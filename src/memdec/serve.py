@@ -47,7 +47,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from .checkpoint import MEMDEC_JSON, check_checkpoint_tokenizer, read_memdec_json
-from .checks import check_lambda
+from .checks import check_context, check_device, check_lambda
 from .errors import MemdecError
 from .files import read_json_object
 from .joint import MemoryDecoderModel
@@ -165,8 +165,7 @@ def _check_numbers(cfg: ServeConfig) -> None:
             raise MemdecError(f"{flag} must be at least 1, got {value}")
     if not cfg.host:
         raise MemdecError("--host must not be empty")
-    if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", cfg.device):
-        raise MemdecError(f"--device must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    check_device(cfg.device)
 
 
 def api_key(cfg: ServeConfig) -> str | None:
@@ -449,15 +448,10 @@ def token_budget(n_prompt: int, requested: int | None, default: int, context: in
     """max_tokens for one prompt, or a context_length_exceeded error."""
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", param=param, code="invalid_value")
+    check_context(n_prompt, requested, context, lambda message, part: ApiError(
+        400, message, param=param if part == "prompt" else "max_tokens", code="context_length_exceeded"))
     if context is None:
         return requested or default
-    if n_prompt >= context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens, but the prompt has "
-                            f"{n_prompt} tokens", param=param, code="context_length_exceeded")
-    if requested is not None and n_prompt + requested > context:
-        raise ApiError(400, f"This model's maximum context length is {context} tokens; you requested "
-                            f"{n_prompt + requested} tokens ({n_prompt} in the prompt, {requested} for the completion)",
-                       param="max_tokens", code="context_length_exceeded")
     return requested or min(default, context - n_prompt)
 
 

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .baselines import load_baseline
-from .checks import check_lambda, check_positive_int, check_temperature
+from .checks import check_device, check_lambda, check_own_folder, check_plain_name, check_positive_int, check_temperature
 from .data import read_corpus, load_token_stream
 from .datastore import FFNInputCapture, read_manifest
-from .errors import MemdecError
-from .files import atomic_write_text
+from .errors import MemdecError, one_line
+from .files import atomic_write_json, atomic_write_text
 from .joint import MemoryDecoderModel
 from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base, knn_mix_rows
 from .knowledge import memory_token_stream, token_classes, word_spans
@@ -119,6 +119,7 @@ def load_system(base: str, memdec: str | None = None, knn: str | None = None, ba
         check_lambda(float(lmbda), "lmbda")
     if knn_k is not None:
         check_positive_int(int(knn_k), "knn_k")
+    check_device(device, "device")
     model, tokenizer = load_model(base, device=resolve_device(device))
     if memdec:
         joint = MemoryDecoderModel.from_pretrained(model, memdec, lmbda, tokenizer=tokenizer)
@@ -347,6 +348,8 @@ def run_lm_eval(argv: list[str]) -> int:
         parser.execute(parser.parse_args())
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except ValueError as exc:  # lm-eval's word for a bad argument (e.g. "Tasks not found: ..."): one line
+        raise MemdecError(f"lm-eval: {one_line(exc)}") from None
     finally:
         sys.argv = saved
     return 0
@@ -384,10 +387,17 @@ def task_config(name: str, data_file: Path, output_type: str, **fields) -> dict:
             "metadata": {"version": 1.0, "writer": "memdec.tasks"}}
 
 
+TASKS_MARKER = "memdec_tasks.json"  # written first: marks a folder of task files as memdec's
+
+
 def write_task(out: str | Path, name: str, items: list[dict], configs: dict[str, dict]) -> list[Path]:
-    """DIR/NAME.jsonl (the items) and one DIR/TASK.yaml per config; returns the YAML paths."""
+    """DIR/NAME.jsonl (the items) and one DIR/TASK.yaml per config; returns the YAML paths. The folder
+    is marked as memdec's (``TASKS_MARKER``) before any task file is written."""
+    check_plain_name(name, "--name")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / TASKS_MARKER).is_file():
+        atomic_write_json(out / TASKS_MARKER, {"writer": "memdec.tasks"})
     atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     for task, config in configs.items():
         atomic_write_text(out / f"{task}.yaml", _yaml(config) + "\n")
@@ -570,7 +580,8 @@ class TasksConfig:
 
 
 TASKS_HELP = {
-    "out": "folder for the task files (NAME.jsonl and the lm-eval YAML configs)",
+    "out": "folder for the task files (NAME.jsonl, the lm-eval YAML configs and memdec_tasks.json): new, empty "
+           "or one memdec tasks wrote",
     "corpus": "facts: the training text (corpus spec or datastore folder); general: general-text corpus "
               "(default general:test)",
     "heldout": "facts: the held-out text whose names and numbers become questions",
@@ -588,17 +599,20 @@ TASKS_HELP = {
 
 
 def run_tasks(cfg: TasksConfig) -> list[Path]:
-    """Write the task files of ``memdec tasks``; returns the YAML paths."""
+    """Write the task files of ``memdec tasks``; returns the YAML paths. ``--out`` must be new, empty or
+    a folder of task files memdec wrote (``TASKS_MARKER``): checked, with ``--name``, before any work."""
     check_positive_int(cfg.n_items, "--n-items")
+    if cfg.kind not in ("facts", "general"):
+        raise MemdecError(f"unknown task kind {cfg.kind!r}: facts or general")
+    name = check_plain_name(f"memdec_{cfg.kind}" if cfg.name is None else cfg.name, "--name")
+    check_own_folder(cfg.out, TASKS_MARKER)
     if cfg.kind == "general":
         return write_general_task(cfg.corpus or "general:test", cfg.out, cfg.n_items, cfg.seed, cfg.context_words,
-                                  cfg.n_choices, cfg.name or "memdec_general", cfg.text_field)
-    if cfg.kind != "facts":
-        raise MemdecError(f"unknown task kind {cfg.kind!r}: facts or general")
+                                  cfg.n_choices, name, cfg.text_field)
     if not cfg.corpus or not cfg.heldout:
         raise MemdecError("memdec tasks facts needs --corpus TRAIN and --heldout TEST")
     check_positive_int(cfg.context_tokens, "--context-tokens")
     read_corpus(cfg.heldout, cfg.text_field)  # a missing file or field is one line before the tokenizer loads
     return [write_facts_task(cfg.corpus, cfg.heldout, cfg.out, load_tokenizer(cfg.model), cfg.n_items, cfg.seed,
                              cfg.context_tokens, cfg.n_choices, cfg.max_tokens, cfg.heldout_max_tokens,
-                             cfg.name or "memdec_facts", cfg.text_field)]
+                             name, cfg.text_field)]

@@ -44,7 +44,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, write_memdec_json
-from .checks import check_non_negative, check_positive, check_positive_int, check_unit_interval
+from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
+                     check_unit_interval)
 from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
@@ -456,6 +457,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         check_positive_int(cfg.init_layers, "--init-layers")
     if cfg.layer_selection not in ("first", "spread"):
         raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
+    check_device(cfg.device)
 
 
 def planned_steps(cfg: TrainConfig, n_positions: int, world: int = 1) -> int:
@@ -474,16 +476,8 @@ def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None
         ds = Path(datastore).expanduser().resolve()
         if out.resolve() == ds or ds in out.resolve().parents:
             raise MemdecError(f"--out {out} lies inside the datastore {datastore}; choose a folder of its own")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise MemdecError(f"--out {out} is a file; choose a folder")
-    if not any(out.iterdir()) or (out / "trainer_state").is_dir():
-        return
-    if any((out / f).is_file() for f in recipe.meta_files):
-        return  # a finished checkpoint without trainer state: the resume logic says what to do
-    raise MemdecError(f"--out {out} is a folder memdec did not create (no trainer_state/ or {recipe.meta_file}); "
-                      f"memdec never changes such a folder: choose a new or empty --out")
+    # a finished checkpoint without trainer state (a meta file): the resume logic says what to do
+    check_own_folder(out, "trainer_state/", *recipe.meta_files)
 
 
 class Trainer:

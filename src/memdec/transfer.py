@@ -44,6 +44,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
+from .checks import check_device
 from .datastore import open_datastore
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
@@ -338,6 +339,7 @@ def check_transfer_config(cfg: TransferConfig) -> None:
         raise MemdecError(f"--budget must be a positive fraction of the source's training, got {cfg.budget}")
     if cfg.freeze_body_steps < 0:
         raise MemdecError(f"--freeze-body-steps must be at least 0, got {cfg.freeze_body_steps}")
+    check_device(cfg.device)  # before the source decoder and the datastore are read
 
 
 def transfer(cfg: TransferConfig, on_step=None) -> Path:
