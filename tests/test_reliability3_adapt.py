@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from memdec.adapt import AdaptConfig, adapt, identity_changes, resolve_settings
+from memdec.checkpoint import apply_run
+from memdec.cli import main
+from memdec.errors import MemdecError
+from memdec.evaluate import EvalConfig
 from memdec.files import atomic_write, atomic_write_text
+from memdec.generate import GenerateConfig
+from memdec.models import DEFAULT_MODEL
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -88,3 +96,132 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp
     atomic_write(tmp_path / "a.txt", lambda p: p.write_text("hello"))
     assert synced == [(".a.txt.tmp", False), (tmp_path.name, True)]
     assert (tmp_path / "a.txt").read_text() == "hello"
+
+
+# --- an adapt run is never silently replaced -----------------------------------------------------
+
+
+def tiny_adapt(tiny_llama_dir, out, **kw) -> AdaptConfig:
+    """A whole adapt run on the tiny model in seconds: no tasks, no general corpus, one sample."""
+    base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
+                train_tokens=400, valid_tokens=120, test_tokens=120, k=8, block_size=64, batch_size=2, max_steps=2,
+                lr=1e-3, samples=1, alpha=[0.5], task_items=0, general="none")
+    return AdaptConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama_dir, tmp_path_factory):
+    return adapt(tiny_adapt(tiny_llama_dir, tmp_path_factory.mktemp("adapt3") / "run"))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and modification time (symlinks as themselves)."""
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(corpus="austen:train", test="austen:valid"), "--corpus austen:valid -> austen:train; --test austen:train -> austen:valid"),
+    (dict(valid="general:test"), "--valid austen:test -> general:test"),
+    (dict(text_field="body"), "--text-field text -> body"),
+])
+def test_a_rerun_with_other_inputs_is_refused_before_anything_loads(tiny_llama_dir, finished_run, change, named,
+                                                                    capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    with pytest.raises(MemdecError) as err:
+        adapt(tiny_adapt(tiny_llama_dir, finished_run, **change))
+    msg = str(err.value)
+    assert named in msg and "choose a new --out, or give --overwrite" in msg and "\n" not in msg
+    assert capsys.readouterr().out == ""  # no stage began: nothing loaded
+    assert snapshot(finished_run) == before
+
+
+def test_another_model_is_refused_on_the_command_line_in_one_line(tiny_llama_dir, tiny_gpt2_dir, finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    rc = main(["adapt", "--model", str(tiny_gpt2_dir), "--corpus", "austen:valid", "--valid", "austen:test",
+               "--test", "austen:train", "--general", "none", "--out", str(finished_run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"memdec: error: --out {finished_run} holds another run (--model {tiny_llama_dir} -> "
+                          f"{tiny_gpt2_dir}):")
+    assert snapshot(finished_run) == before
+
+
+def test_settings_that_only_redo_work_proceed(tiny_llama_dir, finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    keys = snapshot(run / "datastore")
+    capsys.readouterr()
+    adapt(tiny_adapt(tiny_llama_dir, run, samples=2))
+    out = capsys.readouterr().out
+    assert out.count("cached") == 3 and "settings changed (samples)" in out
+    assert snapshot(run / "datastore") == keys
+    assert len(json.loads((run / "samples.json").read_text())) == 2
+
+
+def test_a_general_corpus_may_be_added_but_not_changed(tiny_llama_dir, finished_run):
+    s = resolve_settings(tiny_adapt(tiny_llama_dir, finished_run, general="general:test"))
+    assert identity_changes(s, finished_run) == []  # the run had none: adding one only adds work
+    settings = json.loads((finished_run / "settings.json").read_text())
+    assert settings["general"] is None and settings["model"] == str(tiny_llama_dir)
+
+
+def test_overwrite_replaces_the_run_and_keeps_what_memdec_did_not_write(tiny_llama_dir, finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, symlinks=True)
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    adapt(tiny_adapt(tiny_llama_dir, run, corpus="austen:train", test="austen:valid", overwrite=True))
+    out = capsys.readouterr().out
+    assert f"--overwrite: replacing the run in {run}" in out and "cached" not in out and "settings changed" not in out
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["datastore"]["inputs"]["corpus"] == "austen:train" and stages["eval"]["inputs"]["test"] == "austen:valid"
+    assert json.loads((run / "report.json").read_text())["train_corpus"] == "austen:train"
+    assert (run / "notes.txt").read_text() == "mine"
+    # a run of the same inputs is not replaced by --overwrite: it resumes, every stage cached
+    adapt(tiny_adapt(tiny_llama_dir, run, corpus="austen:train", test="austen:valid", overwrite=True))
+    assert capsys.readouterr().out.count("cached") == 4
+
+
+def test_overwrite_never_touches_a_folder_memdec_did_not_create(tiny_llama_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "settings.json").write_text("{}")
+    with pytest.raises(MemdecError, match="a folder memdec did not create"):
+        adapt(tiny_adapt(tiny_llama_dir, mine, overwrite=True))
+    assert [p.name for p in mine.iterdir()] == ["settings.json"]
+
+
+def test_adapt_help_says_which_inputs_define_the_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "The run is defined by --model, --corpus, --text-field, --valid, --test and --general" in text
+    assert "--overwrite" in text and "redo only the stages they change" in text
+
+
+# --- --run never silently overrides a flag ----------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flags", [
+    (["eval", "--model", "{model}"], "--model"),
+    (["eval", "--memdec", "{run}/memdec", "--knn", "{run}/datastore"], "--memdec or --knn"),
+    (["generate", "--prompt", "Anne", "--model", "{model}"], "--model"),
+    (["generate", "--prompt", "Anne", "--memdec", "{run}/memdec"], "--memdec"),
+])
+def test_run_beside_a_flag_it_gives_is_refused(tiny_llama_dir, finished_run, argv, flags, capsys):
+    argv = [a.format(model=tiny_llama_dir, run=finished_run) for a in argv] + ["--run", str(finished_run)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"memdec: error: give --run or {flags}, not both: --run {finished_run}")
+    assert "would replace --" in err
+
+
+def test_apply_run_still_fills_what_the_run_gives(tiny_llama_dir, finished_run):
+    cfg = apply_run(EvalConfig(run=str(finished_run)))
+    assert (cfg.model, cfg.memdec, cfg.knn) == (str(tiny_llama_dir), str(finished_run / "memdec"),
+                                                 str(finished_run / "datastore"))
+    assert apply_run(GenerateConfig(prompt=["x"])).model == DEFAULT_MODEL  # no run, no --model: the default
+    assert apply_run(EvalConfig(model="keep")).model == "keep"
