@@ -18,7 +18,9 @@ Stages, each cached in ``RUN/`` and resumable:
 4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
 
 then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
-a rerun skips stages whose settings are unchanged and redoes, saying why, those that changed.
+a rerun skips stages whose settings are unchanged and redoes, saying why, those that changed. A rerun
+with another --model, --corpus, --text-field, --valid, --test or --general (``RUN_IDENTITY``) is
+another run: refused before anything loads, unless --overwrite replaces the run.
 """
 
 from __future__ import annotations
