@@ -18,7 +18,9 @@ Stages, each cached in ``RUN/`` and resumable:
 4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
 
 then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
-a rerun skips stages whose settings are unchanged and redoes, saying why, those that changed.
+a rerun skips stages whose settings are unchanged and redoes, saying why, those that changed. A rerun
+with another --model, --corpus, --text-field, --valid, --test or --general (``RUN_IDENTITY``) is
+another run: refused before anything loads, unless --overwrite replaces the run.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class AdaptConfig:
     transfer_from: str | None = None  # a memory decoder for another base (tokenizer): transfer it instead of training
     transfer_budget: float | None = None  # its training: this fraction of SRC's training tokens (default 0.25)
     transfer_init: str = "mapped"  # the new embedding and LM-head rows: mapped or random
+    overwrite: bool = False  # replace a run in --out whose defining inputs (RUN_IDENTITY) differ
 
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
@@ -127,7 +130,10 @@ ADAPT_HELP = {
     "corpus": "training corpus spec (the datastore and the decoder's training text)",
     "valid": "validation corpus: chooses lambda and the checkpoint",
     "test": "test corpus: the report's table; never seen in training or in choosing lambda",
-    "out": "run folder; a rerun resumes and skips finished stages",
+    "out": "run folder; a rerun resumes and skips finished stages. The run is defined by --model, --corpus, "
+           "--text-field, --valid, --test and --general: a rerun with other values is refused (choose a new --out, or "
+           "--overwrite); other flags (budgets, --preset, --alpha, --baselines, --task-items, ...) redo only the "
+           "stages they change",
     "preset": "quick (15 min on a 2-core CPU) or full (whole corpus, for a GPU)",
     "train_tokens": "use the first N tokens of the training corpus (preset's by default; 0 = all)",
     "valid_tokens": "score the first N tokens of the validation corpus",
@@ -166,7 +172,18 @@ ADAPT_HELP = {
                        f"(default {TRANSFER_BUDGET:g}; --max-steps instead sets the steps)",
     "transfer_init": "--transfer-from: the new embedding and LM-head rows, 'mapped' (from the source's rows of each "
                      "token's pieces) or 'random' (the ablation)",
+    "overwrite": "replace the run in --out (a memdec adapt run folder) when its --model, --corpus, --text-field, "
+                 "--valid, --test or --general differ: its files are deleted first; a run of the same inputs resumes",
 }
+
+# the inputs that define what a run is: another value makes another run, refused in the same --out
+# without --overwrite. Every other setting (token budgets, the preset, training and task options)
+# only redoes the stages it changes, and keeps the rest.
+RUN_IDENTITY = {"model": "--model", "corpus": "--corpus", "text_field": "--text-field", "valid": "--valid",
+                "test": "--test", "general": "--general"}
+# what memdec adapt writes in a run folder: all that --overwrite deletes
+RUN_ENTRIES = ("stages.json", "settings.json", "datastore", "memdec", "candidates", "baselines", "eval.json",
+               "lambda.png", "tasks", "tasks.json", "samples.json", "report.json", "report.md", "training.png")
 
 
 @dataclass
@@ -325,6 +342,47 @@ def check_inputs(s: Settings, run: Path) -> None:
             except CorpusError as exc:
                 raise CorpusError(f"{flag}: {exc}") from None
     check_own_folder(run, "stages.json")
+
+
+def identity_changes(s: Settings, run: Path) -> list[str]:
+    """``--flag OLD -> NEW`` for each input of RUN_IDENTITY in which ``s`` differs from the run recorded in
+    ``run/settings.json`` (none if there is no record). A ``--general`` added to a run that had none only
+    adds work, and is no change."""
+    record = run / "settings.json"
+    if not (run / "stages.json").is_file() or not record.is_file():
+        return []
+    old = read_json_object(record, "run settings")
+    changes = []
+    for key, flag in RUN_IDENTITY.items():
+        if key in old and old[key] is not None and old[key] != getattr(s, key):
+            changes.append(f"{flag} {old[key]} -> {getattr(s, key) or 'none'}")
+    return changes
+
+
+def check_run_identity(s: Settings, run: Path, overwrite: bool) -> bool:
+    """Whether ``run`` holds another run (other RUN_IDENTITY inputs) that ``overwrite`` lets this call
+    replace; raises MemdecError, naming each differing input, when it holds one and ``overwrite`` is off."""
+    changes = identity_changes(s, run)
+    if changes and not overwrite:
+        raise MemdecError(f"--out {run} holds another run ({'; '.join(changes)}): rerunning would replace its "
+                          f"datastore, decoders and report; choose a new --out, or give --overwrite to replace it")
+    return bool(changes)
+
+
+def clear_run(run: Path) -> None:
+    """Delete what memdec adapt wrote in ``run`` (RUN_ENTRIES and their temporary files); anything else in
+    the folder stays. The stage record is emptied first, so an interruption never leaves a stage recorded
+    as done without its files; the emptied record keeps the folder marked as a run."""
+    _say(f"--overwrite: replacing the run in {run}")
+    atomic_write_json(run / "stages.json", {})
+    for name in RUN_ENTRIES:
+        if name == "stages.json":
+            continue
+        for p in (run / name, run / f".{name}.tmp"):
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
 
 
 def teacher_candidates(alphas: list[float], betas: list[float]) -> list[tuple[float, float]]:
@@ -486,6 +544,8 @@ def adapt(cfg: AdaptConfig) -> Path:
     check_settings(s)
     check_device(cfg.device)
     check_inputs(s, run)
+    if check_run_identity(s, run, cfg.overwrite):
+        clear_run(run)
     with_tasks = bool(s.task_items) and lm_eval_available()
     plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]
     book = StageBook(run, plan)  # read (and checked) before anything is written

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from .checks import check_lambda
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object
-from .models import check_tokenizer, vocab_rows
+from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
 
 MEMDEC_JSON = "memdec.json"
 CHECKPOINT_FORMAT = "memdec"
@@ -143,14 +143,23 @@ def run_paths(run: str | Path) -> dict:
             "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}
 
 
+RUN_FLAGS = ("model", "memdec", "knn")  # what a run folder gives eval and generate: never beside --run
+
+
 def apply_run(cfg):
     """A copy of an eval/generate config with --model, --memdec (and --knn, and the run's baselines
-    unless --baseline is given) taken from ``cfg.run``; the config itself if it names no run."""
-    if getattr(cfg, "run", None) is None:
-        return cfg
-    paths = run_paths(cfg.run)
+    unless --baseline is given) taken from ``cfg.run``. A flag that the run would replace is refused,
+    never silently overridden (like ``memdec serve``). Without a run, --model left out is DEFAULT_MODEL."""
     names = {f.name for f in dataclasses.fields(cfg)}
-    given = {k: paths[k] for k in ("model", "memdec", "knn") if k in names}
+    if getattr(cfg, "run", None) is None:
+        return dataclasses.replace(cfg, model=DEFAULT_MODEL) if getattr(cfg, "model", "") is None else cfg
+    paths = run_paths(cfg.run)
+    given = {k: paths[k] for k in RUN_FLAGS if k in names}
+    clash = [k for k in given if getattr(cfg, k) is not None]
+    if clash:
+        replaced = "; ".join(f"--{k} {getattr(cfg, k)} by the run's {given[k]}" for k in clash)
+        raise MemdecError(f"give --run or {' or '.join('--' + k for k in clash)}, not both: --run {cfg.run} names "
+                          f"its own and would replace {replaced}")
     if "baseline" in names and not cfg.baseline and paths["baseline"]:
         given["baseline"] = paths["baseline"]
     return dataclasses.replace(cfg, **given)

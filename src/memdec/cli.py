@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import shutil
 import sys
 import time
@@ -197,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memdec: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only or forbidden folder: what escaped every check
+        print(f"memdec: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError that reached ``main``: the file, the reason, and what is kept."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in errno.errorcode:
+        reason += f" ({errno.errorcode[exc.errno]})"
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return (f"{where}{reason}; nothing was half-written: the previous complete file or step is kept, and a rerun "
+            f"resumes from it once the cause is fixed")
 
 
 if __name__ == "__main__":

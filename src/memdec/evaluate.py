@@ -29,15 +29,15 @@ from .files import atomic_write, atomic_write_json
 from .joint import MemoryDecoderModel
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
-from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint, resolve_device,
-                     tokenizer_fingerprint)
+from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
+                     resolve_device, tokenizer_fingerprint)
 from .scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
 from .tables import render_table
 
 
 @dataclass
 class EvalConfig:
-    model: str = "smollm2-135m"
+    model: str | None = None  # default: the run's with --run, else DEFAULT_MODEL (checkpoint.apply_run)
     corpus: str = "austen:test"
     block_size: int = 1024
     stride: int | None = None  # default: block_size // 2
@@ -63,7 +63,8 @@ class EvalConfig:
 
 
 EVAL_HELP = {
-    "model": "model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
+    "model": f"model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id (default: {DEFAULT_MODEL}; "
+             f"not with --run, which gives its own)",
     "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
     "block_size": "window length in tokens",
     "stride": "new tokens scored per window; the rest is context (default: block size / 2)",
@@ -81,7 +82,8 @@ EVAL_HELP = {
     "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
     "knn_k": "neighbours retrieved per position by kNN-LM (default: the datastore's k)",
     "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
-    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline)",
+    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline, unless given); "
+           "giving one of those three beside it is refused",
     "baseline": "a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed like memdec)",
     "general": "general-text corpus (e.g. general:test): every row also gets its perplexity there, at its λ",
     "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",

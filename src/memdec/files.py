@@ -18,14 +18,43 @@ import numpy as np
 from .errors import DatastoreError, MemdecError
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's data and metadata to the disk (``os.fsync``)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """``fsync_path`` every file under ``folder``, then every folder, deepest first: before a rename commits it."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_file() and not p.is_symlink():
+            fsync_path(p)
+    for p in sorted((q for q in folder.rglob("*") if q.is_dir() and not q.is_symlink()),
+                    key=lambda q: len(q.parts), reverse=True):
+        fsync_path(p)
+    fsync_path(folder)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)``, then rename the temporary file onto ``path``."""
+    """Call ``write(tmp_path)``, fsync the temporary file, rename it onto ``path``, fsync the folder:
+    once this returns, ``path`` is whole on the disk, even after a power loss. Any OSError (a full
+    disk, a read-only one) is raised naming ``path``; the file that was there before is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as exc:  # a failed write to an open file names no file: name the one memdec was writing
+        if exc.filename is None or exc.filename in (tmp, str(tmp)):
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -18,7 +18,7 @@ from .checkpoint import apply_run
 from .checks import check_context, check_device, check_lambda, check_positive_int, check_temperature
 from .errors import MemdecError
 from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
-from .models import load_model, max_context, resolve_device
+from .models import DEFAULT_MODEL, load_model, max_context, resolve_device
 
 
 @dataclass
@@ -26,7 +26,7 @@ class GenerateConfig:
     prompt: list[str]
     memdec: str | None = None
     run: str | None = None  # a `memdec adapt` run folder: gives --model and --memdec
-    model: str = "smollm2-135m"
+    model: str | None = None  # default: the run's with --run, else DEFAULT_MODEL (checkpoint.apply_run)
     lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
     compare: bool = False
     max_new_tokens: int = 64
@@ -42,9 +42,9 @@ class GenerateConfig:
 
 GENERATE_HELP = {
     "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
-    "run": "a `memdec adapt` run folder, in place of --model and --memdec",
+    "run": "a `memdec adapt` run folder, in place of --model and --memdec (giving either beside it is refused)",
     "prompt": "one or more prompts (batched, left-padded)",
-    "model": "base model spec",
+    "model": f"base model spec (default: {DEFAULT_MODEL}; not with --run, which gives its own)",
     "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
     "compare": "also generate with the base model alone and print both",
     "max_new_tokens": "tokens to generate",

@@ -49,7 +49,8 @@ from .checks import (check_device, check_non_negative, check_own_folder, check_p
 from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError
-from .files import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
+from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, fsync_path, fsync_tree,
+                    read_json_object, read_jsonl)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_model, model_fingerprint, resolve_device,
                      shortened_copy, vocab_rows, with_prefix)
@@ -260,7 +261,7 @@ class TrainerState:
 
     A step is written whole into ``.step-NNNNNNNN.tmp/`` (weights, ``optimizer.pt``,
     ``rng-RANK.json`` of every process, then ``state.json``) and renamed to ``step-NNNNNNNN/``:
-    one atomic rename commits it. Only then are older steps deleted, so an interruption at any
+    one atomic rename commits it, after every staged file and folder is fsynced. Only then are older steps deleted, so an interruption at any
     point leaves the previous complete step in place, and a resume takes the newest complete one.
     Nothing here is unpickled: RNG states are JSON, the optimizer is read with ``weights_only=True``.
     """
@@ -299,7 +300,9 @@ class TrainerState:
         final = self.dir / f"step-{step:08d}"
         if final.exists():  # a leftover of an interrupted run at the same step, newer than any resumed from
             shutil.rmtree(final)
+        fsync_tree(self.staging(step))  # the step's bytes on the disk before the rename commits it
         os.rename(self.staging(step), final)
+        fsync_path(self.dir)  # and the rename itself
         return final
 
     def clean(self, keep: Path | None) -> None:
