@@ -166,7 +166,8 @@ def field_cases() -> list[Case]:
 
 def garbage_cases() -> list[Case]:
     files = [(target, file) for target, file in FIELDS] + [("lora", "baseline.json")]
-    return [Case(target, file, edit, "", f"{target}/{file}:{name}") for target, file in files for name, edit in GARBAGE.items()]
+    return [Case(target, file, edit, "", f"{target}/{file}:{name}")
+            for target, file in files for name, edit in GARBAGE.items()]
 
 
 def log_line(text: bytes) -> Callable[[bytes], bytes]:

@@ -25,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from .checks import COUNT, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, one_of, or_null
+from .checks import (COUNT, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, one_of,
+                     or_null)
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object
 from .models import check_tokenizer, vocab_rows
@@ -150,7 +151,8 @@ def read_baseline_json(path: str | Path) -> dict:
 def _check_lora_adapter(path: Path) -> None:
     """A LoRA baseline's adapter must be safetensors: an ``adapter_model.bin`` is a pickle, never loaded."""
     if not (path / LORA_ADAPTER).is_file():
-        found = " (adapter_model.bin is a pickle: memdec loads safetensors only)" if (path / "adapter_model.bin").exists() else ""
+        pickled = (path / "adapter_model.bin").exists()
+        found = " (adapter_model.bin is a pickle: memdec loads safetensors only)" if pickled else ""
         raise MemdecError(f"{path}: a lora baseline needs its adapter in {LORA_ADAPTER}{found}")
 
 

@@ -308,7 +308,8 @@ _DONE_FIELDS: dict[str, dict[str, Kind]] = {  # what a finished step records, an
 }
 _DONE_OPTIONAL: dict[str, dict[str, Kind]] = {
     "keys": {}, "index": {},
-    "targets": {"steps.targets.top_m": COUNT, "steps.targets.nprobe": COUNT, "steps.targets.prob_dtype": one_of(*PROB_DTYPES)},
+    "targets": {"steps.targets.top_m": COUNT, "steps.targets.nprobe": COUNT,
+                "steps.targets.prob_dtype": one_of(*PROB_DTYPES)},
 }
 
 

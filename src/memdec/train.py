@@ -44,8 +44,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors, write_memdec_json
-from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_field, check_fields, check_non_negative,
-                     check_positive, check_positive_int, check_unit_interval, or_null)
+from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_field, check_fields,
+                     check_non_negative, check_positive, check_positive_int, check_unit_interval, or_null)
 from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError, one_line
@@ -422,7 +422,8 @@ class Recipe:
         try:
             missing, unexpected = model.load_state_dict(sd, strict=False)
         except RuntimeError as exc:  # a tensor of another shape
-            raise MemdecError(f"{folder / 'model.safetensors'}: the saved weights do not fit the model ({one_line(exc)})") from None
+            raise MemdecError(f"{folder / 'model.safetensors'}: the saved weights do not fit the model "
+                              f"({one_line(exc)})") from None
         if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
             raise MemdecError(f"{folder}: the saved weights do not fit the model ({missing[:3]} {unexpected[:3]})")
         model.tie_weights()
