@@ -63,7 +63,7 @@ def test_read_memdec_json_errors(tmp_path, ckpt):
                          (json.dumps({"format": "x", "version": 1, "base_model": "m", "tokenizer_hash": "h",
                                       "lambda": .1}), "unsupported checkpoint format"),
                          (json.dumps({"format": "memdec", "version": 1, "base_model": "m", "tokenizer_hash": "h",
-                                      "lambda": 2}), "must lie in")]:
+                                      "lambda": 2}), r'field "lambda" must be a number in \[0, 1\], got 2')]:
         bad.write_text(text)
         with pytest.raises(MemdecError, match=needle):
             read_memdec_json(tmp_path)

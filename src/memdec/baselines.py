@@ -39,21 +39,20 @@ from typing import Any
 
 import numpy as np
 
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from .checkpoint import (
     BASELINE_JSON,
     LORA_ADAPTER,
     MEMDEC_JSON,
     METHODS,
     check_checkpoint_tokenizer,
+    load_model_folder,
+    load_safetensors,
     read_baseline_json,
     write_baseline_json,
 )
 from .checks import check_unit_interval
 from .data import load_token_stream, token_stream_hash
-from .errors import MemdecError
+from .errors import MemdecError, one_line
 from .joint import MemoryDecoderModel
 from .models import load_model, load_tokenizer, resolve_model_spec, tokenizer_fingerprint
 from .train import Recipe, TrainConfig, init_memory_decoder, train
@@ -174,7 +173,7 @@ class BaselineRecipe(Recipe):
             return super().load_weights(model, folder)
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(str(folder / LORA_ADAPTER)))
+        result = set_peft_model_state_dict(model, load_safetensors(folder / LORA_ADAPTER))
         if result.unexpected_keys:
             raise MemdecError(f"{folder}: the saved adapters do not fit the model ({result.unexpected_keys[:3]})")
 
@@ -233,6 +232,17 @@ def check_baseline(path: str | Path, base_spec: str, tokenizer) -> dict:
     return info
 
 
+def _load_lora(base_model, path: Path):
+    """The LoRA adapters of ``path`` (its ``adapter_model.safetensors``, checked by ``read_baseline_json``:
+    a pickled ``.bin`` is never read) on ``base_model``; MemdecError naming the folder if they do not load."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base_model, str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign adapter raises many kinds
+        raise MemdecError(f"{path / LORA_ADAPTER}: cannot load the lora adapter ({one_line(exc)})") from None
+
+
 def load_baseline(path: str | Path, base_spec: str, base_model, tokenizer) -> LoadedBaseline:
     """Load a baseline folder (checked by ``check_baseline``) for scoring beside ``base_model``."""
     info = check_baseline(path, base_spec, tokenizer)
@@ -241,10 +251,8 @@ def load_baseline(path: str | Path, base_spec: str, base_model, tokenizer) -> Lo
     if method == "ce-decoder":
         model = MemoryDecoderModel.from_pretrained(base_model, str(path), tokenizer=tokenizer)
     elif method == "dapt":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        model = load_model_folder(path, "the dapt baseline", dtype).to(device).eval()
     else:  # lora: the adapters merged into a fresh copy of the base, as one would deploy them
-        from peft import PeftModel
-
         copy, _ = load_model(base_spec, device=str(device), dtype=dtype)
-        model = PeftModel.from_pretrained(copy, str(path)).merge_and_unload().eval()
+        model = _load_lora(copy, Path(path)).merge_and_unload().eval()
     return LoadedBaseline(method, str(path), info, model)

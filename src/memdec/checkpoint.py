@@ -21,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from .checks import check_lambda
+from .checks import (COUNT, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, one_of,
+                     or_null)
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object
 from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
@@ -31,13 +34,24 @@ from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
 MEMDEC_JSON = "memdec.json"
 CHECKPOINT_FORMAT = "memdec"
 CHECKPOINT_VERSION = 1
-_REQUIRED_KEYS = ("format", "version", "base_model", "tokenizer_hash", "lambda")
+_MEMDEC_FIELDS: dict[str, Kind] = {"base_model": TEXT, "tokenizer_hash": TEXT, "lambda": UNIT}
+_MEMDEC_OPTIONAL: dict[str, Kind] = {
+    "temperature": POSITIVE, "alpha": UNIT, "teacher_base_weight": UNIT, "k": COUNT, "knn_temperature": POSITIVE,
+    "datastore": TEXT, "datastore_manifest_hash": TEXT, "corpus_hash": TEXT, "n_parameters": WHOLE,
+    "trainable_parameters": WHOLE, "train_seconds": NON_NEGATIVE, "train_stats": OBJECT, "train_config": OBJECT,
+    "lambda_source": TEXT,
+}  # absent or null where a writer had none
 
 METHODS = ("ce-decoder", "dapt", "lora")  # also the order of their rows in a table
 BASELINE_JSON = "baseline.json"
 BASELINE_FORMAT = "memdec-baseline"
 BASELINE_VERSION = 1
 LORA_ADAPTER = "adapter_model.safetensors"
+_BASELINE_FIELDS: dict[str, Kind] = {"method": one_of(*METHODS), "base_model": TEXT, "tokenizer_hash": TEXT}
+_BASELINE_OPTIONAL: dict[str, Kind] = {
+    "lambda": UNIT, "corpus_hash": TEXT, "n_parameters": WHOLE, "trainable_parameters": WHOLE,
+    "train_seconds": NON_NEGATIVE, "train_stats": OBJECT, "train_config": OBJECT, "reused_from": TEXT,
+}  # absent or null where a writer had none (lambda: null but for ce-decoder)
 
 
 # --- memory decoder checkpoints -----------------------------------------------------------------
@@ -55,12 +69,11 @@ def read_memdec_json(path: str | Path) -> dict:
     if not file.is_file():
         raise MemdecError(f"{path}: not a memory decoder checkpoint (no {MEMDEC_JSON}; train one with `memdec train`)")
     info = read_json_object(file, MEMDEC_JSON)
-    missing = [k for k in _REQUIRED_KEYS if k not in info]
-    if missing:
-        raise MemdecError(f"{file}: {MEMDEC_JSON} lacks {', '.join(missing)}")
+    check_fields(info, file, {"format": TEXT, "version": WHOLE})
     if info["format"] != CHECKPOINT_FORMAT or info["version"] != CHECKPOINT_VERSION:
         raise MemdecError(f"{file}: unsupported checkpoint format {info['format']!r} version {info['version']!r}")
-    check_lambda(info["lambda"], what=f"{file}: lambda")
+    check_fields(info, file, _MEMDEC_FIELDS)
+    check_fields(info, file, _MEMDEC_OPTIONAL, optional=True)
     return info
 
 
@@ -84,14 +97,31 @@ def check_same_vocab(base, memdec) -> None:
         )
 
 
+def load_safetensors(file: str | Path) -> dict:
+    """The tensors of a safetensors file (on CPU); MemdecError naming it if it is missing, truncated
+    or not safetensors."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise MemdecError(f"{file}: unreadable weights ({one_line(exc)})") from None
+
+
+def load_model_folder(path: str | Path, what: str, dtype=None):
+    """``AutoModelForCausalLM`` from the folder ``path``, its weights from safetensors only (a pickled
+    ``.bin`` is never read); MemdecError naming the folder and its weights files if they do not load."""
+    path = Path(path).expanduser()
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
+        files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "no .safetensors file"
+        raise MemdecError(f"{path}: cannot load {what} ({files}): {one_line(exc)}") from None
+
+
 def load_memory_decoder(path: str | Path, device=None, dtype=None):
     """Load ``(model, info)`` from a checkpoint folder, in eval mode."""
     info = read_memdec_json(path)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(path).expanduser()), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
-        raise MemdecError(f"{path}: cannot load the memory decoder ({one_line(exc)})") from None
+    model = load_model_folder(path, "the memory decoder", dtype)
     if device is not None:
         model.to(device)
     return model.eval(), info
@@ -109,11 +139,21 @@ def read_baseline_json(path: str | Path) -> dict:
     if not file.is_file():
         raise MemdecError(f"{path}: not a baseline (no {BASELINE_JSON}; train one with `memdec baseline`)")
     info = read_json_object(file, BASELINE_JSON)
-    if info.get("format") != BASELINE_FORMAT or info.get("version") != BASELINE_VERSION:
+    if info.get("format") != BASELINE_FORMAT or check_field(info, "version", file, WHOLE) != BASELINE_VERSION:
         raise MemdecError(f"{file}: not a memdec baseline of a known format")
-    if info.get("method") not in METHODS:
-        raise MemdecError(f"{file}: unknown method {info.get('method')!r}")
+    check_fields(info, file, _BASELINE_FIELDS)
+    check_fields(info, file, _BASELINE_OPTIONAL, optional=True)
+    if info["method"] == "lora":
+        _check_lora_adapter(path)
     return info
+
+
+def _check_lora_adapter(path: Path) -> None:
+    """A LoRA baseline's adapter must be safetensors: an ``adapter_model.bin`` is a pickle, never loaded."""
+    if not (path / LORA_ADAPTER).is_file():
+        pickled = (path / "adapter_model.bin").exists()
+        found = " (adapter_model.bin is a pickle: memdec loads safetensors only)" if pickled else ""
+        raise MemdecError(f"{path}: a lora baseline needs its adapter in {LORA_ADAPTER}{found}")
 
 
 def write_baseline_json(folder: str | Path, info: dict, method: str) -> None:
@@ -130,6 +170,17 @@ def write_baseline_json(folder: str | Path, info: dict, method: str) -> None:
 # --- adapt run folders ---------------------------------------------------------------------------
 
 
+_RUN_FIELDS: dict[str, Kind] = {"model": TEXT, "valid": TEXT, "test": TEXT, "test_tokens": or_null(COUNT)}
+
+
+def read_run_settings(file: Path) -> dict:
+    """An adapt run's ``settings.json``, with the fields ``eval --run`` and ``generate --run`` take
+    checked (``test_tokens``: a count, or null for the whole corpus). Raises MemdecError."""
+    settings = read_json_object(file, "run settings")
+    check_fields(settings, file, _RUN_FIELDS)
+    return settings
+
+
 def run_paths(run: str | Path) -> dict:
     """What a finished ``memdec adapt`` run folder provides to ``eval`` and ``generate``:
     model, memdec, knn, baseline folders, corpora."""
@@ -137,7 +188,7 @@ def run_paths(run: str | Path) -> dict:
     settings = run / "settings.json"
     if not settings.is_file() or not (run / "memdec" / MEMDEC_JSON).is_file():
         raise MemdecError(f"{run}: not a finished memdec adapt run (no settings.json or memdec/{MEMDEC_JSON})")
-    s = read_json_object(settings, "run settings")
+    s = read_run_settings(settings)
     baselines = [str(run / "baselines" / m) for m in METHODS if (run / "baselines" / m / BASELINE_JSON).is_file()]
     return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"), "baseline": baselines,
             "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}

@@ -1,4 +1,5 @@
-"""Range checks for user-given settings: one function per kind of check, one clear line per failure.
+"""Range checks for user-given settings: one function per kind of check, one clear line per failure;
+and the typed fields of the metadata files memdec reads (``check_field``, one ``Kind`` per type).
 
 Every command validates its arguments with these before it loads a model or writes a file.
 NaN fails every check (comparisons with NaN are false).
@@ -6,9 +7,11 @@ NaN fails every check (comparisons with NaN are false).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -155,3 +158,82 @@ def check_positive_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MemdecError(f"{what} must be a whole number >= 1, got {value}")
     return value
+
+
+# --- fields of the metadata files memdec reads (memdec.json, manifest.json, state.json, ...) ----
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a metadata field must hold: ``text`` says it in an error, ``test`` checks a value."""
+
+    text: str
+    test: Callable[[object], bool]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no number
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+TEXT = Kind("a string", lambda v: isinstance(v, str))
+BOOL = Kind("true or false", lambda v: isinstance(v, bool))
+WHOLE = Kind("a whole number >= 0", lambda v: _is_int(v) and v >= 0)
+COUNT = Kind("a whole number >= 1", lambda v: _is_int(v) and v >= 1)
+NON_NEGATIVE = Kind("a number >= 0", lambda v: _is_number(v) and v >= 0)
+POSITIVE = Kind("a positive number", lambda v: _is_number(v) and v > 0)
+SCORE = Kind("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v))
+UNIT = Kind("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
+LIST = Kind("a JSON list", lambda v: isinstance(v, list))
+
+
+def one_of(*choices) -> Kind:
+    """A field that must equal one of ``choices``, of the same JSON type (``true`` is not ``1``)."""
+    return Kind(f"one of {', '.join(shown(c) for c in choices)}",
+                lambda v: any(type(v) is type(c) and v == c for c in choices))
+
+
+def or_null(kind: Kind) -> Kind:
+    """``kind``, or null (a field that must be there but may be empty)."""
+    return Kind(f"{kind.text} or null", lambda v: v is None or kind.test(v))
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value as JSON, cut to ``limit`` characters: what an error says a field held."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_field(record: dict, name: str, where, kind: Kind, *, optional: bool = False,
+                error: type[MemdecError] = MemdecError):
+    """The field ``name`` (dotted for a nested one: ``steps.targets.k``) of ``record``, the JSON
+    object read from the file ``where``, if it is ``kind``; ``optional``: None where it is absent or
+    null. Raises ``error`` naming the file and the field: ``manifest.json: field "dim" must be a
+    whole number >= 1, got "abc"``."""
+    value, parts = record, name.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(value, dict):
+            raise error(f'{where}: field "{".".join(parts[:i])}" must be a JSON object, got {shown(value)}')
+        if value.get(part) is None:
+            if optional:
+                return None
+            if part not in value:
+                raise error(f'{where}: lacks field "{".".join(parts[: i + 1])}"')
+        value = value[part]
+    if not kind.test(value):
+        raise error(f'{where}: field "{name}" must be {kind.text}, got {shown(value)}')
+    return value
+
+
+def check_fields(record: dict, where, fields: dict[str, Kind], *, optional: bool = False,
+                 error: type[MemdecError] = MemdecError) -> None:
+    """``check_field`` for each ``name: kind`` of ``fields``, in order."""
+    for name, kind in fields.items():
+        check_field(record, name, where, kind, optional=optional, error=error)

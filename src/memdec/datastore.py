@@ -77,7 +77,8 @@ from torch import nn
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from .checks import check_device, check_temperature, check_threads, check_writable_path
+from .checks import (BOOL, COUNT, OBJECT, POSITIVE, TEXT, WHOLE, Kind, check_device, check_field, check_fields,
+                     check_temperature, check_threads, check_writable_path, one_of, or_null)
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import (
@@ -291,14 +292,41 @@ def window_keys(model, tokens: np.ndarray, batch: np.ndarray, capture: FFNInputC
 # --- the manifest ----------------------------------------------------------------------------
 
 
+_STATUS = one_of("pending", "running", "done")
+_MANIFEST_FIELDS: dict[str, Kind] = {
+    "model": TEXT, "tokenizer_hash": TEXT, "corpus": TEXT, "corpus_hash": TEXT, "n_keys": COUNT, "block_size": COUNT,
+    "stride": COUNT, "layer": or_null(TEXT), "dim": or_null(COUNT), "steps": OBJECT,
+    "steps.keys.status": _STATUS, "steps.index.status": _STATUS, "steps.targets.status": _STATUS,
+}
+_MANIFEST_OPTIONAL: dict[str, Kind] = {"max_tokens": COUNT, "text_field": TEXT, "prefix_token": WHOLE, "disk": OBJECT,
+                                       "steps.keys.dropped": BOOL, "steps.keys.key_model": OBJECT}
+_DONE_FIELDS: dict[str, dict[str, Kind]] = {  # what a finished step records, and its readers take
+    "keys": {"layer": TEXT, "dim": COUNT},
+    "index": {"steps.index.type": TEXT, "steps.index.params": OBJECT},
+    "targets": {"steps.targets.k": COUNT, "steps.targets.temperature": POSITIVE, "steps.targets.nnz": WHOLE},
+}
+_DONE_OPTIONAL: dict[str, dict[str, Kind]] = {
+    "keys": {}, "index": {},
+    "targets": {"steps.targets.top_m": COUNT, "steps.targets.nprobe": COUNT,
+                "steps.targets.prob_dtype": one_of(*PROB_DTYPES)},
+}
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a datastore folder; DatastoreError if it is missing or corrupt."""
+    """The manifest of a datastore folder, its fields checked (those of each finished step too);
+    DatastoreError naming the file and the field if it is missing or corrupt."""
     mpath = Path(path) / MANIFEST
     if not mpath.is_file():
         raise DatastoreError(f"{path}: not a datastore (no {MANIFEST}); build one with memdec datastore")
     manifest = read_json_object(mpath, "datastore manifest", DatastoreError)
-    if manifest.get("version") != VERSION:
+    if check_field(manifest, "version", mpath, WHOLE, error=DatastoreError) != VERSION:
         raise DatastoreError(f"{mpath}: not a version-{VERSION} memdec manifest")
+    check_fields(manifest, mpath, _MANIFEST_FIELDS, error=DatastoreError)
+    check_fields(manifest, mpath, _MANIFEST_OPTIONAL, optional=True, error=DatastoreError)
+    for step in ("keys", "index", "targets"):
+        if manifest["steps"][step]["status"] == "done":
+            check_fields(manifest, mpath, _DONE_FIELDS[step], error=DatastoreError)
+            check_fields(manifest, mpath, _DONE_OPTIONAL[step], optional=True, error=DatastoreError)
     return manifest
 
 

@@ -84,17 +84,40 @@ def read_json_object(file: str | os.PathLike, what: str, error: type[MemdecError
     return value
 
 
-def read_jsonl(file: str | os.PathLike) -> list[dict]:
-    """The records of a JSON-lines log; a line cut short by an interruption is skipped."""
-    records = []
-    for line in Path(file).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+def read_jsonl(file: str | os.PathLike, error: type[MemdecError] = MemdecError) -> list[dict]:
+    """The records of a JSON-lines log (each line a JSON object); its last line, cut short by an
+    interruption (no newline), is skipped. Anything else that is not a JSON object, or bytes that are
+    not UTF-8, raise ``error`` naming the file and the line."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise error(f"{file}: unreadable log ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(f"{file}: line {line} is not UTF-8 text (byte {exc.start}); the log is corrupt") from None
+    lines = text.split("\n")
+    return [record for number, line in enumerate(lines, 1)
+            if (record := _jsonl_record(file, number, line, cut_short=number == len(lines), error=error)) is not None]
+
+
+def _jsonl_record(file: Path, number: int, line: str, cut_short: bool, error: type[MemdecError]) -> dict | None:
+    """The object on line ``number`` of a log; None for a blank line or a last line ``cut_short``."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        if cut_short:
+            return None
+        raise error(f"{file}: line {number} is not JSON ({exc.msg}); the log is corrupt") from None
+    if not isinstance(record, dict):
+        if cut_short:  # a number or a string cut short still parses
+            return None
+        raise error(f"{file}: line {number} must hold a JSON object; the log is corrupt")
+    return record
 
 
 def append_jsonl(file: str | os.PathLike, record: dict) -> None:

@@ -43,12 +43,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, write_memdec_json
-from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
-                     check_unit_interval)
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors, write_memdec_json
+from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
+                     check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
+                     check_unit_interval, or_null)
 from .data import load_token_stream
 from .datastore import open_datastore
-from .errors import MemdecError
+from .errors import MemdecError, one_line
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, fsync_path, fsync_tree,
                     read_json_object, read_jsonl)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
@@ -276,13 +277,18 @@ class TrainerState:
         return sorted(p for p in self.dir.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name))
 
     def latest(self) -> dict | None:
-        """``state.json`` of the newest complete step, with its ``folder``; None if there is none."""
+        """``state.json`` of the newest complete step, with its ``folder``; None if there is none.
+        MemdecError naming the file and the field if it is unreadable or a field is wrong."""
         steps = self.step_dirs()
         if steps:
-            return {**read_json_object(steps[-1] / "state.json", "trainer state"), "folder": steps[-1]}
+            file = steps[-1] / "state.json"
+            state = read_state_json(file, _STATE_FIELDS)
+            if state["step"] != int(steps[-1].name.removeprefix("step-")):
+                raise MemdecError(f'{file}: field "step" is {state["step"]}, not the step of its folder (corrupt)')
+            return {**state, "folder": steps[-1]}
         legacy = self.dir / "state.json"  # memdec before per-step folders: readable, not resumable
         if legacy.is_file():
-            return {**read_json_object(legacy, "trainer state"), "folder": None}
+            return {**read_state_json(legacy, {"step": WHOLE}), "folder": None}
         return None
 
     def staging(self, step: int) -> Path:
@@ -314,6 +320,35 @@ class TrainerState:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+_STATE_FIELDS: dict[str, Kind] = {"step": COUNT, "total_steps": COUNT, "run_fingerprint": TEXT}
+_STATE_OPTIONAL: dict[str, Kind] = {"recipe": TEXT, "best": OBJECT, "seconds": NON_NEGATIVE}
+
+
+def read_state_json(file: Path, required: dict[str, Kind]) -> dict:
+    """A trainer ``state.json`` with the ``required`` fields and the optional ones checked
+    (``best``, where there is one, names its ``step``). Raises MemdecError naming the file and field."""
+    state = read_json_object(file, "trainer state")
+    check_fields(state, file, required)
+    check_fields(state, file, _STATE_OPTIONAL, optional=True)
+    if state.get("best") is not None:
+        check_field(state, "best.step", file, COUNT)
+    return state
+
+
+_RNG_FIELDS: dict[str, Kind] = {"step": COUNT, "rng": OBJECT, "rng.torch": LIST, "rng.numpy": LIST, "rng.python": LIST,
+                                "rng.cuda": or_null(LIST)}
+
+
+def read_rng_json(file: Path, step: int) -> dict:
+    """The RNG states in ``rng-R.json`` (``rng_state_json``'s form) of the checkpoint ``step``.
+    Raises MemdecError naming the file and the field."""
+    record = read_json_object(file, "RNG state")
+    check_fields(record, file, _RNG_FIELDS)
+    if record["step"] != step:
+        raise MemdecError(f"{file}: RNG state is from step {record['step']}, not {step} (corrupt)")
+    return record["rng"]
+
+
 def rng_state_json() -> dict:
     """Every RNG this process uses, as plain JSON (never a pickle)."""
     np_state = np.random.get_state()
@@ -322,6 +357,16 @@ def rng_state_json() -> dict:
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": [version, list(internal), gauss],
             "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
+
+
+def restore_rng_state(file: Path, state: dict) -> None:
+    """``set_rng_state_json``, or MemdecError naming ``file`` (read by ``read_rng_json``) if its
+    states do not fit this process's generators."""
+    try:
+        set_rng_state_json(state)
+    except (TypeError, ValueError, OverflowError, RuntimeError, IndexError) as exc:
+        raise MemdecError(f'{file}: field "rng" does not hold RNG states memdec wrote ({one_line(exc)}); '
+                          f"delete {file.parent.parent} or use --no-resume to start over") from None
 
 
 def set_rng_state_json(state: dict) -> None:
@@ -377,10 +422,12 @@ class Recipe:
 
     def load_weights(self, model, folder: Path) -> None:
         """Load into ``model`` the weights that a save wrote to ``folder`` (to resume)."""
-        from safetensors.torch import load_file
-
-        sd = load_file(str(folder / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        sd = load_safetensors(folder / "model.safetensors")
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as exc:  # a tensor of another shape
+            raise MemdecError(f"{folder / 'model.safetensors'}: the saved weights do not fit the model "
+                              f"({one_line(exc)})") from None
         if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
             raise MemdecError(f"{folder}: the saved weights do not fit the model ({missing[:3]} {unexpected[:3]})")
         model.tie_weights()
@@ -540,6 +587,11 @@ class Trainer:
         if prev["folder"] is None and prev["step"] < self.total_steps:
             raise MemdecError(f"{self.state.dir} was written by an older memdec and cannot be resumed; "
                               f"delete {self.out} (or use --no-resume) to start over")
+        if prev["folder"] is not None:  # read before any model loads: a bad file is one line, at once
+            if prev.get("best") is not None:
+                check_field(prev, f"best.{self.recipe.select}", prev["folder"] / "state.json", SCORE)
+            prev["rng_file"] = prev["folder"] / f"rng-{self.rank}.json"
+            prev["rng"] = read_rng_json(prev["rng_file"], prev["step"])
         return prev
 
     def _load_resumed(self, optimizer, scheduler) -> None:
@@ -550,13 +602,17 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - a corrupt or crafted file: refuse it, never unpickle
             raise MemdecError(f"{folder / 'optimizer.pt'}: unreadable optimizer state ({type(exc).__name__}); "
                               f"delete {self.state.dir} or use --no-resume to start over") from None
-        rng = read_json_object(folder / f"rng-{self.rank}.json", "RNG state")
-        for what, got in (("optimizer state", payload.get("step")), (f"RNG state of process {self.rank}", rng.get("step"))):
-            if got != step:
-                raise MemdecError(f"{folder}: {what} is from step {got}, not {step} (corrupt)")
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state_json(rng["rng"])
+        file = folder / "optimizer.pt"
+        if not isinstance(payload, dict) or not {"optimizer", "scheduler"} <= payload.keys():
+            raise MemdecError(f"{file}: not an optimizer state memdec wrote (corrupt)")
+        if payload.get("step") != step:
+            raise MemdecError(f"{folder}: optimizer state is from step {payload.get('step')}, not {step} (corrupt)")
+        try:
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise MemdecError(f"{file}: the optimizer state does not fit this run ({one_line(exc)})") from None
+        restore_rng_state(self.previous["rng_file"], self.previous["rng"])
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -818,7 +874,10 @@ class Trainer:
         if start_step == 0:
             self.log_path.unlink(missing_ok=True)
         elif self.log_path.is_file():  # a line cut short by an interruption is dropped too
-            kept = [r for r in read_jsonl(self.log_path) if isinstance(r.get("step"), int) and r["step"] <= start_step]
+            records = read_jsonl(self.log_path)
+            for r in records:
+                check_field(r, "step", self.log_path, COUNT)
+            kept = [r for r in records if r["step"] <= start_step]
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _log(self, record: dict) -> None:
