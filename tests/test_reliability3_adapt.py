@@ -15,12 +15,13 @@ import pytest
 
 from memdec.adapt import AdaptConfig, adapt, identity_changes, resolve_settings
 from memdec.checkpoint import apply_run
-from memdec.cli import main
+from memdec.cli import build_parser, config_from_args, main
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig
 from memdec.files import atomic_write, atomic_write_text
 from memdec.generate import GenerateConfig
 from memdec.models import DEFAULT_MODEL
+from memdec.train import TrainConfig, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -78,6 +79,51 @@ def test_a_full_disk_in_a_command_is_one_line_and_the_previous_files_stay(tmp_pa
     assert len(lines) == 1 and lines[0].startswith(f"memdec: error: {jsonl}: File too large (EFBIG)")
     assert "previous complete file or step is kept" in lines[0] and "Traceback" not in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def trained_two_steps(store, tmp_path_factory):
+    """A tiny 4-step training run stopped after its step 2 was committed: resuming it saves step 4."""
+    out = tmp_path_factory.mktemp("fsize") / "run"
+    cmd = ["train", "--datastore", str(store), "--out", str(out), "--max-steps", "4", "--batch-size", "2",
+           "--block-size", "32", "--lr", "1e-3", "--warmup", "1", "--save-every", "2", "--seed", "0"]
+
+    def stop_after_step_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_args(TrainConfig, build_parser().parse_args(cmd)), on_step=stop_after_step_2)
+    return out, cmd
+
+
+@pytest.mark.parametrize("fails_at", ["model.safetensors", "optimizer.pt"])
+def test_a_full_disk_inside_a_checkpoint_save_is_one_line_and_the_previous_step_stays(
+        trained_two_steps, tmp_path, fails_at):
+    """The weights (safetensors' own writer) and the optimizer state (torch.save) fail with their own
+    error kinds, not OSError: each is one line naming the file, and the committed step is intact."""
+    done, cmd = trained_two_steps
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    step = out / "trainer_state" / "step-00000002"
+    before = {p.name: p.read_bytes() for p in step.iterdir()}
+    weights, optimizer = (step / "model.safetensors").stat().st_size, (step / "optimizer.pt").stat().st_size
+    assert weights < optimizer  # Adam keeps two moments per weight
+    others = max(p.stat().st_size for p in step.iterdir() if p.name not in ("model.safetensors", "optimizer.pt"))
+    limit = weights - 1 if fails_at == "model.safetensors" else weights + 1
+    assert others < limit < optimizer
+    resume = [c if c != str(done) else str(out) for c in cmd]
+    proc = run_with_file_size_limit(limit, f"""
+        from memdec.cli import main
+        sys.exit(main({resume!r}))
+    """, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line[line.index("memdec:"):] for line in proc.stderr.splitlines() if "memdec:" in line]  # after tqdm's bar
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("memdec: error: ") and fails_at in lines[0] and "File too large (EFBIG)" in lines[0]
+    assert sorted(p.name for p in (out / "trainer_state").iterdir()) == ["step-00000002"]
+    assert {p.name: p.read_bytes() for p in step.iterdir()} == before
 
 
 def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -39,6 +41,28 @@ def fsync_tree(folder: str | os.PathLike) -> None:
     fsync_path(folder)
 
 
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors' Rust writer reports a failed write
+
+
+@contextmanager
+def os_errors_named(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[None]:
+    """Writes inside raise an OSError naming ``path`` (where it named no file, or the temporary
+    ``tmp``), also where a foreign writer wraps it: safetensors' ``SafetensorError('... I/O error:
+    No space left on device (os error 28)')`` becomes ``OSError(28, ..., path)``. Other errors pass."""
+    try:
+        yield
+    except OSError as exc:  # a failed write to an open file names no file: name the one memdec was writing
+        if exc.filename is None or (tmp is not None and str(exc.filename) == str(tmp)):
+            exc.filename = str(path)
+        raise
+    except Exception as exc:
+        found = _OS_ERROR_CODE.search(str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, fsync the temporary file, rename it onto ``path``, fsync the folder:
     once this returns, ``path`` is whole on the disk, even after a power loss. Any OSError (a full
@@ -47,16 +71,50 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    except OSError as exc:  # a failed write to an open file names no file: name the one memdec was writing
-        if exc.filename is None or exc.filename in (tmp, str(tmp)):
-            exc.filename = str(path)
-        raise
+        with os_errors_named(path, tmp):
+            write(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, path)
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _RecordingFile:
+    """A binary file that keeps the OSError of a failed write, for writers that wrap it in another
+    error (``torch.save`` raises ``RuntimeError: ... unexpected pos``)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``atomic_write`` for a writer that takes a file object (``torch.save(obj, f)``): a failed
+    write is raised as its OSError naming ``path``, whatever error the writer turned it into."""
+
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            recording = _RecordingFile(f)
+            try:
+                write(recording)
+            except OSError:
+                raise
+            except Exception:
+                if recording.error is not None:
+                    raise recording.error from None
+                raise
+
+    atomic_write(path, to_file)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

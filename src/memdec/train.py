@@ -50,8 +50,8 @@ from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind
 from .data import load_token_stream
 from .datastore import open_datastore
 from .errors import MemdecError, one_line
-from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_text, fsync_path, fsync_tree,
-                    read_json_object, read_jsonl)
+from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
+                    fsync_tree, os_errors_named, read_json_object, read_jsonl)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_model, model_fingerprint, resolve_device,
                      shortened_copy, vocab_rows, with_prefix)
@@ -220,6 +220,10 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
         write_model_files(model, tokenizer, tmp)
         for f in tmp.iterdir():
             os.replace(f, folder / f.name)
+    except OSError as exc:  # name the file the user will look for, not its temporary twin
+        if exc.filename is not None and Path(exc.filename).parent == tmp:
+            exc.filename = str(folder / Path(exc.filename).name)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -227,7 +231,8 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
 def write_model_files(model, tokenizer, folder: Path) -> None:
     """``save_pretrained`` of the model (with ``use_cache`` on, as users load it) and its tokenizer."""
     model.config.use_cache = True
-    model.save_pretrained(folder)
+    with os_errors_named(folder / "model.safetensors"):  # the weights: a full disk is an OSError naming them
+        model.save_pretrained(folder)
     model.config.use_cache = False
     tokenizer.save_pretrained(folder)
 
@@ -848,20 +853,28 @@ class Trainer:
         self._event("rng", step)
         acc.wait_for_everyone()
         if main:
-            write_model_files(self.unwrapped, self.tokenizer, stage)
-            self._event("weights", step)
-            payload = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-            atomic_write(stage / "optimizer.pt", lambda p: torch.save(payload, p))
-            self._event("optimizer", step)
-            atomic_write_json(stage / "state.json", {
-                "step": step, "total_steps": self.total_steps, "run_fingerprint": self.fingerprint,
-                "recipe": self.recipe.name, "best": self.best, "seconds": round(self.train_seconds(), 3)})
-            self._event("state", step)
+            try:
+                self._write_stage(stage, step)
+            except OSError:  # a full disk: the staged step goes, the previous complete one stays
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
             final = self.state.promote(step)
             self.saved_step = step
             self._event("renamed", step)
             self.state.clean(keep=final)
         acc.wait_for_everyone()
+
+    def _write_stage(self, stage: Path, step: int) -> None:
+        """The main process's share of a step: weights, optimizer and scheduler, then ``state.json``."""
+        write_model_files(self.unwrapped, self.tokenizer, stage)
+        self._event("weights", step)
+        payload = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        atomic_write_stream(stage / "optimizer.pt", lambda f: torch.save(payload, f))
+        self._event("optimizer", step)
+        atomic_write_json(stage / "state.json", {
+            "step": step, "total_steps": self.total_steps, "run_fingerprint": self.fingerprint,
+            "recipe": self.recipe.name, "best": self.best, "seconds": round(self.train_seconds(), 3)})
+        self._event("state", step)
 
     # -- the log -----------------------------------------------------------------------------
 
