@@ -22,7 +22,7 @@ from memdec.tables import render_table
 def test_resolve_settings_layers_overrides_on_the_preset():
     s = resolve_settings(AdaptConfig())
     assert (s.train_tokens, s.k, s.alpha, s.teacher_base_weight) == (24_000, 1024, [0.25, 0.0], [0.0])
-    assert s.general_tokens == s.test_tokens == PRESETS["quick"]["test_tokens"] and s.lora_lr == 5 * s.lr
+    assert s.general_tokens == s.test_tokens == PRESETS["quick"].test_tokens and s.lora_lr == 5 * s.lr
     assert s.task_items == 0 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
     s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
     assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
