@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.adapt import (PRESETS, AdaptConfig, StageBook, _fingerprint, accuracy_entry, resolve_settings, stage_inputs,
-                          task_cell, teacher_candidates, wilson_interval)
+from memdec.adapt import PRESETS, AdaptConfig, StageBook, _fingerprint, resolve_settings, stage_inputs, teacher_candidates
 from memdec.checkpoint import apply_run
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig
 from memdec.generate import GenerateConfig
 from memdec.scoring import mix_logprobs
-from memdec.tables import render_table
+from memdec.report import task_cell
+from memdec.tables import accuracy_entry, render_table, wilson_interval
 
 
 def test_resolve_settings_layers_overrides_on_the_preset():

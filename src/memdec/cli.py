@@ -17,12 +17,13 @@ import typing
 
 from transformers.utils import logging as hf_logging
 
-from .adapt import AdaptConfig, adapt, format_summary
+from .adapt import AdaptConfig, adapt
 from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
 from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe, is_main_process
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .report import format_summary
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
