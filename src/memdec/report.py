@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 from .checkpoint import read_memdec_json
 from .datastore import read_manifest
 from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
-from .tables import render_table
+from .tables import Column, render_columns, render_table
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
 # the lm-eval tasks of the tasks stage (memdec.tasks): fixed, so that every run's tasks are alike
@@ -241,6 +242,33 @@ def task_columns(tasks: dict | None) -> dict[str, str]:
     return {task: column for task, column in TASK_COLUMNS.items() if task in written}
 
 
+def _lambda(r: dict) -> str:
+    return "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
+
+
+def _value(key: str, spec: str) -> Callable[[dict], str]:
+    """The cell of ``r[key]`` formatted with ``spec``; ``-`` where the row has none."""
+    return lambda r: "-" if r.get(key) is None else format(r[key], spec)
+
+
+def _vs_base(key: str, base: dict, on_base: bool = False) -> Callable[[dict], str]:
+    """The change of ``r[key]`` against the base row's, in percent; the base row's own cell left empty
+    unless ``on_base``."""
+    return lambda r: "" if r is base and not on_base else _pct(r.get(key), base.get(key))
+
+
+def _task_columns(tasks: dict | None, rename: Callable[[str], str] = str) -> list[Column]:
+    """One column per lm-eval task that ``tasks.json`` scored: each system's accuracy and interval."""
+    by_system = {r["system"]: r["tasks"] for r in (tasks or {}).get("results", [])}
+    return [Column(rename(column), lambda r, task=task: task_cell(by_system.get(r["system"], {}).get(task)))
+            for task, column in task_columns(tasks).items()]
+
+
+def _ratio(r: dict, base: dict) -> float:
+    """The base model's tokens/s over the row's: its measured inference ratio when the row has one."""
+    return r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
+
+
 def results_table(rows: list[dict], general: dict | None, recurring: dict | None = None,
                   tasks: dict | None = None) -> list[str]:
     """The report's Markdown table: test, recurring-token and general perplexity, the lm-eval tasks'
@@ -248,23 +276,15 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
     base = next(r for r in rows if r["system"] == "base")
     recurring = recurring if recurring and any(r.get("recurring_ppl") is not None for r in rows) else None
     columns = task_columns(tasks)
-    by_system = {r["system"]: r["tasks"] for r in (tasks or {}).get("results", [])}
-    head = ["system", "λ", "test ppl", "vs base"] + (["recurring ppl", "vs base"] if recurring else []) + \
-        (["general ppl", "vs base"] if general else []) + list(columns.values()) + \
-        ["trainable params", "train time", "tokens/s", "inference time vs base"]
-    body = []
-    for r in rows:
-        lam = "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
-        ratio = r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
-        cells = [r["system"], lam, f"{r['ppl']:.2f}", _pct(r["ppl"], base["ppl"]) if r is not base else ""]
-        for key, on in (("recurring_ppl", recurring), ("general_ppl", general)):
-            if on:
-                v = r.get(key)
-                cells += ["-" if v is None else f"{v:.2f}", _pct(v, base.get(key)) if r is not base else ""]
-        cells += [task_cell(by_system.get(r["system"], {}).get(task)) for task in columns]
-        cells += [_params(r.get("trainable_parameters")), _train_time(r), f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×"]
-        body.append(cells)
-    lines = render_table(head, body)
+    table = [Column("system", lambda r: r["system"], "<"), Column("λ", _lambda),
+             Column("test ppl", _value("ppl", ".2f")), Column("vs base", _vs_base("ppl", base))]
+    for key, head, on in (("recurring_ppl", "recurring ppl", recurring), ("general_ppl", "general ppl", general)):
+        table += [Column(head, _value(key, ".2f")), Column("vs base", _vs_base(key, base))] if on else []
+    table += _task_columns(tasks)
+    table += [Column("trainable params", lambda r: _params(r.get("trainable_parameters"))), Column("train time", _train_time),
+              Column("tokens/s", _value("tokens_per_s", ".1f")),
+              Column("inference time vs base", lambda r: f"{_ratio(r, base):.2f}×")]
+    lines = render_columns(rows, table)
     lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
               "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
               "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
@@ -309,23 +329,15 @@ def format_summary(run: Path) -> str:
     report = read_json_object(Path(run) / "report.json", "report")
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
-    general = base.get("general_ppl") is not None
-    columns = task_columns(report.get("tasks"))
-    by_system = {r["system"]: r["tasks"] for r in (report.get("tasks") or {}).get("results", [])}
-    header = ["system", "lambda", "ppl", "vs base"] + (["general", "vs base"] if general else []) + \
-        [c.replace(" acc", "") for c in columns.values()] + ["tok/s", "trainable", "train s"]
-    body = []
-    for r in rows:
-        cells = ["-" if r.get("lambda") is None else f"{r['lambda']:.2f}", f"{r['ppl']:.3f}",
-                 f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%"]
-        if general:
-            g = r.get("general_ppl")
-            cells += ["-" if g is None else f"{g:.3f}", _pct(g, base["general_ppl"]) if g is not None else ""]
-        cells += [task_cell(by_system.get(r["system"], {}).get(task)) for task in columns]
-        t = r.get("train_seconds")
-        cells += [f"{r['tokens_per_s']:.1f}", _params(r.get("trainable_parameters")), "-" if t is None else f"{t:.0f}"]
-        body.append([r["system"], *cells])
-    out = [f"{report['tokens']} test tokens of {report['corpus']}", *render_table(header, body, "text")]
+    table = [Column("system", lambda r: r["system"], "<"), Column("lambda", _lambda), Column("ppl", _value("ppl", ".3f")),
+             Column("vs base", _vs_base("ppl", base, on_base=True))]
+    if base.get("general_ppl") is not None:
+        table += [Column("general", _value("general_ppl", ".3f")), Column("vs base", _vs_base("general_ppl", base, True))]
+    table += _task_columns(report.get("tasks"), lambda c: c.replace(" acc", ""))
+    table += [Column("tok/s", _value("tokens_per_s", ".1f")),
+              Column("trainable", lambda r: _params(r.get("trainable_parameters"))),
+              Column("train s", _value("train_seconds", ".0f"))]
+    out = [f"{report['tokens']} test tokens of {report['corpus']}", *render_columns(rows, table, "text")]
     out.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
     out.append(f"report: {Path(run) / 'report.md'}")
     return "\n".join(out)

@@ -4,6 +4,8 @@ statistics helpers its cells show (a 95% Wilson interval of an accuracy)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 
 def render_table(header: list[str], rows: list[list[str]], style: str = "markdown", align: str | None = None) -> list[str]:
@@ -20,6 +22,23 @@ def render_table(header: list[str], rows: list[list[str]], style: str = "markdow
     align = align or "<" + ">" * (len(header) - 1)
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     return [" ".join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)).rstrip() for line in [header, *rows]]
+
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a result table: its header, the cell of a row, its alignment in text (``<`` or ``>``)."""
+
+    header: str
+    cell: Callable[[Any], str]
+    align: str = ">"
+
+
+def render_columns(rows: Sequence, columns: Sequence[Column], style: str = "markdown") -> list[str]:
+    """The result table of ``rows``, one cell per column and row: the renderer of every table of results
+    (``memdec eval``'s, the report's and its terminal summary)."""
+    body = [[c.cell(r) for c in columns] for r in rows]
+    return render_table([c.header for c in columns], body, style, align="".join(c.align for c in columns))
 
 
 # --- statistics helpers ------------------------------------------------------------------------
