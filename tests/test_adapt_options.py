@@ -69,3 +69,20 @@ def test_each_option_is_checked_once_before_any_work(tmp_path, capsys, argv, mes
     err = capsys.readouterr().err
     assert err.startswith("memdec: error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_one_name_for_each_job_across_modules():
+    """The check of a command's config is ``check_config`` in adapt, train, evaluate and serve; adapt's call is
+    an ``AdaptRun`` (serve keeps ``Job``); eval's unused ``run_eval`` is gone; the default model is one constant."""
+    import inspect
+
+    from memdec import evaluate, serve, tasks, train
+    from memdec.models import DEFAULT_MODEL
+
+    for module in (adapt, train, evaluate, serve):
+        assert callable(module.check_config), module.__name__
+    assert not hasattr(adapt, "check_settings") and not hasattr(train, "check_train_config")
+    assert not hasattr(evaluate, "check_eval_config") and not hasattr(evaluate, "run_eval")
+    assert hasattr(adapt, "AdaptRun") and not hasattr(adapt, "Job")
+    assert adapt.AdaptConfig().model == tasks.TasksConfig().model == DEFAULT_MODEL
+    assert inspect.signature(tasks._MemdecLMMixin.__init__).parameters["base"].default == DEFAULT_MODEL

@@ -383,7 +383,7 @@ def check_config(s: Settings) -> None:
         raise MemdecError("--alpha needs at least one value in [0, 1]")
     if s.two_phase and s.max_steps is not None and s.max_steps < 2:
         raise MemdecError(f"--two-phase splits the steps in two: --max-steps must be at least 2, got {s.max_steps}")
-    check_transfer_settings(s)
+    _check_transfer_options(s)
 
 
 def stage_fields(inputs, omit: bool = True) -> dict:
@@ -398,7 +398,7 @@ def stage_fields(inputs, omit: bool = True) -> dict:
     return out
 
 
-def check_transfer_settings(s: Settings) -> None:
+def _check_transfer_options(s: Settings) -> None:
     """--transfer-from and its options: one clear line each, before anything loads."""
     if s.transfer_from is None:
         if s.transfer_budget is not None or s.transfer_init != "mapped":
@@ -583,7 +583,7 @@ def _say(msg: str) -> None:
 
 
 @dataclass
-class Job:
+class AdaptRun:
     """One ``memdec adapt`` call: the run folder, its settings, the stages' inputs and their record."""
 
     run: Path
@@ -616,7 +616,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
     atomic_write_json(run / "settings.json", s.flat())
-    job = Job(run, s, cfg.device, book, stage_inputs(s))
+    job = AdaptRun(run, s, cfg.device, book, stage_inputs(s))
     t_run = time.perf_counter()
     datastore_stage(job)
     train_cfg = train_stage(job)
@@ -638,7 +638,7 @@ def _remove(*paths: Path) -> None:
             shutil.rmtree(p)
 
 
-def datastore_stage(job: Job) -> None:
+def datastore_stage(job: AdaptRun) -> None:
     """1. Keys, index and kNN targets of the training corpus, in ``RUN/datastore``."""
     s, book, inputs = job.s, job.book, job.inputs["datastore"]
     done, changed = book.begin("datastore", inputs, f"keys, index and kNN targets of {s.corpus}"
@@ -658,7 +658,7 @@ def datastore_stage(job: Job) -> None:
     _say(book.summary("datastore").get("describe", ""))
 
 
-def train_config(job: Job) -> TrainConfig:
+def train_config(job: AdaptRun) -> TrainConfig:
     """The memory decoder's TrainConfig (its first teacher candidate); the baselines share its budget:
     every option of the train stage that TrainConfig has, under its fingerprint key (``block_size``)."""
     s, names = job.s, {f.name for f in dataclasses.fields(TrainConfig)}
@@ -667,7 +667,7 @@ def train_config(job: Job) -> TrainConfig:
                        valid_max_tokens=s.valid_tokens, save_every=s.eval_every, device=job.device, warmup=2)
 
 
-def train_stage(job: Job) -> TrainConfig:
+def train_stage(job: AdaptRun) -> TrainConfig:
     """2. One memory decoder per teacher candidate (α, β); the best on --valid becomes ``RUN/memdec``.
     Returns the chosen candidate's TrainConfig."""
     s, book = job.s, job.book
@@ -686,7 +686,7 @@ def train_stage(job: Job) -> TrainConfig:
     return dataclasses.replace(train_config(job), alpha=book.summary("train").get("chosen_alpha", s.alpha[0]))
 
 
-def train_candidates(job: Job) -> dict:
+def train_candidates(job: AdaptRun) -> dict:
     """Train each candidate on the same data and schedule (within --train-budget), link the best on
     --valid as ``RUN/memdec``; returns the stage's summary."""
     s, base_cfg = job.s, train_config(job)
@@ -730,7 +730,7 @@ def train_candidates(job: Job) -> dict:
             "valid_joint_ppl": scores, "train_seconds": seconds, "skipped": skipped}
 
 
-def train_phase_one(job: Job, base_cfg: TrainConfig) -> tuple[Path, int]:
+def train_phase_one(job: AdaptRun, base_cfg: TrainConfig) -> tuple[Path, int]:
     """The first phase of the two-phase candidates, shared by all of them: cross-entropy for the first
     half of the CE-only candidate's steps, in ``RUN/candidates/two-phase-ce``. Returns its folder and
     the steps left for phase two."""
@@ -758,7 +758,7 @@ BASELINE_WHAT = {
 }
 
 
-def baseline_stage(job: Job, method: str, train_cfg: TrainConfig) -> str:
+def baseline_stage(job: AdaptRun, method: str, train_cfg: TrainConfig) -> str:
     """2b. A baseline on the memory decoder's TrainConfig: the same tokens, windows, steps and
     schedule, α=0. The ce-decoder reuses the α=0 teacher candidate when there is one: it is the
     same recipe on the same tokens (not a transferred one). Returns the baseline's folder."""
@@ -803,7 +803,7 @@ def reuse_as_ce_decoder(candidate: Path, folder: Path) -> dict:
             "train_seconds": info.get("train_seconds"), "reused_from": info["reused_from"]}
 
 
-def eval_stage(job: Job, baseline_dirs: list[str]) -> None:
+def eval_stage(job: AdaptRun, baseline_dirs: list[str]) -> None:
     """3. Every system on the test split, λ chosen on --valid; the memory decoder's chosen λ is
     written into its checkpoint, so that loading ``RUN/memdec`` gives the λ the report shows."""
     s, book = job.s, job.book
@@ -842,7 +842,7 @@ def task_heldout_tokens(s: Settings) -> int | None:
     return max(s.test_tokens, HELDOUT_TOKENS_PER_ITEM * s.task_items)
 
 
-def write_tasks(job: Job) -> tuple[dict, dict]:
+def write_tasks(job: AdaptRun) -> tuple[dict, dict]:
     """Write the facts and general tasks into ``RUN/tasks``: ({task: {corpus, items}}, {kind: why it was skipped})."""
     s, out = job.s, job.run / "tasks"
     _remove(out)
@@ -874,7 +874,7 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def task_systems(job: Job) -> list[dict]:
+def task_systems(job: AdaptRun) -> list[dict]:
     """Each row of ``RUN/eval.json`` as the memdec lm-eval model's arguments, at the λ (and kNN temperature)
     the eval stage chose."""
     out = []
@@ -912,7 +912,7 @@ def score_tasks(args: dict, tasks_dir: Path, tasks: dict[str, dict]) -> dict:
     return out
 
 
-def tasks_stage(job: Job) -> None:
+def tasks_stage(job: AdaptRun) -> None:
     """3b. The factual-recall and general-ability tasks (``memdec.tasks``) written into ``RUN/tasks``, every
     system of the eval stage scored on them through lm-eval at its chosen λ: ``RUN/tasks.json``."""
     s, book, inputs = job.s, job.book, job.inputs["tasks"]
@@ -937,7 +937,7 @@ def tasks_stage(job: Job) -> None:
     book.run("tasks", inputs, work)
 
 
-def samples_stage(job: Job) -> None:
+def samples_stage(job: AdaptRun) -> None:
     """4. Continuations of a few test prompts, base beside joint, in ``RUN/samples.json``."""
     s, book = job.s, job.book
     done, _ = book.begin("samples", job.inputs["samples"], f"{s.samples} continuations of {s.test} prompts, base beside joint")

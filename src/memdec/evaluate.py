@@ -164,7 +164,7 @@ def format_table(rows: list[ResultRow], n_tokens: int, corpus: str, general: str
 # --- the settings -----------------------------------------------------------------------------
 
 
-def check_eval_config(cfg: EvalConfig) -> None:
+def check_config(cfg: EvalConfig) -> None:
     """Every flag of ``memdec eval`` checked, one clear line each, before any model loads."""
     check_positive_int(cfg.block_size, "--block-size")
     if cfg.stride is not None and not (isinstance(cfg.stride, int) and 1 <= cfg.stride <= cfg.block_size):
@@ -207,7 +207,7 @@ def _check_mixing_flags(cfg: EvalConfig) -> None:
 def prepare_config(cfg: EvalConfig) -> EvalConfig:
     """The run folder applied, every flag checked, and the defaults that depend on others filled in."""
     cfg = apply_run(cfg)
-    check_eval_config(cfg)
+    check_config(cfg)
     if cfg.stride is None:
         cfg = dataclasses.replace(cfg, stride=max(cfg.block_size // 2, 1))
     if cfg.knn is not None and cfg.knn_k is None:
@@ -493,12 +493,6 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         plot_lambda_curves(cfg.plot, report.extra["sweep"]["systems"], LAMBDA_GRID, test_corpus=cfg.corpus,
                            valid_corpus=cfg.valid)
     return report
-
-
-def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
-    """Score every system on a corpus. Returns (rows, number of scored tokens)."""
-    report = run_eval_report(cfg)
-    return report.rows, report.n_tokens
 
 
 # --- helpers ---------------------------------------------------------------------------------
