@@ -84,5 +84,5 @@ def test_one_name_for_each_job_across_modules():
     assert not hasattr(adapt, "check_settings") and not hasattr(train, "check_train_config")
     assert not hasattr(evaluate, "check_eval_config") and not hasattr(evaluate, "run_eval")
     assert hasattr(adapt, "AdaptRun") and not hasattr(adapt, "Job")
-    assert adapt.AdaptConfig().model == tasks.TasksConfig().model == DEFAULT_MODEL
+    assert adapt.AdaptConfig().model == tasks.TasksConfig(kind="facts", out="t").model == DEFAULT_MODEL
     assert inspect.signature(tasks._MemdecLMMixin.__init__).parameters["base"].default == DEFAULT_MODEL
