@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from memdec.adapt import AdaptConfig, adapt, format_summary
+from memdec.adapt import AdaptConfig, adapt
+from memdec.report import format_summary
 from memdec.checkpoint import read_memdec_json
 from memdec.cli import main
 from memdec.errors import MemdecError

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memdec.adapt import AdaptConfig, adapt, format_summary
+from memdec.adapt import AdaptConfig, adapt
+from memdec.report import format_summary
 from memdec.baselines import BaselineConfig, add_lora, train_baseline
 from memdec.cli import main
 from memdec.data import load_token_stream, read_corpus

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.adapt import (PRESETS, AdaptConfig, StageBook, _fingerprint, accuracy_entry, resolve_settings, stage_inputs,
-                          task_cell, teacher_candidates, wilson_interval)
+from memdec.adapt import PRESETS, AdaptConfig, StageBook, _fingerprint, resolve_settings, stage_inputs, teacher_candidates
 from memdec.checkpoint import apply_run
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig
 from memdec.generate import GenerateConfig
 from memdec.scoring import mix_logprobs
-from memdec.tables import render_table
+from memdec.report import task_cell
+from memdec.tables import accuracy_entry, render_table, wilson_interval
 
 
 def test_resolve_settings_layers_overrides_on_the_preset():
     s = resolve_settings(AdaptConfig())
     assert (s.train_tokens, s.k, s.alpha, s.teacher_base_weight) == (24_000, 1024, [0.25, 0.0], [0.0])
-    assert s.general_tokens == s.test_tokens == PRESETS["quick"]["test_tokens"] and s.lora_lr == 5 * s.lr
+    assert s.general_tokens == s.test_tokens == PRESETS["quick"].test_tokens and s.lora_lr == 5 * s.lr
     assert s.task_items == 0 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
     s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
     assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
@@ -139,3 +139,33 @@ def test_wilson_interval_matches_known_values():
     entry = accuracy_entry(0.5, 10)
     assert entry["correct"] == 5 and entry["ci95"] == [0.236593, 0.763407]
     assert task_cell(entry) == "0.50 ± 0.26 (n=10)" and task_cell(None) == "-"
+
+
+def test_the_three_result_tables_share_one_renderer(tmp_path):
+    """`memdec eval`'s table, the report's and its terminal summary: columns of memdec.tables.render_columns,
+    each exactly as before it was shared."""
+    from memdec.evaluate import ResultRow, format_table
+    from memdec.report import format_summary, results_table
+    from memdec.tables import Column, render_columns
+
+    assert render_columns([{"a": "x"}], [Column("a", lambda r: r["a"], "<"), Column("n", lambda r: "12")], "text") == \
+        ["a  n", "x 12"]
+    rows = [ResultRow("base", "m", 2.5, 12.18249, 100.0, {"general_ppl": 30.1234, "trainable_parameters": 0}),
+            ResultRow("memdec", "m+d", 2.3, 9.97, 60.0, {"trainable_parameters": 1234567, "train_seconds": 12.0}, 0.3)]
+    assert format_table(rows, 9, "c", "g").splitlines() == [
+        "9 tokens of c; general: g",
+        "system lambda    nll    ppl general ppl tok/s x base trainable train s model",
+        "base        - 2.5000 12.182      30.123 100.0      -         0       - m",
+        "memdec   0.30 2.3000  9.970           -  60.0      - 1,234,567    12.0 m+d"]
+    js = [r.to_json() for r in rows]
+    assert results_table(js, None)[:4] == [
+        "| system | λ | test ppl | vs base | trainable params | train time | tokens/s | inference time vs base |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| base | - | 12.18 |  | 0 | - | 100.0 | 1.00× |",
+        "| memdec | 0.30 | 9.97 | -18.2% | 1.23 M | 12 s | 60.0 | 1.67× |"]
+    (tmp_path / "report.json").write_text(json.dumps({"results": js, "tokens": 9, "corpus": "c", "stage_seconds": {"eval": 1.0}}))
+    assert format_summary(tmp_path).splitlines()[:4] == [
+        "9 test tokens of c",
+        "system lambda    ppl vs base general vs base tok/s trainable train s",
+        "base        - 12.182   +0.0%  30.123   +0.0% 100.0         0       -",
+        "memdec   0.30  9.970  -18.2%       -          60.0    1.23 M      12"]

@@ -17,12 +17,13 @@ import typing
 
 from transformers.utils import logging as hf_logging
 
-from .adapt import ADAPT_HELP, AdaptConfig, adapt, format_summary
+from .adapt import AdaptConfig, adapt
 from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
 from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe, is_main_process
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .report import format_summary
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
@@ -39,17 +40,18 @@ def _field_type(tp):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[str, str] | None = None) -> None:
-    """Add one ``--flag`` per dataclass field; fields without a default are required."""
+    """Add one ``--flag`` per dataclass field; fields without a default are required. A field's help is
+    ``helps[name]``, else its ``metadata["help"]``; a field whose metadata says ``cli=False`` has no flag."""
     helps = helps or {}
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        if f.metadata.get("positional"):  # the command adds it itself
+        if f.metadata.get("positional") or f.metadata.get("cli") is False:  # the command adds it itself; no flag
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")  # metadata: a flag that is no identifier
         tp, _ = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        help_text = helps.get(f.name, "")
+        help_text = helps.get(f.name) or f.metadata.get("help", "")
         if required:
             help_text += " (required)"
         elif default is not None and default is not False:
@@ -150,7 +152,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
-         AdaptConfig, ADAPT_HELP, cmd_adapt),
+         AdaptConfig, None, cmd_adapt),
         ("datastore", "build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)",
          DatastoreConfig, DATASTORE_HELP, cmd_datastore),
         ("train", "train a memory decoder on a datastore's kNN targets", TrainConfig, TRAIN_HELP, cmd_train),

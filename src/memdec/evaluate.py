@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from .knowledge import memory_token_stream, recurring_positions
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
                      resolve_device, tokenizer_fingerprint)
 from .scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
-from .tables import render_table
+from .tables import Column, render_columns
 
 
 @dataclass
@@ -145,24 +146,25 @@ def format_table(rows: list[ResultRow], n_tokens: int, corpus: str, general: str
     """The rows as a terminal table; the general and recurring columns when any row has them."""
     with_general = any("general_ppl" in r.extra for r in rows)
     with_recurring = any("recurring_ppl" in r.extra for r in rows)
-    header = ["system", "lambda", "nll", "ppl"] + (["general ppl"] if with_general else []) + \
-        (["recurring"] if with_recurring else []) + ["tok/s", "x base", "trainable", "train s", "model"]
-    body = []
-    for r in rows:
-        cells = [r.system, _fmt(r.lmbda, ".2f"), f"{r.nll:.4f}", f"{r.ppl:.3f}"]
-        cells += [_fmt(r.extra.get("general_ppl"), ".3f")] if with_general else []
-        cells += [_fmt(r.extra.get("recurring_ppl"), ".3f")] if with_recurring else []
-        cells += [f"{r.tokens_per_s:.1f}", _fmt(r.extra.get("inference_ratio"), ".2f"),
-                  _fmt(r.extra.get("trainable_parameters"), ","), _fmt(r.extra.get("train_seconds"), ".1f"), r.model]
-        body.append(cells)
+
+    def extra(key: str, spec: str) -> Callable[[ResultRow], str]:
+        return lambda r: _fmt(r.extra.get(key), spec)
+
+    columns = [Column("system", lambda r: r.system, "<"), Column("lambda", lambda r: _fmt(r.lmbda, ".2f")),
+               Column("nll", lambda r: f"{r.nll:.4f}"), Column("ppl", lambda r: f"{r.ppl:.3f}")]
+    columns += [Column("general ppl", extra("general_ppl", ".3f"))] if with_general else []
+    columns += [Column("recurring", extra("recurring_ppl", ".3f"))] if with_recurring else []
+    columns += [Column("tok/s", lambda r: f"{r.tokens_per_s:.1f}"), Column("x base", extra("inference_ratio", ".2f")),
+                Column("trainable", extra("trainable_parameters", ",")), Column("train s", extra("train_seconds", ".1f")),
+                Column("model", lambda r: r.model, "<")]
     title = f"{n_tokens} tokens of {corpus}" + (f"; general: {general}" if general and with_general else "")
-    return "\n".join([title, *render_table(header, body, "text", align="<" + ">" * (len(header) - 2) + "<")])
+    return "\n".join([title, *render_columns(rows, columns, "text")])
 
 
 # --- the settings -----------------------------------------------------------------------------
 
 
-def check_eval_config(cfg: EvalConfig) -> None:
+def check_config(cfg: EvalConfig) -> None:
     """Every flag of ``memdec eval`` checked, one clear line each, before any model loads."""
     check_positive_int(cfg.block_size, "--block-size")
     if cfg.stride is not None and not (isinstance(cfg.stride, int) and 1 <= cfg.stride <= cfg.block_size):
@@ -205,7 +207,7 @@ def _check_mixing_flags(cfg: EvalConfig) -> None:
 def prepare_config(cfg: EvalConfig) -> EvalConfig:
     """The run folder applied, every flag checked, and the defaults that depend on others filled in."""
     cfg = apply_run(cfg)
-    check_eval_config(cfg)
+    check_config(cfg)
     if cfg.stride is None:
         cfg = dataclasses.replace(cfg, stride=max(cfg.block_size // 2, 1))
     if cfg.knn is not None and cfg.knn_k is None:
@@ -491,12 +493,6 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
         plot_lambda_curves(cfg.plot, report.extra["sweep"]["systems"], LAMBDA_GRID, test_corpus=cfg.corpus,
                            valid_corpus=cfg.valid)
     return report
-
-
-def run_eval(cfg: EvalConfig) -> tuple[list[ResultRow], int]:
-    """Score every system on a corpus. Returns (rows, number of scored tokens)."""
-    report = run_eval_report(cfg)
-    return report.rows, report.n_tokens
 
 
 # --- helpers ---------------------------------------------------------------------------------

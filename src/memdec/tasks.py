@@ -41,7 +41,7 @@ from .files import atomic_write_json, atomic_write_text
 from .joint import MemoryDecoderModel
 from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base, knn_mix_rows
 from .knowledge import memory_token_stream, token_classes, word_spans
-from .models import load_model, load_tokenizer, max_context, resolve_device
+from .models import DEFAULT_MODEL, load_model, load_tokenizer, max_context, resolve_device
 from .scoring import causal_lm_logits
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def batch_size_arg(value: Any) -> int:
 class _MemdecLMMixin:
     """lm-eval's LM interface over a ``System`` (see ``memdec_lm_class``)."""
 
-    def __init__(self, base: str = "smollm2-135m", memdec: str | None = None, knn: str | None = None,
+    def __init__(self, base: str = DEFAULT_MODEL, memdec: str | None = None, knn: str | None = None,
                  baseline: str | None = None, lmbda: float | None = None, knn_k: int | None = None,
                  knn_temp: float | None = None, device: str = "auto", max_length: int | None = None,
                  max_gen_toks: int = 256, batch_size: Any = DEFAULT_BATCH_SIZE, **ignored):
@@ -567,7 +567,7 @@ class TasksConfig:
     out: str
     corpus: str | None = None  # facts: the training text (or a datastore); general: default general:test
     heldout: str | None = None
-    model: str = "smollm2-135m"  # facts: the tokenizer that finds names and numbers
+    model: str = DEFAULT_MODEL  # facts: the tokenizer that finds names and numbers
     n_items: int = 200
     seed: int = 0
     context_tokens: int = 64

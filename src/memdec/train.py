@@ -482,7 +482,7 @@ class Validator:
 # The loop
 
 
-def check_train_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Reject every bad setting with one clear line, before anything is loaded or written."""
     check_unit_interval(cfg.alpha, "--alpha")
     check_unit_interval(cfg.teacher_base_weight, "--teacher-base-weight")
@@ -546,7 +546,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, recipe: "Recipe | None" = None, on_step=None, on_save=None):
-        check_train_config(cfg)
+        check_config(cfg)
         self.cfg, self.recipe = cfg, recipe or Recipe()
         self.on_step, self.on_save = on_step, on_save
         self.out = Path(cfg.out).expanduser()

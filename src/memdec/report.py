@@ -1,0 +1,343 @@
+"""The report of a ``memdec adapt`` run: ``RUN/report.json``, ``RUN/report.md`` with its plots, and the
+table for the terminal, all read from the stages' outputs in the run folder.
+
+It also owns the names that the stages and the report share: the candidate decoders' folders and
+labels, how the samples are drawn, and the lm-eval tasks' names and shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from .checkpoint import read_memdec_json
+from .datastore import read_manifest
+from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
+from .tables import Column, render_columns, render_table
+
+SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
+# the lm-eval tasks of the tasks stage (memdec.tasks): fixed, so that every run's tasks are alike
+TASK_SEED = 0
+FACTS_CONTEXT_TOKENS = 64
+GENERAL_CONTEXT_WORDS = 60
+TASK_CHOICES = 4
+FACTS_TASK, GENERAL_TASK = "memdec_facts", "memdec_general"
+# the report's columns: task name -> column; the LAMBADA-style task is in tasks.json and report.json
+TASK_COLUMNS = {FACTS_TASK: "facts acc", f"{GENERAL_TASK}_cloze": "general acc"}
+
+
+def candidate_name(alpha: float, beta: float) -> str:
+    """The candidate's folder under RUN/candidates: ``alpha-0.25`` or ``alpha-0.5-base-0.5``."""
+    return f"alpha-{alpha:g}" + (f"-base-{beta:g}" if beta else "")
+
+
+TWO_PHASE_PREFIX = "two-phase-"
+PHASE_ONE = "two-phase-ce"  # the shared first phase of the two-phase candidates, under RUN/candidates
+
+
+def two_phase_name(alpha: float) -> str:
+    """The two-phase candidate's folder under RUN/candidates: ``two-phase-0.5``."""
+    return f"{TWO_PHASE_PREFIX}{alpha:g}"
+
+
+def candidate_label(name: str) -> str:
+    """``alpha-0.5-base-0.5`` -> ``α=0.5, β=0.5`` (β: the base model's weight in the teacher);
+    ``two-phase-0.5`` -> ``CE, then α=0.5``."""
+    if name.startswith(TWO_PHASE_PREFIX):
+        return f"CE, then α={name[len(TWO_PHASE_PREFIX):]}"
+    return name.replace("alpha-", "α=").replace("-base-", ", β=")
+
+
+def _plot_training(run: Path) -> str | None:
+    """Training loss and validation curves of every decoder trained (each α candidate), one colour each."""
+    candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]
+    logs = {p.parent.name if p.parent.name.startswith("alpha-") else "memdec": p for p in candidates if p.is_file()}
+    if not logs:
+        return None
+    import matplotlib  # optional and heavy: only for the plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = (run / "memdec").resolve().name
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    base = None
+    for i, (name, log) in enumerate(logs.items()):
+        records = [r for r in read_jsonl(log) if "step" in r]
+        label = candidate_label(name) + (" (chosen)" if name == chosen and len(logs) > 1 else "")
+        color = f"C{i}"
+        ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label}: loss")
+        ax1.plot([r["step"] for r in records], [r["ce"] for r in records], color=color, ls=":", label=f"{label}: CE")
+        val = [r for r in records if "best_ppl" in r]
+        if val:
+            steps = [r["step"] for r in val]
+            ax2.plot(steps, [r["best_ppl"] for r in val], "-o", color=color, label=f"{label}: joint, best λ")
+            ax2.plot(steps, [r["valid_ppl_memdec"] for r in val], "--", color=color, label=f"{label}: decoder alone")
+            base = val[0]["valid_ppl_base"]
+    ax1.set_xlabel("optimizer step"), ax1.set_ylabel("nats"), ax1.set_title("training loss"), ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    if base is not None:
+        ax2.axhline(base, color="gray", ls=":", label="base")
+        ax2.set_xlabel("optimizer step"), ax2.set_ylabel("validation perplexity"), ax2.set_title("validation")
+        ax2.grid(alpha=0.3), ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / "training.png")
+    plt.close(fig)
+    return "training.png"
+
+
+def _folder_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+def write_report(run: Path, settings: dict, stages: dict, wall_s: float) -> None:
+    """Write RUN/report.json, then RUN/report.md, from the stages' outputs: ``settings``, the run's
+    (``RUN/settings.json``), ``stages``, its stage record (``RUN/stages.json``)."""
+    report = report_json(run, settings, stages, wall_s)
+    atomic_write_json(run / "report.json", report, ensure_ascii=False)
+    atomic_write_text(run / "report.md", "\n".join(report_markdown(run, report, _plot_training(run))))
+
+
+def _summary(stages: dict, name: str) -> dict:
+    return stages.get(name, {}).get("summary", {})
+
+
+def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
+    """Everything the report shows, as one JSON object."""
+    s = SimpleNamespace(**settings)
+    ev = read_json_object(run / "eval.json", "eval report")
+    samples_file = run / "samples.json"
+    samples = read_json(samples_file, "samples") if samples_file.is_file() else []
+    tasks_file = run / "tasks.json"
+    tasks = read_json_object(tasks_file, "tasks report") if s.task_items and tasks_file.is_file() else None
+    info = read_memdec_json(run / "memdec")
+    manifest = read_manifest(run / "datastore")
+    sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
+             "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
+             "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
+             "memdec_transfer": info.get("transfer")}
+    return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
+            "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
+            "recurring": ev.get("recurring"), "sizes": sizes,
+            "stage_seconds": {name: e.get("seconds") for name, e in stages.items()},
+            "wall_seconds_this_call": round(wall_s, 1), "settings": settings, "samples": samples, "tasks": tasks,
+            "alpha_choice": _summary(stages, "train").get("valid_joint_ppl"),
+            "skipped": _summary(stages, "train").get("skipped"),
+            "candidate_seconds": _summary(stages, "train").get("train_seconds"),
+            "ce_decoder_reused_from": _summary(stages, "ce-decoder").get("reused_from")}
+
+
+def report_markdown(run: Path, report: dict, training_png: str | None) -> list[str]:
+    """The lines of RUN/report.md."""
+    s = SimpleNamespace(**report["settings"])
+    lines = [f"# memdec report: {s.model} adapted to {s.corpus}", "",
+             f"Run folder `{run}`; wall time of this call {report['wall_seconds_this_call'] / 60:.1f} min.", "",
+             f"Test: {report['tokens']} tokens of {report['corpus']}; λ of each system chosen on {s.valid} "
+             f"({s.valid_tokens or 'all'} tokens). The test text is never used in training or in choosing λ.", ""]
+    lines += results_table(report["results"], report["general"], report["recurring"], report.get("tasks"))
+    lines += _teacher_lines(s, report)
+    if s.baselines:
+        lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
+                      f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
+                      f"{'max_steps ' + str(s.max_steps) if s.max_steps else f'{s.epochs:g} epoch(s)'}, the same warm-up "
+                      f"and cosine schedule, peak lr {s.lr:g} (LoRA: {s.lora_lr:g}, rank {s.lora_r}), next-token "
+                      f"cross-entropy only. dapt and lora are scored alone (LoRA merged into the base); ce-decoder is the "
+                      f"memory decoder's recipe with alpha=0, mixed with the base at its own λ."]
+        if report["ce_decoder_reused_from"]:
+            lines.append(f"The ce-decoder is `{report['ce_decoder_reused_from']}`, the α=0 teacher candidate: the same "
+                         f"recipe on the same tokens, so it was not trained twice.")
+    sizes = report["sizes"]
+    lines += ["", "## Sizes", "",
+              f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
+              f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
+              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), "",
+              "## Stage times", ""]
+    lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
+    lines += ["", "## Plots", ""]
+    if training_png:
+        lines.append(f"![training curves]({training_png})")
+    if (run / "lambda.png").is_file():
+        lines.append("![perplexity against λ](lambda.png)")
+    lines += _sample_lines(report["samples"])
+    lines += ["", "Load the adapted model in one line (its λ is the one chosen above):", "", "```python",
+              "from memdec import MemoryDecoderModel",
+              f"model = MemoryDecoderModel.from_pretrained(\"{s.model}\", \"{run / 'memdec'}\")", "```", ""]
+    return lines
+
+
+def _origin_lines(origin: dict | None) -> list[str]:
+    """Where a transferred decoder comes from (``memdec.json``'s ``transfer`` record)."""
+    if not origin:
+        return []
+    cov = origin.get("mapping") or {}
+    return [f"- origin: transferred from `{origin.get('source_decoder')}` (a decoder for "
+            f"`{origin.get('source_base_model')}`, tokenizer {origin.get('source_tokenizer_hash')}), {origin.get('init')} "
+            f"embedding and LM-head rows; the mapping covers {100 * cov.get('coverage', 0):.1f}% of the "
+            f"{cov.get('tokens', '?')} tokens ({cov.get('single_piece', '?')} as one source piece, "
+            f"{cov.get('fallback', '?')} given the mean row)"]
+
+
+def _teacher_lines(s: SimpleNamespace, report: dict) -> list[str]:
+    choice = report["alpha_choice"] or {}
+    if len(choice) < 2:
+        return []
+    ranked = sorted(choice.items(), key=lambda kv: kv[1])
+    label = (lambda n: candidate_label(n if n.startswith(("alpha-", TWO_PHASE_PREFIX)) else f"alpha-{n}"))  # older runs: keys were α
+    secs = report.get("candidate_seconds") or {}
+    took = lambda n: f", {secs[n]:.0f} s" if secs.get(n) is not None else ""  # noqa: E731 - wall time of its training
+    lines = ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
+                 f"of the teacher; every candidate trained for the same steps): **{label(ranked[0][0])}** "
+                 f"(joint valid ppl {ranked[0][1]:.2f}{took(ranked[0][0])}); runner-up "
+                 + ", ".join(f"{label(a)} ({p:.2f}{took(a)})" for a, p in ranked[1:])
+                 + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
+                    "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
+    if report.get("skipped"):
+        lines.append(f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in report['skipped'])}.")
+    return lines
+
+
+def _sample_lines(samples: list[dict]) -> list[str]:
+    if not samples:
+        return []
+    how = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in SAMPLING.items() if k != "do_sample")
+    lines = ["", f"## Samples (sampled: {how}; the same seed for both)", ""]
+    for smp in samples:
+        lines += [f"**Prompt:** …{smp['prompt'][-200:]}", "", f"- **base:** {smp['base']}",
+                  f"- **memdec (λ={smp['lambda']:.2f}):** {smp['memdec']}", ""]
+    return lines
+
+
+def _pct(x: float | None, ref: float | None) -> str:
+    return "" if x is None or not ref else f"{(x / ref - 1) * 100:+.1f}%"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return "0" if n == 0 else f"{n / 1e6:.2f} M"
+
+
+def _train_time(r: dict) -> str:
+    t = r.get("train_seconds")
+    if r["system"] == "base":
+        return "-"
+    text = "-" if t is None else f"{t:.0f} s"
+    if r.get("datastore_seconds") is not None:
+        text += f" (+ {r['datastore_seconds']:.0f} s datastore)"
+    return text
+
+
+def task_cell(entry: dict | None) -> str:
+    """``0.62 ± 0.09 (n=100)``: the accuracy, half the width of its 95% Wilson interval, the items."""
+    if not entry:
+        return "-"
+    lo, hi = entry["ci95"]
+    return f"{entry['acc']:.2f} ± {(hi - lo) / 2:.2f} (n={entry['n']})"
+
+
+def task_columns(tasks: dict | None) -> dict[str, str]:
+    """{task: column} of the tasks that tasks.json scored."""
+    written = (tasks or {}).get("tasks") or {}
+    return {task: column for task, column in TASK_COLUMNS.items() if task in written}
+
+
+def _lambda(r: dict) -> str:
+    return "-" if r.get("lambda") is None else f"{r['lambda']:.2f}"
+
+
+def _value(key: str, spec: str) -> Callable[[dict], str]:
+    """The cell of ``r[key]`` formatted with ``spec``; ``-`` where the row has none."""
+    return lambda r: "-" if r.get(key) is None else format(r[key], spec)
+
+
+def _vs_base(key: str, base: dict, on_base: bool = False) -> Callable[[dict], str]:
+    """The change of ``r[key]`` against the base row's, in percent; the base row's own cell left empty
+    unless ``on_base``."""
+    return lambda r: "" if r is base and not on_base else _pct(r.get(key), base.get(key))
+
+
+def _task_columns(tasks: dict | None, rename: Callable[[str], str] = str) -> list[Column]:
+    """One column per lm-eval task that ``tasks.json`` scored: each system's accuracy and interval."""
+    by_system = {r["system"]: r["tasks"] for r in (tasks or {}).get("results", [])}
+    return [Column(rename(column), lambda r, task=task: task_cell(by_system.get(r["system"], {}).get(task)))
+            for task, column in task_columns(tasks).items()]
+
+
+def _ratio(r: dict, base: dict) -> float:
+    """The base model's tokens/s over the row's: its measured inference ratio when the row has one."""
+    return r.get("inference_ratio") or (base["tokens_per_s"] / r["tokens_per_s"])
+
+
+def results_table(rows: list[dict], general: dict | None, recurring: dict | None = None,
+                  tasks: dict | None = None) -> list[str]:
+    """The report's Markdown table: test, recurring-token and general perplexity, the lm-eval tasks'
+    accuracies (``RUN/tasks.json``), and each system's budget."""
+    base = next(r for r in rows if r["system"] == "base")
+    recurring = recurring if recurring and any(r.get("recurring_ppl") is not None for r in rows) else None
+    columns = task_columns(tasks)
+    table = [Column("system", lambda r: r["system"], "<"), Column("λ", _lambda),
+             Column("test ppl", _value("ppl", ".2f")), Column("vs base", _vs_base("ppl", base))]
+    for key, head, on in (("recurring_ppl", "recurring ppl", recurring), ("general_ppl", "general ppl", general)):
+        table += [Column(head, _value(key, ".2f")), Column("vs base", _vs_base(key, base))] if on else []
+    table += _task_columns(tasks)
+    table += [Column("trainable params", lambda r: _params(r.get("trainable_parameters"))), Column("train time", _train_time),
+              Column("tokens/s", _value("tokens_per_s", ".1f")),
+              Column("inference time vs base", lambda r: f"{_ratio(r, base):.2f}×")]
+    lines = render_columns(rows, table)
+    lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
+              "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
+              "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
+              "datastore with its kNN targets, shown beside it. *inference time vs base*: the base model's tokens/s over "
+              "the system's, measured in this evaluation (a mixture runs the base and its second model)."]
+    if recurring:
+        lines += ["", f"*recurring ppl*: the {recurring['tokens']} test tokens that belong to names and numbers also found in "
+                  f"the datastore's text (`memdec.knowledge`): the facts a memory is for."]
+    lines += _task_notes(tasks, columns)
+    if general:
+        lines += ["", f"*general ppl*: {general['tokens']} tokens of `{general['corpus']}`, general text far from the "
+                  f"training domain, scored by every system at the λ chosen above: a rise over the base is forgetting."]
+    return lines
+
+
+def _task_notes(tasks: dict | None, columns: dict[str, str]) -> list[str]:
+    if not tasks:
+        return []
+    written = tasks.get("tasks") or {}
+    lines = []
+    if FACTS_TASK in columns:
+        w = written[FACTS_TASK]
+        lines += ["", f"*facts acc*: factual recall, {w['items']} multiple-choice item(s) ({TASK_CHOICES} options) from "
+                      f"`{w['heldout']}`: a name or number of the test text that also occurs in the training text, "
+                      f"after the {FACTS_CONTEXT_TOKENS} tokens before it; the distractors are other names or numbers "
+                      f"of the training text (lm-eval task `{FACTS_TASK}` in `tasks/`)."]
+    if f"{GENERAL_TASK}_cloze" in columns:
+        w = written[f"{GENERAL_TASK}_cloze"]
+        lines += ["", f"*general acc*: general ability, {w['items']} passages of `{w['corpus']}`, the last word of each "
+                      f"to pick among {TASK_CHOICES} (`{GENERAL_TASK}_cloze`); a drop against the base is forgetting. "
+                      f"The LAMBADA-style exact match of the same words (`{GENERAL_TASK}_lambada`) is in report.json."]
+    if columns:
+        lines += ["", "Accuracies: each system through lm-evaluation-harness (the `memdec` model) at the λ chosen "
+                      "above; ± is half the width of the 95% Wilson interval, n the number of items."]
+    for kind, why in (tasks.get("skipped") or {}).items():
+        lines += ["", f"No {kind} task: {why}."]
+    return lines
+
+
+def format_summary(run: Path) -> str:
+    """The report's table, for the terminal."""
+    report = read_json_object(Path(run) / "report.json", "report")
+    rows = report["results"]
+    base = next(r for r in rows if r["system"] == "base")
+    table = [Column("system", lambda r: r["system"], "<"), Column("lambda", _lambda), Column("ppl", _value("ppl", ".3f")),
+             Column("vs base", _vs_base("ppl", base, on_base=True))]
+    if base.get("general_ppl") is not None:
+        table += [Column("general", _value("general_ppl", ".3f")), Column("vs base", _vs_base("general_ppl", base, True))]
+    table += _task_columns(report.get("tasks"), lambda c: c.replace(" acc", ""))
+    table += [Column("tok/s", _value("tokens_per_s", ".1f")),
+              Column("trainable", lambda r: _params(r.get("trainable_parameters"))),
+              Column("train s", _value("train_seconds", ".0f"))]
+    out = [f"{report['tokens']} test tokens of {report['corpus']}", *render_columns(rows, table, "text")]
+    out.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()))
+    out.append(f"report: {Path(run) / 'report.md'}")
+    return "\n".join(out)
