@@ -14,7 +14,9 @@ import time
 
 import numpy as np
 
-from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, _blockwise, _numpy_batch_targets, open_datastore
+from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, _blockwise, _numpy_batch_targets
+
+from memdec.store import open_datastore
 from memdec.index import search, set_num_threads
 
 

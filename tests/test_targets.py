@@ -151,7 +151,7 @@ def test_npy_appender_resumes_byte_for_byte(tmp_path):
 
 
 def test_load_targets_needs_a_finished_step(tmp_path):
-    from memdec.datastore import open_targets
+    from memdec.store import open_targets
 
     with pytest.raises(DatastoreError, match="not a datastore"):
         open_targets(tmp_path)

@@ -45,7 +45,8 @@ from .checkpoint import MEMDEC_JSON, METHODS, read_baseline_json, read_memdec_js
 from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_temperature, check_unit_interval)
 from .data import load_token_stream, read_corpus
-from .datastore import DatastoreConfig, build_datastore, describe, read_manifest
+from .datastore import DatastoreConfig, build_datastore
+from .store import describe, read_manifest
 from .errors import CorpusError, MemdecError
 from .evaluate import EvalConfig, run_eval_report
 from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
@@ -670,7 +671,7 @@ def train_phase_one(job: Job, base_cfg: TrainConfig) -> tuple[Path, int]:
     """The first phase of the two-phase candidates, shared by all of them: cross-entropy for the first
     half of the CE-only candidate's steps, in ``RUN/candidates/two-phase-ce``. Returns its folder and
     the steps left for phase two."""
-    total = planned_steps(base_cfg, int(read_manifest(job.datastore)["n_keys"]))
+    total = planned_steps(base_cfg, read_manifest(job.datastore).n_keys)
     if total < 2:
         raise MemdecError(f"--two-phase splits the steps in two, but the run has {total} step; raise --epochs or --max-steps")
     first = job.run / "candidates" / PHASE_ONE
@@ -997,7 +998,7 @@ def report_json(run: Path, s: Settings, book: StageBook, wall_s: float) -> dict:
     tasks = read_json_object(tasks_file, "tasks report") if s.task_items and tasks_file.is_file() else None
     info = read_memdec_json(run / "memdec")
     manifest = read_manifest(run / "datastore")
-    sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
+    sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
              "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
              "memdec_transfer": info.get("transfer")}
