@@ -30,8 +30,8 @@ import torch
 
 from memdec.data import load_token_stream, sliding_windows, window_batches
 from memdec.datastore import DatastoreConfig, build_datastore
-from memdec.store import (FFNInputCapture, Manifest, model_body, open_datastore, read_manifest, window_keys,
-                          write_manifest)
+from memdec.store import (DEFAULT_K, FFNInputCapture, Manifest, model_body, open_datastore, read_manifest,
+                          window_keys, write_manifest)
 from memdec.index import search, set_num_threads
 from memdec.models import load_model
 from memdec.targets import drop_self, knn_distribution, lookup_values
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=DEFAULT_K)
     ap.add_argument("--knn-temp", type=float, default=1.0)
     ap.add_argument("--out", help="keep the datastore in this folder (default: a temporary one, deleted afterwards)")
     ap.add_argument("--json", help="also write the figures to this JSON file")

@@ -32,7 +32,7 @@ import torch
 
 from memdec.datastore import DatastoreConfig, build_datastore
 
-from memdec.store import read_manifest
+from memdec.store import DEFAULT_K, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.train import TrainConfig, train
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tests", nargs="+", default=["austen:test", "austen:within"])
     p.add_argument("--sizes-knn", default="all", help="the datastore size that also gets a kNN-LM row")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="size:alpha[:beta[:layers]], in priority order")
-    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--knn-temp", type=float, default=1.0)
     p.add_argument("--index", default="auto")
     p.add_argument("--epochs", type=float, default=2.0)

@@ -53,7 +53,7 @@ import torch
 from memdec.checkpoint import load_memory_decoder, read_memdec_json
 from memdec.data import load_token_stream
 from memdec.datastore import DatastoreConfig, build_datastore
-from memdec.store import read_manifest
+from memdec.store import DEFAULT_K, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.files import append_jsonl, atomic_write_text, read_jsonl
 from memdec.models import bos_prefix, load_model, resolve_device
@@ -304,7 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--evals", type=int, default=4, help="validations per run (eval_every = steps // evals)")
     p.add_argument("--patience", type=int, default=2, help="early stopping of the 3B rows, in validations")
-    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--index", default="auto", help="auto, flat, ivfpq or torch (exact, CUDA, no faiss needed)")
     p.add_argument("--ds-block", type=int, default=1024, help="datastore window (stride: half)")
     p.add_argument("--eval-block", type=int, default=1024, help="scoring window (stride: half)")

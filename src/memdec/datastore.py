@@ -467,8 +467,8 @@ def _keys_step(out: Path, manifest: Manifest, cfg: DatastoreConfig, tokens: np.n
         dim = int(forward_ffn_inputs(model, torch.from_numpy(np.array(tokens[None, :2], dtype=np.int64)).to(device), capture).shape[-1])
     for field, value in (("layer", capture.name), ("dim", dim)):
         if getattr(manifest, field) not in (None, value):
-            raise DatastoreError(f"{out}: keys were started at {field} {getattr(manifest, field)!r}, this model gives {value!r}; "
-                                 f"delete {out} to rebuild it")
+            raise DatastoreError(f"{out}: keys were started at {field} {getattr(manifest, field)!r}, this model gives "
+                                 f"{value!r}; delete {out} to rebuild it")
     manifest.update(layer=capture.name, dim=dim)
 
     windows = sliding_windows(len(tokens), cfg.block_size, cfg.stride)
@@ -499,7 +499,8 @@ def _keys_step(out: Path, manifest: Manifest, cfg: DatastoreConfig, tokens: np.n
 
 
 def _compute_keys(keys_path: Path, chunks: list[np.ndarray], span: tuple[int, int], model, tokens: np.ndarray,
-                  capture: FFNInputCapture, record: KeysStep | KeysProgress, save, on_chunk, prefix: int | None, device: str,
+                  capture: FFNInputCapture, record: KeysStep | KeysProgress, save, on_chunk, prefix: int | None,
+                  device: str,
                   progress: bool) -> None:
     """The keys loop over chunks ``span`` = [first, end): each chunk's keys written at their rows,
     synced, then counted in ``record`` (``chunks_done``, ``seconds``) and ``save()``d; at the end
@@ -537,7 +538,8 @@ def _finish_keys(out: Path, manifest: Manifest, elapsed: float) -> None:
     shards = step.shards
     step.drop("shards")
     if shards:
-        records = [_read_progress(KeysProgress, _key_shard_file(out, i), "keys shard progress") for i in range(len(shards))]
+        records = [_read_progress(KeysProgress, _key_shard_file(out, i), "keys shard progress")
+                   for i in range(len(shards))]
         step.update(processes=len(shards), chunks_done=step.chunks_total,
                     shard_tokens_per_s=[r.tokens_per_s for r in records],
                     shard_positions=[r.positions or 0 for r in records],
@@ -708,7 +710,8 @@ def _plan_targets(out: Path, manifest: Manifest, cfg: DatastoreConfig, want: dic
     if step.status == "running" and same and step.shards == plan:
         return
     if step.status == "running" and same:
-        _say(cfg, f"the targets were begun by {len(step.shards or [0])} processes, resumed by {world}: starting them again")
+        _say(cfg, f"the targets were begun by {len(step.shards or [0])} processes, resumed by {world}: "
+                  f"starting them again")
     for old in (out / TARGETS_DIR).glob("shard-*"):
         shutil.rmtree(old)
     step = TargetsStep(status="running")
@@ -799,8 +802,8 @@ def _open_target_files(folder: Path, rows_done: int, nnz: int, rows: int, prob_d
             NpyAppender(folder / "probs.npy", prob_dtype, nnz))
 
 
-def _append_target_rows(folder: Path, record: TargetsStep | TargetsProgress, span: tuple[int, int], batch: int, target_rows, save,
-                        on_chunk, progress: bool, prob_dtype: str = "float16") -> None:
+def _append_target_rows(folder: Path, record: TargetsStep | TargetsProgress, span: tuple[int, int], batch: int,
+                        target_rows, save, on_chunk, progress: bool, prob_dtype: str = "float16") -> None:
     """The targets loop over positions ``span`` = [a, b): each chunk of ``batch`` rows appended to
     the CSR files in ``folder`` (offsets relative to row a), flushed, then counted in ``record``
     (``rows_done`` from a, ``nnz``, sums of the statistics) and ``save()``d."""
@@ -809,7 +812,8 @@ def _append_target_rows(folder: Path, record: TargetsStep | TargetsProgress, spa
     if record.rows_done and progress:
         print(f"memdec datastore: resuming targets at position {a + record.rows_done}/{b}", file=sys.stderr, flush=True)
     nnz = record.nnz
-    with tqdm(total=b - a, initial=record.rows_done, desc="targets", unit="tok", disable=not progress, leave=False) as bar:
+    with tqdm(total=b - a, initial=record.rows_done, desc="targets", unit="tok", disable=not progress,
+              leave=False) as bar:
         for r0 in range(a + record.rows_done, b, batch):
             r1 = min(r0 + batch, b)
             (off, tok, prob, kept), self_missing, empty_slots = target_rows(r0, r1)
