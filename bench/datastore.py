@@ -29,16 +29,9 @@ import numpy as np
 import torch
 
 from memdec.data import load_token_stream, sliding_windows, window_batches
-from memdec.datastore import (
-    DatastoreConfig,
-    FFNInputCapture,
-    build_datastore,
-    model_body,
-    open_datastore,
-    read_manifest,
-    write_manifest,
-    window_keys,
-)
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import (DEFAULT_K, FFNInputCapture, Manifest, model_body, open_datastore, read_manifest,
+                          window_keys, write_manifest)
 from memdec.index import search, set_num_threads
 from memdec.models import load_model
 from memdec.targets import drop_self, knn_distribution, lookup_values
@@ -74,6 +67,7 @@ def paired_timings(model, stream, chunks, folder: Path) -> dict[str, float]:
     n = int(chunks[-1][-1, 1])
     keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(n, d))
     stop, full = FFNInputCapture(model, stop=True), FFNInputCapture(model, stop=False)
+    manifest = Manifest(n_keys=n, dim=d)
 
     def run_body(batch):
         body(input_ids=window_inputs(stream, batch), use_cache=False)
@@ -82,7 +76,8 @@ def paired_timings(model, stream, chunks, folder: Path) -> dict[str, float]:
         with stop:
             keys[int(batch[0, 2]) : int(batch[-1, 1])] = window_keys(model, stream, batch, stop)
         keys.flush()
-        write_manifest(folder, {"version": 1, "positions_done": int(batch[-1, 1])})
+        manifest.steps.keys.positions_done = int(batch[-1, 1])
+        write_manifest(folder, manifest)
 
     def run_no_stop(batch):
         with full:
@@ -122,7 +117,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=DEFAULT_K)
     ap.add_argument("--knn-temp", type=float, default=1.0)
     ap.add_argument("--out", help="keep the datastore in this folder (default: a temporary one, deleted afterwards)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
@@ -154,9 +149,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         body_after = body_forward_tps(model, stream, chunks, n)
         m = read_manifest(out)
-        build_tps = m["steps"]["keys"]["tokens_per_s"]
+        build_tps = m.steps.keys.tokens_per_s
         split = search_split(out, args.k, args.knn_temp)
-        t = m["steps"]["targets"]
+        t = m.steps.targets
         figures = {
             "positions": n,
             "build_tokens_per_s": round(keys_tps, 1),
@@ -166,16 +161,16 @@ def main() -> None:
             "end_to_end_build_keys_tokens_per_s": build_tps,
             "end_to_end_body_tokens_per_s": round(body_after, 1),
             "build_wall_s": round(wall, 2),
-            "index_type": m["steps"]["index"]["type"],
-            "index_s": m["steps"]["index"]["seconds"],
-            "target_search_tokens_per_s": t["rows_per_s"],
+            "index_type": m.steps.index.type,
+            "index_s": m.steps.index.seconds,
+            "target_search_tokens_per_s": t.rows_per_s,
             **split,
-            "bytes_per_token": m["disk"]["bytes_per_token"],
-            "bytes_per_token_by_file": {f: round(b / n, 2) for f, b in m["disk"]["files"].items()},
-            "target_bytes_per_token": t["bytes_per_token"],
-            "distinct_tokens_per_row_mean": t["mean_support"],
-            "distinct_tokens_per_row_percentiles": t["support_percentiles"],
-            "kl_truncation_mean": t["kl_truncation_mean"],
+            "bytes_per_token": m.disk["bytes_per_token"],
+            "bytes_per_token_by_file": {f: round(b / n, 2) for f, b in m.disk["files"].items()},
+            "target_bytes_per_token": t.bytes_per_token,
+            "distinct_tokens_per_row_mean": t.mean_support,
+            "distinct_tokens_per_row_percentiles": t.support_percentiles,
+            "kl_truncation_mean": t.kl_truncation_mean,
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

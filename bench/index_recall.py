@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from memdec.datastore import open_datastore
+from memdec.store import open_datastore
 from memdec.index import build_index, search
 from memdec.targets import drop_self
 
@@ -54,10 +54,10 @@ def main() -> None:
     for path in args.approx:
         other = open_datastore(path)
         index = other.load_index()
-        nprobe = other.manifest["steps"]["targets"].get("nprobe")
+        nprobe = other.manifest.steps.targets.nprobe
         found, qps = neighbours(index, queries, query_ids, kmax, nprobe)
-        row = {"datastore": path, "index": other.manifest["steps"]["index"]["type"],
-               "params": other.manifest["steps"]["index"]["params"], "nprobe": nprobe, "q_per_s": round(qps, 1)}
+        row = {"datastore": path, "index": other.manifest.steps.index.type,
+               "params": other.manifest.steps.index.params, "nprobe": nprobe, "q_per_s": round(qps, 1)}
         row.update({f"recall@{k}": round(recall(found, exact, k), 4) for k in args.k})
         print(json.dumps(row), flush=True)
 

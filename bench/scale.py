@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from memdec.datastore import DatastoreConfig, build_datastore, read_manifest
+from memdec.datastore import DatastoreConfig, build_datastore
+
+from memdec.store import DEFAULT_K, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.train import TrainConfig, train
 
@@ -65,9 +67,9 @@ def build_store(args, out: Path, size: str) -> Path:
                                     stride=args.block_size * 3 // 4,
                                     max_tokens=None if size == "all" else int(size), progress=False))
     m = read_manifest(path)
-    say(out, f"datastore n{size}: {m['n_keys']} keys, {time.perf_counter() - t0:.1f} s "
-             f"(keys {m['steps']['keys'].get('seconds')} s, targets {m['steps']['targets'].get('seconds')} s, "
-             f"index {m['steps']['index'].get('type')}, mean support {m['steps']['targets'].get('mean_support')})")
+    say(out, f"datastore n{size}: {m.n_keys} keys, {time.perf_counter() - t0:.1f} s "
+             f"(keys {m.steps.keys.seconds} s, targets {m.steps.targets.seconds} s, "
+             f"index {m.steps.index.type}, mean support {m.steps.targets.mean_support})")
     return path
 
 
@@ -91,7 +93,7 @@ def evaluate(args, ckpt: Path | None, store: Path, knn: bool = False) -> dict:
 
 def run_one(args, out: Path, store: Path, run: dict) -> dict:
     ckpt = Path(args.work) / "ckpt" / run["name"]
-    n_keys = read_manifest(store)["n_keys"]
+    n_keys = read_manifest(store).n_keys
     steps = max(1, math.ceil(args.epochs * n_keys / (args.batch_size * args.block_size)))
     cfg = TrainConfig(datastore=str(store), out=str(ckpt), alpha=run["alpha"], teacher_base_weight=run["beta"],
                       init_layers=run["layers"], max_steps=steps, lr=args.lr, warmup=max(1, steps // 20),
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tests", nargs="+", default=["austen:test", "austen:within"])
     p.add_argument("--sizes-knn", default="all", help="the datastore size that also gets a kNN-LM row")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="size:alpha[:beta[:layers]], in priority order")
-    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--knn-temp", type=float, default=1.0)
     p.add_argument("--index", default="auto")
     p.add_argument("--epochs", type=float, default=2.0)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             if run["size"] == args.sizes_knn:
                 t0 = time.perf_counter()
                 knn = {"kind": "knn-lm", "name": f"n{run['size']}-knn-lm", "size": run["size"],
-                       "n_keys": read_manifest(stores[run["size"]])["n_keys"],
+                       "n_keys": read_manifest(stores[run["size"]]).n_keys,
                        "test": evaluate(args, None, stores[run["size"]], knn=True)}
                 records.append(knn)
                 with open(results, "a") as f:

@@ -14,14 +14,16 @@ import time
 
 import numpy as np
 
-from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, _blockwise, _numpy_batch_targets, open_datastore
+from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, _blockwise, _numpy_batch_targets
+
+from memdec.store import DEFAULT_K, open_datastore
 from memdec.index import search, set_num_threads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("datastore")
-    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--queries", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

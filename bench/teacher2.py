@@ -52,7 +52,8 @@ import torch
 
 from memdec.checkpoint import load_memory_decoder, read_memdec_json
 from memdec.data import load_token_stream
-from memdec.datastore import DatastoreConfig, build_datastore, read_manifest
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import DEFAULT_K, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.files import append_jsonl, atomic_write_text, read_jsonl
 from memdec.models import bos_prefix, load_model, resolve_device
@@ -118,9 +119,9 @@ class Domain:
         store, seconds = self.store(None)
         m = read_manifest(store)
         setup = {"domain": self.name, "row": "setup", "model": a.model, "train_corpus": self.spec["train"],
-                 "n_keys": m["n_keys"], "datastore_seconds": round(seconds, 1),
-                 "keys_tokens_per_s": m["steps"]["keys"].get("tokens_per_s"), "index": m["steps"]["index"].get("type"),
-                 "mean_support": m["steps"]["targets"].get("mean_support"), "corpus_source": m.get("corpus_source"),
+                 "n_keys": m.n_keys, "datastore_seconds": round(seconds, 1),
+                 "keys_tokens_per_s": m.steps.keys.tokens_per_s, "index": m.steps.index.type,
+                 "mean_support": m.steps.targets.mean_support, "corpus_source": m.corpus_source,
                  "base_valid_ppl": round(mean_ppl(self.base_nll["valid"]), 3),
                  "base_test_ppl": {t: round(mean_ppl(self.base_nll[t]), 3) for t in self.spec["tests"]},
                  "tokens": {k: len(v) for k, v in self.streams.items()}}
@@ -144,8 +145,8 @@ class Domain:
             build_datastore(DatastoreConfig(model=a.model, corpus=self.spec["train"], out=str(path), key_model=key_model,
                                             k=a.k, index=a.index, block_size=a.ds_block, stride=a.ds_block // 2,
                                             max_tokens=a.train_tokens, device=a.device, progress=False))
-            steps = read_manifest(path)["steps"]  # the time that built it, in this run or in the one it resumes
-            self.stores[name] = (path, sum(steps[s].get("seconds", 0.0) for s in ("keys", "index", "targets")))
+            steps = read_manifest(path).steps  # the time that built it, in this run or in the one it resumes
+            self.stores[name] = (path, sum(getattr(steps, s).seconds or 0.0 for s in ("keys", "index", "targets")))
         return self.stores[name]
 
     def train(self, name: str, store: Path, alpha: float, steps: int, init: str | None = None,
@@ -303,7 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--evals", type=int, default=4, help="validations per run (eval_every = steps // evals)")
     p.add_argument("--patience", type=int, default=2, help="early stopping of the 3B rows, in validations")
-    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--k", type=int, default=DEFAULT_K)
     p.add_argument("--index", default="auto", help="auto, flat, ivfpq or torch (exact, CUDA, no faiss needed)")
     p.add_argument("--ds-block", type=int, default=1024, help="datastore window (stride: half)")
     p.add_argument("--eval-block", type=int, default=1024, help="scoring window (stride: half)")

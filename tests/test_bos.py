@@ -11,7 +11,8 @@ from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 from memdec.data import load_token_stream
-from memdec.datastore import DatastoreConfig, FFNInputCapture, build_datastore, forward_ffn_inputs, open_datastore
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import FFNInputCapture, forward_ffn_inputs, open_datastore
 from memdec.models import bos_prefix, load_model, with_prefix
 from memdec.scoring import base_scorer, score_tokens
 from memdec.testing import TINY_EOS, TINY_PAD, save_tiny_model
@@ -57,7 +58,7 @@ def test_datastore_keys_and_training_see_bos(bos_model_dir, bos_tokenizer, tmp_p
     out = build_datastore(DatastoreConfig(model=str(bos_model_dir), corpus="austen:valid", out=str(tmp_path / "ds"), k=8,
                                           block_size=64, stride=32, max_tokens=400, progress=False))
     store = open_datastore(out)
-    assert store.manifest["prefix_token"] == 0
+    assert store.manifest.prefix_token == 0
     model, _ = load_model(str(bos_model_dir))
     tokens = np.array(store.tokens)
     with FFNInputCapture(model, stop=True) as capture:

@@ -11,15 +11,8 @@ from transformers import AutoModelForCausalLM
 import memdec.datastore as ds_mod
 from memdec.cli import main
 from memdec.data import load_token_stream, sliding_windows
-from memdec.datastore import (
-    DatastoreConfig,
-    FFNInputCapture,
-    build_datastore,
-    find_ffn_input_module,
-    open_datastore,
-    open_targets,
-    read_manifest,
-)
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import FFNInputCapture, find_ffn_input_module, open_datastore, open_targets, read_manifest
 from memdec.errors import DatastoreError
 from memdec.testing import tiny_tokenizer
 
@@ -107,7 +100,7 @@ def test_keys_equal_hooked_full_forward(tmp_path, request, tokenizer, arch):
     np.testing.assert_allclose(ds.keys.astype(np.float32), seen[-1][0, :199].half().float().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(ds.values, tokens[1:])
     np.testing.assert_array_equal(ds.tokens, tokens)
-    assert ds.manifest["layer"] == ("model.layers.1.mlp" if arch == "llama" else "transformer.h.1.mlp")
+    assert ds.manifest.layer == ("model.layers.1.mlp" if arch == "llama" else "transformer.h.1.mlp")
 
     # short windows, batched: each key is the hooked state of a forward over exactly its own window
     ds = open_datastore(build_datastore(config(model_dir, tmp_path / "win", max_tokens=200, block_size=48,
@@ -121,21 +114,21 @@ def test_keys_equal_hooked_full_forward(tmp_path, request, tokenizer, arch):
 
 def test_manifest_and_csr_rows(built, tokenizer):
     m = read_manifest(built)
-    assert m["version"] == 1 and m["n_keys"] == 599 and m["dim"] == 64 and m["layer"] == "model.layers.1.mlp"
-    assert {s: m["steps"][s]["status"] for s in ("keys", "index", "targets")} == dict.fromkeys(("keys", "index", "targets"), "done")
+    assert m.version == 1 and m.n_keys == 599 and m.dim == 64 and m.layer == "model.layers.1.mlp"
+    assert {s: getattr(m.steps, s).status for s in ("keys", "index", "targets")} == dict.fromkeys(("keys", "index", "targets"), "done")
     from memdec.index import choose_params
 
-    assert m["steps"]["index"]["type"] == choose_params(599, 64).kind == ("torch" if torch.cuda.is_available() else "flat")
+    assert m.steps.index.type == choose_params(599, 64).kind == ("torch" if torch.cuda.is_available() else "flat")
     from memdec.models import tokenizer_fingerprint
 
-    assert m["tokenizer_hash"] == tokenizer_fingerprint(tokenizer)
+    assert m.tokenizer_hash == tokenizer_fingerprint(tokenizer)
     t = open_targets(built)
     assert len(t) == 599 and t.offsets[0] == 0 and t.probs.dtype == np.float16
     sums = np.add.reduceat(t.probs.astype(np.float64), t.offsets[:-1])
     np.testing.assert_allclose(sums, 1.0, atol=2e-3)  # fp16 rounding
     support = np.diff(t.offsets)
     assert support.min() >= 1 and support.max() <= 8
-    assert m["steps"]["targets"]["mean_support"] == pytest.approx(support.mean(), abs=1e-3)
+    assert m.steps.targets.mean_support == pytest.approx(support.mean(), abs=1e-3)
     offs, ids, probs = t.gather([5, 2, 5])
     for j, p in enumerate([5, 2, 5]):
         row_ids, row_probs = t.row(p)
@@ -158,19 +151,19 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, tiny_llama_dir, b
 
     with pytest.raises(Stop):
         build_datastore(cfg, on_chunk=interrupt_at("keys", 4))
-    keys_step = read_manifest(out)["steps"]["keys"]
-    assert keys_step["status"] == "running" and keys_step["chunks_done"] == 5
+    keys_step = read_manifest(out).steps.keys
+    assert keys_step.status == "running" and keys_step.chunks_done == 5
 
     calls = []
     real = ds_mod.window_keys
     monkeypatch.setattr(ds_mod, "window_keys", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with pytest.raises(Stop):
         build_datastore(cfg, on_chunk=interrupt_at("targets", 2))
-    assert len(calls) == keys_step["chunks_total"] - 5  # nothing computed twice
-    assert read_manifest(out)["steps"]["targets"]["rows_done"] == 3 * 128
+    assert len(calls) == keys_step.chunks_total - 5  # nothing computed twice
+    assert read_manifest(out).steps.targets.rows_done == 3 * 128
 
     build_datastore(cfg)
-    assert len(calls) == keys_step["chunks_total"] - 5  # keys were done: no forward at all
+    assert len(calls) == keys_step.chunks_total - 5  # keys were done: no forward at all
     assert read_bytes(out) == read_bytes(built)
 
 
@@ -183,11 +176,11 @@ def test_changed_k_redoes_only_targets_and_changed_index_redoes_index(tmp_path, 
     assert all(after[f] == mtimes[f] for f in ["tokens.npy", "keys.npy", "values.npy", "index.faiss"])
     t = open_targets(out)
     assert t.k == 4 and t.top_m == 2 and np.diff(t.offsets).max() <= 2
-    assert read_manifest(out)["steps"]["targets"]["kl_truncation_mean"] > 0
+    assert read_manifest(out).steps.targets.kl_truncation_mean > 0
 
     build_datastore(config(tiny_llama_dir, out, k=4, top_m=2, index="ivfpq", nlist=4))
     m = read_manifest(out)
-    assert m["steps"]["index"]["type"] == "ivfpq" and m["steps"]["targets"]["status"] == "done"
+    assert m.steps.index.type == "ivfpq" and m.steps.targets.status == "done"
     assert (out / "keys.npy").stat().st_mtime_ns == mtimes["keys.npy"]
 
 
@@ -278,14 +271,14 @@ def test_key_model_base_itself_is_the_default_and_another_changes_only_keys(tmp_
 
     same = build_datastore(config(tiny_llama_dir, tmp_path / "same", key_model=str(tiny_llama_dir)))
     assert read_bytes(same) == read_bytes(built)
-    assert "key_model" not in read_manifest(same)["steps"]["keys"]
+    assert not read_manifest(same).steps.keys.has("key_model")
 
     other_model = save_tiny_model(tmp_path / "adapted", "llama", tokenizer, seed=7)
     other = build_datastore(config(tiny_llama_dir, tmp_path / "other", key_model=str(other_model)))
     a, b = open_datastore(built), open_datastore(other)
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.values, b.values)
     assert a.keys.shape == b.keys.shape and not np.array_equal(a.keys, b.keys)
-    recorded = read_manifest(other)["steps"]["keys"]["key_model"]
+    recorded = read_manifest(other).steps.keys.key_model
     assert recorded["spec"] == str(other_model) and len(recorded["hash"]) == 16
     # the keys are the other model's FFN inputs over the base's windows
     other_lm = AutoModelForCausalLM.from_pretrained(other_model).eval()
@@ -340,8 +333,8 @@ def test_uint8_targets_are_the_float16_rows_coded(tmp_path, tiny_llama_dir, buil
     out = tmp_path / "u8"
     shutil.copytree(built, out)
     build_datastore(config(tiny_llama_dir, out, target_dtype="uint8"))
-    step = read_manifest(out)["steps"]["targets"]
-    assert step["prob_dtype"] == "uint8" and (out / "index.faiss").read_bytes() == (built / "index.faiss").read_bytes()
+    step = read_manifest(out).steps.targets
+    assert step.prob_dtype == "uint8" and (out / "index.faiss").read_bytes() == (built / "index.faiss").read_bytes()
     t16, t8 = open_targets(built), open_targets(out)
     assert t8.prob_dtype == "uint8" and t8.probs.dtype == np.uint8
     # each uint8 row holds the float16 row's tokens but those past code 255 (p < e^-16 p_max)
@@ -362,9 +355,9 @@ def test_uint8_targets_are_the_float16_rows_coded(tmp_path, tiny_llama_dir, buil
     kept16 = p16[~dropped] / np.bincount(rows16[~dropped], weights=p16[~dropped])[rows8]
     normal = p16[~dropped] > 2**-14
     np.testing.assert_allclose(p[normal], kept16[normal], rtol=2 * (np.exp(1 / 32) - 1) + 2e-3)
-    assert step["bytes_per_token"] < read_manifest(built)["steps"]["targets"]["bytes_per_token"]
+    assert step.bytes_per_token < read_manifest(built).steps.targets.bytes_per_token
     build_datastore(config(tiny_llama_dir, out, target_dtype="uint8"))  # a rerun keeps them
-    assert read_manifest(out)["steps"]["targets"] == step
+    assert read_manifest(out).steps.targets == step
     with pytest.raises(DatastoreError, match="--target-dtype must be one of float16, uint8"):
         build_datastore(config(tiny_llama_dir, out, target_dtype="int4"))
 
@@ -375,9 +368,9 @@ def test_ondisk_index_datastore_and_dropped_keys(tmp_path, tiny_llama_dir, built
     cfg = config(tiny_llama_dir, out, index="ivfpq-disk", nlist=4, pq_m=16, keep_keys=False)
     build_datastore(cfg)
     m = read_manifest(out)
-    assert m["steps"]["index"]["type"] == "ivfpq-disk" and m["steps"]["keys"]["dropped"] is True
-    assert not (out / "keys.npy").exists() and "keys.npy" not in m["disk"]["files"]
-    assert m["disk"]["files"]["index.ivfdata"] == m["steps"]["index"]["ivfdata_bytes"]
+    assert m.steps.index.type == "ivfpq-disk" and m.steps.keys.dropped is True
+    assert not (out / "keys.npy").exists() and "keys.npy" not in m.disk["files"]
+    assert m.disk["files"]["index.ivfdata"] == m.steps.index.get_extra("ivfdata_bytes")
     store = open_datastore(out)
     assert store.keys is None and store.load_index().ntotal == 599
     assert len(open_targets(out)) == 599

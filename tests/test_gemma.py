@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from memdec.data import load_token_stream
-from memdec.datastore import DatastoreConfig, build_datastore, find_ffn_input_module, open_datastore
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import find_ffn_input_module, open_datastore
 from memdec.joint import MemoryDecoderModel
 from memdec.models import load_model
 from memdec.scoring import base_scorer, mean_ppl, score_tokens

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memdec.datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, open_datastore, read_manifest
+from memdec.datastore import DATASTORE_HELP, DatastoreConfig, build_datastore
+
+from memdec.store import open_datastore, read_manifest
 from memdec.errors import DatastoreError
 from memdec.files import atomic_write
 from memdec.index import (
@@ -132,8 +134,8 @@ def test_a_kind_registered_from_a_test_builds_a_datastore(tmp_path, store, tiny_
     shutil.copytree(store, out)  # its keys: only the index and the targets are rebuilt
     build_datastore(DatastoreConfig(model=str(tiny_llama_dir), corpus="austen:valid", out=str(out), k=16,
                                     block_size=64, stride=32, max_tokens=600, progress=False, index="numpy-brute"))
-    step = read_manifest(out)["steps"]["index"]
-    assert step["type"] == "numpy-brute" and step["status"] == "done"
+    step = read_manifest(out).steps.index
+    assert step.type == "numpy-brute" and step.status == "done"
     assert index_kind(open_datastore(out).load_index()) == "numpy-brute"
     ours, flat = open_datastore(out).load_targets(), open_datastore(store).load_targets()
     np.testing.assert_array_equal(ours.offsets, flat.offsets)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memdec.data import load_token_stream
-from memdec.datastore import FFNInputCapture
+from memdec.store import FFNInputCapture
 from memdec.errors import DatastoreError, TokenizerMismatchError
 from memdec.scoring import base_scorer, score_tokens
 from memdec.knnlm import KnnLMLogitsProcessor, KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from memdec.data import sliding_windows, window_batches
-from memdec.datastore import DatastoreConfig, build_datastore, read_manifest, shard_bounds, support_stats
+from memdec.datastore import DatastoreConfig, build_datastore, shard_bounds, support_stats
+from memdec.store import read_manifest
 from test_datastore import read_bytes  # the bytes of every file a build writes
 
 OPTIONS = dict(corpus="austen:valid", k=8, max_tokens=600, block_size=64, stride=32, search_batch=128)
@@ -64,9 +65,9 @@ def test_support_stats_read_in_chunks_equal_numpy():
 
 def test_two_processes_write_the_bytes_of_one(single, sharded):
     assert read_bytes(sharded) == read_bytes(single)
-    keys, targets = (read_manifest(sharded)["steps"][s] for s in ("keys", "targets"))
-    assert keys["processes"] == 2 and sum(keys["shard_positions"]) == read_manifest(single)["n_keys"]
-    assert targets["processes"] == 2 and targets["nnz"] == read_manifest(single)["steps"]["targets"]["nnz"]
+    keys, targets = (getattr(read_manifest(sharded).steps, s) for s in ("keys", "targets"))
+    assert keys.processes == 2 and sum(keys.shard_positions) == read_manifest(single).n_keys
+    assert targets.processes == 2 and targets.nnz == read_manifest(single).steps.targets.nnz
     leftovers = [p.name for p in sharded.rglob("*") if p.name.startswith((".keys-shard", "shard-"))]
     assert leftovers == []
 
@@ -98,8 +99,8 @@ def test_killed_shard_resumes_from_its_last_chunk(single, sharded, tmp_path, tin
     first_missing = killed_in_keys(sharded, out, done_in_shard_1=3)
     launch(tiny_llama_dir, out)
     assert read_bytes(out) == read_bytes(single)
-    keys = read_manifest(out)["steps"]["keys"]
-    assert keys["shard_positions"] == [0, read_manifest(single)["n_keys"] - first_missing]  # nothing done twice
+    keys = read_manifest(out).steps.keys
+    assert keys.shard_positions == [0, read_manifest(single).n_keys - first_missing]  # nothing done twice
 
 
 def test_resumed_by_another_number_of_processes(single, sharded, tmp_path, tiny_llama_dir):
@@ -156,9 +157,9 @@ def test_killed_target_shards_resume(single, tmp_path, tiny_llama_dir, monkeypat
 
     assert run_as(0, kill_after=1) == [0]  # shard 0: positions [0, 320), chunks 0..4 of 64
     assert run_as(1, kill_after=2) == [5, 6]  # shard 1: [320, 599), chunks 5..9
-    step = read_manifest(out)["steps"]["targets"]
-    assert step["status"] == "running" and step["shards"] == [[0, 320], [320, 599]]
+    step = read_manifest(out).steps.targets
+    assert step.status == "running" and step.shards == [[0, 320], [320, 599]]
     assert run_as(1) == [7, 8, 9]
     assert run_as(0) == [1, 2, 3, 4]
     assert read_bytes(out) == read_bytes(single) and not list((out / "targets").glob("shard-*"))
-    assert read_manifest(out)["steps"]["targets"]["nnz"] == read_manifest(single)["steps"]["targets"]["nnz"]
+    assert read_manifest(out).steps.targets.nnz == read_manifest(single).steps.targets.nnz

@@ -150,12 +150,14 @@ def test_npy_appender_resumes_byte_for_byte(tmp_path):
         check_npy(path, np.float16)
 
 
-def test_load_targets_needs_a_finished_step(tmp_path):
-    from memdec.datastore import open_targets
+def test_load_targets_needs_a_finished_step(tmp_path, store):
+    from memdec.store import open_targets
 
     with pytest.raises(DatastoreError, match="not a datastore"):
         open_targets(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "n_keys": 3, "steps": {"targets": {"status": "running"}}}))
+    manifest = json.loads((store / "manifest.json").read_text())  # a whole manifest: a partial one is refused first
+    manifest["steps"]["targets"] = {"status": "running"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatastoreError, match="not built"):
         open_targets(tmp_path)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import memdec.index as index_mod
-from memdec.datastore import DatastoreConfig, build_datastore, open_datastore, open_targets, read_manifest
+from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.store import open_datastore, open_targets, read_manifest
 from memdec.errors import DatastoreError
 from memdec.index import (
     TorchFlatIndex,
@@ -130,23 +131,23 @@ def torch_store(tmp_path_factory, store, tiny_llama_dir):
 
 def test_torch_datastore_targets_equal_flat(store, torch_store):
     m = read_manifest(torch_store)
-    assert m["steps"]["index"]["type"] == "torch" and m["steps"]["index"]["params"] == {"kind": "torch", "seed": 0}
-    assert m["steps"]["targets"]["status"] == "done" and m["steps"]["targets"]["nprobe"] is None
-    assert m["steps"]["targets"]["empty_slots"] == 0
+    assert m.steps.index.type == "torch" and m.steps.index.params == {"kind": "torch", "seed": 0}
+    assert m.steps.targets.status == "done" and m.steps.targets.nprobe is None
+    assert m.steps.targets.empty_slots == 0
     flat, torch_t = open_targets(store), open_targets(torch_store)
     np.testing.assert_array_equal(torch_t.offsets, flat.offsets)
     np.testing.assert_array_equal(torch_t.token_ids, flat.token_ids)
     np.testing.assert_allclose(torch_t.probs.astype(np.float32), flat.probs.astype(np.float32), rtol=2e-3, atol=1e-4)
-    want = read_manifest(store)["steps"]["targets"]
+    want = read_manifest(store).steps.targets
     for key in ("nnz", "self_missing", "mean_support", "support_percentiles"):
-        assert m["steps"]["targets"][key] == want[key], key
-    assert m["steps"]["targets"]["kl_truncation_mean"] == pytest.approx(want["kl_truncation_mean"], abs=1e-9)
+        assert getattr(m.steps.targets, key) == getattr(want, key), key
+    assert m.steps.targets.kl_truncation_mean == pytest.approx(want.kl_truncation_mean, abs=1e-9)
 
 
 def test_torch_index_file_round_trips_and_serves_knnlm(store, torch_store):
     path = torch_store / "index.faiss"
     assert json.loads(path.read_text()) == {"format": "memdec-torch-flat", "keys": "keys.npy", "n": 599, "d": 64}
-    assert read_manifest(torch_store)["steps"]["index"]["bytes"] == path.stat().st_size
+    assert read_manifest(torch_store).steps.index.bytes == path.stat().st_size
     index = load_index(path, gpu=False)
     assert isinstance(index, TorchFlatIndex) and (index.ntotal, index.d) == (599, 64)
     keys = np.asarray(open_datastore(torch_store).keys)
@@ -175,16 +176,16 @@ def test_torch_targets_resume_byte_identical(tmp_path, torch_store, tiny_llama_d
 
     with pytest.raises(Stop):
         build_datastore(cfg, on_chunk=stop_at_targets_chunk_1)
-    assert read_manifest(out)["steps"]["targets"]["rows_done"] == 256
+    assert read_manifest(out).steps.targets.rows_done == 256
     build_datastore(cfg)
     fresh = tmp_path / "fresh"
     shutil.copytree(torch_store, fresh)
     build_datastore(store_config(tiny_llama_dir, fresh, index="torch", k=8, search_batch=128))
     for name in TARGET_FILES + ["index.faiss"]:
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
-    got, want = read_manifest(out)["steps"]["targets"], read_manifest(fresh)["steps"]["targets"]
-    assert {k: v for k, v in got.items() if k not in ("seconds", "rows_per_s")} == \
-        {k: v for k, v in want.items() if k not in ("seconds", "rows_per_s")}
+    got, want = read_manifest(out).steps.targets, read_manifest(fresh).steps.targets
+    assert {k: v for k, v in got.to_json().items() if k not in ("seconds", "rows_per_s")} == \
+        {k: v for k, v in want.to_json().items() if k not in ("seconds", "rows_per_s")}
 
 
 def test_corrupt_or_mismatched_torch_index_file(tmp_path):

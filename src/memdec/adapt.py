@@ -47,7 +47,7 @@ from .checkpoint import MEMDEC_JSON, METHODS, read_baseline_json, read_memdec_js
 from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_temperature, check_unit_interval)
 from .data import load_token_stream, read_corpus
-from .datastore import DatastoreConfig, build_datastore, describe, read_manifest
+from .datastore import DatastoreConfig, build_datastore
 from .errors import CorpusError, MemdecError
 from .evaluate import EvalConfig, run_eval_report
 from .files import atomic_write_json, read_json_object
@@ -55,6 +55,7 @@ from .joint import MemoryDecoderModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_model_spec
 from .report import (FACTS_CONTEXT_TOKENS, FACTS_TASK, GENERAL_CONTEXT_WORDS, GENERAL_TASK, PHASE_ONE, SAMPLING,
                      TASK_CHOICES, TASK_SEED, candidate_label, candidate_name, two_phase_name, write_report)
+from .store import describe, read_manifest
 from .tables import accuracy_entry
 from .tasks import memdec_lm_class, write_facts_task, write_general_task
 from .train import TrainConfig, planned_steps, train
@@ -734,7 +735,7 @@ def train_phase_one(job: AdaptRun, base_cfg: TrainConfig) -> tuple[Path, int]:
     """The first phase of the two-phase candidates, shared by all of them: cross-entropy for the first
     half of the CE-only candidate's steps, in ``RUN/candidates/two-phase-ce``. Returns its folder and
     the steps left for phase two."""
-    total = planned_steps(base_cfg, int(read_manifest(job.datastore)["n_keys"]))
+    total = planned_steps(base_cfg, read_manifest(job.datastore).n_keys)
     if total < 2:
         raise MemdecError(f"--two-phase splits the steps in two, but the run has {total} step; raise --epochs or --max-steps")
     first = job.run / "candidates" / PHASE_ONE

@@ -19,7 +19,8 @@ from transformers.utils import logging as hf_logging
 
 from .adapt import AdaptConfig, adapt
 from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
-from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, describe, is_main_process
+from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, is_main_process
+from .store import describe
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -73,12 +72,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from .checks import (BOOL, COUNT, OBJECT, POSITIVE, TEXT, WHOLE, Kind, check_device, check_field, check_fields,
-                     check_temperature, check_threads, check_writable_path, one_of, or_null)
+from .checks import NON_NEGATIVE, SCORE, WHOLE, check_device, check_temperature, check_threads, check_writable_path
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import (
@@ -95,30 +92,24 @@ from .index import (
     set_num_threads,
 )
 from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_config, load_model, load_tokenizer,
-                     model_fingerprint, resolve_device, tokenizer_fingerprint, with_prefix)
+                     model_fingerprint, resolve_device, tokenizer_fingerprint)
 from .files import NpyAppender, atomic_write, atomic_write_json, check_npy, read_json_object
+from .store import (DEFAULT_K, DEFAULT_KNN_TEMP, IDENTITY_FIELDS, MANIFEST, FFNInputCapture, IndexStep, KeysStep,
+                    Manifest, Record, Steps, TargetsStep, forward_ffn_inputs, key_model_text, read_manifest, typed,
+                    window_keys, write_manifest)
 from .targets import (
     PROB_DTYPES,
     TARGETS_DIR,
-    KnnTargets,
     drop_self,
     drop_self_torch,
     encode_log_u8,
     knn_distribution,
     knn_distribution_torch,
-    load_targets,
     lookup_values,
 )
-
-MANIFEST = "manifest.json"
-VERSION = 1
-FFN_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-IDENTITY_FIELDS = ("model", "tokenizer_hash", "corpus_hash", "block_size", "stride", "prefix_token")
 SEARCH_BLOCK = 64  # the targets search this many positions per call, at aligned offsets: the
 # distances (and so the files) are then the same whatever --search-batch, since BLAS rounding
 # depends on how many queries a call holds
-DEFAULT_K = 1024
-DEFAULT_KNN_TEMP = 1.0
 
 
 @dataclass
@@ -179,160 +170,36 @@ DATASTORE_HELP = {
 }
 
 
-# --- the hook on the last FFN input ----------------------------------------------------------
+# --- the progress of one process's share (several processes) ---------------------------------
 
 
-def _arch(model) -> str:
-    model_type = getattr(getattr(model, "config", None), "model_type", "?")
-    return f"{type(model).__name__} (model_type '{model_type}')"
+@dataclass
+class KeysProgress(Record):
+    """``.keys-shard-i.json``: the keys chunks one process has finished (``KeysStep``'s counters)."""
+
+    chunks_done: int = typed(WHOLE, required=True, default=0)
+    seconds: float = typed(NON_NEGATIVE, required=True, default=0.0)
+    positions_done: int | None = typed(WHOLE)
+    positions: int | None = typed(WHOLE)
+    tokens_per_s: float | None = typed(NON_NEGATIVE)
 
 
-def find_ffn_input_module(model: nn.Module) -> tuple[str, nn.Module]:
-    """The feed-forward layer of the last transformer block: ``(qualified name, module)``.
+@dataclass
+class TargetsProgress(Record):
+    """``targets/shard-i/progress.json``: the target rows one process has searched (``TargetsStep``'s counters)."""
 
-    Generic: the block list is the ``nn.ModuleList`` whose blocks have an ``mlp``-like child
-    (``mlp``, ``feed_forward``, ``ffn``, ``block_sparse_moe``), preferring one as long as the
-    config's layer count. This places Llama, Qwen2, Mistral, Gemma (``model.layers.{-1}.mlp``),
-    GPT-2 (``transformer.h.{-1}.mlp``) and GPT-NeoX (``gpt_neox.layers.{-1}.mlp``).
-    Raises DatastoreError naming the architecture where there is none.
-    """
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n_layers = getattr(config, "num_hidden_layers", None)
-    candidates = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            ffn = next((f for f in FFN_NAMES if isinstance(getattr(mod[-1], f, None), nn.Module)), None)
-            if ffn is not None:
-                candidates.append((len(mod) == n_layers, len(mod), name, ffn, mod))
-    if not candidates:
-        raise DatastoreError(
-            f"cannot place the kNN hook in {_arch(model)}: no transformer block list whose blocks have a "
-            f"feed-forward submodule named {' / '.join(FFN_NAMES)} (memdec knows Llama, Qwen2, Mistral, "
-            f"Gemma, GPT-2 and GPT-NeoX layouts)"
-        )
-    _, _, name, ffn, blocks = max(candidates, key=lambda c: (c[0], c[1]))
-    prefix = f"{name}." if name else ""
-    return f"{prefix}{len(blocks) - 1}.{ffn}", getattr(blocks[-1], ffn)
+    rows_done: int = typed(WHOLE, required=True, default=0)
+    nnz: int = typed(WHOLE, required=True, default=0)
+    kl_sum: float = typed(SCORE, required=True, default=0.0)
+    self_missing: int = typed(WHOLE, required=True, default=0)
+    empty_slots: int = typed(WHOLE, required=True, default=0)
+    seconds: float = typed(NON_NEGATIVE, required=True, default=0.0)
+    rows_per_s: float | None = typed(NON_NEGATIVE)
 
 
-class _StopForward(Exception):
-    """Raised by the hook to end a forward as soon as the key is captured."""
-
-
-class FFNInputCapture:
-    """Context manager: a forward pre-hook that records the input of the last block's FFN.
-
-    After each forward, ``.last`` is that input, a tensor [B, L, d] (detached). With
-    ``stop=True`` the hook also ends the forward right there (the rest of the last block, the
-    final norm and the LM head never run); call the model through ``forward_ffn_inputs``, which
-    expects that. Usable at inference (kNN-LM) with ``stop=False`` around a normal forward.
-    """
-
-    def __init__(self, model: nn.Module, stop: bool = False):
-        self.model, self.stop = model, stop
-        self.name, self.module = find_ffn_input_module(model)
-        self.last: torch.Tensor | None = None
-        self._handle = None
-
-    def _hook(self, module, args, kwargs):
-        hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        self.last = hidden.detach()
-        if self.stop:
-            raise _StopForward
-
-    def __enter__(self) -> FFNInputCapture:
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-def model_body(model: nn.Module) -> nn.Module:
-    """The transformer without its LM head (``model.base_model``, e.g. ``model.model``)."""
-    return getattr(model, "base_model", model)
-
-
-@torch.inference_mode()
-def forward_ffn_inputs(model: nn.Module, input_ids: torch.Tensor, capture: FFNInputCapture) -> torch.Tensor:
-    """Run the model body over ``input_ids`` [B, L] and return the captured FFN inputs [B, L, d]."""
-    capture.last = None
-    try:
-        model_body(model)(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    if capture.last is None:
-        raise DatastoreError(f"the hook on {capture.name} of {_arch(model)} never fired")
-    return capture.last
-
-
-def window_keys(model, tokens: np.ndarray, batch: np.ndarray, capture: FFNInputCapture, device="cpu",
-                prefix: int | None = None) -> np.ndarray:
-    """Keys of the positions a batch of windows stores: float16 [P, d], P = batch[-1,1] - batch[0,2].
-
-    tokens: int [n_tokens] (a memory-mapped stream: only the batch's windows are read); batch:
-    int64 [b, 3] of equal-shaped windows; ``prefix``: a token put in front of every window
-    (``models.bos_prefix``).
-    """
-    start, end, score_start = batch[:, 0], batch[:, 1], batch[:, 2]
-    length, n_keep = int(end[0] - start[0]), int(end[0] - score_start[0])
-    idx = np.asarray(start)[:, None] + np.arange(length)[None, :]
-    ids = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
-    hidden = forward_ffn_inputs(model, with_prefix(ids, prefix).to(device), capture)[:, -n_keep:]
-    keys = hidden.reshape(-1, hidden.shape[-1]).to(torch.float16).cpu()
-    if not torch.isfinite(keys).all():
-        raise DatastoreError(f"non-finite keys at {capture.name} (the hidden state overflows float16)")
-    return keys.numpy()
-
-
-# --- the manifest ----------------------------------------------------------------------------
-
-
-_STATUS = one_of("pending", "running", "done")
-_MANIFEST_FIELDS: dict[str, Kind] = {
-    "model": TEXT, "tokenizer_hash": TEXT, "corpus": TEXT, "corpus_hash": TEXT, "n_keys": COUNT, "block_size": COUNT,
-    "stride": COUNT, "layer": or_null(TEXT), "dim": or_null(COUNT), "steps": OBJECT,
-    "steps.keys.status": _STATUS, "steps.index.status": _STATUS, "steps.targets.status": _STATUS,
-}
-_MANIFEST_OPTIONAL: dict[str, Kind] = {"max_tokens": COUNT, "text_field": TEXT, "prefix_token": WHOLE, "disk": OBJECT,
-                                       "steps.keys.dropped": BOOL, "steps.keys.key_model": OBJECT}
-_DONE_FIELDS: dict[str, dict[str, Kind]] = {  # what a finished step records, and its readers take
-    "keys": {"layer": TEXT, "dim": COUNT},
-    "index": {"steps.index.type": TEXT, "steps.index.params": OBJECT},
-    "targets": {"steps.targets.k": COUNT, "steps.targets.temperature": POSITIVE, "steps.targets.nnz": WHOLE},
-}
-_DONE_OPTIONAL: dict[str, dict[str, Kind]] = {
-    "keys": {}, "index": {},
-    "targets": {"steps.targets.top_m": COUNT, "steps.targets.nprobe": COUNT,
-                "steps.targets.prob_dtype": one_of(*PROB_DTYPES)},
-}
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a datastore folder, its fields checked (those of each finished step too);
-    DatastoreError naming the file and the field if it is missing or corrupt."""
-    mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        raise DatastoreError(f"{path}: not a datastore (no {MANIFEST}); build one with memdec datastore")
-    manifest = read_json_object(mpath, "datastore manifest", DatastoreError)
-    if check_field(manifest, "version", mpath, WHOLE, error=DatastoreError) != VERSION:
-        raise DatastoreError(f"{mpath}: not a version-{VERSION} memdec manifest")
-    check_fields(manifest, mpath, _MANIFEST_FIELDS, error=DatastoreError)
-    check_fields(manifest, mpath, _MANIFEST_OPTIONAL, optional=True, error=DatastoreError)
-    for step in ("keys", "index", "targets"):
-        if manifest["steps"][step]["status"] == "done":
-            check_fields(manifest, mpath, _DONE_FIELDS[step], error=DatastoreError)
-            check_fields(manifest, mpath, _DONE_OPTIONAL[step], optional=True, error=DatastoreError)
-    return manifest
-
-
-def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
-    """Write the manifest atomically (temporary file, then rename)."""
-    atomic_write_json(Path(path) / MANIFEST, manifest)
+def _read_progress(cls, path: Path, what: str):
+    """A shard's progress file (a ``KeysProgress`` or ``TargetsProgress``)."""
+    return cls.from_json(read_json_object(path, what, DatastoreError), path)
 
 
 def _say(cfg: DatastoreConfig, msg: str) -> None:
@@ -397,15 +264,15 @@ def _same_npy(a: np.ndarray, b: np.ndarray) -> bool:
                                     for i in range(0, len(a), COPY_CHUNK))
 
 
-def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> dict:
+def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> Manifest:
     """Load and check the manifest of ``out``, or start a new datastore there; ``tokens_tmp`` (the
     streamed token stream) becomes ``tokens.npy`` where there is none yet, and is removed."""
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        diffs = [f"{f}: {manifest.get(f)!r} in the folder, {identity.get(f)!r} requested"
-                 for f in IDENTITY_FIELDS if manifest.get(f) != identity.get(f)]
-        if manifest.get("corpus_hash") != identity["corpus_hash"]:
-            diffs.append(f"corpus: {manifest.get('corpus')!r} (max_tokens {manifest.get('max_tokens')}) in the folder, "
+        diffs = [f"{f}: {getattr(manifest, f)!r} in the folder, {identity.get(f)!r} requested"
+                 for f in IDENTITY_FIELDS if getattr(manifest, f) != identity.get(f)]
+        if manifest.corpus_hash != identity["corpus_hash"]:
+            diffs.append(f"corpus: {manifest.corpus!r} (max_tokens {manifest.max_tokens}) in the folder, "
                          f"{identity['corpus']!r} (max_tokens {identity['max_tokens']}) requested")
         if diffs:
             tokens_tmp.unlink(missing_ok=True)
@@ -414,13 +281,10 @@ def _open_manifest(out: Path, identity: dict, tokens_tmp: Path) -> dict:
                 f"choose another --out, or delete {out} to rebuild it"
             )
     else:
-        manifest = {"version": VERSION, **identity, "layer": None, "dim": None, "distance": "squared_l2",
-                    "key_dtype": "float16",
-                    "steps": {"keys": {"status": "pending"}, "index": {"status": "pending"},
-                              "targets": {"status": "pending"}}}
+        manifest = Manifest(**identity)
         write_manifest(out, manifest)
     n = identity["n_keys"]
-    writable = manifest["steps"]["keys"]["status"] != "done"
+    writable = manifest.steps.keys.status != "done"
     new_tokens = writable and not (out / "tokens.npy").exists()  # the stream _prepare just hashed
     if new_tokens:
         os.replace(tokens_tmp, out / "tokens.npy")
@@ -482,7 +346,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _sync(out: Path, manifest: dict, ranks: Ranks) -> dict:
+def _sync(out: Path, manifest: Manifest | None, ranks: Ranks) -> Manifest:
     """A barrier, after which every rank holds the manifest rank 0 wrote (rank 0 keeps its own)."""
     ranks.barrier()
     return manifest if ranks.main else read_manifest(out)
@@ -509,44 +373,44 @@ def _key_shard_file(out: Path, shard: int) -> Path:
     return out / f".keys-shard-{shard}.json"
 
 
-def _finished_key_chunks(out: Path, step: dict) -> tuple[int, int]:
+def _finished_key_chunks(out: Path, step: KeysStep) -> tuple[int, int]:
     """(chunks finished in a row from chunk 0, chunks finished in all) of a keys step run by any
     number of processes (``shards``: their chunk ranges, each with its own progress file)."""
-    if not step.get("shards"):
-        done = int(step.get("chunks_done", 0))
+    if not step.shards:
+        done = step.chunks_done or 0
         return done, done
-    prefix, total, in_row = int(step.get("chunks_done", 0)), int(step.get("chunks_done", 0)), True
-    for i, (a, b) in enumerate(step["shards"]):
+    prefix, total, in_row = step.chunks_done or 0, step.chunks_done or 0, True
+    for i, (a, b) in enumerate(step.shards):
         path = _key_shard_file(out, i)
-        done = int(read_json_object(path, "keys shard progress", DatastoreError)["chunks_done"]) if path.is_file() else 0
+        done = _read_progress(KeysProgress, path, "keys shard progress").chunks_done if path.is_file() else 0
         total += done
         if in_row:
             prefix, in_row = a + done, a + done == b
     return prefix, total
 
 
-def _plan_keys(out: Path, manifest: dict, n_chunks: int, world: int, cfg: DatastoreConfig) -> None:
+def _plan_keys(out: Path, manifest: Manifest, n_chunks: int, world: int, cfg: DatastoreConfig) -> None:
     """Rank 0: split the chunks still to do among ``world`` processes and record the plan.
 
     A run resumed with the number of processes it began with keeps each shard's progress; with
     another number, the chunks finished in a row from the start are kept and the rest is split
     anew. The keys file is (re)allocated only when no chunk is finished.
     """
-    step, n, dim = manifest["steps"]["keys"], manifest["n_keys"], manifest["dim"]
+    step, n, dim = manifest.steps.keys, manifest.n_keys, manifest.dim
     prefix, finished = _finished_key_chunks(out, step)
-    shards = step.get("shards")
+    shards = step.shards
     if not (shards and len(shards) == world):
         if shards:
             _say(cfg, f"the keys were begun by {len(shards)} processes, resumed by {world}: "
                       f"redoing from chunk {prefix} on")
         for i in range(len(shards or [])):
             _key_shard_file(out, i).unlink(missing_ok=True)
-        step.pop("shards", None)
-        step["chunks_done"] = prefix
+        step.drop("shards")
+        step.chunks_done = prefix
         if world > 1:
-            step["shards"] = shard_bounds(prefix, n_chunks, world)
+            step.shards = shard_bounds(prefix, n_chunks, world)
             for i in range(world):
-                atomic_write_json(_key_shard_file(out, i), {"chunks_done": 0, "seconds": 0.0})
+                atomic_write_json(_key_shard_file(out, i), KeysProgress().to_json())
         finished = prefix
     keys_path = out / "keys.npy"
     if finished == 0:  # nothing recorded yet: (re)allocate the keys file
@@ -568,36 +432,31 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _key_model_text(key_model: dict | None) -> str:
-    return f"{key_model['spec']} (hash {key_model['hash']})" if key_model else "the base model"
-
-
-def _restart_keys(out: Path, manifest: dict, cfg: DatastoreConfig, key_model: dict | None) -> dict:
+def _restart_keys(out: Path, manifest: Manifest, cfg: DatastoreConfig, key_model: dict | None) -> None:
     """Another key model than the recorded one: the keys, the index and the targets start over."""
     _say(cfg, f"rebuilding the keys (and then the index and the targets): key model "
-              f"{_key_model_text(manifest['steps']['keys'].get('key_model'))} -> {_key_model_text(key_model)}")
+              f"{key_model_text(manifest.steps.keys.key_model)} -> {key_model_text(key_model)}")
     manifest.update(layer=None, dim=None)
-    manifest["steps"] = {"keys": {"status": "pending"}, "index": {"status": "pending"}, "targets": {"status": "pending"}}
+    manifest.steps = Steps()
     write_manifest(out, manifest)
-    return manifest["steps"]["keys"]
 
 
-def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk, ranks: Ranks,
-               key_model: dict | None = None) -> dict:
+def _keys_step(out: Path, manifest: Manifest, cfg: DatastoreConfig, tokens: np.ndarray, on_chunk, ranks: Ranks,
+               key_model: dict | None = None) -> Manifest:
     """Step 1: every rank computes the keys of its shard of the window chunks, from the base or from
     ``key_model`` ({spec, hash}), written in place into the rows of ``keys.npy`` they belong to;
     rank 0 records the step once all are done. Returns the manifest as every rank then holds it."""
-    step = manifest["steps"]["keys"]
-    n = manifest["n_keys"]
+    step = manifest.steps.keys
+    n = manifest.n_keys
     keys_path = out / "keys.npy"
-    if step.get("key_model") != key_model and step["status"] != "pending":
+    if step.key_model != key_model and step.status != "pending":
         if ranks.main:
             _restart_keys(out, manifest, cfg, key_model)
         manifest = _sync(out, manifest, ranks)
-        step = manifest["steps"]["keys"]
-    if step["status"] == "done":
-        if not step.get("dropped"):
-            check_npy(keys_path, np.float16, (n, manifest["dim"]), "keys")
+        step = manifest.steps.keys
+    if step.status == "done":
+        if not step.dropped:
+            check_npy(keys_path, np.float16, (n, manifest.dim), "keys")
         return manifest
     device = ranks.device
     spec = key_model["spec"] if key_model else cfg.model
@@ -607,32 +466,32 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
     with capture:
         dim = int(forward_ffn_inputs(model, torch.from_numpy(np.array(tokens[None, :2], dtype=np.int64)).to(device), capture).shape[-1])
     for field, value in (("layer", capture.name), ("dim", dim)):
-        if manifest.get(field) not in (None, value):
-            raise DatastoreError(f"{out}: keys were started at {field} {manifest[field]!r}, this model gives {value!r}; "
-                                 f"delete {out} to rebuild it")
+        if getattr(manifest, field) not in (None, value):
+            raise DatastoreError(f"{out}: keys were started at {field} {getattr(manifest, field)!r}, this model gives "
+                                 f"{value!r}; delete {out} to rebuild it")
     manifest.update(layer=capture.name, dim=dim)
 
     windows = sliding_windows(len(tokens), cfg.block_size, cfg.stride)
-    batch_size = step.get("batch_size") or cfg.batch_size or (1 if device == "cpu" else 8)
+    batch_size = step.batch_size or cfg.batch_size or (1 if device == "cpu" else 8)
     chunks = window_batches(windows, batch_size)
     if ranks.main:
-        step["batch_size"] = batch_size
+        step.batch_size = batch_size
         if key_model:  # recorded only where there is one: other manifests stay as they were
-            step["key_model"] = key_model
+            step.key_model = key_model
         _plan_keys(out, manifest, len(chunks), ranks.world, cfg)
     manifest = _sync(out, manifest, ranks)
-    step = manifest["steps"]["keys"]
+    step = manifest.steps.keys
     if ranks.world == 1:
-        record, first, end = step, int(step["chunks_done"]), len(chunks)
+        record, first, end = step, step.chunks_done, len(chunks)
         save = lambda: write_manifest(out, manifest)  # noqa: E731
     else:
         shard_file = _key_shard_file(out, ranks.rank)
-        (a, end), record = step["shards"][ranks.rank], read_json_object(shard_file, "keys shard progress", DatastoreError)
-        first = a + int(record["chunks_done"])
-        save = lambda: atomic_write_json(shard_file, record)  # noqa: E731
+        (a, end), record = step.shards[ranks.rank], _read_progress(KeysProgress, shard_file, "keys shard progress")
+        first = a + record.chunks_done
+        save = lambda: atomic_write_json(shard_file, record.to_json())  # noqa: E731
     t0 = time.perf_counter()
     _compute_keys(keys_path, chunks, (first, end), model, tokens, capture, record, save, on_chunk,
-                              manifest.get("prefix_token"), device, cfg.progress and ranks.main)
+                  manifest.prefix_token, device, cfg.progress and ranks.main)
     manifest = _sync(out, manifest, ranks)
     if ranks.main:
         _finish_keys(out, manifest, time.perf_counter() - t0)
@@ -640,13 +499,14 @@ def _keys_step(out: Path, manifest: dict, cfg: DatastoreConfig, tokens: np.ndarr
 
 
 def _compute_keys(keys_path: Path, chunks: list[np.ndarray], span: tuple[int, int], model, tokens: np.ndarray,
-                  capture: FFNInputCapture, record: dict, save, on_chunk, prefix: int | None, device: str,
+                  capture: FFNInputCapture, record: KeysStep | KeysProgress, save, on_chunk, prefix: int | None,
+                  device: str,
                   progress: bool) -> None:
     """The keys loop over chunks ``span`` = [first, end): each chunk's keys written at their rows,
     synced, then counted in ``record`` (``chunks_done``, ``seconds``) and ``save()``d; at the end
     ``positions`` (computed in this run) and ``tokens_per_s``."""
     first, end = span
-    done0, seconds, t0 = int(record["chunks_done"]), float(record.get("seconds", 0.0)), time.perf_counter()
+    done0, seconds, t0 = record.chunks_done, float(record.seconds or 0.0), time.perf_counter()
     keys = np.load(keys_path, mmap_mode="r")
     offset, row_bytes = keys.offset, keys.shape[1] * keys.dtype.itemsize
     del keys  # the rows are written through fd, not the memmap
@@ -671,19 +531,21 @@ def _compute_keys(keys_path: Path, chunks: list[np.ndarray], span: tuple[int, in
     save()
 
 
-def _finish_keys(out: Path, manifest: dict, elapsed: float) -> None:
+def _finish_keys(out: Path, manifest: Manifest, elapsed: float) -> None:
     """Rank 0, once every shard is done: the keys step recorded as done, shard progress removed.
     ``elapsed``: this run's wall time of the keys loop (all shards)."""
-    step = manifest["steps"]["keys"]
-    shards = step.pop("shards", None)
+    step = manifest.steps.keys
+    shards = step.shards
+    step.drop("shards")
     if shards:
-        records = [read_json_object(_key_shard_file(out, i), "keys shard progress", DatastoreError) for i in range(len(shards))]
-        step.update(processes=len(shards), chunks_done=step["chunks_total"],
-                    shard_tokens_per_s=[r.get("tokens_per_s") for r in records],
-                    shard_positions=[int(r.get("positions", 0)) for r in records],
-                    tokens_per_s=round(sum(int(r.get("positions", 0)) for r in records) / max(elapsed, 1e-9), 1),
-                    seconds=round(float(step.get("seconds", 0.0)) + elapsed, 3))
-    step["status"] = "done"
+        records = [_read_progress(KeysProgress, _key_shard_file(out, i), "keys shard progress")
+                   for i in range(len(shards))]
+        step.update(processes=len(shards), chunks_done=step.chunks_total,
+                    shard_tokens_per_s=[r.tokens_per_s for r in records],
+                    shard_positions=[r.positions or 0 for r in records],
+                    tokens_per_s=round(sum(r.positions or 0 for r in records) / max(elapsed, 1e-9), 1),
+                    seconds=round(float(step.seconds or 0.0) + elapsed, 3))
+    step.status = "done"
     write_manifest(out, manifest)
     for i in range(len(shards or [])):
         _key_shard_file(out, i).unlink(missing_ok=True)
@@ -697,22 +559,22 @@ def _index_params(cfg: DatastoreConfig, n: int, dim: int):
                          refine=cfg.refine, flat_threshold=cfg.flat_threshold)
 
 
-def _need_keys(out: Path, manifest: dict, what: str) -> None:
+def _need_keys(out: Path, manifest: Manifest, what: str) -> None:
     """DatastoreError where keys.npy was deleted (--no-keep-keys) and ``what`` needs it."""
-    if manifest["steps"]["keys"].get("dropped"):
+    if manifest.steps.keys.dropped:
         raise DatastoreError(f"{out}: cannot {what}: keys.npy was deleted after the build (--no-keep-keys); "
                              f"rerun with the options it was built with, or rebuild it in a new --out")
 
 
-def _drop_keys(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
+def _drop_keys(out: Path, manifest: Manifest, cfg: DatastoreConfig) -> None:
     """--no-keep-keys: delete keys.npy once the index and targets are done (a torch index needs it)."""
-    step = manifest["steps"]["keys"]
-    if cfg.keep_keys or step.get("dropped"):
+    step = manifest.steps.keys
+    if cfg.keep_keys or step.dropped:
         return
-    kind = manifest["steps"]["index"].get("type")
+    kind = manifest.steps.index.type
     if get_kind(kind).needs_keys_at_search:
         raise DatastoreError(f"{out}: --no-keep-keys: the {kind} index searches keys.npy itself; keys kept")
-    step["dropped"] = True  # recorded first: a crash leaves a datastore that knows its keys may be gone
+    step.dropped = True  # recorded first: a crash leaves a datastore that knows its keys may be gone
     write_manifest(out, manifest)
     (out / "keys.npy").unlink(missing_ok=True)
     _say(cfg, "deleted keys.npy (--no-keep-keys)")
@@ -723,49 +585,51 @@ def _extra_bytes_field(data: Path) -> str:
     return f"{data.suffix.lstrip('.')}_bytes"
 
 
-def _missing_extra_file(path: Path, step: dict, kind: str) -> Path | None:
+def _missing_extra_file(path: Path, step: IndexStep, kind: str) -> Path | None:
     """The first file beside the index (an ivfpq-disk index's lists) that the manifest records and
     is gone; None where all are there. DatastoreError where one is there with another size."""
     for data in get_kind(kind).extra_files(path):
         field = _extra_bytes_field(data)
-        if field not in step:
+        if not step.has(field):
             continue
-        if data.is_file() and data.stat().st_size != step[field]:
-            raise DatastoreError(f"{data}: {data.stat().st_size} bytes, the manifest says {step[field]} "
+        if data.is_file() and data.stat().st_size != step.get_extra(field):
+            raise DatastoreError(f"{data}: {data.stat().st_size} bytes, the manifest says {step.get_extra(field)} "
                                  f"(truncated or corrupt); delete it to rebuild the index")
         if not data.is_file():
             return data
     return None
 
 
-def _index_step(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
-    n, dim = manifest["n_keys"], manifest["dim"]
+def _index_step(out: Path, manifest: Manifest, cfg: DatastoreConfig) -> None:
+    """Step 2: the index over the keys, kept where it was built with the same parameters."""
+    n, dim = manifest.n_keys, manifest.dim
     params = _index_params(cfg, n, dim)
-    step = manifest["steps"]["index"]
+    step = manifest.steps.index
     path = out / "index.faiss"
-    if step["status"] == "done" and step.get("params") == params.to_json():
-        if path.is_file() and path.stat().st_size == step.get("bytes"):
+    if step.status == "done" and step.params == params.to_json():
+        if path.is_file() and path.stat().st_size == step.bytes:
             missing = _missing_extra_file(path, step, params.kind)
             if missing is None:
                 return
             _say(cfg, f"{missing.name} is missing: rebuilding the index")
         elif path.exists():
-            raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.get('bytes')} "
+            raise DatastoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {step.bytes} "
                                  f"(truncated or corrupt); delete it to rebuild the index")
         else:
             _say(cfg, f"{path.name} is missing: rebuilding the index")
-    if step["status"] in ("done", "running") and step.get("params") != params.to_json():
-        _say(cfg, f"rebuilding the index (and then the targets): {step.get('params')} -> {params.to_json()}")
+    if step.status in ("done", "running") and step.params != params.to_json():
+        _say(cfg, f"rebuilding the index (and then the targets): {step.params} -> {params.to_json()}")
     _need_keys(out, manifest, "rebuild the index")
-    manifest["steps"]["index"] = step = {"status": "running", "type": params.kind, "params": params.to_json()}
-    manifest["steps"]["targets"] = {"status": "pending"}  # targets depend on the index
+    manifest.steps.index = step = IndexStep(status="running", type=params.kind, params=params.to_json())
+    manifest.steps.targets = TargetsStep()  # targets depend on the index
     write_manifest(out, manifest)
     set_num_threads(cfg.threads)
     keys = np.load(out / "keys.npy", mmap_mode="r")
     t0 = time.perf_counter()
     kind = get_kind(params.kind)
     kind.write(keys, path, params, progress=cfg.progress)
-    step.update({_extra_bytes_field(data): data.stat().st_size for data in kind.extra_files(path)})
+    for data in kind.extra_files(path):
+        step.set_extra(_extra_bytes_field(data), data.stat().st_size)
     step.update(status="done", bytes=path.stat().st_size, seconds=round(time.perf_counter() - t0, 3))
     write_manifest(out, manifest)
 
@@ -826,55 +690,55 @@ def _target_shard_dir(out: Path, shard: int) -> Path:
     return out / TARGETS_DIR / f"shard-{shard}"
 
 
-def _fresh_target_record() -> dict:
-    return {"rows_done": 0, "nnz": 0, "kl_sum": 0.0, "self_missing": 0, "empty_slots": 0, "seconds": 0.0}
-
-
-def _same_targets(step: dict, want: dict) -> bool:
+def _same_targets(step: TargetsStep, want: dict) -> bool:
     """The recorded targets step was made with ``want`` (a step from before --target-dtype is float16)."""
-    return all(step.get(key, "float16" if key == "prob_dtype" else None) == value for key, value in want.items())
+    return all((getattr(step, key) if step.has(key) else "float16" if key == "prob_dtype" else None) == value
+               for key, value in want.items())
 
 
-def _plan_targets(out: Path, manifest: dict, cfg: DatastoreConfig, want: dict, index, world: int) -> None:
+def _plan_targets(out: Path, manifest: Manifest, cfg: DatastoreConfig, want: dict, index, world: int) -> None:
     """Rank 0: keep a running targets step begun with the same settings and process count, or
     start afresh (with ``world`` > 1: one range of positions per process, each with its own CSR
     folder ``targets/shard-i`` and progress file, merged in order at the end)."""
-    n, step = manifest["n_keys"], manifest["steps"]["targets"]
+    n, step = manifest.n_keys, manifest.steps.targets
     same = _same_targets(step, want)
-    if step.get("status") in ("done", "running") and not same:
-        changed = ", ".join(f"{key} {step.get(key)!r} -> {value!r}" for key, value in want.items() if step.get(key) != value)
+    if step.status in ("done", "running") and not same:
+        changed = ", ".join(f"{key} {getattr(step, key)!r} -> {value!r}" for key, value in want.items()
+                            if getattr(step, key) != value)
         _say(cfg, f"rebuilding the kNN targets: {changed}")
     plan = shard_bounds(0, n, world, SEARCH_BLOCK) if world > 1 else None  # aligned: the same search blocks as one process
-    if step.get("status") == "running" and same and step.get("shards") == plan:
+    if step.status == "running" and same and step.shards == plan:
         return
-    if step.get("status") == "running" and same:
-        _say(cfg, f"the targets were begun by {len(step.get('shards') or [0])} processes, resumed by {world}: starting them again")
+    if step.status == "running" and same:
+        _say(cfg, f"the targets were begun by {len(step.shards or [0])} processes, resumed by {world}: "
+                  f"starting them again")
     for old in (out / TARGETS_DIR).glob("shard-*"):
         shutil.rmtree(old)
-    step = {"status": "running", **want, "nprobe": cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None,
-            "search_batch": cfg.search_batch, **_fresh_target_record()}
+    step = TargetsStep(status="running")
+    step.update(**want, nprobe=cfg.nprobe or auto_nprobe(index, cfg.k + 1) or None, search_batch=cfg.search_batch,
+                **TargetsProgress().to_json())
     if plan:
         step.update(shards=plan, merged=0)
         for i in range(world):
             _target_shard_dir(out, i).mkdir(parents=True)
-            atomic_write_json(_target_shard_dir(out, i) / "progress.json", _fresh_target_record())
-    manifest["steps"]["targets"] = step
+            atomic_write_json(_target_shard_dir(out, i) / "progress.json", TargetsProgress().to_json())
+    manifest.steps.targets = step
     write_manifest(out, manifest)
 
 
-def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ranks: Ranks) -> dict:
+def _targets_step(out: Path, manifest: Manifest, cfg: DatastoreConfig, on_chunk, ranks: Ranks) -> Manifest:
     """Step 3: every position's kNN target row, appended chunk by chunk to the CSR files, resumable.
     Each rank searches its range of positions into its own CSR shard; rank 0 then merges them into
     the one CSR a single process writes, byte for byte. Returns the manifest every rank holds."""
-    n = manifest["n_keys"]
-    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest["steps"]["index"]["params"],
+    n = manifest.n_keys
+    want = {"k": cfg.k, "temperature": cfg.knn_temp, "top_m": cfg.top_m, "index": manifest.steps.index.params,
             "prob_dtype": cfg.target_dtype}
-    step = manifest["steps"]["targets"]
+    step = manifest.steps.targets
     folder = out / TARGETS_DIR
-    if step.get("status") == "done" and _same_targets(step, want):
+    if step.status == "done" and _same_targets(step, want):
         check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
-        check_npy(folder / "token_ids.npy", np.int32, (step["nnz"],), "target token ids")
-        check_npy(folder / "probs.npy", cfg.target_dtype, (step["nnz"],), "target probabilities")
+        check_npy(folder / "token_ids.npy", np.int32, (step.nnz,), "target token ids")
+        check_npy(folder / "probs.npy", cfg.target_dtype, (step.nnz,), "target probabilities")
         return manifest
     _need_keys(out, manifest, "rebuild the kNN targets")
     set_num_threads(_default_threads(cfg, ranks))
@@ -882,25 +746,26 @@ def _targets_step(out: Path, manifest: dict, cfg: DatastoreConfig, on_chunk, ran
     if ranks.main:
         _plan_targets(out, manifest, cfg, want, index, ranks.world)
     manifest = _sync(out, manifest, ranks)
-    step = manifest["steps"]["targets"]
+    step = manifest.steps.targets
     keys, values = np.load(out / "keys.npy", mmap_mode="r"), np.load(out / "values.npy")
     if isinstance(index, TorchFlatIndex):
         target_rows = _blockwise(_torch_batch_targets(index, keys, values, cfg))
     else:
-        target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step["nprobe"], cfg))
+        target_rows = _blockwise(_numpy_batch_targets(index, keys, values, step.nprobe, cfg))
     if cfg.target_dtype == "uint8":
         target_rows = _log_u8_rows(target_rows)
-    batch, show = int(step["search_batch"]), cfg.progress and ranks.main
+    batch, show = step.search_batch, cfg.progress and ranks.main
     t0 = time.perf_counter()
     if ranks.world == 1:
-        first = int(step["rows_done"])
+        first = step.rows_done
         _append_target_rows(folder, step, (0, n), batch, target_rows, lambda: write_manifest(out, manifest), on_chunk, show,
                             cfg.target_dtype)
-    elif ranks.rank >= int(step.get("merged", 0)):  # a merged shard is done
+    elif ranks.rank >= (step.merged or 0):  # a merged shard is done
         shard = _target_shard_dir(out, ranks.rank)
-        record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
-        _append_target_rows(shard, record, tuple(step["shards"][ranks.rank]), batch, target_rows,
-                            lambda: atomic_write_json(shard / "progress.json", record), on_chunk, show, cfg.target_dtype)
+        record = _read_progress(TargetsProgress, shard / "progress.json", "targets shard progress")
+        _append_target_rows(shard, record, tuple(step.shards[ranks.rank]), batch, target_rows,
+                            lambda: atomic_write_json(shard / "progress.json", record.to_json()), on_chunk, show,
+                            cfg.target_dtype)
     manifest = _sync(out, manifest, ranks)
     if ranks.main:
         if ranks.world > 1:
@@ -922,10 +787,10 @@ def _log_u8_rows(rows):
     return coded
 
 
-def _open_target_files(folder: Path, record: dict, rows: int, prob_dtype: str):
-    """(offsets memmap [rows+1], token id appender, probability appender), cut back to ``rows_done``."""
+def _open_target_files(folder: Path, rows_done: int, nnz: int, rows: int, prob_dtype: str):
+    """(offsets memmap [rows+1], token id appender, probability appender), cut back to ``rows_done``
+    rows holding ``nnz`` entries."""
     folder.mkdir(exist_ok=True)
-    rows_done, nnz = int(record["rows_done"]), int(record["nnz"])
     offsets_path = folder / "offsets.npy"
     if rows_done == 0:
         tmp = folder / ".offsets.npy.tmp"
@@ -937,18 +802,19 @@ def _open_target_files(folder: Path, record: dict, rows: int, prob_dtype: str):
             NpyAppender(folder / "probs.npy", prob_dtype, nnz))
 
 
-def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch: int, target_rows, save,
-                        on_chunk, progress: bool, prob_dtype: str = "float16") -> None:
+def _append_target_rows(folder: Path, record: TargetsStep | TargetsProgress, span: tuple[int, int], batch: int,
+                        target_rows, save, on_chunk, progress: bool, prob_dtype: str = "float16") -> None:
     """The targets loop over positions ``span`` = [a, b): each chunk of ``batch`` rows appended to
     the CSR files in ``folder`` (offsets relative to row a), flushed, then counted in ``record``
     (``rows_done`` from a, ``nnz``, sums of the statistics) and ``save()``d."""
-    (a, b), seconds, t0 = span, float(record["seconds"]), time.perf_counter()
-    offsets, token_ids, probs = _open_target_files(folder, record, b - a, prob_dtype)
-    if record["rows_done"] and progress:
-        print(f"memdec datastore: resuming targets at position {a + int(record['rows_done'])}/{b}", file=sys.stderr, flush=True)
-    nnz = int(record["nnz"])
-    with tqdm(total=b - a, initial=int(record["rows_done"]), desc="targets", unit="tok", disable=not progress, leave=False) as bar:
-        for r0 in range(a + int(record["rows_done"]), b, batch):
+    (a, b), seconds, t0 = span, float(record.seconds), time.perf_counter()
+    offsets, token_ids, probs = _open_target_files(folder, record.rows_done, record.nnz, b - a, prob_dtype)
+    if record.rows_done and progress:
+        print(f"memdec datastore: resuming targets at position {a + record.rows_done}/{b}", file=sys.stderr, flush=True)
+    nnz = record.nnz
+    with tqdm(total=b - a, initial=record.rows_done, desc="targets", unit="tok", disable=not progress,
+              leave=False) as bar:
+        for r0 in range(a + record.rows_done, b, batch):
             r1 = min(r0 + batch, b)
             (off, tok, prob, kept), self_missing, empty_slots = target_rows(r0, r1)
             offsets[r0 - a + 1 : r1 - a + 1] = nnz + off[1:]
@@ -958,9 +824,9 @@ def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch
             token_ids.flush()
             probs.flush()
             nnz += len(tok)
-            record.update(rows_done=r1 - a, nnz=nnz, kl_sum=record["kl_sum"] - float(np.log(kept).sum()),
-                          self_missing=record["self_missing"] + self_missing,
-                          empty_slots=record["empty_slots"] + empty_slots,
+            record.update(rows_done=r1 - a, nnz=nnz, kl_sum=record.kl_sum - float(np.log(kept).sum()),
+                          self_missing=record.self_missing + self_missing,
+                          empty_slots=record.empty_slots + empty_slots,
                           seconds=round(seconds + time.perf_counter() - t0, 3))
             save()
             bar.update(r1 - r0)
@@ -968,44 +834,44 @@ def _append_target_rows(folder: Path, record: dict, span: tuple[int, int], batch
                 on_chunk("targets", r0 // batch)
     token_ids.close()
     probs.close()
-    record["rows_per_s"] = round((b - a) / max(float(record["seconds"]), 1e-9), 1)
+    record.rows_per_s = round((b - a) / max(float(record.seconds), 1e-9), 1)
     save()
 
 
 MERGE_ROWS = 1 << 22  # rows (and entries) copied at a time when shards are merged
 
 
-def _merge_target_shards(out: Path, manifest: dict, cfg: DatastoreConfig) -> None:
+def _merge_target_shards(out: Path, manifest: Manifest, cfg: DatastoreConfig) -> None:
     """Rank 0: append the CSR shards, in order, to ``targets/``, shifting each shard's offsets by
     the entries before it. Each merged shard is recorded, then deleted, so a merge resumes where
     it stopped and the disk holds at most one shard twice."""
-    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
-    merged, nnz = int(step["merged"]), int(step["nnz"])
-    _say(cfg, f"merging {len(step['shards'])} target shards")
+    n, step, folder = manifest.n_keys, manifest.steps.targets, out / TARGETS_DIR
+    merged, nnz = step.merged, step.nnz
+    _say(cfg, f"merging {len(step.shards)} target shards")
     for i in range(merged):  # recorded as merged, but the run stopped before deleting it
         shutil.rmtree(_target_shard_dir(out, i), ignore_errors=True)
-    prob_dtype = step.get("prob_dtype", "float16")
-    offsets, token_ids, probs = _open_target_files(folder, {"rows_done": merged, "nnz": nnz}, n, prob_dtype)
-    for i in range(merged, len(step["shards"])):
-        (a, b), shard = step["shards"][i], _target_shard_dir(out, i)
-        record = read_json_object(shard / "progress.json", "targets shard progress", DatastoreError)
+    prob_dtype = step.prob_dtype or "float16"
+    offsets, token_ids, probs = _open_target_files(folder, merged, nnz, n, prob_dtype)
+    for i in range(merged, len(step.shards)):
+        (a, b), shard = step.shards[i], _target_shard_dir(out, i)
+        record = _read_progress(TargetsProgress, shard / "progress.json", "targets shard progress")
         check_npy(shard / "offsets.npy", np.int64, (b - a + 1,), "target offsets")
         local = np.load(shard / "offsets.npy", mmap_mode="r")
         for r0 in range(0, b - a, MERGE_ROWS):
             offsets[a + r0 + 1 : a + min(r0 + MERGE_ROWS, b - a) + 1] = nnz + local[r0 + 1 : r0 + MERGE_ROWS + 1]
         for name, sink, dtype in (("token_ids.npy", token_ids, np.int32), ("probs.npy", probs, prob_dtype)):
-            check_npy(shard / name, dtype, (int(record["nnz"]),), f"target shard {i}")
+            check_npy(shard / name, dtype, (record.nnz,), f"target shard {i}")
             part = np.load(shard / name, mmap_mode="r")
             for e0 in range(0, len(part), MERGE_ROWS):
                 sink.append(part[e0 : e0 + MERGE_ROWS])
         offsets.flush()
         token_ids.flush()
         probs.flush()
-        nnz += int(record["nnz"])
-        step.update(merged=i + 1, nnz=nnz, rows_done=b, kl_sum=step["kl_sum"] + record["kl_sum"],
-                    self_missing=step["self_missing"] + record["self_missing"],
-                    empty_slots=step["empty_slots"] + record["empty_slots"])
-        step.setdefault("shard_rows_per_s", []).append(record.get("rows_per_s"))
+        nnz += record.nnz
+        step.update(merged=i + 1, nnz=nnz, rows_done=b, kl_sum=step.kl_sum + record.kl_sum,
+                    self_missing=step.self_missing + record.self_missing,
+                    empty_slots=step.empty_slots + record.empty_slots)
+        step.shard_rows_per_s = [*(step.shard_rows_per_s or []), record.rows_per_s]
         write_manifest(out, manifest)
         shutil.rmtree(shard)
     token_ids.close()
@@ -1039,17 +905,18 @@ def support_stats(offsets: np.ndarray, chunk: int = MERGE_ROWS) -> tuple[float, 
     return float(offsets[-1] - offsets[0]) / n, {f"p{q}": percentile(q) for q in SUPPORT_PERCENTILES}
 
 
-def _finish_targets(out: Path, manifest: dict, searched: int, elapsed: float) -> None:
+def _finish_targets(out: Path, manifest: Manifest, searched: int, elapsed: float) -> None:
     """Rank 0: the targets step recorded as done, with statistics of the rows (``searched``
     positions searched by this run in ``elapsed`` seconds)."""
-    n, step, folder = manifest["n_keys"], manifest["steps"]["targets"], out / TARGETS_DIR
+    n, step, folder = manifest.n_keys, manifest.steps.targets, out / TARGETS_DIR
     mean_support, percentiles = support_stats(np.load(folder / "offsets.npy", mmap_mode="r"))
     target_bytes = sum((folder / f).stat().st_size for f in ("offsets.npy", "token_ids.npy", "probs.npy"))
-    if shards := step.pop("shards", None):
-        step.update(processes=len(shards), seconds=round(step["seconds"] + elapsed, 3))
-        step.pop("merged", None)
+    if shards := step.shards:
+        step.drop("shards")
+        step.update(processes=len(shards), seconds=round(step.seconds + elapsed, 3))
+        step.drop("merged")
     step.update(status="done", mean_support=round(mean_support, 3), support_percentiles=percentiles,
-                kl_truncation_mean=step["kl_sum"] / n, bytes_per_token=round(target_bytes / n, 2),
+                kl_truncation_mean=step.kl_sum / n, bytes_per_token=round(target_bytes / n, 2),
                 rows_per_s=round(searched / max(elapsed, 1e-9), 1))
     write_manifest(out, manifest)
 
@@ -1060,11 +927,9 @@ def _finish_targets(out: Path, manifest: dict, searched: int, elapsed: float) ->
 def _with_target_defaults(cfg: DatastoreConfig, out: Path) -> DatastoreConfig:
     """``--k`` and ``--knn-temp`` left out keep the folder's values (else the defaults), so a rerun
     without them never rebuilds the targets."""
-    recorded = {}
-    if (out / MANIFEST).is_file():
-        recorded = read_manifest(out).get("steps", {}).get("targets", {})
-    k = cfg.k if cfg.k is not None else int(recorded.get("k") or DEFAULT_K)
-    temp = cfg.knn_temp if cfg.knn_temp is not None else float(recorded.get("temperature") or DEFAULT_KNN_TEMP)
+    recorded = read_manifest(out).steps.targets if (out / MANIFEST).is_file() else TargetsStep()
+    k = cfg.k if cfg.k is not None else recorded.k or DEFAULT_K
+    temp = cfg.knn_temp if cfg.knn_temp is not None else float(recorded.temperature or DEFAULT_KNN_TEMP)
     return dataclasses.replace(cfg, k=k, knn_temp=temp)
 
 
@@ -1079,7 +944,7 @@ def _key_model(cfg: DatastoreConfig, tokenizer) -> dict | None:
     return {"spec": cfg.key_model, "hash": model_fingerprint(cfg.key_model)}
 
 
-def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> dict:
+def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> Manifest:
     """Rank 0: stream the corpus's tokens into the folder, check them against (or start) the manifest."""
     _check_out_folder(out)
     created = not out.exists()
@@ -1104,8 +969,8 @@ def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> dict:
         identity["prefix_token"] = prefix
     del tokens
     manifest = _open_manifest(out, identity, out / TOKENS_TMP)
-    if (source := corpus_source(cfg.corpus)) is not None and manifest.get("corpus_source") != source:
-        manifest["corpus_source"] = source  # what the stdlib spec read here; the token stream's hash is the identity
+    if (source := corpus_source(cfg.corpus)) is not None and manifest.corpus_source != source:
+        manifest.corpus_source = source  # what the stdlib spec read here; the token stream's hash is the identity
         write_manifest(out, manifest)
     return manifest
 
@@ -1127,7 +992,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     tokenizer = load_tokenizer(cfg.model)
     check_block_size(load_config(cfg.model), cfg.block_size, cfg.model)  # before anything is written
     key_model = _key_model(cfg, tokenizer)
-    manifest = _sync(out, _prepare(out, cfg, tokenizer) if ranks.main else {}, ranks)
+    manifest = _sync(out, _prepare(out, cfg, tokenizer) if ranks.main else None, ranks)
     tokens = np.load(out / "tokens.npy", mmap_mode="r")
     manifest = _keys_step(out, manifest, cfg, tokens, on_chunk, ranks, key_model)
     if ranks.main:
@@ -1136,101 +1001,10 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     manifest = _targets_step(out, manifest, cfg, on_chunk, ranks)
     if ranks.main:
         _drop_keys(out, manifest, cfg)
-        n = manifest["n_keys"]
+        n = manifest.n_keys
         files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
                  if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
-        manifest["disk"] = {"files": files, "bytes_per_token": round(sum(files.values()) / n, 2)}
+        manifest.disk = {"files": files, "bytes_per_token": round(sum(files.values()) / n, 2)}
         write_manifest(out, manifest)
     ranks.barrier()
     return out
-
-
-# --- reading a datastore ---------------------------------------------------------------------
-
-
-@dataclass
-class Datastore:
-    """A built datastore, memory-mapped: ``keys[p]`` (fp16 [d]) has value ``values[p] == tokens[p+1]``."""
-
-    path: Path
-    manifest: dict
-    tokens: np.ndarray  # int32 [N+1]
-    keys: np.ndarray | None  # float16 [N, d]; None where deleted after the build (--no-keep-keys)
-    values: np.ndarray  # int32 [N]
-
-    @property
-    def n_keys(self) -> int:
-        return int(self.manifest["n_keys"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    def load_index(self, nprobe: int | None = None):
-        """The index (faiss, or a TorchFlatIndex), with the nprobe the targets used unless given."""
-        if self.manifest["steps"]["index"].get("status") != "done":
-            raise DatastoreError(f"{self.path}: the index is not built; rerun memdec datastore --out {self.path}")
-        return load_index(self.path / "index.faiss", nprobe or self.manifest["steps"]["targets"].get("nprobe"))
-
-    def load_targets(self) -> KnnTargets:
-        """The kNN targets, memory-mapped and validated (``targets.load_targets``)."""
-        return load_targets(self.path, self.manifest)
-
-
-def open_datastore(path: str | os.PathLike) -> Datastore:
-    """Memory-map a datastore whose keys step is done, checking every file against the manifest.
-
-    Raises DatastoreError on a missing manifest, an unfinished keys step, or a missing,
-    truncated or mismatched tokens/keys/values file.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    status = manifest["steps"]["keys"].get("status")
-    if status != "done":
-        raise DatastoreError(f"{path}: the keys are not finished (status: {status}); "
-                             f"rerun memdec datastore with --out {path} to resume")
-    n, d = int(manifest["n_keys"]), int(manifest["dim"])
-    dropped = bool(manifest["steps"]["keys"].get("dropped"))
-    check_npy(path / "tokens.npy", np.int32, (n + 1,), "token stream")
-    if not dropped:
-        check_npy(path / "keys.npy", np.float16, (n, d), "keys")
-    check_npy(path / "values.npy", np.int32, (n,), "values")
-    return Datastore(
-        path=path,
-        manifest=manifest,
-        tokens=np.load(path / "tokens.npy", mmap_mode="r"),
-        keys=None if dropped else np.load(path / "keys.npy", mmap_mode="r"),
-        values=np.load(path / "values.npy", mmap_mode="r"),
-    )
-
-
-def open_targets(path: str | os.PathLike) -> KnnTargets:
-    """The kNN targets of the datastore at ``path``, memory-mapped and validated."""
-    return load_targets(path, read_manifest(path))
-
-
-def describe(path: str | os.PathLike) -> str:
-    """A few lines summing up a built datastore (for the CLI)."""
-    m = read_manifest(path)
-    keys, index, targets = (m["steps"][s] for s in ("keys", "index", "targets"))
-    pct = targets.get("support_percentiles", {})
-    lines = [
-        f"datastore {path}: {m['n_keys']} keys of dim {m['dim']} at {m['layer']} ({m['model']}, {m['corpus']})",
-        f"  keys: {keys.get('seconds', 0):.1f} s, {keys.get('tokens_per_s', 0):.1f} tok/s"
-        + (f", from the key model {_key_model_text(keys['key_model'])}" if keys.get("key_model") else ""),
-        f"  index: {index.get('type')} {json.dumps(index.get('params', {}))}, {index.get('seconds', 0):.1f} s",
-        f"  targets: k={targets.get('k')} T={targets.get('temperature')} top_m={targets.get('top_m') or 'all'} "
-        f"probs={targets.get('prob_dtype', 'float16')} "
-        f"nprobe={targets.get('nprobe')}, {targets.get('seconds', 0):.1f} s, {targets.get('rows_per_s', 0):.1f} rows/s",
-        f"  distinct tokens per row: mean {targets.get('mean_support', 0):.1f}, "
-        + ", ".join(f"{q} {v:g}" for q, v in pct.items()),
-        f"  KL lost to truncation (mean -log kept mass): {targets.get('kl_truncation_mean', 0):.3g} nats",
-        f"  disk: {m.get('disk', {}).get('bytes_per_token', 0):.1f} bytes/token "
-        f"(targets {targets.get('bytes_per_token', 0):.1f})",
-    ]
-    if keys.get("dropped"):
-        lines.append("  keys.npy deleted after the build (--no-keep-keys)")
-    if targets.get("self_missing"):
-        lines.append(f"  note: {targets['self_missing']} positions did not find themselves among their neighbours")
-    return "\n".join(lines)
-

@@ -24,7 +24,7 @@ from .baselines import check_baseline, load_baseline
 from .checkpoint import METHODS, apply_run
 from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
 from .data import load_token_stream
-from .datastore import read_manifest
+from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
 from .errors import MemdecError
 from .files import atomic_write, atomic_write_json
 from .joint import MemoryDecoderModel
@@ -211,7 +211,7 @@ def prepare_config(cfg: EvalConfig) -> EvalConfig:
     if cfg.stride is None:
         cfg = dataclasses.replace(cfg, stride=max(cfg.block_size // 2, 1))
     if cfg.knn is not None and cfg.knn_k is None:
-        cfg = dataclasses.replace(cfg, knn_k=int(read_manifest(cfg.knn)["steps"]["targets"].get("k") or 1024))
+        cfg = dataclasses.replace(cfg, knn_k=recorded_k(cfg.knn))
     return cfg
 
 
@@ -350,7 +350,7 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
     elif passes["valid"] is not None:
         temp, _, _ = choose_temperature_and_lambda(passes["valid"], LAMBDA_GRID, temperature_grid(passes["valid"].dists))
     else:
-        temp = float(retriever.store.manifest["steps"]["targets"].get("temperature") or 1.0)
+        temp = float(retriever.store.manifest.steps.targets.temperature or DEFAULT_KNN_TEMP)
     test = passes["test"]
     extra = {"knn_temperature": round(temp, 4), "k": cfg.knn_k, "trainable_parameters": 0,
              "train_seconds": _datastore_seconds(cfg.knn, ("keys", "index"))}  # its "training" is the datastore
@@ -393,8 +393,8 @@ def _score_memdec(cfg, inputs: EvalInputs, system: str, path: str, joint: Memory
 
 def _datastore_seconds(path: str, steps: tuple[str, ...]) -> float | None:
     """Seconds the datastore's build ``steps`` took, from its manifest (None if not recorded)."""
-    recorded = read_manifest(path).get("steps", {})
-    seconds = [recorded.get(step, {}).get("seconds") for step in steps]
+    recorded = read_manifest(path).steps
+    seconds = [getattr(recorded, step).seconds for step in steps]
     return None if any(x is None for x in seconds) else round(float(sum(seconds)), 1)
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .checks import check_lambda, check_temperature
-from .datastore import FFNInputCapture, forward_ffn_inputs, open_datastore
+from .store import DEFAULT_K, FFNInputCapture, forward_ffn_inputs, open_datastore
 from .errors import DatastoreError, MemdecError
 from .index import search
 from .models import check_tokenizer
@@ -37,19 +37,19 @@ class KnnRetriever:
     neighbour values int32 [P, k], -1 where an approximate index left a slot empty).
     """
 
-    def __init__(self, datastore: str, k: int = 1024, nprobe: int | None = None, tokenizer=None):
+    def __init__(self, datastore: str, k: int = DEFAULT_K, nprobe: int | None = None, tokenizer=None):
         self.store = open_datastore(datastore)
         manifest = self.store.manifest
         if tokenizer is not None:
-            check_tokenizer(tokenizer, manifest["tokenizer_hash"], f"datastore {datastore}", made_with=manifest["model"])
+            check_tokenizer(tokenizer, manifest.tokenizer_hash, f"datastore {datastore}", made_with=manifest.model)
         if k > self.store.n_keys:
             raise DatastoreError(f"k={k} neighbours asked of a datastore with {self.store.n_keys} keys")
         self.k = k
         self.index = self.store.load_index(nprobe)
         self.values = np.ascontiguousarray(self.store.values)
-        self.model = manifest["model"]
-        self.layer = manifest["layer"]
-        self.key_model = manifest["steps"]["keys"].get("key_model")  # {spec, hash}, or None: the base's keys
+        self.model = manifest.model
+        self.layer = manifest.layer
+        self.key_model = manifest.steps.keys.key_model  # {spec, hash}, or None: the base's keys
 
     def neighbours(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries, np.float32)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_token_stream
-from .datastore import open_datastore
+from .store import MANIFEST, open_datastore
 
 SENTENCE_END = ('.', '!', '?', '"', "'", '\u201d', '\u2019', ':', ';')
 
@@ -111,7 +111,7 @@ def recurring_positions(tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer
 def memory_token_stream(spec: str, tokenizer, max_tokens: int | None = None, text_field: str = "text") -> np.ndarray:
     """The memory's tokens: a datastore folder's stored stream, or any corpus spec tokenized (``text_field``:
     the JSONL / dataset field that holds the text)."""
-    if (Path(spec) / "manifest.json").is_file():
+    if (Path(spec) / MANIFEST).is_file():
         return np.asarray(open_datastore(spec).tokens)
 
     return load_token_stream(spec, tokenizer, max_tokens, text_field)

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 from typing import Callable
 
 from .checkpoint import read_memdec_json
-from .datastore import read_manifest
 from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
+from .store import read_manifest
 from .tables import Column, render_columns, render_table
 
 SAMPLING = dict(do_sample=True, top_p=0.9, temperature=0.8, seed=0)  # how the report's samples are drawn
@@ -113,7 +113,7 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
     tasks = read_json_object(tasks_file, "tasks report") if s.task_items and tasks_file.is_file() else None
     info = read_memdec_json(run / "memdec")
     manifest = read_manifest(run / "datastore")
-    sizes = {"datastore_keys": manifest["n_keys"], "datastore_bytes": _folder_bytes(run / "datastore"),
+    sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
              "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
              "memdec_transfer": info.get("transfer")}

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .baselines import load_baseline
 from .checks import check_device, check_lambda, check_own_folder, check_plain_name, check_positive_int, check_temperature
 from .data import read_corpus, load_token_stream
-from .datastore import FFNInputCapture, read_manifest
+from .store import DEFAULT_K, DEFAULT_KNN_TEMP, FFNInputCapture, read_manifest
 from .errors import MemdecError, one_line
 from .files import atomic_write_json, atomic_write_text
 from .joint import MemoryDecoderModel
@@ -91,9 +91,9 @@ def _joint_system(name: str, joint: MemoryDecoderModel) -> System:
 
 
 def _knn_system(model, tokenizer, datastore: str, lmbda: float, k: int | None, temperature: float | None) -> System:
-    targets_step = read_manifest(datastore)["steps"]["targets"]
-    k = int(k or targets_step.get("k") or 1024)
-    temperature = check_temperature(float(temperature or targets_step.get("temperature") or 1.0), "knn_temp")
+    targets_step = read_manifest(datastore).steps.targets
+    k = int(k or targets_step.k or DEFAULT_K)
+    temperature = check_temperature(float(temperature or targets_step.temperature or DEFAULT_KNN_TEMP), "knn_temp")
     retriever = KnnRetriever(datastore, k=k, tokenizer=tokenizer)
     capture = FFNInputCapture(model).__enter__()
     check_same_base(retriever, model, capture.name)

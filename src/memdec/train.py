@@ -48,7 +48,7 @@ from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_unit_interval, or_null)
 from .data import load_token_stream
-from .datastore import open_datastore
+from .store import open_datastore
 from .errors import MemdecError, one_line
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
                     fsync_tree, os_errors_named, read_json_object, read_jsonl)
@@ -409,7 +409,7 @@ class Recipe:
     def data(self, cfg: TrainConfig) -> tuple[np.ndarray, dict]:
         """The training token stream, int32 [N+1], and the manifest naming its base model and tokenizer."""
         store = open_datastore(cfg.datastore)
-        return np.asarray(store.tokens), store.manifest
+        return np.asarray(store.tokens), store.manifest.to_json()
 
     def init_model(self, cfg: TrainConfig, manifest: dict):
         """(model, tokenizer): the model to train, fp32 on CPU, in train mode."""

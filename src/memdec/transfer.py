@@ -45,7 +45,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
 from .checks import check_device
-from .datastore import open_datastore
+from .store import open_datastore
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
 from .train import Recipe, TrainConfig, Trainer, window_starts
@@ -346,7 +346,7 @@ def transfer(cfg: TransferConfig, on_step=None) -> Path:
     """Transfer ``cfg.decoder`` to ``cfg.model``'s tokenizer and train it; returns the checkpoint folder."""
     check_transfer_config(cfg)
     source_info = check_source(cfg.decoder)
-    manifest = open_datastore(cfg.datastore).manifest  # its tokenizer must be --model's (TransferRecipe.init_model)
+    manifest = open_datastore(cfg.datastore).manifest.to_json()  # its tokenizer must be --model's (TransferRecipe.init_model)
     if cfg.budget is not None:
         cfg = TransferConfig(**{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget})
     recipe = TransferRecipe(cfg, source_info)
