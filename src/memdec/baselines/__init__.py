@@ -41,10 +41,11 @@ from pathlib import Path
 
 from ..checkpoint import check_checkpoint_tokenizer, read_baseline_json
 from ..errors import MemdecError
+from ..index import or_list
 from ..models import resolve_model_spec
 from ..train import TrainConfig, train
 from .base import (BaselineRecipe, LoadedBaseline, Method, Option, fix_options, get_method, method_names,
-                   method_of_row, methods, or_list, register, unregister)
+                   method_of_row, methods, register, unregister)
 
 __all__ = [
     "BASELINE_HELP", "BaselineConfig", "BaselineRecipe", "LoadedBaseline", "Method", "Option", "add_lora",

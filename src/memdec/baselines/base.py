@@ -18,8 +18,9 @@ import numpy as np
 from ..checkpoint import BASELINE_JSON, MEMDEC_JSON, write_baseline_json
 from ..data import load_token_stream, token_stream_hash
 from ..errors import MemdecError
+from ..index import or_list
 from ..models import load_tokenizer, tokenizer_fingerprint
-from ..train import Recipe, TrainConfig
+from ..train import Recipe
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class BaselineRecipe(Recipe):
         self.meta_files = (BASELINE_JSON,) if method.alone else (BASELINE_JSON, MEMDEC_JSON)
         self.select = "valid_ppl_memdec" if method.alone else "best_ppl"
 
-    def data(self, cfg: TrainConfig) -> tuple[np.ndarray, dict]:
+    def data(self, cfg) -> tuple[np.ndarray, dict]:
+        """A ``BaselineConfig``'s tokens: its datastore's, or its corpus tokenized as ``memdec datastore`` does."""
         if cfg.datastore is not None:
             tokens, manifest = super().data(cfg)
             if cfg.model is not None and cfg.model != manifest["model"]:
@@ -179,12 +181,6 @@ def methods() -> list[Method]:
 def method_names() -> tuple[str, ...]:
     """Every registered method's name, in row order."""
     return tuple(m.name for m in methods())
-
-
-def or_list(names) -> str:
-    """``a, b or c``."""
-    names = list(names)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def get_method(name: str) -> Method:
