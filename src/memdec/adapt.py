@@ -42,8 +42,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .baselines import BaselineConfig, train_baseline
-from .checkpoint import MEMDEC_JSON, METHODS, read_baseline_json, read_memdec_json, write_baseline_json, write_memdec_json
+from .baselines import BaselineConfig, Method, get_method, method_names, method_of_row, methods, train_baseline
+from .checkpoint import MEMDEC_JSON, read_baseline_json, read_memdec_json, write_baseline_json, write_memdec_json
 from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_temperature, check_unit_interval)
 from .data import load_token_stream, read_corpus
@@ -503,8 +503,7 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
     budget = {k: v for k, v in train.items()
               if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer", "two_phase")}
-    baselines = {"ce-decoder": dict(budget, init=s.init, init_layers=s.init_layers), "dapt": dict(budget),
-                 "lora": dict(budget, lr=s.lora_lr, lora_r=s.lora_r)}
+    baselines = {m.name: dict(budget, **m.adapt_inputs(s)) for m in methods()}
     evaluation = dict(train=train, test=s.test, valid_tokens=s.valid_tokens, recurring="datastore", **stage_fields(s.eval))
     if s.general:
         evaluation["general"] = s.general
@@ -612,7 +611,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     if check_run_identity(s, run, cfg.overwrite):
         clear_run(run)
     with_tasks = bool(s.task_items) and lm_eval_available()
-    plan = ["datastore", "train", *(METHODS if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]
+    plan = ["datastore", "train", *(method_names() if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]
     book = StageBook(run, plan)  # read (and checked) before anything is written
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
@@ -621,7 +620,7 @@ def adapt(cfg: AdaptConfig) -> Path:
     t_run = time.perf_counter()
     datastore_stage(job)
     train_cfg = train_stage(job)
-    baseline_dirs = [baseline_stage(job, method, train_cfg) for method in plan if method in METHODS]
+    baseline_dirs = [baseline_stage(job, get_method(name), train_cfg) for name in plan if name in method_names()]
     eval_stage(job, baseline_dirs)
     if with_tasks:
         tasks_stage(job)
@@ -752,44 +751,35 @@ def train_phase_two(base_cfg: TrainConfig, alpha: float, out: Path, first: Path,
     return None if None in phases else round(sum(phases), 1)
 
 
-BASELINE_WHAT = {
-    "ce-decoder": "baseline: the memory decoder's recipe with alpha=0 (cross-entropy only), same budget",
-    "dapt": "baseline: full fine-tuning of the base model, same tokens and budget",
-    "lora": "baseline: LoRA adapters on the base model, same tokens and budget",
-}
-
-
-def baseline_stage(job: AdaptRun, method: str, train_cfg: TrainConfig) -> str:
+def baseline_stage(job: AdaptRun, method: Method, train_cfg: TrainConfig) -> str:
     """2b. A baseline on the memory decoder's TrainConfig: the same tokens, windows, steps and
-    schedule, α=0. The ce-decoder reuses the α=0 teacher candidate when there is one: it is the
-    same recipe on the same tokens (not a transferred one). Returns the baseline's folder."""
-    s, book, folder = job.s, job.book, job.run / "baselines" / method
-    done, changed = book.begin(method, job.inputs[method], BASELINE_WHAT[method]
-                               + (f", lr {s.lora_lr:g}, r {s.lora_r}" if method == "lora" else ""))
+    schedule, α=0. A method whose training is the memory decoder's with α=0 (ce-decoder) reuses the
+    α=0 teacher candidate when there is one (not a transferred one). Returns the baseline's folder."""
+    s, book, name = job.s, job.book, method.name
+    folder = job.run / "baselines" / name
+    done, changed = book.begin(name, job.inputs[name], method.adapt_what(s))
     if done:
         return str(folder)
     if changed:
         _remove(folder)
     reusable = job.run / "candidates" / candidate_name(0.0, 0.0)
-    if method == "ce-decoder" and s.transfer_from is None and (reusable / MEMDEC_JSON).is_file():
-        book.run(method, job.inputs[method], lambda: reuse_as_ce_decoder(reusable, folder))
+    if method.reuses_alpha0_decoder and s.transfer_from is None and (reusable / MEMDEC_JSON).is_file():
+        book.run(name, job.inputs[name], lambda: reuse_candidate(method, reusable, folder))
         return str(folder)
-    own = {"init": None, "init_layers": None} if method != "ce-decoder" else {}
-    if method == "lora":
-        own.update(lr=s.lora_lr, lora_r=s.lora_r)
 
     def work() -> dict:
-        train_baseline(BaselineConfig(**{**asdict(train_cfg), "alpha": 0.0, "out": str(folder), **own}, method=method))
-        info = read_baseline_json(folder)
+        train_baseline(BaselineConfig(**{**asdict(train_cfg), "alpha": 0.0, "out": str(folder), **method.adapt_options(s)},
+                                      method=name))
+        info = read_baseline_json(folder, method_names())
         return {k: info.get(k) for k in ("lambda", "trainable_parameters", "train_seconds")}
 
-    book.run(method, job.inputs[method], work)
+    book.run(name, job.inputs[name], work)
     return str(folder)
 
 
-def reuse_as_ce_decoder(candidate: Path, folder: Path) -> dict:
-    """The α=0 candidate as the ce-decoder baseline: its files hard-linked (no copy, no training),
-    then ``baseline.json``. Returns the stage's summary."""
+def reuse_candidate(method: Method, candidate: Path, folder: Path) -> dict:
+    """The α=0 candidate as ``method``'s baseline (ce-decoder): its files hard-linked (no copy, no
+    training), then ``baseline.json``. Returns the stage's summary."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in candidate.iterdir():
         if f.is_file() and f.name not in (MEMDEC_JSON, "log.jsonl"):
@@ -798,8 +788,8 @@ def reuse_as_ce_decoder(candidate: Path, folder: Path) -> dict:
             except OSError:  # a filesystem without hard links
                 shutil.copy2(f, folder / f.name)
     info = {**read_memdec_json(candidate), "reused_from": str(candidate.relative_to(folder.parent.parent))}
-    write_baseline_json(folder, info, "ce-decoder")
-    _say(f"ce-decoder: reused {info['reused_from']} (the same recipe on the same tokens), not trained again")
+    write_baseline_json(folder, info, method.name, mixed=not method.alone)
+    _say(f"{method.name}: reused {info['reused_from']} (the same recipe on the same tokens), not trained again")
     return {"lambda": info["lambda"], "trainable_parameters": info.get("trainable_parameters"),
             "train_seconds": info.get("train_seconds"), "reused_from": info["reused_from"]}
 
@@ -885,8 +875,8 @@ def task_systems(job: AdaptRun) -> list[dict]:
             args.update(memdec=str(job.ckpt), lmbda=r["lambda"])
         elif system == "knn-lm":
             args.update(knn=str(job.datastore), lmbda=r["lambda"], knn_temp=r.get("knn_temperature"), knn_k=r.get("k"))
-        elif system in METHODS:
-            args.update(baseline=str(job.run / "baselines" / system), lmbda=r.get("lambda"))
+        elif (method := method_of_row(system)) is not None:
+            args.update(baseline=str(job.run / "baselines" / method.name), lmbda=r.get("lambda"))
         elif system != "base":
             continue
         out.append({"system": system, "lambda": r.get("lambda"), "knn_temperature": r.get("knn_temperature"), "args": args})

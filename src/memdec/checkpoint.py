@@ -6,10 +6,11 @@
   default 1), ``alpha``, ``teacher_base_weight``, ``k``, ``knn_temperature``, ``datastore``,
   ``datastore_manifest_hash``, ``corpus_hash``, ``n_parameters``, ``trainable_parameters``,
   ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``.
-- **Baseline folder**: a model folder (dapt, ce-decoder) or a peft adapter (lora) plus
-  ``baseline.json`` (``BASELINE_JSON``): ``format`` ("memdec-baseline"), ``version``, ``method``
-  (one of ``METHODS``), ``base_model``, ``tokenizer_hash``, ``corpus_hash``, the budget keys and
-  ``lambda`` (ce-decoder only; it also holds a ``memdec.json``, so it loads as a memory decoder).
+- **Baseline folder**: what its method saves (a model folder, a peft adapter) plus ``baseline.json``
+  (``BASELINE_JSON``): ``format`` ("memdec-baseline"), ``version``, ``method`` (one of the names the
+  reader is given: ``memdec.baselines``' registry), ``base_model``, ``tokenizer_hash``,
+  ``corpus_hash``, the budget keys and ``lambda`` (null but for a method mixed with the base, whose
+  folder also holds a ``memdec.json``, so it loads as a memory decoder). This module names no method.
 - **Adapt run folder**: ``settings.json``, ``memdec/`` (a checkpoint), ``datastore/``,
   ``baselines/METHOD/``: what ``eval --run`` and ``generate --run`` take (``run_paths``).
 
@@ -19,6 +20,7 @@ This module is the only reader and writer of these files.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -42,16 +44,14 @@ _MEMDEC_OPTIONAL: dict[str, Kind] = {
     "lambda_source": TEXT,
 }  # absent or null where a writer had none
 
-METHODS = ("ce-decoder", "dapt", "lora")  # also the order of their rows in a table
 BASELINE_JSON = "baseline.json"
 BASELINE_FORMAT = "memdec-baseline"
 BASELINE_VERSION = 1
-LORA_ADAPTER = "adapter_model.safetensors"
-_BASELINE_FIELDS: dict[str, Kind] = {"method": one_of(*METHODS), "base_model": TEXT, "tokenizer_hash": TEXT}
+_BASELINE_FIELDS: dict[str, Kind] = {"base_model": TEXT, "tokenizer_hash": TEXT}  # and "method": one of the methods
 _BASELINE_OPTIONAL: dict[str, Kind] = {
     "lambda": UNIT, "corpus_hash": TEXT, "n_parameters": WHOLE, "trainable_parameters": WHOLE,
     "train_seconds": NON_NEGATIVE, "train_stats": OBJECT, "train_config": OBJECT, "reused_from": TEXT,
-}  # absent or null where a writer had none (lambda: null but for ce-decoder)
+}  # absent or null where a writer had none (lambda: null but for a mixed method)
 
 
 # --- memory decoder checkpoints -----------------------------------------------------------------
@@ -130,8 +130,9 @@ def load_memory_decoder(path: str | Path, device=None, dtype=None):
 # --- baseline folders ---------------------------------------------------------------------------
 
 
-def read_baseline_json(path: str | Path) -> dict:
-    """The ``baseline.json`` of a baseline folder, checked. Raises MemdecError."""
+def read_baseline_json(path: str | Path, methods: Collection[str]) -> dict:
+    """The ``baseline.json`` of a baseline folder, checked; its ``method`` must be one of ``methods``
+    (the caller's registry). Raises MemdecError."""
     path = Path(path).expanduser()
     file = path / BASELINE_JSON
     if not path.is_dir():
@@ -141,28 +142,20 @@ def read_baseline_json(path: str | Path) -> dict:
     info = read_json_object(file, BASELINE_JSON)
     if info.get("format") != BASELINE_FORMAT or check_field(info, "version", file, WHOLE) != BASELINE_VERSION:
         raise MemdecError(f"{file}: not a memdec baseline of a known format")
-    check_fields(info, file, _BASELINE_FIELDS)
+    check_fields(info, file, {"method": one_of(*methods), **_BASELINE_FIELDS})
     check_fields(info, file, _BASELINE_OPTIONAL, optional=True)
-    if info["method"] == "lora":
-        _check_lora_adapter(path)
     return info
 
 
-def _check_lora_adapter(path: Path) -> None:
-    """A LoRA baseline's adapter must be safetensors: an ``adapter_model.bin`` is a pickle, never loaded."""
-    if not (path / LORA_ADAPTER).is_file():
-        pickled = (path / "adapter_model.bin").exists()
-        found = " (adapter_model.bin is a pickle: memdec loads safetensors only)" if pickled else ""
-        raise MemdecError(f"{path}: a lora baseline needs its adapter in {LORA_ADAPTER}{found}")
-
-
-def write_baseline_json(folder: str | Path, info: dict, method: str) -> None:
-    """Write ``baseline.json`` for ``method``; a ce-decoder also gets a ``memdec.json`` (written first)."""
+def write_baseline_json(folder: str | Path, info: dict, method: str, mixed: bool) -> None:
+    """Write ``baseline.json`` for ``method``. A method ``mixed`` with the base like a memory decoder
+    also gets a ``memdec.json`` (written first: loadable as one) and keeps its ``lambda``; a method
+    scored alone gets ``lambda`` null."""
     folder = Path(folder)
-    if method == "ce-decoder":  # a memory decoder with α=0: loadable as one
+    if mixed:
         write_memdec_json(folder, {k: v for k, v in info.items() if k != "method"})
     meta = {**info, "format": BASELINE_FORMAT, "version": BASELINE_VERSION, "method": method}
-    if method != "ce-decoder":
+    if not mixed:
         meta["lambda"] = None  # evaluated alone
     atomic_write_json(folder / BASELINE_JSON, meta)
 
@@ -183,13 +176,14 @@ def read_run_settings(file: Path) -> dict:
 
 def run_paths(run: str | Path) -> dict:
     """What a finished ``memdec adapt`` run folder provides to ``eval`` and ``generate``:
-    model, memdec, knn, baseline folders, corpora."""
+    model, memdec, knn, baseline folders (each ``baselines/*/`` with a ``baseline.json``, by name; eval
+    orders their rows), corpora."""
     run = Path(run)
     settings = run / "settings.json"
     if not settings.is_file() or not (run / "memdec" / MEMDEC_JSON).is_file():
         raise MemdecError(f"{run}: not a finished memdec adapt run (no settings.json or memdec/{MEMDEC_JSON})")
     s = read_run_settings(settings)
-    baselines = [str(run / "baselines" / m) for m in METHODS if (run / "baselines" / m / BASELINE_JSON).is_file()]
+    baselines = sorted(str(f.parent) for f in (run / "baselines").glob(f"*/{BASELINE_JSON}") if f.is_file())
     return {"model": s["model"], "memdec": str(run / "memdec"), "knn": str(run / "datastore"), "baseline": baselines,
             "valid": s["valid"], "test": s["test"], "test_tokens": s["test_tokens"]}
 

@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from .baselines import check_baseline, load_baseline
-from .checkpoint import METHODS, apply_run
+from .baselines import check_baseline, load_baseline, method_names
+from .checkpoint import apply_run
 from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
 from .data import load_token_stream
 from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
@@ -258,7 +258,7 @@ def _check_baselines(cfg: EvalConfig, tokenizer) -> list[str]:
         if method in by_method:
             raise MemdecError(f"two --baseline folders of method {method} ({by_method[method]}, {path}); give one per method")
         by_method[method] = path
-    return [by_method[m] for m in METHODS if m in by_method]
+    return [by_method[m] for m in method_names() if m in by_method]
 
 
 # --- score ------------------------------------------------------------------------------------
@@ -312,11 +312,11 @@ def score_systems(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
         scored.mixtures.append(_score_memdec(cfg, inputs, "memdec", cfg.memdec, inputs.joint))
     for path in inputs.baselines:
         loaded = load_baseline(path, cfg.model, inputs.model, inputs.tokenizer)
-        if loaded.method == "ce-decoder":
-            scored.mixtures.append(_score_memdec(cfg, inputs, "ce-decoder", path, loaded.model, loaded.budget()))
+        if not loaded.alone:  # mixed with the base like a memory decoder (ce-decoder)
+            scored.mixtures.append(_score_memdec(cfg, inputs, loaded.row_label, path, loaded.model, loaded.budget()))
         else:
-            nll, seconds = _score_each(cfg, inputs, base_scorer(loaded.model), loaded.method, streams=("test", "general"))
-            scored.alone.append(Standalone(loaded.method, path, nll, seconds, extra=loaded.budget()))
+            nll, seconds = _score_each(cfg, inputs, base_scorer(loaded.model), loaded.row_label, streams=("test", "general"))
+            scored.alone.append(Standalone(loaded.row_label, path, nll, seconds, extra=loaded.budget()))
         del loaded
     return scored
 
@@ -482,9 +482,9 @@ def run_eval_report(cfg: EvalConfig) -> EvalReport:
 
     --sweep scores every λ of LAMBDA_GRID on --valid, keeps the best, and reports that λ on the
     test corpus. With --general, every row also gets its perplexity there, at its λ. Rows: base,
-    knn-lm, memdec, then baselines in ``METHODS`` order; each states ``tokens`` (equal for every
-    row), ``trainable_parameters``, ``train_seconds`` (where known) and ``inference_ratio`` (base
-    tokens/s ÷ its tokens/s).
+    knn-lm, memdec, then baselines (mixed ones first) in the registry's row order; each states
+    ``tokens`` (equal for every row), ``trainable_parameters``, ``train_seconds`` (where known) and
+    ``inference_ratio`` (base tokens/s ÷ its tokens/s).
     """
     cfg = prepare_config(cfg)
     inputs = load_inputs(cfg)

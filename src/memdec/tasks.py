@@ -128,11 +128,11 @@ def load_system(base: str, memdec: str | None = None, knn: str | None = None, ba
         return _knn_system(model, tokenizer, knn, 0.25 if lmbda is None else float(lmbda), knn_k, knn_temp), tokenizer
     if baseline:
         loaded = load_baseline(baseline, base, model, tokenizer)
-        if isinstance(loaded.model, MemoryDecoderModel):
+        if not loaded.alone:  # a MemoryDecoderModel: mixed with the base at its λ (or lmbda)
             if lmbda is not None:
                 loaded.model.lmbda = float(lmbda)
-            return _joint_system(loaded.method, loaded.model), tokenizer
-        return _plain_system(loaded.method, loaded.model), tokenizer
+            return _joint_system(loaded.row_label, loaded.model), tokenizer
+        return _plain_system(loaded.row_label, loaded.model), tokenizer
     return _plain_system("base", model), tokenizer
 
 
