@@ -50,7 +50,7 @@ from .checkpoint import (
     write_memdec_json,
 )
 from .checks import check_lambda, check_temperature
-from .decoders import blocks_and_norm, load_decoder, shared_split
+from .decoders import ForkShape, blocks_and_norm, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
 from .loss import LMHead, lm_head
 from .models import load_model, tokenizer_fingerprint, vocab_rows
@@ -121,7 +121,10 @@ class JointCache(Cache):
         self._both("reorder_cache", beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        self._both("crop", tokens_to_remove)
+        self.base.crop(tokens_to_remove)
+        for layer in self.memdec.layers:  # a shared trunk leaves the decoder's lower layers empty:
+            if layer.is_initialized:  # a sliding-window layer cannot crop what it never held
+                layer.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._both("batch_repeat_interleave", repeats)
@@ -257,8 +260,9 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         return cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, **kwargs) -> Path:
-        """Save the memory decoder only, peft-style: its model folder plus ``memdec.json``, with the
-        current λ and temperature as the recommended ones. ``tokenizer`` (the shared one) is saved
+        """Save the memory decoder only, peft-style: its model folder (a fork of this base: its own
+        blocks, ``memdec.decoders``) plus ``memdec.json``, with the current λ and temperature as the
+        recommended ones. ``tokenizer`` (the shared one) is saved
         beside it and, for a wrapper not loaded from a checkpoint, gives ``tokenizer_hash``."""
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "base_model": self.base.name_or_path, "alpha": None, "k": None,
                 "knn_temperature": None, "datastore_manifest_hash": None, "train_stats": {}, **self.memdec_info}
@@ -268,7 +272,12 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             raise MemdecError("save_pretrained needs tokenizer=... to record the memory decoder's tokenizer hash")
         info.update({"lambda": self.lmbda, "temperature": self.temperature})
         folder = Path(folder)
-        self.memdec.save_pretrained(folder, **kwargs)
+        info.pop("decoder", None)
+        split = shared_split(self.base, self.memdec)
+        if split is None:
+            self.memdec.save_pretrained(folder, **kwargs)
+        else:  # a fork of this base: its own blocks only
+            info["decoder"] = ForkShape(len(blocks_and_norm(self.memdec)[0]) - split).save(self.memdec, folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         write_memdec_json(folder, info)  # last: it commits the checkpoint
