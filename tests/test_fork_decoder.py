@@ -298,6 +298,11 @@ def test_another_base_is_detected_and_gets_a_separate_decoder(saved, tokenizer):
     ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+    shorter = tiny_model("llama", tokenizer, seed=5, n_layers=2, **PEAKED)  # fewer blocks than the fork owns
+    model = MemoryDecoderModel.from_pretrained(shorter, folder, tokenizer=tokenizer)
+    assert not model.shares_trunk and len(model.memdec.model.layers) == LAYERS["llama"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, MemoryDecoderModel(shorter, copy.deepcopy(fork), lmbda=0.4)(ids).logits)
 
 
 def test_the_same_base_in_another_dtype_still_shares(saved, tokenizer):
