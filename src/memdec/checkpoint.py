@@ -5,7 +5,10 @@
   recommended λ, in [0, 1]); optional ``temperature`` (divides the decoder's logits at inference,
   default 1), ``alpha``, ``teacher_base_weight``, ``k``, ``knn_temperature``, ``datastore``,
   ``datastore_manifest_hash``, ``corpus_hash``, ``n_parameters``, ``trainable_parameters``,
-  ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``.
+  ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``, ``decoder`` (the decoder's
+  shape, ``memdec.decoders``: absent or ``{"shape": "copy"}`` for a full model folder;
+  ``{"shape": "fork", "blocks": K, "trunk_hash": sha256 hex, "trunk_dtype": "float32"}`` for a fork,
+  whose folder holds only its own blocks in ``decoder.safetensors``; ``DECODER_RECORDS``).
 - **Baseline folder**: what its method saves (a model folder, a peft adapter) plus ``baseline.json``
   (``BASELINE_JSON``): ``format`` ("memdec-baseline"), ``version``, ``method`` (one of the names the
   reader is given: ``memdec.baselines``' registry), ``base_model``, ``tokenizer_hash``,
@@ -20,6 +23,7 @@ This module is the only reader and writer of these files.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -74,7 +78,34 @@ def read_memdec_json(path: str | Path) -> dict:
         raise MemdecError(f"{file}: unsupported checkpoint format {info['format']!r} version {info['version']!r}")
     check_fields(info, file, _MEMDEC_FIELDS)
     check_fields(info, file, _MEMDEC_OPTIONAL, optional=True)
+    check_decoder_record(info.get("decoder"), file)
     return info
+
+
+DECODER_RECORDS = {  # memdec.json "decoder": each shape's fields (besides "shape") and their checks
+    "copy": {},
+    "fork": {
+        "blocks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "trunk_hash": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+        "trunk_dtype": lambda v: isinstance(v, str) and v.isidentifier(),
+    },
+}
+
+
+def check_decoder_record(record, file: str | Path) -> None:
+    """MemdecError naming ``file`` and the field unless ``record`` (``memdec.json``'s ``decoder``)
+    is absent or one of ``DECODER_RECORDS`` with exactly its fields, each valid."""
+    if record is None:
+        return
+    if not isinstance(record, dict) or record.get("shape") not in DECODER_RECORDS:
+        shape = record.get("shape") if isinstance(record, dict) else record
+        raise MemdecError(f"{file}: decoder.shape {shape!r} is not one of {', '.join(DECODER_RECORDS)}")
+    fields = DECODER_RECORDS[record["shape"]]
+    for key in sorted(set(fields) | set(record) - {"shape"}):
+        if key not in fields:
+            raise MemdecError(f"{file}: decoder.{key} is not a field of a {record['shape']!r} decoder")
+        if key not in record or not fields[key](record[key]):
+            raise MemdecError(f"{file}: decoder.{key} is missing or invalid ({record.get(key)!r})")
 
 
 def write_memdec_json(folder: str | Path, info: dict) -> None:
@@ -121,6 +152,9 @@ def load_model_folder(path: str | Path, what: str, dtype=None):
 def load_memory_decoder(path: str | Path, device=None, dtype=None):
     """Load ``(model, info)`` from a checkpoint folder, in eval mode."""
     info = read_memdec_json(path)
+    if (info.get("decoder") or {}).get("shape", "copy") != "copy":
+        raise MemdecError(f"{path}: a {info['decoder']['shape']} memory decoder holds only its own blocks; "
+                          f"load it with its base model (memdec.decoders.load_decoder)")
     model = load_model_folder(path, "the memory decoder", dtype)
     if device is not None:
         model.to(device)

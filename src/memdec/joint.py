@@ -10,6 +10,12 @@ before its softmax. Three ways in:
   Hugging Face ``generate()`` works unchanged: greedy, sampling, beam search, batched
   left-padded prompts, EOS and stopping criteria. It keeps one KV cache per model
   (``JointCache``), reordered together under beam search.
+- A fork decoder of this very base (``memdec.decoders``, ``fork:K``: its embeddings and first L−K
+  blocks are the base's modules) runs on a *shared trunk*: the base's forward runs once, the hidden
+  state entering block L−K and each top block's arguments (masks, position embeddings, ...) are
+  captured by hooks, and only the decoder's own K blocks, final norm and the LM head run again, on
+  the decoder's own KV cache (its layers L−K..L−1). The results are those of the decoder as a
+  separate full model: sharing is an optimisation only.
 - ``MemoryDecoderLogitsProcessor``: lets an unmodified base model's ``generate()`` use a memory
   decoder, for greedy decoding and sampling (not beam search).
 - scorers for ``memdec.evaluate``: target log-probs of each model (per-row logsumexp + gather),
@@ -22,6 +28,7 @@ owned by ``memdec.checkpoint``. ``memdec generate`` lives in ``memdec.generate``
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from pathlib import Path
@@ -32,19 +39,21 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, GenerationMixin, LogitsProcessor, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     check_checkpoint_tokenizer,
     check_same_vocab,
-    load_memory_decoder,
     read_memdec_json,
     write_memdec_json,
 )
 from .checks import check_lambda, check_temperature
+from .decoders import ForkShape, blocks_and_norm, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
-from .models import load_model, tokenizer_fingerprint
+from .loss import LMHead, lm_head
+from .models import load_model, tokenizer_fingerprint, vocab_rows
 from .scoring import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +121,10 @@ class JointCache(Cache):
         self._both("reorder_cache", beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
-        self._both("crop", tokens_to_remove)
+        self.base.crop(tokens_to_remove)
+        for layer in self.memdec.layers:  # a shared trunk leaves the decoder's lower layers empty:
+            if layer.is_initialized:  # a sliding-window layer cannot crop what it never held
+                layer.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._both("batch_repeat_interleave", repeats)
@@ -190,6 +202,23 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             self.generation_config = copy.deepcopy(base.generation_config)
         self._keep_ok = {"base": _accepts(base, "logits_to_keep"), "memdec": _accepts(memdec, "logits_to_keep")}
         self._pos_ok = {"base": _accepts(base, "position_ids"), "memdec": _accepts(memdec, "position_ids")}
+        self._split, self._softcap = self._find_shared_trunk()
+
+    def _find_shared_trunk(self) -> tuple[int | None, float | None]:
+        """(L − K, the head's soft-capping) where the decoder is a fork of this base whose head
+        ``memdec.loss.lm_head`` reproduces, else (None, None): the two models run separately."""
+        split = shared_split(self.base, self.memdec)
+        if split is None or not all(self._keep_ok.values()):
+            return None, None
+        device = self.base.get_input_embeddings().weight.device
+        probe = torch.arange(min(8, vocab_rows(self.memdec)), device=device)[None]
+        head = lm_head(self.memdec, probe)
+        return (None, None) if head is None else (split, head.softcap)
+
+    @property
+    def shares_trunk(self) -> bool:
+        """Whether the two models run their shared trunk once (a fork decoder of this base)."""
+        return self._split is not None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -227,12 +256,13 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             check_checkpoint_tokenizer(tokenizer, info, f"memory decoder {memdec_path}")
         lmbda = info["lambda"] if lmbda is None else lmbda
         temperature = float(info.get("temperature") or 1.0) if temperature is None else temperature
-        memdec, _ = load_memory_decoder(memdec_path, device=base_model.device, dtype=base_model.dtype)
+        memdec = load_decoder(memdec_path, info, base_model)
         return cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, **kwargs) -> Path:
-        """Save the memory decoder only, peft-style: its model folder plus ``memdec.json``, with the
-        current λ and temperature as the recommended ones. ``tokenizer`` (the shared one) is saved
+        """Save the memory decoder only, peft-style: its model folder (a fork of this base: its own
+        blocks, ``memdec.decoders``) plus ``memdec.json``, with the current λ and temperature as the
+        recommended ones. ``tokenizer`` (the shared one) is saved
         beside it and, for a wrapper not loaded from a checkpoint, gives ``tokenizer_hash``."""
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "base_model": self.base.name_or_path, "alpha": None, "k": None,
                 "knn_temperature": None, "datastore_manifest_hash": None, "train_stats": {}, **self.memdec_info}
@@ -242,7 +272,12 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             raise MemdecError("save_pretrained needs tokenizer=... to record the memory decoder's tokenizer hash")
         info.update({"lambda": self.lmbda, "temperature": self.temperature})
         folder = Path(folder)
-        self.memdec.save_pretrained(folder, **kwargs)
+        info.pop("decoder", None)
+        split = shared_split(self.base, self.memdec)
+        if split is None:
+            self.memdec.save_pretrained(folder, **kwargs)
+        else:  # a fork of this base: its own blocks only
+            info["decoder"] = ForkShape(len(blocks_and_norm(self.memdec)[0]) - split).save(self.memdec, folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         write_memdec_json(folder, info)  # last: it commits the checkpoint
@@ -310,11 +345,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = self._joint_cache(cache) if use_cache else None
         common = {"input_ids": input_ids, "use_cache": use_cache, **kwargs}
-        out_b = self.base(**common, cache=cache.base if cache is not None else None,
-                          **self._model_kwargs("base", attention_mask, position_ids, logits_to_keep))
-        out_m = self.memdec(**common, cache=cache.memdec if cache is not None else None,
-                            **self._model_kwargs("memdec", attention_mask, position_ids, logits_to_keep))
-        logp = self.mix_logits(out_b.logits, out_m.logits)
+        base_logits, mem_logits = self._both_logits(common, cache, attention_mask, position_ids, logits_to_keep)
+        logp = self.mix_logits(base_logits, mem_logits)
         loss = None
         if labels is not None:
             tgt = labels[:, 1:].to(logp.device)
@@ -323,6 +355,46 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             picked = lp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             loss = -(picked * keep).sum() / keep.sum().clamp_min(1)
         return CausalLMOutputWithPast(loss=loss, logits=logp, cache=cache)
+
+    def _both_logits(self, common: dict, cache: JointCache | None, attention_mask, position_ids,
+                     logits_to_keep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base model's and the decoder's logits [B, L', V] on the same inputs (``common``: input
+        ids, use_cache and generate's extra keyword arguments), on a shared trunk where there is one."""
+        cache_b, cache_m = (cache.base, cache.memdec) if cache is not None else (None, None)
+        kw_b = self._model_kwargs("base", attention_mask, position_ids, logits_to_keep)
+        if self._split is not None:
+            return self._forked_logits(common, cache_b, cache_m, kw_b, logits_to_keep)
+        out_b = self.base(**common, cache=cache_b, **kw_b)
+        out_m = self.memdec(**common, cache=cache_m,
+                            **self._model_kwargs("memdec", attention_mask, position_ids, logits_to_keep))
+        return out_b.logits, out_m.logits
+
+    def _forked_logits(self, common: dict, cache_b: Cache | None, cache_m: Cache | None, kw_b: dict,
+                       logits_to_keep) -> tuple[torch.Tensor, torch.Tensor]:
+        """One base forward, hooked at its top K blocks, then the decoder's own top K blocks on the
+        captured hidden state with the captured per-block arguments and the decoder's cache, its
+        final norm and the LM head (``memdec.loss.LMHead``, with the head's soft-capping)."""
+        base_layers, _ = blocks_and_norm(self.base)
+        mem_layers, mem_norm = blocks_and_norm(self.memdec)
+        calls: list[tuple[tuple, dict]] = []
+        hooks = [layer.register_forward_pre_hook(functools.partial(_capture, calls), with_kwargs=True)
+                 for layer in base_layers[self._split:]]
+        try:
+            out_b = self.base(**common, cache=cache_b, **kw_b)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(calls) != len(mem_layers) - self._split:
+            raise MemdecError(f"the base model ran {len(calls)} of its top {len(mem_layers) - self._split} blocks "
+                              f"once each; a shared trunk needs each exactly once")
+        hidden = _hidden_in(calls[0])
+        for layer, call in zip(mem_layers[self._split:], calls):
+            args, kwargs = _other_args(call)
+            out = layer(hidden, *args, **_with_cache(kwargs, cache_m))
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = slice_logits_to_keep(mem_norm(hidden), logits_to_keep)
+        head = self.memdec.get_output_embeddings()
+        return out_b.logits, LMHead(head.weight, head.bias, self._softcap).logits(hidden)
 
     def _joint_cache(self, cache: Cache | None) -> JointCache:
         if isinstance(cache, JointCache):
@@ -357,8 +429,13 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         logits [B, n, V] are reduced by a per-row logsumexp and a gather; nothing of size V is mixed.
         """
         n = targets.shape[1]
-        lp_base = target_logprobs(causal_lm_logits(self.base, input_ids, n), targets)
-        mem_logits = causal_lm_logits(self.memdec, input_ids, n)
+        if self._split is not None:
+            common = {"input_ids": input_ids, "use_cache": False}
+            base_logits, mem_logits = self._forked_logits(common, None, None, {"logits_to_keep": n}, n)
+            base_logits, mem_logits = base_logits[:, -n:], mem_logits[:, -n:]
+        else:
+            base_logits, mem_logits = causal_lm_logits(self.base, input_ids, n), causal_lm_logits(self.memdec, input_ids, n)
+        lp_base = target_logprobs(base_logits, targets)
         if self.temperature != 1.0:
             mem_logits = mem_logits.float() / self.temperature
         return lp_base, target_logprobs(mem_logits, targets)
@@ -385,6 +462,34 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             return target_logprobs(logits, targets)
 
         return score
+
+
+def _capture(calls: list, module, args: tuple, kwargs: dict) -> None:
+    """A forward pre-hook (``with_kwargs=True``): record a block's positional and keyword arguments."""
+    calls.append((args, dict(kwargs)))
+
+
+def _hidden_in(call: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden state a block was called with (its first positional argument, or ``hidden_states``)."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _other_args(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """A block call's arguments other than the hidden state: (positional, keyword)."""
+    args, kwargs = call
+    if args:
+        return args[1:], kwargs
+    return (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+def _with_cache(kwargs: dict, cache: Cache | None) -> dict:
+    """A block's captured keyword arguments with the decoder's cache in place of the base model's."""
+    out = dict(kwargs)
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in out:
+            out[name] = cache
+    return out
 
 
 def _tokenizer_of(model):

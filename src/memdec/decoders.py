@@ -1,0 +1,347 @@
+"""Decoder shapes: how a memory decoder is made from its base model, saved and loaded.
+
+A shape is named by a spec (``--decoder`` some day): ``copy`` or ``fork:K``. Each shape registers
+itself in ``SHAPES`` (name -> class); ``parse_shape(spec)`` gives an instance, or one MemdecError line.
+
+- ``copy``: today's decoder, a full, separate copy of the base (a Hugging Face model folder).
+- ``fork:K``: a *shared trunk*. The decoder is a full causal LM whose embeddings, first L−K blocks,
+  rotary tables and LM head ARE the base's modules (the same objects, frozen), and whose last K
+  blocks and final norm are its own, trainable copies. On disk it holds only those:
+  ``decoder.safetensors`` (the tensors under ``model.layers.{L-K..L-1}.`` and ``model.norm.``) and,
+  in ``memdec.json``, ``"decoder": {"shape": "fork", "blocks": K, "trunk_hash": ..., "trunk_dtype": ...}``
+  (the format is ``memdec.checkpoint``'s). ``trunk_hash`` is a sha256 of everything the decoder takes
+  from its base (``trunk_hash``). Loaded against a base with that trunk, the decoder shares it and
+  ``MemoryDecoderModel`` runs the trunk once for both models (``shared_split``); against any other
+  base with the same tokenizer, the base named in ``memdec.json`` is loaded and the decoder is built
+  on it, as a separate model. Sharing never changes a result: a fork mixed with its own base gives
+  what the same decoder gives as a separate full model.
+
+Architectures: those whose causal LM keeps its blocks in ``model.layers`` and its final norm in
+``model.norm`` (Llama, SmolLM2, Gemma 3, Qwen, Mistral...); others get one line.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import DECODER_RECORDS, check_decoder_record, load_memory_decoder
+from .errors import MemdecError, one_line
+from .files import atomic_write
+from .models import load_model
+
+OWN_WEIGHTS = "decoder.safetensors"  # a fork decoder's own tensors
+SHAPES: dict[str, type["DecoderShape"]] = {}
+
+
+def register(cls: type["DecoderShape"]) -> type["DecoderShape"]:
+    """Class decorator: make a shape known to ``parse_shape`` by its ``name``."""
+    if cls.name not in DECODER_RECORDS:  # memdec.checkpoint owns the memdec.json record of every shape
+        raise TypeError(f"decoder shape {cls.name!r} has no record format in memdec.checkpoint.DECODER_RECORDS")
+    SHAPES[cls.name] = cls
+    return cls
+
+
+def parse_shape(spec: str) -> "DecoderShape":
+    """The shape named by ``spec`` (``copy``, ``fork:8``), or MemdecError."""
+    if not isinstance(spec, str):
+        raise MemdecError(f"decoder shape must be a string such as 'copy' or 'fork:8', got {spec!r}")
+    name, _, arg = spec.partition(":")
+    if name not in SHAPES:
+        raise MemdecError(f"unknown decoder shape {spec!r}: one of {', '.join(sorted(SHAPES))} (e.g. 'fork:8')")
+    return SHAPES[name].parse(arg if ":" in spec else None, spec)
+
+
+class DecoderShape:
+    """How a decoder is built from a base model, saved and loaded. Subclasses register themselves."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def parse(cls, arg: str | None, spec: str) -> "DecoderShape":
+        """The shape for the spec's argument (the part after ':', or None); MemdecError if bad."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_record(cls, record: dict) -> "DecoderShape":
+        """The shape described by a checked ``memdec.json`` ``decoder`` record."""
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> str:
+        """The spec that parses back to this shape."""
+        return self.name
+
+    def check(self, base) -> None:
+        """MemdecError (one line) unless this shape can be built from ``base``: before any work."""
+
+    def build(self, base):
+        """The decoder, initialised from ``base``, in ``base``'s mode, device and dtype."""
+        raise NotImplementedError
+
+    def save(self, decoder, folder: str | Path) -> dict:
+        """Write the decoder's weights into ``folder``; return its ``memdec.json`` ``decoder`` record
+        (the caller writes ``memdec.json`` last, with ``memdec.checkpoint.write_memdec_json``)."""
+        raise NotImplementedError
+
+    def load(self, folder: str | Path, info: dict, base):
+        """The decoder saved in ``folder`` (``info``: its ``memdec.json``), for use with ``base``, in eval mode."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.spec == self.spec
+
+    def __hash__(self) -> int:
+        return hash(self.spec)
+
+
+# --------------------------------------------------------------------------------------------
+# copy: a full, separate model
+
+
+@register
+class CopyShape(DecoderShape):
+    """A full copy of the base: every block its own (today's decoder)."""
+
+    name = "copy"
+
+    @classmethod
+    def parse(cls, arg: str | None, spec: str) -> "CopyShape":
+        if arg is not None:
+            raise MemdecError(f"decoder shape {spec!r}: 'copy' takes no argument")
+        return cls()
+
+    @classmethod
+    def from_record(cls, record: dict) -> "CopyShape":
+        return cls()
+
+    def build(self, base):
+        decoder = copy.deepcopy(base)
+        decoder.requires_grad_(True)
+        return decoder
+
+    def save(self, decoder, folder: str | Path) -> dict:
+        decoder.save_pretrained(Path(folder))
+        return {"shape": self.name}
+
+    def load(self, folder: str | Path, info: dict, base):
+        return load_memory_decoder(folder, device=base.device, dtype=base.dtype)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# fork:K: the base's trunk, shared; the last K blocks and the final norm, its own
+
+
+def blocks_and_norm(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """A causal LM's list of blocks (``model.model.layers``) and final norm (``model.model.norm``)."""
+    inner = getattr(model, "model", None)
+    layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not isinstance(norm, torch.nn.Module):
+        raise MemdecError(f"a fork decoder needs a model with model.layers and model.norm (Llama, Gemma 3...); "
+                          f"a {type(model).__name__} has not")
+    return layers, norm
+
+
+def _own_prefixes(model, split: int) -> tuple[str, ...]:
+    """Qualified-name prefixes ("model.layers.7.", "model.norm.") of the modules a fork owns."""
+    layers, norm = blocks_and_norm(model)
+    own = {id(m) for m in [*layers[split:], norm]}
+    return tuple(f"{name}." for name, m in model.named_modules() if id(m) in own)
+
+
+def _is_own(name: str, prefixes: tuple[str, ...]) -> bool:
+    return name.startswith(prefixes)
+
+
+def trunk_hash(model, blocks: int) -> str:
+    """sha256 (hex) of what a fork with ``blocks`` own blocks takes from ``model``: the name, shape,
+    dtype and bytes of every tensor of its state dict outside the last ``blocks`` blocks and the final
+    norm (embeddings, the first L−K blocks, an untied head), each storage once. ~0.2 s per 100 MB."""
+    split = _split(model, blocks)
+    prefixes = _own_prefixes(model, split)
+    digest, seen = hashlib.sha256(), set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if _is_own(name, prefixes) or key in seen:
+            continue
+        seen.add(key)
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _split(model, blocks: int) -> int:
+    """L − K for a model of L blocks; MemdecError unless 1 <= K <= L."""
+    n = len(blocks_and_norm(model)[0])
+    if not 1 <= blocks <= n:
+        raise MemdecError(f"decoder shape 'fork:{blocks}': the number of own blocks must lie in 1..{n} "
+                          f"(the base model has {n} blocks)")
+    return n - blocks
+
+
+def _shared_memo(base, split: int) -> dict:
+    """A ``copy.deepcopy`` memo that maps every module, parameter and buffer of ``base`` outside the
+    fork's own modules (and their ancestors) to itself: deepcopy then shares them."""
+    prefixes = _own_prefixes(base, split)
+    owned = [name[:-1] for name in prefixes]
+    memo: dict[int, object] = {}
+    for name, module in base.named_modules():
+        inside = any(name == o or name.startswith(o + ".") for o in owned)
+        ancestor = any(name == "" or o.startswith(name + ".") for o in owned)
+        if inside:
+            continue
+        if not ancestor:
+            memo[id(module)] = module
+        else:  # a container of own modules: copied, but its own tensors (if any) are shared
+            for tensor in [*module._parameters.values(), *module._buffers.values()]:
+                if tensor is not None:
+                    memo[id(tensor)] = tensor
+    return memo
+
+
+def shared_split(base, decoder) -> int | None:
+    """L − K where ``decoder`` is a fork sharing ``base``'s embeddings and first L−K blocks (the same
+    module objects), else None (a separate model)."""
+    if decoder is base:
+        return None
+    try:
+        b_layers, _ = blocks_and_norm(base)
+        d_layers, d_norm = blocks_and_norm(decoder)
+    except MemdecError:
+        return None
+    if len(b_layers) != len(d_layers) or base.get_input_embeddings() is not decoder.get_input_embeddings():
+        return None
+    split = 0
+    while split < len(b_layers) and b_layers[split] is d_layers[split]:
+        split += 1
+    if split == len(b_layers) or any(d is b for d, b in zip(d_layers[split:], b_layers[split:])):
+        return None
+    return split
+
+
+@register
+class ForkShape(DecoderShape):
+    """``fork:K``: the base's trunk, shared and frozen; its own last K blocks and final norm."""
+
+    name = "fork"
+
+    def __init__(self, blocks: int):
+        self.blocks = blocks
+
+    @classmethod
+    def parse(cls, arg: str | None, spec: str) -> "ForkShape":
+        if arg is None or not re.fullmatch(r"[0-9]+", arg) or int(arg) < 1:
+            raise MemdecError(f"decoder shape {spec!r}: give the number of own blocks, a positive integer, as in 'fork:8'")
+        return cls(int(arg))
+
+    @classmethod
+    def from_record(cls, record: dict) -> "ForkShape":
+        return cls(record["blocks"])
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.blocks}"
+
+    def check(self, base) -> None:
+        _split(base, self.blocks)
+
+    def build(self, base):
+        """A causal LM whose trunk modules ARE ``base``'s (frozen: requires_grad is switched off on
+        the base's tensors too) and whose last K blocks and final norm are deep copies (trainable)."""
+        split = _split(base, self.blocks)
+        decoder = copy.deepcopy(base, _shared_memo(base, split))
+        prefixes = _own_prefixes(decoder, split)
+        for name, param in decoder.named_parameters():
+            param.requires_grad_(_is_own(name, prefixes))
+        return decoder
+
+    def own_tensors(self, decoder) -> dict[str, torch.Tensor]:
+        """The decoder's own tensors by state-dict name: the last K blocks' and the final norm's."""
+        prefixes = _own_prefixes(decoder, _split(decoder, self.blocks))
+        return {k: v for k, v in decoder.state_dict().items() if _is_own(k, prefixes)}
+
+    def save(self, decoder, folder: str | Path) -> dict:
+        """``decoder.safetensors`` (atomic): the own tensors only. The record names the trunk by its hash."""
+        tensors = {k: v.detach().contiguous() for k, v in self.own_tensors(decoder).items()}
+        atomic_write(Path(folder) / OWN_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        return {"shape": self.name, "blocks": self.blocks, "trunk_hash": trunk_hash(decoder, self.blocks),
+                "trunk_dtype": str(decoder.dtype).removeprefix("torch.")}
+
+    def load(self, folder: str | Path, info: dict, base):
+        """Build on ``base`` if its trunk is the recorded one, else on the base named in ``memdec.json``
+        (loaded in ``base``'s dtype, on its device; shared with ``base`` after all if it equals it
+        there), then load the own tensors. Safetensors only: nothing is unpickled."""
+        file = Path(folder).expanduser() / OWN_WEIGHTS
+        own = _read_safetensors(file)
+        decoder = self.build(self._trunk_source(info, base, file))
+        _load_own(decoder, own, set(self.own_tensors(decoder)), file)
+        return decoder.eval()
+
+    def _trunk_source(self, info: dict, base, file: Path):
+        """``base``, or the recorded base model where ``base``'s trunk is another (or ``base`` has
+        another shape: any base with the decoder's tokenizer takes a separate decoder)."""
+        record = info["decoder"]
+        try:
+            mine = trunk_hash(base, self.blocks)
+        except MemdecError:  # another architecture, or fewer blocks: certainly another trunk
+            mine = None
+        if mine == record["trunk_hash"]:
+            return base
+        recorded, _ = load_model(info["base_model"], device=str(base.device), dtype=base.dtype)
+        self.check(recorded)
+        theirs = trunk_hash(recorded, self.blocks)
+        same_dtype = str(base.dtype).removeprefix("torch.") == record["trunk_dtype"]
+        if same_dtype and theirs != record["trunk_hash"]:
+            raise MemdecError(f"{file.parent}: the base model {info['base_model']!r} named in memdec.json no longer "
+                              f"has the trunk this fork decoder was trained on (trunk_hash {record['trunk_hash'][:16]}...)")
+        return base if theirs == mine else recorded
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, on CPU; one MemdecError line if missing or unreadable."""
+    if not file.is_file():
+        raise MemdecError(f"{file}: missing; a fork memory decoder keeps its own blocks there")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MemdecError(f"{file}: unreadable ({one_line(exc)})") from None
+
+
+def _load_own(decoder, own: dict[str, torch.Tensor], expected: set[str], file: Path) -> None:
+    """Copy ``own`` into the decoder's own tensors (cast to its dtype), after checking names and shapes."""
+    missing, extra = sorted(expected - set(own)), sorted(set(own) - expected)
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, not one of this fork's own tensors"
+        raise MemdecError(f"{file}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
+    state = decoder.state_dict()
+    for name, tensor in own.items():
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise MemdecError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}")
+    decoder.load_state_dict(own, strict=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading any shape
+
+
+def shape_of(info: dict) -> DecoderShape:
+    """The shape recorded in a checked ``memdec.json`` (``copy`` where it records none)."""
+    record = info.get("decoder") or {"shape": "copy"}
+    return SHAPES[record["shape"]].from_record(record)
+
+
+def load_decoder(folder: str | Path, info: dict, base):
+    """The memory decoder saved in ``folder`` (``info``: its ``memdec.json``, read with
+    ``memdec.checkpoint.read_memdec_json``), for use with ``base``, on its device and in its dtype."""
+    check_decoder_record(info.get("decoder"), Path(folder) / "memdec.json")
+    return shape_of(info).load(folder, info, base)
