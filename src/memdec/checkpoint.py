@@ -8,7 +8,9 @@
   ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``, ``decoder`` (the decoder's
   shape, ``memdec.decoders``: absent or ``{"shape": "copy"}`` for a full model folder;
   ``{"shape": "fork", "blocks": K, "trunk_hash": sha256 hex, "trunk_dtype": "float32"}`` for a fork,
-  whose folder holds only its own blocks in ``decoder.safetensors``; ``DECODER_RECORDS``).
+  whose folder holds only its own blocks in ``decoder.safetensors``; ``{"shape": "lora", "rank": R,
+  "blocks": K, "alpha": a, "targets": [...], "trunk_hash": ..., "trunk_dtype": ...}`` for LoRA adapters
+  on the top K blocks, whose ``decoder.safetensors`` holds only the adapters; ``DECODER_RECORDS``).
 - **Baseline folder**: what its method saves (a model folder, a peft adapter) plus ``baseline.json``
   (``BASELINE_JSON``): ``format`` ("memdec-baseline"), ``version``, ``method`` (one of the names the
   reader is given: ``memdec.baselines``' registry), ``base_model``, ``tokenizer_hash``,
@@ -89,6 +91,13 @@ DECODER_RECORDS = {  # memdec.json "decoder": each shape's fields (besides "shap
         "trunk_hash": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
         "trunk_dtype": lambda v: isinstance(v, str) and v.isidentifier(),
     },
+}
+DECODER_RECORDS["lora"] = {  # peft LoRA adapters on the top blocks; the trunk (hashed) is the whole base
+    **DECODER_RECORDS["fork"],
+    "rank": DECODER_RECORDS["fork"]["blocks"],
+    "alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+    "targets": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(t, str) and t.isidentifier() for t in v)
+    and len(set(v)) == len(v),
 }
 
 

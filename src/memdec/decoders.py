@@ -1,6 +1,6 @@
 """Decoder shapes: how a memory decoder is made from its base model, saved and loaded.
 
-A shape is named by a spec (``--decoder`` some day): ``copy`` or ``fork:K``. Each shape registers
+A shape is named by a spec (``--decoder`` some day): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each shape registers
 itself in ``SHAPES`` (name -> class); ``parse_shape(spec)`` gives an instance, or one MemdecError line.
 
 - ``copy``: today's decoder, a full, separate copy of the base (a Hugging Face model folder).
@@ -15,6 +15,11 @@ itself in ``SHAPES`` (name -> class); ``parse_shape(spec)`` gives an instance, o
   base with the same tokenizer, the base named in ``memdec.json`` is loaded and the decoder is built
   on it, as a separate model. Sharing never changes a result: a fork mixed with its own base gives
   what the same decoder gives as a separate full model.
+- ``lora:R[@K]``: a fork (a subclass) whose top K blocks (all by default) are new module objects
+  holding the base's own weight tensors, frozen, with peft LoRA adapters of rank R on the attention
+  and MLP projections; the norm is the base's too. ``decoder.safetensors`` holds the adapters only;
+  ``memdec.json`` records ``rank``, ``blocks``, ``alpha``, ``targets`` and the hash of the whole base.
+  Against another base it loads as that base's copy with the deltas merged (``LoraShape.materialise``).
 
 Architectures: those whose causal LM keeps its blocks in ``model.layers`` and its final norm in
 ``model.norm`` (Llama, SmolLM2, Gemma 3, Qwen, Mistral...); others get one line.
@@ -74,6 +79,12 @@ class DecoderShape:
         """The shape described by a checked ``memdec.json`` ``decoder`` record."""
         raise NotImplementedError
 
+    @classmethod
+    def recognise(cls, base, decoder, split: int | None) -> "DecoderShape | None":
+        """This kind of shape, as ``decoder`` (paired with ``base``; ``split``: ``shared_split(base,
+        decoder)``) has it, or None. ``decoder_shape`` asks the shapes registered last first."""
+        return None
+
     @property
     def spec(self) -> str:
         """The spec that parses back to this shape."""
@@ -125,6 +136,10 @@ class CopyShape(DecoderShape):
     def from_record(cls, record: dict) -> "CopyShape":
         return cls()
 
+    @classmethod
+    def recognise(cls, base, decoder, split: int | None) -> "CopyShape | None":
+        return cls() if split is None else None
+
     def build(self, base):
         decoder = copy.deepcopy(base)
         decoder.requires_grad_(True)
@@ -155,7 +170,12 @@ def blocks_and_norm(model) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
 def _own_prefixes(model, split: int) -> tuple[str, ...]:
     """Qualified-name prefixes ("model.layers.7.", "model.norm.") of the modules a fork owns."""
     layers, norm = blocks_and_norm(model)
-    own = {id(m) for m in [*layers[split:], norm]}
+    return _prefixes_of(model, [*layers[split:], norm])
+
+
+def _prefixes_of(model, modules: list[torch.nn.Module]) -> tuple[str, ...]:
+    """Qualified-name prefixes ("model.layers.7.") of ``modules`` inside ``model``."""
+    own = {id(m) for m in modules}
     return tuple(f"{name}." for name, m in model.named_modules() if id(m) in own)
 
 
@@ -167,12 +187,16 @@ def trunk_hash(model, blocks: int) -> str:
     """sha256 (hex) of what a fork with ``blocks`` own blocks takes from ``model``: the name, shape,
     dtype and bytes of every tensor of its state dict outside the last ``blocks`` blocks and the final
     norm (embeddings, the first L−K blocks, an untied head), each storage once. ~0.2 s per 100 MB."""
-    split = _split(model, blocks)
-    prefixes = _own_prefixes(model, split)
+    prefixes = _own_prefixes(model, _split(model, blocks))
+    return _hash_tensors((name, t) for name, t in model.state_dict().items() if not _is_own(name, prefixes))
+
+
+def _hash_tensors(named) -> str:
+    """sha256 (hex) of the name, shape, dtype and bytes of each (name, tensor), each storage once."""
     digest, seen = hashlib.sha256(), set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in named:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if _is_own(name, prefixes) or key in seen:
+        if key in seen:
             continue
         seen.add(key)
         digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
@@ -180,11 +204,11 @@ def trunk_hash(model, blocks: int) -> str:
     return digest.hexdigest()
 
 
-def _split(model, blocks: int) -> int:
-    """L − K for a model of L blocks; MemdecError unless 1 <= K <= L."""
+def _split(model, blocks: int, spec: str | None = None) -> int:
+    """L − K for a model of L blocks; MemdecError (naming ``spec``, default ``fork:K``) unless 1 <= K <= L."""
     n = len(blocks_and_norm(model)[0])
     if not 1 <= blocks <= n:
-        raise MemdecError(f"decoder shape 'fork:{blocks}': the number of own blocks must lie in 1..{n} "
+        raise MemdecError(f"decoder shape {spec or f'fork:{blocks}'!r}: the number of own blocks must lie in 1..{n} "
                           f"(the base model has {n} blocks)")
     return n - blocks
 
@@ -192,7 +216,12 @@ def _split(model, blocks: int) -> int:
 def _shared_memo(base, split: int) -> dict:
     """A ``copy.deepcopy`` memo that maps every module, parameter and buffer of ``base`` outside the
     fork's own modules (and their ancestors) to itself: deepcopy then shares them."""
-    prefixes = _own_prefixes(base, split)
+    return _memo_outside(base, _own_prefixes(base, split))
+
+
+def _memo_outside(base, prefixes: tuple[str, ...]) -> dict:
+    """A ``copy.deepcopy`` memo that maps every module, parameter and buffer of ``base`` outside the
+    modules named by ``prefixes`` (and their ancestors) to itself."""
     owned = [name[:-1] for name in prefixes]
     memo: dict[int, object] = {}
     for name, module in base.named_modules():
@@ -248,6 +277,10 @@ class ForkShape(DecoderShape):
     def from_record(cls, record: dict) -> "ForkShape":
         return cls(record["blocks"])
 
+    @classmethod
+    def recognise(cls, base, decoder, split: int | None) -> "ForkShape | None":
+        return None if split is None else cls(len(blocks_and_norm(decoder)[0]) - split)
+
     @property
     def spec(self) -> str:
         return f"{self.name}:{self.blocks}"
@@ -274,8 +307,16 @@ class ForkShape(DecoderShape):
         """``decoder.safetensors`` (atomic): the own tensors only. The record names the trunk by its hash."""
         tensors = {k: v.detach().contiguous() for k, v in self.own_tensors(decoder).items()}
         atomic_write(Path(folder) / OWN_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        return {"shape": self.name, "blocks": self.blocks, "trunk_hash": trunk_hash(decoder, self.blocks),
+        return self.record(decoder)
+
+    def record(self, decoder) -> dict:
+        """The ``memdec.json`` ``decoder`` record of ``decoder``, a decoder of this shape."""
+        return {"shape": self.name, "blocks": self.blocks, "trunk_hash": self.hash_trunk(decoder),
                 "trunk_dtype": str(decoder.dtype).removeprefix("torch.")}
+
+    def hash_trunk(self, model) -> str:
+        """``trunk_hash`` of what a decoder of this shape takes from ``model`` (a base, or such a decoder)."""
+        return trunk_hash(model, self.blocks)
 
     def load(self, folder: str | Path, info: dict, base):
         """Build on ``base`` if its trunk is the recorded one, else on the base named in ``memdec.json``
@@ -292,14 +333,14 @@ class ForkShape(DecoderShape):
         another shape: any base with the decoder's tokenizer takes a separate decoder)."""
         record = info["decoder"]
         try:
-            mine = trunk_hash(base, self.blocks)
+            mine = self.hash_trunk(base)
         except MemdecError:  # another architecture, or fewer blocks: certainly another trunk
             mine = None
         if mine == record["trunk_hash"]:
             return base
         recorded, _ = load_model(info["base_model"], device=str(base.device), dtype=base.dtype)
         self.check(recorded)
-        theirs = trunk_hash(recorded, self.blocks)
+        theirs = self.hash_trunk(recorded)
         same_dtype = str(base.dtype).removeprefix("torch.") == record["trunk_dtype"]
         if same_dtype and theirs != record["trunk_hash"]:
             raise MemdecError(f"{file.parent}: the base model {info['base_model']!r} named in memdec.json no longer "
@@ -307,10 +348,10 @@ class ForkShape(DecoderShape):
         return base if theirs == mine else recorded
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, what: str = "a fork memory decoder keeps its own blocks there") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, on CPU; one MemdecError line if missing or unreadable."""
     if not file.is_file():
-        raise MemdecError(f"{file}: missing; a fork memory decoder keeps its own blocks there")
+        raise MemdecError(f"{file}: missing; {what}")
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -331,6 +372,165 @@ def _load_own(decoder, own: dict[str, torch.Tensor], expected: set[str], file: P
 
 
 # --------------------------------------------------------------------------------------------
+# lora:R[@K]: the base whole, shared; LoRA adapters of rank R on its top K blocks, its own
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama, Gemma 3, Qwen
+_LORA_TENSOR = re.compile(r"\.lora_[AB]\.")  # a LoRA matrix's state-dict name: "...q_proj.lora_A.default.weight"
+_ADAPTER = "default"  # peft's adapter name; part of the tensor names in decoder.safetensors
+
+
+@register
+class LoraShape(ForkShape):
+    """``lora:R[@K]``: a fork whose top K blocks (all L by default) are new module objects holding the
+    base's OWN weight tensors (shared, frozen), with peft LoRA adapters of rank R on the attention
+    and MLP projections (``LORA_TARGETS``); the final norm, the embeddings and the head are the
+    base's. Only the adapters train and are saved. ``trunk_hash`` covers the whole base: every base
+    tensor is used. Against another base, ``load`` gives a separate full model: the recorded base
+    with the adapters' deltas merged into its weights (``materialise``)."""
+
+    name = "lora"
+
+    def __init__(self, rank: int, blocks: int | None = None, alpha: float | None = None,
+                 targets: tuple[str, ...] = LORA_TARGETS):
+        super().__init__(blocks)
+        self.rank, self.targets = rank, tuple(targets)
+        self.alpha = rank if alpha is None else alpha
+
+    @classmethod
+    def parse(cls, arg: str | None, spec: str) -> "LoraShape":
+        match = re.fullmatch(r"([0-9]+)(?:@([0-9]+))?", arg or "")
+        if match is None or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
+            raise MemdecError(f"decoder shape {spec!r}: give the LoRA rank and, after '@', the number of adapted "
+                              f"top blocks (default all), positive integers, as in 'lora:16' or 'lora:16@8'")
+        return cls(int(match[1]), None if match[2] is None else int(match[2]))
+
+    @classmethod
+    def from_record(cls, record: dict) -> "LoraShape":
+        return cls(record["rank"], record["blocks"], record["alpha"], tuple(record["targets"]))
+
+    @classmethod
+    def recognise(cls, base, decoder, split: int | None) -> "LoraShape | None":
+        """The shape of a fork of ``base`` whose own blocks hold LoRA layers (read off the first one)."""
+        if split is None:
+            return None
+        layers, _ = blocks_and_norm(decoder)
+        found = {name.rsplit(".", 1)[-1]: m for name, m in layers[split].named_modules() if _is_lora_layer(m)}
+        if not found:
+            return None
+        first = next(iter(found.values()))
+        targets = sorted(found, key=lambda t: (LORA_TARGETS.index(t) if t in LORA_TARGETS else len(LORA_TARGETS), t))
+        return cls(first.r[_ADAPTER], len(layers) - split, first.lora_alpha[_ADAPTER], tuple(targets))
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.rank}" + ("" if self.blocks is None else f"@{self.blocks}")
+
+    def __eq__(self, other) -> bool:
+        return super().__eq__(other) and (other.alpha, other.targets) == (self.alpha, self.targets)
+
+    def __hash__(self) -> int:
+        return hash((self.spec, self.alpha, self.targets))
+
+    def _top(self, model) -> int:
+        """L − K for ``model`` (K: the adapted blocks, all L where the spec names none); MemdecError if bad."""
+        n = len(blocks_and_norm(model)[0])
+        return _split(model, n if self.blocks is None else self.blocks, self.spec)
+
+    def check(self, base) -> None:
+        """K within 1..L, and every target a ``torch.nn.Linear`` in each adapted block; peft installed."""
+        layers, _ = blocks_and_norm(base)
+        for i in range(self._top(base), len(layers)):
+            modules = {name.rsplit(".", 1)[-1]: m for name, m in layers[i].named_modules()}
+            for target in self.targets:
+                if not isinstance(modules.get(target), torch.nn.Linear):
+                    linear = sorted(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))
+                    raise MemdecError(f"decoder shape {self.spec!r}: block {i} of the base model has no linear layer "
+                                      f"{target!r} (its linear layers: {', '.join(linear)})")
+        _peft()
+
+    def build(self, base):
+        """The base's modules, shared, but for new top-K block objects whose frozen weight tensors are
+        the base's own (a deepcopy memo maps them to themselves), with LoRA injected by peft (A random,
+        B = 0: the decoder starts as the base). Trainable: the LoRA matrices only."""
+        self.check(base)
+        layers, _ = blocks_and_norm(base)
+        split = self._top(base)
+        memo = _memo_outside(base, _prefixes_of(base, list(layers[split:])))
+        memo.update({id(t): t for block in layers[split:] for t in [*block.parameters(), *block.buffers()]})
+        decoder = copy.deepcopy(base, memo)
+        config = _peft().LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
+                                    target_modules=list(self.targets), bias="none")
+        _peft().inject_adapter_in_model(config, blocks_and_norm(decoder)[0][split:], adapter_name=_ADAPTER)
+        for name, param in decoder.named_parameters():
+            param.requires_grad_(_LORA_TENSOR.search(name) is not None)
+        return decoder
+
+    def own_tensors(self, decoder) -> dict[str, torch.Tensor]:
+        """The LoRA matrices, by state-dict name (``model.layers.i.self_attn.q_proj.lora_A.default.weight``)."""
+        return {k: v for k, v in decoder.state_dict().items() if _LORA_TENSOR.search(k)}
+
+    def record(self, decoder) -> dict:
+        return {"shape": self.name, "rank": self.rank, "blocks": len(blocks_and_norm(decoder)[0]) - self._top(decoder),
+                "alpha": self.alpha, "targets": list(self.targets), "trunk_hash": self.hash_trunk(decoder),
+                "trunk_dtype": str(decoder.dtype).removeprefix("torch.")}
+
+    def hash_trunk(self, model) -> str:
+        """``trunk_hash`` of the whole base: ``model``'s state dict without LoRA matrices, each peft
+        ``base_layer`` under the name it has in the base (a base and its LoRA decoder hash alike)."""
+        blocks_and_norm(model)
+        return _hash_tensors((k.replace(".base_layer.", "."), v) for k, v in model.state_dict().items()
+                             if not _LORA_TENSOR.search(k))
+
+    def load(self, folder: str | Path, info: dict, base):
+        """On ``base`` where its weights are the recorded ones (shared); else a separate full model: the
+        base named in ``memdec.json`` with the deltas merged. Safetensors only: nothing is unpickled."""
+        file = Path(folder).expanduser() / OWN_WEIGHTS
+        own = _read_safetensors(file, "a lora memory decoder keeps its adapters there")
+        source = self._trunk_source(info, base, file)
+        decoder = self.build(source)
+        _load_own(decoder, own, set(self.own_tensors(decoder)), file)
+        if source is not base:  # nothing else holds the recorded base: merge into its own weights
+            decoder = _merge_lora(decoder)
+        return decoder.eval()
+
+    def materialise(self, decoder):
+        """A separate full model equal to ``decoder``: a copy of its base with each adapted weight
+        W + (alpha / R)·B·A, and no adapters (a plain Hugging Face model)."""
+        return _merge_lora(copy.deepcopy(decoder)).eval()
+
+
+def _peft():
+    """The peft package, or one MemdecError line."""
+    try:
+        import peft
+    except ImportError:
+        raise MemdecError("decoder shape 'lora' needs the peft package: pip install 'memdec[baselines]'") from None
+    return peft
+
+
+def _is_lora_layer(module) -> bool:
+    """Whether ``module`` is a peft LoRA layer holding this module's adapter (no peft import needed)."""
+    lora_a = getattr(module, "lora_A", None)
+    return isinstance(lora_a, torch.nn.ModuleDict) and _ADAPTER in lora_a and hasattr(module, "get_base_layer")
+
+
+def _merge_lora(decoder):
+    """``decoder`` with every LoRA layer replaced, in place, by its base layer whose weight (a tensor
+    ``decoder`` may share: give it a decoder nothing else uses) gains the layer's delta scale·B·A."""
+    for parent in list(decoder.modules()):
+        for name, child in list(parent.named_children()):
+            if not _is_lora_layer(child):
+                continue
+            layer = child.get_base_layer()
+            a, b = child.lora_A[_ADAPTER].weight, child.lora_B[_ADAPTER].weight
+            with torch.no_grad():
+                delta = (b.float() @ a.float()) * child.scaling[_ADAPTER]
+                layer.weight.add_(delta.to(layer.weight.dtype))
+            setattr(parent, name, layer)
+    return decoder
+
+
+# --------------------------------------------------------------------------------------------
 # Loading any shape
 
 
@@ -338,6 +538,18 @@ def shape_of(info: dict) -> DecoderShape:
     """The shape recorded in a checked ``memdec.json`` (``copy`` where it records none)."""
     record = info.get("decoder") or {"shape": "copy"}
     return SHAPES[record["shape"]].from_record(record)
+
+
+def decoder_shape(base, decoder) -> DecoderShape:
+    """The shape ``decoder`` has, paired with ``base`` (``copy`` where it shares nothing with it): the
+    first of the registered shapes, last registered first (a subclass before its parent), to
+    recognise it. What ``MemoryDecoderModel.save_pretrained`` saves it as."""
+    split = shared_split(base, decoder)
+    for cls in reversed(list(SHAPES.values())):
+        shape = cls.recognise(base, decoder, split)
+        if shape is not None:
+            return shape
+    raise MemdecError(f"no decoder shape recognises a {type(decoder).__name__} paired with a {type(base).__name__}")
 
 
 def load_decoder(folder: str | Path, info: dict, base):

@@ -50,7 +50,7 @@ from .checkpoint import (
     write_memdec_json,
 )
 from .checks import check_lambda, check_temperature
-from .decoders import ForkShape, blocks_and_norm, load_decoder, shared_split
+from .decoders import blocks_and_norm, decoder_shape, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
 from .loss import LMHead, lm_head
 from .models import load_model, tokenizer_fingerprint, vocab_rows
@@ -273,11 +273,10 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         info.update({"lambda": self.lmbda, "temperature": self.temperature})
         folder = Path(folder)
         info.pop("decoder", None)
-        split = shared_split(self.base, self.memdec)
-        if split is None:
+        if shared_split(self.base, self.memdec) is None:
             self.memdec.save_pretrained(folder, **kwargs)
-        else:  # a fork of this base: its own blocks only
-            info["decoder"] = ForkShape(len(blocks_and_norm(self.memdec)[0]) - split).save(self.memdec, folder)
+        else:  # a fork of this base (fork:K, lora:R@K...): what it owns only
+            info["decoder"] = decoder_shape(self.base, self.memdec).save(self.memdec, folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         write_memdec_json(folder, info)  # last: it commits the checkpoint
