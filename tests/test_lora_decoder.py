@@ -14,6 +14,7 @@ search, a resumed cache, λ = 0, cache reordering) are imported below and run he
 import copy
 import json
 import struct
+import sys
 
 import pytest
 import torch
@@ -94,6 +95,12 @@ def test_bad_specs_are_one_line(spec):
     with pytest.raises(MemdecError, match=r"give the LoRA rank and, after '@', the number of adapted top blocks") as err:
         parse_shape(spec)
     assert str(err.value).startswith(f"decoder shape {spec!r}: ") and "\n" not in str(err.value)
+
+
+def test_a_missing_peft_is_one_line_at_parse_time(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+    with pytest.raises(MemdecError, match=r"^decoder shape 'lora' needs the peft package: pip install"):
+        parse_shape("lora:8")
 
 
 def test_specs_parse_and_print_back():

@@ -402,6 +402,7 @@ class LoraShape(ForkShape):
         if match is None or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
             raise MemdecError(f"decoder shape {spec!r}: give the LoRA rank and, after '@', the number of adapted "
                               f"top blocks (default all), positive integers, as in 'lora:16' or 'lora:16@8'")
+        _peft()  # before any model loads
         return cls(int(match[1]), None if match[2] is None else int(match[2]))
 
     @classmethod
@@ -477,7 +478,7 @@ class LoraShape(ForkShape):
     def hash_trunk(self, model) -> str:
         """``trunk_hash`` of the whole base: ``model``'s state dict without LoRA matrices, each peft
         ``base_layer`` under the name it has in the base (a base and its LoRA decoder hash alike)."""
-        blocks_and_norm(model)
+        blocks_and_norm(model)  # one line for an architecture no LoRA decoder is built on
         return _hash_tensors((k.replace(".base_layer.", "."), v) for k, v in model.state_dict().items()
                              if not _LORA_TENSOR.search(k))
 
