@@ -79,3 +79,13 @@ def test_the_module_table_has_one_row_per_module():
     assert len(rows) == len(set(rows)), "a module has two rows"
     assert sorted(package_modules() - set(rows)) == [], "modules without a row in docs/architecture.md"
     assert sorted(set(rows) - package_modules()) == [], "rows of docs/architecture.md naming no module"
+
+
+def test_every_command_checks_its_config_with_check_config():
+    """One name for the job across modules (issue 25): the builder's check is ``check_config`` as in adapt,
+    train, evaluate, serve and baselines, and no module keeps a private ``_check_config``."""
+    from memdec import adapt, baselines, datastore, evaluate, serve, train
+
+    for module in (adapt, baselines, datastore, evaluate, serve, train):
+        assert callable(module.check_config), module.__name__
+    assert [p.name for p in PACKAGE.rglob("*.py") if "def _check_config(" in p.read_text(encoding="utf-8")] == []
