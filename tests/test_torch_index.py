@@ -230,7 +230,8 @@ index = m.build_index(keys)
 assert m.index_kind(index) == "torch" and m.auto_nprobe(index, 10) == 0 and m.to_gpu(index) is index
 dists, ids = m.search(index, keys[:5], 3)
 assert (ids[:, 0] == np.arange(5)).all()
-for call in (lambda: m.load_index({str(faiss_file)!r}), lambda: m.build_index(keys, "flat")):
+disk = lambda: m.build_ondisk_index(keys, {str(tmp_path / "disk.faiss")!r}, m.IndexParams("ivfpq-disk"))
+for call in (lambda: m.load_index({str(faiss_file)!r}), lambda: m.build_index(keys, "flat"), disk):
     try:
         call()
     except DatastoreError as exc:

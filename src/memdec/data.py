@@ -24,7 +24,9 @@ import hashlib
 import itertools
 import json
 import lzma
+import platform
 import re
+import sysconfig
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -112,8 +114,6 @@ def _read_builtin(name: str) -> list[Document]:
 
 def stdlib_root() -> Path:
     """The standard library's folder of this Python (``sysconfig.get_paths()["stdlib"]``)."""
-    import sysconfig
-
     return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -180,8 +180,6 @@ def corpus_source(spec: str) -> dict | None:
     parsed = _parse_stdlib_spec(spec)
     if parsed is None:
         return None
-    import platform
-
     digest, files, chars = hashlib.sha256(), 0, 0
     for d in _read_stdlib(*parsed):
         digest.update(f"{d.source}\0{len(d.text)}\0".encode())

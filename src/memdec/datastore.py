@@ -207,7 +207,9 @@ def _say(cfg: DatastoreConfig, msg: str) -> None:
         print(f"memdec datastore: {msg}", file=sys.stderr, flush=True)
 
 
-def _check_config(cfg: DatastoreConfig) -> None:
+def check_config(cfg: DatastoreConfig) -> None:
+    """DatastoreError (one line, naming the flag) for any bad setting of ``cfg``: called before any model
+    loads or any file is written, as every command's ``check_config``."""
     check_kind(cfg.index)
     if cfg.k is not None and (not isinstance(cfg.k, int) or cfg.k < 1):
         raise DatastoreError(f"--k must be a whole number >= 1, got {cfg.k}")
@@ -985,7 +987,7 @@ def build_datastore(cfg: DatastoreConfig, on_chunk: Callable[[str, int], None] |
     been written and recorded (used by tests to simulate an interruption).
     Raises DatastoreError on bad input, before anything already written is touched.
     """
-    _check_config(cfg)
+    check_config(cfg)
     out = Path(cfg.out).expanduser()
     cfg = _with_target_defaults(cfg, out)
     ranks = launched_ranks(resolve_device(cfg.device))

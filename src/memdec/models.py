@@ -32,6 +32,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelSpecError, TokenizerMismatchError, one_line
@@ -120,9 +122,7 @@ def resolve_model_spec(spec: str) -> ResolvedModel:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hub_constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
@@ -207,8 +207,6 @@ def local_model_folder(spec: str) -> str:
 
 
 def _hub_folder(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:

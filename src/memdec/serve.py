@@ -33,6 +33,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .checkpoint import MEMDEC_JSON, check_checkpoint_tokenizer, read_memdec_json
 from .checks import check_context, check_device, check_lambda
@@ -828,8 +829,6 @@ class Engine:
 
     def run(self, batch: list[tuple[Job, list[Row]]]) -> None:
         """One generate() call for the rows of ``batch`` (jobs that share one batch key, and their rows)."""
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         req = batch[0][0].req
         hook = StepHook(batch, self.models)
         rows = [row for row, _ in hook.pairs]
@@ -1140,8 +1139,6 @@ def banner(models: Models, cfg: ServeConfig) -> str:
 
 def serve(cfg: ServeConfig) -> None:
     """Check the arguments, load the models, and serve until SIGINT or SIGTERM."""
-    import signal
-
     import uvicorn
 
     plan = check_config(cfg)

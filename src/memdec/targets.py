@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .checks import check_temperature
 from .errors import DatastoreError
@@ -147,8 +148,6 @@ def drop_self_torch(dists, ids, query_ids):
     """``drop_self`` on torch tensors (one device): dists [B, k+1], ids int64 [B, k+1],
     query_ids int64 [B] -> (dists [B, k], ids [B, k]), each row's own entry removed (its
     farthest where its own id is absent), order kept."""
-    import torch
-
     b, k1 = ids.shape
     pos = torch.arange(k1, device=ids.device)
     first_self = torch.where(ids == query_ids[:, None], pos, k1).amin(dim=1)
@@ -161,8 +160,6 @@ def _segment_sums_torch(weights, run_start):
     """Inclusive sums of ``weights`` float64 [B, k] within runs (``run_start`` bool [B, k] marks
     each run's first entry): a log2(k)-step scan, so a run's last entry holds the run's sum.
     Deterministic on CUDA, unlike a float scatter_add (atomics), so reruns write equal bytes."""
-    import torch
-
     k = weights.shape[1]
     run_id = torch.cumsum(run_start, dim=1)
     sums, shift = weights.clone(), 1
@@ -190,8 +187,6 @@ def knn_distribution_torch(
     float64; each row's values are sorted, runs summed by ``_segment_sums_torch``, and the run
     totals sorted per row (stable, so ties stay in token order): no loop over rows.
     """
-    import torch
-
     if top_m is not None and top_m < 1:
         raise DatastoreError(f"top-m must be at least 1, got {top_m}")
     check_temperature(temperature, "the kNN temperature", DatastoreError)
@@ -233,11 +228,7 @@ def knn_target_logprob(dists, neighbour_values, targets, temperature: float):
     [B] on their device).
     """
     check_temperature(temperature, "the kNN temperature", DatastoreError)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        torch = None
-    if torch is not None and isinstance(dists, torch.Tensor):
+    if isinstance(dists, torch.Tensor):
         values = torch.as_tensor(neighbour_values, device=dists.device)
         valid = values >= 0
         logits = (-dists.double() / temperature).masked_fill(~valid, float("-inf"))

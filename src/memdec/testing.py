@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from .data import read_corpus
 
@@ -19,10 +21,6 @@ TINY_PAD = "<|pad|>"
 
 def tiny_tokenizer(vocab_size: int = 384, n_chars: int = 60_000):
     """A fast byte-level BPE tokenizer trained on the start of ``austen:valid``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-
     text = read_corpus("austen:valid")[0].text[:n_chars]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,23 +44,17 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, hidden: int = 64,
     which attends globally, as Gemma 3's 5:1 pattern does at full size.
     """
     if arch == "llama":
-        from transformers import LlamaConfig
-
         cfg = LlamaConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1,
         )
     elif arch == "gpt2":
-        from transformers import GPT2Config
-
         cfg = GPT2Config(
             vocab_size=vocab_size, n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=context,
             bos_token_id=0, eos_token_id=0, pad_token_id=1,
         )
     elif arch == "gemma3":
-        from transformers import Gemma3TextConfig
-
         n_layers = max(n_layers, 3)
         cfg = Gemma3TextConfig(
             vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
@@ -80,8 +72,6 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, hidden: int = 64,
 
 def tiny_model(arch: str, tokenizer, seed: int = 0, **config_kwargs):
     """A randomly initialised causal LM in eval mode, fp32."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **config_kwargs))
     return model.float().eval()

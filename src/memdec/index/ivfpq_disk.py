@@ -64,9 +64,9 @@ def build_ondisk_index(
     interrupted build resumes at its first missing shard. Memory: one shard's codes
     (``shard_keys`` × pq_m bytes) and ``add_batch`` fp32 keys at a time.
     """
-    from faiss.contrib.ondisk import merge_ondisk
-
     faiss, path = _faiss(), Path(path)
+    from faiss.contrib.ondisk import merge_ondisk  # after _faiss(): a missing faiss is its one line
+
     if params.kind != "ivfpq-disk":
         raise DatastoreError(f"build_ondisk_index builds ivfpq-disk indexes, not {params.kind}")
     folder = path.with_name(f".{path.name}.shards")
