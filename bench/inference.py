@@ -16,6 +16,15 @@ For GPU runs, ``--arch gpt2 --size xl`` builds a randomly initialised GPT-2 base
     python bench/inference.py --arch gpt2 --size xl --memdec-size small --device cuda --json r.json
 
 Each timing is the best of ``--repeats`` runs after a warm-up.
+
+Decoder shapes (``--decoder SPEC``, repeatable: ``copy``, ``fork:8``, any shape of
+``memdec.decoders``): one row per shape, printed (and written to ``--json``) as soon as it is
+measured: the cost of the base + decoder mixture, in seconds, over the base alone's, timed in turns
+with a base run of its own, for scoring and for greedy decoding. Each decoder is built from the base
+(``shape.build``): its weights are the base's, which changes nothing to its speed.
+
+    python bench/inference.py --decoder copy --decoder fork:8 --decoder fork:15 \
+        --score-tokens 1024 --block-size 1024 --stride 1024 --new-tokens 128 --json shapes.json
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memdec.scoring import Scorer, base_scorer, score_tokens
+from memdec.decoders import parse_shape
+from memdec.files import atomic_write_json
 from memdec.joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
+from memdec.scoring import Scorer, base_scorer, score_tokens
 
 GPT2_SIZES = {  # n_embd, n_layer, n_head
     "small": (768, 12, 12),
@@ -82,6 +93,8 @@ def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module, np.ndarray, st
         base, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         tokens = load_token_stream(args.corpus, tokenizer, args.score_tokens + 1)
         desc = args.model
+    if args.decoder:
+        return base, None, tokens, desc
     if args.memdec_size is not None:
         if args.arch != "gpt2":
             raise SystemExit("--memdec-size needs --arch gpt2")
@@ -133,6 +146,51 @@ def knnlm_system(base, memdec, datastore: str | None = None, lmbda: float = 0.25
 
 
 SYSTEMS = {"memdec": memdec_system, "knn-lm": knnlm_system}
+
+
+def own_params(base, decoder) -> int:
+    """Parameters of ``decoder`` that are not the base's own tensors (a shared trunk is not counted)."""
+    shared = {p.data_ptr() for p in base.parameters()}
+    return sum(p.numel() for p in decoder.parameters() if p.data_ptr() not in shared)
+
+
+def shape_system(base, spec: str, lmbda: float = 0.3) -> tuple[System, int]:
+    """(the base mixed with a decoder of shape ``spec`` built from it, the decoder's own parameters)."""
+    shape = parse_shape(spec)
+    shape.check(base)
+    decoder = shape.build(base).eval()
+    joint = MemoryDecoderModel(base, decoder, lmbda=lmbda)
+    note = "shared trunk" if joint.shares_trunk else "separate model"
+    return System(spec, joint.scorer(), lambda ids, new: greedy(joint, ids, new), note), own_params(base, decoder)
+
+
+def shape_rows(base, tokens: np.ndarray, prompt: torch.Tensor, args, result: dict) -> list[dict]:
+    """One row per ``--decoder`` spec, each timed in turns with a base run of its own, printed (and
+    written to ``--json``) as soon as it is measured."""
+    n_scored = len(tokens) - 1
+    print(f"\nscoring: {n_scored} tokens, block {args.block_size}, stride {args.stride}, batch {args.batch_size}; "
+          f"decoding: batch 1, {args.new_tokens} new tokens, greedy; cost = seconds of base + decoder / base alone")
+    print(f"{'decoder':<10} {'own params':>10} {'score cost':>10} {'decode cost':>11} {'base tok/s':>10} "
+          f"{'joint tok/s':>11}  note", flush=True)
+    rows = result["rows"]
+    for spec in args.decoder:
+        system, own = shape_system(base, spec)
+        score_s = interleaved_best({"base": scoring_run(base_scorer(base), tokens, args),
+                                    spec: scoring_run(system.scorer, tokens, args)}, args.repeats)
+        decode_s = interleaved_best({"base": decoding_run(lambda ids, new: greedy(base, ids, new), prompt, args),
+                                     spec: decoding_run(system.decode, prompt, args)}, args.repeats)
+        row = {"decoder": spec, "note": system.note, "own_params": own,
+               "scoring_cost": score_s[spec] / score_s["base"], "decoding_cost": decode_s[spec] / decode_s["base"],
+               "base_scoring_tok_s": n_scored / score_s["base"], "scoring_tok_s": n_scored / score_s[spec],
+               "base_decoding_tok_s": args.new_tokens / decode_s["base"],
+               "decoding_tok_s": args.new_tokens / decode_s[spec]}
+        rows.append(row)
+        print(f"{spec:<10} {own / 1e6:>9.1f}M {row['scoring_cost']:>9.3f}x {row['decoding_cost']:>10.3f}x "
+              f"{row['base_decoding_tok_s']:>10.1f} {row['decoding_tok_s']:>11.1f}  {system.note}", flush=True)
+        if args.json:
+            atomic_write_json(args.json, result)
+        del system
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,10 +267,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--knn", help="datastore built from the base model: adds the knn-lm rows")
     p.add_argument("--knn-k", type=int, default=1024)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--decoder", action="append", metavar="SPEC",
+                   help="a decoder shape (copy, fork:8, ...), repeatable: one row each, in place of --systems")
     args = p.parse_args(argv)
 
+    from memdec.errors import MemdecError
     from memdec.models import resolve_device
 
+    try:
+        for spec in args.decoder or []:  # before any model loads
+            parse_shape(spec)
+    except MemdecError as exc:
+        p.error(str(exc))
     args.device = resolve_device(args.device)
     if args.dtype == "auto":
         args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
@@ -225,6 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = torch.as_tensor(np.asarray(tokens[: args.prompt_tokens], dtype=np.int64))[None].to(args.device)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"{desc}; {args.device} ({device_name}), {args.dtype}, {torch.get_num_threads()} threads")
+    if args.decoder:
+        print(f"base {n_params(base) / 1e6:.1f}M parameters; decoders built from it: {', '.join(args.decoder)}")
+        result = {"setup": desc, "device": args.device, "device_name": device_name, "dtype": str(args.dtype),
+                  "threads": torch.get_num_threads(), "base_params": n_params(base), "score_tokens": len(tokens) - 1,
+                  "repeats": args.repeats, "block_size": args.block_size, "stride": args.stride,
+                  "new_tokens": args.new_tokens, "rows": []}
+        shape_rows(base, tokens, prompt, args, result)
+        return result
     print(f"base {n_params(base) / 1e6:.1f}M parameters, memory decoder {n_params(memdec) / 1e6:.1f}M")
 
     extra = {"knn-lm": dict(datastore=args.knn, k=args.knn_k)}

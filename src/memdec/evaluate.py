@@ -32,7 +32,7 @@ from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temper
 from .knowledge import memory_token_stream, recurring_positions
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
                      resolve_device, tokenizer_fingerprint)
-from .scoring import LAMBDA_GRID, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
+from .scoring import LAMBDA_GRID, Scorer, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
 from .tables import Column, render_columns
 
 
@@ -269,7 +269,9 @@ class Mixture:
     """A system that mixes the base model with a second distribution, scored token by token.
 
     ``nll[stream]`` [N] is -log p_other(token) on each stream (None where not scored),
-    ``seconds`` the time on the test stream (the mixture's speed also counts the base model's).
+    ``seconds`` the time on the test stream: of the second model alone (the mixture's speed then also
+    counts the base model's), or of both models where ``includes_base`` (a decoder on the base's
+    shared trunk, scored in one pass with it).
     """
 
     system: str  # "memdec" | "knn-lm" | "ce-decoder"
@@ -278,6 +280,11 @@ class Mixture:
     seconds: float
     default_lambda: float | None = None
     extra: dict = field(default_factory=dict)  # more keys for the row, e.g. the kNN temperature
+    includes_base: bool = False
+
+    def joint_seconds(self, seconds_base: float) -> float:
+        """Seconds of the mixture (base and second model) on the test stream."""
+        return self.seconds if self.includes_base else seconds_base + self.seconds
 
 
 @dataclass
@@ -376,8 +383,11 @@ def _load_key_model(retriever: KnnRetriever, inputs: EvalInputs):
 
 
 def _score_memdec(cfg, inputs: EvalInputs, system: str, path: str, joint: MemoryDecoderModel, budget=None) -> Mixture:
-    """A memory decoder (``MemoryDecoderModel``) scored alone on every stream, to be mixed with the base."""
-    nll, seconds = _score_each(cfg, inputs, joint.memdec_scorer(), system)
+    """A memory decoder (``MemoryDecoderModel``) scored alone on every stream, to be mixed with the base.
+    A decoder on the base's shared trunk is scored by the joint pass (``shared_memdec_scorer``): its
+    log-probs are the decoder's own, and its time is the mixture's, the trunk run once."""
+    scorer = shared_memdec_scorer(joint) if joint.shares_trunk else joint.memdec_scorer()
+    nll, seconds = _score_each(cfg, inputs, scorer, system)
     info = joint.memdec_info
     extra = {"trainable_parameters": info.get("trainable_parameters", info.get("n_parameters")),
              "train_seconds": info.get("train_seconds"), **(budget or {})}
@@ -388,7 +398,17 @@ def _score_memdec(cfg, inputs: EvalInputs, system: str, path: str, joint: Memory
                 extra["datastore_seconds"] = _datastore_seconds(info["datastore"], ("keys", "index", "targets"))
             except MemdecError:  # the datastore has moved: the row just lacks the number
                 pass
-    return Mixture(system, path, nll, seconds, joint.lmbda, extra)
+    return Mixture(system, path, nll, seconds, joint.lmbda, extra, includes_base=joint.shares_trunk)
+
+
+def shared_memdec_scorer(joint: MemoryDecoderModel) -> Scorer:
+    """The decoder's log-probs of the targets from one joint pass (``target_logprobs_pair``): on a
+    shared trunk, the base's forward, then the decoder's own blocks; the decoder alone, as a scorer."""
+
+    def score(input_ids, targets):
+        return joint.target_logprobs_pair(input_ids, targets)[1]
+
+    return score
 
 
 def _datastore_seconds(path: str, steps: tuple[str, ...]) -> float | None:
@@ -454,7 +474,7 @@ def _mixture_row(cfg: EvalConfig, mix: Mixture, base: dict, seconds_base: float)
     if cfg.sweep or cfg.plot:
         curve = {"lambda": lmbda, "test_ppl": [_finite_or_none(x) for x in lambda_curve(base["test"], mix.nll["test"])],
                  "valid_ppl": None if valid_curve is None else [_finite_or_none(x) for x in valid_curve]}
-    return make_row(mix.system, mix.model, nll, seconds_base + mix.seconds, lmbda, **extra), nll, curve
+    return make_row(mix.system, mix.model, nll, mix.joint_seconds(seconds_base), lmbda, **extra), nll, curve
 
 
 def _standalone_row(sa: Standalone, base: dict) -> ResultRow:

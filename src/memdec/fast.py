@@ -46,7 +46,7 @@ from transformers import GenerationMixin, StaticCache
 from transformers.generation.configuration_utils import GenerationMode
 
 from .errors import MemdecError
-from .scoring import causal_lm_logits, mix_logprobs, target_logprobs
+from .scoring import causal_lm_logits, mix_logprobs, scale_logits, target_logprobs
 from .joint import MemoryDecoderModel
 
 __all__ = ["FastJointGenerator", "fast_generate", "fast_scorer"]
@@ -381,9 +381,7 @@ def fast_scorer(joint: MemoryDecoderModel, lmbda: float | None = None):
         side[0].wait_stream(main)
         n = targets.shape[1]
         with torch.cuda.stream(side[0]):
-            mem_logits = causal_lm_logits(joint.memdec, input_ids, n)
-            if joint.temperature != 1.0:
-                mem_logits = mem_logits.float() / joint.temperature
+            mem_logits = scale_logits(causal_lm_logits(joint.memdec, input_ids, n), joint.temperature)
             lp_mem = target_logprobs(mem_logits, targets)
             del mem_logits
         lp_base = target_logprobs(causal_lm_logits(joint.base, input_ids, n), targets)

@@ -54,7 +54,7 @@ from .decoders import blocks_and_norm, decoder_shape, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
 from .loss import LMHead, lm_head
 from .models import load_model, tokenizer_fingerprint, vocab_rows
-from .scoring import Scorer, causal_lm_logits, mix_logprobs, target_logprobs
+from .scoring import Scorer, causal_lm_logits, mix_logprobs, scale_logits, target_logprobs
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -300,10 +300,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
 
     def memdec_logprobs(self, memdec_logits: torch.Tensor) -> torch.Tensor:
         """log_softmax(logits / T) in float32; [..., V] -> [..., V]."""
-        logits = memdec_logits.float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return F.log_softmax(logits, dim=-1)
+        return F.log_softmax(scale_logits(memdec_logits.float(), self.temperature), dim=-1)
 
     def mix_logits(self, base_logits: torch.Tensor, memdec_logits: torch.Tensor) -> torch.Tensor:
         """Mixed log-probs [..., V] from the two models' raw logits [..., V] (full rows)."""
@@ -434,10 +431,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             base_logits, mem_logits = base_logits[:, -n:], mem_logits[:, -n:]
         else:
             base_logits, mem_logits = causal_lm_logits(self.base, input_ids, n), causal_lm_logits(self.memdec, input_ids, n)
-        lp_base = target_logprobs(base_logits, targets)
-        if self.temperature != 1.0:
-            mem_logits = mem_logits.float() / self.temperature
-        return lp_base, target_logprobs(mem_logits, targets)
+        lp_mem = target_logprobs(scale_logits(mem_logits, self.temperature), targets)
+        return target_logprobs(base_logits, targets), lp_mem
 
     def scorer(self, lmbda: float | None = None) -> Scorer:
         """An ``evaluate`` scorer of the mixture: (input_ids, targets) -> log p(target) [B, n]."""
@@ -455,9 +450,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
 
         @torch.inference_mode()
         def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            logits = causal_lm_logits(model, input_ids, targets.shape[1])
-            if temperature != 1.0:
-                logits = logits.float() / temperature
+            logits = scale_logits(causal_lm_logits(model, input_ids, targets.shape[1]), temperature)
             return target_logprobs(logits, targets)
 
         return score
@@ -591,9 +584,7 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
             raise TokenizerMismatchError(
                 f"the memory decoder scores {mem_logits.shape[-1]} tokens but the base model {scores.shape[-1]}"
             )
-        if self.temperature != 1.0:
-            mem_logits = mem_logits / self.temperature
-        lp_mem = F.log_softmax(mem_logits, dim=-1).to(scores.device)
+        lp_mem = F.log_softmax(scale_logits(mem_logits, self.temperature), dim=-1).to(scores.device)
         lp_base = F.log_softmax(scores.float(), dim=-1)
         mixed = mix_logprobs(lp_base, lp_mem, self.lmbda)
         return mixed.masked_fill(torch.isneginf(scores), -math.inf)

@@ -47,6 +47,12 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return picked - lse.reshape(picked.shape)
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A memory decoder's logits divided by its temperature (``memdec.json`` ``temperature``), in
+    float32; at temperature 1 the logits themselves, unchanged (no copy, no cast)."""
+    return logits if temperature == 1.0 else logits.float() / temperature
+
+
 def causal_lm_logits(model, input_ids: torch.Tensor, n_keep: int, **kwargs) -> torch.Tensor:
     """Logits [B, n_keep, V] of the last ``n_keep`` positions only: the LM head skips the rest."""
     try:
