@@ -117,10 +117,11 @@ def test_the_router_sees_each_models_final_hidden_state(models, tokenizer):
     assert lam.std() > 0.05  # λ_t varies per position
     assert torch.allclose(got, want, atol=1e-5)
     # the scorer: the same mixture at the targets; generate with a cache: the same tokens as without
-    ids = enc["input_ids"][1:]
+    row = int(enc["attention_mask"].all(-1).nonzero()[0])  # the prompt without padding
+    ids = enc["input_ids"][row : row + 1]
     targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[:, -6:]
     scored = joint.scorer()(ids, targets)
-    assert torch.allclose(scored, want[1:, -6:].gather(-1, targets[..., None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(scored, want[row : row + 1, -6:].gather(-1, targets[..., None]).squeeze(-1), atol=1e-5)
     pad = tokenizer.pad_token_id
     cached = joint.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=pad)
     uncached = joint.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=pad, use_cache=False)

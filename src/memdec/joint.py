@@ -259,6 +259,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
 
         The decoder is loaded onto the base model's device, in its dtype.
         """
+        auto_router = auto_router and router is None and lmbda is None  # a λ given: the fixed mixture
         if isinstance(base_model, (str, Path)):
             base_model, loaded_tok = load_model(str(base_model))
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
@@ -271,7 +272,7 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         temperature = float(info.get("temperature") or 1.0) if temperature is None else temperature
         memdec = load_decoder(memdec_path, info, base_model)
         joint = cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
-        if router is None and auto_router and lmbda is None and is_router_folder(memdec_path):
+        if auto_router and is_router_folder(memdec_path):
             router = _auto_router(memdec_path)
         if router is not None:
             joint.router = router if isinstance(router, Router) else attach_router(joint, router, memdec_path)

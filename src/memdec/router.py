@@ -303,7 +303,7 @@ def fit_router(features: torch.Tensor, lp_base: torch.Tensor, lp_mem: torch.Tens
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         router.eval()
         held_now = evaluate_router(router, *held_args)
         epochs.append({"epoch": epoch, "train_loss": total / len(order), "held_loss": held_now["loss"],
