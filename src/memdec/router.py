@@ -127,8 +127,8 @@ class Router(nn.Module):
 
 
 class ConstantRouter(Router):
-    """λ_t = λ at every position: the fixed-λ mixture, bit for bit (its log-weights are the same
-    float64 constants ``memdec.scoring.mix_logprobs`` adds)."""
+    """λ_t = λ at every position: the fixed-λ mixture, bit for bit (its log-weights are the constants
+    ``memdec.scoring.mix_logprobs`` adds, log1p(−λ) and log λ, which a float32 add rounds alike)."""
 
     needs_features = False
 
