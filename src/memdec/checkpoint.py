@@ -16,6 +16,13 @@
   reader is given: ``memdec.baselines``' registry), ``base_model``, ``tokenizer_hash``,
   ``corpus_hash``, the budget keys and ``lambda`` (null but for a method mixed with the base, whose
   folder also holds a ``memdec.json``, so it loads as a memory decoder). This module names no method.
+- **Router folder** (``memdec router``, ``memdec.router``): ``router.safetensors`` (``ROUTER_WEIGHTS``, the
+  gate's tensors) and ``router.json`` (``ROUTER_JSON``, written last): ``format`` ("memdec-router"),
+  ``version`` (1), ``kind`` (``ROUTER_KINDS``: "mlp", or "constant" with its ``lambda``), ``d_base``,
+  ``d_mem`` (the two models' hidden sizes), ``hidden`` (the gate's width), ``scalars`` (the names of the
+  scalar features, in order), ``base_model``, ``tokenizer_hash``, ``decoder_fingerprint`` (the decoder's
+  weights it was trained for, ``decoder_fingerprint``); optional ``base_fingerprint``, ``decoder``,
+  ``fixed_lambda``, ``temperature``, ``train_config``, ``train_stats``, ``valid``.
 - **Adapt run folder**: ``settings.json``, ``memdec/`` (a checkpoint), ``datastore/``,
   ``baselines/METHOD/``: what ``eval --run`` and ``generate --run`` take (``run_paths``).
 
@@ -25,6 +32,7 @@ This module is the only reader and writer of these files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Collection
 from pathlib import Path
@@ -33,8 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from .checks import (COUNT, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, one_of,
-                     or_null)
+from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields,
+                     one_of, or_null, shown)
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object
 from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
@@ -201,6 +209,67 @@ def write_baseline_json(folder: str | Path, info: dict, method: str, mixed: bool
     if not mixed:
         meta["lambda"] = None  # evaluated alone
     atomic_write_json(folder / BASELINE_JSON, meta)
+
+
+# --- router folders ----------------------------------------------------------------------------
+
+
+ROUTER_JSON = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTER_FORMAT = "memdec-router"
+ROUTER_VERSION = 1
+ROUTER_KINDS = ("mlp", "constant")
+_ROUTER_FIELDS: dict[str, Kind] = {
+    "kind": one_of(*ROUTER_KINDS), "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
+    "base_model": TEXT, "tokenizer_hash": TEXT, "decoder_fingerprint": TEXT,
+}
+_ROUTER_OPTIONAL: dict[str, Kind] = {
+    "lambda": UNIT, "base_fingerprint": TEXT, "decoder": TEXT, "fixed_lambda": UNIT, "temperature": POSITIVE,
+    "train_config": OBJECT, "train_stats": OBJECT, "valid": OBJECT,
+}  # absent or null where a writer had none ("lambda": the constant of a "constant" router)
+
+
+def is_router_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding ``router.json`` (a router, or a checkpoint with one beside it)."""
+    return (Path(path).expanduser() / ROUTER_JSON).is_file()
+
+
+def read_router_json(path: str | Path) -> dict:
+    """The ``router.json`` of a router folder (or the file itself), every field checked: one MemdecError
+    line naming the file and the field."""
+    path = Path(path).expanduser()
+    file = path / ROUTER_JSON if path.is_dir() else path
+    if not path.exists():
+        raise MemdecError(f"{path}: no such router folder")
+    if not file.is_file():
+        raise MemdecError(f"{path}: not a router (no {ROUTER_JSON}; train one with `memdec router`)")
+    info = read_json_object(file, ROUTER_JSON)
+    check_fields(info, file, {"format": TEXT, "version": WHOLE})
+    if info["format"] != ROUTER_FORMAT or info["version"] != ROUTER_VERSION:
+        raise MemdecError(f"{file}: unsupported router format {info['format']!r} version {info['version']!r}")
+    check_fields(info, file, _ROUTER_FIELDS)
+    check_fields(info, file, _ROUTER_OPTIONAL, optional=True)
+    if not all(isinstance(name, str) for name in info["scalars"]):
+        raise MemdecError(f'{file}: field "scalars" must be a list of strings, got {shown(info["scalars"])}')
+    if info["kind"] == "constant":
+        check_field(info, "lambda", file, UNIT)
+    return info
+
+
+def write_router_json(folder: str | Path, info: dict) -> None:
+    """Write ``router.json`` (format and version added); written after the weights, it commits a router."""
+    atomic_write_json(Path(folder) / ROUTER_JSON, {**info, "format": ROUTER_FORMAT, "version": ROUTER_VERSION})
+
+
+def decoder_fingerprint(folder: str | Path) -> str:
+    """sha256 (16 hex digits) of a memory decoder's weights: every ``*.safetensors`` file of its folder
+    (name and bytes), so that a rewritten ``memdec.json`` (a new λ) keeps it and retrained weights do not."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        digest.update(f"{f.name}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 # --- adapt run folders ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
 from .report import format_summary
+from .routing import RouterConfig, format_router_summary, train_router
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
@@ -113,6 +114,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router(args: argparse.Namespace) -> int:
+    print(format_router_summary(train_router(config_from_args(RouterConfig, args))))
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = config_from_args(BaselineConfig, args)
     out = train_baseline(cfg)
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
          TransferConfig, {**TRAIN_HELP, **TRANSFER_HELP}, cmd_transfer),
         ("baseline", "train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`",
          BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP}, cmd_baseline),
+        ("router", "train a token router: λ_t per position between the base and a memory decoder, both frozen",
+         RouterConfig, None, cmd_router),
         ("eval", "perplexity of the base model, base+kNN-LM, base+MemDec and baselines, with a λ sweep",
          EvalConfig, EVAL_HELP, cmd_eval),
         ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",

@@ -4,7 +4,8 @@ A *corpus spec* is one string:
 
 - ``austen:train``, ``austen:valid``, ``austen:test``, ``austen:within`` (the built-in demo
   corpus: the first 90% of four novels, Northanger Abbey, Persuasion, and the last 10% of the
-  four training novels: held-out text that shares their characters and places), and ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting);
+  four training novels: held-out text that shares their characters and places), ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting) and
+  ``general:train`` (other essays of the same Factbook, disjoint from ``general:test`` by document: text to train on);
 - ``stdlib:train``, ``stdlib:valid``, ``stdlib:test``: the running Python's standard library source,
   one document per ``.py`` file, split 90/5/5 by module (``stdlib_split``); ``stdlib-notest:*``
   leaves out the test code;
@@ -50,6 +51,9 @@ BUILTIN_CORPORA: dict[str, list[str]] = {
     # general modern English, to measure forgetting: the background essay of every entry of the CIA World
     # Factbook (public domain; corpora/general/SOURCE.md says where it came from and how it was built)
     "general:test": ["factbook"],
+    # general text to train on (a router's general rows): other essays of the same Factbook entries (economy,
+    # demographics, disputes, environment, geography notes), disjoint from general:test by document
+    "general:train": ["factbook-train"],
 }
 
 # The Python standard library's own source, a code domain on every machine (``stdlib:SPLIT``; ``stdlib-notest:SPLIT``

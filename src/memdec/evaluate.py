@@ -21,13 +21,13 @@ from typing import Callable
 import numpy as np
 
 from .baselines import check_baseline, load_baseline, method_names
-from .checkpoint import apply_run
+from .checkpoint import apply_run, read_router_json
 from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
 from .data import load_token_stream
 from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
 from .errors import MemdecError
 from .files import atomic_write, atomic_write_json
-from .joint import MemoryDecoderModel
+from .joint import MemoryDecoderModel, attach_router
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
@@ -61,6 +61,7 @@ class EvalConfig:
     general: str | None = None  # a general-text corpus: every row gains its perplexity there (forgetting)
     general_max_tokens: int | None = None  # default: --max-tokens
     recurring: str | None = None  # a datastore (or corpus): report ppl on the names and numbers it shares with --corpus
+    router: str | None = None  # a `memdec router` folder: adds the "memdec+router" row (λ_t per position)
 
 
 EVAL_HELP = {
@@ -90,6 +91,8 @@ EVAL_HELP = {
     "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",
     "recurring": "a datastore folder (or corpus): also report perplexity on the names and numbers of --corpus "
                  "that recur in it (memdec.knowledge)",
+    "router": "a `memdec router` folder: adds the memdec+router row, the decoder mixed at the router's λ_t per "
+              "position (same tokens; on --general too); needs --memdec or --run",
 }
 
 
@@ -196,6 +199,10 @@ def _check_mixing_flags(cfg: EvalConfig) -> None:
     if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
         raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT, --knn DATASTORE "
                           "or --baseline DIR")
+    if cfg.router is not None:
+        if cfg.memdec is None:
+            raise MemdecError("--router mixes a memory decoder at λ_t: give --memdec CKPT (or --run RUN) beside it")
+        read_router_json(cfg.router)  # its record, before any model loads; its weights once they have
     if cfg.knn is None and (cfg.knn_k is not None or cfg.knn_temp is not None):
         raise MemdecError("--knn-k and --knn-temp need --knn DATASTORE")
     if cfg.sweep and not cfg.valid:
@@ -317,6 +324,8 @@ def score_systems(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
         scored = Scored(base, seconds)
     if inputs.joint is not None:
         scored.mixtures.append(_score_memdec(cfg, inputs, "memdec", cfg.memdec, inputs.joint))
+    if cfg.router is not None:
+        scored.alone.append(_score_router(cfg, inputs))
     for path in inputs.baselines:
         loaded = load_baseline(path, cfg.model, inputs.model, inputs.tokenizer)
         if not loaded.alone:  # mixed with the base like a memory decoder (ce-decoder)
@@ -409,6 +418,28 @@ def shared_memdec_scorer(joint: MemoryDecoderModel) -> Scorer:
         return joint.target_logprobs_pair(input_ids, targets)[1]
 
     return score
+
+
+ROUTER_ROW = "memdec+router"
+
+
+def _score_router(cfg, inputs: EvalInputs) -> Standalone:
+    """The memory decoder mixed at the router's λ_t (``memdec router``), on the test and general streams:
+    a row of its own, its perplexity that of the mixture (the λ column is empty: λ varies per position)."""
+    joint, info = inputs.joint, inputs.joint.memdec_info
+    router = attach_router(joint, cfg.router, cfg.memdec)
+    previous, joint.router = joint.router, router
+    try:
+        nll, seconds = _score_each(cfg, inputs, joint.routed_scorer(), ROUTER_ROW, streams=("test", "general"))
+    finally:
+        joint.router = previous
+    recorded = read_router_json(cfg.router)
+    n_router = sum(p.numel() for p in router.parameters())
+    decoder = info.get("trainable_parameters", info.get("n_parameters"))
+    extra = {"router_parameters": n_router, "trainable_parameters": None if decoder is None else decoder + n_router,
+             "router_valid_ppl": (recorded.get("valid") or {}).get("router_ppl"),
+             "fixed_valid_ppl": (recorded.get("valid") or {}).get("fixed_ppl")}
+    return Standalone(ROUTER_ROW, cfg.router, nll, seconds, extra=extra)
 
 
 def _datastore_seconds(path: str, steps: tuple[str, ...]) -> float | None:

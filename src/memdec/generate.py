@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import apply_run
+from .checkpoint import apply_run, read_router_json
 from .checks import check_context, check_device, check_lambda, check_positive_int, check_temperature
 from .errors import MemdecError
-from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel
+from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel, attach_router
 from .models import DEFAULT_MODEL, load_model, max_context, resolve_device
 
 
@@ -38,6 +38,7 @@ class GenerateConfig:
     seed: int = 0
     processor: bool = False
     device: str = "auto"
+    router: str | None = None  # a `memdec router` folder: λ_t per position in place of λ
 
 
 GENERATE_HELP = {
@@ -56,6 +57,8 @@ GENERATE_HELP = {
     "seed": "random seed; base and joint use the same one",
     "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
     "device": "auto, cpu or cuda",
+    "router": "a `memdec router` folder: mix at the router's λ_t per position in place of λ (not with --lambda "
+              "or --processor)",
 }
 
 
@@ -81,6 +84,10 @@ def check_generate_config(cfg: GenerateConfig) -> None:
         raise MemdecError("--num-beams does not work with --processor: the logits processor cannot follow beam "
                           "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
     check_device(cfg.device)
+    if cfg.router is not None:
+        if cfg.processor or cfg.lmbda is not None:
+            raise MemdecError("--router gives λ_t per position: not with --lambda or --processor")
+        read_router_json(cfg.router)
 
 
 def check_fits_context(n_prompt: int, max_new_tokens: int, model) -> None:
@@ -115,6 +122,8 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     n_prompt = enc["input_ids"].shape[1]
     check_fits_context(n_prompt, cfg.max_new_tokens, base)  # before the decoder loads
     joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, cfg.lmbda, tokenizer=tokenizer)
+    if cfg.router is not None:
+        joint.router = attach_router(joint, cfg.router, cfg.memdec)
     kw = generate_kwargs(cfg, tokenizer)
 
     def decode(ids: torch.Tensor) -> list[str]:
@@ -134,7 +143,8 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
             out_base = base.generate(**enc, **kw)
     joint_text = decode(out_joint)
     base_text = decode(out_base) if out_base is not None else [None] * len(joint_text)
-    return [{"prompt": p, "lambda": joint.lmbda, "base": b, "joint": j}
+    return [{"prompt": p, "lambda": joint.lmbda, "router": cfg.router if joint.router is not None else None,
+             "base": b, "joint": j}
             for p, b, j in zip(cfg.prompt, base_text, joint_text)]
 
 
@@ -143,7 +153,8 @@ def format_generations(results: list[dict], width: int = 100) -> str:
     blocks = []
     for r in results:
         lines = [f"prompt: {r['prompt']}"]
-        joint_title = f"base + memdec (λ={r['lambda']:.2f})"
+        joint_title = f"base + memdec (λ={r['lambda']:.2f})" if r.get("router") is None else \
+            f"base + memdec (λ_t: router {r['router']})"
         if r["base"] is None:
             lines += [f"── {joint_title} ──", textwrap.fill(r["joint"], width) or "(empty)"]
         elif width < 60:

@@ -27,10 +27,12 @@ owned by ``memdec.checkpoint``. ``memdec generate`` lives in ``memdec.generate``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,13 @@ from .checkpoint import (
     read_memdec_json,
     write_memdec_json,
 )
+from .checkpoint import decoder_fingerprint, is_router_folder, read_router_json
 from .checks import check_lambda, check_temperature
 from .decoders import blocks_and_norm, decoder_shape, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
 from .loss import LMHead, lm_head
-from .models import load_model, tokenizer_fingerprint, vocab_rows
+from .models import load_model, model_fingerprint, tokenizer_fingerprint, vocab_rows
+from .router import Router, RouterFeatures, distribution_scalars, load_router, mix_routed, scalars_from_logits
 from .scoring import Scorer, causal_lm_logits, mix_logprobs, scale_logits, target_logprobs
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +185,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
     generation config are copies of the base model's.
 
     Attributes: ``base``, ``memdec`` (the two models), ``lmbda`` (λ in [0, 1]), ``temperature``
-    (divides the memory decoder's logits), ``memdec_info`` (its ``memdec.json``, or {}).
+    (divides the memory decoder's logits), ``memdec_info`` (its ``memdec.json``, or {}), ``router``
+    (a ``memdec.router.Router`` giving λ_t per position in place of ``lmbda``, or None).
     """
 
     main_input_name = "input_ids"
@@ -203,6 +208,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         self._keep_ok = {"base": _accepts(base, "logits_to_keep"), "memdec": _accepts(memdec, "logits_to_keep")}
         self._pos_ok = {"base": _accepts(base, "position_ids"), "memdec": _accepts(memdec, "position_ids")}
         self._split, self._softcap = self._find_shared_trunk()
+        self.router: Router | None = None  # λ_t per position (memdec.router); None: the fixed lmbda
+        self._hidden: dict | None = None  # while a router's features are captured: the final hidden states
 
     def _find_shared_trunk(self) -> tuple[int | None, float | None]:
         """(L − K, the head's soft-capping) where the decoder is a fork of this base whose head
@@ -232,6 +239,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         tokenizer=None,
         temperature: float | None = None,
         check_tokenizer: bool = True,
+        router: str | Path | Router | None = None,
+        auto_router: bool = True,
     ) -> "MemoryDecoderModel":
         """Pair a base model with the memory decoder checkpoint at ``memdec_path``.
 
@@ -244,8 +253,13 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             two models are always compared).
         temperature: divides the decoder's logits; default ``memdec.json`` ``temperature`` or 1.
 
+        router: a router folder (``memdec router``) or a ``Router``: λ_t per position in place of λ.
+            Without one, router files in the checkpoint folder itself are used when ``auto_router``
+            and no ``lmbda`` is given, unless the router lost to the fixed λ on its validation text.
+
         The decoder is loaded onto the base model's device, in its dtype.
         """
+        auto_router = auto_router and router is None and lmbda is None  # a λ given: the fixed mixture
         if isinstance(base_model, (str, Path)):
             base_model, loaded_tok = load_model(str(base_model))
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
@@ -257,7 +271,12 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         lmbda = info["lambda"] if lmbda is None else lmbda
         temperature = float(info.get("temperature") or 1.0) if temperature is None else temperature
         memdec = load_decoder(memdec_path, info, base_model)
-        return cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
+        joint = cls(base_model, memdec, lmbda=lmbda, temperature=temperature, memdec_info=info)
+        if auto_router and is_router_folder(memdec_path):
+            router = _auto_router(memdec_path)
+        if router is not None:
+            joint.router = router if isinstance(router, Router) else attach_router(joint, router, memdec_path)
+        return joint
 
     def save_pretrained(self, folder: str | Path, tokenizer=None, **kwargs) -> Path:
         """Save the memory decoder only, peft-style: its model folder (a fork of this base: its own
@@ -341,8 +360,10 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = self._joint_cache(cache) if use_cache else None
         common = {"input_ids": input_ids, "use_cache": use_cache, **kwargs}
-        base_logits, mem_logits = self._both_logits(common, cache, attention_mask, position_ids, logits_to_keep)
-        logp = self.mix_logits(base_logits, mem_logits)
+        with self._final_hidden(self.router is not None and self.router.needs_features) as hidden:
+            base_logits, mem_logits = self._both_logits(common, cache, attention_mask, position_ids, logits_to_keep)
+        logp = self.mix_logits(base_logits, mem_logits) if self.router is None else \
+            self._routed_rows(base_logits, mem_logits, hidden)
         loss = None
         if labels is not None:
             tgt = labels[:, 1:].to(logp.device)
@@ -389,6 +410,8 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             out = layer(hidden, *args, **_with_cache(kwargs, cache_m))
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = slice_logits_to_keep(mem_norm(hidden), logits_to_keep)
+        if self._hidden is not None:  # a router reads the decoder's final hidden state
+            self._hidden["memdec"] = hidden
         head = self.memdec.get_output_embeddings()
         return out_b.logits, LMHead(head.weight, head.bias, self._softcap).logits(hidden)
 
@@ -424,18 +447,14 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
         input_ids [B, L]; targets [B, n]: the next tokens of the last n positions. Each model's
         logits [B, n, V] are reduced by a per-row logsumexp and a gather; nothing of size V is mixed.
         """
-        n = targets.shape[1]
-        if self._split is not None:
-            common = {"input_ids": input_ids, "use_cache": False}
-            base_logits, mem_logits = self._forked_logits(common, None, None, {"logits_to_keep": n}, n)
-            base_logits, mem_logits = base_logits[:, -n:], mem_logits[:, -n:]
-        else:
-            base_logits, mem_logits = causal_lm_logits(self.base, input_ids, n), causal_lm_logits(self.memdec, input_ids, n)
-        lp_mem = target_logprobs(scale_logits(mem_logits, self.temperature), targets)
-        return target_logprobs(base_logits, targets), lp_mem
+        base_logits, mem_logits = self._pair_logits(input_ids, targets.shape[1])
+        return target_logprobs(base_logits, targets), target_logprobs(mem_logits, targets)
 
     def scorer(self, lmbda: float | None = None) -> Scorer:
-        """An ``evaluate`` scorer of the mixture: (input_ids, targets) -> log p(target) [B, n]."""
+        """An ``evaluate`` scorer of the mixture: (input_ids, targets) -> log p(target) [B, n]. With a
+        ``router`` and no ``lmbda``, the mixture of the router's λ_t (``routed_scorer``)."""
+        if self.router is not None and lmbda is None:
+            return self.routed_scorer()
         lmbda = self.lmbda if lmbda is None else check_lambda(lmbda)
 
         def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -454,6 +473,148 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
             return target_logprobs(logits, targets)
 
         return score
+
+
+    # -- routing: λ_t per position (memdec.router) ------------------------------------------------
+
+    @contextlib.contextmanager
+    def _final_hidden(self, active: bool):
+        """While the two models run: ``{"base": [B, L', d], "memdec": [B, L', d']}``, each model's final
+        hidden state (its LM head's input: after the final norm, sliced as the logits are). Hooks on the
+        heads' inputs, no second forward; a shared trunk's decoder state is recorded by ``_forked_logits``.
+        Yields {} untouched when not ``active``."""
+        found: dict[str, torch.Tensor] = {}
+        if not active:
+            yield found
+            return
+        calls: dict[int, list] = {}
+        heads = {"base": self.base.get_output_embeddings()}
+        if self._split is None:
+            heads["memdec"] = self.memdec.get_output_embeddings()
+        hooks = [head.register_forward_pre_hook(functools.partial(_record_input, calls.setdefault(id(head), [])))
+                 for head in {id(h): h for h in heads.values()}.values()]
+        self._hidden = found
+        try:
+            yield found
+        finally:
+            self._hidden = None
+            for hook in hooks:
+                hook.remove()
+        for name, head in heads.items():  # one head for both: the base ran first
+            if calls[id(head)]:
+                found[name] = calls[id(head)][0 if name == "base" else -1]
+
+    def _router_weights(self, hidden: dict, shape_of: torch.Tensor, scalars) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (log(1 − λ_t), log λ_t) [B, n] for the positions of ``shape_of`` [B, n];
+        ``scalars()`` gives the scalar features [B, n, s] when the router reads features."""
+        if not self.router.needs_features:
+            return self.router.log_weights(shape_of)
+        n = shape_of.shape[-1]
+        h_base, h_mem = hidden["base"][:, -n:], hidden["memdec"][:, -n:]
+        spec = RouterFeatures(h_base.shape[-1], h_mem.shape[-1])
+        rows = spec.build(h_base, h_mem, scalars())
+        return self.router.log_weights(rows.to(_device_of(self.router, rows)))
+
+    def _routed_rows(self, base_logits: torch.Tensor, memdec_logits: torch.Tensor, hidden: dict) -> torch.Tensor:
+        """Mixed log-probs [B, L', V] at the router's λ_t (broadcast [B, L', 1] over the vocabulary)."""
+        lp_base, lp_mem = F.log_softmax(base_logits.float(), dim=-1), self.memdec_logprobs(memdec_logits)
+        log_1m, log_lam = self._router_weights(hidden, lp_base[..., 0], lambda: distribution_scalars(lp_base, lp_mem))
+        return mix_routed(lp_base, lp_mem, log_1m.to(lp_base.device)[..., None], log_lam.to(lp_base.device)[..., None])
+
+    def _pair_logits(self, input_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' logits [B, n, V] of the last ``n`` positions, the decoder's divided by its temperature."""
+        if self._split is not None:
+            common = {"input_ids": input_ids, "use_cache": False}
+            base_logits, mem_logits = self._forked_logits(common, None, None, {"logits_to_keep": n}, n)
+            base_logits, mem_logits = base_logits[:, -n:], mem_logits[:, -n:]
+        else:
+            base_logits, mem_logits = causal_lm_logits(self.base, input_ids, n), causal_lm_logits(self.memdec, input_ids, n)
+        return base_logits, scale_logits(mem_logits, self.temperature)
+
+    @torch.inference_mode()
+    def router_rows(self, input_ids: torch.Tensor, targets: torch.Tensor,
+                    features: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, dict]:
+        """What a router is trained and run on, for the last n positions: (feature rows [B, n, width]
+        float32 or None, log p_base(target) [B, n], log p_mem(target) [B, n], the hidden states)."""
+        n = targets.shape[1]
+        with self._final_hidden(features) as hidden:
+            base_logits, mem_logits = self._pair_logits(input_ids, n)
+        lp_base, lp_mem = target_logprobs(base_logits, targets), target_logprobs(mem_logits, targets)
+        rows = None
+        if features:
+            h_base, h_mem = hidden["base"][:, -n:], hidden["memdec"][:, -n:]
+            rows = RouterFeatures(h_base.shape[-1], h_mem.shape[-1]).build(
+                h_base, h_mem, scalars_from_logits(base_logits, mem_logits))
+        return rows, lp_base, lp_mem, hidden
+
+    def routed_scorer(self) -> Scorer:
+        """An ``evaluate`` scorer of the mixture at the router's λ_t: (input_ids, targets) -> [B, n]."""
+        if self.router is None:
+            raise MemdecError("routed_scorer needs a router (MemoryDecoderModel.router)")
+
+        @torch.inference_mode()
+        def score(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            lp_base, lp_mem, log_1m, log_lam = self.routed_logprobs(input_ids, targets)
+            return mix_routed(lp_base, lp_mem, log_1m, log_lam)
+
+        return score
+
+    @torch.inference_mode()
+    def routed_logprobs(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(log p_base(target), log p_mem(target), log(1 − λ_t), log λ_t), each [B, n], for the last n
+        positions: what ``routed_scorer`` mixes (and λ_t for the report's plot, part 2)."""
+        rows, lp_base, lp_mem, _ = self.router_rows(input_ids, targets, self.router.needs_features)
+        log_1m, log_lam = self.router.log_weights(lp_base if rows is None else rows.to(_device_of(self.router, rows)))
+        return lp_base, lp_mem, log_1m.to(lp_base.device), log_lam.to(lp_base.device)
+
+
+def attach_router(joint: MemoryDecoderModel, folder: str | Path, memdec_path: str | Path) -> Router:
+    """The router saved in ``folder``, checked against the models it is to route between (one MemdecError
+    line each): the decoder's weights (``decoder_fingerprint``), the tokenizer, the hidden sizes and,
+    where both are known, the base model's weights. On the base model's device."""
+    router, info = load_router(folder)
+    where = Path(folder).expanduser() / "router.json"
+    mine = decoder_fingerprint(memdec_path)
+    if info["decoder_fingerprint"] != mine:
+        raise MemdecError(f"{where}: trained for another memory decoder (decoder_fingerprint "
+                          f"{info['decoder_fingerprint']}, {memdec_path} has {mine}); train one with `memdec router`")
+    if joint.memdec_info.get("tokenizer_hash") not in (None, info["tokenizer_hash"]):
+        raise TokenizerMismatchError(f"{where}: trained with another tokenizer than the memory decoder {memdec_path}'s")
+    if info["kind"] != "constant":
+        sizes = (joint.base.config.get_text_config().hidden_size, joint.memdec.config.get_text_config().hidden_size)
+        if sizes != (info["d_base"], info["d_mem"]):
+            raise MemdecError(f"{where}: trained on hidden sizes {info['d_base']} (base) and {info['d_mem']} (decoder); "
+                              f"these models have {sizes[0]} and {sizes[1]}")
+    recorded = info.get("base_fingerprint")
+    name = getattr(joint.base, "name_or_path", None)
+    if recorded and name and Path(name).is_dir():
+        theirs = model_fingerprint(name)
+        if theirs != recorded:
+            raise MemdecError(f"{where}: trained for another base model (base_fingerprint {recorded}, {name} has {theirs})")
+    return router.to(joint.base.get_input_embeddings().weight.device)
+
+
+def _auto_router(memdec_path: str | Path) -> str | None:
+    """The checkpoint folder itself as a router folder, unless its router lost to the fixed λ on the
+    validation text it was measured on (a router that loses is not used)."""
+    valid = read_router_json(memdec_path).get("valid") or {}
+    if valid.get("router_ppl") is not None and valid.get("fixed_ppl") is not None \
+            and valid["router_ppl"] > valid["fixed_ppl"]:
+        warnings.warn(f"{memdec_path}: its router lost to the fixed λ on {valid.get('corpus', 'its validation text')} "
+                      f"({valid['router_ppl']:.3f} > {valid['fixed_ppl']:.3f}); mixing with the fixed λ", stacklevel=3)
+        return None
+    return str(memdec_path)
+
+
+def _device_of(router: Router, default: torch.Tensor) -> torch.device:
+    """The device of a router's parameters (``default``'s for one without any)."""
+    param = next(router.parameters(), None)
+    return default.device if param is None else param.device
+
+
+def _record_input(calls: list, module, args: tuple) -> None:
+    """A forward pre-hook: record a module's input (an LM head's: the model's final hidden state)."""
+    calls.append(args[0])
 
 
 def _capture(calls: list, module, args: tuple, kwargs: dict) -> None:

@@ -1,0 +1,385 @@
+"""A learned token router: λ_t per position between a frozen base model and a frozen memory decoder.
+
+    log p(y | x_<t) = logaddexp( log(1 − λ_t) + log p_base(y),  log λ_t + log p_mem(y) )
+
+- ``RouterFeatures``: what the router sees at each position: both models' final hidden states
+  [..., d_base] and [..., d_mem] (the inputs of their LM heads: after the final norm; for a fork
+  decoder, after its own norm) and ``SCALARS``, five numbers from the two next-token distributions
+  (each model's entropy and max log-prob, KL(p_mem ‖ p_base)). One row is
+  ``d_base + d_mem + len(SCALARS)`` float32 numbers.
+- ``TokenRouter``: LayerNorm of each hidden state, the scalars standardised by their training
+  statistics, then Linear(d_base + d_mem + s, hidden) → GELU → Linear(hidden, 1) → sigmoid. Its last
+  layer starts at zero with the bias at logit(fixed λ): an untrained router IS the fixed-λ mixture.
+- ``ConstantRouter(λ)``: λ_t = λ everywhere, exactly today's fixed-λ mixing (the equivalence tests,
+  a fallback).
+- ``fit_router``: AdamW on precomputed features with both models frozen. Loss: the mixture's mean NLL
+  (in log space) + γ · mean(λ_t on general-text rows); early stopping on a held-out tail of the
+  domain and the general rows; deterministic for a seed.
+- ``save_router`` / ``load_router``: ``router.safetensors`` + ``router.json`` (the format is
+  ``memdec.checkpoint``'s; weights through safetensors only).
+
+Routers give *log-weights* (``log_weights``: log(1 − λ_t), log λ_t), computed with ``logsigmoid``
+so that the mixture is exact at any λ_t; ``mix_routed`` mixes with them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import ROUTER_WEIGHTS, load_safetensors, read_router_json, write_router_json
+from .checks import check_lambda, check_non_negative, check_positive, check_positive_int, check_unit_interval
+from .errors import MemdecError
+from .files import atomic_write
+from .loss import chunk_rows
+
+SCALARS = ("base_entropy", "mem_entropy", "base_max_logprob", "mem_max_logprob", "kl_mem_base")
+FEATURE_BUDGET_BYTES = 256 * 2**20  # the fp32 [rows, V] temporaries of one chunk of scalar features
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+
+
+def distribution_scalars(lp_base: torch.Tensor, lp_mem: torch.Tensor) -> torch.Tensor:
+    """``SCALARS`` [..., 5] float32 from two full rows of log-probs [..., V]."""
+    lp_base, lp_mem = lp_base.float(), lp_mem.float()
+    p_base, p_mem = lp_base.exp(), lp_mem.exp()
+    ent_base = -(p_base * lp_base.clamp_min(-1e30)).sum(-1)  # 0·(−inf) is 0, not NaN
+    ent_mem = -(p_mem * lp_mem.clamp_min(-1e30)).sum(-1)
+    kl = (p_mem * (lp_mem.clamp_min(-1e30) - lp_base.clamp_min(-1e30))).sum(-1)
+    return torch.stack([ent_base, ent_mem, lp_base.amax(-1), lp_mem.amax(-1), kl], dim=-1)
+
+
+def scalars_from_logits(base_logits: torch.Tensor, mem_logits: torch.Tensor,
+                        budget: int = FEATURE_BUDGET_BYTES) -> torch.Tensor:
+    """``SCALARS`` [..., 5] from two models' logits [..., V] (the decoder's already divided by its
+    temperature), over chunks of rows whose fp32 temporaries fit ``budget`` bytes."""
+    vocab = base_logits.shape[-1]
+    flat_b, flat_m = base_logits.reshape(-1, vocab), mem_logits.reshape(-1, vocab)
+    rows = max(1, chunk_rows(vocab, budget) // 4)  # about four [rows, V] fp32 temporaries at once
+    out = torch.empty(flat_b.shape[0], len(SCALARS), dtype=torch.float32, device=base_logits.device)
+    for s in range(0, flat_b.shape[0], rows):
+        out[s : s + rows] = distribution_scalars(F.log_softmax(flat_b[s : s + rows].float(), -1),
+                                                 F.log_softmax(flat_m[s : s + rows].float(), -1))
+    return out.reshape(*base_logits.shape[:-1], len(SCALARS))
+
+
+@dataclass(frozen=True)
+class RouterFeatures:
+    """The features of a router: both models' final hidden sizes and the scalar names, in order.
+
+    ``build(h_base, h_mem, scalars)`` gives the rows [..., width]: h_base, h_mem, scalars, float32.
+    """
+
+    d_base: int
+    d_mem: int
+    scalars: tuple[str, ...] = SCALARS
+
+    @property
+    def width(self) -> int:
+        return self.d_base + self.d_mem + len(self.scalars)
+
+    def build(self, h_base: torch.Tensor, h_mem: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
+        """Feature rows [..., width] from the hidden states [..., d_base], [..., d_mem] and scalars [..., s]."""
+        if h_base.shape[-1] != self.d_base or h_mem.shape[-1] != self.d_mem:
+            raise MemdecError(f"the router was trained on hidden sizes {self.d_base} (base) and {self.d_mem} (decoder); "
+                              f"these models have {h_base.shape[-1]} and {h_mem.shape[-1]}")
+        return torch.cat([h_base.float(), h_mem.float(), scalars.float()], dim=-1)
+
+    def from_logits(self, h_base, h_mem, base_logits, mem_logits) -> torch.Tensor:
+        """Feature rows from hidden states and both models' logits [..., V] (the decoder's tempered)."""
+        return self.build(h_base, h_mem, scalars_from_logits(base_logits, mem_logits))
+
+    def from_logprobs(self, h_base, h_mem, lp_base, lp_mem) -> torch.Tensor:
+        """Feature rows from hidden states and both models' full log-probs [..., V]."""
+        return self.build(h_base, h_mem, distribution_scalars(lp_base, lp_mem))
+
+
+# --------------------------------------------------------------------------------------------
+# Routers
+
+
+class Router(nn.Module):
+    """λ_t from feature rows. ``needs_features``: whether ``log_weights`` reads them (a constant does not)."""
+
+    needs_features = True
+
+    def logit(self, features: torch.Tensor) -> torch.Tensor:
+        """The gate's logit z [...] (λ_t = sigmoid(z)) from feature rows [..., width]."""
+        raise NotImplementedError
+
+    def log_weights(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log(1 − λ_t), log λ_t), each float32 [...], from feature rows [..., width]."""
+        z = self.logit(features).float()
+        return F.logsigmoid(-z), F.logsigmoid(z)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """λ_t in (0, 1), float32 [...]."""
+        return torch.sigmoid(self.logit(features).float())
+
+
+class ConstantRouter(Router):
+    """λ_t = λ at every position: the fixed-λ mixture, bit for bit (its log-weights are the constants
+    ``memdec.scoring.mix_logprobs`` adds, log1p(−λ) and log λ, which a float32 add rounds alike)."""
+
+    needs_features = False
+
+    def __init__(self, lmbda: float):
+        super().__init__()
+        self.lmbda = check_lambda(lmbda)
+
+    def log_weights(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constants of the shape of ``features`` (any tensor [...], only its shape and device are read)."""
+        lam = self.lmbda
+        lo = math.log1p(-lam) if lam < 1 else -math.inf
+        hi = math.log(lam) if lam > 0 else -math.inf
+        return (torch.full(features.shape, lo, dtype=torch.float32, device=features.device),
+                torch.full(features.shape, hi, dtype=torch.float32, device=features.device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.full(features.shape, self.lmbda, dtype=torch.float32, device=features.device)
+
+    def extra_repr(self) -> str:
+        return f"lmbda={self.lmbda}"
+
+
+class TokenRouter(Router):
+    """A small MLP gate: LayerNorm(h_base), LayerNorm(h_mem), standardised scalars → Linear → GELU →
+    Linear → logit. ``init_lambda``: the λ it starts at (its last layer is zero, its bias logit(λ))."""
+
+    def __init__(self, spec: RouterFeatures, hidden: int = 64, init_lambda: float = 0.5):
+        super().__init__()
+        self.spec = spec
+        self.hidden = hidden
+        self.norm_base = nn.LayerNorm(spec.d_base)
+        self.norm_mem = nn.LayerNorm(spec.d_mem)
+        self.register_buffer("scalar_mean", torch.zeros(len(spec.scalars)))
+        self.register_buffer("scalar_std", torch.ones(len(spec.scalars)))
+        self.inner = nn.Linear(spec.width, hidden)
+        self.out = nn.Linear(hidden, 1)
+        lam = min(max(float(init_lambda), 1e-3), 1 - 1e-3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, math.log(lam / (1 - lam)))
+
+    def set_scalar_stats(self, scalars: torch.Tensor) -> None:
+        """Standardise the scalar features by the mean and std of ``scalars`` [N, s] (the training rows)."""
+        self.scalar_mean.copy_(scalars.float().mean(0))
+        self.scalar_std.copy_(scalars.float().std(0).clamp_min(1e-6))
+
+    def logit(self, features: torch.Tensor) -> torch.Tensor:
+        d_b, d_m = self.spec.d_base, self.spec.d_mem
+        if features.shape[-1] != self.spec.width:
+            raise MemdecError(f"the router takes {self.spec.width} features per position, got {features.shape[-1]}")
+        x = features.to(self.inner.weight.dtype)
+        scalars = (x[..., d_b + d_m :] - self.scalar_mean) / self.scalar_std
+        x = torch.cat([self.norm_base(x[..., :d_b]), self.norm_mem(x[..., d_b : d_b + d_m]), scalars], dim=-1)
+        return self.out(F.gelu(self.inner(x))).squeeze(-1)
+
+
+def mix_routed(lp_base: torch.Tensor, lp_mem: torch.Tensor, log_1m: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
+    """log((1 − λ_t)·p_base + λ_t·p_mem) from log-probs [..., n] or [..., V] and the router's log-weights
+    (broadcast: [..., n] for targets, [..., 1] for full rows). A weight of −inf leaves the other side exact."""
+    return torch.logaddexp(lp_base + log_1m, lp_mem + log_lam)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+
+
+@dataclass
+class RouterFitConfig:
+    """How ``fit_router`` trains a ``TokenRouter`` on precomputed features."""
+
+    hidden: int = 64
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 1024
+    general_weight: float = 0.1  # γ: the weight of mean(λ_t) on general-text rows
+    holdout: float = 0.1  # the last fraction of the domain rows and of the general rows: early stopping
+    patience: int = 3  # epochs without a better held-out loss before stopping
+    init_lambda: float = 0.5  # where the router starts: the checkpoint's fixed λ
+    seed: int = 0
+
+    def check(self) -> None:
+        """One MemdecError line per bad field, named as its flag."""
+        check_positive_int(self.hidden, "--hidden")
+        check_positive_int(self.epochs, "--epochs")
+        check_positive(self.lr, "--lr")
+        check_non_negative(self.weight_decay, "--weight-decay")
+        check_positive_int(self.batch_size, "--batch-size")
+        check_non_negative(self.general_weight, "--general-weight")
+        if not 0.0 < check_unit_interval(self.holdout, "--holdout") < 1.0:
+            raise MemdecError(f"--holdout must lie strictly between 0 and 1, got {self.holdout}")
+        check_positive_int(self.patience, "--patience")
+        check_lambda(self.init_lambda, "the initial λ")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MemdecError(f"--seed must be a whole number, got {self.seed!r}")
+
+
+def router_loss(router: Router, features: torch.Tensor, lp_base: torch.Tensor, lp_mem: torch.Tensor,
+                is_general: torch.Tensor, general_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mixture NLL): −mean log((1 − λ_t)p_base + λ_t p_mem) + γ · mean(λ_t on general rows)."""
+    log_1m, log_lam = router.log_weights(features)
+    nll = -mix_routed(lp_base, lp_mem, log_1m, log_lam).mean()
+    loss = nll
+    if general_weight > 0 and bool(is_general.any()):
+        loss = loss + general_weight * log_lam.exp()[is_general].mean()
+    return loss, nll
+
+
+def holdout_mask(is_general: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Held-out rows: the last ``fraction`` of the domain rows and of the general rows, by position
+    (contiguous text, so that no held-out row sits beside a training row's window)."""
+    held = torch.zeros_like(is_general)
+    for group in (~is_general, is_general):
+        rows = torch.nonzero(group).squeeze(-1)
+        n = int(round(len(rows) * fraction))
+        if n:
+            held[rows[-n:]] = True
+    return held
+
+
+@torch.no_grad()
+def evaluate_router(router: Router, features, lp_base, lp_mem, is_general, general_weight: float,
+                    batch_size: int = 8192) -> dict:
+    """Loss, mixture NLL and mean λ_t (overall, on domain rows, on general rows) over the given rows."""
+    lam = torch.cat([router(features[s : s + batch_size]) for s in range(0, len(features), batch_size)])
+    log_1m, log_lam = torch.log1p(-lam), torch.log(lam)
+    nll_rows = -mix_routed(lp_base, lp_mem, log_1m, log_lam)
+    out = {"nll": float(nll_rows.mean()), "mean_lambda": float(lam.mean())}
+    for name, rows in (("domain", ~is_general), ("general", is_general)):
+        if bool(rows.any()):
+            out[f"{name}_nll"] = float(nll_rows[rows].mean())
+            out[f"{name}_mean_lambda"] = float(lam[rows].mean())
+    out["loss"] = out["nll"] + (general_weight * out.get("general_mean_lambda", 0.0) if bool(is_general.any()) else 0.0)
+    return out
+
+
+def fit_router(features: torch.Tensor, lp_base: torch.Tensor, lp_mem: torch.Tensor, is_general: torch.Tensor,
+               cfg: RouterFitConfig, spec: RouterFeatures) -> tuple[TokenRouter, dict]:
+    """Train a ``TokenRouter`` on precomputed rows, both models frozen (their outputs are inputs here).
+
+    features [N, width] float32; lp_base, lp_mem [N]: each model's log-prob of the next token;
+    is_general [N] bool. AdamW over shuffled mini-batches (``torch.Generator`` seeded by ``cfg.seed``:
+    the same inputs give the same router); after each epoch the held-out loss (``holdout_mask``)
+    decides the best state, kept and returned, and early stopping. Returns (router, stats): the
+    held-out numbers of the untrained (fixed-λ) and the best router, and one line per epoch."""
+    cfg.check()
+    n = features.shape[0]
+    if not (features.ndim == 2 and features.shape[1] == spec.width and lp_base.shape == lp_mem.shape == (n,)
+            and is_general.shape == (n,)):
+        raise MemdecError(f"fit_router: features must be [N, {spec.width}] with lp_base, lp_mem, is_general [N]")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    is_general = is_general.bool()
+    held = holdout_mask(is_general, cfg.holdout)
+    train_rows = torch.nonzero(~held).squeeze(-1)
+    if len(train_rows) == 0 or not bool(held.any()):
+        raise MemdecError(f"fit_router: {n} rows are too few to hold out {cfg.holdout:.0%} of them")
+    router = TokenRouter(spec, cfg.hidden, cfg.init_lambda)
+    router.set_scalar_stats(features[train_rows, spec.d_base + spec.d_mem :])
+    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    held_args = (features[held], lp_base[held], lp_mem[held], is_general[held], cfg.general_weight)
+    router.eval()
+    start = evaluate_router(router, *held_args)
+    best, best_state, epochs, since = start, copy.deepcopy(router.state_dict()), [], 0
+    for epoch in range(1, cfg.epochs + 1):
+        router.train()
+        order = train_rows[torch.randperm(len(train_rows), generator=gen)]
+        total = 0.0
+        for s in range(0, len(order), cfg.batch_size):
+            rows = order[s : s + cfg.batch_size]
+            loss, _ = router_loss(router, features[rows], lp_base[rows], lp_mem[rows], is_general[rows],
+                                  cfg.general_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(rows)
+        router.eval()
+        held_now = evaluate_router(router, *held_args)
+        epochs.append({"epoch": epoch, "train_loss": total / len(order), "held_loss": held_now["loss"],
+                       "held_nll": held_now["nll"], "held_mean_lambda": held_now["mean_lambda"]})
+        if held_now["loss"] < best["loss"]:
+            best, best_state, since = held_now, copy.deepcopy(router.state_dict()), 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    router.load_state_dict(best_state)
+    router.eval()
+    stats = {"rows": n, "train_rows": len(train_rows), "held_rows": int(held.sum()),
+             "general_rows": int(is_general.sum()), "held_fixed": start, "held_best": best,
+             "best_epoch": max([e["epoch"] for e in epochs if e["held_loss"] == best["loss"]], default=0),
+             "epochs": epochs}
+    return router, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def router_record(router: Router) -> dict:
+    """The fields of ``router.json`` that describe the network (``memdec.checkpoint`` owns the format)."""
+    if isinstance(router, ConstantRouter):
+        return {"kind": "constant", "lambda": router.lmbda, "d_base": 1, "d_mem": 1, "hidden": 1, "scalars": []}
+    if not isinstance(router, TokenRouter):
+        raise MemdecError(f"cannot save a {type(router).__name__}: only TokenRouter and ConstantRouter have a format")
+    return {"kind": "mlp", "d_base": router.spec.d_base, "d_mem": router.spec.d_mem, "hidden": router.hidden,
+            "scalars": list(router.spec.scalars)}
+
+
+def save_router(router: Router, folder: str | Path, info: dict) -> Path:
+    """``router.safetensors`` (atomic) then ``router.json`` (``info`` plus the network's record), last:
+    it commits the router. ``info``: base_model, tokenizer_hash, decoder_fingerprint and the stats."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(router, TokenRouter):
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
+        atomic_write(folder / ROUTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_router_json(folder, {**info, **router_record(router)})
+    return folder
+
+
+def load_router(folder: str | Path, device=None) -> tuple[Router, dict]:
+    """(router, its ``router.json``) from a router folder, in eval mode; safetensors only. One
+    MemdecError line naming the file for a bad record, missing or foreign weights."""
+    folder = Path(folder).expanduser()
+    info = read_router_json(folder)
+    if info["kind"] == "constant":
+        return ConstantRouter(info["lambda"]).eval(), info
+    if tuple(info["scalars"]) != SCALARS:
+        raise MemdecError(f'{folder / "router.json"}: field "scalars" names {info["scalars"]}; this memdec computes '
+                          f'{list(SCALARS)}')
+    router = TokenRouter(RouterFeatures(info["d_base"], info["d_mem"]), info["hidden"])
+    file = folder / ROUTER_WEIGHTS
+    if not file.is_file():
+        raise MemdecError(f"{file}: missing; a router keeps its weights there")
+    tensors = load_safetensors(file)
+    expected = router.state_dict()
+    for name, t in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(t.shape):
+            got = "missing" if name not in tensors else f"shape {tuple(tensors[name].shape)}"
+            raise MemdecError(f"{file}: {name} is {got}; router.json describes shape {tuple(t.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise MemdecError(f"{file}: holds {extra[0]}, not a tensor of this router")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise MemdecError(f"{file}: holds non-finite weights")
+    router.load_state_dict(tensors)
+    if device is not None:
+        router.to(device)
+    return router.eval(), info
+
+
+def fit_config_record(cfg: RouterFitConfig) -> dict:
+    """The fit settings as JSON (``router.json`` ``train_config``)."""
+    return asdict(cfg)

@@ -1,0 +1,259 @@
+"""``memdec router``: train a token router (``memdec.router``) between a base model and its memory decoder.
+
+Both models are frozen. The job scores three token streams with the joint model once, keeping for
+every position its feature row (both final hidden states and five distribution scalars) and each
+model's log-prob of the next token:
+
+- domain text the decoder did not train on: ``--domain-corpus`` after its first
+  ``--domain-skip-tokens`` tokens (default: the decoder's datastore tokens where its ``memdec.json``
+  names that corpus), ``--tokens`` of it;
+- general text (``--general``, default ``general:train``), ``--general-tokens`` of it, whose rows
+  carry the γ term that keeps λ_t low outside the domain;
+- ``--valid`` (``--valid-tokens``): never fitted on; the base, the checkpoint's fixed λ and the
+  router are reported there, and written into ``router.json`` with the router.
+
+Memory: N rows × (d_base + d_mem + 5) float32, e.g. 64k rows of SmolLM2-135M (d = 576) are 296 MB;
+``RouterConfig.feature_bytes`` says it, and the job prints it before scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import MEMDEC_JSON, ROUTER_JSON, decoder_fingerprint, read_memdec_json
+from .checks import check_device, check_non_negative, check_own_folder, check_positive_int
+from .data import iter_corpus, load_token_stream
+from .errors import MemdecError
+from .joint import MemoryDecoderModel
+from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, load_model, model_fingerprint, resolve_device,
+                     tokenizer_fingerprint)
+from .router import SCALARS, RouterFeatures, RouterFitConfig, evaluate_router, fit_config_record, fit_router, save_router
+from .scoring import score_tokens
+from .store import read_manifest
+
+
+@dataclass
+class RouterConfig:
+    memdec: str = field(metadata={"help": "memory decoder checkpoint folder (HF model or fork blocks + memdec.json)"})
+    domain_corpus: str = field(metadata={"help": "domain corpus spec; its first --domain-skip-tokens tokens are "
+                                                 "skipped (the decoder trained on them)"})
+    valid: str = field(metadata={"help": "validation corpus spec: never fitted on; base, fixed λ and router are "
+                                         "reported there and recorded in router.json"})
+    out: str = field(metadata={"help": "router folder (router.safetensors + router.json): new, empty, a router's or "
+                                       "a memory decoder checkpoint (which then uses it by default)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec"})
+    general: str = field(default="general:train", metadata={"help": "general-text corpus spec, never the domain's: "
+                                                                    "its rows keep λ_t low"})
+    domain_skip_tokens: int | None = field(default=None, metadata={
+        "help": "skip this many tokens of --domain-corpus (default: the decoder's datastore tokens when its "
+                "memdec.json names this corpus, else 0)"})
+    tokens: int = field(default=32768, metadata={"help": "domain tokens to fit on (after the skip)"})
+    general_tokens: int | None = field(default=None, metadata={"help": "general tokens to fit on (default: --tokens)"})
+    valid_tokens: int = field(default=8192, metadata={"help": "tokens of --valid to report on"})
+    general_weight: float = field(default=0.1, metadata={"help": "γ: weight of mean λ_t on general rows in the loss"})
+    hidden: int = field(default=64, metadata={"help": "width of the router's hidden layer"})
+    epochs: int = field(default=20, metadata={"help": "passes over the fitting rows (early stopping may end sooner)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    fit_batch: int = field(default=1024, metadata={"help": "rows per optimizer step"})
+    holdout: float = field(default=0.1, metadata={"help": "last fraction of the domain and general rows held out "
+                                                          "for early stopping"})
+    patience: int = field(default=3, metadata={"help": "epochs without a better held-out loss before stopping"})
+    block_size: int = field(default=512, metadata={"help": "window length in tokens"})
+    stride: int | None = field(default=None, metadata={"help": "new tokens per window (default: block size / 2)"})
+    batch_size: int = field(default=1, metadata={"help": "windows per forward pass"})
+    seed: int = field(default=0, metadata={"help": "random seed of the fit"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    text_field: str = field(default="text", metadata={"help": "JSONL / dataset field that holds the text"})
+
+    def fit_config(self, init_lambda: float) -> RouterFitConfig:
+        return RouterFitConfig(hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                               batch_size=self.fit_batch, general_weight=self.general_weight, holdout=self.holdout,
+                               patience=self.patience, init_lambda=init_lambda, seed=self.seed)
+
+
+def feature_bytes(rows: int, d_base: int, d_mem: int) -> int:
+    """Bytes of the float32 feature rows kept in memory while the router is fitted."""
+    return rows * (d_base + d_mem + len(SCALARS)) * 4
+
+
+def check_router_config(cfg: RouterConfig) -> RouterConfig:
+    """Every flag checked, one line each, before any model loads; the defaults that depend on others
+    filled in (``stride``, ``general_tokens``, ``domain_skip_tokens``). Returns the resolved config."""
+    for flag, value in (("--tokens", cfg.tokens), ("--valid-tokens", cfg.valid_tokens), ("--hidden", cfg.hidden),
+                        ("--epochs", cfg.epochs), ("--fit-batch", cfg.fit_batch), ("--patience", cfg.patience),
+                        ("--block-size", cfg.block_size), ("--batch-size", cfg.batch_size)):
+        check_positive_int(value, flag)
+    if cfg.general_tokens is not None:
+        check_positive_int(cfg.general_tokens, "--general-tokens")
+    if cfg.domain_skip_tokens is not None and (isinstance(cfg.domain_skip_tokens, bool) or
+                                               not isinstance(cfg.domain_skip_tokens, int) or cfg.domain_skip_tokens < 0):
+        raise MemdecError(f"--domain-skip-tokens must be a whole number >= 0, got {cfg.domain_skip_tokens}")
+    if cfg.stride is not None and not (isinstance(cfg.stride, int) and 1 <= cfg.stride <= cfg.block_size):
+        raise MemdecError(f"--stride {cfg.stride} must lie between 1 and --block-size {cfg.block_size}")
+    check_non_negative(cfg.general_weight, "--general-weight")
+    check_device(cfg.device)
+    cfg.fit_config(0.5).check()
+    for flag, spec in (("--domain-corpus", cfg.domain_corpus), ("--general", cfg.general), ("--valid", cfg.valid)):
+        _check_corpus(flag, spec)
+    if cfg.general == cfg.domain_corpus:
+        raise MemdecError(f"--general {cfg.general} is the domain corpus: general text must be other text")
+    info = read_memdec_json(cfg.memdec)
+    check_own_folder(cfg.out, ROUTER_JSON, MEMDEC_JSON)
+    skip = cfg.domain_skip_tokens if cfg.domain_skip_tokens is not None else default_skip(info, cfg)
+    return dataclasses.replace(cfg, stride=cfg.stride or max(cfg.block_size // 2, 1),
+                               general_tokens=cfg.general_tokens or cfg.tokens, domain_skip_tokens=skip)
+
+
+def _check_corpus(flag: str, spec: str) -> None:
+    """A corpus spec that names something readable (the documents are read later)."""
+    try:
+        iter_corpus(spec)
+    except MemdecError as exc:
+        raise MemdecError(f"{flag}: {exc}") from None
+
+
+def default_skip(info: dict, cfg: RouterConfig) -> int:
+    """The tokens of ``--domain-corpus`` the decoder trained on: its datastore's token count when its
+    ``memdec.json`` names this corpus (0 when it names another); one line asking for
+    ``--domain-skip-tokens`` when it names this corpus but its datastore is gone."""
+    corpus = info.get("corpus")
+    if corpus is not None and corpus != cfg.domain_corpus:
+        return 0
+    datastore = info.get("datastore")
+    if datastore and Path(datastore).is_dir():
+        manifest = read_manifest(datastore)
+        if manifest.corpus == cfg.domain_corpus:
+            return manifest.n_keys + 1  # its token stream: positions plus the last token
+        return 0
+    if corpus is None:
+        return 0
+    raise MemdecError(f"{cfg.memdec}/memdec.json: the decoder trained on {corpus} but its datastore {datastore} is "
+                      f"gone; give --domain-skip-tokens N (the tokens it trained on) so that the router fits on others")
+
+
+@dataclass
+class Rows:
+    """Feature rows [N, width], each model's next-token log-prob [N], of one token stream."""
+
+    features: torch.Tensor
+    lp_base: torch.Tensor
+    lp_mem: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.lp_base)
+
+
+def collect_rows(joint: MemoryDecoderModel, tokens: np.ndarray, cfg: RouterConfig, device: str, prefix: int | None,
+                 desc: str) -> Rows:
+    """Score ``tokens`` once over the eval windows (``score_tokens``), keeping every position's row."""
+    feats, lp_base, lp_mem = [], [], []
+
+    def scorer(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows, lp_b, lp_m, _ = joint.router_rows(input_ids, targets)
+        feats.append(rows.reshape(-1, rows.shape[-1]).float().cpu())
+        lp_base.append(lp_b.reshape(-1).float().cpu())
+        lp_mem.append(lp_m.reshape(-1).float().cpu())
+        return lp_m
+
+    nll, _ = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, device, desc=desc, prefix=prefix)
+    out = Rows(torch.cat(feats), torch.cat(lp_base), torch.cat(lp_mem))
+    if not np.array_equal(-out.lp_mem.numpy(), nll):  # the rows are in position order
+        raise AssertionError(f"{desc}: the router's rows are not in position order")
+    return out
+
+
+def domain_tokens(cfg: RouterConfig, tokenizer) -> np.ndarray:
+    """``--tokens`` tokens of ``--domain-corpus`` after the first ``--domain-skip-tokens``."""
+    skip = cfg.domain_skip_tokens
+    stream = load_token_stream(cfg.domain_corpus, tokenizer, skip + cfg.tokens, cfg.text_field)[skip:]
+    if len(stream) < 2:
+        raise MemdecError(f"--domain-corpus {cfg.domain_corpus}: nothing is left after --domain-skip-tokens {skip} "
+                          f"(the decoder trained on those); give a larger corpus or a smaller skip")
+    return stream
+
+
+def valid_report(rows: Rows, router, lmbda: float, corpus: str) -> dict:
+    """Perplexity on the validation rows of the base, the fixed λ and the router; the router's mean λ_t."""
+    nll_base = -rows.lp_base.double()
+    fixed = -torch.logaddexp(rows.lp_base.double() + (math.log1p(-lmbda) if lmbda < 1 else -math.inf),
+                             rows.lp_mem.double() + (math.log(lmbda) if lmbda > 0 else -math.inf))
+    routed = evaluate_router(router, rows.features, rows.lp_base, rows.lp_mem, torch.zeros(len(rows), dtype=torch.bool), 0.0)
+    return {"corpus": corpus, "tokens": len(rows), "base_ppl": round(math.exp(float(nll_base.mean())), 4),
+            "fixed_lambda": lmbda, "fixed_ppl": round(math.exp(float(fixed.mean())), 4),
+            "router_ppl": round(math.exp(routed["nll"]), 4), "router_mean_lambda": round(routed["mean_lambda"], 4)}
+
+
+def train_router(cfg: RouterConfig, log=print) -> dict:
+    """Fit and save a router; returns the ``router.json`` written. Everything is checked first."""
+    cfg = check_router_config(cfg)
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_model(cfg.model, device=device)
+    check_block_size(base, cfg.block_size, cfg.model, cfg.stride)
+    joint = MemoryDecoderModel.from_pretrained(base, cfg.memdec, tokenizer=tokenizer, auto_router=False)
+    streams = {"domain": domain_tokens(cfg, tokenizer),
+               "general": load_token_stream(cfg.general, tokenizer, cfg.general_tokens, cfg.text_field),
+               "valid": load_token_stream(cfg.valid, tokenizer, cfg.valid_tokens, cfg.text_field)}
+    d_base = base.config.get_text_config().hidden_size
+    d_mem = joint.memdec.config.get_text_config().hidden_size
+    n_rows = sum(len(s) - 1 for s in streams.values())
+    log(f"router rows: {n_rows} positions x {d_base + d_mem + len(SCALARS)} features = "
+        f"{feature_bytes(n_rows, d_base, d_mem) / 2**20:.1f} MiB (float32)")
+    t0 = time.perf_counter()
+    rows = {name: collect_rows(joint, tokens, cfg, device, bos_prefix(tokenizer), f"router rows ({name})")
+            for name, tokens in streams.items()}
+    seconds_rows = time.perf_counter() - t0
+    spec = RouterFeatures(d_base, d_mem)
+    fit_rows = [rows["domain"], rows["general"]]
+    is_general = torch.cat([torch.zeros(len(rows["domain"]), dtype=torch.bool),
+                            torch.ones(len(rows["general"]), dtype=torch.bool)])
+    t1 = time.perf_counter()
+    router, stats = fit_router(torch.cat([r.features for r in fit_rows]), torch.cat([r.lp_base for r in fit_rows]),
+                               torch.cat([r.lp_mem for r in fit_rows]), is_general, cfg.fit_config(joint.lmbda), spec)
+    stats.update(rows_seconds=round(seconds_rows, 1), fit_seconds=round(time.perf_counter() - t1, 1),
+                 domain_skip_tokens=cfg.domain_skip_tokens, domain_rows=len(rows["domain"]))
+    valid = valid_report(rows["valid"], router, joint.lmbda, cfg.valid)
+    info = {"base_model": cfg.model, "base_fingerprint": _fingerprint_or_none(cfg.model),
+            "tokenizer_hash": tokenizer_fingerprint(tokenizer), "decoder": str(Path(cfg.memdec).expanduser().resolve()),
+            "decoder_fingerprint": decoder_fingerprint(cfg.memdec), "fixed_lambda": joint.lmbda,
+            "temperature": joint.temperature,
+            "train_config": {**fit_config_record(cfg.fit_config(joint.lmbda)), **_corpora(cfg)},
+            "train_stats": stats, "valid": valid}
+    save_router(router, cfg.out, info)
+    return {**info, "out": str(cfg.out)}
+
+
+def _corpora(cfg: RouterConfig) -> dict:
+    return {"domain_corpus": cfg.domain_corpus, "domain_skip_tokens": cfg.domain_skip_tokens, "tokens": cfg.tokens,
+            "general": cfg.general, "general_tokens": cfg.general_tokens, "valid": cfg.valid,
+            "valid_tokens": cfg.valid_tokens, "block_size": cfg.block_size, "stride": cfg.stride}
+
+
+def _fingerprint_or_none(spec: str) -> str | None:
+    """The base model's fingerprint (``models.model_fingerprint``), or None where it has no local folder."""
+    try:
+        return model_fingerprint(spec)
+    except MemdecError:
+        return None
+
+
+def format_router_summary(info: dict) -> str:
+    """What ``memdec router`` prints: the validation perplexities and where the router went."""
+    v, s = info["valid"], info["train_stats"]
+    verdict = "beats" if v["router_ppl"] < v["fixed_ppl"] else "does NOT beat"
+    held = s["held_best"]
+    lines = [f"router fitted on {s['domain_rows']} domain + {s['general_rows']} general positions "
+             f"(held out {s['held_rows']}; best epoch {s['best_epoch']}; mean λ_t held-out domain "
+             f"{held.get('domain_mean_lambda', float('nan')):.3f}, general {held.get('general_mean_lambda', float('nan')):.3f})",
+             f"{v['tokens']} positions of {v['corpus']}: base ppl {v['base_ppl']:.3f}, fixed λ={v['fixed_lambda']:.2f} "
+             f"{v['fixed_ppl']:.3f}, router {v['router_ppl']:.3f} (mean λ_t {v['router_mean_lambda']:.3f}): the router "
+             f"{verdict} the fixed λ",
+             f"router: {info['out']}"]
+    return "\n".join(lines)
