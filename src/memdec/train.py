@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors, write_memdec_json
+from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors,
+                         write_memdec_json)
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_unit_interval, or_null)
@@ -95,6 +96,7 @@ class TrainConfig:
     save_dtype: str = "float32"  # the dtype of the decoder's weights in CKPT/ (trainer steps stay float32)
 
 
+CHECKPOINT_META_FILES = (MEMDEC_JSON, BASELINE_JSON)  # each marks a finished checkpoint memdec wrote
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OWN_STEP_WEIGHTS = "decoder.safetensors"  # a trainer step of a decoder shape other than copy: its own tensors
 
@@ -610,7 +612,7 @@ def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None
         if out.resolve() == ds or ds in out.resolve().parents:
             raise MemdecError(f"--out {out} lies inside the datastore {datastore}; choose a folder of its own")
     # a finished checkpoint without trainer state (a meta file): the resume logic says what to do
-    check_own_folder(out, "trainer_state/", *recipe.meta_files)
+    check_own_folder(out, "trainer_state/", *dict.fromkeys([*recipe.meta_files, *CHECKPOINT_META_FILES]))
 
 
 class Trainer:
@@ -661,7 +663,7 @@ class Trainer:
         """The state of the newest complete step of an earlier call of this run, to resume from."""
         prev = self.state.latest()
         if prev is None:
-            if self.cfg.resume and any((self.out / f).is_file() for f in self.recipe.meta_files):
+            if self.cfg.resume and self._meta_file() is not None:
                 return self._finished_without_state()
             return None
         if prev.get("run_fingerprint") != self.fingerprint or prev.get("recipe", self.recipe.name) != self.recipe.name:
@@ -679,11 +681,17 @@ class Trainer:
             prev["rng"] = read_rng_json(prev["rng_file"], prev["step"])
         return prev
 
+    def _meta_file(self) -> Path | None:
+        """The metadata file of a finished checkpoint in ``--out`` (this recipe's first; any recipe's
+        marks the folder as memdec's), or None."""
+        names = dict.fromkeys([self.recipe.meta_file, *self.recipe.meta_files, *CHECKPOINT_META_FILES])
+        return next((self.out / n for n in names if (self.out / n).is_file()), None)
+
     def _finished_without_state(self) -> dict:
         """A finished run whose ``trainer_state/`` was dropped (no --keep-trainer-state): this very run
         asked again is done (``folder`` None); asked to train further, or another run, one line."""
-        file = self.out / self.recipe.meta_file
-        meta = read_json_object(file, self.recipe.meta_file)
+        file = self._meta_file()
+        meta = read_json_object(file, file.name)
         if "dropped_trainer_state_at" not in meta:
             raise MemdecError(f"{self.out} holds a finished checkpoint without trainer state; choose another --out")
         step = check_field(meta, "dropped_trainer_state_at", file, COUNT)
