@@ -750,14 +750,16 @@ PRUNED = "weights_removed"  # memdec.json of a candidate whose weights prune_can
 
 def prune_candidates(job: AdaptRun) -> None:
     """Remove the weights (every file but ``memdec.json`` and ``log.jsonl``, and ``trainer_state/``) of
-    each candidate decoder but the chosen one (``RUN/memdec``); their metrics stay for the report, and
+    each candidate decoder but the chosen one (``RUN/memdec``) and one a baseline reuses (the ce-decoder's
+    α=0 candidate, whose files are hard links of the baseline's); their metrics stay for the report, and
     their ``memdec.json`` says that the weights are gone."""
     folder = job.run / "candidates"
     if not folder.is_dir():
         return
-    chosen = job.ckpt.resolve()
+    keep = {job.ckpt.resolve()}  # the chosen one, and any a baseline reuses (hard links: removing frees nothing)
+    keep |= {(job.run / r).resolve() for m in methods() if (r := job.book.summary(m.name).get("reused_from"))}
     for candidate in sorted(folder.iterdir()):
-        if not candidate.is_dir() or candidate.resolve() == chosen or not (candidate / MEMDEC_JSON).is_file():
+        if not candidate.is_dir() or candidate.resolve() in keep or not (candidate / MEMDEC_JSON).is_file():
             continue
         info = read_memdec_json(candidate)
         if info.get(PRUNED):
