@@ -58,7 +58,7 @@ from .report import (FACTS_CONTEXT_TOKENS, FACTS_TASK, GENERAL_CONTEXT_WORDS, GE
 from .store import describe, read_manifest
 from .tables import accuracy_entry
 from .tasks import memdec_lm_class, write_facts_task, write_general_task
-from .train import TrainConfig, planned_steps, train
+from .train import TRAIN_HELP, TrainConfig, check_decoder_shape, planned_steps, train
 from .transfer import INITS, TransferConfig, check_source, source_fingerprint, transfer
 
 HELDOUT_TOKENS_PER_ITEM = 200  # the facts task reads this many test tokens per item wanted (at least --test-tokens)
@@ -136,6 +136,10 @@ class CallOptions:
     block_size: int | None = option("window length for the datastore, training and evaluation (strides become half "
                                     "of it)")  # sets ds_block_size, train_block_size, eval_block_size and the strides
     device: str = option("auto, cpu or cuda", "auto")
+    keep_trainer_state: bool = option("keep each trained decoder's trainer_state/ (optimizer state) once it finishes, "
+                                      "to extend it later; an interrupted run always keeps it", False)
+    keep_candidates: bool = option("keep the weights of every candidate decoder; by default only the chosen one's "
+                                   "stay (the others' memdec.json and log.jsonl stay for the report)", False)
     overwrite: bool = option("replace the run in --out (a memdec adapt run folder) when its --model, --corpus, "
                              "--text-field, --valid, --test or --general differ: its files are deleted first; a run of "
                              "the same inputs resumes", False)
@@ -161,6 +165,7 @@ class TrainInputs:
     init: str | None = option("initialise the memory decoder from this model spec (same tokenizer)")
     init_layers: int | None = option("initialise the memory decoder from the base's first N blocks (default: a full "
                                      "copy)", check=check_positive_int)
+    decoder: str = option(TRAIN_HELP["decoder"], "copy", unless="copy")
     alpha: list[float] | None = option(
         "weight of the kNN KL term in the training loss; several values train one decoder each and keep the best on "
         "--valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)", check=check_unit_interval, each=True)
@@ -382,6 +387,9 @@ def check_config(s: Settings) -> None:
         raise MemdecError("give --init or --init-layers, not both")
     if not s.alpha:
         raise MemdecError("--alpha needs at least one value in [0, 1]")
+    if s.two_phase and s.decoder != "copy":
+        raise MemdecError(f"--two-phase starts its second phase from the first one's checkpoint (--init), which "
+                          f"--decoder copy alone takes: drop --two-phase or use --decoder copy, not {s.decoder}")
     if s.two_phase and s.max_steps is not None and s.max_steps < 2:
         raise MemdecError(f"--two-phase splits the steps in two: --max-steps must be at least 2, got {s.max_steps}")
     _check_transfer_options(s)
@@ -423,6 +431,7 @@ def check_inputs(s: Settings, run: Path) -> None:
     """The model spec resolves, every corpus reads, and ``run`` is new, empty or an adapt run:
     all before anything is loaded or written."""
     resolve_model_spec(s.model)
+    check_decoder_shape(s.decoder, s.model, s.init, s.init_layers)
     if s.init is not None:
         resolve_model_spec(s.init)
     if s.transfer_from is not None:
@@ -502,7 +511,8 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
         train["transfer"] = dict(source=source_fingerprint(s.transfer_from), budget=s.transfer_budget, init=s.transfer_init)
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
     budget = {k: v for k, v in train.items()
-              if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer", "two_phase")}
+              if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer", "two_phase",
+                           "decoder")}
     baselines = {m.name: dict(budget, **m.adapt_inputs(s)) for m in methods()}
     evaluation = dict(train=train, test=s.test, valid_tokens=s.valid_tokens, recurring="datastore", **stage_fields(s.eval))
     if s.general:
@@ -591,6 +601,8 @@ class AdaptRun:
     device: str
     book: StageBook
     inputs: dict
+    keep_trainer_state: bool = False
+    keep_candidates: bool = False
 
     @property
     def datastore(self) -> Path:
@@ -616,11 +628,13 @@ def adapt(cfg: AdaptConfig) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
     atomic_write_json(run / "settings.json", s.flat())
-    job = AdaptRun(run, s, cfg.device, book, stage_inputs(s))
+    job = AdaptRun(run, s, cfg.device, book, stage_inputs(s), cfg.keep_trainer_state, cfg.keep_candidates)
     t_run = time.perf_counter()
     datastore_stage(job)
     train_cfg = train_stage(job)
     baseline_dirs = [baseline_stage(job, get_method(name), train_cfg) for name in plan if name in method_names()]
+    if not cfg.keep_candidates:  # after the baselines: the ce-decoder may reuse the α=0 candidate's files
+        prune_candidates(job)
     eval_stage(job, baseline_dirs)
     if with_tasks:
         tasks_stage(job)
@@ -664,7 +678,8 @@ def train_config(job: AdaptRun) -> TrainConfig:
     s, names = job.s, {f.name for f in dataclasses.fields(TrainConfig)}
     own = {k: v for k, v in stage_fields(s.train, omit=False).items() if k in names and k != "teacher_base_weight"}
     return TrainConfig(**{**own, "alpha": s.alpha[0]}, datastore=str(job.datastore), out=str(job.ckpt), valid=s.valid,
-                       valid_max_tokens=s.valid_tokens, save_every=s.eval_every, device=job.device, warmup=2)
+                       valid_max_tokens=s.valid_tokens, save_every=s.eval_every, device=job.device, warmup=2,
+                       keep_trainer_state=job.keep_trainer_state)
 
 
 def train_stage(job: AdaptRun) -> TrainConfig:
@@ -730,6 +745,36 @@ def train_candidates(job: AdaptRun) -> dict:
             "valid_joint_ppl": scores, "train_seconds": seconds, "skipped": skipped}
 
 
+PRUNED = "weights_removed"  # memdec.json of a candidate whose weights prune_candidates removed
+
+
+def prune_candidates(job: AdaptRun) -> None:
+    """Remove the weights (every file but ``memdec.json`` and ``log.jsonl``, and ``trainer_state/``) of
+    each candidate decoder but the chosen one (``RUN/memdec``) and one a baseline reuses (the ce-decoder's
+    α=0 candidate, whose files are hard links of the baseline's); their metrics stay for the report, and
+    their ``memdec.json`` says that the weights are gone."""
+    folder = job.run / "candidates"
+    if not folder.is_dir():
+        return
+    keep = {job.ckpt.resolve()}  # the chosen one, and any a baseline reuses (hard links: removing frees nothing)
+    keep |= {(job.run / r).resolve() for m in methods() if (r := job.book.summary(m.name).get("reused_from"))}
+    for candidate in sorted(folder.iterdir()):
+        if not candidate.is_dir() or candidate.resolve() in keep or not (candidate / MEMDEC_JSON).is_file():
+            continue
+        info = read_memdec_json(candidate)
+        if info.get(PRUNED):
+            continue
+        write_memdec_json(candidate, {**info, PRUNED: "memdec adapt kept only the chosen candidate (--keep-candidates "
+                                                      "keeps every one)"})  # first: never a weightless checkpoint
+        for p in candidate.iterdir():
+            if p.name not in (MEMDEC_JSON, "log.jsonl"):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        _say(f"removed the weights of candidate {candidate_label(candidate.name)} (not chosen)")
+
+
 def train_phase_one(job: AdaptRun, base_cfg: TrainConfig) -> tuple[Path, int]:
     """The first phase of the two-phase candidates, shared by all of them: cross-entropy for the first
     half of the CE-only candidate's steps, in ``RUN/candidates/two-phase-ce``. Returns its folder and
@@ -763,7 +808,8 @@ def baseline_stage(job: AdaptRun, method: Method, train_cfg: TrainConfig) -> str
     if changed:
         _remove(folder)
     reusable = job.run / "candidates" / candidate_name(0.0, 0.0)
-    if method.reuses_alpha0_decoder and s.transfer_from is None and (reusable / MEMDEC_JSON).is_file():
+    if (method.reuses_alpha0_decoder and s.transfer_from is None and (reusable / MEMDEC_JSON).is_file()
+            and not read_memdec_json(reusable).get(PRUNED)):
         book.run(name, job.inputs[name], lambda: reuse_candidate(method, reusable, folder))
         return str(folder)
 

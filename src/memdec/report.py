@@ -91,6 +91,32 @@ def _folder_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
 
 
+DISK_PARTS = ("memdec", "candidates", "baselines", "datastore")  # in this order; the rest of the run is "other"
+
+
+def disk_bytes(run: Path) -> dict[str, int]:
+    """Bytes the run leaves on disk, per part: ``memdec`` (the chosen decoder, through its link),
+    ``candidates`` (the others), ``baselines``, ``datastore``, ``other`` (reports, plots, tasks...) and
+    ``total``. A file is counted once, in the first part that holds it: a hard link (the ce-decoder's
+    reuse of the α=0 candidate) or the link ``memdec -> candidates/...`` takes no space twice."""
+    seen: set[tuple[int, int]] = set()
+
+    def count(root: Path) -> int:
+        total = 0
+        for p in [root] if root.is_file() else (root.rglob("*") if root.is_dir() else []):
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+        return total
+
+    sizes = {"memdec": count((run / "memdec").resolve())}
+    sizes.update({part: count(run / part) for part in DISK_PARTS[1:]})
+    sizes["other"] = count(run)
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
 def write_report(run: Path, settings: dict, stages: dict, wall_s: float) -> None:
     """Write RUN/report.json, then RUN/report.md, from the stages' outputs: ``settings``, the run's
     (``RUN/settings.json``), ``stages``, its stage record (``RUN/stages.json``)."""
@@ -116,10 +142,10 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
     sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
              "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
-             "memdec_transfer": info.get("transfer")}
+             "memdec_transfer": info.get("transfer"), "memdec_shape": (info.get("decoder") or {}).get("shape", "copy")}
     return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
             "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
-            "recurring": ev.get("recurring"), "sizes": sizes,
+            "recurring": ev.get("recurring"), "sizes": sizes, "disk_bytes": disk_bytes(run),
             "stage_seconds": {name: e.get("seconds") for name, e in stages.items()},
             "wall_seconds_this_call": round(wall_s, 1), "settings": settings, "samples": samples, "tasks": tasks,
             "alpha_choice": _summary(stages, "train").get("valid_joint_ppl"),
@@ -151,8 +177,9 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
     lines += ["", "## Sizes", "",
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
               f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
-              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), "",
-              "## Stage times", ""]
+              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), ""]
+    lines += _disk_lines(report.get("disk_bytes"), report["settings"])
+    lines += ["## Stage times", ""]
     lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
     lines += ["", "## Plots", ""]
     if training_png:
@@ -164,6 +191,20 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
               "from memdec import MemoryDecoderModel",
               f"model = MemoryDecoderModel.from_pretrained(\"{s.model}\", \"{run / 'memdec'}\")", "```", ""]
     return lines
+
+
+def _disk_lines(disk: dict | None, settings: dict) -> list[str]:
+    """The report's "Disk" section: what the run leaves on disk, per folder."""
+    if not disk:
+        return []
+    what = {"memdec": f"the chosen memory decoder (`{settings.get('decoder', 'copy')}`)",
+            "candidates": "the other candidate decoders (weights removed unless --keep-candidates: their logs stay)",
+            "baselines": "the baselines", "datastore": "keys, index and kNN targets",
+            "other": "reports, plots, tasks, records"}
+    rows = [[f"`{k}`" if k != "other" else k, f"{disk[k] / 2**20:.1f} MiB", what[k]] for k in (*DISK_PARTS, "other")]
+    rows.append(["total", f"{disk['total'] / 2**20:.1f} MiB", "trainer state is dropped when a run finishes "
+                 "(unless --keep-trainer-state)"])
+    return ["## Disk", "", *render_table(["folder", "on disk", "what"], rows), ""]
 
 
 def _origin_lines(origin: dict | None) -> list[str]:

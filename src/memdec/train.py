@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,20 +41,24 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
-from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors, write_memdec_json
+from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors,
+                         write_memdec_json)
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_unit_interval, or_null)
 from .data import load_token_stream
+from .decoders import SHAPES, DecoderShape, parse_shape
 from .store import open_datastore
 from .errors import MemdecError, one_line
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
                     fsync_tree, os_errors_named, read_json_object, read_jsonl)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
-from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_model, model_fingerprint, resolve_device,
-                     shortened_copy, vocab_rows, with_prefix)
+from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_config, load_model, model_fingerprint,
+                     resolve_device, shortened_copy, vocab_rows, with_prefix)
 from .scoring import base_scorer, mean_ppl, mix_logprobs, score_tokens
 from .targets import KnnTargets
 
@@ -87,6 +91,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = True
+    decoder: str = "copy"  # the decoder's shape (memdec.decoders): copy, fork:K, ...
+    keep_trainer_state: bool = False  # keep CKPT/trainer_state/ once the run finishes (to extend it later)
+    save_dtype: str = "float32"  # the dtype of the decoder's weights in CKPT/ (trainer steps stay float32)
+
+
+CHECKPOINT_META_FILES = (MEMDEC_JSON, BASELINE_JSON)  # each marks a finished checkpoint memdec wrote
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OWN_STEP_WEIGHTS = "decoder.safetensors"  # a trainer step of a decoder shape other than copy: its own tensors
+
+
+def _shapes_help() -> str:
+    """The registered decoder shapes, each with the first line of its docstring."""
+    return "; ".join(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '')}"
+                     for name, cls in sorted(SHAPES.items()))
 
 
 TRAIN_HELP = {
@@ -122,6 +140,15 @@ TRAIN_HELP = {
                 "(the schedule stays that of the full run; default: never stop early)",
     "save_every": "save a resumable checkpoint every K optimizer steps",
     "resume": "continue from CKPT/trainer_state if it exists",
+    "decoder": f"the memory decoder's shape, built from the base ({_shapes_help()}). A shape other than copy "
+               f"shares the base's frozen trunk and saves only its own tensors; it trains from the base "
+               f"(no --init or --init-layers)",
+    "keep_trainer_state": "keep CKPT/trainer_state/ (optimizer state, for resume) once the run finishes; an "
+                          "interrupted run always keeps it. Without it a finished run cannot be extended (e.g. "
+                          "rerun with a larger --patience)",
+    "save_dtype": f"dtype of the decoder's weights in the final checkpoint ({', '.join(SAVE_DTYPES)}; bfloat16 "
+                  f"halves the file); trainer steps stay float32 so that resume is exact; loading casts to the "
+                  f"base model's dtype",
 }
 
 
@@ -214,10 +241,16 @@ def save_model_folder(model, tokenizer, folder: Path) -> None:
 
     Each file's move is an atomic rename, so no file of ``folder`` is ever half-written.
     """
+    save_files(folder, lambda tmp: write_model_files(model, tokenizer, tmp))
+
+
+def save_files(folder: Path, write) -> None:
+    """``write(tmp)`` writes files into a temporary folder inside ``folder``; each is then moved into
+    ``folder`` by an atomic rename, so no file of ``folder`` is ever half-written."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
     try:
-        write_model_files(model, tokenizer, tmp)
+        write(tmp)
         for f in tmp.iterdir():
             os.replace(f, folder / f.name)
     except OSError as exc:  # name the file the user will look for, not its temporary twin
@@ -244,14 +277,32 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None 
     weights the run began with (a folder retrained in place is another run).
     """
     keep = asdict(cfg)
-    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience"):
+    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience", "keep_trainer_state",
+              "save_dtype"):
         keep.pop(k)
+    if keep["decoder"] == "copy":  # added later: copy runs keep their fingerprint
+        keep.pop("decoder")
     if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
         keep.pop("teacher_base_weight")
     if init_hash is not None:  # only with --init: other runs keep their fingerprint
         keep["init_hash"] = init_hash
     keep["datastore_manifest_hash"] = manifest_hash
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def cast_for_saving(model, names: set[str] | None, dtype: torch.dtype):
+    """Within the block, ``model``'s parameters named in ``names`` (all with None) hold ``dtype``
+    copies; afterwards the very tensors they held before, so training goes on unchanged."""
+    params = [p for n, p in model.named_parameters() if (names is None or n in names) and p.dtype != dtype]
+    kept = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in zip(params, kept):
+            p.data = data
 
 
 def check_finite_weights(model, what: str) -> None:
@@ -425,6 +476,11 @@ class Recipe:
         check_same_tokenizer(spec, manifest["tokenizer_hash"], f"--init {spec}: the training data", made_with=manifest["model"])
         return model_fingerprint(spec)
 
+    def decoder_shape(self, cfg: TrainConfig, manifest: dict) -> DecoderShape:
+        """The shape of the decoder to train (``--decoder``), checked against the base model's config
+        before any weights load (``check_decoder_shape``)."""
+        return check_decoder_shape(cfg.decoder, manifest["model"], cfg.init, cfg.init_layers)
+
     def load_weights(self, model, folder: Path) -> None:
         """Load into ``model`` the weights that a save wrote to ``folder`` (to resume)."""
         sd = load_safetensors(folder / "model.safetensors")
@@ -512,7 +568,31 @@ def check_config(cfg: TrainConfig) -> None:
         check_positive_int(cfg.init_layers, "--init-layers")
     if cfg.layer_selection not in ("first", "spread"):
         raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise MemdecError(f"unknown --save-dtype '{cfg.save_dtype}' ({', '.join(SAVE_DTYPES)})")
     check_device(cfg.device)
+
+
+def check_decoder_shape(spec: str, model_spec: str, init: str | None = None, init_layers: int | None = None) -> DecoderShape:
+    """The shape ``--decoder spec`` names, checked against the base ``model_spec``'s config (its number
+    of blocks...) on a weightless skeleton: one MemdecError line before any weights load. A shape
+    other than copy is built from the base itself, so ``--init`` and ``--init-layers`` are refused."""
+    try:
+        shape = parse_shape(spec)
+    except MemdecError as exc:
+        raise MemdecError(f"--decoder: {exc}") from None
+    if shape == parse_shape("copy"):
+        return shape
+    if init is not None or init_layers is not None:
+        raise MemdecError(f"--decoder {spec} is built from the base model itself (its trunk is shared): "
+                          f"--init and --init-layers apply to --decoder copy only")
+    with torch.device("meta"):  # the architecture without any weights
+        skeleton = AutoModelForCausalLM.from_config(load_config(model_spec))
+    try:
+        shape.check(skeleton)
+    except MemdecError as exc:
+        raise MemdecError(f"--decoder: {exc}") from None
+    return shape
 
 
 def planned_steps(cfg: TrainConfig, n_positions: int, world: int = 1) -> int:
@@ -532,7 +612,7 @@ def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None
         if out.resolve() == ds or ds in out.resolve().parents:
             raise MemdecError(f"--out {out} lies inside the datastore {datastore}; choose a folder of its own")
     # a finished checkpoint without trainer state (a meta file): the resume logic says what to do
-    check_own_folder(out, "trainer_state/", *recipe.meta_files)
+    check_own_folder(out, "trainer_state/", *dict.fromkeys([*recipe.meta_files, *CHECKPOINT_META_FILES]))
 
 
 class Trainer:
@@ -553,6 +633,8 @@ class Trainer:
         check_out_folder(self.out, self.recipe, cfg.datastore)
         self.state = TrainerState(self.out)
         self.tokens, self.manifest = self.recipe.data(cfg)
+        self.shape = self.recipe.decoder_shape(cfg, self.manifest)  # checked before any weights load
+        self.own_only = self.shape != parse_shape("copy")  # steps and checkpoints hold the own tensors only
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.init_hash = self.recipe.init_hash(cfg, self.manifest)
@@ -581,8 +663,8 @@ class Trainer:
         """The state of the newest complete step of an earlier call of this run, to resume from."""
         prev = self.state.latest()
         if prev is None:
-            if self.cfg.resume and any((self.out / f).is_file() for f in self.recipe.meta_files):
-                raise MemdecError(f"{self.out} holds a finished checkpoint without trainer state; choose another --out")
+            if self.cfg.resume and self._meta_file() is not None:
+                return self._finished_without_state()
             return None
         if prev.get("run_fingerprint") != self.fingerprint or prev.get("recipe", self.recipe.name) != self.recipe.name:
             raise MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
@@ -598,6 +680,30 @@ class Trainer:
             prev["rng_file"] = prev["folder"] / f"rng-{self.rank}.json"
             prev["rng"] = read_rng_json(prev["rng_file"], prev["step"])
         return prev
+
+    def _meta_file(self) -> Path | None:
+        """The metadata file of a finished checkpoint in ``--out`` (this recipe's first; any recipe's
+        marks the folder as memdec's), or None."""
+        names = dict.fromkeys([self.recipe.meta_file, *self.recipe.meta_files, *CHECKPOINT_META_FILES])
+        return next((self.out / n for n in names if (self.out / n).is_file()), None)
+
+    def _finished_without_state(self) -> dict:
+        """A finished run whose ``trainer_state/`` was dropped (no --keep-trainer-state): this very run
+        asked again is done (``folder`` None); asked to train further, or another run, one line."""
+        file = self._meta_file()
+        meta = read_json_object(file, file.name)
+        if "dropped_trainer_state_at" not in meta:
+            raise MemdecError(f"{self.out} holds a finished checkpoint without trainer state; choose another --out")
+        step = check_field(meta, "dropped_trainer_state_at", file, COUNT)
+        if check_field(meta, "run_fingerprint", file, TEXT) != self.fingerprint:
+            raise MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
+                              f"choose another --out, or delete {self.out} to start over")
+        patience = (meta.get("train_config") or {}).get("patience")
+        if step < self.total_steps and patience != self.cfg.patience:
+            raise MemdecError(f"{self.out}: this run finished at step {step} and its trainer state was dropped (it ran "
+                              f"without --keep-trainer-state), so it cannot be extended to step {self.total_steps}; "
+                              f"train into a new --out, with --keep-trainer-state to extend it later")
+        return {"step": step, "folder": None}
 
     def _load_resumed(self, optimizer, scheduler) -> None:
         """Optimizer, scheduler and RNG states of ``self.previous`` (weights are loaded before ``prepare``)."""
@@ -626,11 +732,15 @@ class Trainer:
             return self.out
         set_seed(self.cfg.seed)
         model, self.tokenizer = self.recipe.init_model(self.cfg, self.manifest)
+        if self.own_only:  # the base itself: the shape shares what it shares and copies the rest
+            model = self.shape.build(model)
+            model.config.use_cache = False
+            model.train()
         self.prefix = bos_prefix(self.tokenizer)
         if self.targets is not None:
             self.targets.check_vocab(vocab_rows(model), self.cfg.datastore)
         if self.previous:
-            self.recipe.load_weights(model, self.previous["folder"])
+            self._load_weights(model, self.previous["folder"])
         optimizer, scheduler = self._optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
@@ -650,6 +760,18 @@ class Trainer:
         self._open_log(start_step)
         self._loop(start_step)
         return self.out
+
+    def _load_weights(self, model, folder: Path) -> None:
+        """The weights of the step ``folder``: the recipe's, or a shape's own tensors (``OWN_STEP_WEIGHTS``)."""
+        if not self.own_only:
+            self.recipe.load_weights(model, folder)
+            return
+        file = folder / OWN_STEP_WEIGHTS
+        saved, own = load_safetensors(file), self.shape.own_tensors(model)
+        if saved.keys() != own.keys() or any(saved[k].shape != own[k].shape for k in own):
+            raise MemdecError(f"{file}: the saved tensors do not fit the {self.shape.spec} decoder "
+                              f"(delete {self.state.dir} or use --no-resume to start over)")
+        model.load_state_dict(saved, strict=False)
 
     def _optimizer(self, model):
         decay, no_decay = [], []
@@ -699,7 +821,7 @@ class Trainer:
             **({"init_hash": self.init_hash} if self.init_hash else {}),
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "world_size": self.world,
+            "world_size": self.world, "run_fingerprint": self.fingerprint,
         }
 
     def train_seconds(self) -> float:
@@ -746,7 +868,12 @@ class Trainer:
         if acc.is_main_process and start_step < self.total_steps:  # the whole loop's time, not the best step's
             meta = read_json_object(self.out / self.recipe.meta_file, self.recipe.meta_file)
             extra = {"stopped_early_at": stopped} if stopped is not None else {}
+            if not cfg.keep_trainer_state:  # recorded first: a rerun of this very run then knows it is done
+                extra["dropped_trainer_state_at"] = self.saved_step
             self.recipe.write_meta(self.out, {**meta, "train_seconds": round(self.train_seconds(), 1), **extra})
+            if not cfg.keep_trainer_state:
+                shutil.rmtree(self.state.dir)
+        acc.wait_for_everyone()
 
     def _patience_spent(self, step: int) -> bool:
         """Early stopping: ``--patience`` validations since the best one (a function of the step and
@@ -836,10 +963,28 @@ class Trainer:
         check_finite_weights(self.unwrapped, f"{self.out} (step {record['step']})")
         for name in self.recipe.meta_files:
             (self.out / name).unlink(missing_ok=True)
-        save_model_folder(self.unwrapped, self.tokenizer, self.out)
-        self.recipe.write_meta(self.out, {**self.info, "lambda": record.get("best_lambda", 0.5),
+        shape = self._save_decoder()
+        self.recipe.write_meta(self.out, {**self.info, **shape, "lambda": record.get("best_lambda", 0.5),
                                           "train_seconds": round(self.train_seconds(), 1),
                                           "train_stats": record, "train_config": asdict(self.cfg)})
+
+    def _save_decoder(self) -> dict:
+        """The decoder's files in ``CKPT/`` (weights in ``--save-dtype``), returned as ``memdec.json``'s
+        ``decoder`` record where the shape is not copy (a copy is today's full model folder)."""
+        model, dtype = self.unwrapped, SAVE_DTYPES[self.cfg.save_dtype]
+        if not self.own_only:
+            with cast_for_saving(model, None, dtype):
+                save_model_folder(model, self.tokenizer, self.out)
+            return {}
+        record = {}
+
+        def write(tmp: Path) -> None:
+            with cast_for_saving(model, set(self.shape.own_tensors(model)), dtype):
+                record.update(self.shape.save(model, tmp))
+            self.tokenizer.save_pretrained(tmp)
+
+        save_files(self.out, write)
+        return {"decoder": record}
 
     def _save_state(self, step: int) -> None:
         """Stage every process's share of the step, then commit it with one rename (``TrainerState``)."""
@@ -866,7 +1011,12 @@ class Trainer:
 
     def _write_stage(self, stage: Path, step: int) -> None:
         """The main process's share of a step: weights, optimizer and scheduler, then ``state.json``."""
-        write_model_files(self.unwrapped, self.tokenizer, stage)
+        if self.own_only:  # the shape's own tensors, float32: the rest is the base's
+            tensors = {k: v.detach().contiguous() for k, v in self.shape.own_tensors(self.unwrapped).items()}
+            with os_errors_named(stage / OWN_STEP_WEIGHTS):
+                save_file(tensors, str(stage / OWN_STEP_WEIGHTS), metadata={"format": "pt"})
+        else:
+            write_model_files(self.unwrapped, self.tokenizer, stage)
         self._event("weights", step)
         payload = {"step": step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         atomic_write_stream(stage / "optimizer.pt", lambda f: torch.save(payload, f))

@@ -45,6 +45,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
 from .checks import check_device
+from .decoders import parse_shape
 from .store import open_datastore
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
@@ -249,6 +250,10 @@ class TransferRecipe(Recipe):
         """None: a transfer's ``--init`` names how new rows start (mapped, random), not a model;
         the source decoder is part of the run through ``--decoder``."""
         return None
+
+    def decoder_shape(self, cfg: TransferConfig, manifest: dict):
+        """A transferred decoder is a full model (``--decoder`` names the source checkpoint here)."""
+        return parse_shape("copy")
 
     def init_model(self, cfg: TransferConfig, manifest: dict):
         new_tok = load_tokenizer(cfg.model)

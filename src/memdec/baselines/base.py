@@ -82,11 +82,14 @@ class Method:
     def adapt_inputs(self, s) -> dict:
         """What its ``memdec adapt`` stage depends on beyond the memory decoder's budget, from adapt's
         settings ``s`` (joins the stage's fingerprint)."""
-        return {"init": s.init, "init_layers": s.init_layers} if self.takes_init else {}
+        if not self.takes_init:
+            return {}
+        shape = {"decoder": s.decoder} if s.decoder != "copy" else {}  # only when used: earlier runs keep their fingerprint
+        return {"init": s.init, "init_layers": s.init_layers, **shape}
 
     def adapt_options(self, s) -> dict:
         """``BaselineConfig`` fields its adapt stage sets over the memory decoder's ``TrainConfig``."""
-        return {} if self.takes_init else {"init": None, "init_layers": None}
+        return {} if self.takes_init else {"init": None, "init_layers": None, "decoder": "copy"}
 
     def adapt_what(self, s) -> str:
         """Its adapt stage's line."""
@@ -119,6 +122,14 @@ class BaselineRecipe(Recipe):
                     "corpus_hash": token_stream_hash(tokens), "max_tokens": cfg.max_tokens, "text_field": cfg.text_field,
                     "n_keys": len(tokens) - 1}
         return tokens, manifest
+
+    def decoder_shape(self, cfg, manifest: dict):
+        """A method initialised like a memory decoder (``takes_init``: ce-decoder) takes any ``--decoder``
+        shape; the others train the base model itself."""
+        if not self.method.takes_init and cfg.decoder != "copy":
+            raise MemdecError(f"--decoder {cfg.decoder}: {self.name} trains the base model itself; --decoder applies to "
+                              f"{', '.join(m.name for m in methods() if m.takes_init)}")
+        return super().decoder_shape(cfg, manifest)
 
     def write_meta(self, folder: Path, info: dict) -> None:
         write_baseline_json(folder, info, self.name, mixed=not self.method.alone)
