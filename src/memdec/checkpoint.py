@@ -76,20 +76,33 @@ def read_memdec_json(path: str | Path) -> dict:
 
     Raises MemdecError if it is missing or invalid (the module docstring lists the keys).
     """
-    path = Path(path).expanduser()
-    file = path / MEMDEC_JSON if path.is_dir() else path
-    if not path.exists():
-        raise MemdecError(f"{path}: no such memory decoder checkpoint")
-    if not file.is_file():
-        raise MemdecError(f"{path}: not a memory decoder checkpoint (no {MEMDEC_JSON}; train one with `memdec train`)")
-    info = read_json_object(file, MEMDEC_JSON)
-    check_fields(info, file, {"format": TEXT, "version": WHOLE})
-    if info["format"] != CHECKPOINT_FORMAT or info["version"] != CHECKPOINT_VERSION:
-        raise MemdecError(f"{file}: unsupported checkpoint format {info['format']!r} version {info['version']!r}")
-    check_fields(info, file, _MEMDEC_FIELDS)
-    check_fields(info, file, _MEMDEC_OPTIONAL, optional=True)
+    file, info = _read_versioned_json(path, MEMDEC_JSON, "memory decoder checkpoint", "memdec train",
+                                      ("checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION), _MEMDEC_FIELDS,
+                                      _MEMDEC_OPTIONAL)
     check_decoder_record(info.get("decoder"), file)
     return info
+
+
+def _read_versioned_json(path: str | Path, name: str, what: str, command: str, known: tuple[str, str, int],
+                         fields: dict[str, Kind], optional: dict[str, Kind]) -> tuple[Path, dict]:
+    """``(file, record)`` of the JSON file ``name`` in the folder ``path`` (or ``path`` itself): its
+    ``format`` and ``version`` must be those of ``known`` = (kind, format, version), its ``fields``
+    present and, like the ``optional`` ones, of their kinds. One MemdecError line naming the file and
+    the field otherwise; ``command`` makes one."""
+    kind, fmt, version = known
+    path = Path(path).expanduser()
+    file = path / name if path.is_dir() else path
+    if not path.exists():
+        raise MemdecError(f"{path}: no such {what}")
+    if not file.is_file():
+        raise MemdecError(f"{path}: not a {what} (no {name}; train one with `{command}`)")
+    info = read_json_object(file, name)
+    check_fields(info, file, {"format": TEXT, "version": WHOLE})
+    if info["format"] != fmt or info["version"] != version:
+        raise MemdecError(f"{file}: unsupported {kind} format {info['format']!r} version {info['version']!r}")
+    check_fields(info, file, fields)
+    check_fields(info, file, optional, optional=True)
+    return file, info
 
 
 DECODER_RECORDS = {  # memdec.json "decoder": each shape's fields (besides "shape") and their checks
@@ -237,18 +250,8 @@ def is_router_folder(path: str | Path) -> bool:
 def read_router_json(path: str | Path) -> dict:
     """The ``router.json`` of a router folder (or the file itself), every field checked: one MemdecError
     line naming the file and the field."""
-    path = Path(path).expanduser()
-    file = path / ROUTER_JSON if path.is_dir() else path
-    if not path.exists():
-        raise MemdecError(f"{path}: no such router folder")
-    if not file.is_file():
-        raise MemdecError(f"{path}: not a router (no {ROUTER_JSON}; train one with `memdec router`)")
-    info = read_json_object(file, ROUTER_JSON)
-    check_fields(info, file, {"format": TEXT, "version": WHOLE})
-    if info["format"] != ROUTER_FORMAT or info["version"] != ROUTER_VERSION:
-        raise MemdecError(f"{file}: unsupported router format {info['format']!r} version {info['version']!r}")
-    check_fields(info, file, _ROUTER_FIELDS)
-    check_fields(info, file, _ROUTER_OPTIONAL, optional=True)
+    file, info = _read_versioned_json(path, ROUTER_JSON, "router", "memdec router",
+                                      ("router", ROUTER_FORMAT, ROUTER_VERSION), _ROUTER_FIELDS, _ROUTER_OPTIONAL)
     if not all(isinstance(name, str) for name in info["scalars"]):
         raise MemdecError(f'{file}: field "scalars" must be a list of strings, got {shown(info["scalars"])}')
     if info["kind"] == "constant":
