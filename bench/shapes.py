@@ -138,7 +138,10 @@ def check_args(args: argparse.Namespace) -> dict[str, float]:
         raise MemdecError(f"--threads must be at least 1, got {args.threads}")
     scales = lr_scales(args.lr_scale, args.shapes)
     for shape in args.shapes:
-        check_decoder_shape(shape, args.model)
+        try:
+            check_decoder_shape(shape, args.model)
+        except MemdecError as exc:
+            raise MemdecError(f"--shapes: {str(exc).removeprefix('--decoder: ')}") from None
     for domain in args.domains:
         check_config(resolve_settings(adapt_config(args, domain)))
     check_writable_path(args.json, "--json")
@@ -261,7 +264,9 @@ def _mb(n) -> str:
 
 
 def _params(n) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f}M"
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _ppl(x, base) -> str:
