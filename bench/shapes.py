@@ -276,19 +276,18 @@ def _ppl(x, base) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """Issue 26's table, one block per domain: the base, then each row in the order run."""
+    """Issue 26's table: per domain the base, then each row in the order run; one Markdown table."""
     header = ["domain", "decoder", "α", "lr", "trainable params", "on disk", "λ", "test ppl", "general ppl", "train s"]
-    lines = []
+    cells = []
     for domain in dict.fromkeys(r["domain"] for r in records):
         mine = [r for r in records if r["domain"] == domain]
         base_test, base_general = mine[0]["base_test_ppl"], mine[0]["base_general_ppl"]
-        cells = [[domain, "base", "-", "-", "0", "0", "-", _ppl(base_test, None), _ppl(base_general, None), "-"]]
+        cells.append([domain, "base", "-", "-", "0", "0", "-", _ppl(base_test, None), _ppl(base_general, None), "-"])
         cells += [[domain, r["decoder"], f"{r['alpha']:g}", f"{r['lr']:g}", _params(r["trainable_parameters"]),
                    _mb(r["disk_bytes"]), f"{r['lambda']:.2f}", _ppl(r["test_ppl"], base_test),
-                   _ppl(r["general_ppl"], base_general), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"]
+                   _ppl(r["general_ppl"], base_general), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"]
                   for r in mine]
-        lines += render_table(header, cells)
-    return "\n".join(lines + ["", f"Note: {TIMING_NOTE}."])
+    return "\n".join(render_table(header, cells) + ["", f"Note: {TIMING_NOTE}."])
 
 
 def main(argv: list[str] | None = None) -> int:
