@@ -39,7 +39,7 @@ from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig, Scored, build_rows, load_inputs, prepare_config, score_systems
 from memdec.evaluate import _score_memdec as score_memdec  # the eval's scoring of one memory decoder
-from memdec.files import append_jsonl, atomic_write_json, read_json_object, read_jsonl
+from memdec.files import append_jsonl, atomic_write_json, atomic_write_text, read_json_object, read_jsonl
 from memdec.joint import MemoryDecoderModel
 from memdec.models import DEFAULT_MODEL
 from memdec.tables import render_table
@@ -157,6 +157,13 @@ def bench_settings(args: argparse.Namespace) -> dict:
 
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def drop_cut_line(path: Path) -> None:
+    """Remove a last line that an interruption cut short (no newline) from the rows file, so that the
+    next row appended starts a line of its own (``read_jsonl`` already skips such a line)."""
+    if path.is_file() and (data := path.read_bytes()) and not data.endswith(b"\n"):
+        atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8"))
 
 
 def claim_out(out: Path, settings: dict) -> None:
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 for alpha in args.alphas]
         json_path = Path(args.json)
         previous = read_jsonl(json_path) if json_path.is_file() else []
+        drop_cut_line(json_path)
         mine = [r for r in previous if r.get("settings") == settings_hash(settings)]
         done = {(r["domain"], r["decoder"], r["alpha"]) for r in mine}
         claim_out(Path(args.out), settings)

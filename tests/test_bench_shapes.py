@@ -60,6 +60,12 @@ def test_rows_table_and_a_rerun_that_skips_them(shapes, four_blocks, tmp_path, c
     assert (out / "rows.jsonl").read_text() == before  # finished rows are not redone
     assert "== austen" not in capsys.readouterr().out
 
+    with open(out / "rows.jsonl", "a") as f:  # a row cut short by an interruption
+        f.write('{"domain": "aus')
+    assert shapes.main(_argv(four_blocks, out, "--shapes", "fork:1", "--alphas", "0", "0.25")) == 0
+    assert (out / "rows.jsonl").read_text().startswith(before)
+    assert [(r["decoder"], r["alpha"]) for r in read_jsonl(out / "rows.jsonl")][2:] == [("fork:1", 0.0)]
+
 
 def test_bad_arguments_are_one_line_before_any_work(shapes, four_blocks, tmp_path, capsys):
     foreign = tmp_path / "foreign"
