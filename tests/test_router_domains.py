@@ -132,3 +132,132 @@ def test_router_domains_cli_and_a_foreign_folder(decoders, base_dir, tmp_path, c
     assert main([*args, "--out", str(tmp_path / "r")]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
     assert read_domain_router_json(tmp_path / "r")["classes"] == ["none", "austen", "code"]
+
+
+# -- serve: the `auto` model, token routers, a request's λ ----------------------------------------
+
+
+def greedy_text(model, tokenizer, ids: list[int], n: int = 12) -> str:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def const_ckpt(decoders, tmp_path_factory, tokenizer):
+    """The "code" decoder (memdec.json λ 0.3) with a constant router at λ 0.8 in its folder."""
+    from memdec.checkpoint import decoder_fingerprint
+    from memdec.models import tokenizer_fingerprint
+    from memdec.router import ConstantRouter, save_router
+
+    folder = tmp_path_factory.mktemp("const") / "const"
+    shutil.copytree(decoders / "code", folder)
+    save_router(ConstantRouter(0.8), folder, {"base_model": "tiny", "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+                                              "decoder_fingerprint": decoder_fingerprint(folder)})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def routed_server(domain_router, decoders, const_ckpt, base_dir, tmp_path_factory):
+    from test_serve import Server
+
+    srv = Server(["--model", str(base_dir), "--router", str(domain_router[0]), "--memdec", f"const={const_ckpt}",
+                  "--max-tokens", "12"], tmp_path_factory.mktemp("log") / "server.log")
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()
+
+
+def complete(srv, model: str, prompt: str, **extra) -> dict:
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, **extra}
+    reply = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_serve_auto_answers_with_the_routed_domain_exactly(routed_server, domain_router, base_dir, tokenizer):
+    import httpx
+
+    listed = {m["id"]: m for m in httpx.get(routed_server.url + "/v1/models").json()["data"]}
+    assert {"austen", "code", "const", "auto"} <= set(listed)
+    assert listed["auto"]["memdec"]["domains"] == ["austen", "code"]
+    rng = np.random.default_rng(3)
+    seen = set()
+    for spec in ("austen:valid", "stdlib:valid", "general:train"):  # text the router was fitted on: routed surely
+        for window in random_windows(load_token_stream(spec, tokenizer, 6000), 2, WINDOW, rng):
+            prompt = tokenizer.decode(window.tolist())
+            auto = complete(routed_server, "auto", prompt)
+            domain = auto["memdec_domain"]
+            named = complete(routed_server, domain, prompt)
+            assert "memdec_domain" not in named  # only a routed answer carries it
+            assert auto["choices"][0]["text"] == named["choices"][0]["text"]
+            assert auto["model"] == "auto" and auto["object"] == "text_completion"
+            seen.add(domain)
+    assert seen == {"austen", "code", base_dir.name}  # each corpus went to its own decoder, general text to the base
+    reply = httpx.post(routed_server.url + "/v1/completions", json={"model": "auto", "prompt": "x", "lambda": 0.5})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "lambda"
+
+
+def test_serve_streams_the_routed_domain(routed_server, tokenizer):
+    import httpx
+
+    prompt = tokenizer.decode(load_token_stream("stdlib:valid", tokenizer, 400)[:100].tolist())
+    with httpx.stream("POST", routed_server.url + "/v1/completions", timeout=60,
+                      json={"model": "auto", "prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events and all(e["memdec_domain"] == "code" for e in events)
+
+
+def test_serve_honours_a_token_router_and_a_requests_lambda(routed_server, const_ckpt, base_dir, tokenizer):
+    """The checkpoint's constant router (λ 0.8) gives exactly the fixed-λ 0.8 tokens; a request's `lambda` mixes
+    at that λ, not at the router's."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    prompt = tokenizer("It is a truth universally acknowledged")["input_ids"]
+    fixed = {lam: greedy_text(MemoryDecoderModel.from_pretrained(base, const_ckpt, lam, tokenizer=tokenizer), tokenizer,
+                              prompt) for lam in (0.8, 0.05)}
+    assert fixed[0.8] != fixed[0.05]  # the two λ tell apart
+    text = "It is a truth universally acknowledged"
+    assert complete(routed_server, "const", text)["choices"][0]["text"] == fixed[0.8]
+    assert complete(routed_server, "const", text, **{"lambda": 0.05})["choices"][0]["text"] == fixed[0.05]
+
+
+def test_serve_router_arguments_are_checked_before_loading(domain_router, decoders, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(decoders / "austen", other)
+    with open(other / "model.safetensors", "ab") as f:
+        f.write(b" ")  # other weights
+    assert main(["serve", "--router", str(domain_router[0]), "--memdec", f"austen={other}", "--port", "1"]) == 2
+    assert "trained for other decoder weights" in capsys.readouterr().err
+    assert main(["serve", "--router", str(tmp_path), "--port", "1"]) == 2
+    assert "not a domain router" in capsys.readouterr().err
+
+
+# -- the fast path never mixes a router's model at a fixed λ ---------------------------------------
+
+
+def test_the_fast_path_falls_back_to_the_eager_path_with_a_token_router(tokenizer):
+    from memdec.fast import FastJointGenerator, fast_scorer
+    from memdec.router import RouterFeatures, TokenRouter
+
+    base = tiny_model("llama", tokenizer, seed=0, **PEAKED)
+    joint = MemoryDecoderModel(base, tiny_model("llama", tokenizer, seed=1, **PEAKED), lmbda=0.3)
+    torch.manual_seed(0)
+    router = TokenRouter(RouterFeatures(64, 64), hidden=8, init_lambda=0.3)
+    torch.nn.init.normal_(router.out.weight, std=1.0)
+    enc = tokenizer(["It is a truth universally acknowledged"], return_tensors="pt")
+    fixed = joint.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=1)
+    joint.router = router.eval()
+    routed = joint.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=1)
+    assert not torch.equal(fixed, routed)  # the router changes the tokens
+    gen = FastJointGenerator(joint)
+    with pytest.warns(UserWarning, match="token router"):
+        fast = gen.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=12,
+                            do_sample=False, pad_token_id=1)
+    assert gen.last_path == "fallback" and torch.equal(fast, routed)
+    ids = enc["input_ids"]
+    assert torch.equal(fast_scorer(joint)(ids[:, :-1], ids[:, 1:]), joint.scorer()(ids[:, :-1], ids[:, 1:]))
