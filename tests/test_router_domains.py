@@ -261,3 +261,47 @@ def test_the_fast_path_falls_back_to_the_eager_path_with_a_token_router(tokenize
     assert gen.last_path == "fallback" and torch.equal(fast, routed)
     ids = enc["input_ids"]
     assert torch.equal(fast_scorer(joint)(ids[:, :-1], ids[:, 1:]), joint.scorer()(ids[:, :-1], ids[:, 1:]))
+
+
+# -- lm-eval: router=DIR ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def token_router_dir(decoders, base_dir, tokenizer, tmp_path_factory):
+    """A token router (random, so that λ_t varies) saved for the "austen" decoder."""
+    from memdec.checkpoint import decoder_fingerprint
+    from memdec.models import tokenizer_fingerprint
+    from memdec.router import RouterFeatures, TokenRouter, save_router
+
+    torch.manual_seed(0)
+    router = TokenRouter(RouterFeatures(128, 128), hidden=8, init_lambda=0.5)
+    torch.nn.init.normal_(router.out.weight, std=1.0)
+    out = tmp_path_factory.mktemp("token-router") / "r"
+    save_router(router.eval(), out, {"base_model": str(base_dir), "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+                                     "decoder_fingerprint": decoder_fingerprint(decoders / "austen")})
+    return out
+
+
+def test_lm_eval_honours_a_token_router_as_eval_scores_it(decoders, base_dir, token_router_dir, tokenizer):
+    """The lm-eval model's log-likelihood of a continuation is the sum of the log-probs eval's memdec+router row
+    scores (``routed_scorer``), and differs from the fixed λ's."""
+    from memdec.tasks import load_system, memdec_lm_class
+
+    lm = memdec_lm_class()(base=str(base_dir), memdec=str(decoders / "austen"), router=str(token_router_dir),
+                           device="cpu", batch_size=1)
+    assert lm.system.name == "memdec+router"
+    context = tokenizer.encode("It is a truth universally acknowledged, that a single man")
+    cont = tokenizer.encode(" in possession of a good fortune")
+    ll, _ = lm._score(context, cont)
+    ids = torch.tensor([context + cont])
+    joint = lm.system.generator
+    routed = joint.routed_scorer()(ids[:, :-1], ids[:, 1:])[0, -len(cont):]
+    assert ll == pytest.approx(float(routed.double().sum()), abs=1e-4)
+    fixed = joint.scorer(joint.lmbda)(ids[:, :-1], ids[:, 1:])[0, -len(cont):]
+    assert abs(float(fixed.double().sum()) - ll) > 1e-2
+    with pytest.raises(MemdecError, match="not both"):
+        load_system(str(base_dir), memdec=str(decoders / "austen"), router=str(token_router_dir), lmbda=0.5)
+    with pytest.raises(MemdecError, match="give memdec=CKPT"):
+        load_system(str(base_dir), router=str(token_router_dir))
+    with pytest.raises(MemdecError, match="another memory decoder"):
+        load_system(str(base_dir), memdec=str(decoders / "code"), router=str(token_router_dir), device="cpu")
