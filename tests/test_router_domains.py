@@ -5,6 +5,7 @@ The domain router reads the base alone (its pooled final hidden states of the pr
 are tiny random models saved as checkpoints: which decoder answers is decided before any of them runs.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -305,3 +306,36 @@ def test_lm_eval_honours_a_token_router_as_eval_scores_it(decoders, base_dir, to
         load_system(str(base_dir), router=str(token_router_dir))
     with pytest.raises(MemdecError, match="another memory decoder"):
         load_system(str(base_dir), memdec=str(decoders / "code"), router=str(token_router_dir), device="cpu")
+
+
+# -- adapt: the router stage, and the report's λ_t plot -------------------------------------------
+
+
+def test_adapt_router_stage_keeps_the_router_only_if_it_wins_and_plots_lambda_t(tiny_llama_dir, tmp_path, capsys):
+    from memdec.adapt import AdaptConfig, adapt
+
+    run = tmp_path / "run"
+    cfg = AdaptConfig(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train",
+                      out=str(run), train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64,
+                      batch_size=2, max_steps=4, lr=1e-3, samples=1, alpha=[0.5], task_items=0, router_tokens=600)
+    adapt(cfg)
+    stages = json.loads((run / "stages.json").read_text())
+    summary = stages["router"]["summary"]
+    valid = json.loads((run / "router" / "router.json").read_text())["valid"]
+    assert summary["kept"] == (valid["router_ppl"] < valid["fixed_ppl"])
+    assert summary["valid"] == valid and summary["why"]
+    rows = [r["system"] for r in json.loads((run / "eval.json").read_text())["results"]]
+    assert (run / "memdec" / "router.json").is_file() == summary["kept"] == ("memdec+router" in rows)
+    lam = json.loads((run / "router" / "lambda_t.json").read_text())
+    assert len(lam["tokens"]) == len(lam["lambda_t"]) == 63 and all(0 < x < 1 for x in lam["lambda_t"])
+    report = (run / "report.md").read_text()
+    assert "## Token router" in report and summary["why"] in report and "router_lambda.png" in report
+    assert (run / "router_lambda.png").stat().st_size > 1000
+    # a rerun is cached; --router off takes a kept router out of RUN/memdec and its row out of eval.json
+    capsys.readouterr()
+    adapt(cfg)
+    assert any("token router" in line and "cached" in line for line in capsys.readouterr().out.splitlines())
+    adapt(dataclasses.replace(cfg, router="off"))
+    assert not (run / "memdec" / "router.json").exists()
+    assert "memdec+router" not in [r["system"] for r in json.loads((run / "eval.json").read_text())["results"]]
+    assert "## Token router" not in (run / "report.md").read_text()

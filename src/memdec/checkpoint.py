@@ -322,9 +322,13 @@ def write_domain_router_json(folder: str | Path, info: dict) -> None:
 
 def decoder_fingerprint(folder: str | Path) -> str:
     """sha256 (16 hex digits) of a memory decoder's weights: every ``*.safetensors`` file of its folder
-    (name and bytes), so that a rewritten ``memdec.json`` (a new λ) keeps it and retrained weights do not."""
+    (name and bytes), so that a rewritten ``memdec.json`` (a new λ) keeps it and retrained weights do not.
+    A router's weights kept beside them (``ROUTER_WEIGHTS``, ``DOMAIN_ROUTER_WEIGHTS``) are not the decoder's:
+    a router saved into its checkpoint folder must not change the fingerprint it was trained for."""
     digest = hashlib.sha256()
     for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        if f.name in (ROUTER_WEIGHTS, DOMAIN_ROUTER_WEIGHTS):
+            continue
         digest.update(f"{f.name}\0".encode())
         with open(f, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
