@@ -339,3 +339,49 @@ def test_adapt_router_stage_keeps_the_router_only_if_it_wins_and_plots_lambda_t(
     assert not (run / "memdec" / "router.json").exists()
     assert "memdec+router" not in [r["system"] for r in json.loads((run / "eval.json").read_text())["results"]]
     assert "## Token router" not in (run / "report.md").read_text()
+
+
+def test_a_token_router_saved_into_its_checkpoint_folder_loads_there(decoders, base_dir, tokenizer, tmp_path):
+    """Its router.safetensors is no part of the decoder's fingerprint (it once was: the router then refused the
+    very decoder it was trained for)."""
+    from transformers import AutoModelForCausalLM
+
+    from memdec.checkpoint import decoder_fingerprint
+    from memdec.models import tokenizer_fingerprint
+    from memdec.router import RouterFeatures, TokenRouter, save_router
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(decoders / "austen", folder)
+    before = decoder_fingerprint(folder)
+    save_router(TokenRouter(RouterFeatures(128, 128), hidden=8, init_lambda=0.5).eval(), folder,
+                {"base_model": "tiny", "tokenizer_hash": tokenizer_fingerprint(tokenizer), "decoder_fingerprint": before})
+    assert decoder_fingerprint(folder) == before
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert isinstance(MemoryDecoderModel.from_pretrained(base, folder, tokenizer=tokenizer).router, TokenRouter)
+
+
+# -- bench/domains.py on tiny models ---------------------------------------------------------------
+
+
+def test_the_domains_benchmark_runs_on_tiny_models(domain_router, decoders, base_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_domains", Path(__file__).parents[1] / "bench" / "domains.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["corpora", "--out", str(tmp_path)]) == 0
+    docs = [json.loads(line) for line in (tmp_path / "corpora" / "pydocs-test.jsonl").read_text().splitlines()]
+    assert docs and all(d["text"] for d in docs)
+    out = tmp_path / "stream.json"
+    assert bench.main(["measure", "--model", str(base_dir), "--router", str(domain_router[0]), "--test",
+                       "austen=austen:test", "--test", "code=stdlib:test", "--segments", "6", "--segment-tokens", "96",
+                       "--prompt-tokens", "48", "--device", "cpu", "--budget-s", "600", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["segments"] == 6 and set(result["routing"]) == {"austen", "code", "general"}
+    systems = result["systems"]
+    for kind in ("austen", "code"):  # the oracle is each domain's decoder at its best λ: no single decoder beats it there
+        assert systems["oracle"][f"ppl_{kind}"] <= systems[f"single:{kind}"][f"ppl_{kind}"] + 1e-9
+    assert systems["oracle"]["ppl_general"] == systems["base"]["ppl_general"]  # general text: the base alone
+    assert result["best_single"] in ("single:austen", "single:code")
+    assert "routing accuracy" in capsys.readouterr().out
