@@ -315,9 +315,9 @@ def test_adapt_router_stage_keeps_the_router_only_if_it_wins_and_plots_lambda_t(
     from memdec.adapt import AdaptConfig, adapt
 
     run = tmp_path / "run"
-    cfg = AdaptConfig(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train",
-                      out=str(run), train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64,
-                      batch_size=2, max_steps=4, lr=1e-3, samples=1, alpha=[0.5], task_items=0, router_tokens=600)
+    cfg = AdaptConfig(model=str(tiny_llama_dir), corpus="austen:train", valid="austen:valid", test="austen:test",
+                      out=str(run), train_tokens=4000, valid_tokens=1024, test_tokens=1024, k=16, block_size=128,
+                      batch_size=4, max_steps=30, lr=1e-3, samples=1, alpha=[0.25], task_items=0, router_tokens=2048)
     adapt(cfg)
     stages = json.loads((run / "stages.json").read_text())
     summary = stages["router"]["summary"]
@@ -327,7 +327,7 @@ def test_adapt_router_stage_keeps_the_router_only_if_it_wins_and_plots_lambda_t(
     rows = [r["system"] for r in json.loads((run / "eval.json").read_text())["results"]]
     assert (run / "memdec" / "router.json").is_file() == summary["kept"] == ("memdec+router" in rows)
     lam = json.loads((run / "router" / "lambda_t.json").read_text())
-    assert len(lam["tokens"]) == len(lam["lambda_t"]) == 63 and all(0 < x < 1 for x in lam["lambda_t"])
+    assert len(lam["tokens"]) == len(lam["lambda_t"]) == 127 and all(0 < x <= 1 for x in lam["lambda_t"])
     report = (run / "report.md").read_text()
     assert "## Token router" in report and summary["why"] in report and "router_lambda.png" in report
     assert (run / "router_lambda.png").stat().st_size > 1000
@@ -335,6 +335,12 @@ def test_adapt_router_stage_keeps_the_router_only_if_it_wins_and_plots_lambda_t(
     capsys.readouterr()
     adapt(cfg)
     assert any("token router" in line and "cached" in line for line in capsys.readouterr().out.splitlines())
+    if not summary["kept"]:  # as a kept router would leave them: --router off must take them out
+        for name in ("router.json", "router.safetensors"):
+            shutil.copyfile(run / "router" / name, run / "memdec" / name)
+        ev = json.loads((run / "eval.json").read_text())
+        ev["results"].append({**ev["results"][-1], "system": "memdec+router"})
+        (run / "eval.json").write_text(json.dumps(ev))
     adapt(dataclasses.replace(cfg, router="off"))
     assert not (run / "memdec" / "router.json").exists()
     assert "memdec+router" not in [r["system"] for r in json.loads((run / "eval.json").read_text())["results"]]
