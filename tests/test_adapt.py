@@ -17,7 +17,7 @@ from memdec.errors import MemdecError
 def tiny_run(tiny_llama_dir, out, **kw):
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
                 train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64, batch_size=2, max_steps=4,
-                lr=1e-3, samples=2, alpha=[0.5], task_items=8)
+                lr=1e-3, samples=2, alpha=[0.5], task_items=8, router_tokens=400)
     base.update(kw)
     return AdaptConfig(**base)
 
@@ -78,13 +78,13 @@ def test_the_checkpoint_loads_with_the_lambda_the_report_shows(finished):
 def test_a_rerun_with_the_same_settings_is_cached(tiny_llama_dir, finished, capsys):
     capsys.readouterr()
     adapt(tiny_run(tiny_llama_dir, finished))
-    assert capsys.readouterr().out.count("cached") == 5
+    assert capsys.readouterr().out.count("cached") == 6  # the router stage too
 
 
 def test_changed_training_settings_redo_training_but_keep_the_datastore(tiny_llama_dir, copy_of, capsys):
     adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.0], task_items=0))
     out = capsys.readouterr().out
-    assert "[1/4] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
+    assert "[1/5] datastore" in out and out.count("cached") == 1 and "settings changed (alpha)" in out
 
 
 def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_dir, copy_of):

@@ -151,7 +151,7 @@ def tiny_adapt(tiny_llama_dir, out, **kw) -> AdaptConfig:
     """A whole adapt run on the tiny model in seconds: no tasks, no general corpus, one sample."""
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
                 train_tokens=400, valid_tokens=120, test_tokens=120, k=8, block_size=64, batch_size=2, max_steps=2,
-                lr=1e-3, samples=1, alpha=[0.5], task_items=0, general="none")
+                lr=1e-3, samples=1, alpha=[0.5], task_items=0, general="none", router_tokens=400)
     return AdaptConfig(**{**base, **kw})
 
 
@@ -201,7 +201,7 @@ def test_settings_that_only_redo_work_proceed(tiny_llama_dir, finished_run, tmp_
     capsys.readouterr()
     adapt(tiny_adapt(tiny_llama_dir, run, samples=2))
     out = capsys.readouterr().out
-    assert out.count("cached") == 3 and "settings changed (samples)" in out
+    assert out.count("cached") == 4 and "settings changed (samples)" in out
     assert snapshot(run / "datastore") == keys
     assert len(json.loads((run / "samples.json").read_text())) == 2
 
@@ -227,7 +227,7 @@ def test_overwrite_replaces_the_run_and_keeps_what_memdec_did_not_write(tiny_lla
     assert (run / "notes.txt").read_text() == "mine"
     # a run of the same inputs is not replaced by --overwrite: it resumes, every stage cached
     adapt(tiny_adapt(tiny_llama_dir, run, corpus="austen:train", test="austen:valid", overwrite=True))
-    assert capsys.readouterr().out.count("cached") == 4
+    assert capsys.readouterr().out.count("cached") == 5
 
 
 def test_overwrite_never_touches_a_folder_memdec_did_not_create(tiny_llama_dir, tmp_path):

@@ -15,6 +15,11 @@ Stages, each cached in ``RUN/`` and resumable:
    then ``tasks`` (``--task-items`` > 0): a factual-recall task from the test text and a general-ability task
    from ``--general`` (``memdec.tasks``, ``RUN/tasks/``), every system of the eval stage scored on them through
    lm-evaluation-harness at its chosen λ: accuracy, items and a 95% Wilson interval (``RUN/tasks.json``);
+   then ``router`` (``--router auto``, the default): a token router (``memdec.routing``) fitted on
+   training text the decoder did not train on (after the datastore's tokens) and ``general:train``,
+   compared with the chosen λ on --valid and kept (copied into ``RUN/memdec``, where it loads by
+   default) only if it wins there; then the eval table gains its ``memdec+router`` row on the test
+   and general text, and ``RUN/router/lambda_t.json`` holds λ_t along a test passage (the report's plot);
 4. ``samples``: continuations of a few test-set prompts, base beside joint (``RUN/samples.json``);
 
 then ``RUN/report.md`` and ``RUN/report.json``. ``RUN/stages.json`` records each stage's settings;
@@ -43,18 +48,20 @@ import numpy as np
 import torch
 
 from .baselines import BaselineConfig, Method, get_method, method_names, method_of_row, methods, train_baseline
-from .checkpoint import MEMDEC_JSON, read_baseline_json, read_memdec_json, write_baseline_json, write_memdec_json
+from .checkpoint import (MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, read_baseline_json, read_memdec_json,
+                         write_baseline_json, write_memdec_json)
 from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_temperature, check_unit_interval)
 from .data import load_token_stream, read_corpus
 from .datastore import DatastoreConfig, build_datastore
 from .errors import CorpusError, MemdecError
-from .evaluate import EvalConfig, run_eval_report
-from .files import atomic_write_json, read_json_object
+from .evaluate import ROUTER_ROW, EvalConfig, run_eval_report
+from .files import atomic_write, atomic_write_json, read_json_object
 from .joint import MemoryDecoderModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_model_spec
-from .report import (FACTS_CONTEXT_TOKENS, FACTS_TASK, GENERAL_CONTEXT_WORDS, GENERAL_TASK, PHASE_ONE, SAMPLING,
+from .report import (ROUTER_LAMBDA_JSON, ROUTER_PLOT_TOKENS, FACTS_CONTEXT_TOKENS, FACTS_TASK, GENERAL_CONTEXT_WORDS, GENERAL_TASK, PHASE_ONE, SAMPLING,
                      TASK_CHOICES, TASK_SEED, candidate_label, candidate_name, two_phase_name, write_report)
+from .routing import RouterConfig, train_router
 from .store import describe, read_manifest
 from .tables import accuracy_entry
 from .tasks import memdec_lm_class, write_facts_task, write_general_task
@@ -231,6 +238,28 @@ class SampleInputs:
     sample_tokens: int | None = option("new tokens of each sample", cli=False)
 
 
+ROUTER_MODES = ("auto", "off")
+ROUTER_GENERAL = "general:train"  # the router's general rows: disjoint from --general's default general:test
+
+
+def _check_router_mode(value, what: str) -> str:
+    if value not in ROUTER_MODES:
+        raise MemdecError(f"{what} must be one of {', '.join(ROUTER_MODES)}, got {value!r}")
+    return value
+
+
+@dataclass
+class RouterInputs:
+    """The router stage's own inputs: a token router fitted once the eval stage chose λ."""
+
+    router: str = option("after the eval stage, fit a token router (λ_t per position, docs/router.md) on training text "
+                         f"the decoder did not train on and {ROUTER_GENERAL}; auto keeps it (in RUN/memdec, where it "
+                         "loads by default) only if it beats the chosen λ on --valid; off: no router", "auto",
+                         check=_check_router_mode)
+    router_tokens: int | None = option("domain tokens (and as many general ones) the router fits on (preset's by "
+                                       "default)", check=_check_tokens)
+
+
 @dataclass
 class TransferInputs:
     """--transfer-from and its options: the train stage transfers a decoder instead of training one."""
@@ -245,7 +274,7 @@ class TransferInputs:
 
 
 @dataclass
-class AdaptConfig(TransferInputs, BaselineInputs, SampleInputs, TaskInputs, EvalInputs, TrainInputs, DatastoreInputs,
+class AdaptConfig(RouterInputs, TransferInputs, BaselineInputs, SampleInputs, TaskInputs, EvalInputs, TrainInputs, DatastoreInputs,
                   CallOptions, RunInputs):
     """``memdec adapt``'s command line: every stage's options in one flat config, one flag per field
     (those declared ``cli=False`` are the presets' and have no flag)."""
@@ -274,6 +303,7 @@ class Preset:
     samples: int
     sample_tokens: int
     task_items: int
+    router_tokens: int = 32_768
 
 
 PRESETS: dict[str, Preset] = {
@@ -281,7 +311,8 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(train_tokens=24_000, valid_tokens=2_048, test_tokens=4_096, k=1024, knn_temp=1.0, ds_block_size=1024,
                     ds_stride=768, init_layers=None, alpha=[0.25, 0.0], lr=2e-4, epochs=1.0, batch_size=4,
                     train_block_size=512, eval_every=3, eval_block_size=1024, eval_stride=512, samples=3, sample_tokens=40,
-                    task_items=0),  # lm-eval tasks: opt in with --task-items on a CPU
+                    task_items=0,  # lm-eval tasks: opt in with --task-items on a CPU
+                    router_tokens=4_096),  # the router stage: about a minute of the quick run's 15 (docs/router.md)
     # The whole training split; meant for a GPU.
     "full": Preset(train_tokens=None, valid_tokens=32_768, test_tokens=32_768, k=1024, knn_temp=1.0, ds_block_size=1024,
                    ds_stride=512, init_layers=None, alpha=[0.25, 0.0], lr=1e-4, epochs=2.0, batch_size=8,
@@ -303,6 +334,7 @@ class Settings:
     tasks: TaskInputs
     sample: SampleInputs
     transfer: TransferInputs
+    token_router: RouterInputs
 
     def __getattr__(self, name: str):
         if not name.startswith("_"):
@@ -327,7 +359,8 @@ assert not set(STAGES) & set().union(*OPTION_STAGE.values()), "a stage named lik
 RUN_IDENTITY = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(RunInputs)}
 # what memdec adapt writes in a run folder: all that --overwrite deletes
 RUN_ENTRIES = ("stages.json", "settings.json", "datastore", "memdec", "candidates", "baselines", "eval.json",
-               "lambda.png", "tasks", "tasks.json", "samples.json", "report.json", "report.md", "training.png")
+               "lambda.png", "tasks", "tasks.json", "samples.json", "report.json", "report.md", "training.png", "router",
+               "router_lambda.png")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -525,7 +558,10 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
     tasks = dict(eval=evaluation, test=s.test, heldout_tokens=task_heldout_tokens(s), general=s.general,
                  seed=TASK_SEED, context_tokens=FACTS_CONTEXT_TOKENS, context_words=GENERAL_CONTEXT_WORDS,
                  n_choices=TASK_CHOICES, **stage_fields(s.tasks))  # text_field: in eval
-    return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "samples": samples, "tasks": tasks}
+    router = dict(eval=evaluation, corpus=s.corpus, general=ROUTER_GENERAL, valid=s.valid, valid_tokens=s.valid_tokens,
+                  plot_tokens=ROUTER_PLOT_TOKENS, **stage_fields(s.token_router))
+    return {"datastore": datastore, "train": train, **baselines, "eval": evaluation, "router": router,
+            "samples": samples, "tasks": tasks}
 
 
 class StageBook:
@@ -623,19 +659,24 @@ def adapt(cfg: AdaptConfig) -> Path:
     if check_run_identity(s, run, cfg.overwrite):
         clear_run(run)
     with_tasks = bool(s.task_items) and lm_eval_available()
-    plan = ["datastore", "train", *(method_names() if s.baselines else ()), "eval", *(["tasks"] if with_tasks else []), "samples"]
+    plan = ["datastore", "train", *(method_names() if s.baselines else ()), "eval",
+            *(["router"] if s.router == "auto" else []), *(["tasks"] if with_tasks else []), "samples"]
     book = StageBook(run, plan)  # read (and checked) before anything is written
     run.mkdir(parents=True, exist_ok=True)
     book.save()  # first: stages.json marks the folder as this run's
     atomic_write_json(run / "settings.json", s.flat())
     job = AdaptRun(run, s, cfg.device, book, stage_inputs(s), cfg.keep_trainer_state, cfg.keep_candidates)
     t_run = time.perf_counter()
+    if s.router == "off" or not book.is_done("router", job.inputs["router"]):
+        drop_router(job)  # never a router of another decoder, or of a stage not done, beside RUN/memdec
     datastore_stage(job)
     train_cfg = train_stage(job)
     baseline_dirs = [baseline_stage(job, get_method(name), train_cfg) for name in plan if name in method_names()]
     if not cfg.keep_candidates:  # after the baselines: the ce-decoder may reuse the α=0 candidate's files
         prune_candidates(job)
     eval_stage(job, baseline_dirs)
+    if s.router == "auto":
+        router_stage(job)
     if with_tasks:
         tasks_stage(job)
     samples_stage(job)
@@ -646,7 +687,7 @@ def adapt(cfg: AdaptConfig) -> Path:
 def _remove(*paths: Path) -> None:
     """Delete what an earlier call of this run made (a symlink, or a folder under the run)."""
     for p in paths:
-        if p.is_symlink():
+        if p.is_symlink() or p.is_file():
             p.unlink()
         elif p.exists():
             shutil.rmtree(p)
@@ -862,6 +903,91 @@ def eval_stage(job: AdaptRun, baseline_dirs: list[str]) -> None:
                                      "lambda_source": f"memdec adapt: chosen on {s.valid} ({s.valid_tokens} tokens)"})
 
     book.run("eval", job.inputs["eval"], work)
+
+
+def drop_router(job: AdaptRun) -> None:
+    """Take a kept router out of ``RUN/memdec`` (``router.json`` first: it commits one) and its row out of
+    ``RUN/eval.json``: before upstream stages redo their work, or with ``--router off``."""
+    _remove(job.ckpt / ROUTER_JSON, job.ckpt / ROUTER_WEIGHTS)
+    file = job.run / "eval.json"
+    if file.is_file():
+        ev = read_json_object(file, "eval report")
+        kept = [r for r in ev["results"] if r.get("system") != ROUTER_ROW]
+        if len(kept) != len(ev["results"]):
+            atomic_write_json(file, {**ev, "results": kept})
+
+
+def router_stage(job: AdaptRun) -> None:
+    """3b. A token router between the base and ``RUN/memdec``, fitted on the training corpus after the
+    datastore's tokens and on ``general:train``; kept only if it beats the chosen λ on --valid."""
+    s, book = job.s, job.book
+    done, _ = book.begin("router", job.inputs["router"], f"token router on {s.corpus} (after the datastore's tokens) "
+                         f"and {ROUTER_GENERAL}, kept only if it beats the fixed λ on {s.valid}")
+    if done:
+        return
+    book.run("router", job.inputs["router"], lambda: fit_and_judge_router(job))
+
+
+def fit_and_judge_router(job: AdaptRun) -> dict:
+    """Fit into ``RUN/router``; keep it (copy into ``RUN/memdec``, add the eval row) only if it wins on --valid.
+    Returns the stage's summary: ``kept`` and ``why``, the validation numbers, the seconds."""
+    s = job.s
+    _remove(job.run / "router", job.run / "router_lambda.png")
+    if s.train_tokens is None:
+        why = f"the datastore took all of {s.corpus}: no domain text the decoder did not train on is left to fit on"
+        _say(f"router: not fitted: {why}")
+        return {"kept": False, "why": why}
+    t0 = time.perf_counter()
+    info = train_router(RouterConfig(
+        memdec=str(job.ckpt), domain_corpus=s.corpus, valid=s.valid, out=str(job.run / "router"), model=s.model,
+        general=ROUTER_GENERAL, tokens=s.router_tokens, valid_tokens=s.valid_tokens, block_size=s.eval_block_size,
+        stride=s.eval_stride, device=job.device, text_field=s.text_field), log=_say)
+    v = info["valid"]
+    kept = v["router_ppl"] < v["fixed_ppl"]
+    why = (f"router {v['router_ppl']:.3f} vs fixed λ={v['fixed_lambda']:.2f} {v['fixed_ppl']:.3f} on {v['tokens']} "
+           f"positions of {s.valid}: {'kept' if kept else 'not kept (it does not beat the fixed λ)'}")
+    _say(f"router: {why}")
+    summary = {"kept": kept, "why": why, "valid": v, "fit_seconds": round(time.perf_counter() - t0, 1)}
+    if kept:
+        for name in (ROUTER_WEIGHTS, ROUTER_JSON):  # router.json last: it commits the router
+            atomic_write(job.ckpt / name, lambda tmp, src=job.run / "router" / name: shutil.copyfile(src, tmp))
+        t1 = time.perf_counter()
+        add_router_row(job, v["fixed_lambda"])
+        summary["eval_seconds"] = round(time.perf_counter() - t1, 1)
+    t2 = time.perf_counter()
+    write_router_lambdas(job)
+    summary["lambda_t_seconds"] = round(time.perf_counter() - t2, 1)
+    return summary
+
+
+def add_router_row(job: AdaptRun, lmbda: float) -> None:
+    """The ``memdec+router`` row on the test (and general) text, scored as ``eval --router`` does, appended
+    to ``RUN/eval.json``."""
+    s = job.s
+    report = run_eval_report(EvalConfig(
+        model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size, stride=s.eval_stride,
+        device=job.device, memdec=str(job.ckpt), lmbda=lmbda, router=str(job.ckpt), general=s.general,
+        general_max_tokens=s.general_tokens, json=None, plot=None))
+    row = next(r for r in report.to_json(s.test)["results"] if r["system"] == ROUTER_ROW)
+    ev = read_json_object(job.run / "eval.json", "eval report")
+    results = [r for r in ev["results"] if r.get("system") != ROUTER_ROW] + [row]
+    atomic_write_json(job.run / "eval.json", {**ev, "results": results})
+
+
+def write_router_lambdas(job: AdaptRun) -> None:
+    """λ_t of the fitted router along the first ``ROUTER_PLOT_TOKENS`` positions of the test text, each with
+    its token: ``RUN/router/lambda_t.json`` (the report plots it)."""
+    s = job.s
+    base, tokenizer = load_model(s.model, device=resolve_device(job.device))
+    joint = MemoryDecoderModel.from_pretrained(base, str(job.ckpt), tokenizer=tokenizer, router=str(job.run / "router"))
+    n = min(ROUTER_PLOT_TOKENS, s.eval_block_size - 1)
+    tokens = load_token_stream(s.test, tokenizer, n + 1, s.text_field)
+    ids = torch.as_tensor(tokens, dtype=torch.long, device=base.device)[None]
+    _, _, _, log_lam = joint.routed_logprobs(ids[:, :-1], ids[:, 1:])
+    atomic_write_json(job.run / "router" / ROUTER_LAMBDA_JSON, {
+        "corpus": s.test, "fixed_lambda": joint.lmbda, "kept": (job.ckpt / ROUTER_JSON).is_file(),
+        "tokens": [tokenizer.decode([t]) for t in tokens[1:].tolist()],
+        "lambda_t": [round(x, 5) for x in log_lam[0].exp().tolist()]}, ensure_ascii=False)
 
 
 def lm_eval_available() -> bool:

@@ -23,6 +23,13 @@
   scalar features, in order), ``base_model``, ``tokenizer_hash``, ``decoder_fingerprint`` (the decoder's
   weights it was trained for, ``decoder_fingerprint``); optional ``base_fingerprint``, ``decoder``,
   ``fixed_lambda``, ``temperature``, ``train_config``, ``train_stats``, ``valid``.
+- **Domain router folder** (``memdec router --domains``, ``memdec.router.DomainRouter``):
+  ``domains.safetensors`` (``DOMAIN_ROUTER_WEIGHTS``, the classifier's tensors) and ``domains.json``
+  (``DOMAIN_ROUTER_JSON``, written last): ``format`` ("memdec-domain-router"), ``version`` (1), ``d_base``
+  (the base's hidden size), ``hidden`` (0: a linear classifier, else the MLP's width), ``classes``
+  ("none", then each domain's name, in the classifier's order), ``domains`` (one object per domain:
+  ``name``, ``checkpoint`` (its folder), ``decoder_fingerprint``), ``base_model``, ``tokenizer_hash``;
+  optional ``base_fingerprint``, ``train_config``, ``train_stats``, ``valid``.
 - **Adapt run folder**: ``settings.json``, ``memdec/`` (a checkpoint), ``datastore/``,
   ``baselines/METHOD/``: what ``eval --run`` and ``generate --run`` take (``run_paths``).
 
@@ -264,11 +271,67 @@ def write_router_json(folder: str | Path, info: dict) -> None:
     atomic_write_json(Path(folder) / ROUTER_JSON, {**info, "format": ROUTER_FORMAT, "version": ROUTER_VERSION})
 
 
+DOMAIN_ROUTER_JSON = "domains.json"
+DOMAIN_ROUTER_WEIGHTS = "domains.safetensors"
+DOMAIN_ROUTER_FORMAT = "memdec-domain-router"
+DOMAIN_ROUTER_VERSION = 1
+NO_DOMAIN = "none"  # the class of text no decoder should answer: the base alone
+_DOMAIN_ROUTER_FIELDS: dict[str, Kind] = {
+    "d_base": COUNT, "hidden": WHOLE, "classes": LIST, "domains": LIST, "base_model": TEXT, "tokenizer_hash": TEXT,
+}
+_DOMAIN_ROUTER_OPTIONAL: dict[str, Kind] = {
+    "base_fingerprint": TEXT, "train_config": OBJECT, "train_stats": OBJECT, "valid": OBJECT,
+}
+_DOMAIN_FIELDS: dict[str, Kind] = {"name": TEXT, "checkpoint": TEXT, "decoder_fingerprint": TEXT}
+
+
+def is_domain_router_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding ``domains.json`` (a domain router)."""
+    return (Path(path).expanduser() / DOMAIN_ROUTER_JSON).is_file()
+
+
+def read_domain_router_json(path: str | Path) -> dict:
+    """The ``domains.json`` of a domain router folder, every field checked (one MemdecError line naming
+    the file and the field); ``classes`` must be "none" then each domain's name, in order."""
+    path = Path(path).expanduser()
+    file = path / DOMAIN_ROUTER_JSON
+    if not path.is_dir():
+        raise MemdecError(f"{path}: no such domain router folder")
+    if not file.is_file():
+        raise MemdecError(f"{path}: not a domain router (no {DOMAIN_ROUTER_JSON}; train one with `memdec router "
+                          f"--domains`)")
+    info = read_json_object(file, DOMAIN_ROUTER_JSON)
+    check_fields(info, file, {"format": TEXT, "version": WHOLE})
+    if info["format"] != DOMAIN_ROUTER_FORMAT or info["version"] != DOMAIN_ROUTER_VERSION:
+        raise MemdecError(f"{file}: unsupported domain router format {info['format']!r} version {info['version']!r}")
+    check_fields(info, file, _DOMAIN_ROUTER_FIELDS)
+    check_fields(info, file, _DOMAIN_ROUTER_OPTIONAL, optional=True)
+    for i, domain in enumerate(info["domains"]):
+        if not isinstance(domain, dict):
+            raise MemdecError(f'{file}: field "domains" item {i} must be a JSON object, got {shown(domain)}')
+        check_fields(domain, f"{file} (domains item {i})", _DOMAIN_FIELDS)
+    names = [NO_DOMAIN, *(d["name"] for d in info["domains"])]
+    if info["classes"] != names or len(set(names)) != len(names) or len(names) < 2:
+        raise MemdecError(f'{file}: field "classes" must be "{NO_DOMAIN}" then each domain\'s name once, in order '
+                          f'({names}), got {shown(info["classes"])}')
+    return info
+
+
+def write_domain_router_json(folder: str | Path, info: dict) -> None:
+    """Write ``domains.json`` (format and version added); written after the weights, it commits a domain router."""
+    atomic_write_json(Path(folder) / DOMAIN_ROUTER_JSON,
+                      {**info, "format": DOMAIN_ROUTER_FORMAT, "version": DOMAIN_ROUTER_VERSION})
+
+
 def decoder_fingerprint(folder: str | Path) -> str:
     """sha256 (16 hex digits) of a memory decoder's weights: every ``*.safetensors`` file of its folder
-    (name and bytes), so that a rewritten ``memdec.json`` (a new λ) keeps it and retrained weights do not."""
+    (name and bytes), so that a rewritten ``memdec.json`` (a new λ) keeps it and retrained weights do not.
+    A router's weights kept beside them (``ROUTER_WEIGHTS``, ``DOMAIN_ROUTER_WEIGHTS``) are not the decoder's:
+    a router saved into its checkpoint folder must not change the fingerprint it was trained for."""
     digest = hashlib.sha256()
     for f in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        if f.name in (ROUTER_WEIGHTS, DOMAIN_ROUTER_WEIGHTS):
+            continue
         digest.update(f"{f.name}\0".encode())
         with open(f, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())

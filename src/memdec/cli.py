@@ -25,7 +25,8 @@ from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
 from .report import format_summary
-from .routing import RouterConfig, format_router_summary, train_router
+from .routing import (DomainRouterConfig, RouterConfig, format_domain_summary, format_router_summary, train_domain_router,
+                      train_router)
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train
@@ -119,6 +120,11 @@ def cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router_domains(args: argparse.Namespace) -> int:
+    print(format_domain_summary(train_domain_router(config_from_args(DomainRouterConfig, args))))
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     cfg = config_from_args(BaselineConfig, args)
     out = train_baseline(cfg)
@@ -169,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
          BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP}, cmd_baseline),
         ("router", "train a token router: λ_t per position between the base and a memory decoder, both frozen",
          RouterConfig, None, cmd_router),
+        ("router-domains", "train a domain router: one decoder (or none) per request, from the base's view of the "
+                           "prompt (also `memdec router --domains`)", DomainRouterConfig, None, cmd_router_domains),
         ("eval", "perplexity of the base model, base+kNN-LM, base+MemDec and baselines, with a λ sweep",
          EvalConfig, EVAL_HELP, cmd_eval),
         ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",
@@ -182,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         add_dataclass_args(p, config_cls, flag_help)
         p.set_defaults(func=handler)
+        if name == "router":  # main() hands `memdec router --domains ...` to router-domains
+            p.add_argument("--domains", action="store_true", help="train a domain router over several decoders "
+                                                                  "instead (see `memdec router --domains --help`)")
     p = sub.add_parser("tasks", help="write an lm-eval task from text: facts (recall of the user's names and numbers) "
                                      "or general (LAMBADA-style last word and a cloze, outside the domain)")
     p.add_argument("kind", choices=["facts", "general"], help="which task to write")
@@ -195,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["router"] and "--domains" in argv:  # the domain router: its own flags
+        argv = ["router-domains", *(a for a in argv[1:] if a != "--domains")]
     args, rest = parser.parse_known_args(argv)
     if args.command == "lm-eval":
         args.lm_eval_args = rest

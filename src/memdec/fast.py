@@ -26,6 +26,10 @@ prompt, streamers, ``return_dict_in_generate`` and caches passed in fall back to
 
 ``fast_scorer(joint)`` is ``joint.scorer()`` with the two forwards on two CUDA streams.
 
+A joint model with a token router (``joint.router``: λ_t per position) falls back to the eager path in
+both (``generate`` with its one-time warning, ``fast_scorer`` silently: the same values either way):
+the captured step mixes at one λ, and never stands in for the router's λ_t.
+
 On the CPU the loop is exact but not faster than ``generate`` (no launches to save, and every step
 attends over all static slots); measurements in docs/benchmarks-gpu.md.
 
@@ -139,6 +143,8 @@ class FastJointGenerator:
                 return why
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             return "input_ids must be a 2D tensor"
+        if self.joint.router is not None:  # the captured step mixes at one λ; λ_t per position is the eager path's
+            return "a token router (λ_t per position; the fast step mixes at one fixed λ)"
         for which in ("base", "memdec"):
             model = getattr(self.joint, which)
             impl = getattr(model.config, "_attn_implementation", None) or "eager"
@@ -368,6 +374,8 @@ def fast_scorer(joint: MemoryDecoderModel, lmbda: float | None = None):
     """``joint.scorer(lmbda)`` with the memory decoder's forward on a second CUDA stream, beside the
     base model's; the same operations, so the same values. Elsewhere than CUDA: ``joint.scorer``."""
     eager = joint.scorer(lmbda)
+    if joint.router is not None and lmbda is None:  # λ_t per position: the eager scorer's, never a fixed λ
+        return eager
     lmbda = joint.lmbda if lmbda is None else lmbda
     side: list = []
 

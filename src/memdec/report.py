@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from .checkpoint import read_memdec_json
-from .files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
+from .files import atomic_write, atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
 from .store import read_manifest
 from .tables import Column, render_columns, render_table
 
@@ -25,6 +25,11 @@ TASK_CHOICES = 4
 FACTS_TASK, GENERAL_TASK = "memdec_facts", "memdec_general"
 # the report's columns: task name -> column; the LAMBADA-style task is in tasks.json and report.json
 TASK_COLUMNS = {FACTS_TASK: "facts acc", f"{GENERAL_TASK}_cloze": "general acc"}
+# the router stage (memdec.adapt): λ_t along the first positions of the test text, for the report's plot
+ROUTER_LAMBDA_JSON = "lambda_t.json"  # in RUN/router/
+ROUTER_PLOT_TOKENS = 300
+ROUTER_PLOT = "router_lambda.png"
+ROUTER_MARKED = 6  # the positions of highest and of lowest λ_t named on the plot
 
 
 def candidate_name(alpha: float, beta: float) -> str:
@@ -87,6 +92,54 @@ def _plot_training(run: Path) -> str | None:
     return "training.png"
 
 
+def plot_router_lambdas(record: dict, out: Path) -> None:
+    """λ_t along a passage (``RUN/router/lambda_t.json``: ``tokens``, ``lambda_t``, ``fixed_lambda``): the line,
+    the fixed λ, each position coloured by λ_t, the ``ROUTER_MARKED`` highest and lowest named by their token.
+    Written through ``atomic_write``."""
+    import matplotlib  # optional and heavy: only for the plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam, tokens = record["lambda_t"], record["tokens"]
+    x = list(range(len(lam)))
+    fig, ax = plt.subplots(figsize=(12, 3.6), dpi=110)
+    ax.plot(x, lam, color="0.6", lw=0.8)
+    points = ax.scatter(x, lam, c=lam, cmap="coolwarm", vmin=0, vmax=1, s=10, zorder=3)
+    ax.axhline(record["fixed_lambda"], color="k", ls=":", label=f"fixed λ = {record['fixed_lambda']:.2f}")
+    order = sorted(x, key=lambda i: lam[i])
+    for i in order[:ROUTER_MARKED] + order[-ROUTER_MARKED:]:
+        ax.annotate(repr(tokens[i])[1:-1][:12], (i, lam[i]), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                    ha="center", rotation=45)
+    fig.colorbar(points, ax=ax, label="λ_t")
+    kept = "kept" if record.get("kept") else "not kept"
+    ax.set_xlabel(f"position in {record['corpus']}"), ax.set_ylabel("λ_t (decoder's weight)"), ax.set_ylim(0, 1.05)
+    ax.set_title(f"token router ({kept}): where the decoder takes over"), ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _router_lines(run: Path, stages: dict) -> list[str]:
+    """The router stage's verdict and its λ_t plot (written here), or nothing when the stage did not run."""
+    summary = _summary(stages, "router")
+    if not summary:
+        return []
+    lines = ["", "## Token router", "", f"The router stage: {summary['why']}."]
+    if summary.get("kept"):
+        lines.append("It is kept in `memdec/` (router.json), where it loads by default; the table's `memdec+router` "
+                     "row mixes the decoder at its λ_t per position.")
+    record_file = run / "router" / ROUTER_LAMBDA_JSON
+    if record_file.is_file():
+        record = read_json_object(record_file, "router λ_t record")
+        plot_router_lambdas(record, run / ROUTER_PLOT)
+        lam = record["lambda_t"]
+        lines += ["", f"λ_t along the first {len(lam)} positions of {record['corpus']} (mean {sum(lam) / len(lam):.3f}, "
+                      f"from {min(lam):.3f} to {max(lam):.3f}; the fixed λ is {record['fixed_lambda']:.2f}):", "",
+                  f"![λ_t along a test passage]({ROUTER_PLOT})"]
+    return lines
+
+
 def _folder_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
 
@@ -122,7 +175,9 @@ def write_report(run: Path, settings: dict, stages: dict, wall_s: float) -> None
     (``RUN/settings.json``), ``stages``, its stage record (``RUN/stages.json``)."""
     report = report_json(run, settings, stages, wall_s)
     atomic_write_json(run / "report.json", report, ensure_ascii=False)
-    atomic_write_text(run / "report.md", "\n".join(report_markdown(run, report, _plot_training(run))))
+    lines = report_markdown(run, report, _plot_training(run))
+    routed = _router_lines(run, stages) if settings.get("router", "off") != "off" else []
+    atomic_write_text(run / "report.md", "\n".join(lines + routed))
 
 
 def _summary(stages: dict, name: str) -> dict:

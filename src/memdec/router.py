@@ -18,6 +18,13 @@
 - ``save_router`` / ``load_router``: ``router.safetensors`` + ``router.json`` (the format is
   ``memdec.checkpoint``'s; weights through safetensors only).
 
+Many domains (``DomainRouter``): several decoders over one base. A linear (or small MLP) classifier
+over {none, d1..dn} reads the base's final hidden states of a prompt, mean-pooled over its tokens
+(``pooled_states``: only the base runs), and picks one decoder per request, or none (the base alone):
+a request costs one decoder, never all of them. ``fit_domain_router`` trains it (cross-entropy,
+AdamW, early stopping on held-out windows); ``save_domain_router`` / ``load_domain_router``:
+``domains.safetensors`` + ``domains.json``.
+
 Routers give *log-weights* (``log_weights``: log(1 − λ_t), log λ_t), computed with ``logsigmoid``
 so that the mixture is exact at any λ_t; ``mix_routed`` mixes with them.
 """
@@ -34,7 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import ROUTER_WEIGHTS, load_safetensors, read_router_json, write_router_json
+from .checkpoint import (DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_WEIGHTS, load_safetensors, read_domain_router_json,
+                         read_router_json, write_domain_router_json, write_router_json)
 from .checks import check_lambda, check_non_negative, check_positive, check_positive_int, check_unit_interval
 from .errors import MemdecError
 from .files import atomic_write
@@ -383,3 +391,167 @@ def load_router(folder: str | Path, device=None) -> tuple[Router, dict]:
 def fit_config_record(cfg: RouterFitConfig) -> dict:
     """The fit settings as JSON (``router.json`` ``train_config``)."""
     return asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Many domains: one decoder (or none) per request
+
+
+@torch.inference_mode()
+def pooled_states(base, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The base's final hidden states (its backbone's ``last_hidden_state``: after the final norm, the LM
+    head's input) averaged over each row's real tokens: [B, d] float32. No logits, no hooks: safe beside
+    another thread's ``generate`` on the same model."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = base.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    hidden = out.last_hidden_state.float()
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class DomainRouter(nn.Module):
+    """A classifier of pooled base states [B, d_base] over ``classes`` ("none", then each domain): the
+    states standardised by their training mean and std (``set_stats``: what tells domains apart is a small
+    part of a pooled state, most of which every text shares), LayerNorm, then Linear (``hidden`` 0) or
+    Linear → GELU → Linear (``hidden`` > 0) → logits [B, K]."""
+
+    def __init__(self, d_base: int, classes: list[str] | tuple[str, ...], hidden: int = 0):
+        super().__init__()
+        if len(classes) < 2 or classes[0] != NO_DOMAIN or len(set(classes)) != len(classes):
+            raise MemdecError(f'a domain router\'s classes are "{NO_DOMAIN}" then each domain once, got {list(classes)}')
+        self.d_base, self.classes, self.hidden = d_base, tuple(classes), hidden
+        self.register_buffer("mean", torch.zeros(d_base))
+        self.register_buffer("std", torch.ones(d_base))
+        self.norm = nn.LayerNorm(d_base)
+        k = len(classes)
+        self.net = nn.Linear(d_base, k) if hidden == 0 else nn.Sequential(nn.Linear(d_base, hidden), nn.GELU(),
+                                                                           nn.Linear(hidden, k))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, K] from pooled states [B, d_base]."""
+        if pooled.shape[-1] != self.d_base:
+            raise MemdecError(f"the domain router reads hidden size {self.d_base}; this base has {pooled.shape[-1]}")
+        return self.net(self.norm((pooled.to(self.mean.dtype) - self.mean) / self.std))
+
+    def set_stats(self, pooled: torch.Tensor) -> None:
+        """Standardise the inputs by the mean and std of ``pooled`` [N, d_base] (the training windows)."""
+        self.mean.copy_(pooled.float().mean(0))
+        self.std.copy_(pooled.float().std(0).clamp_min(1e-6))
+
+    @torch.inference_mode()
+    def route(self, pooled: torch.Tensor) -> list[str]:
+        """The class of each row: "none" or a domain's name."""
+        return [self.classes[i] for i in self(pooled).argmax(-1).tolist()]
+
+    @torch.inference_mode()
+    def route_request(self, pooled: torch.Tensor) -> str:
+        """One class for a request of several prompts [B, d_base]: the most probable on average."""
+        return self.classes[int(self(pooled).softmax(-1).mean(0).argmax())]
+
+
+@dataclass
+class DomainFitConfig:
+    """How ``fit_domain_router`` trains a ``DomainRouter`` on pooled states."""
+
+    hidden: int = 0
+    epochs: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-3
+    patience: int = 30
+    seed: int = 0
+
+    def check(self) -> None:
+        """One MemdecError line per bad field, named as its flag."""
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
+            raise MemdecError(f"--hidden must be a whole number >= 0 (0: a linear classifier), got {self.hidden!r}")
+        check_positive_int(self.epochs, "--epochs")
+        check_positive(self.lr, "--lr")
+        check_non_negative(self.weight_decay, "--weight-decay")
+        check_positive_int(self.patience, "--patience")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise MemdecError(f"--seed must be a whole number, got {self.seed!r}")
+
+
+@torch.no_grad()
+def domain_accuracy(router: DomainRouter, pooled: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy overall and per class (``{"accuracy", "per_class": {name: {"n", "accuracy"}}}``)."""
+    router.eval()
+    hits = router(pooled).argmax(-1) == labels
+    per = {name: {"n": int((labels == k).sum()), "accuracy": float(hits[labels == k].float().mean())}
+           for k, name in enumerate(router.classes) if bool((labels == k).any())}
+    return {"accuracy": float(hits.float().mean()) if len(hits) else float("nan"), "per_class": per}
+
+
+def fit_domain_router(train: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor],
+                      classes: list[str], cfg: DomainFitConfig) -> tuple[DomainRouter, dict]:
+    """Train a ``DomainRouter`` on (pooled [N, d], labels [N]) with full-batch AdamW and cross-entropy,
+    each class weighted alike; the epoch with the lowest held-out loss is kept (early stopping after
+    ``patience`` epochs without a better one). Deterministic for a seed. Returns (router, stats)."""
+    cfg.check()
+    (x, y), (hx, hy) = train, held
+    if len(x) == 0 or len(hx) == 0:
+        raise MemdecError("fit_domain_router: no training or held-out windows")
+    torch.manual_seed(cfg.seed)
+    router = DomainRouter(x.shape[1], classes, cfg.hidden)
+    router.set_stats(x)
+    counts = torch.bincount(y, minlength=len(classes)).float()
+    weight = (counts.sum() / (len(classes) * counts.clamp_min(1.0)))
+    opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, best_epoch, since = math.inf, copy.deepcopy(router.state_dict()), 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        router.train()
+        loss = F.cross_entropy(router(x), y, weight=weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        router.eval()
+        with torch.no_grad():
+            held_loss = float(F.cross_entropy(router(hx), hy, weight=weight))
+        if held_loss < best:
+            best, best_state, best_epoch, since = held_loss, copy.deepcopy(router.state_dict()), epoch, 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    router.load_state_dict(best_state)
+    router.eval()
+    stats = {"train_windows": len(x), "held_windows": len(hx), "best_epoch": best_epoch, "held_loss": best,
+             "train": domain_accuracy(router, x, y), "held": domain_accuracy(router, hx, hy)}
+    return router, stats
+
+
+def save_domain_router(router: DomainRouter, folder: str | Path, info: dict) -> Path:
+    """``domains.safetensors`` (atomic) then ``domains.json`` (``info`` plus the network's shape), last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
+    atomic_write(folder / DOMAIN_ROUTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_domain_router_json(folder, {**info, "d_base": router.d_base, "hidden": router.hidden,
+                                      "classes": list(router.classes)})
+    return folder
+
+
+def load_domain_router(folder: str | Path, device=None) -> tuple[DomainRouter, dict]:
+    """(router, its ``domains.json``) from a domain router folder, in eval mode; safetensors only. One
+    MemdecError line naming the file for a bad record, missing or foreign weights."""
+    folder = Path(folder).expanduser()
+    info = read_domain_router_json(folder)
+    router = DomainRouter(info["d_base"], info["classes"], info["hidden"])
+    file = folder / DOMAIN_ROUTER_WEIGHTS
+    if not file.is_file():
+        raise MemdecError(f"{file}: missing; a domain router keeps its weights there")
+    tensors = load_safetensors(file)
+    expected = router.state_dict()
+    for name, t in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(t.shape):
+            got = "missing" if name not in tensors else f"shape {tuple(tensors[name].shape)}"
+            raise MemdecError(f"{file}: {name} is {got}; domains.json describes shape {tuple(t.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise MemdecError(f"{file}: holds {extra[0]}, not a tensor of this domain router")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise MemdecError(f"{file}: holds non-finite weights")
+    router.load_state_dict(tensors)
+    if device is not None:
+        router.to(device)
+    return router.eval(), info

@@ -12,6 +12,14 @@ model's log-prob of the next token:
 - ``--valid`` (``--valid-tokens``): never fitted on; the base, the checkpoint's fixed λ and the
   router are reported there, and written into ``router.json`` with the router.
 
+``memdec router --domains`` (``DomainRouterConfig``, ``train_domain_router``) trains a domain router
+instead: several decoders over one base (``--memdec NAME=CKPT`` and ``--domain-corpus NAME=SPEC``,
+repeated) and ``--general`` as the "none" class (the base alone). Only the base runs: random windows of
+each corpus, their final hidden states mean-pooled, a classifier over {none, d1..dn}
+(``memdec.router.DomainRouter``). Each domain's checkpoint folder and ``decoder_fingerprint`` are
+recorded in ``domains.json``; the last 10% of each corpus's tokens give the held-out windows whose
+accuracy per class is reported.
+
 Memory: N rows × (d_base + d_mem + 5) float32, e.g. 64k rows of SmolLM2-135M (d = 576) are 296 MB;
 ``RouterConfig.feature_bytes`` says it, and the job prints it before scoring.
 """
@@ -27,14 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import MEMDEC_JSON, ROUTER_JSON, decoder_fingerprint, read_memdec_json
-from .checks import check_device, check_non_negative, check_own_folder, check_positive_int
+from .checkpoint import (DOMAIN_ROUTER_JSON, MEMDEC_JSON, NO_DOMAIN, ROUTER_JSON, check_checkpoint_tokenizer,
+                         decoder_fingerprint, read_memdec_json)
+from .checks import check_device, check_non_negative, check_own_folder, check_plain_name, check_positive_int
 from .data import iter_corpus, load_token_stream
 from .errors import MemdecError
 from .joint import MemoryDecoderModel
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, load_model, model_fingerprint, resolve_device,
                      tokenizer_fingerprint)
-from .router import SCALARS, RouterFeatures, RouterFitConfig, evaluate_router, fit_config_record, fit_router, save_router
+from .router import (SCALARS, DomainFitConfig, RouterFeatures, RouterFitConfig, evaluate_router, fit_config_record,
+                     fit_domain_router, fit_router, pooled_states, save_domain_router, save_router)
 from .scoring import score_tokens
 from .store import read_manifest
 
@@ -257,3 +267,164 @@ def format_router_summary(info: dict) -> str:
              f"{verdict} the fixed λ",
              f"router: {info['out']}"]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Many domains: ``memdec router --domains``
+
+HELD_FRACTION = 0.1  # the last tenth of each corpus's tokens: the held-out windows
+
+
+@dataclass
+class DomainRouterConfig:
+    memdec: list[str] = field(metadata={"action": "append", "help": "a domain's memory decoder, NAME=CKPT"})
+    domain_corpus: list[str] = field(metadata={"action": "append", "help": "a domain's text, NAME=SPEC (one per "
+                                                                           "--memdec NAME)"})
+    out: str = field(metadata={"help": "domain router folder (domains.safetensors + domains.json): new, empty or a "
+                                       "domain router's"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec"})
+    general: str = field(default="general:train", metadata={"help": "text no decoder should answer: the 'none' class "
+                                                                    "(the base alone)"})
+    windows: int = field(default=256, metadata={"help": "training windows per class (and a tenth as many held out)"})
+    window_tokens: int = field(default=64, metadata={"help": "longest window in tokens (lengths are drawn from a "
+                                                             "quarter of it up to it, as prompts vary)"})
+    max_tokens: int = field(default=65536, metadata={"help": "tokens read of each corpus (the last tenth: held out)"})
+    hidden: int = field(default=0, metadata={"help": "0: a linear classifier; else the MLP's hidden width"})
+    epochs: int = field(default=300, metadata={"help": "full-batch passes (early stopping may end sooner)"})
+    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
+    patience: int = field(default=30, metadata={"help": "epochs without a better held-out loss before stopping"})
+    batch_size: int = field(default=16, metadata={"help": "windows per forward pass of the base"})
+    seed: int = field(default=0, metadata={"help": "random seed (windows and fit)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    text_field: str = field(default="text", metadata={"help": "JSONL / dataset field that holds the text"})
+
+    def fit_config(self) -> DomainFitConfig:
+        return DomainFitConfig(hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                               patience=self.patience, seed=self.seed)
+
+
+def parse_named(spec: str, flag: str) -> tuple[str, str]:
+    """``NAME=VALUE`` -> (name, value); one line for a missing name or value, or a name that is not plain."""
+    name, sep, value = str(spec).partition("=")
+    if not sep or not name or not value:
+        raise MemdecError(f"{flag} {spec!r}: give NAME=VALUE")
+    check_plain_name(name, f"{flag} {spec!r}: the name")
+    if name == NO_DOMAIN:
+        raise MemdecError(f"{flag} {spec!r}: the name {NO_DOMAIN!r} is the base alone; give the domain another name")
+    return name, value
+
+
+def check_domain_config(cfg: DomainRouterConfig) -> tuple[dict[str, str], dict[str, str], dict[str, dict]]:
+    """Every flag, every corpus and every ``memdec.json`` checked before any model loads. Returns
+    ({name: checkpoint}, {name: corpus spec}, {name: memdec.json}), in the order of ``--memdec``."""
+    for flag, value in (("--windows", cfg.windows), ("--window-tokens", cfg.window_tokens),
+                        ("--max-tokens", cfg.max_tokens), ("--batch-size", cfg.batch_size)):
+        check_positive_int(value, flag)
+    if cfg.window_tokens < 4:
+        raise MemdecError(f"--window-tokens must be at least 4, got {cfg.window_tokens}")
+    check_device(cfg.device)
+    cfg.fit_config().check()
+    ckpts = dict(parse_named(s, "--memdec") for s in cfg.memdec or [])
+    corpora = dict(parse_named(s, "--domain-corpus") for s in cfg.domain_corpus or [])
+    if len(ckpts) != len(cfg.memdec or []) or len(corpora) != len(cfg.domain_corpus or []):
+        raise MemdecError("each domain name may be given once in --memdec and once in --domain-corpus")
+    if not ckpts:
+        raise MemdecError("give at least one domain: --memdec NAME=CKPT with --domain-corpus NAME=SPEC")
+    if set(ckpts) != set(corpora):
+        missing = sorted(set(ckpts) ^ set(corpora))
+        raise MemdecError(f"every domain needs both --memdec NAME=CKPT and --domain-corpus NAME=SPEC; {missing[0]!r} "
+                          f"has only one")
+    for name, spec in corpora.items():
+        _check_corpus(f"--domain-corpus {name}", spec)
+        if spec == cfg.general:
+            raise MemdecError(f"--general {cfg.general} is domain {name}'s corpus: general text must be other text")
+    _check_corpus("--general", cfg.general)
+    infos = {name: read_memdec_json(ckpt) for name, ckpt in ckpts.items()}
+    check_own_folder(cfg.out, DOMAIN_ROUTER_JSON)
+    return ckpts, {name: corpora[name] for name in ckpts}, infos
+
+
+def random_windows(tokens: np.ndarray, n: int, longest: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` windows of ``tokens`` at random starts, of random lengths in [longest // 4, longest]."""
+    longest = min(longest, len(tokens))
+    shortest = max(2, min(longest, longest // 4))
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(shortest, longest + 1))
+        start = int(rng.integers(0, len(tokens) - length + 1))
+        out.append(tokens[start : start + length])
+    return out
+
+
+def pooled_windows(base, windows: list[np.ndarray], batch_size: int, device, prefix: int | None) -> torch.Tensor:
+    """``pooled_states`` of each window [N, d] (right-padded batches; ``prefix`` in front of each when the
+    tokenizer puts BOS before every text), float32 on the CPU."""
+    out = []
+    for s in range(0, len(windows), batch_size):
+        part = [([prefix] if prefix is not None else []) + w.tolist() for w in windows[s : s + batch_size]]
+        width = max(len(w) for w in part)
+        ids = torch.zeros(len(part), width, dtype=torch.long)
+        mask = torch.zeros(len(part), width, dtype=torch.long)
+        for i, w in enumerate(part):
+            ids[i, : len(w)] = torch.tensor(w)
+            mask[i, : len(w)] = 1
+        out.append(pooled_states(base, ids.to(device), mask.to(device)).cpu())
+    return torch.cat(out)
+
+
+def class_windows(stream: np.ndarray, cfg: DomainRouterConfig, rng: np.random.Generator, what: str):
+    """(training windows, held-out windows) of one class's token stream: the held-out ones from its last tenth."""
+    cut = int(len(stream) * (1 - HELD_FRACTION))
+    if cut < 8 or len(stream) - cut < 8:
+        raise MemdecError(f"{what}: {len(stream)} tokens are too few for training and held-out windows; "
+                          f"give a larger corpus or --max-tokens")
+    held_n = max(8, cfg.windows // 10)
+    return (random_windows(stream[:cut], cfg.windows, cfg.window_tokens, rng),
+            random_windows(stream[cut:], held_n, cfg.window_tokens, rng))
+
+
+def train_domain_router(cfg: DomainRouterConfig, log=print) -> dict:
+    """Fit and save a domain router; returns the ``domains.json`` written (with ``out``). Everything is
+    checked first; only the base model runs."""
+    ckpts, corpora, infos = check_domain_config(cfg)
+    device = resolve_device(cfg.device)
+    base, tokenizer = load_model(cfg.model, device=device)
+    for name, ckpt in ckpts.items():
+        check_checkpoint_tokenizer(tokenizer, infos[name], f"memory decoder {name} ({ckpt})")
+    classes = [NO_DOMAIN, *ckpts]
+    specs = {NO_DOMAIN: cfg.general, **corpora}
+    rng = np.random.default_rng(cfg.seed)
+    train_x, train_y, held_x, held_y = [], [], [], []
+    t0 = time.perf_counter()
+    for label, name in enumerate(classes):
+        stream = load_token_stream(specs[name], tokenizer, cfg.max_tokens, cfg.text_field)
+        train_w, held_w = class_windows(stream, cfg, rng, f"{name} ({specs[name]})")
+        for windows, xs, ys in ((train_w, train_x, train_y), (held_w, held_x, held_y)):
+            xs.append(pooled_windows(base, windows, cfg.batch_size, device, bos_prefix(tokenizer)))
+            ys.append(torch.full((len(windows),), label, dtype=torch.long))
+        log(f"domain router: {name} ({specs[name]}): {len(train_w)} + {len(held_w)} held-out windows")
+    seconds_rows = time.perf_counter() - t0
+    router, stats = fit_domain_router((torch.cat(train_x), torch.cat(train_y)), (torch.cat(held_x), torch.cat(held_y)),
+                                      classes, cfg.fit_config())
+    stats["rows_seconds"] = round(seconds_rows, 1)
+    info = {"base_model": cfg.model, "base_fingerprint": _fingerprint_or_none(cfg.model),
+            "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+            "domains": [{"name": name, "checkpoint": str(Path(ckpt).expanduser().resolve()),
+                         "decoder_fingerprint": decoder_fingerprint(ckpt), "corpus": corpora[name]}
+                        for name, ckpt in ckpts.items()],
+            "train_config": {**dataclasses.asdict(cfg.fit_config()), "general": cfg.general, "windows": cfg.windows,
+                             "window_tokens": cfg.window_tokens, "max_tokens": cfg.max_tokens,
+                             "held_fraction": HELD_FRACTION},
+            "train_stats": stats, "valid": stats["held"]}
+    save_domain_router(router, cfg.out, info)
+    return {**info, "classes": classes, "out": str(cfg.out)}
+
+
+def format_domain_summary(info: dict) -> str:
+    """What ``memdec router --domains`` prints: held-out accuracy per class."""
+    held = info["valid"]
+    per = ", ".join(f"{name} {v['accuracy']:.3f} ({v['n']})" for name, v in held["per_class"].items())
+    return "\n".join([f"domain router over {', '.join(info['classes'])}: held-out accuracy {held['accuracy']:.3f} "
+                      f"(per class: {per}; best epoch {info['train_stats']['best_epoch']})",
+                      f"domain router: {info['out']}"])

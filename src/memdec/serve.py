@@ -18,6 +18,14 @@ several batches. A per-step hook (a stopping criterion) streams each row's new t
 by one (EOS, stop strings, their own ``max_tokens``, a client that left) and answers each job as
 soon as its rows are done.
 
+Routing (docs/router.md, "Many domains"): with ``--router ROUTER_DIR`` (a domain router,
+``memdec router --domains``) a model named ``auto`` is served beside the named ones: the worker routes
+each ``auto`` request from its prompt (the base's pooled final hidden states, ``memdec.router.pooled_states``)
+to one decoder, or none (the base alone), and that one answers it; the response's extra field
+``memdec_domain`` says which. A checkpoint folder that holds a token router (``router.json``) mixes at
+its λ_t per position unless ``--lambda`` is given; a request's ``lambda`` mixes that request at the
+fixed λ instead.
+
 Limits: a body over ``--max-body-bytes`` gets 413 before it is read whole, a request of more than
 ``--max-request-rows`` rows (prompts × n) a 400 before it is tokenized, JSON nested deeper than
 ``MAX_JSON_DEPTH`` a 400. With ``--api-key`` (or ``MEMDEC_API_KEY``) every ``/v1/*`` request needs
@@ -47,12 +55,15 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .checkpoint import MEMDEC_JSON, check_checkpoint_tokenizer, read_memdec_json
+from .checkpoint import (MEMDEC_JSON, NO_DOMAIN, check_checkpoint_tokenizer, decoder_fingerprint, read_domain_router_json,
+                         read_memdec_json)
 from .checks import check_context, check_device, check_lambda
 from .errors import MemdecError
 from .files import read_json_object
 from .joint import MemoryDecoderModel
-from .models import DEFAULT_MODEL, load_model, load_tokenizer, max_context, resolve_device, resolve_model_spec
+from .models import (DEFAULT_MODEL, load_model, load_tokenizer, max_context, resolve_device, resolve_model_spec,
+                     tokenizer_fingerprint)
+from .router import DomainRouter, load_domain_router, pooled_states
 
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long to finish on SIGINT/SIGTERM, then are cancelled
 BATCH_WINDOW_S = 0.005  # the worker waits this long for compatible requests to join a batch that has room
@@ -62,6 +73,7 @@ MAX_JSON_DEPTH = 32  # containers inside containers in a request body (an OpenAI
 DEFAULT_MAX_REQUEST_ROWS = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 API_KEY_ENV = "MEMDEC_API_KEY"
+AUTO = "auto"  # the model id of the domain router's choice (--router)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,6 +86,7 @@ class ServeConfig:
     model: str | None = None
     memdec: list[str] = field(default_factory=list, metadata={"action": "append"})
     lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
+    router: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int = 8
@@ -91,7 +104,10 @@ SERVE_HELP = {
     "model": f"base model spec (default: the run's, else {DEFAULT_MODEL})",
     "memdec": "memory decoder to serve, NAME=CKPT or CKPT (named after its folder)",
     "lmbda": "mixing weight λ in [0, 1] for every decoder (default: each checkpoint's recommended λ); "
-             "requests may override it with their `lambda` field",
+             "requests may override it with their `lambda` field; given, a checkpoint's token router is not used",
+    "router": f"a domain router folder (`memdec router --domains`): serve a model named `{AUTO}` that answers each "
+              f"request with the decoder its prompt is routed to (or the base alone); the router's decoders are "
+              f"served under their names unless --memdec gives them",
     "host": "address to listen on",
     "port": "TCP port",
     "max_batch": "most rows (prompts × n) in one generate() call; 1 turns batching off",
@@ -117,6 +133,8 @@ class Plan:
     lmbda: float | None
     device: str
     api_key: str | None = None
+    router: str | None = None  # a domain router folder
+    router_info: dict | None = None  # its domains.json
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.:@+-]*$")
@@ -219,7 +237,31 @@ def check_config(cfg: ServeConfig) -> Plan:
             raise MemdecError(f"--memdec {spec!r}: the name {name!r} is taken; give another with NAME=CKPT")
         seen.add(name)
         decoders.append((name, ckpt, read_memdec_json(ckpt)))
-    return Plan(model, base_id, decoders, lmbda, cfg.device, key)
+    router_info = None if cfg.router is None else check_router_domains(cfg.router, decoders, seen)
+    return Plan(model, base_id, decoders, lmbda, cfg.device, key, cfg.router, router_info)
+
+
+def check_router_domains(folder: str, decoders: list[tuple[str, str, dict]], seen: set[str]) -> dict:
+    """The domain router's ``domains.json``; each of its domains is served: the --memdec of that name (whose
+    weights must be the ones it was trained for), else the checkpoint it records (appended to ``decoders``)."""
+    info = read_domain_router_json(folder)
+    given = {name: ckpt for name, ckpt, _ in decoders}
+    if AUTO in seen:
+        raise MemdecError(f"--router: the name {AUTO!r} is the routed model; give the decoder named {AUTO!r} another name")
+    for domain in info["domains"]:
+        name, ckpt = domain["name"], given.get(domain["name"], domain["checkpoint"])
+        if name == AUTO:
+            raise MemdecError(f"--router {folder}: its domain {AUTO!r} would hide the routed model {AUTO!r}")
+        if name not in given:
+            if name in seen:
+                raise MemdecError(f"--router {folder}: its domain {name!r} has the base model's name")
+            decoders.append((name, ckpt, read_memdec_json(ckpt)))
+            seen.add(name)
+        if decoder_fingerprint(ckpt) != domain["decoder_fingerprint"]:
+            raise MemdecError(f"--router {folder}: domain {name!r} was trained for other decoder weights than {ckpt}'s "
+                              f"(decoder_fingerprint {domain['decoder_fingerprint']}); retrain it with "
+                              f"`memdec router --domains`")
+    return info
 
 
 def check_port(host: str, port: int) -> None:
@@ -244,10 +286,13 @@ def check_port(host: str, port: int) -> None:
 class Models:
     """The served models. ``ids``: the base's id, then each decoder's name."""
 
-    def __init__(self, base, tokenizer, base_id: str, joints: dict[str, MemoryDecoderModel], ckpts: dict[str, str]):
+    def __init__(self, base, tokenizer, base_id: str, joints: dict[str, MemoryDecoderModel], ckpts: dict[str, str],
+                 domain_router: DomainRouter | None = None, router_dir: str | None = None):
         self.base, self.tokenizer, self.base_id = base, tokenizer, base_id
         self.joints, self.ckpts = joints, ckpts
         self.default_lambda = {name: joint.lmbda for name, joint in joints.items()}
+        self.token_routers = {name: joint.router for name, joint in joints.items()}  # None: the fixed λ
+        self.domain_router, self.router_dir = domain_router, router_dir
         self.context = max_context(base)
         eos = base.generation_config.eos_token_id if base.generation_config is not None else None
         eos = tokenizer.eos_token_id if eos is None else eos
@@ -258,19 +303,28 @@ class Models:
 
     @property
     def ids(self) -> list[str]:
-        return [self.base_id, *self.joints]
+        return [self.base_id, *self.joints, *([AUTO] if self.domain_router is not None else [])]
 
     @property
     def device(self):
         return self.base.device
 
     def runner(self, target: str, lmbda: float | None):
-        """The model that generates for ``target`` (an id), with λ set."""
+        """The model that generates for ``target`` (an id): a decoder at ``lmbda``, or (None) at its own
+        default, its token router where its folder holds one, else its λ."""
         if target == self.base_id:
             return self.base
         joint = self.joints[target]
-        joint.lmbda = lmbda
+        joint.lmbda = self.default_lambda[target] if lmbda is None else lmbda
+        joint.router = self.token_routers[target] if lmbda is None else None
         return joint
+
+    def route(self, prompts: list[list[int]]) -> str:
+        """The id that answers a request of these prompts: a decoder's name, or the base's for "none". Each
+        prompt is pooled alone (no padding), the request goes where the mean probability is highest."""
+        pooled = torch.cat([pooled_states(self.base, torch.tensor([p], device=self.device)) for p in prompts])
+        name = self.domain_router.route_request(pooled.to(self.domain_router.mean.device))
+        return self.base_id if name == NO_DOMAIN else name
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -281,12 +335,28 @@ def load_models(plan: Plan) -> Models:
     tokenizer = load_tokenizer(plan.base_spec)
     for name, ckpt, info in plan.decoders:
         check_checkpoint_tokenizer(tokenizer, info, f"memory decoder {name} ({ckpt})")
+    if plan.router is not None and plan.router_info["tokenizer_hash"] != tokenizer_fingerprint(tokenizer):
+        raise MemdecError(f"--router {plan.router}: trained with another tokenizer than the base model's")
     base, tokenizer = load_model(plan.base_spec, device=resolve_device(plan.device))
     joints = {name: MemoryDecoderModel.from_pretrained(base, ckpt, plan.lmbda, tokenizer=tokenizer)
               for name, ckpt, _ in plan.decoders}
-    models = Models(base, tokenizer, plan.base_id, joints, {name: ckpt for name, ckpt, _ in plan.decoders})
+    router = None
+    if plan.router is not None:
+        router = load_router_for(base, plan.router, plan.router_info)
+    models = Models(base, tokenizer, plan.base_id, joints, {name: ckpt for name, ckpt, _ in plan.decoders}, router,
+                    plan.router)
     warm_up(models)
     return models
+
+
+def load_router_for(base, folder: str, info: dict) -> DomainRouter:
+    """The domain router of ``folder``, checked against the base's hidden size, on its device (its tokenizer
+    is checked by ``load_models`` before any model loads)."""
+    d_base = base.config.get_text_config().hidden_size
+    if d_base != info["d_base"]:
+        raise MemdecError(f"--router {folder}: trained on a base of hidden size {info['d_base']}; this base has {d_base}")
+    router, _ = load_domain_router(folder, device=base.device)
+    return router
 
 
 def warm_up(models: Models) -> None:
@@ -425,7 +495,8 @@ def get_stop(body: dict) -> list[str]:
 
 
 def pick_model(body: dict, models: Models) -> tuple[str, str, float | None]:
-    """(requested id, id that generates, λ) from ``model`` and ``lambda``."""
+    """(requested id, id that generates, λ) from ``model`` and ``lambda``; λ None: the decoder's default (its
+    token router, else its λ). ``auto``: the worker routes the request (target ``auto``)."""
     name = _get(body, "model", next(iter(models.joints), models.base_id))  # default: the first decoder
     if not isinstance(name, str) or name not in models.ids:
         raise ApiError(404, f"The model `{name}` does not exist; this server has: {', '.join(models.ids)}",
@@ -438,8 +509,13 @@ def pick_model(body: dict, models: Models) -> tuple[str, str, float | None]:
             raise ApiError(400, f"`lambda` applies to a memory decoder; `{name}` is the base model alone "
                                 f"(pick one of {', '.join(models.joints) or 'none'})", param="lambda", code="invalid_value")
         return name, name, None
+    if name == AUTO:
+        if lam is not None:
+            raise ApiError(400, f"`lambda` applies to a named memory decoder; `{AUTO}` answers with the routed "
+                                f"decoder's own", param="lambda", code="invalid_value")
+        return name, name, None
     try:
-        lam = models.default_lambda[name] if lam is None else check_lambda(lam)
+        lam = None if lam is None else check_lambda(lam)
     except MemdecError as exc:
         raise ApiError(400, f"`lambda`: {exc}", param="lambda", code="invalid_value") from None
     return name, (models.base_id if lam == 0 else name), lam
@@ -569,6 +645,7 @@ class Job:
         self.cancelled = False
         self.done = False
         self.next_row = 0  # rows handed to the worker so far: a job of more than --max-batch rows runs in parts
+        self.domain: str | None = None  # an ``auto`` job: the id that answered it, once routed
 
     @property
     def rows_left(self) -> int:
@@ -828,7 +905,22 @@ class Engine:
                 self.scheduler.stats["running"] = 0
 
     def run(self, batch: list[tuple[Job, list[Row]]]) -> None:
-        """One generate() call for the rows of ``batch`` (jobs that share one batch key, and their rows)."""
+        """One generate() call for the rows of ``batch`` (jobs that share one batch key, and their rows); an
+        ``auto`` batch is routed job by job first, then runs one call per chosen model."""
+        req = batch[0][0].req
+        if req.target != AUTO:
+            return self.generate(batch, req.target, req.lmbda)
+        groups: dict[str, list[tuple[Job, list[Row]]]] = {}
+        for job, rows in batch:
+            if job.domain is None:  # a job of more than --max-batch rows keeps its first batch's choice
+                with torch.inference_mode():
+                    job.domain = self.models.route(job.req.prompts)
+            groups.setdefault(job.domain, []).append((job, rows))
+        for target, part in groups.items():
+            self.generate(part, target, None)
+
+    def generate(self, batch: list[tuple[Job, list[Row]]], target: str, lmbda: float | None) -> None:
+        """One generate() call of ``target`` at ``lmbda`` for the rows of ``batch``."""
         req = batch[0][0].req
         hook = StepHook(batch, self.models)
         rows = [row for row, _ in hook.pairs]
@@ -838,7 +930,7 @@ class Engine:
             kw = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p, "top_k": 0}
             if req.seed is not None:  # a seeded job runs alone
                 torch.manual_seed(batch_seed(req.seed, rows[0].index))
-        model = self.models.runner(req.target, req.lmbda)
+        model = self.models.runner(target, lmbda)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in rows),
@@ -882,12 +974,18 @@ def final_body(job: Job) -> dict:
                     "logprobs": logprobs_block(r.logprobs) if req.logprobs is not None else None} for r in job.rows]
         obj = "text_completion"
     return {"id": job.id, "object": obj, "created": job.created, "model": req.model, "choices": choices,
-            "usage": usage(job)}
+            "usage": usage(job), **domain_field(job)}
+
+
+def domain_field(job: Job) -> dict:
+    """``{"memdec_domain": the id that answered}`` for a routed (``auto``) job once routed, else {}."""
+    return {"memdec_domain": job.domain} if job.domain is not None else {}
 
 
 def chunk(job: Job, choices: list[dict], **extra) -> str:
     obj = "chat.completion.chunk" if job.req.kind == "chat" else "text_completion"
-    payload = {"id": job.id, "object": obj, "created": job.created, "model": job.req.model, "choices": choices, **extra}
+    payload = {"id": job.id, "object": obj, "created": job.created, "model": job.req.model, "choices": choices,
+               **domain_field(job), **extra}
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
@@ -1002,8 +1100,13 @@ def models_body(models: Models) -> dict:
     data = [{"id": models.base_id, "object": "model", "created": models.created, "owned_by": "memdec",
              "memdec": {"base": models.base_id, "lambda": 0.0, "checkpoint": None}}]
     data += [{"id": name, "object": "model", "created": models.created, "owned_by": "memdec",
-              "memdec": {"base": models.base_id, "lambda": models.default_lambda[name], "checkpoint": models.ckpts[name]}}
+              "memdec": {"base": models.base_id, "lambda": models.default_lambda[name], "checkpoint": models.ckpts[name],
+                         "token_router": models.token_routers[name] is not None}}
              for name in models.joints]
+    if models.domain_router is not None:
+        data.append({"id": AUTO, "object": "model", "created": models.created, "owned_by": "memdec",
+                     "memdec": {"base": models.base_id, "router": models.router_dir,
+                                "domains": [c for c in models.domain_router.classes if c != NO_DOMAIN]}})
     return {"object": "list", "data": data}
 
 
@@ -1129,7 +1232,11 @@ def banner(models: Models, cfg: ServeConfig) -> str:
     lines = [f"memdec serve: {url}  (OpenAI-compatible; GET /health, /v1/models)",
              f"  {models.base_id:<{width}}  base model alone (λ = 0), context {models.context or '?'} tokens"]
     lines += [f"  {name:<{width}}  base {models.base_id} + memory decoder {models.ckpts[name]}, "
-              f"λ = {models.default_lambda[name]:.2f}" for name in models.joints]
+              + ("token router (λ_t per position)" if models.token_routers[name] is not None else
+                 f"λ = {models.default_lambda[name]:.2f}") for name in models.joints]
+    if models.domain_router is not None:
+        lines.append(f"  {AUTO:<{width}}  each request routed by {models.router_dir} to one of "
+                     f"{', '.join(models.domain_router.classes[1:])} or the base alone")
     lines.append(f"  device {models.device}; up to {cfg.max_batch} rows per batch, {cfg.max_queue} requests queued, "
                  f"{cfg.max_request_rows} rows and {cfg.max_body_bytes} bytes per request; Ctrl-C stops")
     lines.append("  API key required on /v1 (Authorization: Bearer); /health is open" if api_key(cfg) else

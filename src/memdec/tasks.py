@@ -2,7 +2,9 @@
 
 - ``MemdecLM`` (registered as ``memdec`` by ``register()``): any system of memdec's table behind
   lm-eval's ``LM`` interface. ``model_args``: ``base=SPEC`` and at most one of ``memdec=CKPT``
-  (with ``lmbda``, default the checkpoint's), ``knn=DATASTORE`` (with ``lmbda`` default 0.25,
+  (with ``lmbda``, default the checkpoint's; or ``router=DIR``, a token router: λ_t per position, as
+  ``eval --router``'s ``memdec+router`` row; a router in the checkpoint folder is used by default
+  unless ``lmbda`` is given), ``knn=DATASTORE`` (with ``lmbda`` default 0.25,
   ``knn_k``, ``knn_temp``) or ``baseline=DIR`` (dapt, lora, ce-decoder); none of them: the base
   alone. Log-likelihoods are the system's log-probabilities of the continuation tokens, tokenized
   as lm-eval's ``hf`` model does (context + continuation encoded whole, then split); generation
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .baselines import load_baseline
+from .checkpoint import read_router_json
 from .checks import check_device, check_lambda, check_own_folder, check_plain_name, check_positive_int, check_temperature
 from .data import read_corpus, load_token_stream
 from .store import DEFAULT_K, DEFAULT_KNN_TEMP, FFNInputCapture, read_manifest
@@ -110,11 +113,18 @@ def _knn_system(model, tokenizer, datastore: str, lmbda: float, k: int | None, t
 
 def load_system(base: str, memdec: str | None = None, knn: str | None = None, baseline: str | None = None,
                 lmbda: float | None = None, knn_k: int | None = None, knn_temp: float | None = None,
-                device: str = "auto") -> tuple[System, Any]:
-    """(System, tokenizer) for base alone, base+memdec, base+kNN-LM or a baseline folder."""
+                device: str = "auto", router: str | None = None) -> tuple[System, Any]:
+    """(System, tokenizer) for base alone, base+memdec (at λ, or at a token router's λ_t), base+kNN-LM or a
+    baseline folder."""
     given = [name for name, v in (("memdec", memdec), ("knn", knn), ("baseline", baseline)) if v]
     if len(given) > 1:
         raise MemdecError(f"give at most one of memdec=, knn=, baseline= (got {', '.join(given)})")
+    if router and not memdec:
+        raise MemdecError("router= routes between the base and a memory decoder: give memdec=CKPT with it")
+    if router and lmbda is not None:
+        raise MemdecError("give router= (λ_t per position) or lmbda= (one fixed λ), not both")
+    if router:
+        read_router_json(router)
     if lmbda is not None:
         check_lambda(float(lmbda), "lmbda")
     if knn_k is not None:
@@ -122,8 +132,8 @@ def load_system(base: str, memdec: str | None = None, knn: str | None = None, ba
     check_device(device, "device")
     model, tokenizer = load_model(base, device=resolve_device(device))
     if memdec:
-        joint = MemoryDecoderModel.from_pretrained(model, memdec, lmbda, tokenizer=tokenizer)
-        return _joint_system("memdec", joint), tokenizer
+        joint = MemoryDecoderModel.from_pretrained(model, memdec, lmbda, tokenizer=tokenizer, router=router or None)
+        return _joint_system("memdec+router" if joint.router is not None else "memdec", joint), tokenizer
     if knn:
         return _knn_system(model, tokenizer, knn, 0.25 if lmbda is None else float(lmbda), knn_k, knn_temp), tokenizer
     if baseline:
@@ -189,13 +199,15 @@ class _MemdecLMMixin:
     def __init__(self, base: str = DEFAULT_MODEL, memdec: str | None = None, knn: str | None = None,
                  baseline: str | None = None, lmbda: float | None = None, knn_k: int | None = None,
                  knn_temp: float | None = None, device: str = "auto", max_length: int | None = None,
-                 max_gen_toks: int = 256, batch_size: Any = DEFAULT_BATCH_SIZE, **ignored):
+                 max_gen_toks: int = 256, batch_size: Any = DEFAULT_BATCH_SIZE, router: str | None = None,
+                 **ignored):
         super().__init__()
         self.batch_size = batch_size_arg(batch_size)  # before the model loads
         device = "auto" if device in (None, "") else str(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"
-        self.system, self.tokenizer = load_system(str(base), memdec, knn, baseline, lmbda, knn_k, knn_temp, device)
+        self.system, self.tokenizer = load_system(str(base), memdec, knn, baseline, lmbda, knn_k, knn_temp, device,
+                                                  router)
         model = self.system.generator
         self._device = next(model.parameters()).device
         self._max_length = int(max_length or max_context(model) or 2048)
