@@ -224,7 +224,7 @@ def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
 
     adapt(cfg)  # every stage cached
     out = capsys.readouterr().out
-    assert out.count("cached") == 8 and "[3/8] ce-decoder" in out
+    assert out.count("cached") == 9 and "[3/9] ce-decoder" in out  # the router stage too
 
     # the run's folder gives eval its baselines too
     assert main(["eval", "--run", str(run), "--corpus", "austen:test", "--max-tokens", "80", "--block-size", "64",

@@ -54,16 +54,17 @@ def test_stage_book_says_what_changed(tmp_path, capsys):
 
 def test_stage_fingerprints_are_pinned():
     """Changing these invalidates every finished run's cache: do it only on purpose (the samples stage
-    changed when the report's samples moved from greedy to seeded top-p sampling)."""
+    changed when the report's samples moved from greedy to seeded top-p sampling; the router stage was
+    added in round three, every earlier stage's fingerprint unchanged)."""
     quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
     assert quick == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
                      "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
-                     "tasks": "aa168714b46e"}
+                     "tasks": "aa168714b46e", "router": "a4db82cb4f58"}
     full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0)
     assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {
         "datastore": "aa57179b327b", "train": "c10a9f218b60", "ce-decoder": "14a71001e6ae", "dapt": "85f23afe36da",
         "lora": "cf11f5df6d46", "eval": "0e4cba115563", "samples": "2dd966e2a0ad",
-        "tasks": "5eebe2fddd93"}
+        "tasks": "5eebe2fddd93", "router": "494edfab209f"}
 
 
 def test_transfer_stage_fingerprint_is_pinned(tmp_path):
@@ -75,7 +76,7 @@ def test_transfer_stage_fingerprint_is_pinned(tmp_path):
     got = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig(transfer_from=str(src)))).items()}
     assert got == {"datastore": "888fc130e5e8", "train": "0ac439d593c5", "ce-decoder": "dcc9f4db2500",
                    "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "065c2e7b4e23", "samples": "71a0bc659e54",
-                   "tasks": "dace3f4a3348"}
+                   "tasks": "dace3f4a3348", "router": "3e0c1aea5c74"}
     other = AdaptConfig(transfer_from=str(src), transfer_init="random", transfer_budget=0.1)
     assert _fingerprint(stage_inputs(resolve_settings(other))["train"]) == "cf7a7065cd76"
 

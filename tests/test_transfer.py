@@ -160,7 +160,8 @@ def test_adapt_transfer_from_runs_end_to_end(tmp_path, source, new_base, capsys)
     assert stages["train"]["inputs"]["transfer"] == {"source": source_fingerprint(str(source)), "budget": 0.25, "init": "mapped"}
     report = json.loads((run / "report.json").read_text())
     assert report["sizes"]["memdec_transfer"] == origin
-    assert [r["system"] for r in report["results"]] == ["base", "knn-lm", "memdec"]
+    kept_router = stages["router"]["summary"]["kept"]  # the router stage adds its row only where it wins on valid
+    assert [r["system"] for r in report["results"]] == ["base", "knn-lm", "memdec"] + ["memdec+router"] * kept_router
     assert f"transferred from `{source.resolve()}`" in (run / "report.md").read_text()
 
     base, new_tok = load_model(str(new_base[0]))
