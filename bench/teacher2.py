@@ -20,6 +20,17 @@ two-phase-rekeyed-  CE 1.5B, re-key, α=0.5 for 1.5B, both with early stopping  
 3x                                                                              <= 3B + keys pass
 ==================  ==========================================================  =================
 
+Round three (issue 28) varies the α rows (``ce``, ``a0.25``, ``a0.5``) two more ways:
+
+- ``--decoder SPEC`` (repeatable; ``copy``, ``fork:K``, ``lora:R@K``: docs/decoders.md): each α row once
+  per shape, the decoder built from the base by ``memdec.train`` (``TrainConfig.decoder``). A row of a
+  shape other than ``copy`` is named ``ROW@SPEC`` (``a0.5@fork:8``).
+- ``--key-model base dapt``: ``dapt`` first trains a DAPT baseline on the domain's training tokens
+  (``memdec.baselines.train_baseline``, method ``dapt``, ``--dapt-steps``; its own row ``dapt-teacher``,
+  the teacher alone), then builds the datastore's keys with it (``DatastoreConfig.key_model``) and trains
+  the α > 0 rows on that datastore (``a0.5+dapt``, ``a0.5@fork:8+dapt``). ``ce`` is not repeated there:
+  at α = 0 the kNN targets, hence the keys, play no part.
+
 Every decoder row reports the joint model's valid and test perplexity at the λ chosen on valid
 (``LAMBDA_GRID``; the base's per-token NLLs are scored once per domain), the decoder alone, the
 steps run and the wall time of its training (both phases, and the keys pass where there is one).
@@ -31,6 +42,10 @@ set-up record of equal settings are kept, not run again, and the table holds the
 other settings in the same file are ignored).
 
     python bench/teacher2.py --domain austen stdlib --out-jsonl runs/t2/rows.jsonl --work runs/t2
+    python bench/teacher2.py --domain austen stdlib --rows ce a0.25 a0.5 --decoder copy --decoder fork:8 \
+        --decoder lora:16@8 --key-model base dapt --work runs/t3 --budget-s 400       # round three
+    python bench/teacher2.py --smoke --domain austen --rows ce a0.5 --decoder copy --decoder fork:1 \
+        --key-model base dapt --work /tmp/t3                                          # the CPU check
 """
 
 from __future__ import annotations
@@ -50,9 +65,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec.checkpoint import load_memory_decoder, read_memdec_json
+from memdec.baselines import BaselineConfig, train_baseline
+from memdec.checkpoint import load_model_folder, read_memdec_json
 from memdec.data import load_token_stream
 from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.decoders import load_decoder, parse_shape
+from memdec.errors import MemdecError
 from memdec.store import DEFAULT_K, read_manifest
 from memdec.evaluate import EvalConfig, run_eval_report
 from memdec.files import append_jsonl, atomic_write_text, read_jsonl
@@ -76,10 +94,45 @@ RECIPES = {  # row -> (recipe, keys from, budget), the table's first columns
     "ce-3x": ("CE only, 3B, early stopping", "-", "≤3B"),
     "knn-lm-base": ("kNN-LM", "base", "keys pass"),
     "knn-lm-adapted": ("kNN-LM", "the CE decoder (re-keyed)", "B/2 + keys pass"),
+    "dapt-teacher": ("DAPT alone (the teacher of +dapt rows)", "-", "dapt steps"),
 }
+ALPHAS = {"ce": 0.0, "a0.25": 0.25, "a0.5": 0.5}  # the rows that --decoder and --key-model vary
+KEY_MODELS = ("base", "dapt")
 # The arguments a row's numbers depend on: rows are reused across runs only where all of them agree.
 SETTINGS = ("model", "train_tokens", "steps", "batch_size", "block_size", "lr", "evals", "patience", "k", "index",
-            "ds_block", "eval_block", "eval_batch", "valid_tokens", "test_tokens", "device")
+            "ds_block", "eval_block", "eval_batch", "valid_tokens", "test_tokens", "device", "dapt_steps")
+
+
+def row_name(row: str, spec: str = "copy", keys: str = "base") -> str:
+    """``a0.5`` with decoder ``fork:8`` and DAPT keys -> ``a0.5@fork:8+dapt``; copy and base keys add nothing."""
+    return row + ("" if spec == "copy" else f"@{spec}") + ("" if keys == "base" else f"+{keys}")
+
+
+def parse_row(name: str) -> tuple[str, str, str]:
+    """(row, decoder spec, key model) of a row name (``row_name``'s inverse)."""
+    name, _, keys = name.partition("+")
+    row, _, spec = name.partition("@")
+    return row, spec or "copy", keys or "base"
+
+
+def plan_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(domain, row name) in priority order: the budget-B tier, then 3B; within a tier, each (key model,
+    decoder) group on every domain before the next group, so a cut run holds whole comparisons. A shape or
+    a key model varies only the α rows; ``ce`` is the same whatever the keys (α = 0 never reads them), and
+    ``dapt-teacher`` comes first where a ``+dapt`` row needs it."""
+    plan = []
+    for tier in (ROWS_B, ROWS_3B):
+        for keys in args.key_model:
+            for spec in args.decoder:
+                for name in args.domain:
+                    if tier is ROWS_B and keys == "dapt" and spec == args.decoder[0] and {"a0.25", "a0.5"} & set(args.rows):
+                        plan.append((name, "dapt-teacher"))
+                    for row in tier:
+                        varied = spec != "copy" or keys != "base"
+                        if row not in args.rows or (varied and row not in ALPHAS) or (keys != "base" and row == "ce"):
+                            continue
+                        plan.append((name, row_name(row, spec, keys)))
+    return list(dict.fromkeys(plan))
 
 
 def say(log: Path, msg: str) -> None:
@@ -102,6 +155,7 @@ class Domain:
     base_nll: dict = field(default_factory=dict)  # the same keys -> float32 [N-1]
     stores: dict = field(default_factory=dict)  # "base" or a key model's path -> (datastore, seconds)
     phase_one: dict = field(default_factory=dict)  # (steps, patience) -> (checkpoint, train seconds, info)
+    teacher: tuple | None = None  # the DAPT teacher: (folder, train seconds, steps run)
 
     @property
     def spec(self) -> dict:
@@ -142,6 +196,7 @@ class Domain:
         if name not in self.stores:
             a = self.args
             path = self.work / "stores" / (name if key_model is None else f"keys-{Path(key_model).name}")
+            # a rerun's key model is a new folder (a retrained DAPT): the keys step says so and rebuilds
             build_datastore(DatastoreConfig(model=a.model, corpus=self.spec["train"], out=str(path), key_model=key_model,
                                             k=a.k, index=a.index, block_size=a.ds_block, stride=a.ds_block // 2,
                                             max_tokens=a.train_tokens, device=a.device, progress=False))
@@ -150,16 +205,16 @@ class Domain:
         return self.stores[name]
 
     def train(self, name: str, store: Path, alpha: float, steps: int, init: str | None = None,
-              patience: int | None = None) -> tuple[Path, float, dict]:
-        """One ``memdec.train`` run: (checkpoint, wall seconds, its memdec.json)."""
+              patience: int | None = None, decoder: str = "copy") -> tuple[Path, float, dict]:
+        """One ``memdec.train`` run of a decoder of shape ``decoder``: (checkpoint, wall seconds, its memdec.json)."""
         a = self.args
-        ckpt = self.work / "ckpt" / name
+        ckpt = self.work / "ckpt" / name.replace(":", "-").replace("@", "-at-")
         shutil.rmtree(ckpt, ignore_errors=True)
         cfg = TrainConfig(datastore=str(store), out=str(ckpt), init=init, alpha=alpha, max_steps=steps, lr=a.lr,
                           warmup=max(1, steps // 20), batch_size=a.batch_size, block_size=a.block_size,
                           valid=self.spec["valid"], valid_max_tokens=a.valid_tokens,
                           eval_every=max(1, steps // a.evals), patience=patience, save_every=10**9, log_every=10,
-                          device=a.device, resume=False)
+                          device=a.device, resume=False, decoder=decoder)
         t0 = time.perf_counter()
         train(cfg)
         seconds = time.perf_counter() - t0
@@ -173,9 +228,42 @@ class Domain:
             self.phase_one[steps, patience] = self.train(name, self.store(None)[0], 0.0, steps, patience=patience)
         return self.phase_one[steps, patience]
 
+    def dapt_teacher(self) -> tuple[Path, float, int]:
+        """The DAPT baseline trained on this domain's training tokens (the base datastore's), ``--dapt-steps``
+        steps, best checkpoint on valid: (folder, train seconds, steps). Trained once: a resumed run takes the
+        finished teacher of the run before (``dapt-teacher.json`` beside it records its steps and seconds)."""
+        a = self.args
+        out, done = self.work / "dapt-teacher", self.work / "dapt-teacher.json"
+        if self.teacher is None and done.exists() and (out / "baseline.json").exists():
+            info = json.loads(done.read_text())
+            if info.get("steps") == a.dapt_steps:
+                self.teacher = (out, info["train_s"], info["steps"])
+        if self.teacher is None:
+            done.unlink(missing_ok=True)
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = BaselineConfig(method="dapt", datastore=str(self.store(None)[0]), out=str(out), max_steps=a.dapt_steps,
+                                 lr=a.lr, warmup=max(1, a.dapt_steps // 20), batch_size=a.batch_size,
+                                 block_size=a.block_size, valid=self.spec["valid"], valid_max_tokens=a.valid_tokens,
+                                 eval_every=max(1, a.dapt_steps // a.evals), save_every=10**9, log_every=10,
+                                 device=a.device, resume=False)
+            t0 = time.perf_counter()
+            train_baseline(cfg)
+            self.teacher = (out, time.perf_counter() - t0, a.dapt_steps)
+            atomic_write_text(done, json.dumps({"steps": a.dapt_steps, "train_s": self.teacher[1]}))
+        return self.teacher
+
+    def evaluate_alone(self, folder: Path) -> dict:
+        """A model folder scored on its own (the DAPT teacher): valid and test ppl."""
+        model = load_model_folder(folder, "the dapt teacher", self.base.dtype).to(self.base.device).eval()
+        nll = {key: self.score(base_scorer(model), key) for key in self.streams}
+        del model
+        return {"valid_alone_ppl": round(mean_ppl(nll["valid"]), 3),
+                "test_alone_ppl": {t: round(mean_ppl(nll[t]), 3) for t in self.spec["tests"]}}
+
     def evaluate(self, ckpt: Path) -> dict:
-        """The joint model at the λ chosen on valid: valid and test ppl, and the decoder alone."""
-        dec, _ = load_memory_decoder(ckpt, device=self.base.device, dtype=self.base.dtype)
+        """The joint model at the λ chosen on valid: valid and test ppl, and the decoder alone (any shape:
+        ``memdec.decoders.load_decoder`` rebuilds a fork or LoRA decoder on this base)."""
+        dec = load_decoder(ckpt, read_memdec_json(ckpt), self.base).eval()
         nll = {key: self.score(base_scorer(dec), key) for key in self.streams}
         del dec
         curve = lambda_curve(self.base_nll["valid"], nll["valid"])
@@ -202,10 +290,18 @@ def run_row(d: Domain, row: str) -> dict:
     """Train (where the row trains) and score one row; returns its record."""
     a, B = d.args, d.args.steps
     record = {"domain": d.name, "row": row}
-    if row in ("ce", "a0.25", "a0.5"):
-        alpha = {"ce": 0.0, "a0.25": 0.25, "a0.5": 0.5}[row]
-        ckpt, seconds, info = d.train(row, d.store(None)[0], alpha, B)
-        record.update(steps=B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
+    row, spec, keys = parse_row(row)
+    if row == "dapt-teacher":
+        folder, seconds, steps = d.dapt_teacher()
+        return {**record, **d.evaluate_alone(folder), "steps": steps, "train_s": round(seconds, 1)}
+    if row in ALPHAS:
+        store, keys_s = d.store(None)[0], 0.0
+        if keys == "dapt":
+            teacher, teacher_s, teacher_steps = d.dapt_teacher()
+            store, keys_s = d.store(str(teacher))
+            record.update(teacher_steps=teacher_steps, teacher_train_s=round(teacher_s, 1), rekey_datastore_s=round(keys_s, 1))
+        ckpt, seconds, info = d.train(record["row"], store, ALPHAS[row], B, decoder=spec)
+        record.update(decoder=spec, keys=keys, steps=B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
     elif row == "ce-3x":
         ckpt, seconds, info = d.train(row, d.store(None)[0], 0.0, 3 * B, patience=a.patience)
         record.update(steps=info.get("stopped_early_at") or 3 * B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
@@ -267,8 +363,13 @@ def table(records: list[dict]) -> str:
     """The issue's table: one block per domain."""
     lines = []
     for domain in dict.fromkeys(r["domain"] for r in records):
-        order = {row: i for i, row in enumerate(ROWS_B + ROWS_3B)}
-        rows = sorted((r for r in records if r["domain"] == domain and r["row"] != "setup"), key=lambda r: order[r["row"]])
+        order = {row: i for i, row in enumerate(["dapt-teacher", *ROWS_B, *ROWS_3B])}
+
+        def rank(r: dict) -> tuple:
+            row, spec, keys = parse_row(r["row"])
+            return KEY_MODELS.index(keys), spec != "copy", spec, order[row]
+
+        rows = sorted((r for r in records if r["domain"] == domain and r["row"] != "setup"), key=rank)
         setup = next((r for r in reversed(records) if r["domain"] == domain and r["row"] == "setup"), {})
         tests = DOMAINS[domain]["tests"]
         lines += [f"### {domain}: {setup.get('n_keys', '?')} keys of {DOMAINS[domain]['train']}; base valid "
@@ -279,15 +380,23 @@ def table(records: list[dict]) -> str:
             lines.append("| " + " | ".join(["base", "-", "0", "-", f"{setup['base_valid_ppl']:.2f}",
                                              *(f"{setup['base_test_ppl'][t]:.2f}" for t in tests), "-", "-", "-"]) + " |")
         for r in rows:
-            recipe, keys, budget = RECIPES[r["row"]]
+            row, spec, key_model = parse_row(r["row"])
+            recipe, keys, budget = RECIPES[row]
+            recipe += "" if spec == "copy" else f", decoder {spec}"
+            if key_model == "dapt":
+                keys, budget = "the DAPT teacher", f"{budget} + teacher {r.get('teacher_steps')} steps + keys pass"
             steps = f"{r['steps']} ({r.get('best_step', '-')})" if "steps" in r else "-"
             if "phase_steps" in r:
                 steps = f"{r['phase_steps'][0]}+{r['phase_steps'][1]} ({r.get('phase_one_best_step')}, {r.get('best_step')})"
-            secs = r.get("train_s", 0) + r.get("rekey_datastore_s", 0) + r.get("datastore_s", 0)  # kNN-LM: its datastore
-            tests_cells = [f"{r['test_ppl'].get(t, float('nan')):.2f}" for t in tests]
+            secs = (r.get("train_s", 0) + r.get("rekey_datastore_s", 0) + r.get("datastore_s", 0)  # kNN-LM: its datastore
+                    + r.get("teacher_train_s", 0))
+            ppl = r.get("test_ppl") or r.get("test_alone_ppl", {})  # the teacher: alone
+            tests_cells = [f"{ppl.get(t, float('nan')):.2f}" for t in tests]
             valid = f"{r['valid_ppl']:.2f}" if r.get("valid_ppl") is not None else "-"
+            if row == "dapt-teacher":
+                valid = f"{r['valid_alone_ppl']:.2f} (alone)"
             alone = f"{r['valid_alone_ppl']:.2f}" if r.get("valid_alone_ppl") is not None else "-"
-            lines.append("| " + " | ".join([recipe, keys, budget, steps, valid, *tests_cells, f"{r.get('lambda')}", alone,
+            lines.append("| " + " | ".join([recipe, keys, budget, steps, valid, *tests_cells, f"{r.get('lambda', '-')}", alone,
                                              f"{secs:.1f}" if secs else "-"]) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -312,6 +421,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--valid-tokens", type=int, default=16_384)
     p.add_argument("--test-tokens", type=int, default=16_384)
     p.add_argument("--rows", nargs="+", default=ROWS_B + ROWS_3B, help="which rows, kept in priority order")
+    p.add_argument("--decoder", action="append", metavar="SPEC",
+                   help="a decoder shape for the α rows (copy, fork:K, lora:R@K), repeatable: rows per shape "
+                        "(default: copy)")
+    p.add_argument("--key-model", nargs="+", choices=KEY_MODELS, default=["base"],
+                   help="keys of the α rows' datastore: base, and/or dapt (a DAPT baseline trained on the "
+                        "domain's training tokens first, --dapt-steps)")
+    p.add_argument("--dapt-steps", type=int, help="the DAPT teacher's optimizer steps (default: 3B, three times --steps)")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, default=math.inf, help="start no row after this many seconds")
     p.add_argument("--work", required=True, help="datastores and checkpoints")
@@ -329,8 +445,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ds_block = args.eval_block = 64
         args.valid_tokens = args.test_tokens = 300
         args.evals, args.patience, args.eval_batch = 2, 1, 2
+    args.decoder = list(dict.fromkeys(args.decoder or ["copy"]))
+    for spec in args.decoder:  # before any model loads
+        try:
+            parse_shape(spec)
+        except MemdecError as exc:
+            p.error(f"--decoder {spec}: {exc}")
+    args.dapt_steps = args.dapt_steps or 3 * args.steps
+    if args.dapt_steps < 1:
+        p.error("--dapt-steps must be at least 1")
     args.device = resolve_device(args.device)
-    unknown = [r for r in args.rows if r not in RECIPES]
+    unknown = [r for r in args.rows if r not in RECIPES or r == "dapt-teacher"]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(RECIPES)}")
     if args.steps < 2:
@@ -355,8 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["domain"], r["row"]) for r in records}
     if done - {(name, "setup") for name in args.domain}:
         say(log, f"resuming: {len(done)} records of {args.out_jsonl} have these settings; their rows are not run again")
-    plan = [(name, row) for tier in (ROWS_B, ROWS_3B) for name in args.domain for row in tier
-            if row in args.rows and (name, row) not in done]
+    plan = [(name, row) for name, row in plan_rows(args) if (name, row) not in done]
     for name, row in plan:
         elapsed = time.perf_counter() - t_start
         if elapsed > args.budget_s:
