@@ -23,6 +23,26 @@ scored token (``--knn-score-queries`` queries, divided), compared with the base'
 with the memory decoder's own overhead. (memdec's ``TorchFlatIndex`` keeps fp32 keys, 64 GB at 10M ×
 1600, and multiplies in exact fp32; the fp16 search here is the cheaper bound for kNN-LM.)
 
+Round three (issue 28):
+
+- ``--llama-sizes``: the bases are random ``LlamaConfig`` models of GPT-2's widths, depths and heads (small
+  768 × 12, medium 1024 × 24, large 1280 × 36, xl 1600 × 48; vocabulary 50257, tied embeddings, MLP width
+  ⌈8/3·d⌉ rounded to 64, so that the three-matrix SwiGLU MLP holds GPT-2's 8·d² parameters per block), since
+  the decoder shapes need ``model.model.layers`` (GPT-2 has ``transformer.h``). The separate decoder is then
+  the Llama of GPT-2-small size. ``--sizes tiny`` (128 × 4) is for CPU checks only.
+- ``--decoder SPEC`` (repeatable): ``separate`` (default: the GPT-2-small-sized decoder above, or the
+  4-block shortened copy with ``--model``) and any shape of ``memdec.decoders`` built from each base
+  (``fork:K``, ``lora:R@K``; ``copy`` is a second base): each spec gets its scoring and decoding rows;
+  a fork or LoRA decoder scores on the shared trunk (``MemoryDecoderModel``), the fast path runs it as a
+  separate model (docs/benchmarks-gpu.md).
+- ``--router``: per spec, a random ``memdec.router.TokenRouter`` attached: scoring (the routed scorer)
+  and eager decoding at each batch size, against the base and the fixed-λ joint model (the fast path
+  falls back to eager with a token router, so eager is its cost).
+- ``--compile``: scoring also with the decoder ``torch.compile``d (the base eager), the first call (the
+  compile) timed apart.
+- ``--decoder-score-batch M``: scoring also with the decoder alone on M rows at once (M a multiple of
+  ``--score-batch``), the base on its ``--score-batch`` rows at a time: the ratio over the same M rows.
+
 Each timing is the median of ``--reps`` runs after one warm-up (which includes the CUDA graph capture),
 the runs of a row taking turns.
 ``--budget-s`` skips the rows that would start after that many seconds and still writes the JSON.
@@ -31,6 +51,11 @@ the runs of a row taking turns.
     python bench/gpu_inference.py --device cpu --size small --new-tokens 8 --score-len 128 \\
         --knn-keys 20000 --knn-k 64 --out /tmp/cpu.json                     # a quick CPU check
     python bench/gpu_inference.py --device cpu --model smollm2-135m --batches 1 --no-scoring  # default model
+    python bench/gpu_inference.py --llama-sizes --decoder separate --decoder fork:4 --decoder lora:16@4 \
+        --router --compile --decoder-score-batch 32 --knn-keys 1e6 --out round3.json   # round three, GPU
+    python bench/gpu_inference.py --device cpu --llama-sizes --sizes tiny --decoder separate --decoder fork:1 \
+        --decoder lora:4@1 --router --score-batch 2 --score-len 64 --decoder-score-batch 4 --new-tokens 4 \
+        --batches 1 2 --reps 1 --knn-keys 20000 --knn-k 64 --knn-score-queries 16 --out /tmp/r3.json  # CPU check
 """
 
 from __future__ import annotations
@@ -39,6 +64,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -46,12 +72,18 @@ import time
 
 import torch
 
+from memdec.decoders import blocks_and_norm, parse_shape, shared_split
+from memdec.errors import MemdecError
 from memdec.evaluate import base_scorer
 from memdec.fast import FastJointGenerator, fast_scorer
 from memdec.joint import MemoryDecoderModel
+from memdec.router import RouterFeatures, TokenRouter
+from memdec.scoring import causal_lm_logits, mix_logprobs, target_logprobs
 
-GPT2_SIZES = {"small": (768, 12, 12), "medium": (1024, 24, 16), "large": (1280, 36, 20), "xl": (1600, 48, 25)}
+GPT2_SIZES = {"small": (768, 12, 12), "medium": (1024, 24, 16), "large": (1280, 36, 20), "xl": (1600, 48, 25),
+              "tiny": (128, 4, 4)}  # tiny: CPU checks only
 VOCAB = 50257
+SEPARATE = "separate"  # --decoder: the separate GPT-2-small-sized decoder (the paper's), not a shape of the base
 
 
 def sync(device: str) -> None:
@@ -69,6 +101,27 @@ def gpt2(size: str, device: str, dtype: torch.dtype, seed: int):
     with torch.device(device):  # initialise on the device: fast for 1.5B parameters
         model = GPT2LMHeadModel(cfg)
     return model.to(dtype=dtype).eval()
+
+
+def llama(size: str, device: str, dtype: torch.dtype, seed: int):
+    """A random Llama of GPT-2 ``size``'s width, depth and heads, GPT-2's parameter count per block (the
+    SwiGLU MLP ⌈8/3·d⌉ wide, rounded to 64) and vocabulary; tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_embd, n_layer, n_head = GPT2_SIZES[size]
+    cfg = LlamaConfig(hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+                      num_key_value_heads=n_head, intermediate_size=64 * math.ceil(8 * n_embd / 3 / 64),
+                      vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype=dtype).eval()
+
+
+def build_base(size: str, args):
+    return (llama if args.llama_sizes else gpt2)(size, args.device, args.dtype, seed=0)
 
 
 def n_params(model) -> int:
@@ -134,11 +187,111 @@ def scoring_row(base, joint, args) -> dict:
     med, runs, _ = timed_all({"base": lambda: base_scorer(base)(ids, targets),
                               "joint": lambda: joint.scorer()(ids, targets),
                               "joint_2streams": lambda: fast_scorer(joint)(ids, targets)}, args.reps, args.device)
-    n = n_params(joint.memdec) / n_params(base)
+    n = second_pass_params(base, joint.memdec) / n_params(base)
     return {"kind": "scoring", "batch": args.score_batch, "length": args.score_len,
             "base_s": med["base"], "joint_s": med["joint"], "joint_2streams_s": med["joint_2streams"],
             "ratio": med["joint"] / med["base"], "ratio_2streams": med["joint_2streams"] / med["base"], "limit": 1 + n,
             "base_tok_s": args.score_batch * args.score_len / med["base"], "runs_s": runs}
+
+
+def own_params(base, decoder) -> int:
+    """Parameters of ``decoder`` that are not the base's own tensors (a shared trunk is not counted)."""
+    shared = {p.data_ptr() for p in base.parameters()}
+    return sum(p.numel() for p in decoder.parameters() if p.data_ptr() not in shared)
+
+
+def second_pass_params(base, decoder) -> int:
+    """The parameters that a joint forward runs a second time for ``decoder``: all of a separate model's;
+    a shared trunk's own blocks (fork or LoRA: the blocks from ``shared_split`` on), final norm and head."""
+    split = shared_split(base, decoder)
+    if split is None:
+        return n_params(decoder)
+    layers, norm = blocks_and_norm(decoder)
+    again = [*layers[split:], norm, decoder.get_output_embeddings()]
+    return sum(p.numel() for m in again for p in m.parameters())
+
+
+def split_scorer(base, decoder, temperature: float, lmbda: float, base_batch: int):
+    """The joint scorer with the two forwards apart: the base on ``base_batch`` rows at a time, the decoder
+    (``decoder``: any callable model, e.g. ``torch.compile``d) on all the rows it is given at once."""
+
+    @torch.inference_mode()
+    def score(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = targets.shape[1]
+        lp_base = torch.cat([target_logprobs(causal_lm_logits(base, ids[i : i + base_batch], n), targets[i : i + base_batch])
+                             for i in range(0, len(ids), base_batch)])
+        lp_mem = target_logprobs(causal_lm_logits(decoder, ids, n).float() / temperature, targets)
+        return mix_logprobs(lp_base, lp_mem, lmbda)
+
+    return score
+
+
+def base_chunks(base, base_batch: int):
+    """The base alone on ``base_batch`` rows at a time (the denominator of ``split_scorer``'s rows)."""
+    scorer = base_scorer(base)
+    return lambda ids, targets: torch.cat([scorer(ids[i : i + base_batch], targets[i : i + base_batch])
+                                           for i in range(0, len(ids), base_batch)])
+
+
+def scoring_extra_row(base, joint, args) -> dict:
+    """``--compile`` and ``--decoder-score-batch``: the separate decoder compiled, and/or fed M rows at once,
+    the base eager on ``--score-batch`` rows at a time; each ratio over the same M × ``--score-len`` tokens."""
+    m = args.decoder_score_batch or args.score_batch
+    g = torch.Generator().manual_seed(2)
+    chunk = torch.randint(0, base.config.vocab_size, (m, args.score_len + 1), generator=g).to(args.device)
+    ids, targets = chunk[:, :-1], chunk[:, 1:]
+    temp, lam, b = joint.temperature, joint.lmbda, args.score_batch
+    fns = {"base": base_chunks(base, b), "joint_split": split_scorer(base, joint.memdec, temp, lam, b)}
+    row = {"kind": "scoring_extra", "batch": b, "decoder_batch": m, "length": args.score_len}
+    if args.compile:
+        compiled = torch.compile(joint.memdec, dynamic=False)
+        fns["joint_compiled"] = split_scorer(base, compiled, temp, lam, b)
+        t0 = time.perf_counter()
+        fns["joint_compiled"](ids, targets)  # the compile itself, timed apart from the runs
+        sync(args.device)
+        row["compile_s"] = time.perf_counter() - t0
+    runs = {name: (lambda fn=fn: fn(ids, targets)) for name, fn in fns.items()}
+    med, row["runs_s"], outs = timed_all(runs, args.reps, args.device)
+    for name in runs:
+        row[f"{name}_s"] = med[name]
+        if name != "base":
+            row[f"ratio_{name.removeprefix('joint_')}"] = med[name] / med["base"]
+    if args.compile:
+        row["compiled_max_abs_diff"] = float((outs["joint_compiled"] - outs["joint_split"]).abs().max())
+    return row
+
+
+def router_row(base, joint, args) -> dict:
+    """A random ``TokenRouter`` attached: scoring (routed) and eager greedy decoding at each batch size, each
+    against the base alone and the fixed-λ joint model; the fast path falls back to eager with a router."""
+    features = RouterFeatures(base.config.hidden_size, joint.memdec.config.hidden_size)
+    torch.manual_seed(3)
+    router = TokenRouter(features).to(base.device)
+    torch.nn.init.normal_(router.out.weight, std=0.1)  # not the constant λ it starts at
+    g = torch.Generator().manual_seed(0)
+    chunk = torch.randint(0, base.config.vocab_size, (args.score_batch, args.score_len + 1), generator=g).to(args.device)
+    ids, targets = chunk[:, :-1], chunk[:, 1:]
+    fixed = joint.scorer()
+    joint.router = router
+    try:
+        row = {"kind": "router", "batch": args.score_batch, "length": args.score_len,
+               "router_params": sum(p.numel() for p in router.parameters())}
+        med, row["runs_s"], _ = timed_all({"base": lambda: base_scorer(base)(ids, targets), "joint": lambda: fixed(ids, targets),
+                                           "routed": lambda: joint.scorer()(ids, targets)}, args.reps, args.device)
+        row.update(score_base_s=med["base"], score_joint_s=med["joint"], score_routed_s=med["routed"],
+                   score_ratio_joint=med["joint"] / med["base"], score_ratio_routed=med["routed"] / med["base"])
+        for batch in args.batches:
+            prompt = torch.randint(0, base.config.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
+            kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                      min_new_tokens=args.new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
+            fixed_joint = MemoryDecoderModel(base, joint.memdec, lmbda=joint.lmbda)
+            med, _, _ = timed_all({"base": lambda: base.generate(prompt, **kw), "joint": lambda: fixed_joint.generate(prompt, **kw),
+                                   "routed": lambda: joint.generate(prompt, **kw)}, args.reps, args.device)
+            row[f"decode_b{batch}"] = {"base_eager_s": med["base"], "joint_eager_s": med["joint"], "routed_eager_s": med["routed"],
+                                       "ratio_joint": med["joint"] / med["base"], "ratio_routed": med["routed"] / med["base"]}
+    finally:
+        joint.router = None
+    return row
 
 
 def decoding_row(base, joint, batch: int, args) -> dict:
@@ -181,7 +334,8 @@ def decoding_row(base, joint, batch: int, args) -> dict:
     ctx = args.prompt_len + new / 2
     wbytes = lambda m: n_params(m) * torch.finfo(args.dtype).bits // 8  # noqa: E731
     b_base = wbytes(base) + batch * ctx * kv_bytes_per_token(base, args.dtype)
-    b_dec = wbytes(joint.memdec) + batch * ctx * kv_bytes_per_token(joint.memdec, args.dtype)
+    b_dec = wbytes(joint.memdec) + batch * ctx * kv_bytes_per_token(joint.memdec, args.dtype)  # the fast path
+    # runs a fork or LoRA decoder as a whole separate model: this limit is the fast path's, not the shared trunk's
     row["limit"] = 1 + b_dec / b_base
     row["base_fast_ms_per_step"] = 1000 * row["base_fast_s"] / new
     del fast_joint, fast_base, fast_joint1
@@ -285,16 +439,20 @@ def markdown(result: dict) -> str:
              "| fast, one stream | limit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for size in result["sizes"]:
         for r in size["rows"]:
+            who = f"{size['name']} {r.get('decoder', SEPARATE)}"
+            if "error" in r or r["kind"] not in ("scoring", "decoding"):
+                continue
             if r["kind"] == "scoring":
-                lines.append(f"| {size['name']} | {size['base_params'] / 1e6:.0f}M | scoring {r['batch']}×{r['length']} "
+                lines.append(f"| {who} | {size['base_params'] / 1e6:.0f}M | scoring {r['batch']}×{r['length']} "
                              f"| {1000 * r['base_s']:.1f} ms | {1000 * r['joint_s']:.1f} / {1000 * r['joint_2streams_s']:.1f} ms "
                              f"| {f(r['ratio'], '.3f')} | {f(r['ratio_2streams'], '.3f')} | – | {f(r['limit'], '.3f')} |")
             else:
-                lines.append(f"| {size['name']} | {size['base_params'] / 1e6:.0f}M | decode b{r['batch']}, {r['new_tokens']} tok "
+                lines.append(f"| {who} | {size['base_params'] / 1e6:.0f}M | decode b{r['batch']}, {r['new_tokens']} tok "
                              f"| {1000 * r['base_eager_s']:.0f} / {1000 * r['base_fast_s']:.0f} ms "
                              f"| {1000 * r['joint_eager_s']:.0f} / {1000 * r['joint_fast_s']:.0f} ms "
                              f"| {f(r['ratio_eager'], '.3f')} | {f(r['ratio_fast'], '.3f')} | {f(r['ratio_fast_1stream'], '.3f')} "
                              f"| {f(r['limit'], '.3f')} |")
+    lines += extra_tables(result)
     if result.get("knn"):
         lines += ["", "| kNN-LM keys | d | decode b1 ms/token | ÷ base fast | ÷ memdec overhead (fast) "
                   "| decode b8 ms/token | ÷ memdec overhead (fast) | scoring ms/token | ÷ base | ÷ memdec overhead |",
@@ -312,13 +470,52 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def extra_tables(result: dict) -> list[str]:
+    """The round-three rows: the compiled / larger-batch decoder scoring, the router, and any errors."""
+    f = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
+    rows = [(size, r) for size in result["sizes"] for r in size["rows"]]
+    lines = []
+    extra = [(s, r) for s, r in rows if r["kind"] == "scoring_extra" and "error" not in r]
+    if extra:
+        lines += ["", "| base | base batch | decoder batch | base ms | joint, decoder apart / ratio | decoder compiled / ratio "
+                  "| compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for s, r in extra:
+            comp = f"{1000 * r['joint_compiled_s']:.1f} ms / {f(r['ratio_compiled'])}" if "joint_compiled_s" in r else "–"
+            lines.append(f"| {s['name']} | {r['batch']}×{r['length']} | {r['decoder_batch']}×{r['length']} | {1000 * r['base_s']:.1f} "
+                         f"| {1000 * r['joint_split_s']:.1f} ms / {f(r['ratio_split'])} | {comp} | {f(r.get('compile_s'), '.1f')} |")
+    routed = [(s, r) for s, r in rows if r["kind"] == "router" and "error" not in r]
+    if routed:
+        batches = sorted({int(k[8:]) for _, r in routed for k in r if k.startswith("decode_b")})
+        lines += ["", "| base | decoder | scoring joint / routed ÷ base | " + " | ".join(
+            f"decode b{b} eager joint / routed ÷ base" for b in batches) + " |", "|" + " --- |" * (3 + len(batches))]
+        for s, r in routed:
+            cells = [f"{f(r[f'decode_b{b}']['ratio_joint'])} / {f(r[f'decode_b{b}']['ratio_routed'])}" if f"decode_b{b}" in r
+                     else "–" for b in batches]
+            lines.append(f"| {s['name']} | {r['decoder']} | {f(r['score_ratio_joint'])} / {f(r['score_ratio_routed'])} | "
+                         + " | ".join(cells) + " |")
+    errors = [(s, r) for s, r in rows if "error" in r]
+    if errors:
+        lines += ["", "errors: " + "; ".join(f"{s['name']} {r.get('decoder')} {r['kind']}: {r['error']}" for s, r in errors)]
+    return lines
+
+
+def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=list(GPT2_SIZES), default=["xl", "large", "medium", "small"],
                    help="base sizes, in this order (the kNN rows run right after the first)")
     p.add_argument("--size", choices=list(GPT2_SIZES), help="one base size only (and kNN d=768 if small)")
     p.add_argument("--model", help="a memdec model spec (e.g. smollm2-135m) instead of GPT-2 bases; its "
-                                   "memory decoder is a 4-block shortened copy; no kNN rows")
+                                   "separate memory decoder is a 4-block shortened copy; no kNN rows")
+    p.add_argument("--llama-sizes", action="store_true",
+                   help="random Llama bases of GPT-2's sizes (and a Llama GPT-2-small-sized separate decoder): "
+                        "what --decoder shapes need")
+    p.add_argument("--decoder", action="append", metavar="SPEC",
+                   help=f"{SEPARATE} (the separate small decoder) or a shape built from each base (fork:K, "
+                        f"lora:R@K), repeatable: rows per spec (default: {SEPARATE})")
+    p.add_argument("--router", action="store_true", help="per spec, a random TokenRouter attached: its cost")
+    p.add_argument("--compile", action="store_true", help="scoring also with the separate decoder torch.compile'd")
+    p.add_argument("--decoder-score-batch", type=int,
+                   help="scoring also with the separate decoder on this many rows at once (a multiple of --score-batch)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
     p.add_argument("--threads", type=int)
@@ -333,12 +530,70 @@ def main(argv=None) -> dict:
     p.add_argument("--knn-k", type=int, default=1024)
     p.add_argument("--knn-score-queries", type=int, default=512)
     p.add_argument("--budget-s", type=float, default=420.0)
-    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--out", help="write the JSON here (rewritten as each row finishes)")
     args = p.parse_args(argv)
     if args.size:
         args.sizes = [args.size]
+    args.decoder = list(dict.fromkeys(args.decoder or [SEPARATE]))
+    for spec in args.decoder:  # before any model is built
+        if spec == SEPARATE:
+            continue
+        try:
+            parse_shape(spec)
+        except MemdecError as exc:
+            p.error(f"--decoder {spec}: {exc}")
+        if not (args.llama_sizes or args.model):
+            p.error(f"--decoder {spec}: decoder shapes need Llama-style bases (model.model.layers); GPT-2 has none: "
+                    f"add --llama-sizes or give a Llama-style --model")
+    m = args.decoder_score_batch
+    if m is not None and (m < args.score_batch or m % args.score_batch):
+        p.error(f"--decoder-score-batch {m} must be a multiple of --score-batch {args.score_batch}")
     args.dtype = (torch.bfloat16 if args.device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
+    return args
+
+
+def build_decoder(spec: str, base, separate):
+    """The decoder of ``spec`` for ``base``: the separate one, or the shape built from the base."""
+    if spec == SEPARATE:
+        return separate
+    shape = parse_shape(spec)
+    shape.check(base)
+    return shape.build(base).eval()
+
+
+def spec_rows(base, spec: str, dec, args, budget: Budget, write) -> list[dict]:
+    """Every row of one decoder spec on one base, each kept (and the JSON rewritten) as it finishes; a row
+    that fails is kept as its error, and the others still run."""
+    joint = MemoryDecoderModel(base, dec, lmbda=0.3)
+    rows: list[dict] = []
+    plan = [] if args.no_scoring else [("scoring", lambda: scoring_row(base, joint, args))]
+    if spec == SEPARATE and not args.no_scoring and (args.compile or args.decoder_score_batch):
+        plan.append(("scoring_extra", lambda: scoring_extra_row(base, joint, args)))
+    plan += [(f"decoding b{b}", lambda b=b: decoding_row(base, joint, b, args)) for b in args.batches]
+    if args.router:
+        plan.append(("router", lambda: router_row(base, joint, args)))
+    for what, fn in plan:
+        if not budget.ok(f"{spec} {what}"):
+            continue
+        try:
+            row = fn()
+        except Exception as exc:  # noqa: BLE001 (one failed row must not lose the others)
+            row = {"kind": what.split()[0], "error": f"{type(exc).__name__}: {exc}"[:400]}
+            if what.startswith("decoding"):
+                row["batch"] = int(what.split("b")[-1])
+        row["decoder"] = spec
+        rows.append(row)
+        print(f"[{spec}] {what}: " + json.dumps({k: v for k, v in row.items() if k != "runs_s"}, default=str), flush=True)
+        write(rows)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = Budget(args.budget_s)
@@ -352,64 +607,62 @@ def main(argv=None) -> dict:
     print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}, {result['dtype']}",
           flush=True)
 
-    def write():
+    def write(_rows=None):
         result["elapsed_s"] = budget.elapsed()
         if args.out:
-            with open(args.out, "w") as fh:
+            with open(args.out + ".tmp", "w") as fh:
                 json.dump(result, fh, indent=1)
+            os.replace(args.out + ".tmp", args.out)
 
     if args.model:
         from memdec.models import load_model
         from memdec.train import shortened_copy
 
         base, _ = load_model(args.model, device=args.device, dtype=args.dtype)
-        memdec = shortened_copy(base, 4).eval()
-        plan = [(args.model, base, memdec)]
+        separate = shortened_copy(base, 4).eval()
+        plan = [(args.model, base)]
         args.knn_keys = []
     else:
-        memdec = gpt2("small", args.device, args.dtype, seed=1)
-        plan = [(size, None, memdec) for size in args.sizes]
+        small = "tiny" if args.sizes == ["tiny"] else "small"
+        separate = (llama if args.llama_sizes else gpt2)(small, args.device, args.dtype, seed=1)
+        plan = [(size, None) for size in args.sizes]
     knn_d = 768 if args.sizes == ["small"] else GPT2_SIZES[args.sizes[0]][0]
 
-    for i, (name, base, dec) in enumerate(plan):
+    for i, (name, base) in enumerate(plan):
         if not budget.ok(f"base {name}"):
             continue
         t0 = time.perf_counter()
         if base is None:
-            base = gpt2(name, args.device, args.dtype, seed=0)
-        joint = MemoryDecoderModel(base, dec, lmbda=0.3)
-        size = {"name": name, "base_params": n_params(base), "memdec_params": n_params(dec),
+            base = build_base(name, args)
+        size = {"name": name, "arch": "llama" if args.llama_sizes else ("model" if args.model else "gpt2"),
+                "base_params": n_params(base), "memdec_params": n_params(separate),
                 "build_s": time.perf_counter() - t0, "rows": []}
         result["sizes"].append(size)
-        print(f"\n== base {name}: {size['base_params'] / 1e6:.0f}M parameters, decoder {size['memdec_params'] / 1e6:.0f}M",
-              flush=True)
-        if not args.no_scoring and budget.ok(f"{name} scoring"):
-            r = scoring_row(base, joint, args)
-            size["rows"].append(r)
-            print(f"scoring {r['batch']}×{r['length']}: base {1000 * r['base_s']:.1f} ms, joint {1000 * r['joint_s']:.1f} ms, "
-                  f"2 streams {1000 * r['joint_2streams_s']:.1f} ms; ratio {r['ratio']:.3f}, 2 streams "
-                  f"{r['ratio_2streams']:.3f} (limit {r['limit']:.3f})", flush=True)
-            write()
-        for b in args.batches:
-            if not budget.ok(f"{name} decoding b{b}"):
+        print(f"\n== base {name}: {size['base_params'] / 1e6:.0f}M parameters, separate decoder "
+              f"{size['memdec_params'] / 1e6:.0f}M", flush=True)
+        for spec in args.decoder:
+            if not budget.ok(f"{name} {spec}"):
                 continue
-            r = decoding_row(base, joint, b, args)
-            size["rows"].append(r)
-            print(f"decode b{b}: base eager {r['base_eager_s']:.3f}s fast {r['base_fast_s']:.3f}s; joint eager "
-                  f"{r['joint_eager_s']:.3f}s fast {r['joint_fast_s']:.3f}s (one stream {r['joint_fast1_s']:.3f}s); ratio eager "
-                  f"{r['ratio_eager']:.3f} fast {r['ratio_fast']:.3f} (one stream {r['ratio_fast_1stream']:.3f}, limit "
-                  f"{r['limit']:.3f}); paths {r['fast_paths']}, two streams {r['two_streams']}; "
-                  f"fast==eager tokens base {r['base_fast_equal_tokens']:.2f} joint {r['joint_fast_equal_tokens']:.2f}"
-                  + (f"; GRAPH ERRORS {r['graph_errors']}" if r.get("graph_errors") else ""), flush=True)
-            write()
-        del joint, base
+            try:
+                dec = build_decoder(spec, base, separate)
+            except MemdecError as exc:
+                size["rows"].append({"kind": "build", "decoder": spec, "error": str(exc)})
+                write()
+                continue
+            size.setdefault("own_params", {})[spec] = own_params(base, dec)
+            done = list(size["rows"])
+            size["rows"] = done + spec_rows(base, spec, dec, args, budget,
+                                            lambda rows: (size.__setitem__("rows", done + rows), write()))
+            del dec
+        del base
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         if i == 0 and args.knn_keys:
             result["knn"] = knn_rows([int(n) for n in args.knn_keys], knn_d, args, budget)
             result["knn_base"] = name
-            compare_knn(result["knn"], size["rows"], args.batches)
+            first = [r for r in size["rows"] if r.get("decoder") == args.decoder[0] and "error" not in r]
+            compare_knn(result["knn"], first, args.batches)
             write()
     write()
     print("\n" + markdown(result), flush=True)
