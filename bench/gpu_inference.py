@@ -522,7 +522,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--score-batch", type=int, default=8)
     p.add_argument("--score-len", type=int, default=1024)
     p.add_argument("--no-scoring", action="store_true")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decoding batch sizes (none: no decoding rows)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
