@@ -15,7 +15,7 @@
 # each question also runs under `timeout` at its budget + GRACE_S, as the scripts start no row after
 # their --budget-s but finish the one under way.
 #
-#   bash bench/gpu_round3.sh                       # the GPU run: OUT=runs/round3, TOTAL_S=660
+#   bash bench/gpu_round3.sh                       # the GPU run: OUT=runs/round3, TOTAL_S=540 (one call: at most 600 s)
 #   SMOKE=1 bash bench/gpu_round3.sh               # all three at tiny sizes on the CPU (~2-3 minutes)
 #   QUESTIONS="1" TOTAL_S=540 bash bench/gpu_round3.sh   # one question only (a later session)
 #
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 SMOKE=${SMOKE:-0}
 OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo /tmp/round3-smoke || echo runs/round3)}
-TOTAL_S=${TOTAL_S:-$([ "$SMOKE" = 1 ] && echo 175 || echo 660)}
+TOTAL_S=${TOTAL_S:-$([ "$SMOKE" = 1 ] && echo 175 || echo 540)}
 QUESTIONS=${QUESTIONS:-"3 2 1"}
 Q3_S=${Q3_S:-$([ "$SMOKE" = 1 ] && echo 60 || echo 150)}
 Q2_S=${Q2_S:-$([ "$SMOKE" = 1 ] && echo 30 || echo 120)}
