@@ -280,7 +280,7 @@ def router_row(base, joint, args) -> dict:
                                            "routed": lambda: joint.scorer()(ids, targets)}, args.reps, args.device)
         row.update(score_base_s=med["base"], score_joint_s=med["joint"], score_routed_s=med["routed"],
                    score_ratio_joint=med["joint"] / med["base"], score_ratio_routed=med["routed"] / med["base"])
-        for batch in args.batches:
+        for batch in args.router_batches:
             prompt = torch.randint(0, base.config.vocab_size, (batch, args.prompt_len), generator=g).to(args.device)
             kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                       min_new_tokens=args.new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
@@ -513,6 +513,7 @@ def parse_args(argv) -> argparse.Namespace:
                    help=f"{SEPARATE} (the separate small decoder) or a shape built from each base (fork:K, "
                         f"lora:R@K), repeatable: rows per spec (default: {SEPARATE})")
     p.add_argument("--router", action="store_true", help="per spec, a random TokenRouter attached: its cost")
+    p.add_argument("--router-batches", type=int, nargs="*", help="the router's decoding batch sizes (default: --batches)")
     p.add_argument("--compile", action="store_true", help="scoring also with the separate decoder torch.compile'd")
     p.add_argument("--decoder-score-batch", type=int,
                    help="scoring also with the separate decoder on this many rows at once (a multiple of --score-batch)")
@@ -535,6 +536,8 @@ def parse_args(argv) -> argparse.Namespace:
     if args.size:
         args.sizes = [args.size]
     args.decoder = list(dict.fromkeys(args.decoder or [SEPARATE]))
+    if args.router_batches is None:
+        args.router_batches = args.batches
     for spec in args.decoder:  # before any model is built
         if spec == SEPARATE:
             continue

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU round three (issue 28): the three questions in priority order, cheapest first, within one budget.
 #
-#   Q3  shapes and router on a GPU: gpu_inference.py, random Llamas of GPT-2's sizes (xl → small), decoders
+#   Q3  shapes and router on a GPU: gpu_inference.py, random Llamas of GPT-2's sizes (xl, small, large, medium),
 #       separate (GPT-2-small-sized), fork:6 and lora:16@6; scoring 8×1024, greedy decoding b1 and b8 (eager
-#       and fast), a random TokenRouter's cost.                                         budget Q3_S (150 s)
+#       and fast), a random TokenRouter's cost (scoring, eager decoding b1).             budget Q3_S (300 s)
 #   Q2  scoring at GPT-2 xl: the separate GPT-2-small decoder as is, torch.compile'd, and fed 32 rows at
 #       once (the base 8 at a time); kNN-LM retrieval at 1M keys beside it (the shared-trunk shape at xl
 #       is Q3's fork:6 scoring row).                                                    budget Q2_S (120 s)
@@ -30,7 +30,7 @@ SMOKE=${SMOKE:-0}
 OUT=${OUT:-$([ "$SMOKE" = 1 ] && echo /tmp/round3-smoke || echo runs/round3)}
 TOTAL_S=${TOTAL_S:-$([ "$SMOKE" = 1 ] && echo 175 || echo 540)}
 QUESTIONS=${QUESTIONS:-"3 2 1"}
-Q3_S=${Q3_S:-$([ "$SMOKE" = 1 ] && echo 60 || echo 150)}
+Q3_S=${Q3_S:-$([ "$SMOKE" = 1 ] && echo 60 || echo 300)}
 Q2_S=${Q2_S:-$([ "$SMOKE" = 1 ] && echo 30 || echo 120)}
 GRACE_S=${GRACE_S:-$([ "$SMOKE" = 1 ] && echo 30 || echo 60)}
 MODEL=${MODEL:-smollm2-135m}
@@ -56,8 +56,8 @@ if [ "$SMOKE" = 1 ]; then
     Q1=(--smoke --domain austen --rows ce a0.5 --decoder lora:4@1 --key-model base dapt)
 else
     DEV=(--device cuda)
-    Q3=(--llama-sizes --sizes xl large medium small --decoder separate --decoder fork:6 --decoder lora:16@6
-        --router --knn-keys)
+    Q3=(--llama-sizes --sizes xl small large medium --decoder separate --decoder fork:6 --decoder lora:16@6
+        --router --router-batches 1 --reps 2 --knn-keys)
     Q2=(--sizes xl --compile --decoder-score-batch 32 --batches --knn-keys 1e6)
     Q1=(--model "$MODEL" --domain austen stdlib --train-tokens 300000 --index torch --rows ce a0.25 a0.5
         --decoder copy --decoder fork:8 --decoder lora:16@8 --key-model base dapt)
