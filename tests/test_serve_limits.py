@@ -130,15 +130,33 @@ def test_an_oversized_body_is_413_and_the_server_lives(server):
     assert_alive(server)
 
 
+def read_http_reply(sock: socket.socket) -> tuple[str, str]:
+    """(status line, body) of one HTTP/1.1 reply read from ``sock``: the headers may come in one
+    segment and the body in another, so read until the body's Content-Length has arrived."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (line.partition(":") for line in lines[1:]) if k.lower() == "content-length")
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {len(body)} of {length} body bytes"
+        body += chunk
+    return lines[0], body[:length].decode()
+
+
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(server):
     """A Content-Length over the limit gets its 413 at once: the server does not wait for the body."""
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {10**12}\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(head.encode())
-        reply = s.recv(65536).decode("latin-1")
-    assert reply.startswith("HTTP/1.1 413"), reply
-    assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+        status, body = read_http_reply(s)
+    assert status.startswith("HTTP/1.1 413"), status
+    assert json.loads(body)["error"]["code"] == "request_too_large"
     assert_alive(server)
 
 
