@@ -81,6 +81,25 @@ def test_a_rerun_with_the_same_settings_is_cached(tiny_llama_dir, finished, caps
     assert capsys.readouterr().out.count("cached") == 6  # the router stage too
 
 
+def test_a_kept_router_is_a_system_of_the_tasks_stage(tiny_llama_dir, copy_of):
+    """eval.json's memdec+router row (the router stage kept one in RUN/memdec) is scored on the tasks with
+    the router of RUN/memdec; the tasks stage records the systems it scored, so a change of them redoes it."""
+    from memdec.adapt import AdaptRun, StageBook, resolve_settings, stage_inputs, task_systems
+    ev = json.loads((copy_of / "eval.json").read_text())
+    mem = next(r for r in ev["results"] if r["system"] == "memdec")
+    ev["results"].append({**mem, "system": "memdec+router"})
+    (copy_of / "eval.json").write_text(json.dumps(ev))
+    s = resolve_settings(tiny_run(tiny_llama_dir, copy_of))
+    job = AdaptRun(copy_of, s, "cpu", StageBook(copy_of), stage_inputs(s))
+    systems = {x["system"]: x["args"] for x in task_systems(job)}
+    assert list(systems) == [r["system"] for r in ev["results"]]
+    assert systems["memdec+router"] == {"base": s.model, "device": "cpu", "memdec": str(copy_of / "memdec"),
+                                        "router": str(copy_of / "memdec")}
+    assert "router" not in systems["memdec"] and systems["memdec"]["lmbda"] == mem["lambda"]
+    recorded = json.loads((copy_of / "stages.json").read_text())["tasks"]["summary"]["systems"]
+    assert recorded == [r["system"] for r in ev["results"][:-1]]
+
+
 def test_changed_training_settings_redo_training_but_keep_the_datastore(tiny_llama_dir, copy_of, capsys):
     adapt(tiny_run(tiny_llama_dir, copy_of, alpha=[0.0], task_items=0))
     out = capsys.readouterr().out

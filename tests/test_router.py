@@ -13,7 +13,7 @@ from memdec.cli import main
 from memdec.data import load_token_stream, read_corpus
 from memdec.decoders import ForkShape
 from memdec.errors import MemdecError
-from memdec.joint import MemoryDecoderModel, attach_router
+from memdec.joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel, attach_router
 from memdec.models import tokenizer_fingerprint
 from memdec.router import (SCALARS, ConstantRouter, RouterFeatures, RouterFitConfig, TokenRouter, fit_router,
                            load_router, save_router)
@@ -126,6 +126,34 @@ def test_the_router_sees_each_models_final_hidden_state(models, tokenizer):
     cached = joint.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=pad)
     uncached = joint.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=pad, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("kind", ["constant", "learned"])
+def test_the_logits_processor_mixes_at_the_routers_lambda(models, tokenizer, kind):
+    """An unmodified base's generate() with the processor and a router: the tokens of MemoryDecoderModel
+    with that router (greedy, and sampling with a seed); the hook on the base's head goes with close()."""
+    base, decoder = models
+    joint = MemoryDecoderModel(base, decoder, lmbda=0.9)
+    spec = RouterFeatures(base.config.hidden_size, decoder.config.hidden_size)
+    joint.router = ConstantRouter(LAM) if kind == "constant" else random_router(spec)
+    enc = prompts(tokenizer)
+    pad = tokenizer.pad_token_id
+    head = base.get_output_embeddings()
+    # the processor runs a fork as a separate full model: its log-probs equal the shared trunk's to rounding,
+    # which a sampled token may cross; sampling is compared bit for bit on a separate decoder
+    strategies = [{"do_sample": False}] + ([{"do_sample": True, "top_k": 20}] if decoder is not base and
+                                           not MemoryDecoderModel(base, decoder).shares_trunk else [])
+    for kw in strategies:
+        torch.manual_seed(3)
+        want = joint.generate(**enc, max_new_tokens=8, pad_token_id=pad, **kw)
+        with MemoryDecoderLogitsProcessor(decoder, 0.9, enc["attention_mask"], router=joint.router, base=base) as proc:
+            torch.manual_seed(3)
+            got = base.generate(**enc, max_new_tokens=8, pad_token_id=pad, logits_processor=[proc], **kw)
+        assert torch.equal(got, want), kw
+        assert not head._forward_pre_hooks
+    if kind == "learned":
+        with pytest.raises(MemdecError, match="needs base="):
+            MemoryDecoderLogitsProcessor(decoder, 0.9, router=joint.router)
 
 
 # -- fitting ----------------------------------------------------------------------------------------

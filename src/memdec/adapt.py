@@ -1045,6 +1045,8 @@ def task_systems(job: AdaptRun) -> list[dict]:
         system, args = r["system"], {"base": job.s.model, "device": job.device}
         if system == "memdec":
             args.update(memdec=str(job.ckpt), lmbda=r["lambda"])
+        elif system == ROUTER_ROW:  # the router stage kept a router: RUN/memdec holds it
+            args.update(memdec=str(job.ckpt), router=str(job.ckpt))
         elif system == "knn-lm":
             args.update(knn=str(job.datastore), lmbda=r["lambda"], knn_temp=r.get("knn_temperature"), knn_k=r.get("k"))
         elif (method := method_of_row(system)) is not None:
@@ -1079,6 +1081,12 @@ def tasks_stage(job: AdaptRun) -> None:
     """3b. The factual-recall and general-ability tasks (``memdec.tasks``) written into ``RUN/tasks``, every
     system of the eval stage scored on them through lm-eval at its chosen λ: ``RUN/tasks.json``."""
     s, book, inputs = job.s, job.book, job.inputs["tasks"]
+    systems = task_systems(job)
+    names = [x["system"] for x in systems]
+    recorded = book.summary("tasks").get("systems")  # None: a run of an earlier version
+    if book.is_done("tasks", inputs) and recorded is not None and recorded != names:
+        _say(f"tasks: the systems changed ({', '.join(recorded)} -> {', '.join(names)}); redoing this stage")
+        book.stages["tasks"]["status"] = "stale"
     done, _ = book.begin("tasks", inputs, f"factual recall ({s.test}) and general ability "
                          f"({s.general or 'skipped'}) through lm-eval, {s.task_items} items each, every system")
     if done:
@@ -1088,14 +1096,14 @@ def tasks_stage(job: AdaptRun) -> None:
         _remove(job.run / "tasks.json")
         written, skipped = write_tasks(job)
         rows = []
-        for system in task_systems(job):
+        for system in systems:
             t0 = time.perf_counter()
             scores = score_tasks(system.pop("args"), job.run / "tasks", written) if written else {}
             rows.append({**system, "tasks": scores, "seconds": round(time.perf_counter() - t0, 1)})
             _say(f"tasks: {system['system']}: " + ", ".join(f"{t} {e['acc']:.3f} (n={e['n']})" for t, e in scores.items()))
         atomic_write_json(job.run / "tasks.json", {"items": s.task_items, "seed": TASK_SEED, "tasks": written,
                                                    "skipped": skipped, "results": rows})
-        return {"tasks": {t: w["items"] for t, w in written.items()}, "skipped": list(skipped)}
+        return {"tasks": {t: w["items"] for t, w in written.items()}, "skipped": list(skipped), "systems": names}
 
     book.run("tasks", inputs, work)
 

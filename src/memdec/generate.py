@@ -57,8 +57,7 @@ GENERATE_HELP = {
     "seed": "random seed; base and joint use the same one",
     "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
     "device": "auto, cpu or cuda",
-    "router": "a `memdec router` folder: mix at the router's λ_t per position in place of λ (not with --lambda "
-              "or --processor)",
+    "router": "a `memdec router` folder: mix at the router's λ_t per position in place of λ (not with --lambda)",
 }
 
 
@@ -85,8 +84,8 @@ def check_generate_config(cfg: GenerateConfig) -> None:
                           "reordering; drop --processor to use MemoryDecoderModel, which supports beam search")
     check_device(cfg.device)
     if cfg.router is not None:
-        if cfg.processor or cfg.lmbda is not None:
-            raise MemdecError("--router gives λ_t per position: not with --lambda or --processor")
+        if cfg.lmbda is not None:
+            raise MemdecError("--router gives λ_t per position: not with --lambda")
         read_router_json(cfg.router)
 
 
@@ -133,8 +132,9 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
         warnings.simplefilter("ignore")
         torch.manual_seed(cfg.seed)
         if cfg.processor:
-            proc = MemoryDecoderLogitsProcessor(joint.memdec, joint.lmbda, enc["attention_mask"], joint.temperature)
-            out_joint = base.generate(**enc, **kw, logits_processor=[proc])
+            with MemoryDecoderLogitsProcessor(joint.memdec, joint.lmbda, enc["attention_mask"], joint.temperature,
+                                              router=joint.router, base=base) as proc:
+                out_joint = base.generate(**enc, **kw, logits_processor=[proc])
         else:
             out_joint = joint.generate(**enc, **kw)
         out_base = None

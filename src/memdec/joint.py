@@ -617,6 +617,11 @@ def _record_input(calls: list, module, args: tuple) -> None:
     calls.append(args[0])
 
 
+def _record_last(states: list, module, args: tuple) -> None:
+    """A forward pre-hook: keep an LM head's input at the last position, [B, d] (a decoding step's state)."""
+    states[:] = [args[0][:, -1]]
+
+
 def _capture(calls: list, module, args: tuple, kwargs: dict) -> None:
     """A forward pre-hook (``with_kwargs=True``): record a block's positional and keyword arguments."""
     calls.append((args, dict(kwargs)))
@@ -682,16 +687,43 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
       without telling processors, which would desynchronise the decoder's cache. Use
       ``MemoryDecoderModel`` for beam search.
     - One processor serves one ``generate()`` call; call ``reset()`` to reuse it.
+    - ``router`` (a ``memdec.router.Router``): λ_t per step in place of ``lmbda``. A router that reads
+      features needs ``base``, the model whose ``generate()`` runs: a forward pre-hook on its LM head
+      records its final hidden state (removed by ``close()``, or use the processor as a context
+      manager). The scores it mixes are those ``generate`` hands over; with no other processor
+      before it they are the base's own, and the tokens equal ``MemoryDecoderModel`` with the router.
     """
 
-    def __init__(self, memdec, lmbda: float, attention_mask: torch.Tensor | None = None, temperature: float = 1.0):
+    def __init__(self, memdec, lmbda: float, attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
+                 router: Router | None = None, base=None):
         self.memdec = memdec
         self.lmbda = check_lambda(lmbda)
         self.temperature = check_temperature(temperature, "the memory decoder's temperature")
         self.attention_mask = attention_mask
+        self.router = router
         self._pos_ok = _accepts(memdec, "position_ids")
         self._keep_ok = _accepts(memdec, "logits_to_keep")
+        self._base_states: list[torch.Tensor] = []  # the base's final hidden states, newest last
+        self._hook = None
+        if router is not None and router.needs_features:
+            if base is None:
+                raise MemdecError("MemoryDecoderLogitsProcessor: a router that reads features needs base=, the model "
+                                  "whose generate() runs (its final hidden state is one of the features)")
+            self._hook = base.get_output_embeddings().register_forward_pre_hook(
+                functools.partial(_record_last, self._base_states))
         self.reset()
+
+    def close(self) -> None:
+        """Remove the hook on the base model's LM head (a router's feature); the processor mixes no more."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> "MemoryDecoderLogitsProcessor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         """Forget the cache, to start a new ``generate()`` call."""
@@ -699,6 +731,7 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
         self._prefix: torch.Tensor | None = None  # the ids the cache holds, [B, seen]
         self._mask: torch.Tensor | None = None  # attention mask of the cache, [B, seen] (None: no padding)
         self._next_pos: torch.Tensor | None = None  # [B, 1]
+        self._base_states.clear()
 
     def _refuse(self, why: str) -> None:
         raise MemdecError(
@@ -737,7 +770,15 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
             kw["position_ids"] = pos
         if self._keep_ok:
             kw["logits_to_keep"] = 1
-        out = self.memdec(input_ids=new, cache=self._cache, use_cache=True, **kw)
+        mem_states: list[torch.Tensor] = []
+        head = self.memdec.get_output_embeddings()
+        hook = head.register_forward_pre_hook(functools.partial(_record_last, mem_states)) \
+            if self.router is not None and self.router.needs_features else None
+        try:
+            out = self.memdec(input_ids=new, cache=self._cache, use_cache=True, **kw)
+        finally:
+            if hook is not None:
+                hook.remove()
         self._cache, self._prefix, self._next_pos = out.cache, ids, pos[:, -1:] + 1
 
         mem_logits = out.logits[:, -1].float()
@@ -747,6 +788,26 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
             )
         lp_mem = F.log_softmax(scale_logits(mem_logits, self.temperature), dim=-1).to(scores.device)
         lp_base = F.log_softmax(scores.float(), dim=-1)
-        mixed = mix_logprobs(lp_base, lp_mem, self.lmbda)
+        if self.router is None:
+            mixed = mix_logprobs(lp_base, lp_mem, self.lmbda)
+        else:
+            log_1m, log_lam = self._router_weights(lp_base, lp_mem, mem_states)
+            mixed = mix_routed(lp_base, lp_mem, log_1m[:, None], log_lam[:, None])
         return mixed.masked_fill(torch.isneginf(scores), -math.inf)
+
+    def _router_weights(self, lp_base: torch.Tensor, lp_mem: torch.Tensor,
+                        mem_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (log(1 − λ_t), log λ_t) [B] at this step, from both rows of log-probs [B, V]
+        and the two models' final hidden states at the newest position."""
+        if not self.router.needs_features:
+            log_1m, log_lam = self.router.log_weights(lp_base[:, 0])
+            return log_1m.to(lp_base.device), log_lam.to(lp_base.device)
+        if not self._base_states or not mem_states:
+            self._refuse("the router's features need the base model's final hidden state: give base=, the model "
+                         "whose generate() runs this processor")
+        h_base, h_mem = self._base_states[-1].to(lp_base.device), mem_states[-1].to(lp_base.device)
+        self._base_states.clear()
+        rows = RouterFeatures(h_base.shape[-1], h_mem.shape[-1]).from_logprobs(h_base, h_mem, lp_base, lp_mem)
+        log_1m, log_lam = self.router.log_weights(rows.to(_device_of(self.router, rows)))
+        return log_1m.to(lp_base.device), log_lam.to(lp_base.device)
 
