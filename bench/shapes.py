@@ -36,6 +36,7 @@ from memdec.adapt import AdaptConfig, AdaptRun, check_config, resolve_settings, 
 from memdec.checks import check_non_negative, check_own_folder, check_positive, check_unit_interval, check_writable_path
 from memdec.checkpoint import read_memdec_json
 from memdec.datastore import DatastoreConfig, build_datastore
+from memdec.decoders import parse_shape
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig, Scored, build_rows, load_inputs, prepare_config, score_systems
 from memdec.evaluate import _score_memdec as score_memdec  # the eval's scoring of one memory decoder
@@ -63,15 +64,28 @@ class Row:
     shape: str
     alpha: float
     lr: float
+    lr_scale: float = 1.0
+
+    @property
+    def effective_lr(self) -> float:
+        """The trainer's peak lr: ``lr`` (the preset's, times ``--lr-scale``) times the shape's own scale."""
+        return self.lr * parse_shape(self.shape).lr_scale
 
     @property
     def folder(self) -> str:
-        """The checkpoint's folder name under ``--out/DOMAIN``: ``fork-8-a0.25``."""
-        return f"{self.shape.replace(':', '-')}-a{self.alpha:g}"
+        """The checkpoint's folder name under ``--out/DOMAIN``: ``fork-8-a0.25`` (``lora-16-a0-lrx10`` where
+        the effective lr is 10x the preset's)."""
+        scale = self.lr_scale * parse_shape(self.shape).lr_scale
+        return f"{self.shape.replace(':', '-')}-a{self.alpha:g}" + ("" if scale == 1 else f"-lrx{scale:g}")
 
     @property
-    def key(self) -> tuple[str, str, float]:
-        return self.domain, self.shape, self.alpha
+    def key(self) -> tuple[str, str, float, float]:
+        return self.domain, self.shape, self.alpha, round(self.effective_lr, 12)
+
+
+def record_key(r: dict) -> tuple[str, str, float, float]:
+    """A rows-file record's ``Row.key``: a shape at another lr is another row."""
+    return r["domain"], r["decoder"], r["alpha"], round(r["lr"], 12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/shapes", help="work folder: datastores and checkpoints (default: runs/shapes)")
     p.add_argument("--json", default=None, help="rows, one JSON object a line (default: OUT/rows.jsonl)")
     p.add_argument("--lr-scale", action="append", default=[], metavar="SHAPE=X",
-                   help="multiply the preset's lr by X for this shape (repeatable; default: the same lr for all)")
+                   help="multiply the preset's lr by X for this shape, on top of the shape's own scale (lora: 10x; "
+                        "repeatable; default: 1)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -244,7 +259,7 @@ def run_domain(args, domain: str, rows: list[Row], done: set, json_path: Path, s
         if deadline is not None and time.perf_counter() > deadline:
             print(f"--budget-s spent: {row.domain} {row.shape} a={row.alpha:g} and later rows not started", flush=True)
             return False
-        print(f"== {domain}: {row.shape}, alpha {row.alpha:g}, lr {row.lr:g}", flush=True)
+        print(f"== {domain}: {row.shape}, alpha {row.alpha:g}, lr {row.effective_lr:g}", flush=True)
         ckpt, _ = train_row(job, row)
         if inputs is None:  # the base and the token streams, loaded and scored once per domain
             cfg = dataclasses.replace(eval_config(job, str(ckpt)), memdec=None)
@@ -253,7 +268,7 @@ def run_domain(args, domain: str, rows: list[Row], done: set, json_path: Path, s
         t0 = time.perf_counter()
         result = score_row(job, inputs, scored, ckpt)
         info = read_memdec_json(ckpt)
-        record = {"domain": domain, "decoder": row.shape, "alpha": row.alpha, "lr": row.lr,
+        record = {"domain": domain, "decoder": row.shape, "alpha": row.alpha, "lr": row.effective_lr,
                   "trainable_parameters": info.get("trainable_parameters"), "disk_bytes": disk_bytes(ckpt),
                   "train_seconds": info.get("train_seconds"), "eval_seconds": round(time.perf_counter() - t0, 1),
                   **result, "checkpoint": str(ckpt), "settings": settings_hash(settings)}
@@ -304,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         scales = check_args(args)
         settings = bench_settings(args)
         lr = resolve_settings(adapt_config(args, args.domains[0])).lr
-        rows = [Row(d, shape, alpha, lr * scales.get(shape, 1.0)) for d in args.domains for shape in args.shapes
-                for alpha in args.alphas]
+        rows = [Row(d, shape, alpha, lr * scales.get(shape, 1.0), scales.get(shape, 1.0)) for d in args.domains
+                for shape in args.shapes for alpha in args.alphas]
         json_path = Path(args.json)
         previous = read_jsonl(json_path) if json_path.is_file() else []
         drop_cut_line(json_path)
         mine = [r for r in previous if r.get("settings") == settings_hash(settings)]
-        done = {(r["domain"], r["decoder"], r["alpha"]) for r in mine}
+        done = {record_key(r) for r in mine}
         claim_out(Path(args.out), settings)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -320,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         wanted = {r.key for r in rows}
         records = [r for r in read_jsonl(json_path) if r.get("settings") == settings_hash(settings)
-                   and (r["domain"], r["decoder"], r["alpha"]) in wanted] if json_path.is_file() else []
+                   and record_key(r) in wanted] if json_path.is_file() else []
     except MemdecError as exc:
         print(f"shapes: error: {exc}", file=sys.stderr)
         return 2

@@ -55,16 +55,23 @@ def test_stage_book_says_what_changed(tmp_path, capsys):
 def test_stage_fingerprints_are_pinned():
     """Changing these invalidates every finished run's cache: do it only on purpose (the samples stage
     changed when the report's samples moved from greedy to seeded top-p sampling; the router stage was
-    added in round three, every earlier stage's fingerprint unchanged)."""
+    added in round three, every earlier stage's fingerprint unchanged; the default decoder became lora:16
+    in round three: a run with --decoder copy keeps the fingerprints of the runs made before)."""
+    copy = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig(decoder="copy"))).items()}
+    assert copy == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
+                    "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
+                    "tasks": "aa168714b46e", "router": "a4db82cb4f58"}
     quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
-    assert quick == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
-                     "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
-                     "tasks": "aa168714b46e", "router": "a4db82cb4f58"}
-    full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0)
+    assert quick == {**copy, "train": "07921afac225", "ce-decoder": "fed982c51462", "eval": "15bc04b9f3ba",
+                     "router": "7a1a1c57bd13", "samples": "1023a8113438", "tasks": "fb19a7756c39"}
+    full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0,
+                       decoder="copy")
     assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {
         "datastore": "aa57179b327b", "train": "c10a9f218b60", "ce-decoder": "14a71001e6ae", "dapt": "85f23afe36da",
         "lora": "cf11f5df6d46", "eval": "0e4cba115563", "samples": "2dd966e2a0ad",
         "tasks": "5eebe2fddd93", "router": "494edfab209f"}
+    assert resolve_settings(AdaptConfig(init_layers=4)).train.decoder == "copy"  # options that start from a full model
+    assert resolve_settings(AdaptConfig(two_phase=[0.5])).train.decoder == "copy"
 
 
 def test_transfer_stage_fingerprint_is_pinned(tmp_path):

@@ -69,6 +69,7 @@ from .train import TRAIN_HELP, TrainConfig, check_decoder_shape, planned_steps, 
 from .transfer import INITS, TransferConfig, check_source, source_fingerprint, transfer
 
 HELDOUT_TOKENS_PER_ITEM = 200  # the facts task reads this many test tokens per item wanted (at least --test-tokens)
+DEFAULT_DECODER = "lora:16"  # within 1% of a full copy's test ppl at 4% of its bytes (docs/decoders.md, Measured)
 TRANSFER_BUDGET = 0.25  # --transfer-from: a quarter of the source decoder's training tokens, unless --max-steps
 LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
 LORA_R = 8
@@ -172,7 +173,9 @@ class TrainInputs:
     init: str | None = option("initialise the memory decoder from this model spec (same tokenizer)")
     init_layers: int | None = option("initialise the memory decoder from the base's first N blocks (default: a full "
                                      "copy)", check=check_positive_int)
-    decoder: str = option(TRAIN_HELP["decoder"], "copy", unless="copy")
+    decoder: str | None = option(f"{TRAIN_HELP['decoder']} (default: {DEFAULT_DECODER}, the measured choice of "
+                                 f"docs/decoders.md; copy with --init, --init-layers, --two-phase or --transfer-from)",
+                                 unless="copy")
     alpha: list[float] | None = option(
         "weight of the kNN KL term in the training loss; several values train one decoder each and keep the best on "
         "--valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)", check=check_unit_interval, each=True)
@@ -390,6 +393,9 @@ def resolve_settings(cfg: AdaptConfig) -> Settings:
     values["baselines"] = bool(values["baselines"])
     if values["general_tokens"] is None:
         values["general_tokens"] = values["test_tokens"]
+    if values["decoder"] is None:  # the options that start from a full model take a copy
+        from_full = values["init"] or values["init_layers"] or values["two_phase"] or values["transfer_from"]
+        values["decoder"] = "copy" if from_full else DEFAULT_DECODER
     if values["lora_lr"] is None:
         values["lora_lr"] = LORA_LR_SCALE * values["lr"]
     if values["transfer_from"] is not None and values["transfer_budget"] is None and values["max_steps"] is None:
@@ -649,9 +655,24 @@ class AdaptRun:
         return self.run / "memdec"
 
 
+def supported_default_decoder(s: Settings) -> Settings:
+    """The default decoder where the base takes it, else ``copy`` (a fork or LoRA decoder needs Llama-style
+    ``model.layers``: a GPT-2 base gets a full copy, as before the default changed). Any other problem with
+    the base is left to ``check_inputs``, which names it."""
+    if s.decoder == "copy":
+        return s
+    try:
+        check_decoder_shape(s.decoder, s.model)
+    except MemdecError:
+        return dataclasses.replace(s, train=dataclasses.replace(s.train, decoder="copy"))
+    return s
+
+
 def adapt(cfg: AdaptConfig) -> Path:
     """Run (or resume) every stage; returns the run folder, which holds report.md and report.json."""
     s = resolve_settings(cfg)
+    if cfg.decoder is None:
+        s = supported_default_decoder(s)
     run = Path(cfg.out).expanduser()
     check_config(s)
     check_device(cfg.device)
@@ -729,7 +750,8 @@ def train_stage(job: AdaptRun) -> TrainConfig:
     s, book = job.s, job.book
     names = [candidate_name(a, b) for a, b in teacher_candidates(s.alpha, s.teacher_base_weight)]
     names += [two_phase_name(a) for a in s.two_phase]
-    init = f"{s.init_layers} blocks" if s.init_layers else (s.init or "full copy of the base")
+    init = f"{s.init_layers} blocks" if s.init_layers else (s.init or (
+        "full copy of the base" if s.decoder == "copy" else f"decoder {s.decoder} of the base"))
     if s.transfer_from is not None:
         init = (f"transferred from {s.transfer_from}, {s.transfer_init} rows, "
                 + (f"{s.transfer_budget:g} of its training tokens" if s.transfer_budget is not None else f"{s.max_steps} steps"))

@@ -197,7 +197,8 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
     sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
              "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
-             "memdec_transfer": info.get("transfer"), "memdec_shape": (info.get("decoder") or {}).get("shape", "copy")}
+             "memdec_transfer": info.get("transfer"), "memdec_shape": (info.get("decoder") or {}).get("shape", "copy"),
+             "memdec_trainable": info.get("trainable_parameters")}
     return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
             "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
             "recurring": ev.get("recurring"), "sizes": sizes, "disk_bytes": disk_bytes(run),
@@ -207,6 +208,14 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
             "skipped": _summary(stages, "train").get("skipped"),
             "candidate_seconds": _summary(stages, "train").get("train_seconds"),
             "ce_decoder_reused_from": _summary(stages, "ce-decoder").get("reused_from")}
+
+
+def _decoder_size(sizes: dict) -> str:
+    """"134.5 M parameters" for a copy; a shape sharing the base's tensors: what it owns and trains."""
+    if sizes.get("memdec_shape", "copy") == "copy" or sizes.get("memdec_trainable") is None:
+        return f"{(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters"
+    return (f"{sizes['memdec_trainable'] / 1e6:.2f} M parameters of its own (a {sizes['memdec_shape']} decoder on the "
+            f"base's {((sizes['memdec_parameters'] or 0) - sizes['memdec_trainable']) / 1e6:.1f} M)")
 
 
 def report_markdown(run: Path, report: dict, training_png: str | None) -> list[str]:
@@ -231,8 +240,7 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
     sizes = report["sizes"]
     lines += ["", "## Sizes", "",
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
-              f"- memory decoder: {(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters, "
-              f"{sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), ""]
+              f"- memory decoder: {_decoder_size(sizes)}, {sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})", *_origin_lines(sizes.get("memdec_transfer")), ""]
     lines += _disk_lines(report.get("disk_bytes"), report["settings"])
     lines += ["## Stage times", ""]
     lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])

@@ -102,9 +102,8 @@ OWN_STEP_WEIGHTS = "decoder.safetensors"  # a trainer step of a decoder shape ot
 
 
 def _shapes_help() -> str:
-    """The registered decoder shapes, each with the first line of its docstring."""
-    return "; ".join(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0].replace('``', '')}"
-                     for name, cls in sorted(SHAPES.items()))
+    """The registered decoder shapes, each with its one-line ``summary``."""
+    return "; ".join(f"{cls.summary}" for _, cls in sorted(SHAPES.items()))
 
 
 TRAIN_HELP = {
@@ -121,7 +120,7 @@ TRAIN_HELP = {
                            "(costs a frozen base forward per step)",
     "epochs": "passes over the datastore's windows (ignored if --max-steps is set)",
     "max_steps": "optimizer steps to run",
-    "lr": "peak learning rate (AdamW)",
+    "lr": "peak learning rate (AdamW) of a full copy; a shape's own scale multiplies it (lora: 10x)",
     "min_lr_ratio": "cosine decay ends at lr * this",
     "warmup": "linear warm-up steps",
     "weight_decay": "AdamW weight decay of the matrices (norms and biases get none)",
@@ -270,7 +269,7 @@ def write_model_files(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None) -> str:
+def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None, lr_scale: float = 1.0) -> str:
     """What makes two training runs the same run: everything but budget-free knobs.
 
     ``init_hash``: the ``model_fingerprint`` of ``--init``, so that a resume starts from the very
@@ -286,6 +285,8 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None 
         keep.pop("teacher_base_weight")
     if init_hash is not None:  # only with --init: other runs keep their fingerprint
         keep["init_hash"] = init_hash
+    if lr_scale != 1.0:  # the decoder shape's own lr scale (lora): another run
+        keep["lr_scale"] = lr_scale
     keep["datastore_manifest_hash"] = manifest_hash
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -638,7 +639,7 @@ class Trainer:
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
         self.init_hash = self.recipe.init_hash(cfg, self.manifest)
-        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash)
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash, self.shape.lr_scale)
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
         self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16", gradient_accumulation_steps=1)
@@ -782,7 +783,7 @@ class Trainer:
         cfg = self.cfg
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+            lr=cfg.lr * self.shape.lr_scale, betas=(0.9, 0.95), eps=1e-8,
         )
         total = self.total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, cfg.warmup, cfg.min_lr_ratio))
@@ -809,7 +810,8 @@ class Trainer:
         cfg, manifest, model = self.cfg, self.manifest, self.unwrapped
         targets = manifest.get("steps", {}).get("targets", {})
         init = cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers
-                            else f"{manifest['model']} (full copy)")
+                            else f"{manifest['model']} (full copy)" if self.shape.spec == "copy"
+                            else f"{manifest['model']} ({self.shape.spec})")
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "base_model": manifest["model"], "tokenizer_hash": manifest["tokenizer_hash"],
