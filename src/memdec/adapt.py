@@ -595,6 +595,11 @@ class StageBook:
         old = entry.get("inputs", {})
         return [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)] or ["settings"]
 
+    def invalidate(self, name: str) -> None:
+        """Mark a done stage as to be redone (what it produced no longer matches), keeping its record."""
+        if name in self.stages:
+            self.stages[name]["status"] = "stale"
+
     def recorded_inputs(self, name: str) -> dict:
         return self.stages.get(name, {}).get("inputs", {})
 
@@ -1108,7 +1113,7 @@ def tasks_stage(job: AdaptRun) -> None:
     recorded = book.summary("tasks").get("systems")  # None: a run of an earlier version
     if book.is_done("tasks", inputs) and recorded is not None and recorded != names:
         _say(f"tasks: the systems changed ({', '.join(recorded)} -> {', '.join(names)}); redoing this stage")
-        book.stages["tasks"]["status"] = "stale"
+        book.invalidate("tasks")
     done, _ = book.begin("tasks", inputs, f"factual recall ({s.test}) and general ability "
                          f"({s.general or 'skipped'}) through lm-eval, {s.task_items} items each, every system")
     if done:

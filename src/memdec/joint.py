@@ -507,13 +507,9 @@ class MemoryDecoderModel(PreTrainedModel, GenerationMixin):
     def _router_weights(self, hidden: dict, shape_of: torch.Tensor, scalars) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (log(1 − λ_t), log λ_t) [B, n] for the positions of ``shape_of`` [B, n];
         ``scalars()`` gives the scalar features [B, n, s] when the router reads features."""
-        if not self.router.needs_features:
-            return self.router.log_weights(shape_of)
         n = shape_of.shape[-1]
-        h_base, h_mem = hidden["base"][:, -n:], hidden["memdec"][:, -n:]
-        spec = RouterFeatures(h_base.shape[-1], h_mem.shape[-1])
-        rows = spec.build(h_base, h_mem, scalars())
-        return self.router.log_weights(rows.to(_device_of(self.router, rows)))
+        states = (lambda: (hidden["base"][:, -n:], hidden["memdec"][:, -n:]))
+        return router_log_weights(self.router, shape_of, states, scalars)
 
     def _routed_rows(self, base_logits: torch.Tensor, memdec_logits: torch.Tensor, hidden: dict) -> torch.Tensor:
         """Mixed log-probs [B, L', V] at the router's λ_t (broadcast [B, L', 1] over the vocabulary)."""
@@ -604,6 +600,17 @@ def _auto_router(memdec_path: str | Path) -> str | None:
                       f"({valid['router_ppl']:.3f} > {valid['fixed_ppl']:.3f}); mixing with the fixed λ", stacklevel=3)
         return None
     return str(memdec_path)
+
+
+def router_log_weights(router: Router, shape_of: torch.Tensor, states, scalars) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router``'s (log(1 − λ_t), log λ_t), each shaped like ``shape_of`` [...]. Only a router that reads
+    features calls ``states()`` (the base's and the decoder's final hidden states [..., d]) and ``scalars()``
+    (the scalar features [..., s])."""
+    if not router.needs_features:
+        return router.log_weights(shape_of)
+    h_base, h_mem = states()
+    rows = RouterFeatures(h_base.shape[-1], h_mem.shape[-1]).build(h_base, h_mem, scalars())
+    return router.log_weights(rows.to(_device_of(router, rows)))
 
 
 def _device_of(router: Router, default: torch.Tensor) -> torch.device:
@@ -799,15 +806,14 @@ class MemoryDecoderLogitsProcessor(LogitsProcessor):
                         mem_states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (log(1 − λ_t), log λ_t) [B] at this step, from both rows of log-probs [B, V]
         and the two models' final hidden states at the newest position."""
-        if not self.router.needs_features:
-            log_1m, log_lam = self.router.log_weights(lp_base[:, 0])
-            return log_1m.to(lp_base.device), log_lam.to(lp_base.device)
-        if not self._base_states or not mem_states:
-            self._refuse("the router's features need the base model's final hidden state: give base=, the model "
-                         "whose generate() runs this processor")
-        h_base, h_mem = self._base_states[-1].to(lp_base.device), mem_states[-1].to(lp_base.device)
-        self._base_states.clear()
-        rows = RouterFeatures(h_base.shape[-1], h_mem.shape[-1]).from_logprobs(h_base, h_mem, lp_base, lp_mem)
-        log_1m, log_lam = self.router.log_weights(rows.to(_device_of(self.router, rows)))
+        def states() -> tuple[torch.Tensor, torch.Tensor]:
+            if not self._base_states or not mem_states:
+                self._refuse("the router's features need the base model's final hidden state: give base=, the "
+                             "model whose generate() runs this processor")
+            h_base, h_mem = self._base_states.pop().to(lp_base.device), mem_states[-1].to(lp_base.device)
+            return h_base, h_mem
+
+        log_1m, log_lam = router_log_weights(self.router, lp_base[:, 0], states,
+                                             lambda: distribution_scalars(lp_base, lp_mem))
         return log_1m.to(lp_base.device), log_lam.to(lp_base.device)
 

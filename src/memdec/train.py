@@ -809,9 +809,9 @@ class Trainer:
     def _info(self) -> dict:
         cfg, manifest, model = self.cfg, self.manifest, self.unwrapped
         targets = manifest.get("steps", {}).get("targets", {})
-        init = cfg.init or (f"{manifest['model']} (first {cfg.init_layers} blocks)" if cfg.init_layers
-                            else f"{manifest['model']} (full copy)" if self.shape.spec == "copy"
-                            else f"{manifest['model']} ({self.shape.spec})")
+        made = f"first {cfg.init_layers} blocks" if cfg.init_layers else \
+            "full copy" if self.shape.spec == "copy" else self.shape.spec
+        init = cfg.init or f"{manifest['model']} ({made})"
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "base_model": manifest["model"], "tokenizer_hash": manifest["tokenizer_hash"],
