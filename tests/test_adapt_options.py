@@ -52,7 +52,7 @@ def test_presets_are_typed_and_resolve_per_stage():
     assert isinstance(s.train, adapt.TrainInputs) and s.baseline.lora_r == 4 and s.lora_r == 4
     assert s.datastore.k == adapt.PRESETS["quick"].k and s.run.model == adapt.AdaptConfig().model
     flat = s.flat()  # RUN/settings.json: one flat object, as earlier versions wrote it
-    assert len(flat) == 40 and flat["ds_block_size"] == 1024 and flat["decoder"] == "lora:16" and flat["lora_r"] == 4
+    assert len(flat) == 40 and flat["ds_block_size"] == 1024 and flat["decoder"] == "copy" and flat["lora_r"] == 4
 
 
 @pytest.mark.parametrize("argv, message", [

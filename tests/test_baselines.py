@@ -213,7 +213,7 @@ def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
     # the ce-decoder is the α=0 teacher candidate, the same recipe on the same tokens: reused, not trained twice
     ce = run / "baselines" / "ce-decoder"
     assert json.loads((ce / "baseline.json").read_text())["reused_from"] == "candidates/alpha-0"
-    weights = "decoder.safetensors"  # adapt's default decoder, lora:16: its adapters' file
+    weights = "model.safetensors"  # adapt's default decoder, a full copy: its model file
     assert (ce / weights).samefile(run / "candidates" / "alpha-0" / weights)
     assert "not trained twice" in md
     assert "lora" in format_summary(run)

@@ -55,15 +55,18 @@ def test_stage_book_says_what_changed(tmp_path, capsys):
 def test_stage_fingerprints_are_pinned():
     """Changing these invalidates every finished run's cache: do it only on purpose (the samples stage
     changed when the report's samples moved from greedy to seeded top-p sampling; the router stage was
-    added in round three, every earlier stage's fingerprint unchanged; the default decoder became lora:16
-    in round three: a run with --decoder copy keeps the fingerprints of the runs made before)."""
+    added in round three, every earlier stage's fingerprint unchanged; the default decoder was lora:16 in round
+    three and is the copy again in round four: a run with --decoder copy keeps the fingerprints of the runs made
+    before, and so does a default run)."""
     copy = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig(decoder="copy"))).items()}
     assert copy == {"datastore": "888fc130e5e8", "train": "7d70aef6d424", "ce-decoder": "dcc9f4db2500",
                     "dapt": "987a37af5ebe", "lora": "f09a207aa4f2", "eval": "8c732d6ebf3c", "samples": "3975c289fa82",
                     "tasks": "aa168714b46e", "router": "a4db82cb4f58"}
     quick = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig())).items()}
-    assert quick == {**copy, "train": "07921afac225", "ce-decoder": "fed982c51462", "eval": "15bc04b9f3ba",
-                     "router": "7a1a1c57bd13", "samples": "1023a8113438", "tasks": "fb19a7756c39"}
+    assert quick == copy
+    lora = {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(AdaptConfig(decoder="lora:16"))).items()}
+    assert lora == {**copy, "train": "07921afac225", "ce-decoder": "fed982c51462", "eval": "15bc04b9f3ba",
+                    "router": "7a1a1c57bd13", "samples": "1023a8113438", "tasks": "fb19a7756c39"}
     full = AdaptConfig(baselines=True, preset="full", alpha=[0.5], teacher_base_weight=[0.0, 0.5], train_budget=600.0,
                        decoder="copy")
     assert {k: _fingerprint(v) for k, v in stage_inputs(resolve_settings(full)).items()} == {

@@ -587,8 +587,9 @@ def check_decoder_shape(spec: str, model_spec: str, init: str | None = None, ini
     if init is not None or init_layers is not None:
         raise MemdecError(f"--decoder {spec} is built from the base model itself (its trunk is shared): "
                           f"--init and --init-layers apply to --decoder copy only")
+    config = load_config(model_spec)  # first: reading it may convert or fetch the model, never under "meta"
     with torch.device("meta"):  # the architecture without any weights
-        skeleton = AutoModelForCausalLM.from_config(load_config(model_spec))
+        skeleton = AutoModelForCausalLM.from_config(config)
     try:
         shape.check(skeleton)
     except MemdecError as exc:
