@@ -1,6 +1,6 @@
 """Decoder shapes: how a memory decoder is made from its base model, saved and loaded.
 
-A shape is named by a spec (``--decoder`` some day): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each shape registers
+A shape is named by a spec (``--decoder`` of train, adapt and baseline): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each shape registers
 itself in ``SHAPES`` (name -> class); ``parse_shape(spec)`` gives an instance, or one MemdecError line.
 
 - ``copy``: today's decoder, a full, separate copy of the base (a Hugging Face model folder).
