@@ -3,8 +3,8 @@
 - **Memory decoder checkpoint**: a Hugging Face model folder plus ``memdec.json`` (``MEMDEC_JSON``):
   ``format`` ("memdec"), ``version`` (1), ``base_model``, ``tokenizer_hash``, ``lambda`` (the
   recommended λ, in [0, 1]); optional ``temperature`` (divides the decoder's logits at inference,
-  default 1), ``alpha``, ``teacher_base_weight``, ``k``, ``knn_temperature``, ``datastore``,
-  ``datastore_manifest_hash``, ``corpus_hash``, ``n_parameters``, ``trainable_parameters``,
+  default 1, within ``TEMPERATURE_RANGE``), ``alpha``, ``teacher_base_weight``, ``k``, ``knn_temperature``,
+  ``datastore``, ``datastore_manifest_hash``, ``corpus_hash``, ``n_parameters``, ``trainable_parameters``,
   ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``, ``decoder`` (the decoder's
   shape, ``memdec.decoders``: absent or ``{"shape": "copy"}`` for a full model folder;
   ``{"shape": "fork", "blocks": K, "trunk_hash": sha256 hex, "trunk_dtype": "float32"}`` for a fork,
@@ -38,18 +38,22 @@ This module is the only reader and writer of these files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import math
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields,
-                     one_of, or_null, shown)
+                     one_of, or_null, shown, within)
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object
 from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
@@ -57,9 +61,14 @@ from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
 MEMDEC_JSON = "memdec.json"
 CHECKPOINT_FORMAT = "memdec"
 CHECKPOINT_VERSION = 1
+# The sane ranges of what a decoder loads with (its weights, its record), checked once, as it loads:
+TEMPERATURE_RANGE = (1e-3, 1e3)  # divides the decoder's logits (O(10)): beyond, one-hot or uniform to fp32 precision
+LORA_SCALE_RANGE = (1e-3, 1e3)  # a LoRA record's alpha / rank, the adapters' scale (memdec writes alpha = rank: 1)
+MAX_ABS_WEIGHT = 1e4  # trained weights are O(1) (norm gains reach tens); a weight above this is corrupt or scaled
 _MEMDEC_FIELDS: dict[str, Kind] = {"base_model": TEXT, "tokenizer_hash": TEXT, "lambda": UNIT}
 _MEMDEC_OPTIONAL: dict[str, Kind] = {
-    "temperature": POSITIVE, "alpha": UNIT, "teacher_base_weight": UNIT, "k": COUNT, "knn_temperature": POSITIVE,
+    "temperature": within(*TEMPERATURE_RANGE), "alpha": UNIT, "teacher_base_weight": UNIT, "k": COUNT,
+    "knn_temperature": POSITIVE,
     "datastore": TEXT, "datastore_manifest_hash": TEXT, "corpus_hash": TEXT, "n_parameters": WHOLE,
     "trainable_parameters": WHOLE, "train_seconds": NON_NEGATIVE, "train_stats": OBJECT, "train_config": OBJECT,
     "lambda_source": TEXT,
@@ -143,6 +152,11 @@ def check_decoder_record(record, file: str | Path) -> None:
             raise MemdecError(f"{file}: decoder.{key} is not a field of a {record['shape']!r} decoder")
         if key not in record or not fields[key](record[key]):
             raise MemdecError(f"{file}: decoder.{key} is missing or invalid ({record.get(key)!r})")
+    if record["shape"] == "lora":
+        scale, (low, high) = record["alpha"] / record["rank"], LORA_SCALE_RANGE
+        if not low <= scale <= high:
+            raise MemdecError(f"{file}: decoder.alpha {record['alpha']:g} over decoder.rank {record['rank']} scales "
+                              f"the adapters by {scale:g}, outside [{low:g}, {high:g}] (memdec trains at alpha = rank)")
 
 
 def write_memdec_json(folder: str | Path, info: dict) -> None:
@@ -174,16 +188,61 @@ def load_safetensors(file: str | Path) -> dict:
         raise MemdecError(f"{file}: unreadable weights ({one_line(exc)})") from None
 
 
+def check_weights(named: Iterable[tuple[str, torch.Tensor]], where) -> None:
+    """MemdecError (one line naming ``where`` and the first bad tensor) unless every floating-point tensor
+    of ``named`` ((name, tensor) pairs) is finite and no larger than ``MAX_ABS_WEIGHT`` in magnitude: what
+    a decoder loads is checked once, as it loads, so that a corrupt file never gives NaN or empty text."""
+    for name, tensor in named:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        low, high = (float(x) for x in torch.aminmax(tensor.detach()))  # NaN propagates
+        peak = max(-low, high)
+        if not math.isfinite(peak):
+            raise MemdecError(f"{where}: {name} holds non-finite values (NaN or inf): the weights are corrupt")
+        if peak > MAX_ABS_WEIGHT:
+            raise MemdecError(f"{where}: {name} holds a weight of magnitude {peak:.3g}, above {MAX_ABS_WEIGHT:g}, "
+                              f"which no trained weight reaches: the weights are corrupt or scaled")
+
+
 def load_model_folder(path: str | Path, what: str, dtype=None):
     """``AutoModelForCausalLM`` from the folder ``path``, its weights from safetensors only (a pickled
-    ``.bin`` is never read); MemdecError naming the folder and its weights files if they do not load."""
+    ``.bin`` is never read), which must be exactly those its ``config.json`` describes (a tied head may
+    be absent) and sane (``check_weights``); MemdecError naming the folder and its weights files if not."""
     path = Path(path).expanduser()
     kwargs = {} if dtype is None else {"dtype": dtype}
+    files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "no .safetensors file"
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, **kwargs)
+        with _quiet_transformers():  # its load report is many lines: the one line below says what is wrong
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                str(path), use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign weights file raises many kinds
-        files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "no .safetensors file"
         raise MemdecError(f"{path}: cannot load {what} ({files}): {one_line(exc)}") from None
+    wrong = [f"{len(keys)} {kind}: {_some(keys)}" for kind, keys in
+             (("missing", loading.get("missing_keys")), ("unexpected", loading.get("unexpected_keys")),
+              ("of another shape", [k[0] if isinstance(k, tuple) else k for k in loading.get("mismatched_keys") or ()]))
+             if keys]
+    if wrong:
+        raise MemdecError(f"{path}: the weights ({files}) do not match its config.json (tensors {'; '.join(wrong)}): "
+                          f"{what} would load as a partly random model")
+    check_weights(model.named_parameters(), f"{path} ({what})")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs errors only, inside the block."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _some(names, n: int = 3) -> str:
+    """The first ``n`` of ``names`` (sorted), and how many more."""
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... {len(names) - n} more" if len(names) > n else "")
 
 
 def load_memory_decoder(path: str | Path, device=None, dtype=None):

@@ -197,6 +197,11 @@ def one_of(*choices) -> Kind:
                 lambda v: any(type(v) is type(c) and v == c for c in choices))
 
 
+def within(low: float, high: float) -> Kind:
+    """A finite number in [``low``, ``high``] (a field whose sane range is known: a temperature)."""
+    return Kind(f"a number in [{low:g}, {high:g}]", lambda v: _is_number(v) and low <= v <= high)
+
+
 def or_null(kind: Kind) -> Kind:
     """``kind``, or null (a field that must be there but may be empty)."""
     return Kind(f"{kind.text} or null", lambda v: v is None or kind.test(v))

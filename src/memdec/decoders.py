@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import DECODER_RECORDS, check_decoder_record, load_memory_decoder
+from .checkpoint import DECODER_RECORDS, check_decoder_record, check_weights, load_memory_decoder
 from .errors import MemdecError, one_line
 from .files import atomic_write
 from .models import load_model
@@ -52,6 +52,18 @@ def register(cls: type["DecoderShape"]) -> type["DecoderShape"]:
         raise TypeError(f"decoder shape {cls.name!r} has no record format in memdec.checkpoint.DECODER_RECORDS")
     SHAPES[cls.name] = cls
     return cls
+
+
+_POSITIVE = r"0*[1-9][0-9]*"  # a whole number >= 1 in a spec
+
+
+def _size(text: str, spec: str) -> int:
+    """A whole number of a spec (digits already matched); a number too long to be any model's size is one line
+    (the base's sizes bound the others, in ``DecoderShape.check``)."""
+    if len(text.lstrip("0")) > 100:  # int() of thousands of digits is refused, or slow
+        raise MemdecError(f"decoder shape {spec[:40]!r}{'...' if len(spec) > 40 else ''}: {text[:12]}... "
+                          f"({len(text)} digits) exceeds any model's size")
+    return int(text)
 
 
 def parse_shape(spec: str) -> "DecoderShape":
@@ -276,9 +288,9 @@ class ForkShape(DecoderShape):
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "ForkShape":
-        if arg is None or not re.fullmatch(r"[0-9]+", arg) or int(arg) < 1:
+        if arg is None or not re.fullmatch(_POSITIVE, arg):
             raise MemdecError(f"decoder shape {spec!r}: give the number of own blocks, a positive integer, as in 'fork:8'")
-        return cls(int(arg))
+        return cls(_size(arg, spec))
 
     @classmethod
     def from_record(cls, record: dict) -> "ForkShape":
@@ -305,10 +317,43 @@ class ForkShape(DecoderShape):
             param.requires_grad_(_is_own(name, prefixes))
         return decoder
 
+    def describe_own(self) -> str:
+        """What ``decoder.safetensors`` holds for a decoder of this shape, for messages."""
+        return f"the own tensors of a {self.spec} decoder (its last {self.blocks} blocks and final norm)"
+
+    def check_own(self, own: dict[str, torch.Tensor], file: Path) -> None:
+        """MemdecError (one line naming ``file``) where the tensors read from it are whole blocks of another
+        count than ``memdec.json``'s record says (an edited record, or another decoder's weights): before any
+        base is used. A stray or missing tensor is left to ``_load_own``, which names it."""
+        blocks: dict[str, frozenset[str]] = {}  # block index -> its tensors' names inside the block
+        for name in own:
+            if m := _LAYER.match(name):
+                blocks[m[1]] = blocks.get(m[1], frozenset()) | {name[m.end():]}
+        layers = sorted(blocks, key=lambda i: (len(i), i))
+        if len(layers) != self.blocks and len(set(blocks.values())) <= 1:  # else _load_own names the odd tensor
+            held = f"model.layers.{layers[0]}-{layers[-1]}" if layers else "none"
+            raise MemdecError(f"{file}: holds tensors of {len(layers)} blocks ({held}), but memdec.json's "
+                              f"decoder.blocks is {self.blocks}: the record does not describe these weights")
+
     def own_tensors(self, decoder) -> dict[str, torch.Tensor]:
         """The decoder's own tensors by state-dict name: the last K blocks' and the final norm's."""
         prefixes = _own_prefixes(decoder, _split(decoder, self.blocks))
         return {k: v for k, v in decoder.state_dict().items() if _is_own(k, prefixes)}
+
+    def _load_own(self, decoder, own: dict[str, torch.Tensor], file: Path) -> None:
+        """Copy ``own`` into the decoder's own tensors (cast to its dtype), after checking names and shapes."""
+        expected = set(self.own_tensors(decoder))
+        missing, extra = sorted(expected - set(own)), sorted(set(own) - expected)
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}"
+            raise MemdecError(f"{file}: {what} ({len(missing)} missing, {len(extra)} unexpected tensors): it must hold "
+                              f"exactly {self.describe_own()}")
+        state = decoder.state_dict()
+        for name, tensor in own.items():
+            if tuple(tensor.shape) != tuple(state[name].shape):
+                raise MemdecError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(state[name].shape)}")
+        decoder.load_state_dict(own, strict=False)
 
     def save(self, decoder, folder: str | Path) -> dict:
         """``decoder.safetensors`` (atomic): the own tensors only. The record names the trunk by its hash."""
@@ -331,8 +376,9 @@ class ForkShape(DecoderShape):
         there), then load the own tensors. Safetensors only: nothing is unpickled."""
         file = Path(folder).expanduser() / OWN_WEIGHTS
         own = _read_safetensors(file)
+        self.check_own(own, file)
         decoder = self.build(self._trunk_source(info, base, file))
-        _load_own(decoder, own, set(self.own_tensors(decoder)), file)
+        self._load_own(decoder, own, file)
         return decoder.eval()
 
     def _trunk_source(self, info: dict, base, file: Path):
@@ -351,31 +397,25 @@ class ForkShape(DecoderShape):
         same_dtype = str(base.dtype).removeprefix("torch.") == record["trunk_dtype"]
         if same_dtype and theirs != record["trunk_hash"]:
             raise MemdecError(f"{file.parent}: the base model {info['base_model']!r} named in memdec.json no longer "
-                              f"has the trunk this fork decoder was trained on (trunk_hash {record['trunk_hash'][:16]}...)")
+                              f"has the trunk this {self.name} decoder was trained on (decoder.trunk_hash "
+                              f"{record['trunk_hash'][:16]}...): that base changed since, or memdec.json was edited")
         return base if theirs == mine else recorded
 
 
+_LAYER = re.compile(r"model\.layers\.([0-9]+)\.")  # a block's tensor in a state dict (blocks_and_norm's layout)
+
+
 def _read_safetensors(file: Path, what: str = "a fork memory decoder keeps its own blocks there") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, on CPU; one MemdecError line if missing or unreadable."""
+    """All tensors of a safetensors file, on CPU, each finite and of a sane size (``check_weights``); one
+    MemdecError line if missing, unreadable or not."""
     if not file.is_file():
         raise MemdecError(f"{file}: missing; {what}")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise MemdecError(f"{file}: unreadable ({one_line(exc)})") from None
-
-
-def _load_own(decoder, own: dict[str, torch.Tensor], expected: set[str], file: Path) -> None:
-    """Copy ``own`` into the decoder's own tensors (cast to its dtype), after checking names and shapes."""
-    missing, extra = sorted(expected - set(own)), sorted(set(own) - expected)
-    if missing or extra:
-        what = f"lacks {missing[0]}" if missing else f"holds {extra[0]}, not one of this fork's own tensors"
-        raise MemdecError(f"{file}: {what} ({len(missing)} missing, {len(extra)} unexpected)")
-    state = decoder.state_dict()
-    for name, tensor in own.items():
-        if tuple(tensor.shape) != tuple(state[name].shape):
-            raise MemdecError(f"{file}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(state[name].shape)}")
-    decoder.load_state_dict(own, strict=False)
+    check_weights(tensors.items(), file)
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,12 +447,12 @@ class LoraShape(ForkShape):
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "LoraShape":
-        match = re.fullmatch(r"([0-9]+)(?:@([0-9]+))?", arg or "")
-        if match is None or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
+        match = re.fullmatch(rf"({_POSITIVE})(?:@({_POSITIVE}))?", arg or "")
+        if match is None:
             raise MemdecError(f"decoder shape {spec!r}: give the LoRA rank and, after '@', the number of adapted "
                               f"top blocks (default all), positive integers, as in 'lora:16' or 'lora:16@8'")
         _peft()  # before any model loads
-        return cls(int(match[1]), None if match[2] is None else int(match[2]))
+        return cls(_size(match[1], spec), None if match[2] is None else _size(match[2], spec))
 
     @classmethod
     def from_record(cls, record: dict) -> "LoraShape":
@@ -447,15 +487,24 @@ class LoraShape(ForkShape):
         return _split(model, n if self.blocks is None else self.blocks, self.spec)
 
     def check(self, base) -> None:
-        """K within 1..L, and every target a ``torch.nn.Linear`` in each adapted block; peft installed."""
+        """K within 1..L, every target a ``torch.nn.Linear`` in each adapted block, and R no larger than the
+        widest of them (a delta B·A of an in×out layer has rank min(in, out) at most: a larger R adds
+        nothing to any layer); peft installed. Runs on a weightless skeleton too, before any allocation."""
         layers, _ = blocks_and_norm(base)
+        widest = 0
         for i in range(self._top(base), len(layers)):
             modules = {name.rsplit(".", 1)[-1]: m for name, m in layers[i].named_modules()}
             for target in self.targets:
-                if not isinstance(modules.get(target), torch.nn.Linear):
+                layer = modules.get(target)
+                if not isinstance(layer, torch.nn.Linear):
                     linear = sorted(n for n, m in modules.items() if isinstance(m, torch.nn.Linear))
                     raise MemdecError(f"decoder shape {self.spec!r}: block {i} of the base model has no linear layer "
                                       f"{target!r} (its linear layers: {', '.join(linear)})")
+                widest = max(widest, min(layer.in_features, layer.out_features))
+        if self.rank > widest:
+            raise MemdecError(f"decoder shape {self.spec!r}: rank {self.rank} exceeds the width of every adapted layer "
+                              f"of the base model (at most {widest}: an in×out layer's LoRA delta has rank "
+                              f"min(in, out) at most); give a rank in 1..{widest}")
         _peft()
 
     def build(self, base):
@@ -474,6 +523,20 @@ class LoraShape(ForkShape):
         for name, param in decoder.named_parameters():
             param.requires_grad_(_LORA_TENSOR.search(name) is not None)
         return decoder
+
+    def describe_own(self) -> str:
+        where = "every block" if self.blocks is None else f"its top {self.blocks} blocks"
+        return f"the adapters of a {self.spec} decoder (rank {self.rank} on {', '.join(self.targets)} of {where})"
+
+    def check_own(self, own: dict[str, torch.Tensor], file: Path) -> None:
+        """``ForkShape.check_own``, and each LoRA matrix of the recorded rank (A: R×in, B: out×R)."""
+        super().check_own(own, file)
+        for name, tensor in own.items():
+            side = _LORA_TENSOR.search(name)
+            rank = None if side is None or tensor.dim() != 2 else tensor.shape[0 if side[0] == ".lora_A." else 1]
+            if side is not None and rank != self.rank:
+                raise MemdecError(f"{file}: {name} has shape {tuple(tensor.shape)}, not that of a LoRA matrix of "
+                                  f"memdec.json's decoder.rank {self.rank}: the record does not describe these weights")
 
     def own_tensors(self, decoder) -> dict[str, torch.Tensor]:
         """The LoRA matrices, by state-dict name (``model.layers.i.self_attn.q_proj.lora_A.default.weight``)."""
@@ -496,9 +559,10 @@ class LoraShape(ForkShape):
         base named in ``memdec.json`` with the deltas merged. Safetensors only: nothing is unpickled."""
         file = Path(folder).expanduser() / OWN_WEIGHTS
         own = _read_safetensors(file, "a lora memory decoder keeps its adapters there")
+        self.check_own(own, file)
         source = self._trunk_source(info, base, file)
         decoder = self.build(source)
-        _load_own(decoder, own, set(self.own_tensors(decoder)), file)
+        self._load_own(decoder, own, file)
         if source is not base:  # nothing else holds the recorded base: merge into its own weights
             decoder = _merge_lora(decoder)
         return decoder.eval()
