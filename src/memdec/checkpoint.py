@@ -28,8 +28,11 @@
   (``DOMAIN_ROUTER_JSON``, written last): ``format`` ("memdec-domain-router"), ``version`` (1), ``d_base``
   (the base's hidden size), ``hidden`` (0: a linear classifier, else the MLP's width), ``classes``
   ("none", then each domain's name, in the classifier's order), ``domains`` (one object per domain:
-  ``name``, ``checkpoint`` (its folder), ``decoder_fingerprint``), ``base_model``, ``tokenizer_hash``;
-  optional ``base_fingerprint``, ``train_config``, ``train_stats``, ``valid``.
+  ``name`` (the model id serve answers it under: ``checks.check_model_name``), ``checkpoint`` (its folder),
+  ``decoder_fingerprint``), ``base_model``, ``tokenizer_hash``; optional ``base_fingerprint``,
+  ``train_config``, ``train_stats``, ``valid``. A router's ``base_fingerprint`` is checked against the base
+  it is used with (``models.check_base_identity``). A folder that holds only what a save killed before
+  its JSON leaves (``ROUTER_UNFINISHED``, ``DOMAIN_ROUTER_UNFINISHED``) is taken by the rerun as memdec's.
 - **Adapt run folder**: ``settings.json``, ``memdec/`` (a checkpoint), ``datastore/``,
   ``baselines/METHOD/``: what ``eval --run`` and ``generate --run`` take (``run_paths``).
 
@@ -53,9 +56,9 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields,
-                     one_of, or_null, shown, within)
+                     check_model_name, one_of, or_null, shown, within)
 from .errors import MemdecError, TokenizerMismatchError, one_line
-from .files import atomic_write_json, read_json_object
+from .files import atomic_write_json, read_json_object, temp_path
 from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
 
 MEMDEC_JSON = "memdec.json"
@@ -298,6 +301,8 @@ ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT = "memdec-router"
 ROUTER_VERSION = 1
 ROUTER_KINDS = ("mlp", "constant")
+# what a router's save killed before router.json leaves: a rerun of the command takes the folder as its own
+ROUTER_UNFINISHED = (ROUTER_WEIGHTS, temp_path(ROUTER_WEIGHTS).name, temp_path(ROUTER_JSON).name)
 _ROUTER_FIELDS: dict[str, Kind] = {
     "kind": one_of(*ROUTER_KINDS), "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
     "base_model": TEXT, "tokenizer_hash": TEXT, "decoder_fingerprint": TEXT,
@@ -334,6 +339,9 @@ DOMAIN_ROUTER_JSON = "domains.json"
 DOMAIN_ROUTER_WEIGHTS = "domains.safetensors"
 DOMAIN_ROUTER_FORMAT = "memdec-domain-router"
 DOMAIN_ROUTER_VERSION = 1
+# what a domain router's save killed before domains.json leaves (as ``ROUTER_UNFINISHED``)
+DOMAIN_ROUTER_UNFINISHED = (DOMAIN_ROUTER_WEIGHTS, temp_path(DOMAIN_ROUTER_WEIGHTS).name,
+                            temp_path(DOMAIN_ROUTER_JSON).name)
 NO_DOMAIN = "none"  # the class of text no decoder should answer: the base alone
 _DOMAIN_ROUTER_FIELDS: dict[str, Kind] = {
     "d_base": COUNT, "hidden": WHOLE, "classes": LIST, "domains": LIST, "base_model": TEXT, "tokenizer_hash": TEXT,
@@ -369,6 +377,7 @@ def read_domain_router_json(path: str | Path) -> dict:
         if not isinstance(domain, dict):
             raise MemdecError(f'{file}: field "domains" item {i} must be a JSON object, got {shown(domain)}')
         check_fields(domain, f"{file} (domains item {i})", _DOMAIN_FIELDS)
+        check_model_name(domain["name"], f'{file}: field "domains" item {i}: the name')
     names = [NO_DOMAIN, *(d["name"] for d in info["domains"])]
     if info["classes"] != names or len(set(names)) != len(names) or len(names) < 2:
         raise MemdecError(f'{file}: field "classes" must be "{NO_DOMAIN}" then each domain\'s name once, in order '

@@ -63,6 +63,17 @@ def check_plain_name(value, what: str) -> str:
     return name
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][\w.:@+-]*")
+
+
+def check_model_name(value, what: str) -> str:
+    """A name a model is served under (``serve --memdec NAME=CKPT``, a domain router's domains): letters,
+    digits and ``. _ - : @ +``, a letter or digit first (so never empty, no folder part, no space)."""
+    if not isinstance(value, str) or _MODEL_NAME.fullmatch(value) is None:
+        raise MemdecError(f"{what} {value!r} must be letters, digits, and . _ - : @ + (a letter or digit first)")
+    return value
+
+
 def _nearest_existing(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists."""
     while not path.exists() and path != path.parent:
@@ -91,12 +102,16 @@ def check_writable_path(value, what: str, folder: bool = False) -> Path:
     return path
 
 
-def check_own_folder(value, *markers: str, what: str = "--out") -> Path:
+def check_own_folder(value, *markers: str, what: str = "--out", partial: tuple[str, ...] = ()) -> Path:
     """An output folder memdec may write: new, empty, or one memdec made, known by one of ``markers``
     (a file it writes there first; a name ending in ``/``: a folder). A folder memdec did not create is
-    never changed. Returns it as a Path."""
+    never changed. ``partial``: what a run of the command killed before it wrote its marker can leave
+    (the files it writes first, the temporary files of an interrupted ``atomic_write``); a folder that
+    holds nothing else is one memdec began, and the rerun goes on. Returns it as a Path."""
     path = check_writable_path(value, what, folder=True)
     if not path.exists() or not any(path.iterdir()):
+        return path
+    if partial and all(p.is_file() and not p.is_symlink() and p.name in partial for p in path.iterdir()):
         return path
     if any((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in markers):
         return path

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .errors import CorpusError
-from .files import NpyAppender
+from .files import NpyAppender, parse_json
 
 # Built-in corpora: name -> documents under the package's ``corpora/<prefix>/`` folder. Each is
 # ``<stem>.txt.xz`` (one document) or ``<stem>.jsonl.xz`` (one document per line, its "text" field).
@@ -210,7 +210,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = parse_json(line)
             except json.JSONDecodeError as exc:
                 raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or text_field not in record:

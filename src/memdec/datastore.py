@@ -91,8 +91,8 @@ from .index import (
     search,
     set_num_threads,
 )
-from .models import (bos_prefix, check_block_size, check_same_tokenizer, load_config, load_model, load_tokenizer,
-                     model_fingerprint, resolve_device, tokenizer_fingerprint)
+from .models import (base_fingerprint, bos_prefix, check_block_size, check_same_tokenizer, load_config, load_model,
+                     load_tokenizer, model_fingerprint, resolve_device, tokenizer_fingerprint)
 from .files import NpyAppender, atomic_write, atomic_write_json, check_npy, read_json_object
 from .store import (DEFAULT_K, DEFAULT_KNN_TEMP, IDENTITY_FIELDS, MANIFEST, FFNInputCapture, IndexStep, KeysStep,
                     Manifest, Record, Steps, TargetsStep, forward_ffn_inputs, key_model_text, read_manifest, typed,
@@ -963,7 +963,8 @@ def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> Manifest:
             out.rmdir()
         raise
     identity = {
-        "model": cfg.model, "tokenizer_hash": tokenizer_fingerprint(tokenizer), "corpus": cfg.corpus,
+        "model": cfg.model, "model_hash": base_fingerprint(cfg.model),
+        "tokenizer_hash": tokenizer_fingerprint(tokenizer), "corpus": cfg.corpus,
         "corpus_hash": token_stream_hash(tokens), "text_field": cfg.text_field, "n_keys": n,
         "block_size": cfg.block_size, "stride": cfg.stride, "max_tokens": cfg.max_tokens,
     }

@@ -2,7 +2,13 @@
 ``.npy`` files that grow by appends and are checked against their expected shape.
 
 Every artefact memdec writes goes through ``atomic_write``: the bytes land in a temporary file in
-the same folder, which is then renamed over the target (an atomic step on POSIX filesystems).
+the same folder (``temp_path``: ``.NAME.tmp``), which is then renamed over the target (an atomic step
+on POSIX filesystems). A run killed while writing leaves that temporary file: memdec's own leftover.
+
+Every JSON file memdec reads goes through ``parse_json`` (``read_json``, ``read_json_object``,
+``read_jsonl``; corpora's JSON lines too): a value nested deeper than ``MAX_JSON_DEPTH`` is a
+``JSONTooDeep``, one of the ``json.JSONDecodeError`` its readers already turn into one line, never
+the ``RecursionError`` Python's parser raises at about a thousand levels.
 """
 
 from __future__ import annotations
@@ -63,13 +69,20 @@ def os_errors_named(path: str | os.PathLike, tmp: str | os.PathLike | None = Non
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where ``atomic_write`` puts the bytes of ``path`` before the rename: ``.NAME.tmp`` beside it (what a
+    run killed while writing ``path`` leaves, and the next write of ``path`` replaces)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, fsync the temporary file, rename it onto ``path``, fsync the folder:
     once this returns, ``path`` is whole on the disk, even after a power loss. Any OSError (a full
     disk, a read-only one) is raised naming ``path``; the file that was there before is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     try:
         with os_errors_named(path, tmp):
             write(tmp)
@@ -125,11 +138,49 @@ def atomic_write_json(path: str | os.PathLike, payload, **dump_kwargs) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, **dump_kwargs) + "\n")
 
 
+MAX_JSON_DEPTH = 64  # containers inside containers in a JSON file memdec reads (its own files need fewer than 10)
+
+
+class JSONTooDeep(json.JSONDecodeError):
+    """A JSON value nested deeper than a reader takes: a ``json.JSONDecodeError``, so that every handler of a
+    malformed file gives its one line (Python's parser raises ``RecursionError`` at about a thousand levels)."""
+
+    def __init__(self, limit: int):
+        ValueError.__init__(self, f"nested more than {limit} levels deep")
+        self.msg, self.doc, self.pos, self.lineno, self.colno = str(self), "", 0, 1, 1
+
+
+def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads(text)``; ``JSONTooDeep`` where the value is nested deeper than ``max_depth`` (or too deep
+    for the parser itself)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JSONTooDeep(max_depth) from None
+    if json_depth(value) > max_depth:
+        raise JSONTooDeep(max_depth)
+    return value
+
+
+def json_depth(value) -> int:
+    """How many containers deep a parsed JSON value goes (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 def read_json(file: str | os.PathLike, what: str, error: type[MemdecError] = MemdecError):
-    """The JSON value in ``file``; ``error`` (a MemdecError) naming ``what`` if it is unreadable."""
+    """The JSON value in ``file``; ``error`` (a MemdecError) naming ``what`` if it is unreadable, not JSON or
+    nested too deeply (``parse_json``)."""
     file = Path(file)
     try:
-        return json.loads(file.read_text())
+        return parse_json(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{file}: unreadable {what}: {exc}") from None
 
@@ -166,7 +217,7 @@ def _jsonl_record(file: Path, number: int, line: str, cut_short: bool, error: ty
     if not line.strip():
         return None
     try:
-        record = json.loads(line)
+        record = parse_json(line)
     except json.JSONDecodeError as exc:
         if cut_short:
             return None

@@ -56,7 +56,7 @@ from .checks import check_lambda, check_temperature
 from .decoders import blocks_and_norm, decoder_shape, load_decoder, shared_split
 from .errors import MemdecError, TokenizerMismatchError
 from .loss import LMHead, lm_head
-from .models import load_model, model_fingerprint, tokenizer_fingerprint, vocab_rows
+from .models import check_base_identity, load_model, loaded_folder, tokenizer_fingerprint, vocab_rows
 from .router import Router, RouterFeatures, distribution_scalars, load_router, mix_routed, scalars_from_logits
 from .scoring import Scorer, causal_lm_logits, mix_logprobs, scale_logits, target_logprobs
 
@@ -581,12 +581,7 @@ def attach_router(joint: MemoryDecoderModel, folder: str | Path, memdec_path: st
         if sizes != (info["d_base"], info["d_mem"]):
             raise MemdecError(f"{where}: trained on hidden sizes {info['d_base']} (base) and {info['d_mem']} (decoder); "
                               f"these models have {sizes[0]} and {sizes[1]}")
-    recorded = info.get("base_fingerprint")
-    name = getattr(joint.base, "name_or_path", None)
-    if recorded and name and Path(name).is_dir():
-        theirs = model_fingerprint(name)
-        if theirs != recorded:
-            raise MemdecError(f"{where}: trained for another base model (base_fingerprint {recorded}, {name} has {theirs})")
+    check_base_identity(info.get("base_fingerprint"), loaded_folder(joint.base), str(where))
     return router.to(joint.base.get_input_embeddings().weight.device)
 
 

@@ -25,7 +25,7 @@ from .checks import check_lambda, check_temperature
 from .store import DEFAULT_K, FFNInputCapture, forward_ffn_inputs, open_datastore
 from .errors import DatastoreError, MemdecError
 from .index import search
-from .models import check_tokenizer
+from .models import check_base_identity, check_tokenizer, loaded_folder
 from .scoring import causal_lm_logits, mix_logprobs, score_tokens, target_logprobs
 from .targets import knn_distribution, knn_target_logprob, lookup_values
 
@@ -50,6 +50,17 @@ class KnnRetriever:
         self.model = manifest.model
         self.layer = manifest.layer
         self.key_model = manifest.steps.keys.key_model  # {spec, hash}, or None: the base's keys
+        self.bases_checked: set[str] = set()  # model folders check_base found to be the datastore's base
+
+    def check_base(self, model) -> None:
+        """DatastoreError unless ``model`` (loaded) is the base whose weights built this datastore, where both
+        are known (``models.check_base_identity``); each model's folder is read once per retriever."""
+        folder = loaded_folder(model)
+        if folder is None or folder in self.bases_checked:
+            return
+        check_base_identity(self.store.manifest.model_hash, folder, f"datastore {self.store.path}", "built from",
+                            DatastoreError)
+        self.bases_checked.add(folder)
 
     def neighbours(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries, np.float32)
@@ -60,7 +71,9 @@ class KnnRetriever:
 def check_same_base(retriever: KnnRetriever, model, capture_name: str, key_model_given: bool = False) -> None:
     """The keys at inference must come from the layer the datastore used, of the model that made
     its keys: a datastore keyed by another model (``--key-model``) needs that model beside the base
-    (``knn_pass(key_model=...)``); ``key_model_given`` says it is ``model`` here."""
+    (``knn_pass(key_model=...)``); ``key_model_given`` says it is ``model`` here. A datastore of the
+    base's own keys must be used with the very base it was built from (``models.check_base_identity``
+    on the manifest's ``model_hash``: its keys are that model's hidden states)."""
     if retriever.key_model and not key_model_given:
         raise DatastoreError(
             f"the datastore's keys come from the key model {retriever.key_model['spec']}, not from the base "
@@ -74,6 +87,8 @@ def check_same_base(retriever: KnnRetriever, model, capture_name: str, key_model
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
     if hidden is not None and hidden != dim:
         raise DatastoreError(f"the datastore's keys have dimension {dim}, this base model's {hidden}: another model built it")
+    if not retriever.key_model:
+        retriever.check_base(model)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .errors import ModelSpecError, TokenizerMismatchError, one_line
+from .errors import MemdecError, ModelSpecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json
 
 
@@ -289,6 +289,37 @@ def model_fingerprint(spec: str) -> str:
         with open(f, "rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+def base_fingerprint(spec: str | None) -> str | None:
+    """``model_fingerprint`` of a base model spec (or a loaded model's local folder), or None where it has no
+    local folder to read (nothing to record or compare)."""
+    if not spec:
+        return None
+    try:
+        return model_fingerprint(spec)
+    except MemdecError:
+        return None
+
+
+def loaded_folder(model) -> str | None:
+    """The local folder a loaded model was read from (its ``name_or_path``), or None (a hub id, a model built
+    in memory): what ``base_fingerprint`` reads without converting or downloading anything."""
+    name = getattr(model, "name_or_path", None)
+    return name if name and Path(name).is_dir() else None
+
+
+def check_base_identity(recorded: str | None, spec: str | None, where: str, made: str = "trained for",
+                        error: type[MemdecError] = MemdecError) -> None:
+    """The one check of a base model's identity: ``where`` (a router, a datastore: what recorded
+    ``recorded``, the ``base_fingerprint`` of the base it was ``made`` for) must be used with the base whose
+    weights ``spec`` (a spec or a loaded model's folder, ``loaded_folder``) holds. ``error`` (a MemdecError)
+    naming both fingerprints otherwise; nothing to check where either is unknown (an old record, no local
+    folder)."""
+    theirs = base_fingerprint(spec) if recorded else None
+    if theirs is not None and theirs != recorded:
+        raise error(f"{where}: {made} another base model (base_fingerprint {recorded}, {spec} has {theirs}); "
+                          f"use it with the base it was {made}, or make a new one for this base")
 
 
 def check_same_tokenizer(spec: str, expected_hash: str, what: str, made_with: str | None = None):

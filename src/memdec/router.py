@@ -35,14 +35,16 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import (DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_WEIGHTS, load_safetensors, read_domain_router_json,
-                         read_router_json, write_domain_router_json, write_router_json)
+from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_JSON, ROUTER_WEIGHTS,
+                         load_safetensors, read_domain_router_json, read_router_json, write_domain_router_json,
+                         write_router_json)
 from .checks import check_lambda, check_non_negative, check_positive, check_positive_int, check_unit_interval
 from .errors import MemdecError
 from .files import atomic_write
@@ -50,6 +52,7 @@ from .loss import chunk_rows
 
 SCALARS = ("base_entropy", "mem_entropy", "base_max_logprob", "mem_max_logprob", "kl_mem_base")
 FEATURE_BUDGET_BYTES = 256 * 2**20  # the fp32 [rows, V] temporaries of one chunk of scalar features
+STD_FLOOR = 1e-6  # the least standard deviation a fit standardises by (``set_scalar_stats``, ``set_stats``)
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ class TokenRouter(Router):
     def set_scalar_stats(self, scalars: torch.Tensor) -> None:
         """Standardise the scalar features by the mean and std of ``scalars`` [N, s] (the training rows)."""
         self.scalar_mean.copy_(scalars.float().mean(0))
-        self.scalar_std.copy_(scalars.float().std(0).clamp_min(1e-6))
+        self.scalar_std.copy_(scalars.float().std(0).clamp_min(STD_FLOOR))
 
     def logit(self, features: torch.Tensor) -> torch.Tensor:
         d_b, d_m = self.spec.d_base, self.spec.d_mem
@@ -365,27 +368,43 @@ def load_router(folder: str | Path, device=None) -> tuple[Router, dict]:
     if info["kind"] == "constant":
         return ConstantRouter(info["lambda"]).eval(), info
     if tuple(info["scalars"]) != SCALARS:
-        raise MemdecError(f'{folder / "router.json"}: field "scalars" names {info["scalars"]}; this memdec computes '
+        raise MemdecError(f'{folder / ROUTER_JSON}: field "scalars" names {info["scalars"]}; this memdec computes '
                           f'{list(SCALARS)}')
-    router = TokenRouter(RouterFeatures(info["d_base"], info["d_mem"]), info["hidden"])
-    file = folder / ROUTER_WEIGHTS
-    if not file.is_file():
-        raise MemdecError(f"{file}: missing; a router keeps its weights there")
-    tensors = load_safetensors(file)
-    expected = router.state_dict()
-    for name, t in expected.items():
-        if name not in tensors or tuple(tensors[name].shape) != tuple(t.shape):
-            got = "missing" if name not in tensors else f"shape {tuple(tensors[name].shape)}"
-            raise MemdecError(f"{file}: {name} is {got}; router.json describes shape {tuple(t.shape)}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise MemdecError(f"{file}: holds {extra[0]}, not a tensor of this router")
-    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
-        raise MemdecError(f"{file}: holds non-finite weights")
-    router.load_state_dict(tensors)
+    router = load_weights(lambda: TokenRouter(RouterFeatures(info["d_base"], info["d_mem"]), info["hidden"]),
+                          folder / ROUTER_WEIGHTS, ROUTER_JSON, ("scalar_std",))
     if device is not None:
         router.to(device)
     return router.eval(), info
+
+
+def load_weights(build: Callable[[], nn.Module], file: Path, record: str, stds: tuple[str, ...]) -> nn.Module:
+    """The network ``build()`` makes (as the JSON file ``record`` describes it), its tensors from ``file``: the
+    one check of a router's weights, at load. Each tensor must be there, of the record's shape, finite, and
+    each of ``stds`` (standardisation statistics) at least ``STD_FLOOR``; one MemdecError line naming the
+    file and the tensor otherwise. The network is built on the meta device first, so that a record of
+    absurd sizes allocates nothing: it gets the file's tensors."""
+    if not file.is_file():
+        raise MemdecError(f"{file}: missing; the network {record} describes keeps its weights there")
+    with torch.device("meta"):
+        module = build()
+    tensors = load_safetensors(file)
+    expected = module.state_dict()
+    for name, t in expected.items():
+        if name not in tensors or tuple(tensors[name].shape) != tuple(t.shape):
+            got = "missing" if name not in tensors else f"shape {tuple(tensors[name].shape)}"
+            raise MemdecError(f"{file}: {name} is {got}; {record} describes shape {tuple(t.shape)}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise MemdecError(f"{file}: holds {extra[0]}, not a tensor of the network {record} describes")
+    tensors = {name: t.float() for name, t in tensors.items()}
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise MemdecError(f"{file}: {name} holds non-finite weights")
+        if name in stds and not bool((t >= STD_FLOOR).all()):
+            raise MemdecError(f"{file}: {name} holds a standard deviation of {float(t.min()):g}; a router standardises "
+                              f"by values >= {STD_FLOOR:g} (a zero would divide by zero)")
+    module.load_state_dict(tensors, assign=True)
+    return module
 
 
 def fit_config_record(cfg: RouterFitConfig) -> dict:
@@ -436,7 +455,7 @@ class DomainRouter(nn.Module):
     def set_stats(self, pooled: torch.Tensor) -> None:
         """Standardise the inputs by the mean and std of ``pooled`` [N, d_base] (the training windows)."""
         self.mean.copy_(pooled.float().mean(0))
-        self.std.copy_(pooled.float().std(0).clamp_min(1e-6))
+        self.std.copy_(pooled.float().std(0).clamp_min(STD_FLOOR))
 
     @torch.inference_mode()
     def route(self, pooled: torch.Tensor) -> list[str]:
@@ -536,22 +555,8 @@ def load_domain_router(folder: str | Path, device=None) -> tuple[DomainRouter, d
     MemdecError line naming the file for a bad record, missing or foreign weights."""
     folder = Path(folder).expanduser()
     info = read_domain_router_json(folder)
-    router = DomainRouter(info["d_base"], info["classes"], info["hidden"])
-    file = folder / DOMAIN_ROUTER_WEIGHTS
-    if not file.is_file():
-        raise MemdecError(f"{file}: missing; a domain router keeps its weights there")
-    tensors = load_safetensors(file)
-    expected = router.state_dict()
-    for name, t in expected.items():
-        if name not in tensors or tuple(tensors[name].shape) != tuple(t.shape):
-            got = "missing" if name not in tensors else f"shape {tuple(tensors[name].shape)}"
-            raise MemdecError(f"{file}: {name} is {got}; domains.json describes shape {tuple(t.shape)}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise MemdecError(f"{file}: holds {extra[0]}, not a tensor of this domain router")
-    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
-        raise MemdecError(f"{file}: holds non-finite weights")
-    router.load_state_dict(tensors)
+    router = load_weights(lambda: DomainRouter(info["d_base"], info["classes"], info["hidden"]),
+                          folder / DOMAIN_ROUTER_WEIGHTS, DOMAIN_ROUTER_JSON, ("std",))
     if device is not None:
         router.to(device)
     return router.eval(), info

@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (DOMAIN_ROUTER_JSON, MEMDEC_JSON, NO_DOMAIN, ROUTER_JSON, check_checkpoint_tokenizer,
-                         decoder_fingerprint, read_memdec_json)
-from .checks import check_device, check_non_negative, check_own_folder, check_plain_name, check_positive_int
+from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_UNFINISHED, MEMDEC_JSON, NO_DOMAIN, ROUTER_JSON,
+                         ROUTER_UNFINISHED, check_checkpoint_tokenizer, decoder_fingerprint, read_memdec_json)
+from .checks import check_device, check_model_name, check_non_negative, check_own_folder, check_positive_int
 from .data import iter_corpus, load_token_stream
 from .errors import MemdecError
 from .joint import MemoryDecoderModel
-from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, load_model, model_fingerprint, resolve_device,
+from .models import (DEFAULT_MODEL, base_fingerprint, bos_prefix, check_block_size, load_model, resolve_device,
                      tokenizer_fingerprint)
 from .router import (SCALARS, DomainFitConfig, RouterFeatures, RouterFitConfig, evaluate_router, fit_config_record,
                      fit_domain_router, fit_router, pooled_states, save_domain_router, save_router)
@@ -116,7 +116,7 @@ def check_router_config(cfg: RouterConfig) -> RouterConfig:
     if cfg.general == cfg.domain_corpus:
         raise MemdecError(f"--general {cfg.general} is the domain corpus: general text must be other text")
     info = read_memdec_json(cfg.memdec)
-    check_own_folder(cfg.out, ROUTER_JSON, MEMDEC_JSON)
+    check_own_folder(cfg.out, ROUTER_JSON, MEMDEC_JSON, partial=ROUTER_UNFINISHED)
     skip = cfg.domain_skip_tokens if cfg.domain_skip_tokens is not None else default_skip(info, cfg)
     return dataclasses.replace(cfg, stride=cfg.stride or max(cfg.block_size // 2, 1),
                                general_tokens=cfg.general_tokens or cfg.tokens, domain_skip_tokens=skip)
@@ -230,7 +230,7 @@ def train_router(cfg: RouterConfig, log=print) -> dict:
     stats.update(rows_seconds=round(seconds_rows, 1), fit_seconds=round(time.perf_counter() - t1, 1),
                  domain_skip_tokens=cfg.domain_skip_tokens, domain_rows=len(rows["domain"]))
     valid = valid_report(rows["valid"], router, joint.lmbda, cfg.valid)
-    info = {"base_model": cfg.model, "base_fingerprint": _fingerprint_or_none(cfg.model),
+    info = {"base_model": cfg.model, "base_fingerprint": base_fingerprint(cfg.model),
             "tokenizer_hash": tokenizer_fingerprint(tokenizer), "decoder": str(Path(cfg.memdec).expanduser().resolve()),
             "decoder_fingerprint": decoder_fingerprint(cfg.memdec), "fixed_lambda": joint.lmbda,
             "temperature": joint.temperature,
@@ -244,14 +244,6 @@ def _corpora(cfg: RouterConfig) -> dict:
     return {"domain_corpus": cfg.domain_corpus, "domain_skip_tokens": cfg.domain_skip_tokens, "tokens": cfg.tokens,
             "general": cfg.general, "general_tokens": cfg.general_tokens, "valid": cfg.valid,
             "valid_tokens": cfg.valid_tokens, "block_size": cfg.block_size, "stride": cfg.stride}
-
-
-def _fingerprint_or_none(spec: str) -> str | None:
-    """The base model's fingerprint (``models.model_fingerprint``), or None where it has no local folder."""
-    try:
-        return model_fingerprint(spec)
-    except MemdecError:
-        return None
 
 
 def format_router_summary(info: dict) -> str:
@@ -285,7 +277,8 @@ class DomainRouterConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec"})
     general: str = field(default="general:train", metadata={"help": "text no decoder should answer: the 'none' class "
                                                                     "(the base alone)"})
-    windows: int = field(default=256, metadata={"help": "training windows per class (and a tenth as many held out)"})
+    windows: int = field(default=256, metadata={"help": "training windows per class (and a tenth as many held out, "
+                                                        "at least 1)"})
     window_tokens: int = field(default=64, metadata={"help": "longest window in tokens (lengths are drawn from a "
                                                              "quarter of it up to it, as prompts vary)"})
     max_tokens: int = field(default=65536, metadata={"help": "tokens read of each corpus (the last tenth: held out)"})
@@ -309,7 +302,7 @@ def parse_named(spec: str, flag: str) -> tuple[str, str]:
     name, sep, value = str(spec).partition("=")
     if not sep or not name or not value:
         raise MemdecError(f"{flag} {spec!r}: give NAME=VALUE")
-    check_plain_name(name, f"{flag} {spec!r}: the name")
+    check_model_name(name, f"{flag} {spec!r}: the name")
     if name == NO_DOMAIN:
         raise MemdecError(f"{flag} {spec!r}: the name {NO_DOMAIN!r} is the base alone; give the domain another name")
     return name, value
@@ -341,7 +334,7 @@ def check_domain_config(cfg: DomainRouterConfig) -> tuple[dict[str, str], dict[s
             raise MemdecError(f"--general {cfg.general} is domain {name}'s corpus: general text must be other text")
     _check_corpus("--general", cfg.general)
     infos = {name: read_memdec_json(ckpt) for name, ckpt in ckpts.items()}
-    check_own_folder(cfg.out, DOMAIN_ROUTER_JSON)
+    check_own_folder(cfg.out, DOMAIN_ROUTER_JSON, partial=DOMAIN_ROUTER_UNFINISHED)
     return ckpts, {name: corpora[name] for name in ckpts}, infos
 
 
@@ -379,7 +372,7 @@ def class_windows(stream: np.ndarray, cfg: DomainRouterConfig, rng: np.random.Ge
     if cut < 8 or len(stream) - cut < 8:
         raise MemdecError(f"{what}: {len(stream)} tokens are too few for training and held-out windows; "
                           f"give a larger corpus or --max-tokens")
-    held_n = max(8, cfg.windows // 10)
+    held_n = max(1, cfg.windows // 10)
     return (random_windows(stream[:cut], cfg.windows, cfg.window_tokens, rng),
             random_windows(stream[cut:], held_n, cfg.window_tokens, rng))
 
@@ -408,7 +401,7 @@ def train_domain_router(cfg: DomainRouterConfig, log=print) -> dict:
     router, stats = fit_domain_router((torch.cat(train_x), torch.cat(train_y)), (torch.cat(held_x), torch.cat(held_y)),
                                       classes, cfg.fit_config())
     stats["rows_seconds"] = round(seconds_rows, 1)
-    info = {"base_model": cfg.model, "base_fingerprint": _fingerprint_or_none(cfg.model),
+    info = {"base_model": cfg.model, "base_fingerprint": base_fingerprint(cfg.model),
             "tokenizer_hash": tokenizer_fingerprint(tokenizer),
             "domains": [{"name": name, "checkpoint": str(Path(ckpt).expanduser().resolve()),
                          "decoder_fingerprint": decoder_fingerprint(ckpt), "corpus": corpora[name]}

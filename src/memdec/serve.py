@@ -57,12 +57,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from .checkpoint import (MEMDEC_JSON, NO_DOMAIN, check_checkpoint_tokenizer, decoder_fingerprint, read_domain_router_json,
                          read_memdec_json)
-from .checks import check_context, check_device, check_lambda
+from .checks import check_context, check_device, check_lambda, check_model_name
 from .errors import MemdecError
-from .files import read_json_object
+from .files import json_depth, read_json_object
 from .joint import MemoryDecoderModel
-from .models import (DEFAULT_MODEL, load_model, load_tokenizer, max_context, resolve_device, resolve_model_spec,
-                     tokenizer_fingerprint)
+from .models import (DEFAULT_MODEL, check_base_identity, load_model, load_tokenizer, max_context, resolve_device,
+                     resolve_model_spec, tokenizer_fingerprint)
 from .router import DomainRouter, load_domain_router, pooled_states
 
 GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long to finish on SIGINT/SIGTERM, then are cancelled
@@ -137,9 +137,6 @@ class Plan:
     router_info: dict | None = None  # its domains.json
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][\w.:@+-]*$")
-
-
 def run_settings(run: str | Path) -> tuple[str, str]:
     """(base model spec, memory decoder folder) of a finished ``memdec adapt`` run folder."""
     run = Path(run).expanduser()
@@ -168,8 +165,7 @@ def parse_memdec_spec(spec: str) -> tuple[str, str]:
         ckpt = spec
         path = Path(ckpt).expanduser().resolve()
         name = path.parent.name if path.name == "memdec" else path.name
-    if not name or not _NAME.match(name):
-        raise MemdecError(f"--memdec {spec!r}: the name {name!r} must be letters, digits, and . _ - : @ +")
+    check_model_name(name, f"--memdec {spec!r}: the name")
     if not ckpt:
         raise MemdecError(f"--memdec {spec!r}: give a checkpoint folder after '='")
     return name, ckpt
@@ -337,6 +333,8 @@ def load_models(plan: Plan) -> Models:
         check_checkpoint_tokenizer(tokenizer, info, f"memory decoder {name} ({ckpt})")
     if plan.router is not None and plan.router_info["tokenizer_hash"] != tokenizer_fingerprint(tokenizer):
         raise MemdecError(f"--router {plan.router}: trained with another tokenizer than the base model's")
+    if plan.router is not None:
+        check_base_identity(plan.router_info.get("base_fingerprint"), plan.base_spec, f"--router {plan.router}")
     base, tokenizer = load_model(plan.base_spec, device=resolve_device(plan.device))
     joints = {name: MemoryDecoderModel.from_pretrained(base, ckpt, plan.lmbda, tokenizer=tokenizer)
               for name, ckpt, _ in plan.decoders}
@@ -1081,19 +1079,6 @@ def parse_json_object(raw: bytes) -> dict:
     if json_depth(body) > MAX_JSON_DEPTH:
         raise too_deep
     return body
-
-
-def json_depth(value) -> int:
-    """How many containers deep a parsed JSON value goes (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return deepest
 
 
 def models_body(models: Models) -> dict:

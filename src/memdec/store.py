@@ -3,9 +3,10 @@
 Every module that only reads a datastore (train, knnlm, knowledge, transfer, tasks, evaluate)
 imports this one; ``memdec.datastore`` (the builder) writes what it reads.
 
-``DIR/manifest.json`` is a ``Manifest``: the identity of the inputs (model, tokenizer, corpus,
-windowing), the keys' layer and dimension, and one record per build step (``KeysStep``,
-``IndexStep``, ``TargetsStep``: status, parameters, counters). ``Manifest.from_json`` checks every
+``DIR/manifest.json`` is a ``Manifest``: the identity of the inputs (model and, where it has a local
+folder, the fingerprint of its weights, ``model_hash``, which kNN-LM checks against the base it is
+used with; tokenizer, corpus, windowing), the keys' layer and dimension, and one record per build
+step (``KeysStep``, ``IndexStep``, ``TargetsStep``: status, parameters, counters). ``Manifest.from_json`` checks every
 field it types (one line naming the file and the field), ``to_json`` gives the same JSON back key
 for key, in the same order (a record keeps the order its keys were read or set in, as a dict
 does), so the bytes of a manifest, and every hash taken from it, never change by going through
@@ -231,6 +232,7 @@ class Manifest(Record):
 
     version: int = typed(WHOLE, required=True, default=VERSION)
     model: str = typed(TEXT, required=True, default="")
+    model_hash: str | None = typed(TEXT)  # the base's weights (models.base_fingerprint); absent: not recorded
     tokenizer_hash: str = typed(TEXT, required=True, default="")
     corpus: str = typed(TEXT, required=True, default="")
     corpus_hash: str = typed(TEXT, required=True, default="")
