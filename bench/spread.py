@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# Domains
+# One run: its folder, its settings, whether it is finished
 
 
 def run_folder(out: Path, domain: str, shape: str) -> Path:
@@ -200,8 +200,8 @@ def numbers(domain: str, shape: str, report: dict | None) -> dict:
     return {**row, **{f"{key}_ppl": value for key, value in ppl.items()},
             "base_general_ppl": system_row(report, "base").get("general_ppl"),
             "memdec_general_ppl": memdec.get("general_ppl"), "lambda": memdec.get("lambda"),
-            "alpha": chosen_alpha(report), "decoder_bytes": report["disk_bytes"]["memdec"],
-            "decoder": report["sizes"].get("memdec_shape"), "test_tokens": report["tokens"],
+            "alpha": chosen_alpha(report), "decoder_bytes": (report.get("disk_bytes") or {}).get("memdec"),
+            "decoder": (report.get("sizes") or {}).get("memdec_shape"), "test_tokens": report.get("tokens"),
             "general_tokens": (report.get("general") or {}).get("tokens")}
 
 
