@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     disk, a read-only one) is raised naming ``path``; the file that was there before is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = atomic_tmp(path)
     try:
         with os_errors_named(path, tmp):
             write(tmp)
@@ -78,6 +79,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_tmp(path: str | os.PathLike) -> Path:
+    """The temporary name ``atomic_write`` writes ``path`` under: ``.NAME.tmp`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def remove_interrupted_writes(folder: str | os.PathLike, *staging_prefixes: str) -> list[str]:
+    """Remove what writes killed mid-way (SIGKILL, power loss) left directly in ``folder``, a folder
+    memdec owns (the caller checked it): ``atomic_write``'s temporary files (``.NAME.tmp``) and the
+    staging folders whose names start with one of ``staging_prefixes`` (dot names memdec alone makes).
+    Nothing else is touched. Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.is_symlink() and any(p.name.startswith(x) for x in staging_prefixes):
+            shutil.rmtree(p, ignore_errors=True)
+        elif not p.is_dir() and p.name.startswith(".") and p.name.endswith(".tmp") and len(p.name) > len("..tmp"):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p.name)
+    return removed
 
 
 class _RecordingFile:

@@ -1,0 +1,126 @@
+"""Reliability round four (issues 32 and 36): training never replaces another run and leaves no stale or
+half-written file behind; eval never reports a non-finite score; corpora are read in bounded pieces; the
+transfer command says what it needs. Tiny fixtures from conftest (a 2-block Llama, a 600-token datastore)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from memdec.cli import main
+from memdec.errors import MemdecError
+from memdec.joint import MemoryDecoderModel
+from memdec.models import load_model
+from memdec.train import TrainConfig, train
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """The one `memdec: error:` line of a refused command (exit 2, no traceback)."""
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("memdec: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def config(store, out, **kw) -> TrainConfig:
+    base = dict(datastore=str(store), out=str(out), max_steps=2, batch_size=2, block_size=32, lr=1e-3, warmup=1,
+                save_every=1, log_every=1, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file directly in ``folder``, by name."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(store, tmp_path_factory) -> Path:
+    """A finished fork:1 run (its trainer state dropped), copied fresh by each test that changes it."""
+    return train(config(store, tmp_path_factory.mktemp("finished") / "run", decoder="fork:1"))
+
+
+def fresh_copy(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    return dest
+
+
+# --- issue 36 item 2: --no-resume never replaces another run; what the old weights had goes with them --------
+
+
+def test_no_resume_refuses_a_finished_checkpoint_of_another_run(finished, store, tmp_path, capsys):
+    run = fresh_copy(finished, tmp_path / "run")
+    before = digest(run)
+    for extra in (["--seed", "3"], ["--decoder", "copy"], ["--lr", "5e-4"]):
+        argv = ["train", "--datastore", str(store), "--out", str(run), "--decoder", "fork:1", "--max-steps", "2",
+                "--batch-size", "2", "--block-size", "32", "--lr", "1e-3", "--warmup", "1", "--save-every", "1",
+                *extra, "--no-resume"]
+        err = one_line_error(capsys, argv)
+        assert "holds a checkpoint of another run" in err and "--no-resume starts over the same run only" in err
+    assert digest(run) == before  # decoder.safetensors and memdec.json untouched
+
+
+def test_no_resume_refuses_another_method_finished_in_the_folder(finished, store, tmp_path):
+    """A memdec.json beside another method's baseline.json is another run, whatever the fingerprint says."""
+    run = fresh_copy(finished, tmp_path / "run")
+    (run / "baseline.json").write_text(json.dumps({"format": "memdec-baseline", "version": 1}))
+    with pytest.raises(MemdecError, match="another run"):
+        train(config(store, run, decoder="fork:1", resume=False))
+
+
+def test_no_resume_starts_the_same_run_over_and_drops_a_router_made_for_the_old_weights(
+        finished, store, tmp_path, tiny_llama_dir, tokenizer):
+    run = fresh_copy(finished, tmp_path / "run")
+    (run / "router.json").write_text(json.dumps({"format": "memdec-router", "version": 1, "kind": "constant"}))
+    save_file({"w": torch.zeros(1)}, str(run / "router.safetensors"))
+    (run / "domains.json").write_text("{}")
+    with pytest.raises(MemdecError):  # the stale router makes the checkpoint unloadable today
+        MemoryDecoderModel.from_pretrained(str(tiny_llama_dir), str(run), tokenizer=tokenizer)
+    out = train(config(store, run, decoder="fork:1", resume=False))
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"router.json", "router.safetensors", "domains.json"}, left
+    assert json.loads((out / "memdec.json").read_text())["run_fingerprint"]
+    base, _ = load_model(str(tiny_llama_dir))
+    MemoryDecoderModel.from_pretrained(base, str(out), tokenizer=tokenizer)  # loads again
+
+
+# --- issue 36 item 14: what a killed save left is removed when the run is taken up again -----------------------
+
+
+def killed_save_leftovers(run: Path) -> None:
+    """What SIGKILL inside ``save_files`` and ``atomic_write`` leaves: a staging folder, a temporary file."""
+    staged = run / ".save.k1ll3d"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"\0" * 4096)
+    (run / ".memdec.json.tmp").write_text("{")
+
+
+def test_a_resumed_run_removes_what_a_killed_save_left(store, tmp_path, interrupt_at):
+    run = tmp_path / "run"
+    with pytest.raises(interrupt_at.error):
+        train(config(store, run, max_steps=3), on_step=interrupt_at(2))
+    killed_save_leftovers(run)
+    (run / "notes.txt").write_text("mine")  # not memdec's temporary name: kept
+    out = train(config(store, run, max_steps=3))
+    assert not list(out.glob(".save.*")) and not list(out.glob(".*.tmp"))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "memdec.json").is_file()
+
+
+def test_a_finished_run_asked_again_removes_what_a_killed_save_left(finished, store, tmp_path):
+    run = fresh_copy(finished, tmp_path / "run")
+    killed_save_leftovers(run)
+    before = digest(run)
+    train(config(store, run, decoder="fork:1"))  # done already: nothing retrained
+    assert not list(run.glob(".save.*")) and not list(run.glob(".*.tmp"))
+    assert digest(run) == {k: v for k, v in before.items() if k != ".memdec.json.tmp"}
