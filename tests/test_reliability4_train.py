@@ -124,3 +124,30 @@ def test_a_finished_run_asked_again_removes_what_a_killed_save_left(finished, st
     train(config(store, run, decoder="fork:1"))  # done already: nothing retrained
     assert not list(run.glob(".save.*")) and not list(run.glob(".*.tmp"))
     assert digest(run) == {k: v for k, v in before.items() if k != ".memdec.json.tmp"}
+
+
+# --- issue 36 item 15: transfer's --decoder has no default, and only a copy decoder transfers --------------------
+
+
+def test_transfer_help_names_decoder_required_not_a_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["transfer", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    decoder = help_text[help_text.index("--decoder DECODER the source"):]
+    decoder = decoder[: decoder.index("--", 3)]
+    assert "(required)" in decoder and "default" not in decoder, decoder
+
+
+def test_transfer_without_decoder_is_refused_by_name(store, tiny_llama_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["transfer", "--model", str(tiny_llama_dir), "--datastore", str(store), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "required: --decoder" in err and "copy" not in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_transfer_of_a_fork_says_only_copy_decoders_transfer(finished, store, tiny_llama_dir, tmp_path, capsys):
+    err = one_line_error(capsys, ["transfer", "--decoder", str(finished), "--model", str(tiny_llama_dir),
+                                  "--datastore", str(store), "--out", str(tmp_path / "t"), "--max-steps", "1"])
+    assert "a fork memory decoder" in err and "only a copy decoder" in err and "no model config" not in err, err
+    assert not (tmp_path / "t").exists()
