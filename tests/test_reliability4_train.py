@@ -151,3 +151,94 @@ def test_transfer_of_a_fork_says_only_copy_decoders_transfer(finished, store, ti
                                   "--datastore", str(store), "--out", str(tmp_path / "t"), "--max-steps", "1"])
     assert "a fork memory decoder" in err and "only a copy decoder" in err and "no model config" not in err, err
     assert not (tmp_path / "t").exists()
+
+
+# --- issue 36 item 5: a non-finite score stops eval with one line naming the system; nothing lands in eval.json --
+
+
+@pytest.fixture(scope="module")
+def nan_decoder(tmp_path_factory, tokenizer) -> Path:
+    """A copy decoder whose outputs are NaN (its final norm's weights are)."""
+    from safetensors.torch import load_file
+
+    from memdec.models import tokenizer_fingerprint
+    from memdec.testing import save_tiny_model
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("nan-decoder"), "llama", tokenizer, seed=1)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "memdec.json").write_text(json.dumps({
+        "format": "memdec", "version": 1, "base_model": "tiny", "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+        "lambda": 0.3}))
+    return folder
+
+
+def test_eval_sweep_of_a_nan_decoder_is_one_line_and_writes_nothing(nan_decoder, tiny_llama_dir, tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    err = one_line_error(capsys, ["eval", "--model", str(tiny_llama_dir), "--memdec", str(nan_decoder), "--sweep",
+                                  "--valid", "austen:valid", "--corpus", "austen:test", "--max-tokens", "200",
+                                  "--block-size", "64", "--json", str(report)])
+    assert "nan" in err.lower() or "finite" in err, err
+    assert not report.exists()
+
+
+def eval_inputs(tokenizer, corpus: str = "austen:test", valid: str = "austen:valid"):
+    """``EvalInputs`` over real token streams of the tiny tokenizer, no model needed by the scorers below."""
+    from memdec.data import load_token_stream
+    from memdec.evaluate import EvalConfig, EvalInputs, prepare_config
+
+    cfg = prepare_config(EvalConfig(model="tiny", corpus=corpus, valid=valid, sweep=True, memdec="ckpt",
+                                    max_tokens=120, block_size=32))
+    streams = {"test": load_token_stream(corpus, tokenizer, 120), "valid": load_token_stream(valid, tokenizer, 120),
+               "general": None}
+    return cfg, EvalInputs(None, tokenizer, "cpu", None, None, [], streams)
+
+
+def test_every_scored_stream_must_be_finite_and_names_the_system(tokenizer):
+    from memdec.data import sliding_windows, window_batches
+    from memdec.evaluate import _score_each
+
+    cfg, inputs = eval_inputs(tokenizer)
+    test_batches = len(window_batches(sliding_windows(len(inputs.streams["test"]), 32, 16), 1))
+    calls = []
+
+    def nan_on_valid(input_ids, targets):  # a scorer finite on the test text, NaN on the validation text
+        calls.append(1)
+        return torch.full(targets.shape, -2.0 if len(calls) <= test_batches else float("nan"))
+
+    with pytest.raises(MemdecError, match=r"^memdec on --valid austen:valid: 119 of 119 per-token scores are NaN"):
+        _score_each(cfg, inputs, nan_on_valid, "memdec")
+    with pytest.raises(MemdecError, match=r"^dapt on --corpus austen:test: 119 of 119 .* are infinite"):
+        _score_each(cfg, inputs, lambda i, t: torch.full(t.shape, -float("inf")), "dapt")
+
+
+def test_rows_and_the_report_hold_finite_numbers_only(tokenizer):
+    from memdec.evaluate import EvalReport, Mixture, Scored, build_rows, make_row
+
+    cfg, inputs = eval_inputs(tokenizer)
+    n = len(inputs.streams["test"]) - 1
+    base = {"test": np.full(n, 3.0), "valid": np.full(len(inputs.streams["valid"]) - 1, 3.0), "general": None}
+    knn = {"test": np.r_[np.full(n - 1, 1.0), np.inf], "valid": np.r_[np.full(len(base["valid"]) - 1, 1.0), np.inf],
+           "general": None}  # one target no neighbour holds: infinite alone, finite mixed at λ < 1
+    report = build_rows(cfg, inputs, Scored(base, 1.0, [Mixture("knn-lm", "ds", knn, 1.0, 0.25, {})]))
+    row = report.rows[1]
+    assert row.lmbda < 1 and math.isfinite(row.ppl) and row.extra["alone_ppl"] is None
+    json.dumps(report.to_json("austen:test"), allow_nan=False)
+    with pytest.raises(MemdecError, match=r"^knn-lm at λ=1: the perplexity on the test corpus is not finite"):
+        make_row("knn-lm", "ds", knn["test"], 1.0, 1.0)
+    with pytest.raises(MemdecError, match=r"^dapt: the perplexity .* not finite \(mean NLL 1000\)"):
+        make_row("dapt", "x", np.full(4, 1000.0), 1.0)  # finite scores whose perplexity overflows a float
+    bad = EvalReport([make_row("base", "m", base["test"], 1.0, train_seconds=float("inf"))], n)
+    with pytest.raises(MemdecError, match=r"non-finite number at results\[0\]\.train_seconds \(inf\)"):
+        bad.to_json("austen:test")
+
+
+def test_eval_knn_at_lambda_one_that_misses_a_target_is_one_line_and_writes_nothing(store, tiny_llama_dir,
+                                                                                    tmp_path, capsys):
+    report = tmp_path / "eval.json"
+    err = one_line_error(capsys, ["eval", "--model", str(tiny_llama_dir), "--knn", str(store), "--lambda", "1",
+                                  "--corpus", "austen:test", "--max-tokens", "200", "--block-size", "64",
+                                  "--json", str(report)])
+    assert "knn-lm at λ=1: the perplexity on the test corpus is not finite" in err, err
+    assert not report.exists()
