@@ -242,3 +242,120 @@ def test_eval_knn_at_lambda_one_that_misses_a_target_is_one_line_and_writes_noth
                                   "--json", str(report)])
     assert "knn-lm at λ=1: the perplexity on the test corpus is not finite" in err, err
     assert not report.exists()
+
+
+# --- issue 32 item 4: corpora are read in bounded pieces, whatever their line structure -----------------------
+
+
+def test_eval_refuses_a_device_in_one_line_before_any_model_loads(capsys):
+    err = one_line_error(capsys, ["eval", "--model", "no-such-model-is-loaded", "--corpus", "/dev/zero",
+                                  "--max-tokens", "64"])
+    assert err.startswith("memdec: error: --corpus: /dev/zero: not a regular file or folder"), err
+
+
+def test_a_fifo_is_refused_before_anything_reads_it(tmp_path, capsys):
+    import os
+
+    from memdec.data import iter_corpus
+
+    fifo = tmp_path / "corpus.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(MemdecError, match="not a regular file or folder"):
+        iter_corpus(str(fifo))  # opening it would block until a writer came
+    with pytest.raises(MemdecError, match="not a regular file or folder"):
+        iter_corpus("/dev/zero")
+    err = one_line_error(capsys, ["eval", "--model", "no-such-model", "--memdec", "no-such-ckpt", "--sweep",
+                                  "--valid", str(fifo), "--max-tokens", "64"])
+    assert f"--valid: {fifo}: not a regular file" in err, err
+
+
+def test_a_huge_single_line_file_is_read_only_as_far_as_max_tokens_needs(tokenizer, tmp_path):
+    import tracemalloc
+
+    from memdec.data import load_token_stream
+
+    big = tmp_path / "one-line.txt"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # 64 MiB of NUL characters, no newline, no space
+    tracemalloc.start()
+    try:
+        tokens = load_token_stream(str(big), tokenizer, max_tokens=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(tokens) == 64 and peak < 16 << 20, peak  # a piece or two, never the whole file
+
+
+def austen_one_line(n_chars: int) -> str:
+    """Real prose on one line (newlines made spaces), ``n_chars`` long."""
+    from memdec.data import read_corpus
+
+    text = " ".join(read_corpus("austen:test")[0].text.split())
+    return (text * (n_chars // len(text) + 1))[:n_chars]
+
+
+def test_a_long_document_read_in_pieces_keeps_its_tokens(tokenizer, tmp_path):
+    """At the real bound (1 MiB): a 2.5 MB one-line file is read in three pieces, its tokens those of
+    the whole text; so is its text as one JSONL record (its line is read whole, the text cut)."""
+    from memdec.data import PIECE_CHARS, iter_corpus, load_token_stream
+
+    text = austen_one_line(2_500_000)
+    (tmp_path / "big.txt").write_text(text)
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    whole = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+    pieces = list(iter_corpus(str(tmp_path / "big.txt")))
+    assert len(pieces) == 3 and [p.continues for p in pieces] == [False, True, True]
+    assert max(len(p.text) for p in pieces) <= PIECE_CHARS and "".join(p.text for p in pieces) == text
+    assert all(p.text.startswith(" ") for p in pieces[1:])  # cut before a space between two words
+    for spec in ("big.txt", "big.jsonl"):
+        assert np.array_equal(load_token_stream(str(tmp_path / spec), tokenizer), whole), spec
+
+
+def test_every_way_to_name_a_corpus_reads_long_documents_in_pieces_with_the_same_tokens(tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """Small bounds (many cuts): a file, a JSONL file, a folder and a glob give the tokens of the whole
+    documents, EOS between documents and none between the pieces of one."""
+    import memdec.data as data
+
+    monkeypatch.setattr(data, "PIECE_CHARS", 700)
+    monkeypatch.setattr(data, "CUT_WINDOW", 200)
+    monkeypatch.setattr(data, "READ_BYTES", 500)
+    docs = [austen_one_line(5_000), "Short one.", austen_one_line(3_333).replace(" ", "\n", 40) + " é" * 400]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, d in enumerate(docs):
+        (folder / f"{i}.txt").write_text(d)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    eos = tokenizer.eos_token_id
+    expected = np.concatenate([np.asarray(([eos] if i else []) + tokenizer(d, add_special_tokens=False)["input_ids"])
+                               for i, d in enumerate(docs)])
+    for spec in (str(folder), str(folder / "*.txt"), str(tmp_path / "c.jsonl")):
+        got = data.load_token_stream(spec, tokenizer)
+        assert np.array_equal(got, expected), spec
+        assert np.array_equal(data.load_token_stream(spec, tokenizer, max_tokens=1500), expected[:1500]), spec
+    assert data.load_token_stream(str(folder / "0.txt"), tokenizer).tolist() == \
+        tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    assert len(list(data.iter_corpus(str(folder)))) > 12  # every document over 700 characters came in pieces
+
+
+def test_a_jsonl_line_longer_than_the_bound_is_one_line(tmp_path, monkeypatch):
+    import memdec.data as data
+
+    monkeypatch.setattr(data, "JSONL_MAX_LINE", 1000)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "x" * 2000}) + "\n")
+    docs = data.iter_corpus(str(tmp_path / "c.jsonl"))
+    assert next(docs).text == "ok"
+    with pytest.raises(MemdecError, match=r"c.jsonl:2: a line longer than 0 MiB; a JSONL record is read whole"):
+        next(docs)
+
+
+def test_invalid_utf8_is_named_by_its_offset_across_read_chunks(tmp_path, monkeypatch):
+    import memdec.data as data
+
+    monkeypatch.setattr(data, "READ_BYTES", 7)
+    (tmp_path / "a.txt").write_bytes("abcdé".encode() + b"fgh\xffij")  # 0xff at byte 9: the second chunk
+    (tmp_path / "b.txt").write_bytes(b"abcdef\xe2\x82")  # a character cut short at the end
+    with pytest.raises(MemdecError, match=r"invalid byte 0xff at byte offset 9\)"):
+        data.read_corpus(str(tmp_path / "a.txt"))
+    with pytest.raises(MemdecError, match=r"invalid byte 0xe2 at byte offset 6\)"):
+        data.read_corpus(str(tmp_path / "b.txt"))

@@ -23,7 +23,7 @@ import numpy as np
 from .baselines import check_baseline, load_baseline, method_names
 from .checkpoint import apply_run, read_router_json
 from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
-from .data import load_token_stream
+from .data import check_corpus, load_token_stream
 from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
 from .errors import MemdecError
 from .files import atomic_write, atomic_write_json
@@ -210,6 +210,9 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.recurring is not None and not Path(cfg.recurring).expanduser().exists() and ":" not in cfg.recurring:
         raise MemdecError(f"--recurring {cfg.recurring}: no such datastore folder or corpus")
     _check_mixing_flags(cfg)
+    for flag, spec in (("--corpus", cfg.corpus), ("--valid", cfg.valid), ("--general", cfg.general)):
+        if spec is not None:  # a missing file, a device or a FIFO: one line before any model loads
+            check_corpus(spec, flag, cfg.text_field)
 
 
 def _check_mixing_flags(cfg: EvalConfig) -> None:
