@@ -19,16 +19,7 @@ from memdec.errors import MemdecError
 from memdec.joint import MemoryDecoderModel
 from memdec.models import load_model
 from memdec.train import TrainConfig, train
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """The one `memdec: error:` line of a refused command (exit 2, no traceback)."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("memdec: error:")]
-    assert len(errors) == 1, err
-    return errors[0]
+from test_reliability3_cli import one_line_error  # the one `memdec: error:` line of a refused command
 
 
 def config(store, out, **kw) -> TrainConfig:

@@ -420,7 +420,8 @@ def iter_token_pieces(tokenizer, docs: Iterable[Document], batch_size: int = 64,
         if not pending:
             return
         # a piece that continues a document, or one longer than what is still needed, is tokenized alone
-        alone = next((j for j, d in enumerate(pending) if d.continues or (need is not None and len(d.text) > need)), None)
+        alone = next((j for j, d in enumerate(pending)
+                      if d.continues or (need is not None and len(d.text) > need)), None)
         if alone == 0:
             batch = pending[:1]
             encoded = [_encode_alone(tokenizer, batch[0], before, None if max_tokens is None else max_tokens - total)]

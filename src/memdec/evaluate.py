@@ -6,7 +6,9 @@ lora alone). ``run_eval_report`` runs three steps: ``load_inputs`` (models, chec
 streams, all checked before any scoring), ``score_systems`` (each system's per-token NLL on the
 test, validation and general streams) and ``build_rows`` (λ chosen on validation, the rows and
 their budget columns). Each mixture's per-token log-probs are computed once; mixing at any λ is
-then an elementwise operation (``memdec.scoring``).
+then an elementwise operation (``memdec.scoring``). A NaN per-token score (or an infinite one from a
+model; a kNN distribution may give a token none) stops the evaluation with one line naming the system
+and the corpus, and so does a row whose perplexity is not finite: no row, curve or report holds one.
 """
 
 from __future__ import annotations
@@ -371,8 +373,8 @@ def _score_each(cfg, inputs: EvalInputs, scorer, desc: str, streams=("test", "va
             nll[name] = None
             continue
         label = desc if name == "test" else f"{desc} ({name})"
-        scores, took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device, desc=label,
-                                    prefix=inputs.prefix)
+        scores, took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device,
+                                    desc=label, prefix=inputs.prefix)
         nll[name] = check_finite_scores(scores, _scored(cfg, desc, name))
         seconds = took if name == "test" else seconds
     return nll, seconds

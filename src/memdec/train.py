@@ -48,8 +48,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS,
-                         MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, load_safetensors, write_memdec_json)
+from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DOMAIN_ROUTER_JSON,
+                         DOMAIN_ROUTER_WEIGHTS, MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, load_safetensors,
+                         write_memdec_json)
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
                      check_unit_interval, or_null)
