@@ -13,6 +13,15 @@ A *corpus spec* is one string:
   ``text_field``), a folder (every ``.txt``/``.md``/``.jsonl`` file below it, sorted), a glob, or
   a folder saved by ``datasets.Dataset.save_to_disk`` (needs the ``datasets`` package).
 
+Every way to name a corpus reads it in bounded pieces: a text file ``READ_BYTES`` at a time, a JSONL
+file a line at a time (a line longer than ``JSONL_MAX_LINE`` is refused), and a document longer than
+``PIECE_CHARS`` characters comes as pieces (``Document.continues``), each cut before a space between
+two non-space characters near the bound: a boundary of the usual pre-tokenizers, so its tokens are
+those of the whole text (a piece continuing a document is tokenized after the end of the one before).
+A document of ``PIECE_CHARS`` or less, which is every document of the built-in corpora, is one piece,
+as read. A corpus must be a regular file or a folder: a device or a FIFO is refused, since a corpus is
+read more than once (checked, tokenized, hashed to resume).
+
 Documents are tokenized in batches by the fast tokenizer and joined with EOS between them into
 one token stream. Sliding windows then cover that stream so that every position is scored
 (or stored) exactly once, with as much left context as the window allows.
@@ -20,6 +29,8 @@ one token stream. Sliding windows then cover that stream so that every position 
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import glob as globlib
 import hashlib
 import itertools
@@ -35,7 +46,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import CorpusError
+from .errors import CorpusError, MemdecError
 from .files import NpyAppender, parse_json
 
 # Built-in corpora: name -> documents under the package's ``corpora/<prefix>/`` folder. Each is
@@ -73,6 +84,48 @@ JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 class Document:
     source: str  # file name, or file:line for JSONL
     text: str
+    continues: bool = False  # a piece of a long document that goes on from the previous one: no EOS between
+
+
+PIECE_CHARS = 1 << 20  # a document longer than this comes in pieces of at most this many characters
+CUT_WINDOW = 1 << 16  # a piece ends at the last space between two non-spaces in its last CUT_WINDOW characters
+READ_BYTES = 1 << 20  # a text file is read this many bytes at a time
+JSONL_MAX_LINE = 64 << 20  # a JSONL line is one JSON record, read whole: longer lines are refused
+
+
+def _cut_at(text: str, lo: int, hi: int) -> int:
+    """The last offset in (lo, hi] of a space between two non-space characters (``hi`` < len(text)), or
+    ``hi`` where there is none: a piece ends there and the next one begins with the space."""
+    at = hi + 1
+    while (at := text.rfind(" ", lo + 1, at)) > 0:
+        if not text[at - 1].isspace() and not text[at + 1].isspace():
+            return at
+    return hi
+
+
+def _pieces(source: str, chunks: Iterable[str], continues: bool = False) -> Iterator[Document]:
+    """The document ``source`` whose text arrives in ``chunks``, as pieces of at most ``PIECE_CHARS``
+    characters (``_cut_at``); every piece after the first ``continues`` it. A text of ``PIECE_CHARS``
+    or less is one piece, exactly as read. Holds at most one chunk and one piece at a time."""
+    carry = ""
+    for chunk in chunks:
+        text, start = carry + chunk, 0
+        while len(text) - start > PIECE_CHARS:
+            cut = _cut_at(text, max(start, start + PIECE_CHARS - CUT_WINDOW), start + PIECE_CHARS)
+            yield Document(source, text[start:cut], continues)
+            start, continues = cut, True
+        carry = text[start:]
+    if carry or not continues:
+        yield Document(source, carry, continues)
+
+
+def _bounded(docs: Iterable[Document]) -> Iterator[Document]:
+    """``docs`` with each document longer than ``PIECE_CHARS`` in pieces (``_pieces``)."""
+    for doc in docs:
+        if len(doc.text) > PIECE_CHARS:
+            yield from _pieces(doc.source, [doc.text], doc.continues)
+        else:
+            yield doc
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -193,14 +246,39 @@ def corpus_source(spec: str) -> dict | None:
 
 
 def _read_text_file(path: Path) -> Iterator[Document]:
-    yield Document(str(path), _decode(path.read_bytes(), str(path)))
+    """A text file as one document, in pieces (``_pieces``): never held whole, whatever its lines."""
+    yield from _pieces(str(path), _decoded_chunks(path))
+
+
+def _decoded_chunks(path: Path) -> Iterator[str]:
+    """The UTF-8 text of ``path``, ``READ_BYTES`` at a time; CorpusError naming the first invalid byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(READ_BYTES)
+            try:
+                yield decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:  # exc.object: the bytes the decoder held back, then ``data``
+                at = offset - (len(exc.object) - len(data)) + exc.start
+                raise CorpusError(f"{path}: not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} at byte offset "
+                                  f"{at})") from None
+            if not data:
+                return
+            offset += len(data)
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    """The documents of a JSON-lines file, read one line at a time."""
+    """The documents of a JSON-lines file, read one line (of at most ``JSONL_MAX_LINE`` bytes) at a time."""
     with open(path, "rb") as f:
         offset = 0
-        for lineno, raw in enumerate(f, 1):
+        for lineno in itertools.count(1):
+            raw = f.readline(JSONL_MAX_LINE + 1)
+            if not raw:
+                return
+            if len(raw) > JSONL_MAX_LINE and not raw.endswith(b"\n"):
+                raise CorpusError(f"{path}:{lineno}: a line longer than {JSONL_MAX_LINE >> 20} MiB; a JSONL record is "
+                                  f"read whole: give so long a document as a text file (read in pieces)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -267,14 +345,18 @@ def _corpus_paths(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if not path.exists():
         raise CorpusError(f"{spec}: no such file or folder")
+    if not path.is_file() and not path.is_dir():
+        raise CorpusError(f"{spec}: not a regular file or folder (a device, FIFO or socket): a corpus is read more "
+                          f"than once (checked, tokenized, hashed to resume); save the text to a file")
     return [path]
 
 
 def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
-    """The non-blank documents of a corpus spec, read lazily: one file, one JSONL line or one batch
-    of dataset rows at a time, so a corpus larger than memory streams through (each document
-    must fit). A bad spec raises CorpusError at once; a bad file when it is reached. Raises
-    CorpusError at the end if no document had text."""
+    """The non-blank documents of a corpus spec, read lazily: a piece of a text file, one JSONL line or
+    one batch of dataset rows at a time, so a corpus larger than memory streams through, and a document
+    longer than ``PIECE_CHARS`` comes in pieces (``Document.continues``; a blank first piece is dropped
+    and the next one starts the document). A bad spec raises CorpusError at once; a bad file when it is
+    reached. Raises CorpusError at the end if no document had text."""
     stdlib = None if spec in BUILTIN_CORPORA else _parse_stdlib_spec(spec)
     paths = None if spec in BUILTIN_CORPORA or stdlib else _corpus_paths(spec)
 
@@ -284,10 +366,15 @@ def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
             sources = (d for p in paths for d in _read_path(p, text_field))
         else:
             sources = _read_stdlib(*stdlib) if stdlib else iter(_read_builtin(spec))
-        for doc in sources:
-            if doc.text.strip():
-                found = True
+        kept = False  # whether the document the next piece may continue was kept
+        for doc in _bounded(sources):
+            if doc.continues and kept:
                 yield doc
+            elif doc.text.strip():
+                found = kept = True
+                yield dataclasses.replace(doc, continues=False) if doc.continues else doc
+            else:
+                kept = False
         if not found:
             raise CorpusError(f"{spec}: the corpus is empty (no non-blank text)")
 
@@ -295,47 +382,103 @@ def iter_corpus(spec: str, text_field: str = "text") -> Iterator[Document]:
 
 
 def read_corpus(spec: str, text_field: str = "text") -> list[Document]:
-    """Read a corpus spec into documents. Raises CorpusError on a missing, empty or non-UTF-8 corpus."""
+    """Read a corpus spec into documents (``iter_corpus``'s, a long one in pieces). Raises CorpusError on a
+    missing, empty or non-UTF-8 corpus."""
     return list(iter_corpus(spec, text_field))
+
+
+def check_corpus(spec: str, flag: str, text_field: str = "text") -> None:
+    """A corpus spec that names something readable (its documents are read later): one MemdecError
+    line naming ``flag``, before any model loads."""
+    try:
+        iter_corpus(spec, text_field)
+    except MemdecError as exc:
+        raise MemdecError(f"{flag}: {exc}") from None
 
 
 def iter_token_pieces(tokenizer, docs: Iterable[Document], batch_size: int = 64,
                       max_tokens: int | None = None) -> Iterator[np.ndarray]:
-    """The token stream of ``docs`` in pieces (int32 arrays), EOS between documents.
+    """The token stream of ``docs`` in pieces (int32 arrays), EOS between documents (none before a
+    piece that ``continues`` one: it is tokenized after the end of the piece before, ``encode_after``).
 
-    ``docs`` is consumed lazily, ``batch_size`` documents at a time, so only one batch of text is
-    held at once. With ``max_tokens``, tokenization stops once that many tokens exist, and a long
-    document is tokenized only as far as needed (``tokenize_prefix``): the pieces join to the
-    whole stream cut to ``max_tokens``, without tokenizing the rest.
+    ``docs`` is consumed lazily, ``batch_size`` documents (at most ``BATCH_CHARS`` characters) at a
+    time, so only one batch of text is held at once. With ``max_tokens``, reading and tokenization stop
+    once that many tokens exist, and a long document is tokenized only as far as needed
+    (``tokenize_prefix``): the pieces join to the whole stream cut to ``max_tokens``, without reading
+    or tokenizing the rest.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError("the tokenizer has no EOS token to separate documents")
     docs = iter(docs)
-    pending: list[str] = []  # texts read but not yet tokenized (at most one batch)
-    total, first = 0, True
+    pending: list[Document] = []  # documents read but not yet tokenized (at most one batch)
+    total, first, before = 0, True, ""  # before: the end of the last text tokenized
     while max_tokens is None or total < max_tokens:
-        pending += [d.text for d in itertools.islice(docs, batch_size - len(pending))]
+        need = None if max_tokens is None else PREFIX_CHARS_PER_TOKEN * (max_tokens - total)
+        pending += _take(docs, batch_size - len(pending), min(BATCH_CHARS, need or BATCH_CHARS)
+                         - sum(len(d.text) for d in pending))
         if not pending:
             return
-        first_long = None  # the batch stops before the first document longer than what is still needed
-        if max_tokens is not None:
-            need = PREFIX_CHARS_PER_TOKEN * (max_tokens - total)
-            first_long = next((j for j, t in enumerate(pending) if len(t) > need), None)
-        if first_long == 0:
-            texts = pending[:1]
-            encoded = [tokenize_prefix(tokenizer, texts[0], max_tokens - total)]
+        # a piece that continues a document, or one longer than what is still needed, is tokenized alone
+        alone = next((j for j, d in enumerate(pending)
+                      if d.continues or (need is not None and len(d.text) > need)), None)
+        if alone == 0:
+            batch = pending[:1]
+            encoded = [_encode_alone(tokenizer, batch[0], before, None if max_tokens is None else max_tokens - total)]
         else:
-            texts = pending[:first_long]
-            encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        del pending[: len(texts)]
-        for ids in encoded:
-            piece = np.asarray(ids if first else [eos, *ids], dtype=np.int32)
+            batch = pending[:alone]
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        del pending[: len(batch)]
+        before = batch[-1].text[-CONTEXT_CHARS:]
+        for doc, ids in zip(batch, encoded):
+            piece = np.asarray(ids if first or doc.continues else [eos, *ids], dtype=np.int32)
             first = False
             if max_tokens is not None:
                 piece = piece[: max_tokens - total]
             total += len(piece)
             yield piece
+
+
+BATCH_CHARS = 8 << 20  # the characters of one tokenizer batch, at most (but for a single document)
+CONTEXT_CHARS = 256  # the end of the piece before, tokenized in front of a piece that continues it
+
+
+def _take(docs: Iterator[Document], n: int, chars: int) -> list[Document]:
+    """Up to ``n`` documents of ``docs``, stopping once they hold ``chars`` characters."""
+    out: list[Document] = []
+    while len(out) < n and chars > 0 and (doc := next(docs, None)) is not None:
+        out.append(doc)
+        chars -= len(doc.text)
+    return out
+
+
+def _encode_alone(tokenizer, doc: Document, before: str, n_tokens: int | None) -> list[int]:
+    """The tokens of one document (after ``before`` where it continues one), its first ``n_tokens``
+    only when given (``tokenize_prefix``)."""
+    def encode(text: str) -> list[int]:
+        return encode_after(tokenizer, before, text) if doc.continues else _encode(tokenizer, text)
+
+    if n_tokens is None or len(doc.text) <= PREFIX_CHARS_PER_TOKEN * n_tokens:
+        return encode(doc.text)
+    return tokenize_prefix(tokenizer, doc.text, n_tokens, encode)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_after(tokenizer, before: str, text: str) -> list[int]:
+    """The tokens of ``text`` where it follows ``before`` in one document: ``before + text`` tokenized,
+    the tokens that start in ``text`` kept, so that a tokenizer that marks the start of a text (a
+    SentencePiece prefix space) does not mark the cut. ``text`` alone where the tokenizer gives no
+    offsets or a token spans the cut."""
+    if not before or not getattr(tokenizer, "is_fast", False):
+        return _encode(tokenizer, text)
+    enc = tokenizer(before + text, add_special_tokens=False, return_offsets_mapping=True)
+    cut = len(before)
+    if any(a < cut < b for a, b in enc["offset_mapping"]):
+        return _encode(tokenizer, text)
+    return [i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= cut]
 
 
 def tokenize_documents(tokenizer, docs: Iterable[Document], batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
@@ -350,19 +493,21 @@ def tokenize_documents(tokenizer, docs: Iterable[Document], batch_size: int = 64
 PREFIX_CHARS_PER_TOKEN = 8  # a first guess at the characters that hold one token (English: about 4)
 
 
-def tokenize_prefix(tokenizer, text: str, n_tokens: int) -> list[int]:
-    """The first ``n_tokens`` tokens of ``tokenizer(text)``, tokenizing only a prefix of ``text``.
+def tokenize_prefix(tokenizer, text: str, n_tokens: int, encode=None) -> list[int]:
+    """The first ``n_tokens`` tokens of ``tokenizer(text)`` (or of ``encode(text)``), tokenizing only a
+    prefix of ``text``.
 
     Cutting the text can change the tokens near the cut only. Two prefixes, the second twice as
     long, are tokenized; the tokens they agree on (minus a margin) are those of the whole text.
     The prefix doubles until enough tokens agree, or until it is the whole text.
     """
+    encode = encode or (lambda t: _encode(tokenizer, t))
     chars = max(1024, PREFIX_CHARS_PER_TOKEN * n_tokens)
-    short = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+    short = encode(text[:chars])
     while True:
         if 2 * chars >= len(text):
-            return tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
-        long = tokenizer(text[: 2 * chars], add_special_tokens=False)["input_ids"]
+            return encode(text)[:n_tokens]
+        long = encode(text[: 2 * chars])
         same = next((i for i, (a, b) in enumerate(zip(short, long)) if a != b), min(len(short), len(long)))
         if same - PREFIX_MARGIN_TOKENS >= n_tokens:
             return long[:n_tokens]

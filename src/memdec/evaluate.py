@@ -6,7 +6,9 @@ lora alone). ``run_eval_report`` runs three steps: ``load_inputs`` (models, chec
 streams, all checked before any scoring), ``score_systems`` (each system's per-token NLL on the
 test, validation and general streams) and ``build_rows`` (λ chosen on validation, the rows and
 their budget columns). Each mixture's per-token log-probs are computed once; mixing at any λ is
-then an elementwise operation (``memdec.scoring``).
+then an elementwise operation (``memdec.scoring``). A NaN per-token score (or an infinite one from a
+model; a kNN distribution may give a token none) stops the evaluation with one line naming the system
+and the corpus, and so does a row whose perplexity is not finite: no row, curve or report holds one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from .baselines import check_baseline, load_baseline, method_names
 from .checkpoint import apply_run, read_router_json
 from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
-from .data import load_token_stream
+from .data import check_corpus, load_token_stream
 from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
 from .errors import MemdecError
 from .files import atomic_write, atomic_write_json
@@ -32,7 +34,8 @@ from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temper
 from .knowledge import memory_token_stream, recurring_positions
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
                      resolve_device, tokenizer_fingerprint)
-from .scoring import LAMBDA_GRID, Scorer, base_scorer, lambda_curve, mean_ppl, mix_nll, score_tokens
+from .scoring import (LAMBDA_GRID, Scorer, base_scorer, check_finite_scores, lambda_curve, mean_ppl, mix_nll,
+                      score_tokens)
 from .tables import Column, render_columns
 
 
@@ -119,9 +122,14 @@ class ResultRow:
 
 
 def make_row(system: str, model: str, nll: np.ndarray, seconds: float, lmbda: float | None = None, **extra) -> ResultRow:
-    """A row from per-token NLLs [N] scored in ``seconds``."""
-    mean = float(np.mean(nll, dtype=np.float64))
-    return ResultRow(system, model, mean, math.exp(mean), len(nll) / max(seconds, 1e-9), extra, lmbda)
+    """A row from per-token NLLs [N] scored in ``seconds``; MemdecError naming the system where its
+    perplexity is not a finite number (a kNN-LM at λ=1 that misses a target, an overflow)."""
+    mean, ppl = float(np.mean(nll, dtype=np.float64)), mean_ppl(nll)
+    if not math.isfinite(ppl):
+        at = "" if lmbda is None else f" at λ={lmbda:g}"
+        raise MemdecError(f"{system}{at}: the perplexity on the test corpus is not finite (mean NLL {mean:.4g}); "
+                          f"no row is reported" + (" (choose a λ below 1)" if lmbda == 1 else ""))
+    return ResultRow(system, model, mean, ppl, len(nll) / max(seconds, 1e-9), extra, lmbda)
 
 
 @dataclass
@@ -133,7 +141,23 @@ class EvalReport:
     extra: dict = field(default_factory=dict)  # top-level JSON keys beside "results"
 
     def to_json(self, corpus: str) -> dict:
-        return {"tokens": self.n_tokens, "corpus": corpus, **self.extra, "results": [r.to_json() for r in self.rows]}
+        """The report as JSON; MemdecError naming the key of any non-finite number (JSON has none)."""
+        report = {"tokens": self.n_tokens, "corpus": corpus, **self.extra, "results": [r.to_json() for r in self.rows]}
+        if (where := _non_finite_at(report)) is not None:
+            raise MemdecError(f"the eval report would hold a non-finite number at {where}; nothing was written")
+        return report
+
+
+def _non_finite_at(value, where: str = "") -> str | None:
+    """The path (``results[1].ppl``) of the first non-finite float in a JSON-like ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} ({value})"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite_at(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None
 
 
 def write_report_json(path: str | os.PathLike, corpus: str, n_tokens: int, rows: list[ResultRow], **extra) -> None:
@@ -188,6 +212,9 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.recurring is not None and not Path(cfg.recurring).expanduser().exists() and ":" not in cfg.recurring:
         raise MemdecError(f"--recurring {cfg.recurring}: no such datastore folder or corpus")
     _check_mixing_flags(cfg)
+    for flag, spec in (("--corpus", cfg.corpus), ("--valid", cfg.valid), ("--general", cfg.general)):
+        if spec is not None:  # a missing file, a device or a FIFO: one line before any model loads
+            check_corpus(spec, flag, cfg.text_field)
 
 
 def _check_mixing_flags(cfg: EvalConfig) -> None:
@@ -346,10 +373,20 @@ def _score_each(cfg, inputs: EvalInputs, scorer, desc: str, streams=("test", "va
             nll[name] = None
             continue
         label = desc if name == "test" else f"{desc} ({name})"
-        nll[name], took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device, desc=label,
-                                       prefix=inputs.prefix)
+        scores, took = score_tokens(scorer, tokens, cfg.block_size, cfg.stride, cfg.batch_size, inputs.device,
+                                    desc=label, prefix=inputs.prefix)
+        nll[name] = check_finite_scores(scores, _scored(cfg, desc, name))
         seconds = took if name == "test" else seconds
     return nll, seconds
+
+
+STREAM_FLAGS = {"test": "--corpus", "valid": "--valid", "general": "--general"}
+
+
+def _scored(cfg: EvalConfig, system: str, stream: str) -> str:
+    """``system`` on one stream, for a message: "memdec on --valid austen:valid"."""
+    spec = {"test": cfg.corpus, "valid": cfg.valid, "general": cfg.general}[stream]
+    return f"{system} on {STREAM_FLAGS[stream]} {spec}"
 
 
 def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
@@ -361,17 +398,24 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
                        desc="base + kNN" + ("" if name == "test" else f" ({name})"), prefix=inputs.prefix,
                        key_model=key_model)
               for name, tokens in inputs.streams.items()}
+    for name, p in passes.items():
+        if p is not None:
+            check_finite_scores(p.nll_base, _scored(cfg, "base", name))
     if cfg.knn_temp is not None:
         temp = cfg.knn_temp
     elif passes["valid"] is not None:
         temp, _, _ = choose_temperature_and_lambda(passes["valid"], LAMBDA_GRID, temperature_grid(passes["valid"].dists))
+        if temp is None:  # every (temperature, λ) gave NaN
+            raise MemdecError(f"{_scored(cfg, 'knn-lm', 'valid')}: no temperature gives a finite perplexity (the "
+                              f"neighbours' distances are not finite); no perplexity is reported")
     else:
         temp = float(retriever.store.manifest.steps.targets.temperature or DEFAULT_KNN_TEMP)
     test = passes["test"]
     extra = {"knn_temperature": round(temp, 4), "k": cfg.knn_k, "trainable_parameters": 0,
              "train_seconds": _datastore_seconds(cfg.knn, ("keys", "index"))}  # its "training" is the datastore
-    knn = Mixture("knn-lm", cfg.knn, {n: None if p is None else p.knn_nll(temp) for n, p in passes.items()},
-                  test.seconds_search, 0.25, extra)
+    knn_nll = {n: None if p is None else check_finite_scores(p.knn_nll(temp), _scored(cfg, "knn-lm", n), inf_ok=True)
+               for n, p in passes.items()}  # a target no neighbour holds: inf, the mixture stays finite for λ < 1
+    knn = Mixture("knn-lm", cfg.knn, knn_nll, test.seconds_search, 0.25, extra)
     base = {n: None if p is None else p.nll_base for n, p in passes.items()}
     return Scored(base, test.seconds_base, [knn])
 
@@ -468,9 +512,9 @@ def build_rows(cfg: EvalConfig, inputs: EvalInputs, scored: Scored) -> EvalRepor
         rows.append(_standalone_row(sa, base))
         row_nll.append(sa.nll["test"])
     if base["valid"] is not None:
-        rows[0].extra["valid_ppl"] = round(mean_ppl(base["valid"]), 4)
+        rows[0].extra["valid_ppl"] = _finite_or_none(mean_ppl(base["valid"]))
     if base["general"] is not None:
-        rows[0].extra["general_ppl"] = round(mean_ppl(base["general"]), 4)
+        rows[0].extra["general_ppl"] = _finite_or_none(mean_ppl(base["general"]))
         extra["general"] = {"corpus": cfg.general, "tokens": len(base["general"])}
     for row in rows:  # the budget columns, the same for every row
         row.extra["tokens"] = len(base["test"])
@@ -492,7 +536,7 @@ def _mixture_row(cfg: EvalConfig, mix: Mixture, base: dict, seconds_base: float)
     if cfg.sweep:
         valid_curve = lambda_curve(base["valid"], mix.nll["valid"])
         lmbda = LAMBDA_GRID[int(np.argmin(valid_curve))]
-        extra.update(lambda_source="sweep", valid_ppl=round(float(valid_curve.min()), 4))
+        extra.update(lambda_source="sweep", valid_ppl=_finite_or_none(float(valid_curve.min())))
     elif cfg.lmbda is not None:
         lmbda, extra["lambda_source"] = cfg.lmbda, "cli"
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,6 +92,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_interrupted_writes(folder: str | os.PathLike, *staging_prefixes: str) -> list[str]:
+    """Remove what writes killed mid-way (SIGKILL, power loss) left directly in ``folder``, a folder
+    memdec owns (the caller checked it): ``atomic_write``'s temporary files (``.NAME.tmp``) and the
+    staging folders whose names start with one of ``staging_prefixes`` (dot names memdec alone makes).
+    Nothing else is touched. Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.is_symlink() and any(p.name.startswith(x) for x in staging_prefixes):
+            shutil.rmtree(p, ignore_errors=True)
+        elif not p.is_dir() and p.name.startswith(".") and p.name.endswith(".tmp") and len(p.name) > len("..tmp"):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p.name)
+    return removed
 
 
 class _RecordingFile:

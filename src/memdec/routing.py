@@ -38,7 +38,7 @@ import torch
 from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_UNFINISHED, MEMDEC_JSON, NO_DOMAIN, ROUTER_JSON,
                          ROUTER_UNFINISHED, check_checkpoint_tokenizer, decoder_fingerprint, read_memdec_json)
 from .checks import check_device, check_model_name, check_non_negative, check_own_folder, check_positive_int
-from .data import iter_corpus, load_token_stream
+from .data import check_corpus, load_token_stream
 from .errors import MemdecError
 from .joint import MemoryDecoderModel
 from .models import (DEFAULT_MODEL, base_fingerprint, bos_prefix, check_block_size, load_model, resolve_device,
@@ -112,7 +112,7 @@ def check_router_config(cfg: RouterConfig) -> RouterConfig:
     check_device(cfg.device)
     cfg.fit_config(0.5).check()
     for flag, spec in (("--domain-corpus", cfg.domain_corpus), ("--general", cfg.general), ("--valid", cfg.valid)):
-        _check_corpus(flag, spec)
+        check_corpus(spec, flag)
     if cfg.general == cfg.domain_corpus:
         raise MemdecError(f"--general {cfg.general} is the domain corpus: general text must be other text")
     info = read_memdec_json(cfg.memdec)
@@ -120,14 +120,6 @@ def check_router_config(cfg: RouterConfig) -> RouterConfig:
     skip = cfg.domain_skip_tokens if cfg.domain_skip_tokens is not None else default_skip(info, cfg)
     return dataclasses.replace(cfg, stride=cfg.stride or max(cfg.block_size // 2, 1),
                                general_tokens=cfg.general_tokens or cfg.tokens, domain_skip_tokens=skip)
-
-
-def _check_corpus(flag: str, spec: str) -> None:
-    """A corpus spec that names something readable (the documents are read later)."""
-    try:
-        iter_corpus(spec)
-    except MemdecError as exc:
-        raise MemdecError(f"{flag}: {exc}") from None
 
 
 def default_skip(info: dict, cfg: RouterConfig) -> int:
@@ -329,10 +321,10 @@ def check_domain_config(cfg: DomainRouterConfig) -> tuple[dict[str, str], dict[s
         raise MemdecError(f"every domain needs both --memdec NAME=CKPT and --domain-corpus NAME=SPEC; {missing[0]!r} "
                           f"has only one")
     for name, spec in corpora.items():
-        _check_corpus(f"--domain-corpus {name}", spec)
+        check_corpus(spec, f"--domain-corpus {name}")
         if spec == cfg.general:
             raise MemdecError(f"--general {cfg.general} is domain {name}'s corpus: general text must be other text")
-    _check_corpus("--general", cfg.general)
+    check_corpus(cfg.general, "--general")
     infos = {name: read_memdec_json(ckpt) for name, ckpt in ckpts.items()}
     check_own_folder(cfg.out, DOMAIN_ROUTER_JSON, partial=DOMAIN_ROUTER_UNFINISHED)
     return ckpts, {name: corpora[name] for name in ckpts}, infos

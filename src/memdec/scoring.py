@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_lambda
+from .errors import MemdecError
 from .data import sliding_windows, window_batches
 from .loss import chunk_rows
 from .models import with_prefix
@@ -118,8 +119,8 @@ def mix_nll(nll_base: np.ndarray, nll_other: np.ndarray, lmbda: float) -> np.nda
 
 
 def lambda_curve(nll_base: np.ndarray, nll_other: np.ndarray, grid=LAMBDA_GRID) -> np.ndarray:
-    """Perplexity of the mixture at each λ of ``grid``: float64 [len(grid)]."""
-    return np.array([math.exp(float(np.mean(mix_nll(nll_base, nll_other, lam)))) for lam in grid])
+    """Perplexity of the mixture at each λ of ``grid``: float64 [len(grid)] (``mean_ppl``'s)."""
+    return np.array([mean_ppl(mix_nll(nll_base, nll_other, lam)) for lam in grid])
 
 
 def mix_logprobs(logp_base, logp_mem, lmbda: float):
@@ -139,4 +140,22 @@ def mix_logprobs(logp_base, logp_mem, lmbda: float):
 
 
 def mean_ppl(nll: np.ndarray) -> float:
-    return math.exp(float(np.mean(nll, dtype=np.float64)))
+    """exp of the mean NLL: inf where that overflows a float (never an OverflowError), NaN where one is NaN."""
+    mean = float(np.mean(nll, dtype=np.float64))
+    return math.inf if mean > LARGEST_LOG else math.exp(mean)
+
+
+LARGEST_LOG = math.log(np.finfo(np.float64).max)  # math.exp of more overflows
+
+
+def check_finite_scores(nll: np.ndarray, what: str, inf_ok: bool = False) -> np.ndarray:
+    """``nll`` (per-token scores) unless one is NaN, or infinite where ``inf_ok`` is off (a model's finite
+    logits give finite log-probabilities; a kNN distribution may give a token none): else MemdecError
+    naming ``what`` (the system and the corpus), so no perplexity is ever computed from them."""
+    bad = np.isnan(nll) if inf_ok else ~np.isfinite(nll)
+    if bad.any():
+        kind = "NaN" if np.isnan(nll).any() else "infinite"
+        raise MemdecError(f"{what}: {int(bad.sum())} of {len(nll)} per-token scores are {kind} (the first at position "
+                          f"{int(np.argmax(bad))}): its outputs are not finite (check its weights); no perplexity "
+                          f"is reported")
+    return nll

@@ -18,8 +18,11 @@ Output folder ``--out CKPT``:
 
 Every file is written through a temporary file and renamed into place. The best checkpoint's
 ``memdec.json`` is removed before its weights change and written last, so ``CKPT/`` is a loadable
-checkpoint exactly when it holds one. A folder that memdec did not create is refused as ``--out``;
-a non-finite loss or gradient stops the run before the update, and no non-finite weight is saved.
+checkpoint exactly when it holds one; a router kept beside the weights (``router.json``...) was made
+for the old ones and goes with them. A folder that memdec did not create is refused as ``--out``, and
+so is a checkpoint of another run (``--no-resume`` starts the same run over, nothing else); what a save
+killed mid-way left (``.save.*/``, ``.NAME.tmp``) is removed when the run is taken up again. A
+non-finite loss or gradient stops the run before the update, and no non-finite weight is saved.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, MEMDEC_JSON, load_safetensors,
+from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DOMAIN_ROUTER_JSON,
+                         DOMAIN_ROUTER_WEIGHTS, MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, load_safetensors,
                          write_memdec_json)
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
@@ -55,7 +59,7 @@ from .decoders import SHAPES, DecoderShape, parse_shape
 from .store import open_datastore
 from .errors import MemdecError, one_line
 from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
-                    fsync_tree, os_errors_named, read_json_object, read_jsonl)
+                    fsync_tree, os_errors_named, read_json_object, read_jsonl, remove_interrupted_writes)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_config, load_model, model_fingerprint,
                      resolve_device, shortened_copy, vocab_rows, with_prefix)
@@ -97,6 +101,10 @@ class TrainConfig:
 
 
 CHECKPOINT_META_FILES = (MEMDEC_JSON, BASELINE_JSON)  # each marks a finished checkpoint memdec wrote
+# what other commands keep beside a checkpoint's weights, made for those weights: stale once they change
+# (each record before its weights, as their writers commit them in the other order)
+WEIGHTS_DEPENDENTS = (ROUTER_JSON, ROUTER_WEIGHTS, DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS)
+SAVE_PREFIX = ".save."  # ``save_files``' staging folders inside a checkpoint folder
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OWN_STEP_WEIGHTS = "decoder.safetensors"  # a trainer step of a decoder shape other than copy: its own tensors
 
@@ -138,7 +146,8 @@ TRAIN_HELP = {
     "patience": "with --valid: stop early once this many validations in a row found no better checkpoint "
                 "(the schedule stays that of the full run; default: never stop early)",
     "save_every": "save a resumable checkpoint every K optimizer steps",
-    "resume": "continue from CKPT/trainer_state if it exists",
+    "resume": "continue from CKPT/trainer_state if it exists; --no-resume starts the same run over (a checkpoint of "
+              "another run in --out is refused either way)",
     "decoder": f"the memory decoder's shape, built from the base ({_shapes_help()}). A shape other than copy "
                f"shares the base's frozen trunk and saves only its own tensors; it trains from the base "
                f"(no --init or --init-layers)",
@@ -247,7 +256,7 @@ def save_files(folder: Path, write) -> None:
     """``write(tmp)`` writes files into a temporary folder inside ``folder``; each is then moved into
     ``folder`` by an atomic rename, so no file of ``folder`` is ever half-written."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=SAVE_PREFIX, dir=folder))
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -662,15 +671,15 @@ class Trainer:
                               f"{self.windows_per_step} per step, epochs={cfg.epochs}, max_steps={cfg.max_steps}")
 
     def _previous(self) -> dict | None:
-        """The state of the newest complete step of an earlier call of this run, to resume from."""
+        """The state of the newest complete step of an earlier call of this run, to resume from. A folder
+        holding another run is refused, with or without --no-resume: that starts this very run over."""
         prev = self.state.latest()
         if prev is None:
-            if self.cfg.resume and self._meta_file() is not None:
-                return self._finished_without_state()
+            if self._meta_file() is not None:
+                return self._finished_without_state() if self.cfg.resume else self._check_same_finished_run()
             return None
         if prev.get("run_fingerprint") != self.fingerprint or prev.get("recipe", self.recipe.name) != self.recipe.name:
-            raise MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
-                              f"choose another --out, or delete {self.out} to start over")
+            raise self._another_run()
         if not self.cfg.resume:
             return None
         if prev["folder"] is None and prev["step"] < self.total_steps:
@@ -689,6 +698,20 @@ class Trainer:
         names = dict.fromkeys([self.recipe.meta_file, *self.recipe.meta_files, *CHECKPOINT_META_FILES])
         return next((self.out / n for n in names if (self.out / n).is_file()), None)
 
+    def _another_run(self) -> MemdecError:
+        return MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
+                           f"choose another --out, or delete {self.out} to start over (--no-resume starts over the "
+                           f"same run only)")
+
+    def _check_same_finished_run(self) -> None:
+        """--no-resume over a finished checkpoint without trainer state: None (start over) when it is this
+        very run (its recipe's metadata, its ``run_fingerprint``); MemdecError when it is another run."""
+        file = self._meta_file()
+        meta = read_json_object(file, file.name)
+        others = [n for n in CHECKPOINT_META_FILES if n not in self.recipe.meta_files and (self.out / n).is_file()]
+        if others or meta.get("run_fingerprint") != self.fingerprint:
+            raise self._another_run()
+
     def _finished_without_state(self) -> dict:
         """A finished run whose ``trainer_state/`` was dropped (no --keep-trainer-state): this very run
         asked again is done (``folder`` None); asked to train further, or another run, one line."""
@@ -698,8 +721,7 @@ class Trainer:
             raise MemdecError(f"{self.out} holds a finished checkpoint without trainer state; choose another --out")
         step = check_field(meta, "dropped_trainer_state_at", file, COUNT)
         if check_field(meta, "run_fingerprint", file, TEXT) != self.fingerprint:
-            raise MemdecError(f"{self.out} holds a checkpoint of another run (other datastore, settings or method); "
-                              f"choose another --out, or delete {self.out} to start over")
+            raise self._another_run()
         patience = (meta.get("train_config") or {}).get("patience")
         if step < self.total_steps and patience != self.cfg.patience:
             raise MemdecError(f"{self.out}: this run finished at step {step} and its trainer state was dropped (it ran "
@@ -730,6 +752,8 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> Path:
+        if self.accelerator.is_main_process:  # saves killed mid-way (SIGKILL) left these; --out is memdec's
+            remove_interrupted_writes(self.out, SAVE_PREFIX)
         if self.previous is not None and self.previous["folder"] is None:  # a finished run of an older memdec
             return self.out
         set_seed(self.cfg.seed)
@@ -964,7 +988,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         check_finite_weights(self.unwrapped, f"{self.out} (step {record['step']})")
-        for name in self.recipe.meta_files:
+        for name in (*self.recipe.meta_files, *WEIGHTS_DEPENDENTS):  # a router made for the old weights goes too
             (self.out / name).unlink(missing_ok=True)
         shape = self._save_decoder()
         self.recipe.write_meta(self.out, {**self.info, **shape, "lambda": record.get("best_lambda", 0.5),

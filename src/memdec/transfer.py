@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
 class TransferConfig(TrainConfig):
     """``memdec train``'s options (steps, batch, lr, schedule, validation, resume) plus these."""
 
-    decoder: str
+    decoder: str = field()  # required: TrainConfig's "copy" (a shape) would otherwise be inherited as its default
     model: str
     datastore: str
     out: str
@@ -69,7 +69,8 @@ class TransferConfig(TrainConfig):
 
 
 TRANSFER_HELP = {
-    "decoder": "the source memory decoder checkpoint (trained for another tokenizer)",
+    "decoder": "the source memory decoder checkpoint (trained for another tokenizer); a copy decoder (a full "
+               "model): fork and lora decoders share their base's trunk and cannot change tokenizer",
     "model": "the new base model spec; its tokenizer is the one the new decoder is built for",
     "datastore": "the new base's datastore (targets step done): what the transferred decoder trains on",
     "out": "the new checkpoint folder (a memory decoder for --model), with trainer_state/ for resume",
@@ -316,12 +317,16 @@ def budget_steps(cfg: TransferConfig, source_info: dict, manifest: dict) -> int:
 
 
 def check_source(path: str) -> dict:
-    """The source decoder's ``memdec.json``; MemdecError (one line) unless ``path`` is a memory-decoder
-    checkpoint folder with a model config and a tokenizer. Reads files only: nothing is loaded."""
+    """The source decoder's ``memdec.json``; MemdecError (one line) unless ``path`` is a copy memory-decoder
+    checkpoint folder (a full model) with a model config and a tokenizer. Reads files only: nothing is loaded."""
     folder = Path(path).expanduser()
     info = read_memdec_json(folder)
     if not folder.is_dir():
         raise MemdecError(f"{path}: give the source decoder's checkpoint folder, not a file")
+    shape = (info.get("decoder") or {}).get("shape", "copy")
+    if shape != "copy":
+        raise MemdecError(f"{path}: a {shape} memory decoder holds only its own tensors on its base's trunk; only a "
+                          f"copy decoder (a full model, `memdec train --decoder copy`) transfers to another tokenizer")
     for name, what in (("config.json", "model config"), ("tokenizer_config.json", "tokenizer")):
         if not (folder / name).is_file():
             raise MemdecError(f"{path}: not a memory decoder checkpoint (no {what}, {name})")
