@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from memdec.adapt import AdaptConfig, AdaptRun, check_config, resolve_settings, train_config
-from memdec.checks import check_non_negative, check_own_folder, check_positive, check_unit_interval, check_writable_path
+from memdec.checks import (check_non_negative, check_own_folder, check_positive, check_unit_interval, check_writable_path,
+                           mark_own_folder)
 from memdec.checkpoint import read_memdec_json
 from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.decoders import parse_shape
@@ -160,7 +161,7 @@ def check_args(args: argparse.Namespace) -> dict[str, float]:
     for domain in args.domains:
         check_config(resolve_settings(adapt_config(args, domain)))
     check_writable_path(args.json, "--json")
-    check_own_folder(args.out, MARKER)
+    check_own_folder(args.out, "bench")
     return scales
 
 
@@ -190,7 +191,7 @@ def claim_out(out: Path, settings: dict) -> None:
             changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
             raise MemdecError(f"--out {out} holds rows of other settings ({changed}); choose a new --out")
         return
-    out.mkdir(parents=True, exist_ok=True)
+    mark_own_folder(out, "bench")
     atomic_write_json(marker, settings)
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from memdec.adapt import AdaptConfig, Settings, adapt, check_config, check_run_identity, resolve_settings
-from memdec.checks import check_device, check_non_negative, check_own_folder, check_writable_path
+from memdec.checks import check_device, check_non_negative, check_own_folder, check_writable_path, mark_own_folder
 from memdec.errors import MemdecError
 from memdec.files import atomic_write_json, atomic_write_text, read_json_object
 from memdec.models import DEFAULT_MODEL
@@ -127,11 +127,11 @@ def check_args(args: argparse.Namespace) -> dict[str, dict]:
             run = run_folder(out, name, shape)
             s = resolve_settings(adapt_config(args, specs, shape, run))
             check_config(s)
-            check_own_folder(run, "stages.json")
+            check_own_folder(run, "adapt-run")
             check_run_identity(s, run, overwrite=False)
     check_writable_path(args.table, "--table")
     check_writable_path(args.json, "--json")
-    check_own_folder(out, MARKER)
+    check_own_folder(out, "bench")
     check_fingerprints(out, domains)
     return domains
 
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         domains = check_args(args)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / MARKER, {"domains": check_fingerprints(out, domains)})  # first: marks the folder
+        mark_own_folder(out, "bench")  # first
+        atomic_write_json(out / MARKER, {"domains": check_fingerprints(out, domains)})
         if args.threads:
             import torch
 

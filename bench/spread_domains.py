@@ -46,13 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from memdec.checks import check_own_folder, check_positive_int
+from memdec.checks import check_own_folder, check_positive_int, mark_own_folder
 from memdec.data import read_corpus
 from memdec.errors import MemdecError
 from memdec.files import atomic_write_json, atomic_write_text, read_json_object
 from memdec.models import load_tokenizer, resolve_model_spec
 
-MARKER = "spread-domains.json"  # marks --out as this script's; bench/domains.py's corpora/ may share the folder
+MARKER = "spread-domains.json"  # the index of the domains built in --out (a "bench" folder)
 SPLITS = ("train", "valid", "test")
 TRAIN_CHARS = 1_000_000  # about 250k tokens of English for SmolLM2's tokenizer
 EVAL_CHARS = 200_000  # enough for the full preset's 32,768 test tokens
@@ -425,7 +425,7 @@ def check_args(args: argparse.Namespace) -> None:
         hpo_text(args)
     if "licences" in args.domains:
         licence_files(args)
-    check_own_folder(args.out, MARKER, "corpora/")
+    check_own_folder(args.out, "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,9 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        mark_own_folder(out, "bench")  # first
         index = read_json_object(out / MARKER, "domains index") if (out / MARKER).is_file() else {}
-        atomic_write_json(out / MARKER, index)  # first: marks the folder as this script's
+        atomic_write_json(out / MARKER, index)
         for name in args.domains:
             record = build_domain(name, out, args, tokenizer)
             index[name] = {"kind": record["kind"], "domain": f"{name}/domain.json"}

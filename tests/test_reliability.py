@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 from memdec.adapt import AdaptConfig, adapt
+from memdec.checks import mark_own_folder
 from memdec.cli import build_parser, main
 from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.errors import CorpusError, DatastoreError, MemdecError
@@ -286,8 +287,7 @@ def test_bad_flags_are_one_line(tiny_llama_dir, store, tmp_path, capsys):
     gen_args = ["generate", "--model", str(tiny_llama_dir), "--memdec", str(tmp_path)]
     assert "--prompt" in one_line_error(capsys, gen_args + ["--prompt", ""])
     assert "--temperature" in one_line_error(capsys, gen_args + ["--prompt", "Anne", "--do-sample", "--temperature", "0"])
-    run = tmp_path / "run"
-    run.mkdir()
+    run = mark_own_folder(tmp_path / "run", "adapt-run")  # an adapt run folder whose stage record is corrupt
     (run / "stages.json").write_text("not json {")
     line = one_line_error(capsys, ["adapt", "--model", str(tiny_llama_dir), "--out", str(run)])
     assert "stages.json" in line and "unreadable stage record" in line

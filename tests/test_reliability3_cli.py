@@ -12,7 +12,8 @@ from pathlib import Path
 import matplotlib.figure
 import pytest
 
-from memdec.checks import check_device, check_own_folder, check_plain_name, check_writable_path
+from memdec.checks import (OWN_MARKER, check_device, check_own_folder, check_plain_name, check_writable_path,
+                           mark_own_folder)
 from memdec.cli import add_dataclass_args, build_parser, main
 from memdec.errors import MemdecError
 from memdec.evaluate import plot_lambda_curves
@@ -108,8 +109,8 @@ def test_tasks_never_write_into_a_folder_memdec_did_not_create(tmp_path, corpus,
     out = tmp_path / "tasks"
     for _ in range(2):  # a new folder, then the folder memdec wrote: both fine
         assert main(["tasks", "general", "--corpus", str(corpus), "--out", str(out), "--n-items", "5"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["memdec_general.jsonl", "memdec_general_cloze.yaml",
-                                                    "memdec_general_lambada.yaml", "memdec_tasks.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OWN_MARKER, "memdec_general.jsonl", "memdec_general_cloze.yaml",
+                                                    "memdec_general_lambada.yaml"]
 
 
 def test_tasks_out_naming_a_file_is_one_line(tmp_path, corpus, capsys):
@@ -242,13 +243,16 @@ def test_writable_and_own_folder_checks(tmp_path):
     assert check_writable_path(tmp_path / "new" / "deeper" / "r.json", "--json") == tmp_path / "new" / "deeper" / "r.json"
     with pytest.raises(MemdecError, match="--json .* is a folder"):
         check_writable_path(tmp_path, "--json")
-    assert check_own_folder(tmp_path / "fresh", "stages.json") == tmp_path / "fresh"
+    assert check_own_folder(tmp_path / "fresh", "adapt-run") == tmp_path / "fresh"
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(MemdecError, match="did not create"):
-        check_own_folder(tmp_path / "run", "stages.json")
-    (tmp_path / "run" / "stages.json").write_text("{}")
-    assert check_own_folder(tmp_path / "run", "stages.json") == tmp_path / "run"
+        check_own_folder(tmp_path / "run", "adapt-run")
+    (tmp_path / "run" / "stages.json").write_text("{}")  # a file name is no marker
+    with pytest.raises(MemdecError, match="did not create"):
+        check_own_folder(tmp_path / "run", "adapt-run")
+    mark_own_folder(tmp_path / "run", "adapt-run")
+    assert check_own_folder(tmp_path / "run", "adapt-run") == tmp_path / "run"
 
 
 def test_the_plot_is_written_atomically(tmp_path, monkeypatch):

@@ -17,13 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from memdec.checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS, ROUTER_JSON, ROUTER_WEIGHTS,
                                read_domain_router_json, read_memdec_json, read_router_json)
+from memdec.checks import OWN_MARKER
 from memdec.cli import main
 from memdec.data import iter_corpus
 from memdec.errors import MemdecError
 from memdec.files import read_jsonl
 from memdec.knnlm import KnnLMLogitsProcessor, KnnRetriever
 from memdec.models import tokenizer_fingerprint
-from memdec.router import DomainRouter, RouterFeatures, TokenRouter, load_domain_router, load_router, save_router
+from memdec.router import RouterFeatures, TokenRouter, load_domain_router, load_router, save_router
 from memdec.routing import DomainRouterConfig, class_windows
 from memdec.serve import ServeConfig, check_config, load_models
 from memdec.store import MANIFEST, read_manifest
@@ -218,7 +219,7 @@ def test_a_token_router_killed_while_writing_reruns(tmp_path, tiny_llama_dir, ck
     out = tmp_path / "router"
     killed_while_writing(out, leftovers)
     assert main(token_args(tiny_llama_dir, ckpts["austen"], out)) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [ROUTER_JSON, ROUTER_WEIGHTS]  # the leftovers are gone
+    assert sorted(p.name for p in out.iterdir()) == [OWN_MARKER, ROUTER_JSON, ROUTER_WEIGHTS]  # the leftovers are gone
     load_router(out)
 
 
@@ -226,7 +227,7 @@ def test_a_domain_router_killed_while_writing_its_weights_reruns(tmp_path, tiny_
     out = tmp_path / "domains"
     killed_while_writing(out, {temp_name(DOMAIN_ROUTER_WEIGHTS): b"\x08\x00\x00\x00\x00\x00\x00\x00{"})
     assert main(domain_args(tiny_llama_dir, ckpts, out)) == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == [DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == [OWN_MARKER, DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS]
     load_domain_router(out)
 
 

@@ -235,6 +235,20 @@ def test_eval_knn_at_lambda_one_that_misses_a_target_is_one_line_and_writes_noth
     assert not report.exists()
 
 
+def test_a_knn_lm_sweep_never_picks_lambda_one():
+    """kNN-LM alone gives probability 0 to what it did not retrieve: a valid stream it covers (λ = 1 best there)
+    once chose λ = 1, and a test token it missed then made the row infinite (adapt's eval stage stopped)."""
+    from memdec.evaluate import EvalConfig, Mixture, _mixture_row
+
+    base = {"valid": np.full(8, 3.0), "test": np.full(8, 3.0), "general": None}
+    knn = {"valid": np.full(8, 0.1), "test": np.array([0.1] * 7 + [np.inf]), "general": None}
+    cfg = EvalConfig(sweep=True, valid="austen:valid")
+    row, nll, curve = _mixture_row(cfg, Mixture("knn-lm", "ds", knn, 1.0, 0.25, sparse_support=True), base, 1.0)
+    assert row.lmbda == 0.95 and np.isfinite(nll).all() and curve["valid_ppl"][-1] < curve["valid_ppl"][-2]
+    decoder = Mixture("memdec", "ck", {**knn, "test": np.full(8, 0.1)}, 1.0, 0.5)
+    assert _mixture_row(cfg, decoder, base, 1.0)[0].lmbda == 1.0  # a decoder's softmax covers every token
+
+
 # --- issue 32 item 4: corpora are read in bounded pieces, whatever their line structure -----------------------
 
 

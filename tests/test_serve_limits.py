@@ -262,6 +262,46 @@ def test_the_server_is_alive_at_the_end(server):
 
 
 def test_an_integer_of_too_many_digits_is_400(server):
-    """Python refuses to parse integers over 4300 digits (a ValueError, once a 500)."""
-    assert_error(post(server, "/v1/completions", '{"prompt": "x", "seed": ' + "7" * 5000 + "}"), 400, "invalid_json")
+    """Python refuses to parse integers over 4300 digits (a ValueError, once a 500; then a 400 that told the
+    client to call ``sys.set_int_max_str_digits()``)."""
+    err = assert_error(post(server, "/v1/completions", '{"prompt": "x", "seed": ' + "7" * 5000 + "}"), 400,
+                       "invalid_json")
+    assert "an integer of 5000 digits (at most 4300)" in err["message"] and "sys." not in err["message"], err
+    assert_alive(server)
+
+
+LONE = "\\ud800"  # a JSON escape of a lone UTF-16 surrogate: valid JSON, not text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"prompt": "Anne LONE walked", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": ["Anne", "LONE"], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": "Anne", "stop": ["LONE"], "max_tokens": 2}', "stop"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "LONE"}], "max_tokens": 2}', "messages[0]"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(server, path, body, param):
+    """Once a 500 (the tokenizer's TypeError)."""
+    r = post(server, path, body.replace("LONE", LONE))
+    if param == "messages[0]" and r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template":
+        pytest.skip("the tiny tokenizer has no chat template")
+    err = assert_error(r, 400, "invalid_value", param)
+    assert "lone surrogate" in err["message"] and "\\ud800" in err["message"], err
+    assert_alive(server)
+
+
+def test_a_model_name_with_a_lone_surrogate_is_404_in_ascii_json(server):
+    """The error message quotes the name: its body is ASCII JSON, so it still encodes."""
+    r = post(server, "/v1/completions", '{"prompt": "x", "model": "LONE"}'.replace("LONE", LONE))
+    assert_error(r, 404, "model_not_found", "model")
+    assert_alive(server)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_greedy(server, base, temperature):
+    """Once a 500 (``probability tensor contains either inf, nan or element < 0``), for the base model too."""
+    prompt = PROMPTS[0]
+    r = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": temperature})
+    assert r.status_code == 200, r.text
+    zero = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == zero.json()["choices"][0]["text"]
     assert_alive(server)

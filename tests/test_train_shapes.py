@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from memdec.adapt import AdaptConfig, adapt
 from memdec.checkpoint import read_memdec_json
+from memdec.checks import OWN_MARKER
 from memdec.cli import main
 from memdec.decoders import shared_split, trunk_hash
 from memdec.errors import MemdecError
@@ -184,7 +185,7 @@ def test_adapt_trains_a_fork_and_keeps_only_what_a_user_needs(tiny_llama_dir, tm
     assert not list(out.rglob("trainer_state")) and not list(out.rglob("model.safetensors"))
     for other in (out / "candidates").iterdir():
         if other != chosen:  # pruned: its metrics stay for the report
-            assert sorted(p.name for p in other.iterdir()) == ["log.jsonl", "memdec.json"]
+            assert sorted(p.name for p in other.iterdir()) == [OWN_MARKER, "log.jsonl", "memdec.json"]
     base, _ = load_model(str(tiny_llama_dir))
     assert MemoryDecoderModel.from_pretrained(base, out / "memdec", tokenizer=tokenizer).shares_trunk
     disk = json.loads((out / "report.json").read_text())["disk_bytes"]

@@ -50,17 +50,19 @@ import torch
 from .baselines import BaselineConfig, Method, get_method, method_names, method_of_row, methods, train_baseline
 from .checkpoint import (MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, read_baseline_json, read_memdec_json,
                          write_baseline_json, write_memdec_json)
-from .checks import (check_device, check_non_negative, check_own_folder, check_positive, check_positive_int,
-                     check_temperature, check_unit_interval)
-from .data import load_token_stream, read_corpus
+from .checks import (BOOL, NON_NEGATIVE, OBJECT, OWN_MARKER, TEXT, UNIT, Kind, check_device, check_fields as check_record,
+                     check_non_negative, check_own_folder, check_positive, check_positive_int, check_temperature,
+                     check_unit_interval, mark_own_folder)
+from .data import corpus_text_hash, load_token_stream
 from .datastore import DatastoreConfig, build_datastore
 from .errors import CorpusError, MemdecError
-from .evaluate import ROUTER_ROW, EvalConfig, run_eval_report
+from .evaluate import ROUTER_ROW, EvalConfig, read_eval_json, run_eval_report
 from .files import atomic_write, atomic_write_json, read_json_object
 from .joint import MemoryDecoderModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_model_spec
 from .report import (ROUTER_LAMBDA_JSON, ROUTER_PLOT_TOKENS, FACTS_CONTEXT_TOKENS, FACTS_TASK, GENERAL_CONTEXT_WORDS, GENERAL_TASK, PHASE_ONE, SAMPLING,
-                     TASK_CHOICES, TASK_SEED, candidate_label, candidate_name, two_phase_name, write_report)
+                     TASK_CHOICES, TASK_SEED, candidate_label, candidate_name, read_router_lambdas, read_samples,
+                     read_tasks_json, two_phase_name, write_report)
 from .routing import RouterConfig, train_router
 from .store import describe, read_manifest
 from .tables import accuracy_entry
@@ -148,8 +150,10 @@ class CallOptions:
     device: str = option("auto, cpu or cuda", "auto")
     keep_trainer_state: bool = option("keep each trained decoder's trainer_state/ (optimizer state) once it finishes, "
                                       "to extend it later; an interrupted run always keeps it", False)
-    keep_candidates: bool = option("keep the weights of every candidate decoder; by default only the chosen one's "
-                                   "stay (the others' memdec.json and log.jsonl stay for the report)", False)
+    keep_candidates: bool | None = option(
+        "keep the weights of every candidate decoder; by default only the chosen one's stay (the others' memdec.json "
+        "and log.jsonl stay for the report). A rerun keeps what an earlier --keep-candidates kept: "
+        "--no-keep-candidates removes them")
     overwrite: bool = option("replace the run in --out (a memdec adapt run folder) when its --model, --corpus, "
                              "--text-field, --valid, --test or --general differ: its files are deleted first; a run of "
                              "the same inputs resumes", False)
@@ -467,9 +471,15 @@ def _check_transfer_options(s: Settings) -> None:
         raise MemdecError(f"--transfer-budget must be a positive fraction of the source's training, got {s.transfer_budget}")
 
 
-def check_inputs(s: Settings, run: Path) -> None:
+CORPUS_FLAGS = {"corpus": "--corpus", "valid": "--valid", "test": "--test", "general": "--general"}
+CORPUS_HASHES = "corpus_hashes"  # in RUN/settings.json: {corpus, valid, test, general: the text's hash or None}
+
+
+def check_inputs(s: Settings, run: Path) -> dict[str, str | None]:
     """The model spec resolves, every corpus reads, and ``run`` is new, empty or an adapt run:
-    all before anything is loaded or written."""
+    all before anything is loaded or written. Returns each corpus's text hash (``corpus_text_hash``,
+    taken by the one pass that checks it; None for a built-in corpus and for no --general)."""
+    check_own_folder(run, "adapt-run", legacy=is_stage_record)
     resolve_model_spec(s.model)
     check_decoder_shape(s.decoder, s.model, s.init, s.init_layers)
     if s.init is not None:
@@ -479,19 +489,39 @@ def check_inputs(s: Settings, run: Path) -> None:
             check_source(s.transfer_from)
         except MemdecError as exc:
             raise MemdecError(f"--transfer-from: {exc}") from None
-    for flag, spec in (("--corpus", s.corpus), ("--valid", s.valid), ("--test", s.test), ("--general", s.general)):
-        if spec is not None:
-            try:
-                read_corpus(spec, s.text_field)
-            except CorpusError as exc:
-                raise CorpusError(f"{flag}: {exc}") from None
-    check_own_folder(run, "stages.json")
+    hashes = {}
+    for key, flag in CORPUS_FLAGS.items():
+        try:
+            hashes[key] = None if getattr(s, key) is None else corpus_text_hash(getattr(s, key), s.text_field)
+        except CorpusError as exc:
+            raise CorpusError(f"{flag}: {exc}") from None
+    return hashes
 
 
-def identity_changes(s: Settings, run: Path) -> list[str]:
+ADAPT_STAGES = ("datastore", "train", *method_names(), "eval", "router", "tasks", "samples")
+STAGE_STATUSES = ("running", "done", "stale")
+FINGERPRINT = Kind("a stage fingerprint", lambda v: isinstance(v, str) and len(v) == 12 and
+                   all(c in "0123456789abcdef" for c in v))
+
+
+def is_stage_record(run: Path) -> bool:
+    """Whether ``run`` is an adapt run made before folder markers (no ``OWN_MARKER``): its ``stages.json``
+    is a stage record of memdec adapt: a JSON object of at least one of its stages (and no other key),
+    each with a status and a fingerprint it writes. A file of that name alone says nothing."""
+    try:
+        stages = json.loads((run / "stages.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (isinstance(stages, dict) and bool(stages) and set(stages) <= set(ADAPT_STAGES)
+            and all(isinstance(e, dict) and e.get("status") in STAGE_STATUSES and FINGERPRINT.test(e.get("fingerprint"))
+                    for e in stages.values()))
+
+
+def identity_changes(s: Settings, run: Path, hashes: dict[str, str | None] | None = None) -> list[str]:
     """``--flag OLD -> NEW`` for each input of RUN_IDENTITY in which ``s`` differs from the run recorded in
-    ``run/settings.json`` (none if there is no record). A ``--general`` added to a run that had none only
-    adds work, and is no change."""
+    ``run/settings.json`` (none if there is no record), and ``--flag SPEC: its text changed`` for each
+    corpus of the same spec whose text hash (``hashes``, from ``check_inputs``) differs from the one
+    recorded. A ``--general`` added to a run that had none only adds work, and is no change."""
     record = run / "settings.json"
     if not (run / "stages.json").is_file() or not record.is_file():
         return []
@@ -500,13 +530,20 @@ def identity_changes(s: Settings, run: Path) -> list[str]:
     for key, flag in RUN_IDENTITY.items():
         if key in old and old[key] is not None and old[key] != getattr(s, key):
             changes.append(f"{flag} {old[key]} -> {getattr(s, key) or 'none'}")
+    recorded = old.get(CORPUS_HASHES) if isinstance(old.get(CORPUS_HASHES), dict) else {}
+    for key, flag in CORPUS_FLAGS.items():
+        before, now = recorded.get(key), (hashes or {}).get(key)
+        if old.get(key) == getattr(s, key) and before is not None and now is not None and before != now:
+            changes.append(f"{flag} {getattr(s, key)}: its text changed since the run was made "
+                           f"(hash {before} -> {now})")
     return changes
 
 
-def check_run_identity(s: Settings, run: Path, overwrite: bool) -> bool:
-    """Whether ``run`` holds another run (other RUN_IDENTITY inputs) that ``overwrite`` lets this call
-    replace; raises MemdecError, naming each differing input, when it holds one and ``overwrite`` is off."""
-    changes = identity_changes(s, run)
+def check_run_identity(s: Settings, run: Path, overwrite: bool, hashes: dict[str, str | None] | None = None) -> bool:
+    """Whether ``run`` holds another run (other RUN_IDENTITY inputs, or a corpus whose text changed) that
+    ``overwrite`` lets this call replace; raises MemdecError, naming each differing input, when it holds
+    one and ``overwrite`` is off."""
+    changes = identity_changes(s, run, hashes)
     if changes and not overwrite:
         raise MemdecError(f"--out {run} holds another run ({'; '.join(changes)}): rerunning would replace its "
                           f"datastore, decoders and report; choose a new --out, or give --overwrite to replace it")
@@ -516,7 +553,7 @@ def check_run_identity(s: Settings, run: Path, overwrite: bool) -> bool:
 def clear_run(run: Path) -> None:
     """Delete what memdec adapt wrote in ``run`` (RUN_ENTRIES and their temporary files); anything else in
     the folder stays. The stage record is emptied first, so an interruption never leaves a stage recorded
-    as done without its files; the emptied record keeps the folder marked as a run."""
+    as done without its files; the folder's marker (``OWN_MARKER``) stays."""
     _say(f"--overwrite: replacing the run in {run}")
     atomic_write_json(run / "stages.json", {})
     for name in RUN_ENTRIES:
@@ -571,6 +608,40 @@ def stage_inputs(s: Settings) -> dict[str, dict]:
             "samples": samples, "tasks": tasks}
 
 
+_ENTRY_FIELDS: dict[str, Kind] = {"status": Kind(f"one of {', '.join(STAGE_STATUSES)}", lambda v: v in STAGE_STATUSES),
+                                  "fingerprint": FINGERPRINT, "inputs": OBJECT}
+_DONE_FIELDS: dict[str, Kind] = {"seconds": NON_NEGATIVE, "summary": OBJECT}
+_TEXTS = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+_SCORES = Kind("a JSON object of numbers", lambda v: isinstance(v, dict) and all(
+    isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x) for x in v.values()))
+_SECONDS = Kind("a JSON object of numbers or nulls", lambda v: isinstance(v, dict) and all(
+    x is None or NON_NEGATIVE.test(x) for x in v.values()))
+SUMMARY_FIELDS: dict[str, dict[str, Kind]] = {  # what later stages and the report read of a stage's summary
+    "datastore": {"describe": TEXT},
+    "train": {"chosen": TEXT, "chosen_alpha": UNIT, "valid_joint_ppl": _SCORES, "train_seconds": _SECONDS,
+              "skipped": _TEXTS, "keep_candidates": BOOL, "weights_removed": _TEXTS},
+    **{name: {"reused_from": TEXT} for name in method_names()},
+    "router": {"kept": BOOL, "why": TEXT},
+    "tasks": {"systems": _TEXTS},
+}
+
+
+def stage_entry_problem(name: str, entry) -> str | None:
+    """Why the record ``entry`` of the stage ``name`` in ``stages.json`` cannot be used (a field missing or
+    of another type, where this module or the report reads it); None if it can."""
+    where = f"stage {name}"
+    if not isinstance(entry, dict):
+        return f"{where}: must be a JSON object, got {json.dumps(entry)[:40]}"
+    try:
+        check_record(entry, where, _ENTRY_FIELDS)
+        if entry["status"] == "done":
+            check_record(entry, where, _DONE_FIELDS)
+            check_record(entry["summary"], f"{where}: summary", SUMMARY_FIELDS.get(name, {}), optional=True)
+    except MemdecError as exc:
+        return str(exc)
+    return None
+
+
 class StageBook:
     """``RUN/stages.json``: which stages are done, with which settings, in how long; it owns the
     caching. ``begin`` says whether a stage is cached (same settings, done) or what changed;
@@ -580,6 +651,14 @@ class StageBook:
         self.path = run / "stages.json"
         self.plan = plan or []
         self.stages: dict = read_json_object(self.path, "stage record") if self.path.is_file() else {}
+        self.unusable = {name: why for name, entry in self.stages.items() if (why := stage_entry_problem(name, entry))}
+        if self.unusable:  # redone as a stage whose settings changed, with every stage after it
+            names = ", ".join(self.unusable)
+            _say(f"warning: {self.path}: the record of {names} is unusable ({next(iter(self.unusable.values()))}); "
+                 f"redoing {'it' if len(self.unusable) == 1 else 'them'} and the stages after")
+            self.stages = {k: v for k, v in self.stages.items() if k not in self.unusable}
+            for name in self.unusable:
+                self.redo_after(name)
 
     def save(self) -> None:
         atomic_write_json(self.path, self.stages)
@@ -589,12 +668,21 @@ class StageBook:
         return bool(entry and entry.get("status") == "done" and entry.get("fingerprint") == _fingerprint(inputs))
 
     def changed(self, name: str, inputs: dict) -> list[str]:
-        """Which top-level settings differ from the recorded run of this stage (empty if none was)."""
+        """Which top-level settings differ from the recorded run of this stage (empty if none was; ``its
+        record`` where it was unusable)."""
+        if name in self.unusable:
+            return ["its record"]
         entry = self.stages.get(name)
         if not entry or entry.get("fingerprint") == _fingerprint(inputs):
             return []
         old = entry.get("inputs", {})
         return [k for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k)] or ["settings"]
+
+    def redo_after(self, name: str) -> None:
+        """Mark every stage after ``name`` (in ``ADAPT_STAGES``' order) as to be redone: they read what it made."""
+        later = ADAPT_STAGES[ADAPT_STAGES.index(name) + 1:] if name in ADAPT_STAGES else ()
+        for stage in later:
+            self.invalidate(stage)
 
     def invalidate(self, name: str) -> None:
         """Mark a done stage as to be redone (what it produced no longer matches), keeping its record."""
@@ -614,6 +702,8 @@ class StageBook:
         head = f"{position}{name}: {what}"
         if done:
             _say(f"{head} — cached ({self.stages[name]['seconds']:.0f} s when built)")
+        elif name in self.unusable:
+            _say(f"{head} — its record was unusable; redoing this stage")
         elif changed:
             _say(f"{head} — settings changed ({', '.join(changed)}); redoing this stage")
         else:
@@ -633,6 +723,11 @@ class StageBook:
 
     def finish(self, name: str, seconds: float, summary: dict | None = None) -> None:
         self.stages[name].update(status="done", seconds=round(seconds, 1), summary=summary or {})
+        self.save()
+
+    def note(self, name: str, **fields) -> None:
+        """Add ``fields`` to the summary of the done stage ``name`` (what a later step of this call decided)."""
+        self.stages[name]["summary"].update(fields)
         self.save()
 
 
@@ -667,24 +762,26 @@ def adapt(cfg: AdaptConfig) -> Path:
     run = Path(cfg.out).expanduser()
     check_config(s)
     check_device(cfg.device)
-    check_inputs(s, run)
-    if check_run_identity(s, run, cfg.overwrite):
+    hashes = check_inputs(s, run)
+    replace = check_run_identity(s, run, cfg.overwrite, hashes)
+    mark_own_folder(run, "adapt-run")  # first: the marker says the folder is memdec's (a run of an earlier release too)
+    if replace:
         clear_run(run)
     with_tasks = bool(s.task_items) and lm_eval_available()
     plan = ["datastore", "train", *(method_names() if s.baselines else ()), "eval",
             *(["router"] if s.router == "auto" else []), *(["tasks"] if with_tasks else []), "samples"]
-    book = StageBook(run, plan)  # read (and checked) before anything is written
-    run.mkdir(parents=True, exist_ok=True)
-    book.save()  # first: stages.json marks the folder as this run's
-    atomic_write_json(run / "settings.json", s.flat())
+    book = StageBook(run, plan)
+    book.save()
+    atomic_write_json(run / "settings.json", {**s.flat(), CORPUS_HASHES: hashes})
     job = AdaptRun(run, s, cfg.device, book, stage_inputs(s), cfg.keep_trainer_state, cfg.keep_candidates)
+    redo_unusable_outputs(job)
     t_run = time.perf_counter()
     if s.router == "off" or not book.is_done("router", job.inputs["router"]):
         drop_router(job)  # never a router of another decoder, or of a stage not done, beside RUN/memdec
     datastore_stage(job)
     train_cfg = train_stage(job)
     baseline_dirs = [baseline_stage(job, get_method(name), train_cfg) for name in plan if name in method_names()]
-    if not cfg.keep_candidates:  # after the baselines: the ce-decoder may reuse the α=0 candidate's files
+    if not keeps_candidates(job, cfg.keep_candidates):  # after the baselines: the ce-decoder may reuse α=0's files
         prune_candidates(job)
     eval_stage(job, baseline_dirs)
     if s.router == "auto":
@@ -694,6 +791,28 @@ def adapt(cfg: AdaptConfig) -> Path:
     samples_stage(job)
     write_report(run, s.flat(), book.stages, time.perf_counter() - t_run)
     return run
+
+
+STAGE_OUTPUTS: dict[str, tuple[str, Callable[[Path], object]]] = {  # a done stage's file that later steps read
+    "eval": ("eval.json", lambda f: read_eval_json(f, ("base", "memdec"))),
+    "router": (f"router/{ROUTER_LAMBDA_JSON}", lambda f: read_router_lambdas(f) if f.is_file() else None),
+    "tasks": ("tasks.json", read_tasks_json),
+    "samples": ("samples.json", read_samples),
+}
+
+
+def redo_unusable_outputs(job: AdaptRun) -> None:
+    """A done stage whose output file is missing or unusable (a field missing or of another type) is
+    redone, with the stages that read it, saying why in one line: never a traceback further on."""
+    for name, (file, read) in STAGE_OUTPUTS.items():
+        if not job.book.is_done(name, job.inputs[name]):
+            continue
+        try:
+            read(job.run / file)
+        except MemdecError as exc:
+            _say(f"warning: {exc}; redoing the {name} stage and the stages after")
+            job.book.invalidate(name)
+            job.book.redo_after(name)
 
 
 def _remove(*paths: Path) -> None:
@@ -802,8 +921,32 @@ def train_candidates(job: AdaptRun) -> dict:
 PRUNED = "weights_removed"  # memdec.json of a candidate whose weights prune_candidates removed
 
 
+def keeps_candidates(job: AdaptRun, asked: bool | None) -> bool:
+    """Whether this call keeps every candidate's weights: ``asked`` (--keep-candidates, or
+    --no-keep-candidates), else what an earlier call of this run asked (the train stage's summary
+    records it), so that weights a user asked to keep are removed only when asked. Says in one line
+    when an earlier call's choice holds, and which weights an earlier call removed (they cannot come
+    back without training again); both are recorded for the report."""
+    earlier = job.book.summary("train").get("keep_candidates")
+    keep = bool(earlier) if asked is None else asked
+    if asked is None and earlier:
+        _say("candidates: keeping every candidate's weights, as an earlier call of this run asked (--keep-candidates); "
+             "--no-keep-candidates removes them")
+    folder, removed = job.run / "candidates", []
+    if keep and folder.is_dir():
+        removed = [c.name for c in sorted(folder.iterdir()) if (c / MEMDEC_JSON).is_file() and not c.is_symlink()
+                   and read_memdec_json(c).get(PRUNED)]
+        if removed:
+            _say(f"candidates: the weights of {', '.join(candidate_label(n) for n in removed)} were removed by an "
+                 f"earlier call without --keep-candidates; --keep-candidates cannot bring them back (only training "
+                 f"them again can: another train stage)")
+    if job.book.is_done("train", job.inputs["train"]):
+        job.book.note("train", keep_candidates=keep, weights_removed=removed)
+    return keep
+
+
 def prune_candidates(job: AdaptRun) -> None:
-    """Remove the weights (every file but ``memdec.json`` and ``log.jsonl``, and ``trainer_state/``) of
+    """Remove the weights (every file but ``memdec.json``, ``log.jsonl`` and the marker, and ``trainer_state/``) of
     each candidate decoder but the chosen one (``RUN/memdec``) and one a baseline reuses (the ce-decoder's
     α=0 candidate, whose files are hard links of the baseline's); their metrics stay for the report, and
     their ``memdec.json`` says that the weights are gone."""
@@ -821,7 +964,7 @@ def prune_candidates(job: AdaptRun) -> None:
         write_memdec_json(candidate, {**info, PRUNED: "memdec adapt kept only the chosen candidate (--keep-candidates "
                                                       "keeps every one)"})  # first: never a weightless checkpoint
         for p in candidate.iterdir():
-            if p.name not in (MEMDEC_JSON, "log.jsonl"):
+            if p.name not in (MEMDEC_JSON, "log.jsonl", OWN_MARKER):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
@@ -923,8 +1066,8 @@ def drop_router(job: AdaptRun) -> None:
     ``RUN/eval.json``: before upstream stages redo their work, or with ``--router off``."""
     _remove(job.ckpt / ROUTER_JSON, job.ckpt / ROUTER_WEIGHTS)
     file = job.run / "eval.json"
-    if file.is_file():
-        ev = read_json_object(file, "eval report")
+    if file.is_file() and job.book.is_done("eval", job.inputs["eval"]):  # else the eval stage writes it anew
+        ev = read_eval_json(file)
         kept = [r for r in ev["results"] if r.get("system") != ROUTER_ROW]
         if len(kept) != len(ev["results"]):
             atomic_write_json(file, {**ev, "results": kept})
@@ -982,7 +1125,7 @@ def add_router_row(job: AdaptRun, lmbda: float) -> None:
         device=job.device, memdec=str(job.ckpt), lmbda=lmbda, router=str(job.ckpt), general=s.general,
         general_max_tokens=s.general_tokens, json=None, plot=None))
     row = next(r for r in report.to_json(s.test)["results"] if r["system"] == ROUTER_ROW)
-    ev = read_json_object(job.run / "eval.json", "eval report")
+    ev = read_eval_json(job.run / "eval.json")
     results = [r for r in ev["results"] if r.get("system") != ROUTER_ROW] + [row]
     atomic_write_json(job.run / "eval.json", {**ev, "results": results})
 
@@ -1054,7 +1197,7 @@ def task_systems(job: AdaptRun) -> list[dict]:
     """Each row of ``RUN/eval.json`` as the memdec lm-eval model's arguments, at the λ (and kNN temperature)
     the eval stage chose."""
     out = []
-    for r in read_json_object(job.run / "eval.json", "eval report")["results"]:
+    for r in read_eval_json(job.run / "eval.json")["results"]:
         system, args = r["system"], {"base": job.s.model, "device": job.device}
         if system == "memdec":
             args.update(memdec=str(job.ckpt), lmbda=r["lambda"])
@@ -1129,7 +1272,7 @@ def samples_stage(job: AdaptRun) -> None:
         return
 
     def work() -> None:
-        lmbda = next(r["lambda"] for r in read_json_object(job.run / "eval.json", "eval report")["results"]
+        lmbda = next(r["lambda"] for r in read_eval_json(job.run / "eval.json", ("base", "memdec"))["results"]
                      if r["system"] == "memdec")
         atomic_write_json(job.run / "samples.json", generate_samples(s, job.ckpt, job.device, lmbda), ensure_ascii=False)
 

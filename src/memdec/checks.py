@@ -1,5 +1,7 @@
 """Range checks for user-given settings: one function per kind of check, one clear line per failure;
-and the typed fields of the metadata files memdec reads (``check_field``, one ``Kind`` per type).
+the typed fields of the metadata files memdec reads (``check_field``, one ``Kind`` per type); and the
+folders memdec made: the marker every command writes first into a folder it creates (``mark_own_folder``)
+and the one check of an output folder (``check_own_folder``).
 
 Every command validates its arguments with these before it loads a model or writes a file.
 NaN fails every check (comparisons with NaN are false).
@@ -11,6 +13,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,7 +87,9 @@ def _nearest_existing(path: Path) -> Path:
 def check_writable_path(value, what: str, folder: bool = False) -> Path:
     """An output path memdec can create or replace: a file (``folder``: a folder) that exists and is
     writable, or one whose nearest existing ancestor is a writable folder. Checked before any work,
-    so an unwritable output fails at once rather than after the run. Returns it as a Path."""
+    so an unwritable output fails at once rather than after the run: by a real write in the folder
+    that will hold it (``probe_folder``), which also catches what permission bits do not say (``/proc``,
+    ``/sys``, a read-only mount, for root too). Returns it as a Path."""
     path = Path(value).expanduser()
     if path.exists():
         if folder != path.is_dir():
@@ -93,30 +98,119 @@ def check_writable_path(value, what: str, folder: bool = False) -> Path:
         if not os.access(path, os.W_OK):
             raise MemdecError(f"{what} {value}: not writable")
         if folder:
+            probe_folder(path, what, value)
             return path
     parent = _nearest_existing(path.parent if path.exists() else path)
     if not parent.is_dir():
         raise MemdecError(f"{what} {value}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MemdecError(f"{what} {value}: cannot write in {parent} (permission denied or read-only)")
+    probe_folder(parent, what, value)
     return path
 
 
-def check_own_folder(value, *markers: str, what: str = "--out", partial: tuple[str, ...] = ()) -> Path:
-    """An output folder memdec may write: new, empty, or one memdec made, known by one of ``markers``
-    (a file it writes there first; a name ending in ``/``: a folder). A folder memdec did not create is
-    never changed. ``partial``: what a run of the command killed before it wrote its marker can leave
-    (the files it writes first, the temporary files of an interrupted ``atomic_write``); a folder that
-    holds nothing else is one memdec began, and the rerun goes on. Returns it as a Path."""
-    path = check_writable_path(value, what, folder=True)
-    if not path.exists() or not any(path.iterdir()):
-        return path
-    if partial and all(p.is_file() and not p.is_symlink() and p.name in partial for p in path.iterdir()):
-        return path
-    if any((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in markers):
-        return path
-    raise MemdecError(f"{what} {value} is a folder memdec did not create (no {' or '.join(markers)}); memdec never "
-                      f"changes such a folder: choose a new or empty {what}")
+def probe_folder(folder: Path, what: str, value) -> None:
+    """MemdecError unless a file can be created in ``folder`` (then removed at once): the step every
+    atomic write takes first (a temporary file beside its target)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".memdec-probe-", dir=folder)
+    except OSError as exc:
+        raise MemdecError(f"{what} {value}: cannot write in {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_text(value: str, what: str) -> str:
+    """Text a tokenizer can read: a ``str`` that UTF-8 can encode. A JSON string may hold a lone UTF-16
+    surrogate (``"\\ud800"``) and a command line a byte that is not UTF-8 (read as ``\\udcff``): neither is text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MemdecError(f"{what} holds {value[exc.start]!a} at character {exc.start}: a lone surrogate, not "
+                          f"text (send UTF-8)") from None
+    return value
+
+
+# --- folders memdec made: the marker each writes first, and its check ----------------------------
+
+
+OWN_MARKER = ".memdec-folder.json"  # written first into every folder a memdec command creates
+OWN_MARKER_VERSION = 1
+FOLDER_KINDS = {  # the kinds of folder memdec writes (the marker's "memdec_folder"), in words
+    "adapt-run": "adapt run folder", "checkpoint": "checkpoint folder (memory decoder or baseline)",
+    "router": "router folder", "domain-router": "domain router folder", "tasks": "task folder",
+    "datastore": "datastore", "bench": "benchmark output folder (bench/*.py)",
+}
+
+
+def folder_kind(path: str | os.PathLike) -> str | None:
+    """The kind of memdec folder ``path`` is, by its marker (``OWN_MARKER``); None where it has no
+    marker memdec wrote (absent, unreadable, or another record)."""
+    try:
+        record = json.loads((Path(path) / OWN_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("version") != OWN_MARKER_VERSION:
+        return None
+    kind = record.get("memdec_folder")
+    return kind if isinstance(kind, str) and kind in FOLDER_KINDS else None
+
+
+def mark_own_folder(path: str | os.PathLike, kind: str) -> Path:
+    """Create the folder ``path`` (if need be) and write its marker, before anything else memdec writes
+    there; a folder that has a marker keeps it (a router written into a checkpoint folder). The marker
+    is whole or absent: written to a temporary name, flushed, then renamed (the layers keep this module
+    from ``files.atomic_write``). Returns the folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if folder_kind(path) is None:
+        tmp = path / f".{OWN_MARKER}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"memdec_folder": kind, "version": OWN_MARKER_VERSION}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / OWN_MARKER)
+    return path
+
+
+def holds_record(file: str | os.PathLike, **fields) -> bool:
+    """Whether ``file`` is a JSON object with each of ``fields`` at that value (never raises): how a
+    folder made before markers is known by its metadata file's format (``format="memdec-router"``)."""
+    try:
+        record = json.loads(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and all(type(record.get(k)) is type(v) and record.get(k) == v
+                                            for k, v in fields.items())
+
+
+def check_own_folder(value, kind: str, *also: str, legacy: Callable[[Path], bool] | None = None, what: str = "--out",
+                     error: type[MemdecError] = MemdecError, partial: tuple[str, ...] = ()) -> Path:
+    """An output folder memdec may write as a ``kind`` folder: new, empty, or one a memdec command made,
+    known by its marker (``OWN_MARKER``) of ``kind`` or of one of ``also`` (the kinds this command may
+    write into); ``legacy(path)``: whether a folder without a marker is one memdec made before markers,
+    known by the content of its own records (never by a file name alone). A folder memdec did not
+    create is never changed; another kind of memdec folder is refused too. ``partial``: what a run killed
+    before its marker was whole can leave (the files it writes first, the temporary files of an interrupted
+    atomic write; the marker's own temporary file always): a folder holding nothing else is one memdec
+    began, and the rerun goes on. Returns it as a Path."""
+    path = Path(value).expanduser()
+    began = (*partial, f".{OWN_MARKER}.tmp")
+    if path.is_dir() and any(path.iterdir()) and not all(
+            p.is_file() and not p.is_symlink() and p.name in began for p in path.iterdir()):
+        found = folder_kind(path)
+        if found is None and not (legacy is not None and legacy(path)):
+            raise error(f"{what} {value} is a folder memdec did not create (not a memdec {FOLDER_KINDS[kind]}: "
+                        f"no {OWN_MARKER}); memdec never changes such a folder: choose a new or empty {what}")
+        if found is not None and found not in (kind, *also):
+            wanted = FOLDER_KINDS[kind]
+            article = "an" if wanted[0] in "aeiou" else "a"
+            raise error(f"{what} {value} is a memdec {FOLDER_KINDS[found]}, not {article} {wanted}: choose a new or "
+                        f"empty {what}")
+    try:
+        return check_writable_path(path, what, folder=True)
+    except MemdecError as exc:
+        raise error(str(exc)) from None
 
 
 def check_context(n_prompt: int, n_new: int | None, context: int | None,
@@ -155,6 +249,10 @@ def check_positive(value, what: str, error: type[MemdecError] = MemdecError) -> 
     return x
 
 
+GREEDY_BELOW = 1e-5  # a sampling temperature below this picks the likeliest token, as vLLM does: dividing
+#                      logits by 1e-45 makes them infinite, and sampling from them fails
+
+
 def check_temperature(value, what: str = "temperature", error: type[MemdecError] = MemdecError) -> float:
     """A softmax temperature: a finite number > 0 (``error``: the MemdecError kind to raise)."""
     return check_positive(value, what, error)
@@ -168,10 +266,22 @@ def check_non_negative(value, what: str) -> float:
     return x
 
 
-def check_positive_int(value, what: str) -> int:
-    """An integer >= 1 (a count, a size, an interval)."""
+def check_positive_int(value, what: str, most: int | None = None) -> int:
+    """An integer >= 1 (a count, a size, an interval); ``most``: its largest sensible value."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MemdecError(f"{what} must be a whole number >= 1, got {value}")
+        raise MemdecError(f"{what} must be a whole number >= 1, got {shown(value)}")
+    if most is not None and value > most:
+        raise MemdecError(f"{what} must be at most {most}, got {shown(value)}")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds: what every seed of memdec reaches
+
+
+def check_seed(value, what: str = "--seed") -> int:
+    """A random seed: a whole number in [0, 2**32 - 1], the range numpy and torch both take."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise MemdecError(f"{what} must be a whole number from 0 to {SEED_MAX}, got {shown(value)}")
     return value
 
 
@@ -223,7 +333,10 @@ def or_null(kind: Kind) -> Kind:
 
 
 def shown(value, limit: int = 60) -> str:
-    """A value as JSON, cut to ``limit`` characters: what an error says a field held."""
+    """A value as JSON, cut to ``limit`` characters: what an error says a field held (an integer too long
+    for Python to print, past 4,300 digits, by its size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 10_000:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
@@ -257,3 +370,17 @@ def check_fields(record: dict, where, fields: dict[str, Kind], *, optional: bool
     """``check_field`` for each ``name: kind`` of ``fields``, in order."""
     for name, kind in fields.items():
         check_field(record, name, where, kind, optional=optional, error=error)
+
+
+def check_items(record: dict, name: str, where, fields: dict[str, Kind], optional: dict[str, Kind] | None = None,
+                error: type[MemdecError] = MemdecError) -> list[dict]:
+    """The list field ``name`` of ``record`` (read from ``where``), each item a JSON object whose ``fields``
+    (and, where present, ``optional`` ones) have their kinds: ``eval.json: field "results" item 2 must be
+    a JSON object``, ``eval.json (results item 2): field "ppl" must be ...``."""
+    items = check_field(record, name, where, LIST, error=error)
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise error(f'{where}: field "{name}" item {i} must be a JSON object, got {shown(item)}')
+        check_fields(item, f"{where} ({name} item {i})", fields, error=error)
+        check_fields(item, f"{where} ({name} item {i})", optional or {}, optional=True, error=error)
+    return items

@@ -245,6 +245,20 @@ def corpus_source(spec: str) -> dict | None:
     return {"python": platform.python_version(), "files": files, "chars": chars, "sha256": digest.hexdigest()[:16]}
 
 
+def corpus_text_hash(spec: str, text_field: str = "text") -> str | None:
+    """sha256 (16 hex digits) of a corpus's documents as read (each text with its length), streamed one
+    document at a time, which checks it as ``read_corpus`` does (CorpusError); None for a built-in corpus
+    (fixed package data: its name is its identity, and nothing is read)."""
+    if spec in BUILTIN_CORPORA:
+        return None
+    digest = hashlib.sha256()
+    for doc in iter_corpus(spec, text_field):
+        data = doc.text.encode("utf-8")
+        digest.update(f"{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
 def _read_text_file(path: Path) -> Iterator[Document]:
     """A text file as one document, in pieces (``_pieces``): never held whole, whatever its lines."""
     yield from _pieces(str(path), _decoded_chunks(path))

@@ -75,7 +75,8 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from .checks import NON_NEGATIVE, SCORE, WHOLE, check_device, check_temperature, check_threads, check_writable_path
+from .checks import (NON_NEGATIVE, OWN_MARKER, SCORE, WHOLE, check_device, check_own_folder, check_temperature,
+                     check_threads, mark_own_folder)
 from .data import corpus_source, sliding_windows, stream_tokens_to_file, token_stream_hash, window_batches
 from .errors import DatastoreError
 from .index import (
@@ -231,18 +232,27 @@ def check_config(cfg: DatastoreConfig) -> None:
         raise DatastoreError(f"--search-batch must be a positive multiple of {SEARCH_BLOCK}, got {cfg.search_batch}")
     check_threads(cfg.threads)
     check_device(cfg.device)
-    check_writable_path(cfg.out, "--out", folder=True)
+    _check_out_folder(Path(cfg.out).expanduser())
 
 
 TOKENS_TMP = ".tokens.npy.tmp"  # the token stream as it is tokenized, before it is checked
 
 
 def _check_out_folder(out: Path) -> None:
-    """DatastoreError unless ``out`` is a datastore, absent, or empty (but for an unfinished token stream)."""
-    if (out / MANIFEST).exists():
-        return
-    if out.exists() and (not out.is_dir() or any(p.name != TOKENS_TMP for p in out.iterdir())):
-        raise DatastoreError(f"{out} exists and is not a memdec datastore (no {MANIFEST}); choose another --out")
+    """DatastoreError unless ``out`` is new, empty, or a datastore memdec made (``checks.check_own_folder``)."""
+    check_own_folder(out, "datastore", legacy=_is_unmarked_datastore, error=DatastoreError)
+
+
+def _is_unmarked_datastore(out: Path) -> bool:
+    """Whether ``out`` is a datastore memdec made before folder markers: a manifest it reads, or nothing but
+    the token stream of an interrupted first tokenization."""
+    if all(p.name == TOKENS_TMP for p in out.iterdir()):
+        return True
+    try:
+        read_manifest(out)
+    except DatastoreError:
+        return False
+    return True
 
 
 COPY_CHUNK = 1 << 24  # elements copied at a time between .npy files
@@ -950,7 +960,8 @@ def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> Manifest:
     """Rank 0: stream the corpus's tokens into the folder, check them against (or start) the manifest."""
     _check_out_folder(out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    empty = created or not any(out.iterdir())
+    mark_own_folder(out, "datastore")  # first: the marker says the folder is memdec's
     try:
         tokens = stream_tokens_to_file(cfg.corpus, tokenizer, out / TOKENS_TMP, cfg.max_tokens, cfg.text_field)
         n = len(tokens) - 1
@@ -959,6 +970,8 @@ def _prepare(out: Path, cfg: DatastoreConfig, tokenizer) -> Manifest:
                                  f"each position needs k neighbours besides itself")
     except BaseException:  # bad input: leave the folder as it was
         (out / TOKENS_TMP).unlink(missing_ok=True)
+        if empty:
+            (out / OWN_MARKER).unlink(missing_ok=True)
         if created:
             out.rmdir()
         raise

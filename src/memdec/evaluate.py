@@ -24,11 +24,12 @@ import numpy as np
 
 from .baselines import check_baseline, load_baseline, method_names
 from .checkpoint import apply_run, read_router_json
-from .checks import check_device, check_lambda, check_positive_int, check_temperature, check_writable_path
+from .checks import (COUNT, NON_NEGATIVE, OBJECT, POSITIVE, SCORE, TEXT, UNIT, WHOLE, Kind, check_device, check_fields,
+                     check_items, check_lambda, check_positive_int, check_temperature, check_writable_path)
 from .data import check_corpus, load_token_stream
 from .store import DEFAULT_KNN_TEMP, read_manifest, recorded_k
 from .errors import MemdecError
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, read_json_object
 from .joint import MemoryDecoderModel, attach_router
 from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temperature_grid
 from .knowledge import memory_token_stream, recurring_positions
@@ -163,6 +164,36 @@ def _non_finite_at(value, where: str = "") -> str | None:
 def write_report_json(path: str | os.PathLike, corpus: str, n_tokens: int, rows: list[ResultRow], **extra) -> None:
     """Write the eval JSON atomically: {"tokens", "corpus", ..., "results": [...]}."""
     atomic_write_json(path, EvalReport(rows, n_tokens, extra).to_json(corpus))
+
+
+PPL = Kind("a number > 0", lambda v: SCORE.test(v) and v > 0)  # a perplexity: may overflow to Infinity, never NaN
+_REPORT_FIELDS: dict[str, Kind] = {"tokens": COUNT, "corpus": TEXT}
+_REPORT_OPTIONAL: dict[str, Kind] = {"general.tokens": WHOLE, "general.corpus": TEXT, "recurring.tokens": WHOLE,
+                                     "sweep": OBJECT}
+_ROW_FIELDS: dict[str, Kind] = {"system": TEXT, "ppl": PPL, "tokens_per_s": POSITIVE}
+_ROW_OPTIONAL: dict[str, Kind] = {
+    "model": TEXT, "lambda": UNIT, "nll": SCORE, "general_ppl": PPL, "recurring_ppl": PPL, "valid_ppl": PPL,
+    "alone_ppl": PPL, "trainable_parameters": WHOLE, "train_seconds": NON_NEGATIVE, "datastore_seconds": NON_NEGATIVE,
+    "inference_ratio": POSITIVE, "knn_temperature": POSITIVE, "k": COUNT, "tokens": WHOLE,
+}  # absent or null where a row has none
+
+
+def check_eval_json(report: dict, where, systems: tuple[str, ...] = ("base",)) -> dict:
+    """``report``, an eval JSON object read from ``where`` (``memdec eval --json``, ``RUN/eval.json``, the
+    rows of ``RUN/report.json``), if every field its readers use has its type and a row of each of
+    ``systems`` is there; one MemdecError line naming the file and the field otherwise."""
+    check_fields(report, where, _REPORT_FIELDS)
+    check_fields(report, where, _REPORT_OPTIONAL, optional=True)
+    check_items(report, "results", where, _ROW_FIELDS, _ROW_OPTIONAL)
+    missing = [s for s in systems if not any(r["system"] == s for r in report["results"])]
+    if missing:
+        raise MemdecError(f'{where}: no "{missing[0]}" row in field "results"')
+    return report
+
+
+def read_eval_json(file: str | os.PathLike, systems: tuple[str, ...] = ("base",)) -> dict:
+    """An eval JSON file (``RUN/eval.json``), checked as ``check_eval_json`` says."""
+    return check_eval_json(read_json_object(file, "eval report"), file, systems)
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -314,6 +345,9 @@ class Mixture:
     seconds: float
     default_lambda: float | None = None
     extra: dict = field(default_factory=dict)  # more keys for the row, e.g. the kNN temperature
+    # The second distribution gives probability 0 to what it did not retrieve (kNN-LM): alone (λ = 1) it has
+    # an infinite perplexity on any text with a token it missed, so a sweep never picks λ = 1 for it.
+    sparse_support: bool = False
     includes_base: bool = False
 
     def joint_seconds(self, seconds_base: float) -> float:
@@ -404,7 +438,8 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
     if cfg.knn_temp is not None:
         temp = cfg.knn_temp
     elif passes["valid"] is not None:
-        temp, _, _ = choose_temperature_and_lambda(passes["valid"], LAMBDA_GRID, temperature_grid(passes["valid"].dists))
+        temp, _, _ = choose_temperature_and_lambda(passes["valid"], LAMBDA_GRID[:-1],  # λ < 1: see sparse_support
+                                                   temperature_grid(passes["valid"].dists))
         if temp is None:  # every (temperature, λ) gave NaN
             raise MemdecError(f"{_scored(cfg, 'knn-lm', 'valid')}: no temperature gives a finite perplexity (the "
                               f"neighbours' distances are not finite); no perplexity is reported")
@@ -415,7 +450,7 @@ def _score_base_with_knn(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
              "train_seconds": _datastore_seconds(cfg.knn, ("keys", "index"))}  # its "training" is the datastore
     knn_nll = {n: None if p is None else check_finite_scores(p.knn_nll(temp), _scored(cfg, "knn-lm", n), inf_ok=True)
                for n, p in passes.items()}  # a target no neighbour holds: inf, the mixture stays finite for λ < 1
-    knn = Mixture("knn-lm", cfg.knn, knn_nll, test.seconds_search, 0.25, extra)
+    knn = Mixture("knn-lm", cfg.knn, knn_nll, test.seconds_search, 0.25, extra, sparse_support=True)
     base = {n: None if p is None else p.nll_base for n, p in passes.items()}
     return Scored(base, test.seconds_base, [knn])
 
@@ -535,7 +570,8 @@ def _mixture_row(cfg: EvalConfig, mix: Mixture, base: dict, seconds_base: float)
     valid_curve = None
     if cfg.sweep:
         valid_curve = lambda_curve(base["valid"], mix.nll["valid"])
-        lmbda = LAMBDA_GRID[int(np.argmin(valid_curve))]
+        choices = valid_curve[:-1] if mix.sparse_support else valid_curve  # LAMBDA_GRID ends at 1
+        lmbda = LAMBDA_GRID[int(np.argmin(choices))]
         extra.update(lambda_source="sweep", valid_ppl=_finite_or_none(float(valid_curve.min())))
     elif cfg.lmbda is not None:
         lmbda, extra["lambda_source"] = cfg.lmbda, "cli"

@@ -171,11 +171,20 @@ class JSONTooDeep(json.JSONDecodeError):
         self.msg, self.doc, self.pos, self.lineno, self.colno = str(self), "", 0, 1, 1
 
 
+MAX_JSON_DIGITS = 4300  # digits of a JSON integer (Python's own limit of int(str)): no count or size is longer
+
+
+def _json_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (at most {MAX_JSON_DIGITS})")
+    return int(digits)
+
+
 def parse_json(text: str | bytes, max_depth: int = MAX_JSON_DEPTH):
     """``json.loads(text)``; ``JSONTooDeep`` where the value is nested deeper than ``max_depth`` (or too deep
-    for the parser itself)."""
+    for the parser itself); a ValueError saying so for an integer of more than ``MAX_JSON_DIGITS`` digits."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=_json_int)
     except RecursionError:
         raise JSONTooDeep(max_depth) from None
     if json_depth(value) > max_depth:
@@ -214,23 +223,40 @@ def read_json_object(file: str | os.PathLike, what: str, error: type[MemdecError
     return value
 
 
-def read_jsonl(file: str | os.PathLike, error: type[MemdecError] = MemdecError) -> list[dict]:
+def read_jsonl(file: str | os.PathLike, error: type[MemdecError] = MemdecError,
+               skip: Callable[[str], None] | None = None) -> list[dict]:
     """The records of a JSON-lines log (each line a JSON object); its last line, cut short by an
     interruption (no newline), is skipped. Anything else that is not a JSON object, or bytes that are
-    not UTF-8, raise ``error`` naming the file and the line."""
+    not UTF-8, raise ``error`` naming the file and the line; with ``skip``, such a line is left out
+    and ``skip`` gets that message instead (a reader that can do without it: a report's plot)."""
     file = Path(file)
     try:
         data = file.read_bytes()
     except OSError as exc:
         raise error(f"{file}: unreadable log ({exc.strerror or exc})") from None
+    lines, records, offset = data.split(b"\n"), [], 0
+    for number, raw in enumerate(lines, 1):
+        try:
+            record = _jsonl_record(file, number, _jsonl_text(file, number, raw, offset, error),
+                                   cut_short=number == len(lines), error=error)
+        except MemdecError as exc:
+            if skip is None:
+                raise
+            skip(str(exc))
+            record = None
+        offset += len(raw) + 1
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _jsonl_text(file: Path, number: int, raw: bytes, offset: int, error: type[MemdecError]) -> str:
+    """Line ``number`` of a log (its bytes ``raw``, at ``offset`` in the file) as text."""
     try:
-        text = data.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise error(f"{file}: line {line} is not UTF-8 text (byte {exc.start}); the log is corrupt") from None
-    lines = text.split("\n")
-    return [record for number, line in enumerate(lines, 1)
-            if (record := _jsonl_record(file, number, line, cut_short=number == len(lines), error=error)) is not None]
+        byte = offset + exc.start
+        raise error(f"{file}: line {number} is not UTF-8 text (byte {byte}); the log is corrupt") from None
 
 
 def _jsonl_record(file: Path, number: int, line: str, cut_short: bool, error: type[MemdecError]) -> dict | None:

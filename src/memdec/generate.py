@@ -15,10 +15,13 @@ from typing import Any
 import torch
 
 from .checkpoint import apply_run, read_router_json
-from .checks import check_context, check_device, check_lambda, check_positive_int, check_temperature
+from .checks import (GREEDY_BELOW, check_context, check_device, check_lambda, check_positive_int, check_seed,
+                     check_temperature, check_text)
 from .errors import MemdecError
 from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel, attach_router
 from .models import DEFAULT_MODEL, load_model, max_context, resolve_device
+
+MAX_BEAMS = 64  # --num-beams: wider beams hold num_beams copies of the cache and score num_beams x vocabulary per step
 
 
 @dataclass
@@ -50,10 +53,10 @@ GENERATE_HELP = {
     "compare": "also generate with the base model alone and print both",
     "max_new_tokens": "tokens to generate",
     "do_sample": "sample instead of greedy / beam search",
-    "temperature": "sampling temperature",
+    "temperature": f"sampling temperature (below {GREEDY_BELOW:g}: greedy, as vLLM does)",
     "top_k": "sampling: keep the k most likely tokens",
     "top_p": "sampling: nucleus mass",
-    "num_beams": "beam search width (not with --processor)",
+    "num_beams": f"beam search width, at most {MAX_BEAMS} (not with --processor)",
     "seed": "random seed; base and joint use the same one",
     "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
     "device": "auto, cpu or cuda",
@@ -65,8 +68,11 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     """Every flag of ``memdec generate`` checked, one clear line each, before any model loads."""
     if not cfg.prompt or any(not p.strip() for p in cfg.prompt):
         raise MemdecError("--prompt must be non-empty text (an empty prompt gives the model nothing to continue)")
+    for prompt in cfg.prompt:
+        check_text(prompt, "--prompt")
     check_positive_int(cfg.max_new_tokens, "--max-new-tokens")
-    check_positive_int(cfg.num_beams, "--num-beams")
+    check_positive_int(cfg.num_beams, "--num-beams", MAX_BEAMS)
+    check_seed(cfg.seed)
     if cfg.lmbda is not None:
         check_lambda(cfg.lmbda, "--lambda")
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
@@ -105,6 +111,8 @@ def generate_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
                           "pad_token_id": tokenizer.pad_token_id}
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     kw.update({k: v for k, v in sampling.items() if v is not None})
+    if cfg.do_sample and cfg.temperature is not None and cfg.temperature < GREEDY_BELOW:
+        kw = {k: v for k, v in kw.items() if k not in sampling} | {"do_sample": False}  # logits / 1e-45 are infinite
     return kw
 
 

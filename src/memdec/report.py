@@ -12,6 +12,9 @@ from types import SimpleNamespace
 from typing import Callable
 
 from .checkpoint import read_memdec_json
+from .checks import BOOL, OBJECT, SCORE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, check_items
+from .errors import MemdecError
+from .evaluate import check_eval_json, read_eval_json
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
 from .store import read_manifest
 from .tables import Column, render_columns, render_table
@@ -54,6 +57,37 @@ def candidate_label(name: str) -> str:
     return name.replace("alpha-", "α=").replace("-base-", ", β=")
 
 
+def warn(message: str) -> None:
+    """One line on the terminal about something the report leaves out (a record it cannot use)."""
+    print(f"warning: {message}", flush=True)
+
+
+_STEP_FIELDS: dict[str, Kind] = {"step": WHOLE, "loss": SCORE, "ce": SCORE}  # every record of a decoder's log.jsonl
+_VALID_FIELDS: dict[str, Kind] = {"best_ppl": SCORE, "valid_ppl_memdec": SCORE, "valid_ppl_base": SCORE}  # validations
+
+
+def training_records(log: Path) -> list[dict]:
+    """The records of a decoder's ``log.jsonl`` that the training plot can use, read through the checked
+    reader; the others (a line that is no JSON object, a field missing or of another type) are skipped,
+    with one warning saying how many and why the first was."""
+    problems: list[str] = []
+    records = []
+    for i, record in enumerate(read_jsonl(log, skip=problems.append), 1):
+        try:
+            check_fields(record, f"record {i}", _STEP_FIELDS)
+            if "best_ppl" in record:
+                check_fields(record, f"record {i}", _VALID_FIELDS)
+        except MemdecError as exc:
+            problems.append(str(exc))
+            continue
+        records.append(record)
+    if problems:
+        first = problems[0].removeprefix(f"{log}: ")
+        warn(f"{log}: skipped {len(problems)} record{'s' if len(problems) > 1 else ''} the training plot cannot use "
+             f"({first})")
+    return records
+
+
 def _plot_training(run: Path) -> str | None:
     """Training loss and validation curves of every decoder trained (each α candidate), one colour each."""
     candidates = sorted((run / "candidates").glob("alpha-*/log.jsonl")) or [run / "memdec" / "log.jsonl"]
@@ -69,7 +103,7 @@ def _plot_training(run: Path) -> str | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     base = None
     for i, (name, log) in enumerate(logs.items()):
-        records = [r for r in read_jsonl(log) if "step" in r]
+        records = training_records(log)
         label = candidate_label(name) + (" (chosen)" if name == chosen and len(logs) > 1 else "")
         color = f"C{i}"
         ax1.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label}: loss")
@@ -131,7 +165,7 @@ def _router_lines(run: Path, stages: dict) -> list[str]:
                      "row mixes the decoder at its λ_t per position.")
     record_file = run / "router" / ROUTER_LAMBDA_JSON
     if record_file.is_file():
-        record = read_json_object(record_file, "router λ_t record")
+        record = read_router_lambdas(record_file)
         plot_router_lambdas(record, run / ROUTER_PLOT)
         lam = record["lambda_t"]
         lines += ["", f"λ_t along the first {len(lam)} positions of {record['corpus']} (mean {sum(lam) / len(lam):.3f}, "
@@ -170,6 +204,71 @@ def disk_bytes(run: Path) -> dict[str, int]:
     return sizes
 
 
+# --- the stages' outputs the report reads, each checked: one MemdecError line naming the file and the field
+
+
+_SAMPLE_FIELDS: dict[str, Kind] = {"prompt": TEXT, "base": TEXT, "memdec": TEXT, "lambda": UNIT}
+
+
+def read_samples(file: Path) -> list[dict]:
+    """``RUN/samples.json``: a list of {prompt, base, memdec, lambda}, checked."""
+    return check_items({"samples": read_json(file, "samples")}, "samples", file, _SAMPLE_FIELDS)
+
+
+_ENTRY_FIELDS: dict[str, Kind] = {"acc": UNIT, "n": WHOLE,
+                                  "ci95": Kind("a list of two numbers in [0, 1]", lambda v: isinstance(v, list) and
+                                               len(v) == 2 and all(UNIT.test(x) for x in v))}
+
+
+def check_tasks_json(tasks: dict, where) -> dict:
+    """The tasks record (``RUN/tasks.json``, or report.json's ``tasks``): each task written, each system's
+    scores, the tasks skipped, as the report's table and notes read them."""
+    check_field(tasks, "skipped", where, OBJECT, optional=True)
+    for task in check_field(tasks, "tasks", where, OBJECT):
+        check_field(tasks, f"tasks.{task}.items", where, WHOLE)
+        if task == FACTS_TASK:
+            check_field(tasks, f"tasks.{task}.heldout", where, TEXT)
+        elif task.startswith(GENERAL_TASK):
+            check_field(tasks, f"tasks.{task}.corpus", where, TEXT)
+    for i, row in enumerate(check_items(tasks, "results", where, {"system": TEXT, "tasks": OBJECT})):
+        for task in row["tasks"]:
+            check_fields(row, f"{where} (results item {i})", {f"tasks.{task}.{k}": v for k, v in _ENTRY_FIELDS.items()})
+    return tasks
+
+
+def read_tasks_json(file: Path) -> dict:
+    """``RUN/tasks.json``, checked as ``check_tasks_json`` says."""
+    return check_tasks_json(read_json_object(file, "tasks report"), file)
+
+
+_LAMBDA_FIELDS: dict[str, Kind] = {
+    "corpus": TEXT, "fixed_lambda": UNIT,
+    "lambda_t": Kind("a non-empty list of numbers in [0, 1]", lambda v: isinstance(v, list) and len(v) > 0 and
+                     all(UNIT.test(x) for x in v)),
+    "tokens": Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+}
+
+
+def read_router_lambdas(file: Path) -> dict:
+    """``RUN/router/lambda_t.json``: λ_t along a test passage with its tokens (one each), checked."""
+    record = read_json_object(file, "router λ_t record")
+    check_fields(record, file, _LAMBDA_FIELDS)
+    check_field(record, "kept", file, BOOL, optional=True)
+    if len(record["tokens"]) != len(record["lambda_t"]):
+        raise MemdecError(f'{file}: field "tokens" holds {len(record["tokens"])} tokens, "lambda_t" '
+                          f'{len(record["lambda_t"])} values')
+    return record
+
+
+def read_report_json(file: Path) -> dict:
+    """``RUN/report.json``, checked where the terminal's summary reads it."""
+    report = check_eval_json(read_json_object(file, "report"), file)
+    check_fields(report, file, {"stage_seconds": OBJECT})
+    if report.get("tasks") is not None:
+        check_tasks_json(check_field(report, "tasks", file, OBJECT), f"{file} (tasks)")
+    return report
+
+
 def write_report(run: Path, settings: dict, stages: dict, wall_s: float) -> None:
     """Write RUN/report.json, then RUN/report.md, from the stages' outputs: ``settings``, the run's
     (``RUN/settings.json``), ``stages``, its stage record (``RUN/stages.json``)."""
@@ -187,11 +286,11 @@ def _summary(stages: dict, name: str) -> dict:
 def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
     """Everything the report shows, as one JSON object."""
     s = SimpleNamespace(**settings)
-    ev = read_json_object(run / "eval.json", "eval report")
+    ev = read_eval_json(run / "eval.json")
     samples_file = run / "samples.json"
-    samples = read_json(samples_file, "samples") if samples_file.is_file() else []
+    samples = read_samples(samples_file) if samples_file.is_file() else []
     tasks_file = run / "tasks.json"
-    tasks = read_json_object(tasks_file, "tasks report") if s.task_items and tasks_file.is_file() else None
+    tasks = read_tasks_json(tasks_file) if s.task_items and tasks_file.is_file() else None
     info = read_memdec_json(run / "memdec")
     manifest = read_manifest(run / "datastore")
     sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
@@ -207,6 +306,8 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
             "alpha_choice": _summary(stages, "train").get("valid_joint_ppl"),
             "skipped": _summary(stages, "train").get("skipped"),
             "candidate_seconds": _summary(stages, "train").get("train_seconds"),
+            "candidates_kept": _summary(stages, "train").get("keep_candidates"),
+            "candidate_weights_removed": _summary(stages, "train").get("weights_removed"),
             "ce_decoder_reused_from": _summary(stages, "ce-decoder").get("reused_from")}
 
 
@@ -242,7 +343,7 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
               f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
               f"- memory decoder: {_decoder_size(sizes)}, {sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})",
               *_origin_lines(sizes.get("memdec_transfer")), "", _shape_note(settings_shape(report["settings"])), ""]
-    lines += _disk_lines(report.get("disk_bytes"), report["settings"])
+    lines += _disk_lines(report.get("disk_bytes"), report["settings"], report)
     lines += ["## Stage times", ""]
     lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
     lines += ["", "## Plots", ""]
@@ -274,12 +375,22 @@ def _shape_note(shape: str) -> str:
             f"a biomedical vocabulary, docs/domains.md); compare with a `--decoder copy` run before relying on it.")
 
 
-def _disk_lines(disk: dict | None, settings: dict) -> list[str]:
+def _candidates_text(report: dict) -> str:
+    """What ``candidates/`` holds: whose weights this run kept or removed, and why."""
+    if not report.get("candidates_kept"):
+        return "the other candidate decoders (weights removed unless --keep-candidates: their logs stay)"
+    removed = report.get("candidate_weights_removed") or []
+    gone = (f"; those of {', '.join(candidate_label(n) for n in removed)} were removed by an earlier call without it"
+            if removed else "")
+    return f"the other candidate decoders, their weights kept (--keep-candidates{gone})"
+
+
+def _disk_lines(disk: dict | None, settings: dict, report: dict | None = None) -> list[str]:
     """The report's "Disk" section: what the run leaves on disk, per folder."""
     if not disk:
         return []
     what = {"memdec": f"the chosen memory decoder (`{settings.get('decoder', 'copy')}`)",
-            "candidates": "the other candidate decoders (weights removed unless --keep-candidates: their logs stay)",
+            "candidates": _candidates_text(report or {}),
             "baselines": "the baselines", "datastore": "keys, index and kNN targets",
             "other": "reports, plots, tasks, records"}
     rows = [[f"`{k}`" if k != "other" else k, f"{disk[k] / 2**20:.1f} MiB", what[k]] for k in (*DISK_PARTS, "other")]
@@ -448,7 +559,7 @@ def _task_notes(tasks: dict | None, columns: dict[str, str]) -> list[str]:
 
 def format_summary(run: Path) -> str:
     """The report's table, for the terminal."""
-    report = read_json_object(Path(run) / "report.json", "report")
+    report = read_report_json(Path(run) / "report.json")
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
     table = [Column("system", lambda r: r["system"], "<"), Column("lambda", _lambda), Column("ppl", _value("ppl", ".3f")),

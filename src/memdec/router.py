@@ -45,7 +45,8 @@ from torch import nn
 from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_JSON, ROUTER_WEIGHTS,
                          load_safetensors, read_domain_router_json, read_router_json, write_domain_router_json,
                          write_router_json)
-from .checks import check_lambda, check_non_negative, check_positive, check_positive_int, check_unit_interval
+from .checks import (check_lambda, check_non_negative, check_positive, check_positive_int, check_seed,
+                     check_unit_interval)
 from .errors import MemdecError
 from .files import atomic_write
 from .loss import chunk_rows
@@ -232,8 +233,7 @@ class RouterFitConfig:
             raise MemdecError(f"--holdout must lie strictly between 0 and 1, got {self.holdout}")
         check_positive_int(self.patience, "--patience")
         check_lambda(self.init_lambda, "the initial λ")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MemdecError(f"--seed must be a whole number, got {self.seed!r}")
+        check_seed(self.seed)
 
 
 def router_loss(router: Router, features: torch.Tensor, lp_base: torch.Tensor, lp_mem: torch.Tensor,
@@ -487,8 +487,7 @@ class DomainFitConfig:
         check_positive(self.lr, "--lr")
         check_non_negative(self.weight_decay, "--weight-decay")
         check_positive_int(self.patience, "--patience")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise MemdecError(f"--seed must be a whole number, got {self.seed!r}")
+        check_seed(self.seed)
 
 
 @torch.no_grad()

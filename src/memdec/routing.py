@@ -35,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_UNFINISHED, MEMDEC_JSON, NO_DOMAIN, ROUTER_JSON,
-                         ROUTER_UNFINISHED, check_checkpoint_tokenizer, decoder_fingerprint, read_memdec_json)
-from .checks import check_device, check_model_name, check_non_negative, check_own_folder, check_positive_int
+from .checkpoint import (CHECKPOINT_FORMAT, DOMAIN_ROUTER_FORMAT, DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_UNFINISHED,
+                         MEMDEC_JSON, NO_DOMAIN, ROUTER_FORMAT, ROUTER_JSON, ROUTER_UNFINISHED,
+                         check_checkpoint_tokenizer, decoder_fingerprint, read_memdec_json)
+from .checks import (check_device, check_model_name, check_non_negative, check_own_folder, check_positive_int,
+                     holds_record, mark_own_folder)
 from .data import check_corpus, load_token_stream
 from .errors import MemdecError
 from .joint import MemoryDecoderModel
@@ -116,10 +118,17 @@ def check_router_config(cfg: RouterConfig) -> RouterConfig:
     if cfg.general == cfg.domain_corpus:
         raise MemdecError(f"--general {cfg.general} is the domain corpus: general text must be other text")
     info = read_memdec_json(cfg.memdec)
-    check_own_folder(cfg.out, ROUTER_JSON, MEMDEC_JSON, partial=ROUTER_UNFINISHED)
+    check_own_folder(cfg.out, "router", "checkpoint", legacy=is_unmarked_router_folder, partial=ROUTER_UNFINISHED)
     skip = cfg.domain_skip_tokens if cfg.domain_skip_tokens is not None else default_skip(info, cfg)
     return dataclasses.replace(cfg, stride=cfg.stride or max(cfg.block_size // 2, 1),
                                general_tokens=cfg.general_tokens or cfg.tokens, domain_skip_tokens=skip)
+
+
+def is_unmarked_router_folder(out: Path) -> bool:
+    """Whether ``out`` is a router or checkpoint folder memdec made before folder markers: its
+    ``router.json`` or ``memdec.json`` is of memdec's format."""
+    return holds_record(out / ROUTER_JSON, format=ROUTER_FORMAT) or holds_record(out / MEMDEC_JSON,
+                                                                              format=CHECKPOINT_FORMAT)
 
 
 def default_skip(info: dict, cfg: RouterConfig) -> int:
@@ -228,6 +237,8 @@ def train_router(cfg: RouterConfig, log=print) -> dict:
             "temperature": joint.temperature,
             "train_config": {**fit_config_record(cfg.fit_config(joint.lmbda)), **_corpora(cfg)},
             "train_stats": stats, "valid": valid}
+    mark_own_folder(cfg.out, "checkpoint" if holds_record(Path(cfg.out) / MEMDEC_JSON, format=CHECKPOINT_FORMAT)
+                    else "router")  # first; a checkpoint folder keeps its kind
     save_router(router, cfg.out, info)
     return {**info, "out": str(cfg.out)}
 
@@ -326,7 +337,8 @@ def check_domain_config(cfg: DomainRouterConfig) -> tuple[dict[str, str], dict[s
             raise MemdecError(f"--general {cfg.general} is domain {name}'s corpus: general text must be other text")
     check_corpus(cfg.general, "--general")
     infos = {name: read_memdec_json(ckpt) for name, ckpt in ckpts.items()}
-    check_own_folder(cfg.out, DOMAIN_ROUTER_JSON, partial=DOMAIN_ROUTER_UNFINISHED)
+    check_own_folder(cfg.out, "domain-router", partial=DOMAIN_ROUTER_UNFINISHED,
+                     legacy=lambda out: holds_record(out / DOMAIN_ROUTER_JSON, format=DOMAIN_ROUTER_FORMAT))
     return ckpts, {name: corpora[name] for name in ckpts}, infos
 
 
@@ -402,6 +414,7 @@ def train_domain_router(cfg: DomainRouterConfig, log=print) -> dict:
                              "window_tokens": cfg.window_tokens, "max_tokens": cfg.max_tokens,
                              "held_fraction": HELD_FRACTION},
             "train_stats": stats, "valid": stats["held"]}
+    mark_own_folder(cfg.out, "domain-router")
     save_domain_router(router, cfg.out, info)
     return {**info, "classes": classes, "out": str(cfg.out)}
 

@@ -57,9 +57,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from .checkpoint import (MEMDEC_JSON, NO_DOMAIN, check_checkpoint_tokenizer, decoder_fingerprint, read_domain_router_json,
                          read_memdec_json)
-from .checks import check_context, check_device, check_lambda, check_model_name
+from .checks import GREEDY_BELOW, check_context, check_device, check_lambda, check_model_name, check_text
 from .errors import MemdecError
-from .files import json_depth, read_json_object
+from .files import JSONTooDeep, parse_json, read_json_object
 from .joint import MemoryDecoderModel
 from .models import (DEFAULT_MODEL, check_base_identity, load_model, load_tokenizer, max_context, resolve_device,
                      resolve_model_spec, tokenizer_fingerprint)
@@ -414,7 +414,8 @@ class GenRequest:
 
     @property
     def sampling(self) -> bool:
-        return self.temperature > 0
+        """Whether tokens are drawn: a temperature below ``GREEDY_BELOW`` (0 included) is greedy."""
+        return self.temperature >= GREEDY_BELOW
 
     def batch_key(self):
         """Requests with equal keys may share one generate() call."""
@@ -483,13 +484,21 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     return value
 
 
+def get_text(text: str, param: str) -> str:
+    """A request's string that a tokenizer can read, or a 400 naming ``param`` (a lone surrogate is not text)."""
+    try:
+        return check_text(text, f"`{param}`")
+    except MemdecError as exc:
+        raise ApiError(400, str(exc), param=param, code="invalid_value") from None
+
+
 def get_stop(body: dict) -> list[str]:
     stop = _get(body, "stop", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"`stop` must be a non-empty string or a list of at most {MAX_STOPS} of them",
                        param="stop", code="invalid_value")
-    return stop
+    return [get_text(s, "stop") for s in stop]
 
 
 def pick_model(body: dict, models: Models) -> tuple[str, str, float | None]:
@@ -566,7 +575,7 @@ def parse_completion(body: dict, models: Models, default_max: int, max_rows: int
     check_rows(len(texts), get_int(body, "n", 1, 1, MAX_N), max_rows)
     if not all(isinstance(t, str) for t in texts):
         raise ApiError(400, bad, param="prompt", code="invalid_value")
-    prompts = [models.tokenizer(t)["input_ids"] for t in texts]
+    prompts = [models.tokenizer(get_text(t, "prompt"))["input_ids"] for t in texts]
     req = parse_common(body, models, "completion", prompts, "prompt", default_max, get_int(body, "max_tokens", None, 1))
     req.logprobs = get_int(body, "logprobs", None, 0, 5)
     return req
@@ -586,7 +595,7 @@ def chat_messages(body: dict) -> list[dict]:
         if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
             raise ApiError(400, f"messages[{i}] must have a role (system, user or assistant) and text content",
                            param=f"messages[{i}]", code="invalid_value")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role, "content": get_text(content, f"messages[{i}]")})
     return out
 
 
@@ -1069,15 +1078,13 @@ def parse_json_object(raw: bytes) -> dict:
     too_deep = ApiError(400, f"The request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
                         code="invalid_json")
     try:
-        body = json.loads(raw)
-    except RecursionError:
+        body = parse_json(raw, MAX_JSON_DEPTH)
+    except JSONTooDeep:
         raise too_deep from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object", code="invalid_json")
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise too_deep
     return body
 
 
@@ -1096,22 +1103,27 @@ def models_body(models: Models) -> dict:
 
 
 def add_error_handlers(app) -> None:
+    """Every error as OpenAI's body, in ASCII JSON: a message that quotes a client's lone surrogate still encodes."""
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
+    class AsciiJSONResponse(JSONResponse):
+        def render(self, content) -> bytes:
+            return json.dumps(content, separators=(",", ":")).encode("ascii")
+
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return AsciiJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         err = ApiError(exc.status_code, str(exc.detail), error_type(exc.status_code))
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return AsciiJSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
         err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-        return JSONResponse(err.body(), status_code=500)
+        return AsciiJSONResponse(err.body(), status_code=500)
 
 
 def require_key(key: str):

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from .baselines import load_baseline
 from .checkpoint import read_router_json
-from .checks import check_device, check_lambda, check_own_folder, check_plain_name, check_positive_int, check_temperature
+from .checks import (check_device, check_lambda, check_own_folder, check_plain_name, check_positive_int,
+                     check_seed, check_temperature, holds_record, mark_own_folder)
 from .data import read_corpus, load_token_stream
 from .store import DEFAULT_K, DEFAULT_KNN_TEMP, FFNInputCapture, read_manifest
 from .errors import MemdecError, one_line
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write_text
 from .joint import MemoryDecoderModel
 from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base, knn_mix_rows
 from .knowledge import memory_token_stream, token_classes, word_spans
@@ -399,17 +400,14 @@ def task_config(name: str, data_file: Path, output_type: str, **fields) -> dict:
             "metadata": {"version": 1.0, "writer": "memdec.tasks"}}
 
 
-TASKS_MARKER = "memdec_tasks.json"  # written first: marks a folder of task files as memdec's
+TASKS_MARKER = "memdec_tasks.json"  # what marked a folder of task files as memdec's before folder markers
 
 
 def write_task(out: str | Path, name: str, items: list[dict], configs: dict[str, dict]) -> list[Path]:
     """DIR/NAME.jsonl (the items) and one DIR/TASK.yaml per config; returns the YAML paths. The folder
-    is marked as memdec's (``TASKS_MARKER``) before any task file is written."""
+    is marked as memdec's (``checks.mark_own_folder``) before any task file is written."""
     check_plain_name(name, "--name")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / TASKS_MARKER).is_file():
-        atomic_write_json(out / TASKS_MARKER, {"writer": "memdec.tasks"})
+    out = mark_own_folder(Path(out), "tasks")
     atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     for task, config in configs.items():
         atomic_write_text(out / f"{task}.yaml", _yaml(config) + "\n")
@@ -592,8 +590,8 @@ class TasksConfig:
 
 
 TASKS_HELP = {
-    "out": "folder for the task files (NAME.jsonl, the lm-eval YAML configs and memdec_tasks.json): new, empty "
-           "or one memdec tasks wrote",
+    "out": "folder for the task files (NAME.jsonl and the lm-eval YAML configs): new, empty or one memdec tasks "
+           "wrote",
     "corpus": "facts: the training text (corpus spec or datastore folder); general: general-text corpus "
               "(default general:test)",
     "heldout": "facts: the held-out text whose names and numbers become questions",
@@ -612,12 +610,14 @@ TASKS_HELP = {
 
 def run_tasks(cfg: TasksConfig) -> list[Path]:
     """Write the task files of ``memdec tasks``; returns the YAML paths. ``--out`` must be new, empty or
-    a folder of task files memdec wrote (``TASKS_MARKER``): checked, with ``--name``, before any work."""
+    a folder of task files memdec wrote (its marker, or ``TASKS_MARKER`` before markers): checked, with
+    ``--name``, before any work."""
     check_positive_int(cfg.n_items, "--n-items")
+    check_seed(cfg.seed)
     if cfg.kind not in ("facts", "general"):
         raise MemdecError(f"unknown task kind {cfg.kind!r}: facts or general")
     name = check_plain_name(f"memdec_{cfg.kind}" if cfg.name is None else cfg.name, "--name")
-    check_own_folder(cfg.out, TASKS_MARKER)
+    check_own_folder(cfg.out, "tasks", legacy=lambda out: holds_record(out / TASKS_MARKER, writer="memdec.tasks"))
     if cfg.kind == "general":
         return write_general_task(cfg.corpus or "general:test", cfg.out, cfg.n_items, cfg.seed, cfg.context_words,
                                   cfg.n_choices, name, cfg.text_field)

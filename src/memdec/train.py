@@ -48,17 +48,17 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import (BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DOMAIN_ROUTER_JSON,
+from .checkpoint import (BASELINE_FORMAT, BASELINE_JSON, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, DOMAIN_ROUTER_JSON,
                          DOMAIN_ROUTER_WEIGHTS, MEMDEC_JSON, ROUTER_JSON, ROUTER_WEIGHTS, load_safetensors,
                          write_memdec_json)
 from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, SCORE, TEXT, WHOLE, Kind, check_device, check_field,
                      check_fields, check_non_negative, check_own_folder, check_positive, check_positive_int,
-                     check_unit_interval, or_null)
+                     check_seed, check_unit_interval, holds_record, mark_own_folder, or_null)
 from .data import load_token_stream
 from .decoders import SHAPES, DecoderShape, parse_shape
 from .store import open_datastore
 from .errors import MemdecError, one_line
-from .files import (append_jsonl, atomic_write, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
+from .files import (append_jsonl, atomic_write_json, atomic_write_stream, atomic_write_text, fsync_path,
                     fsync_tree, os_errors_named, read_json_object, read_jsonl, remove_interrupted_writes)
 from .loss import head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from .models import (bos_prefix, check_same_tokenizer, check_tokenizer, load_config, load_model, model_fingerprint,
@@ -580,6 +580,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise MemdecError(f"unknown --layer-selection '{cfg.layer_selection}' (first or spread)")
     if cfg.save_dtype not in SAVE_DTYPES:
         raise MemdecError(f"unknown --save-dtype '{cfg.save_dtype}' ({', '.join(SAVE_DTYPES)})")
+    check_seed(cfg.seed)
     check_device(cfg.device)
 
 
@@ -623,7 +624,18 @@ def check_out_folder(out: Path, recipe: "Recipe", datastore: str | None) -> None
         if out.resolve() == ds or ds in out.resolve().parents:
             raise MemdecError(f"--out {out} lies inside the datastore {datastore}; choose a folder of its own")
     # a finished checkpoint without trainer state (a meta file): the resume logic says what to do
-    check_own_folder(out, "trainer_state/", *dict.fromkeys([*recipe.meta_files, *CHECKPOINT_META_FILES]))
+    check_own_folder(out, "checkpoint", legacy=is_unmarked_checkpoint)
+
+
+def is_unmarked_checkpoint(out: Path) -> bool:
+    """Whether ``out`` is a checkpoint folder memdec made before folder markers: a ``memdec.json`` or
+    ``baseline.json`` of memdec's format, or a ``trainer_state/`` of its committed or staged steps."""
+    if holds_record(out / MEMDEC_JSON, format=CHECKPOINT_FORMAT) or holds_record(out / BASELINE_JSON,
+                                                                               format=BASELINE_FORMAT):
+        return True
+    state = out / "trainer_state"
+    step = re.compile(r"\.?step-\d{8}(\.tmp)?")  # TrainerState's committed and staged steps
+    return state.is_dir() and any(p.is_dir() and step.fullmatch(p.name) or p.name == "state.json" for p in state.iterdir())
 
 
 class Trainer:
@@ -1059,6 +1071,7 @@ class Trainer:
         """``log.jsonl`` of this run: started afresh, or cut back to the resumed step so no step repeats."""
         if not self.accelerator.is_main_process:
             return
+        mark_own_folder(self.out, "checkpoint")  # first: the marker says the folder is memdec's
         self.state.dir.mkdir(parents=True, exist_ok=True)  # from here on the folder is this run's
         self.log_path = self.out / "log.jsonl"
         if start_step == 0:

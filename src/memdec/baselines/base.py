@@ -18,7 +18,6 @@ import numpy as np
 from ..checkpoint import BASELINE_JSON, MEMDEC_JSON, write_baseline_json
 from ..data import load_token_stream, token_stream_hash
 from ..errors import MemdecError
-from ..index import or_list
 from ..models import load_tokenizer, tokenizer_fingerprint
 from ..train import Recipe
 
