@@ -19,8 +19,9 @@ and of the base (forgetting); the chosen λ and teacher α; the decoder's bytes 
 chosen decoder's folder); and the shape's gap to the copy on the same domain (its memdec perplexity over the
 ``copy`` run's). A row with no finished run shows "—".
 
-``OUT/spread-bench.json`` marks the folder and records the sha256 of each domain's splits: a domain rebuilt with
-other text is refused in that folder (its runs would mix texts), before anything loads.
+``OUT/.memdec-folder.json`` marks the folder; ``OUT/spread-bench.json`` records the sha256 of each domain's
+splits: a domain rebuilt with other text is refused in that folder (its runs would mix texts), before anything
+loads.
 """
 
 from __future__ import annotations
