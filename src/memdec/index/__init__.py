@@ -13,8 +13,9 @@ the functions here only ask the registered kind. The built-in kinds, one module 
 - ``torch`` (``torch_flat.py``): ``TorchFlatIndex``, exact search with torch matmuls, on CUDA where
   there is one, without faiss; on disk a small JSON file naming the datastore's ``keys.npy``.
 
-A new kind is one new module beside these (a subclass of ``IndexKind``, ``register``-ed at its end)
-imported below, and its test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
+A new kind is one new module beside these (a subclass of ``IndexKind``, ``register``-ed at its end,
+saying itself whether ``auto`` may pick it: ``auto_order``, ``picks_for``) imported below, and its
+test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
 ``kind_names()`` every kind registered now.
 
 faiss is imported lazily (``faiss_common._faiss``), so memdec imports and works without it.
@@ -28,27 +29,26 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatastoreError
-from .base import (IndexKind, IndexParams, as_f32, check_kind, get_kind, kind_names, kind_of, kind_reading,
-                   iter_batches, or_list, register, unregister)
+from .base import (IndexKind, IndexParams, Machine, as_f32, auto_pick, check_kind, get_kind, kind_names, kind_of,
+                   kind_reading, iter_batches, named_kind, or_list, register, unregister)
 from .faiss_common import GPU_MAX_K, faiss_available, gpu_available, set_num_threads
-from .flat import FlatKind
+from .flat import FLAT_THRESHOLD, FLAT_THRESHOLD_GPU, FlatKind
 from .ivfpq import IvfpqKind, auto_nprobe, train_ivfpq
 from .ivfpq_disk import DISK_SHARD_KEYS, IVFDATA_SUFFIX, IvfpqDiskKind, build_ondisk_index, ivfdata_path
 from .torch_flat import (TORCH_DIST_BYTES, TORCH_FORMAT, TorchFlatIndex, TorchKind, query_chunk_rows,
                          resolve_torch_device, squared_l2, torch_keys_fit_gpu)
 
 __all__ = [
-    "DISK_SHARD_KEYS", "FLAT_THRESHOLD", "FLAT_THRESHOLD_GPU", "GPU_MAX_K", "INDEX_KINDS", "IVFDATA_SUFFIX",
-    "TORCH_DIST_BYTES", "TORCH_FORMAT", "FlatKind", "IndexKind", "IndexParams", "IvfpqDiskKind", "IvfpqKind",
-    "TorchFlatIndex", "TorchKind", "auto_nprobe", "build_index", "build_ondisk_index", "check_kind", "choose_params",
-    "faiss_available", "get_kind", "gpu_available", "index_kind", "ivfdata_path", "kind_names", "kind_of",
-    "kinds_help", "load_index", "or_list", "query_chunk_rows", "register", "resolve_torch_device", "save_index", "search",
-    "set_num_threads", "squared_l2", "to_gpu", "torch_keys_fit_gpu", "train_ivfpq", "unregister",
+    "DISK_SHARD_KEYS", "FLAT_THRESHOLD", "FLAT_THRESHOLD_GPU", "FlatKind", "GPU_MAX_K", "INDEX_KINDS",
+    "IVFDATA_SUFFIX", "IndexKind", "IndexParams", "IvfpqDiskKind", "IvfpqKind", "Machine", "TORCH_DIST_BYTES",
+    "TORCH_FORMAT", "TorchFlatIndex", "TorchKind", "auto_kind", "auto_nprobe", "build_index", "build_ondisk_index",
+    "check_kind", "choose_params", "faiss_available", "get_kind", "gpu_available", "index_kind", "ivfdata_path",
+    "kind_names", "kind_of", "kinds_help", "load_index", "named_kind", "or_list", "query_chunk_rows", "register",
+    "resolve_torch_device", "save_index", "search", "set_num_threads", "squared_l2", "to_gpu", "torch_keys_fit_gpu",
+    "train_ivfpq", "unregister",
 ]
 
 INDEX_KINDS = ("auto", *kind_names())  # the built-in kinds, "auto" first
-FLAT_THRESHOLD = 100_000  # auto: exact search up to this many keys on CPU (N² d work)
-FLAT_THRESHOLD_GPU = 2_000_000
 
 
 def kinds_help() -> str:
@@ -56,14 +56,12 @@ def kinds_help() -> str:
     return or_list(["auto", *(f"{k} ({get_kind(k).description})" for k in kind_names())])
 
 
-def _auto_kind(n: int, d: int, flat_threshold: int | None) -> str:
-    """``torch`` without faiss, or with CUDA that faiss cannot use and room for the keys; else
-    ``flat`` up to ``flat_threshold`` keys and ``ivfpq`` above."""
-    if not faiss_available() or (not gpu_available() and torch_keys_fit_gpu(n, d)):
-        return "torch"
-    if flat_threshold is None:
-        flat_threshold = FLAT_THRESHOLD_GPU if gpu_available() else FLAT_THRESHOLD
-    return "flat" if n <= flat_threshold else "ivfpq"
+def auto_kind(n: int, d: int, flat_threshold: int | None = None) -> str:
+    """The kind ``auto`` picks for N keys of dimension d on this machine: each kind says itself
+    (``IndexKind.auto_order``, ``picks_for``); the built-in rule: ``torch`` without faiss, or with
+    CUDA that faiss cannot use and room for the keys; else ``flat`` up to ``flat_threshold`` keys and
+    ``ivfpq`` above."""
+    return auto_pick(n, d, Machine(faiss_available(), gpu_available(), flat_threshold)).name
 
 
 def choose_params(
@@ -81,14 +79,14 @@ def choose_params(
 ) -> IndexParams:
     """Resolve ``kind`` and ask it for its parameters from N and d (any given value wins).
 
-    ``auto`` chooses ``torch`` where faiss is missing, or where CUDA is there, faiss has no GPU
-    and the fp32 keys fit in half the free GPU memory; otherwise ``flat`` up to
+    ``auto`` asks the kinds (``auto_kind``): ``torch`` where faiss is missing, or where CUDA is there,
+    faiss has no GPU and the fp32 keys fit in half the free GPU memory; otherwise ``flat`` up to
     ``flat_threshold`` keys (100k on CPU, 2M on a faiss GPU) and ``ivfpq`` above. The IVF-PQ
     choices are ``ivfpq.ivfpq_params``'s; ``ivfpq-disk`` takes them with refine always 0 (its
     lists hold codes only); ``flat`` and ``torch`` take none.
     """
     if check_kind(kind) == "auto":
-        kind = _auto_kind(n, d, flat_threshold)
+        kind = auto_kind(n, d, flat_threshold)
     return get_kind(kind).choose(n, d, nlist=nlist, pq_m=pq_m, nprobe=nprobe, refine=refine,
                                  train_size=train_size, seed=seed)
 

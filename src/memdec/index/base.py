@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,6 +40,16 @@ class IndexParams:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What ``auto`` weighs besides N and d: whether faiss is installed (``faiss``) and has a GPU
+    (``faiss_gpu``), and ``--flat-threshold`` (None: the kinds' own defaults)."""
+
+    faiss: bool
+    faiss_gpu: bool
+    flat_threshold: int | None = None
+
+
 class IndexKind:
     """One kind of index. Subclass it, set ``name`` and ``description`` and implement ``build``,
     ``save``, ``reads``, ``load`` and ``matches``; the other methods have defaults that suit an
@@ -47,12 +58,25 @@ class IndexKind:
     - ``name``: the ``--index`` value and the manifest's index ``type``;
     - ``description``: its words in ``memdec datastore --help`` (``--index``);
     - ``needs_keys_at_search``: the index searches the datastore's ``keys.npy`` itself (so
-      ``--no-keep-keys`` is refused).
+      ``--no-keep-keys`` is refused);
+    - ``device_search``: its index also answers ``search_torch(queries tensor [B, d], k)`` with
+      tensors on ``index.device``, so the datastore's targets (search, values, distributions) run
+      there;
+    - ``auto_order`` and ``picks_for``: where ``auto`` asks this kind (lowest first; None, the
+      default: ``auto`` never picks it) and whether it takes N keys of dimension d on a ``Machine``:
+      the first kind that says yes is ``auto``'s choice.
     """
 
     name: str = ""
     description: str = ""
     needs_keys_at_search: bool = False
+    device_search: bool = False
+    auto_order: ClassVar[int | None] = None
+
+    def picks_for(self, n: int, d: int, machine: Machine) -> bool:
+        """Whether ``auto`` takes this kind for N keys of dimension d on ``machine`` (asked in
+        ``auto_order``, after the kinds before it said no)."""
+        return False
 
     def choose(self, n: int, d: int, *, nlist: int | None = None, pq_m: int | None = None,
                nprobe: int | None = None, refine: int | None = None, train_size: int | None = None,
@@ -134,6 +158,23 @@ def get_kind(name: str) -> IndexKind:
     if name == "auto":
         raise DatastoreError("index type 'auto' is resolved by choose_params, not a kind of its own")
     return _KINDS[name]
+
+
+def named_kind(name: str) -> IndexKind | None:
+    """The registered kind called ``name``, None for ``auto`` (which ``choose_params`` resolves);
+    DatastoreError listing the choices for any other name."""
+    return None if check_kind(name) == "auto" else _KINDS[name]
+
+
+def auto_pick(n: int, d: int, machine: Machine) -> IndexKind:
+    """``auto``'s kind for N keys of dimension d on ``machine``: the first registered kind, in
+    ``auto_order``, whose ``picks_for`` says yes."""
+    asked = sorted((k for k in _KINDS.values() if k.auto_order is not None), key=lambda k: k.auto_order)
+    for kind in asked:
+        if kind.picks_for(n, d, machine):
+            return kind
+    raise DatastoreError(f"--index auto: no registered index kind takes {n} keys of dimension {d} here; "
+                         f"choose one of {', '.join(_KINDS)} with --index")
 
 
 def kind_of(index) -> IndexKind:

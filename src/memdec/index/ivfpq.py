@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from ..errors import DatastoreError
-from .base import IndexParams, as_f32, register
+from .base import IndexParams, Machine, as_f32, register
 from .faiss_common import FaissKind, _faiss, ivf, on_disk
 
 
@@ -92,6 +92,11 @@ def auto_nprobe(index, k: int, base: int | None = None) -> int:
 class IvfpqKind(FaissKind):
     name = "ivfpq"
     description = "approximate, for large datastores"
+    auto_order = 2  # after flat: what flat leaves
+
+    def picks_for(self, n: int, d: int, machine: Machine) -> bool:
+        """Every store that reaches it (above flat's threshold)."""
+        return True
 
     def choose(self, n: int, d: int, *, nlist: int | None = None, pq_m: int | None = None,
                nprobe: int | None = None, refine: int | None = None, train_size: int | None = None,

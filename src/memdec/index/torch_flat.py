@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DatastoreError
 from ..files import atomic_write_text, read_json
-from .base import IndexKind, IndexParams, as_f32, iter_batches, register
+from .base import IndexKind, IndexParams, Machine, as_f32, iter_batches, register
 
 TORCH_FORMAT = "memdec-torch-flat"  # the "format" of a torch index's JSON file
 TORCH_DIST_BYTES = 2**31  # a TorchFlatIndex search holds at most this much of [queries, N] distances
@@ -157,11 +157,17 @@ def _load_torch_index(path: Path, device: str) -> TorchFlatIndex:
     return TorchFlatIndex(keys, device)
 
 
-
 class TorchKind(IndexKind):
     name = "torch"
     description = "exact, on CUDA; no faiss needed"
     needs_keys_at_search = True
+    device_search = True
+    auto_order = 0  # asked first: without faiss, nothing else can search
+
+    def picks_for(self, n: int, d: int, machine: Machine) -> bool:
+        """Without faiss; or with CUDA that faiss cannot use and room for the fp32 keys in half of
+        its free memory."""
+        return not machine.faiss or (not machine.faiss_gpu and torch_keys_fit_gpu(n, d))
 
     def build(self, keys: np.ndarray, params: IndexParams, *, add_batch: int = 65_536, progress: bool = False):
         return TorchFlatIndex(keys, upload_batch=add_batch)
