@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, _blockwise, _numpy_batch_targets
+from memdec.datastore import SEARCH_BLOCK, DatastoreConfig, blockwise, numpy_batch_targets
 
 from memdec.store import DEFAULT_K, open_datastore
 from memdec.index import search, set_num_threads
@@ -37,7 +37,7 @@ def main() -> None:
     qps = len(queries) / (time.perf_counter() - t0)
     print(f"search, N={ds.n_keys}, k+1={args.k + 1}, {args.threads} thread(s): {qps:.0f} queries/s")
     cfg = DatastoreConfig(model="-", corpus="-", out="-", k=args.k, knn_temp=1.0)
-    rows = _blockwise(_numpy_batch_targets(index, ds.keys, np.asarray(ds.values), None, cfg))
+    rows = blockwise(numpy_batch_targets(index, ds.keys, np.asarray(ds.values), None, cfg))
     t0 = time.perf_counter()
     rows(0, len(queries))
     print(f"target rows (search, self dropped, distributions): {len(queries) / (time.perf_counter() - t0):.0f} rows/s")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import memdec.datastore as ds_mod
+import memdec.datastore.keys as keys_mod  # the keys step: where window_keys is called
 from memdec.cli import main
 from memdec.data import load_token_stream, sliding_windows
 from memdec.datastore import DatastoreConfig, build_datastore
@@ -155,8 +155,8 @@ def test_resume_after_interruption_is_byte_identical(tmp_path, tiny_llama_dir, b
     assert keys_step.status == "running" and keys_step.chunks_done == 5
 
     calls = []
-    real = ds_mod.window_keys
-    monkeypatch.setattr(ds_mod, "window_keys", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = keys_mod.window_keys
+    monkeypatch.setattr(keys_mod, "window_keys", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with pytest.raises(Stop):
         build_datastore(cfg, on_chunk=interrupt_at("targets", 2))
     assert len(calls) == keys_step.chunks_total - 5  # nothing computed twice

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memdec.data import sliding_windows, window_batches
-from memdec.datastore import DatastoreConfig, build_datastore, shard_bounds, support_stats
+from memdec.datastore import DatastoreConfig, Ranks, build_datastore, shard_bounds, support_stats
 from memdec.store import read_manifest
 from test_datastore import read_bytes  # the bytes of every file a build writes
 
@@ -126,7 +126,7 @@ def test_killed_target_shards_resume(single, tmp_path, tiny_llama_dir, monkeypat
     then wait for nobody): rank 0 is killed after its first chunk, rank 1 after its second; each
     rerun resumes its shard from its last finished chunk, rank 0 merges, and the bytes are those of
     one process."""
-    import memdec.datastore as ds_mod
+    import memdec.datastore.build as build_mod  # build_datastore asks it for its ranks
 
     out = tmp_path / "ds"
     shutil.copytree(single, out)
@@ -140,7 +140,7 @@ def test_killed_target_shards_resume(single, tmp_path, tiny_llama_dir, monkeypat
         pass
 
     def run_as(rank, kill_after=None):
-        monkeypatch.setattr(ds_mod, "launched_ranks", lambda device: ds_mod.Ranks(rank, 2, "cpu"))
+        monkeypatch.setattr(build_mod, "launched_ranks", lambda device: Ranks(rank, 2, "cpu"))
         chunks = []
 
         def on_chunk(step, chunk):
