@@ -80,11 +80,13 @@ class DecoderShape:
     """How a decoder is built from a base model, saved and loaded. Subclasses register themselves.
 
     ``lr_scale``: the trainer's peak lr is ``--lr`` (a full copy's) times this: LoRA's few, zero-started
-    matrices want a larger step (measured: docs/decoders.md)."""
+    matrices want a larger step (measured: docs/decoders.md). ``is_full_model``: the decoder is a whole
+    model of its own, sharing nothing with the base (the copy)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for --help: the spec and what the decoder is
     lr_scale: ClassVar[float] = 1.0
+    is_full_model: ClassVar[bool] = False
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "DecoderShape":
@@ -143,6 +145,7 @@ class CopyShape(DecoderShape):
 
     name = "copy"
     summary = "copy: a full copy of the base"
+    is_full_model = True
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "CopyShape":
