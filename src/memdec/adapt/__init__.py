@@ -44,11 +44,11 @@ from .identity import (CORPUS_FLAGS, CORPUS_HASHES, RUN_ENTRIES, RUN_IDENTITY, c
                        clear_run, identity_changes, is_stage_record)
 from .inputs import HELDOUT_TOKENS_PER_ITEM, stage_inputs, task_heldout_tokens
 from .job import AdaptRun
-from .options import (AdaptConfig, BaselineInputs, CallOptions, DEFAULT_DECODER, DatastoreInputs, EvalInputs,
-                      LORA_LR_SCALE, LORA_R, ROUTER_GENERAL, ROUTER_MODES, RouterInputs, RunInputs, SampleInputs,
-                      TRANSFER_BUDGET, TaskInputs, TrainInputs, TransferInputs, check_fields, full_model_decoder,
-                      option, stage_fields)
-from .presets import OPTION_STAGE, PRESETS, Preset, STAGES, Settings, check_config, resolve_settings
+from .options import (DEFAULT_DECODER, LORA_LR_SCALE, LORA_R, ROUTER_GENERAL, ROUTER_MODES, TRANSFER_BUDGET,
+                      AdaptConfig, BaselineInputs, CallOptions, DatastoreInputs, EvalInputs, RouterInputs, RunInputs,
+                      SampleInputs, TaskInputs, TrainInputs, TransferInputs, check_fields, full_model_decoder, option,
+                      stage_fields)
+from .presets import OPTION_STAGE, PRESETS, STAGES, Preset, Settings, check_config, resolve_settings
 from .run import STAGE_OUTPUTS, adapt, redo_unusable_outputs
 from .stagebook import ADAPT_STAGES, FINGERPRINT, STAGE_STATUSES, SUMMARY_FIELDS, StageBook, say, stage_entry_problem
 from .stagebook import _fingerprint as _fingerprint  # tests/test_logic.py pins the fingerprints with it
