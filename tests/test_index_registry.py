@@ -17,6 +17,8 @@ from memdec.index import (
     INDEX_KINDS,
     IndexKind,
     IndexParams,
+    Machine,
+    auto_kind,
     build_index,
     check_kind,
     choose_params,
@@ -25,11 +27,13 @@ from memdec.index import (
     kind_names,
     kinds_help,
     load_index,
+    named_kind,
     register,
     save_index,
     search,
     unregister,
 )
+from memdec.index.base import auto_pick
 
 BUILT_IN = ("flat", "ivfpq", "ivfpq-disk", "torch")
 NPY_MAGIC = b"\x93NUMPY"
@@ -141,3 +145,32 @@ def test_a_kind_registered_from_a_test_builds_a_datastore(tmp_path, store, tiny_
     np.testing.assert_array_equal(ours.offsets, flat.offsets)
     np.testing.assert_array_equal(ours.token_ids, flat.token_ids)
     np.testing.assert_allclose(ours.probs.astype(np.float32), flat.probs.astype(np.float32), atol=2e-3)
+
+
+def test_auto_is_each_kinds_own_rule():
+    """``auto`` names no kind: each built-in kind says where it is asked and what it takes, so the same
+    machine facts give the rule of docs (torch without faiss or on CUDA that faiss lacks, flat up to the
+    threshold, ivfpq above)."""
+    assert [(k, get_kind(k).auto_order) for k in BUILT_IN] == [("flat", 1), ("ivfpq", 2), ("ivfpq-disk", None),
+                                                               ("torch", 0)]
+    assert [k for k in BUILT_IN if get_kind(k).device_search] == ["torch"]
+    assert named_kind("auto") is None and named_kind("flat") is get_kind("flat")
+    with pytest.raises(DatastoreError, match="unknown index type 'hnsw'"):
+        named_kind("hnsw")
+    cpu = Machine(faiss=True, faiss_gpu=False)
+    assert auto_pick(10, 8, Machine(faiss=False, faiss_gpu=False)).name == "torch"
+    assert auto_pick(100_000, 8, cpu).name in ("flat", "torch")  # torch where CUDA has room
+    assert auto_pick(2_000_000, 8, Machine(faiss=True, faiss_gpu=True)).name == "flat"
+    assert auto_pick(2_000_001, 8, Machine(faiss=True, faiss_gpu=True)).name == "ivfpq"
+    assert auto_pick(500, 8, Machine(faiss=True, faiss_gpu=True, flat_threshold=499)).name == "ivfpq"
+    assert auto_kind(500, 8) == choose_params(500, 8).kind
+
+
+def test_a_registered_kind_that_says_so_is_autos_choice(numpy_kind, monkeypatch):
+    """A new kind joins ``auto`` by its own attributes, nothing else changed."""
+    kind = get_kind(numpy_kind)
+    assert choose_params(500, 8).kind != numpy_kind  # auto_order None: never picked
+    monkeypatch.setattr(kind, "auto_order", -1, raising=False)
+    monkeypatch.setattr(kind, "picks_for", lambda n, d, machine: n <= 1000, raising=False)
+    assert choose_params(500, 8).kind == numpy_kind
+    assert choose_params(1001, 8).kind != numpy_kind  # it said no: the built-in rule
