@@ -406,7 +406,8 @@ def load_targets(datastore_path: str | os.PathLike, *, n_keys: int, status: str 
     n, nnz = int(n_keys), int(nnz)
     prob_dtype = prob_dtype or "float16"
     if prob_dtype not in PROB_DTYPES:
-        raise DatastoreError(f"{root}: the manifest's target prob_dtype {prob_dtype!r} is not one of {', '.join(PROB_DTYPES)}")
+        raise DatastoreError(f"{root}: the manifest's target prob_dtype {prob_dtype!r} is not one of "
+                             f"{', '.join(PROB_DTYPES)}")
     folder = root / TARGETS_DIR
     check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
     check_npy(folder / "token_ids.npy", np.int32, (nnz,), "target token ids")

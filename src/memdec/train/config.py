@@ -126,8 +126,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_steps is None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise MemdecError(f"--epochs must be a positive number, got {cfg.epochs}: the schedule has no steps")
     for flag, value in (("--max-steps", cfg.max_steps), ("--batch-size", cfg.batch_size),
-                        ("--grad-accum", cfg.grad_accum), ("--block-size", cfg.block_size), ("--eval-every", cfg.eval_every),
-                        ("--save-every", cfg.save_every), ("--log-every", cfg.log_every), ("--patience", cfg.patience)):
+                        ("--grad-accum", cfg.grad_accum), ("--block-size", cfg.block_size),
+                        ("--eval-every", cfg.eval_every), ("--save-every", cfg.save_every),
+                        ("--log-every", cfg.log_every), ("--patience", cfg.patience)):
         if value is not None:
             check_positive_int(value, flag)
     if cfg.patience is not None and not cfg.valid:
