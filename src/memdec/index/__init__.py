@@ -13,8 +13,8 @@ the functions here only ask the registered kind. The built-in kinds, one module 
 - ``torch`` (``torch_flat.py``): ``TorchFlatIndex``, exact search with torch matmuls, on CUDA where
   there is one, without faiss; on disk a small JSON file naming the datastore's ``keys.npy``.
 
-A new kind is one new module beside these (a subclass of ``IndexKind``, ``register``-ed at its end)
-imported below, and its test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
+A new kind is one new module beside these (a subclass of ``IndexKind``, ``register``-ed at its end),
+found by ``registry.discover`` below, and its test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
 ``kind_names()`` every kind registered now.
 
 faiss is imported lazily (``faiss_common._faiss``), so memdec imports and works without it.
@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatastoreError
-from .base import (IndexKind, IndexParams, as_f32, check_kind, get_kind, kind_names, kind_of, kind_reading,
+from ..registry import discover
+from .base import (KINDS, IndexKind, IndexParams, as_f32, check_kind, get_kind, kind_names, kind_of, kind_reading,
                    iter_batches, or_list, register, unregister)
 from .faiss_common import GPU_MAX_K, faiss_available, gpu_available, set_num_threads
 from .flat import FlatKind
@@ -38,7 +39,7 @@ from .torch_flat import (TORCH_DIST_BYTES, TORCH_FORMAT, TorchFlatIndex, TorchKi
                          resolve_torch_device, squared_l2, torch_keys_fit_gpu)
 
 __all__ = [
-    "DISK_SHARD_KEYS", "FLAT_THRESHOLD", "FLAT_THRESHOLD_GPU", "GPU_MAX_K", "INDEX_KINDS", "IVFDATA_SUFFIX",
+    "DISK_SHARD_KEYS", "FLAT_THRESHOLD", "KINDS", "FLAT_THRESHOLD_GPU", "GPU_MAX_K", "INDEX_KINDS", "IVFDATA_SUFFIX",
     "TORCH_DIST_BYTES", "TORCH_FORMAT", "FlatKind", "IndexKind", "IndexParams", "IvfpqDiskKind", "IvfpqKind",
     "TorchFlatIndex", "TorchKind", "auto_nprobe", "build_index", "build_ondisk_index", "check_kind", "choose_params",
     "faiss_available", "get_kind", "gpu_available", "index_kind", "ivfdata_path", "kind_names", "kind_of",
@@ -46,6 +47,7 @@ __all__ = [
     "set_num_threads", "squared_l2", "to_gpu", "torch_keys_fit_gpu", "train_ivfpq", "unregister",
 ]
 
+discover(__name__, __path__, skip=("base", "faiss_common"))  # every kind's module registers its kind
 INDEX_KINDS = ("auto", *kind_names())  # the built-in kinds, "auto" first
 FLAT_THRESHOLD = 100_000  # auto: exact search up to this many keys on CPU (N² d work)
 FLAT_THRESHOLD_GPU = 2_000_000
