@@ -287,11 +287,13 @@ ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT = "memdec-router"
 ROUTER_VERSION = 1
-ROUTER_KINDS = ("mlp", "constant")
+# each router kind (memdec.router) registers the check of its own fields (check(info, file): one MemdecError line)
+ROUTER_KINDS: Registry[Callable[[dict, Path], None]] = Registry(
+    "router kind", unknown='{where}: field "kind" must be one of {shown_names}, got {shown}')
 # what a router's save killed before router.json leaves: a rerun of the command takes the folder as its own
 ROUTER_UNFINISHED = (ROUTER_WEIGHTS, temp_path(ROUTER_WEIGHTS).name, temp_path(ROUTER_JSON).name)
 _ROUTER_FIELDS: dict[str, Kind] = {
-    "kind": one_of(*ROUTER_KINDS), "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
+    "kind": TEXT, "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
     "base_model": TEXT, "tokenizer_hash": TEXT, "decoder_fingerprint": TEXT,
 }
 _ROUTER_OPTIONAL: dict[str, Kind] = {
@@ -312,8 +314,7 @@ def read_router_json(path: str | Path) -> dict:
                                       ("router", ROUTER_FORMAT, ROUTER_VERSION), _ROUTER_FIELDS, _ROUTER_OPTIONAL)
     if not all(isinstance(name, str) for name in info["scalars"]):
         raise MemdecError(f'{file}: field "scalars" must be a list of strings, got {shown(info["scalars"])}')
-    if info["kind"] == "constant":
-        check_field(info, "lambda", file, UNIT)
+    ROUTER_KINDS.get(info["kind"], where=str(file))(info, file)
     return info
 
 

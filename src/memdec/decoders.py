@@ -69,6 +69,11 @@ def is_full_copy(spec: str) -> bool:
     return spec == FULL_COPY
 
 
+def recorded_shape_name(info: dict) -> str:
+    """The name of the shape a ``memdec.json`` records (``copy`` where it records none)."""
+    return (info.get("decoder") or {}).get("shape", FULL_COPY)
+
+
 def _is_count(v) -> bool:
     """A JSON whole number >= 1 (not a boolean)."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1

@@ -576,7 +576,7 @@ def attach_router(joint: MemoryDecoderModel, folder: str | Path, memdec_path: st
                           f"{info['decoder_fingerprint']}, {memdec_path} has {mine}); train one with `memdec router`")
     if joint.memdec_info.get("tokenizer_hash") not in (None, info["tokenizer_hash"]):
         raise TokenizerMismatchError(f"{where}: trained with another tokenizer than the memory decoder {memdec_path}'s")
-    if info["kind"] != "constant":
+    if router.needs_features:  # a router that reads both models' hidden states must fit their sizes
         sizes = (joint.base.config.get_text_config().hidden_size, joint.memdec.config.get_text_config().hidden_size)
         if sizes != (info["d_base"], info["d_mem"]):
             raise MemdecError(f"{where}: trained on hidden sizes {info['d_base']} (base) and {info['d_mem']} (decoder); "
