@@ -48,8 +48,8 @@ from .registry import Registry
 
 OWN_WEIGHTS = "decoder.safetensors"  # a fork decoder's own tensors
 LORA_SCALE_RANGE = (1e-3, 1e3)  # a LoRA record's alpha / rank, the adapters' scale (memdec writes alpha = rank: 1)
-SHAPES: Registry[type["DecoderShape"]] = Registry("decoder shape",
-                                                  unknown="unknown decoder shape {name!r}: one of {names} (e.g. 'fork:8')")
+SHAPES: Registry[type["DecoderShape"]] = Registry(
+    "decoder shape", unknown="unknown decoder shape {name!r}: one of {names} (e.g. 'fork:8')")
 
 
 def register(cls: type["DecoderShape"]) -> type["DecoderShape"]:

@@ -5,8 +5,8 @@ A method is one object of a ``Method`` subclass, registered by name (``register`
 ``memdec.registry.Registry``) when its module is imported; ``memdec.baselines`` imports every module of
 its package (``registry.discover``), so adding a method is one new module (and its test). A method with
 flags of its own declares them as a dataclass (``Method.options``, e.g. ``lora.LoraOptions``), which
-``BaselineConfig`` (``config.py``) lists among its bases. ``memdec baseline``, ``eval --baseline``, the lm-eval model and
-``memdec adapt`` only ever ask the registered method.
+``BaselineConfig`` (``config.py``) lists among its bases. ``memdec baseline``, ``eval --baseline``, the
+lm-eval model and ``memdec adapt`` only ever ask the registered method.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class Method:
         settings ``s`` (joins the stage's fingerprint)."""
         if not self.takes_init:
             return {}
-        shape = {} if is_full_copy(s.decoder) else {"decoder": s.decoder}  # only when used: earlier runs keep their fingerprint
+        # the shape only when used: earlier runs keep their fingerprint
+        shape = {} if is_full_copy(s.decoder) else {"decoder": s.decoder}
         return {"init": s.init, "init_layers": s.init_layers, **shape}
 
     def adapt_options(self, s) -> dict:

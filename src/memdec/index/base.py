@@ -3,9 +3,10 @@ every kind shares.
 
 A kind is one object of an ``IndexKind`` subclass, registered by name (``register``, into ``KINDS``: a
 ``memdec.registry.Registry``) when its module is imported; ``memdec.index`` imports every module of its
-package (``registry.discover``): the built-in ones are ``flat``, ``ivfpq``, ``ivfpq-disk``, ``torch``. The public functions of ``memdec.index`` (``choose_params``,
-``build_index``, ``save_index``, ``load_index``, ``search``, ``index_kind``) and the datastore
-only ever ask the registered kind, so adding a kind is one new module (and its test).
+package (``registry.discover``): the built-in ones are ``flat``, ``ivfpq``, ``ivfpq-disk``, ``torch``.
+The public functions of ``memdec.index`` (``choose_params``, ``build_index``, ``save_index``,
+``load_index``, ``search``, ``index_kind``) and the datastore only ever ask the registered kind, so
+adding a kind is one new module (and its test).
 
 An index object is what faiss's indexes are: ``.d``, ``.ntotal`` and ``.search(queries float32
 [B, d], k) -> (dists float32 [B, k] squared L2, ids int64 [B, k])``, nearest first, -1 for a slot
