@@ -176,6 +176,12 @@ def register_router(cls: type[Router]) -> type[Router]:
     return cls
 
 
+def unregister_router(kind: str) -> None:
+    """Forget the router kind ``kind`` and its record's check (a test's own kind, once the test is done)."""
+    ROUTERS.unregister(kind)
+    ROUTER_KINDS.unregister(kind)
+
+
 @register_router
 class ConstantRouter(Router):
     """λ_t = λ at every position: the fixed-λ mixture, bit for bit (its log-weights are the constants
