@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import memdec.checkpoint
-from memdec.baselines import (BASELINE_HELP, METHODS, BaselineConfig, BaselineOptions, BaselineRecipe, LoraOptions, Method,
-                              Option, get_method, load_baseline, method_names, register, train_baseline, unregister)
+from memdec.baselines import (BASELINE_HELP, METHODS, BaselineConfig, BaselineOptions, BaselineRecipe, LoraOptions,
+                              Method, get_method, load_baseline, method_names, register, train_baseline, unregister)
 from memdec.checkpoint import load_model_folder
 from memdec.cli import build_parser, config_from_args, main
 from memdec.data import load_token_stream

@@ -14,7 +14,8 @@ import torch
 from memdec import baselines, checkpoint, decoders, index, router
 from memdec.errors import DatastoreError, MemdecError
 from memdec.registry import Registry, discover
-from memdec.router import ROUTERS, ConstantRouter, Router, load_router, register_router, save_router, unregister_router
+from memdec.router import (ROUTERS, ConstantRouter, Router, load_router, register_router, save_router,
+                           unregister_router)
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "memdec"
 
