@@ -147,7 +147,7 @@ def test_a_router_kind_of_its_own_saves_checks_and_loads_through_the_registry(en
     with pytest.raises(MemdecError, match=r'router.json: field "lambda_max" must be a number in \(0, 1\), got 1.5$'):
         load_router(folder)
     (folder / checkpoint.ROUTER_JSON).write_text(json.dumps({**record, "kind": "entropy"}))
-    with pytest.raises(MemdecError, match=r'router.json: field "kind" must be one of .*"entropy-test".*, got "entropy"'):
+    with pytest.raises(MemdecError, match=r'field "kind" must be one of .*"entropy-test".*, got "entropy"$'):
         load_router(folder)
 
 
