@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import memdec.loss
-import memdec.train
+import memdec.train.step
 from memdec.loss import LMHead, head_kl_ce_loss, last_hidden, lm_head, sparse_kl_ce_loss
 from memdec.testing import tiny_model
 from memdec.train import TrainConfig, collate, train
@@ -129,7 +129,7 @@ def test_training_chunked_equals_training_on_full_logits(store, tmp_path, monkey
     cfg = dict(datastore=str(store), max_steps=2, batch_size=2, block_size=32, lr=1e-3, warmup=1, save_every=2, seed=0)
     patches = {"chunks": [(memdec.loss, "LOGITS_BUDGET_BYTES", 7 * 4 * len(tokenizer)), (memdec.loss, "KEEP_LOGITS_BYTES", 0)],
                "one": [],
-               "logits": [(memdec.train, "lm_head", lambda model, probe: None)]}
+               "logits": [(memdec.train.step, "lm_head", lambda model, probe: None)]}
     runs = {}
     for name, patch in patches.items():
         with monkeypatch.context() as m:

@@ -213,7 +213,8 @@ def no_model_loads(monkeypatch):
 
     import importlib
 
-    for module in ("memdec.train", "memdec.evaluate", "memdec.joint", "memdec.models"):
+    for module in ("memdec.train.recipe", "memdec.train.step", "memdec.train.validate", "memdec.evaluate", "memdec.joint",
+                   "memdec.models"):
         if hasattr(importlib.import_module(module), "load_model"):
             monkeypatch.setattr(f"{module}.load_model", boom)
 

@@ -141,7 +141,7 @@ def test_bad_decoder_specs_are_one_line_before_any_model_loads(store, tmp_path, 
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before --decoder was checked")
 
-    monkeypatch.setattr("memdec.train.load_model", boom)
+    monkeypatch.setattr("memdec.train.recipe.load_model", boom)
     out = tmp_path / "out"
     argv = ["train", "--datastore", str(store), "--out", str(out), "--max-steps", "1", "--decoder", spec]
     assert main(argv) == 2

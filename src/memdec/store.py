@@ -436,7 +436,7 @@ class Datastore:
 
     def load_targets(self) -> KnnTargets:
         """The kNN targets, memory-mapped and validated (``targets.load_targets``)."""
-        return load_targets(self.path, self.manifest.to_json())
+        return targets_of(self.path, self.manifest)
 
 
 def open_datastore(path: str | os.PathLike) -> Datastore:
@@ -468,7 +468,15 @@ def open_datastore(path: str | os.PathLike) -> Datastore:
 
 def open_targets(path: str | os.PathLike) -> KnnTargets:
     """The kNN targets of the datastore at ``path``, memory-mapped and validated."""
-    return load_targets(path, read_manifest(path).to_json())
+    return targets_of(path, read_manifest(path))
+
+
+def targets_of(path: str | os.PathLike, manifest: Manifest) -> KnnTargets:
+    """The kNN targets of the datastore at ``path`` whose manifest is ``manifest`` (``targets.load_targets``
+    on the fields its targets step records)."""
+    step = manifest.steps.targets
+    return load_targets(path, n_keys=manifest.n_keys, status=step.status, nnz=step.nnz, k=step.k,
+                        temperature=step.temperature, top_m=step.top_m, prob_dtype=step.prob_dtype)
 
 
 def recorded_k(path: str | os.PathLike) -> int:

@@ -391,18 +391,23 @@ def validate_targets(offsets: np.ndarray, token_ids: np.ndarray, probs: np.ndarr
     return max_id
 
 
-def load_targets(datastore_path: str | os.PathLike, manifest: dict) -> KnnTargets:
-    """Memory-map a datastore's kNN targets (``manifest``: its manifest). Raises DatastoreError
-    unless the step is done, the files match the manifest and the rows pass ``validate_targets``."""
+def load_targets(datastore_path: str | os.PathLike, *, n_keys: int, status: str | None, nnz: int | None,
+                 k: int | None, temperature: float | None, top_m: int | None = None,
+                 prob_dtype: str | None = None) -> KnnTargets:
+    """Memory-map a datastore's kNN targets, as its manifest records them (``store.open_targets`` passes
+    the fields): ``n_keys`` positions, and its targets step's ``status``, ``nnz`` stored entries, ``k``,
+    ``temperature``, ``top_m`` and ``prob_dtype`` (None: float16, a step from before uint8). Raises
+    DatastoreError unless the step is done, the files match the manifest and the rows pass
+    ``validate_targets``."""
     root = Path(datastore_path)
-    step = manifest.get("steps", {}).get("targets", {})
-    if step.get("status") != "done":
-        raise DatastoreError(f"{root}: the kNN targets are not built (status: {step.get('status', 'missing')}); "
+    if status != "done":
+        raise DatastoreError(f"{root}: the kNN targets are not built (status: {status or 'missing'}); "
                              f"run memdec datastore with --out {root}")
-    n, nnz = int(manifest["n_keys"]), int(step["nnz"])
-    prob_dtype = step.get("prob_dtype", "float16")
+    n, nnz = int(n_keys), int(nnz)
+    prob_dtype = prob_dtype or "float16"
     if prob_dtype not in PROB_DTYPES:
-        raise DatastoreError(f"{root}: the manifest's target prob_dtype {prob_dtype!r} is not one of {', '.join(PROB_DTYPES)}")
+        raise DatastoreError(f"{root}: the manifest's target prob_dtype {prob_dtype!r} is not one of "
+                             f"{', '.join(PROB_DTYPES)}")
     folder = root / TARGETS_DIR
     check_npy(folder / "offsets.npy", np.int64, (n + 1,), "target offsets")
     check_npy(folder / "token_ids.npy", np.int32, (nnz,), "target token ids")
@@ -416,9 +421,9 @@ def load_targets(datastore_path: str | os.PathLike, manifest: dict) -> KnnTarget
         offsets=offsets,
         token_ids=token_ids,
         probs=probs,
-        k=int(step["k"]),
-        temperature=float(step["temperature"]),
-        top_m=step.get("top_m"),
+        k=int(k),
+        temperature=float(temperature),
+        top_m=top_m,
         max_token_id=validate_targets(offsets, token_ids, probs, str(folder), prob_dtype),
         prob_dtype=prob_dtype,
     )

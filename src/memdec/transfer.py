@@ -46,10 +46,10 @@ from transformers import AutoConfig, AutoTokenizer
 from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
 from .checks import check_device
 from .decoders import FULL_COPY, is_full_copy, parse_shape, recorded_shape_name
-from .store import open_datastore
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
-from .train import Recipe, TrainConfig, Trainer, window_starts
+from .store import Manifest, open_datastore
+from .train import Recipe, TrainConfig, Trainer, TrainingData, window_starts
 
 INITS = ("mapped", "random")
 ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
@@ -247,18 +247,18 @@ class TransferRecipe(Recipe):
         self.cfg, self.source_info = cfg, source_info
         self.step, self.origin, self._hooks = 0, None, []
 
-    def init_hash(self, cfg: TransferConfig, manifest: dict) -> None:
+    def init_hash(self, cfg: TransferConfig, data: TrainingData) -> None:
         """None: a transfer's ``--init`` names how new rows start (mapped, random), not a model;
         the source decoder is part of the run through ``--decoder``."""
         return None
 
-    def decoder_shape(self, cfg: TransferConfig, manifest: dict):
+    def decoder_shape(self, cfg: TransferConfig, data: TrainingData):
         """A transferred decoder is a full model (``--decoder`` names the source checkpoint here)."""
         return parse_shape(FULL_COPY)
 
-    def init_model(self, cfg: TransferConfig, manifest: dict):
+    def init_model(self, cfg: TransferConfig, data: TrainingData):
         new_tok = load_tokenizer(cfg.model)
-        check_tokenizer(new_tok, manifest["tokenizer_hash"], f"the datastore {cfg.datastore}", made_with=manifest["model"])
+        check_tokenizer(new_tok, data.tokenizer_hash, f"the datastore {cfg.datastore}", made_with=data.model)
         try:
             old_tok = AutoTokenizer.from_pretrained(str(Path(cfg.decoder).expanduser()))
         except Exception as exc:  # noqa: BLE001
@@ -297,7 +297,7 @@ def new_vocab_rows(spec: str) -> int:
     return int(cfg.get_text_config().vocab_size)
 
 
-def budget_steps(cfg: TransferConfig, source_info: dict, manifest: dict) -> int:
+def budget_steps(cfg: TransferConfig, source_info: dict, manifest: Manifest) -> int:
     """Optimizer steps that train ``cfg.budget`` × the source decoder's training tokens."""
     src = source_info.get("train_config") or {}
     per_step = src.get("batch_size", 0) * src.get("grad_accum", 1) * src.get("block_size", 0) * source_info.get("world_size", 1)
@@ -312,7 +312,7 @@ def budget_steps(cfg: TransferConfig, source_info: dict, manifest: dict) -> int:
             steps = math.ceil(src.get("epochs", 1.0) * n_windows / (src["batch_size"] * src.get("grad_accum", 1)))
     if not steps or not per_step:
         raise MemdecError(f"{cfg.decoder}: its memdec.json does not say how long it trained; give --max-steps")
-    new_per_step = cfg.batch_size * cfg.grad_accum * min(cfg.block_size, manifest.get("n_keys") or cfg.block_size)
+    new_per_step = cfg.batch_size * cfg.grad_accum * min(cfg.block_size, manifest.n_keys)
     return max(1, math.ceil(cfg.budget * steps * per_step / new_per_step))
 
 
@@ -356,7 +356,7 @@ def transfer(cfg: TransferConfig, on_step=None) -> Path:
     """Transfer ``cfg.decoder`` to ``cfg.model``'s tokenizer and train it; returns the checkpoint folder."""
     check_transfer_config(cfg)
     source_info = check_source(cfg.decoder)
-    manifest = open_datastore(cfg.datastore).manifest.to_json()  # its tokenizer must be --model's (TransferRecipe.init_model)
+    manifest = open_datastore(cfg.datastore).manifest  # its tokenizer must be --model's (TransferRecipe.init_model)
     if cfg.budget is not None:
         cfg = TransferConfig(**{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget})
     recipe = TransferRecipe(cfg, source_info)

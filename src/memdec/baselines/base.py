@@ -24,7 +24,7 @@ from ..decoders import FULL_COPY, is_full_copy
 from ..errors import MemdecError
 from ..models import load_tokenizer, tokenizer_fingerprint
 from ..registry import Registry
-from ..train import Recipe
+from ..train import CorpusRecord, Recipe, TrainingData
 
 
 @dataclass(frozen=True)
@@ -123,28 +123,29 @@ class BaselineRecipe(Recipe):
         self.meta_files = (BASELINE_JSON,) if method.alone else (BASELINE_JSON, MEMDEC_JSON)
         self.select = "valid_ppl_memdec" if method.alone else "best_ppl"
 
-    def data(self, cfg) -> tuple[np.ndarray, dict]:
-        """A ``BaselineConfig``'s tokens: its datastore's, or its corpus tokenized as ``memdec datastore`` does."""
+    def data(self, cfg) -> tuple[np.ndarray, TrainingData]:
+        """A ``BaselineConfig``'s tokens, int32 [N+1], and their record: its datastore's (the manifest), or
+        its corpus tokenized as ``memdec datastore`` does (a ``CorpusRecord``)."""
         if cfg.datastore is not None:
             tokens, manifest = super().data(cfg)
-            if cfg.model is not None and cfg.model != manifest["model"]:
-                raise MemdecError(f"--model {cfg.model} differs from the datastore's base model {manifest['model']}")
+            if cfg.model is not None and cfg.model != manifest.model:
+                raise MemdecError(f"--model {cfg.model} differs from the datastore's base model {manifest.model}")
             return tokens, manifest
 
         tokenizer = load_tokenizer(cfg.model)
         tokens = load_token_stream(cfg.corpus, tokenizer, cfg.max_tokens, cfg.text_field)
-        manifest = {"model": cfg.model, "tokenizer_hash": tokenizer_fingerprint(tokenizer), "corpus": cfg.corpus,
-                    "corpus_hash": token_stream_hash(tokens), "max_tokens": cfg.max_tokens, "text_field": cfg.text_field,
-                    "n_keys": len(tokens) - 1}
-        return tokens, manifest
+        record = CorpusRecord(model=cfg.model, tokenizer_hash=tokenizer_fingerprint(tokenizer), corpus=cfg.corpus,
+                              corpus_hash=token_stream_hash(tokens), max_tokens=cfg.max_tokens,
+                              text_field=cfg.text_field, n_keys=len(tokens) - 1)
+        return tokens, record
 
-    def decoder_shape(self, cfg, manifest: dict):
+    def decoder_shape(self, cfg, data: TrainingData):
         """A method initialised like a memory decoder (``takes_init``: ce-decoder) takes any ``--decoder``
         shape; the others train the base model itself."""
         if not self.method.takes_init and not is_full_copy(cfg.decoder):
             raise MemdecError(f"--decoder {cfg.decoder}: {self.name} trains the base model itself; --decoder applies to "
                               f"{', '.join(m.name for m in methods() if m.takes_init)}")
-        return super().decoder_shape(cfg, manifest)
+        return super().decoder_shape(cfg, data)
 
     def write_meta(self, folder: Path, info: dict) -> None:
         write_baseline_json(folder, info, self.name, mixed=not self.method.alone)

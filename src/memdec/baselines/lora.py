@@ -11,7 +11,7 @@ from ..checkpoint import load_safetensors
 from ..checks import check_unit_interval
 from ..errors import MemdecError, one_line
 from ..models import load_model
-from ..train import init_memory_decoder
+from ..train import TrainingData, init_memory_decoder
 from .base import BaselineRecipe, Method, register
 
 LORA_ADAPTER = "adapter_model.safetensors"
@@ -55,8 +55,8 @@ class LoraOptions:
 class LoraRecipe(BaselineRecipe):
     """A full copy of the base wrapped with adapters; only the adapters are trained and saved."""
 
-    def init_model(self, cfg, manifest: dict):
-        model, tokenizer = init_memory_decoder(cfg, manifest, "cpu")
+    def init_model(self, cfg, data: TrainingData):
+        model, tokenizer = init_memory_decoder(cfg, data, "cpu")
         model = add_lora(model, cfg)
         model.train()
         return model, tokenizer
