@@ -92,7 +92,7 @@ def test_one_name_for_each_job_across_modules():
 
 
 def test_the_decoder_shape_says_whether_it_is_a_full_model():
-    """adapt asks the shape (``DecoderShape.is_full_model``), never compares the spec with a name."""
+    """adapt asks the shape (``DecoderShape.full_model``), never compares the spec with a name."""
     assert adapt.full_model_decoder("copy") is True
     assert [adapt.full_model_decoder(spec) for spec in ("fork:2", "lora:16", "lora:8@2")] == [False] * 3
     assert adapt.full_model_decoder("copy:3") is False and adapt.full_model_decoder("nonsense") is False  # no shape

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import memdec.checkpoint
-from memdec.baselines import (BASELINE_HELP, BaselineConfig, BaselineRecipe, Method, Option, get_method, load_baseline,
-                              method_names, register, train_baseline, unregister)
+from memdec.baselines import (BASELINE_HELP, METHODS, BaselineConfig, BaselineOptions, BaselineRecipe, LoraOptions,
+                              Method, get_method, load_baseline, method_names, register, train_baseline, unregister)
 from memdec.checkpoint import load_model_folder
 from memdec.cli import build_parser, config_from_args, main
 from memdec.data import load_token_stream
@@ -66,13 +66,27 @@ def test_checkpoint_names_no_method():
 
 
 def test_a_method_with_options_cannot_come_after_the_config_is_built():
+    @dataclasses.dataclass(kw_only=True)
+    class LateOptions:
+        late_k: int = dataclasses.field(default=1, metadata={"help": "k"})
+
     class Late(Method):
         name = "late"
-        extra_options = (Option("late_k", int, 1, "k"),)
+        options = LateOptions
 
-    with pytest.raises(ValueError, match="brings options"):
+    assert [(o.name, o.default, o.help) for o in Late().extra_options] == [("late_k", 1, "k")]
+    with pytest.raises(ValueError, match="brings options .late_k. that BaselineConfig does not hold: add LateOptions"):
         register(Late())
     assert "late" not in method_names()
+
+
+def test_the_config_is_a_visible_dataclass_holding_each_methods_options():
+    """BaselineConfig is written out (config.py): memdec train's fields, the shared ones, then each method's
+    options class among its bases, whose fields and help are the flags'."""
+    assert issubclass(BaselineConfig, BaselineOptions) and issubclass(BaselineConfig, LoraOptions)
+    assert [o.name for o in get_method("lora").extra_options] == [f.name for f in dataclasses.fields(LoraOptions)]
+    assert BASELINE_HELP["lora_r"] == "LoRA rank" and BaselineConfig(method="lora", out="o").lora_r == 8
+    assert [m.options for m in METHODS.values()] == [None, None, LoraOptions]
 
 
 # --- a method of this test's own: BitFit-style, only the norm weights train ----------------------

@@ -6,11 +6,11 @@
   default 1, within ``TEMPERATURE_RANGE``), ``alpha``, ``teacher_base_weight``, ``k``, ``knn_temperature``,
   ``datastore``, ``datastore_manifest_hash``, ``corpus_hash``, ``n_parameters``, ``trainable_parameters``,
   ``train_seconds``, ``train_stats``, ``train_config``, ``lambda_source``, ``decoder`` (the decoder's
-  shape, ``memdec.decoders``: absent or ``{"shape": "copy"}`` for a full model folder;
-  ``{"shape": "fork", "blocks": K, "trunk_hash": sha256 hex, "trunk_dtype": "float32"}`` for a fork,
-  whose folder holds only its own blocks in ``decoder.safetensors``; ``{"shape": "lora", "rank": R,
-  "blocks": K, "alpha": a, "targets": [...], "trunk_hash": ..., "trunk_dtype": ...}`` for LoRA adapters
-  on the top K blocks, whose ``decoder.safetensors`` holds only the adapters; ``DECODER_RECORDS``).
+  shape, ``memdec.decoders``: absent or ``{"shape": "copy"}`` for a full model folder; else the shape's
+  own record, e.g. ``{"shape": "fork", "blocks": K, "trunk_hash": sha256 hex, "trunk_dtype": "float32"}``,
+  whose folder holds only its own tensors in ``decoder.safetensors``). Each shape owns its record: it
+  registers the record's check in ``DECODER_RECORDS`` (a ``memdec.registry.Registry``), which
+  ``read_memdec_json`` looks up; this module names no shape.
 - **Baseline folder**: what its method saves (a model folder, a peft adapter) plus ``baseline.json``
   (``BASELINE_JSON``): ``format`` ("memdec-baseline"), ``version``, ``method`` (one of the names the
   reader is given: ``memdec.baselines``' registry), ``base_model``, ``tokenizer_hash``,
@@ -18,7 +18,8 @@
   folder also holds a ``memdec.json``, so it loads as a memory decoder). This module names no method.
 - **Router folder** (``memdec router``, ``memdec.router``): ``router.safetensors`` (``ROUTER_WEIGHTS``, the
   gate's tensors) and ``router.json`` (``ROUTER_JSON``, written last): ``format`` ("memdec-router"),
-  ``version`` (1), ``kind`` (``ROUTER_KINDS``: "mlp", or "constant" with its ``lambda``), ``d_base``,
+  ``version`` (1), ``kind`` (a router kind of ``memdec.router``, which registers its record's own check in
+  ``ROUTER_KINDS``: "mlp", or "constant" with its ``lambda``), ``d_base``,
   ``d_mem`` (the two models' hidden sizes), ``hidden`` (the gate's width), ``scalars`` (the names of the
   scalar features, in order), ``base_model``, ``tokenizer_hash``, ``decoder_fingerprint`` (the decoder's
   weights it was trained for, ``decoder_fingerprint``); optional ``base_fingerprint``, ``decoder``,
@@ -45,8 +46,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import re
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -60,13 +60,13 @@ from .checks import (COUNT, LIST, NON_NEGATIVE, OBJECT, POSITIVE, TEXT, UNIT, WH
 from .errors import MemdecError, TokenizerMismatchError, one_line
 from .files import atomic_write_json, read_json_object, temp_path
 from .models import DEFAULT_MODEL, check_tokenizer, vocab_rows
+from .registry import Registry
 
 MEMDEC_JSON = "memdec.json"
 CHECKPOINT_FORMAT = "memdec"
 CHECKPOINT_VERSION = 1
 # The sane ranges of what a decoder loads with (its weights, its record), checked once, as it loads:
 TEMPERATURE_RANGE = (1e-3, 1e3)  # divides the decoder's logits (O(10)): beyond, one-hot or uniform to fp32 precision
-LORA_SCALE_RANGE = (1e-3, 1e3)  # a LoRA record's alpha / rank, the adapters' scale (memdec writes alpha = rank: 1)
 MAX_ABS_WEIGHT = 1e4  # trained weights are O(1) (norm gains reach tens); a weight above this is corrupt or scaled
 _MEMDEC_FIELDS: dict[str, Kind] = {"base_model": TEXT, "tokenizer_hash": TEXT, "lambda": UNIT}
 _MEMDEC_OPTIONAL: dict[str, Kind] = {
@@ -124,42 +124,29 @@ def _read_versioned_json(path: str | Path, name: str, what: str, command: str, k
     return file, info
 
 
-DECODER_RECORDS = {  # memdec.json "decoder": each shape's fields (besides "shape") and their checks
-    "copy": {},
-    "fork": {
-        "blocks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-        "trunk_hash": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
-        "trunk_dtype": lambda v: isinstance(v, str) and v.isidentifier(),
-    },
-}
-DECODER_RECORDS["lora"] = {  # peft LoRA adapters on the top blocks; the trunk (hashed) is the whole base
-    **DECODER_RECORDS["fork"],
-    "rank": DECODER_RECORDS["fork"]["blocks"],
-    "alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
-    "targets": lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(t, str) and t.isidentifier() for t in v)
-    and len(set(v)) == len(v),
-}
+@dataclasses.dataclass(frozen=True)
+class DecoderRecord:
+    """What a decoder shape registers in ``DECODER_RECORDS`` (``memdec.decoders.register``): the check of its
+    ``memdec.json`` ``decoder`` record (``check(record, file)``, one MemdecError line naming the file and the
+    field) and whether its folder is a full model folder (``load_memory_decoder`` loads only those)."""
+
+    check: Callable[[dict, Path], None]
+    full_model: bool = False
+
+
+DECODER_RECORDS: Registry[DecoderRecord] = Registry(
+    "decoder shape", unknown="{where}: decoder.shape {name!r} is not one of {names}")
 
 
 def check_decoder_record(record, file: str | Path) -> None:
-    """MemdecError naming ``file`` and the field unless ``record`` (``memdec.json``'s ``decoder``)
-    is absent or one of ``DECODER_RECORDS`` with exactly its fields, each valid."""
+    """MemdecError naming ``file`` and the field unless ``record`` (``memdec.json``'s ``decoder``) is absent
+    or an object whose ``shape`` is a registered one and whose fields that shape's check accepts."""
     if record is None:
         return
     if not isinstance(record, dict) or record.get("shape") not in DECODER_RECORDS:
         shape = record.get("shape") if isinstance(record, dict) else record
-        raise MemdecError(f"{file}: decoder.shape {shape!r} is not one of {', '.join(DECODER_RECORDS)}")
-    fields = DECODER_RECORDS[record["shape"]]
-    for key in sorted(set(fields) | set(record) - {"shape"}):
-        if key not in fields:
-            raise MemdecError(f"{file}: decoder.{key} is not a field of a {record['shape']!r} decoder")
-        if key not in record or not fields[key](record[key]):
-            raise MemdecError(f"{file}: decoder.{key} is missing or invalid ({record.get(key)!r})")
-    if record["shape"] == "lora":
-        scale, (low, high) = record["alpha"] / record["rank"], LORA_SCALE_RANGE
-        if not low <= scale <= high:
-            raise MemdecError(f"{file}: decoder.alpha {record['alpha']:g} over decoder.rank {record['rank']} scales "
-                              f"the adapters by {scale:g}, outside [{low:g}, {high:g}] (memdec trains at alpha = rank)")
+        raise MemdecError(DECODER_RECORDS.unknown_message(shape, where=str(file)))
+    DECODER_RECORDS.get(record["shape"]).check(record, Path(file))
 
 
 def write_memdec_json(folder: str | Path, info: dict) -> None:
@@ -251,7 +238,7 @@ def _some(names, n: int = 3) -> str:
 def load_memory_decoder(path: str | Path, device=None, dtype=None):
     """Load ``(model, info)`` from a checkpoint folder, in eval mode."""
     info = read_memdec_json(path)
-    if (info.get("decoder") or {}).get("shape", "copy") != "copy":
+    if info.get("decoder") is not None and not DECODER_RECORDS.get(info["decoder"]["shape"]).full_model:
         raise MemdecError(f"{path}: a {info['decoder']['shape']} memory decoder holds only its own blocks; "
                           f"load it with its base model (memdec.decoders.load_decoder)")
     model = load_model_folder(path, "the memory decoder", dtype)
@@ -300,11 +287,13 @@ ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_FORMAT = "memdec-router"
 ROUTER_VERSION = 1
-ROUTER_KINDS = ("mlp", "constant")
+# each router kind (memdec.router) registers the check of its own fields (check(info, file): one MemdecError line)
+ROUTER_KINDS: Registry[Callable[[dict, Path], None]] = Registry(
+    "router kind", unknown='{where}: field "kind" must be one of {shown_names}, got {shown}')
 # what a router's save killed before router.json leaves: a rerun of the command takes the folder as its own
 ROUTER_UNFINISHED = (ROUTER_WEIGHTS, temp_path(ROUTER_WEIGHTS).name, temp_path(ROUTER_JSON).name)
 _ROUTER_FIELDS: dict[str, Kind] = {
-    "kind": one_of(*ROUTER_KINDS), "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
+    "kind": TEXT, "d_base": COUNT, "d_mem": COUNT, "hidden": COUNT, "scalars": LIST,
     "base_model": TEXT, "tokenizer_hash": TEXT, "decoder_fingerprint": TEXT,
 }
 _ROUTER_OPTIONAL: dict[str, Kind] = {
@@ -325,8 +314,7 @@ def read_router_json(path: str | Path) -> dict:
                                       ("router", ROUTER_FORMAT, ROUTER_VERSION), _ROUTER_FIELDS, _ROUTER_OPTIONAL)
     if not all(isinstance(name, str) for name in info["scalars"]):
         raise MemdecError(f'{file}: field "scalars" must be a list of strings, got {shown(info["scalars"])}')
-    if info["kind"] == "constant":
-        check_field(info, "lambda", file, UNIT)
+    ROUTER_KINDS.get(info["kind"], where=str(file))(info, file)
     return info
 
 

@@ -1,7 +1,9 @@
 """Decoder shapes: how a memory decoder is made from its base model, saved and loaded.
 
 A shape is named by a spec (``--decoder`` of train, adapt and baseline): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each shape registers
-itself in ``SHAPES`` (name -> class); ``parse_shape(spec)`` gives an instance, or one MemdecError line.
+itself (``register``) in ``SHAPES`` (a ``memdec.registry.Registry``: name -> class) and its ``memdec.json``
+record's check (``record_fields``, ``check_record``) in ``memdec.checkpoint.DECODER_RECORDS``; ``parse_shape(spec)``
+gives an instance, or one MemdecError line. A new shape is one class here, registered, and its test.
 
 - ``copy``: today's decoder, a full, separate copy of the base (a Hugging Face model folder).
 - ``fork:K``: a *shared trunk*. The decoder is a full causal LM whose embeddings, first L−K blocks,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,24 +40,43 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import DECODER_RECORDS, check_decoder_record, check_weights, load_memory_decoder
+from .checkpoint import DECODER_RECORDS, DecoderRecord, check_decoder_record, check_weights, load_memory_decoder
 from .errors import MemdecError, one_line
 from .files import atomic_write
 from .models import load_model
+from .registry import Registry
 
 OWN_WEIGHTS = "decoder.safetensors"  # a fork decoder's own tensors
-SHAPES: dict[str, type["DecoderShape"]] = {}
+LORA_SCALE_RANGE = (1e-3, 1e3)  # a LoRA record's alpha / rank, the adapters' scale (memdec writes alpha = rank: 1)
+SHAPES: Registry[type["DecoderShape"]] = Registry(
+    "decoder shape", unknown="unknown decoder shape {name!r}: one of {names} (e.g. 'fork:8')")
 
 
 def register(cls: type["DecoderShape"]) -> type["DecoderShape"]:
-    """Class decorator: make a shape known to ``parse_shape`` by its ``name``."""
-    if cls.name not in DECODER_RECORDS:  # memdec.checkpoint owns the memdec.json record of every shape
-        raise TypeError(f"decoder shape {cls.name!r} has no record format in memdec.checkpoint.DECODER_RECORDS")
-    SHAPES[cls.name] = cls
+    """Class decorator: make a shape known to ``parse_shape`` by its ``name``, and its ``memdec.json`` record
+    (``check_record``) to ``memdec.checkpoint.read_memdec_json``."""
+    SHAPES.register(cls)
+    DECODER_RECORDS.register(DecoderRecord(cls.check_record, full_model=cls.full_model), name=cls.name)
     return cls
 
 
 _POSITIVE = r"0*[1-9][0-9]*"  # a whole number >= 1 in a spec
+FULL_COPY = "copy"  # the spec of the copy shape (CopyShape): a full, separate model, the default
+
+
+def is_full_copy(spec: str) -> bool:
+    """Whether the spec ``spec`` names the copy shape (a full, separate model) without parsing it."""
+    return spec == FULL_COPY
+
+
+def recorded_shape_name(info: dict) -> str:
+    """The name of the shape a ``memdec.json`` records (``copy`` where it records none)."""
+    return (info.get("decoder") or {}).get("shape", FULL_COPY)
+
+
+def _is_count(v) -> bool:
+    """A JSON whole number >= 1 (not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _size(text: str, spec: str) -> int:
@@ -72,21 +94,32 @@ def parse_shape(spec: str) -> "DecoderShape":
         raise MemdecError(f"decoder shape must be a string such as 'copy' or 'fork:8', got {spec!r}")
     name, _, arg = spec.partition(":")
     if name not in SHAPES:
-        raise MemdecError(f"unknown decoder shape {spec!r}: one of {', '.join(sorted(SHAPES))} (e.g. 'fork:8')")
-    return SHAPES[name].parse(arg if ":" in spec else None, spec)
+        raise MemdecError(SHAPES.unknown_message(spec))
+    return SHAPES.get(name).parse(arg if ":" in spec else None, spec)
 
 
 class DecoderShape:
     """How a decoder is built from a base model, saved and loaded. Subclasses register themselves.
 
     ``lr_scale``: the trainer's peak lr is ``--lr`` (a full copy's) times this: LoRA's few, zero-started
-    matrices want a larger step (measured: docs/decoders.md). ``is_full_model``: the decoder is a whole
+    matrices want a larger step (measured: docs/decoders.md). ``full_model``: the decoder is a whole
     model of its own, sharing nothing with the base (the copy)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for --help: the spec and what the decoder is
     lr_scale: ClassVar[float] = 1.0
-    is_full_model: ClassVar[bool] = False
+    full_model: ClassVar[bool] = False  # its folder is a whole Hugging Face model folder (copy)
+    record_fields: ClassVar[dict[str, Callable[[object], bool]]] = {}  # memdec.json "decoder": fields but "shape"
+
+    @classmethod
+    def check_record(cls, record: dict, file: Path) -> None:
+        """MemdecError naming ``file`` and the field unless ``record`` (``memdec.json``'s ``decoder``, its
+        ``shape`` this one's) has exactly ``record_fields``, each valid."""
+        for key in sorted(set(cls.record_fields) | set(record) - {"shape"}):
+            if key not in cls.record_fields:
+                raise MemdecError(f"{file}: decoder.{key} is not a field of a {record['shape']!r} decoder")
+            if key not in record or not cls.record_fields[key](record[key]):
+                raise MemdecError(f"{file}: decoder.{key} is missing or invalid ({record.get(key)!r})")
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "DecoderShape":
@@ -143,9 +176,9 @@ class DecoderShape:
 class CopyShape(DecoderShape):
     """A full copy of the base: every block its own (today's decoder)."""
 
-    name = "copy"
+    name = FULL_COPY
     summary = "copy: a full copy of the base"
-    is_full_model = True
+    full_model = True
 
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "CopyShape":
@@ -285,6 +318,11 @@ class ForkShape(DecoderShape):
 
     name = "fork"
     summary = "fork:K: the base's first L-K blocks shared, its own last K blocks and final norm"
+    record_fields = {
+        "blocks": _is_count,
+        "trunk_hash": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+        "trunk_dtype": lambda v: isinstance(v, str) and v.isidentifier(),
+    }
 
     def __init__(self, blocks: int):
         self.blocks = blocks
@@ -441,6 +479,22 @@ class LoraShape(ForkShape):
     name = "lora"
     summary = "lora:R[@K]: LoRA adapters of rank R on the base's top K blocks (all by default), trained at 10x --lr"
     lr_scale = 10.0  # Austen, quick preset: lora:16 at 10x the copy's lr 29.46 test ppl, at 1x 31.76 (copy 29.25)
+    record_fields = {  # the trunk (hashed) is the whole base
+        **ForkShape.record_fields,
+        "rank": _is_count,
+        "alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+        "targets": lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+        and all(isinstance(t, str) and t.isidentifier() for t in v),
+    }
+
+    @classmethod
+    def check_record(cls, record: dict, file: Path) -> None:
+        """``DecoderShape.check_record``, and the adapters' scale alpha / rank within ``LORA_SCALE_RANGE``."""
+        super().check_record(record, file)
+        scale, (low, high) = record["alpha"] / record["rank"], LORA_SCALE_RANGE
+        if not low <= scale <= high:
+            raise MemdecError(f"{file}: decoder.alpha {record['alpha']:g} over decoder.rank {record['rank']} scales "
+                              f"the adapters by {scale:g}, outside [{low:g}, {high:g}] (memdec trains at alpha = rank)")
 
     def __init__(self, rank: int, blocks: int | None = None, alpha: float | None = None,
                  targets: tuple[str, ...] = LORA_TARGETS):
@@ -613,8 +667,8 @@ def _merge_lora(decoder):
 
 def shape_of(info: dict) -> DecoderShape:
     """The shape recorded in a checked ``memdec.json`` (``copy`` where it records none)."""
-    record = info.get("decoder") or {"shape": "copy"}
-    return SHAPES[record["shape"]].from_record(record)
+    record = info.get("decoder") or {"shape": FULL_COPY}
+    return SHAPES.get(record["shape"]).from_record(record)
 
 
 def decoder_shape(base, decoder) -> DecoderShape:
@@ -622,7 +676,7 @@ def decoder_shape(base, decoder) -> DecoderShape:
     first of the registered shapes, last registered first (a subclass before its parent), to
     recognise it. What ``MemoryDecoderModel.save_pretrained`` saves it as."""
     split = shared_split(base, decoder)
-    for cls in reversed(list(SHAPES.values())):
+    for cls in reversed(SHAPES.values()):
         shape = cls.recognise(base, decoder, split)
         if shape is not None:
             return shape

@@ -85,100 +85,17 @@ class _State:
     two_streams: bool = False
 
 
-class FastJointGenerator:
-    """Decode with a ``MemoryDecoderModel`` through static caches and (on CUDA) one CUDA graph per shape.
+class StaticSteps:
+    """The static side of ``FastJointGenerator``: per (batch, slots) shape, the models' ``StaticCache`` objects, the
+    4D masks over their slots and the input buffers (``_State``), one decode step of both models mixed
+    (``_step``) and its capture as a CUDA graph (``_capture``). Needs ``joint``, ``streams``, ``max_states``,
+    ``_states`` and ``_warned`` (``FastJointGenerator.__init__`` sets them)."""
 
-    joint: the MemoryDecoderModel (its λ and temperature are read at each call; the two models must
-        not change while the generator holds graphs of them).
-    cuda_graphs: capture the decode step on CUDA (default: True on CUDA, off elsewhere).
-    streams: inside the captured step, run the memory decoder on a second CUDA stream, beside the
-        base model (default True): at small batch sizes neither model fills the GPU, so the
-        decoder's layers hide in the base model's.
-    sync_every: how many steps run between checks that every sequence has finished (each check waits
-        for the device); default 16 on CUDA, 1 elsewhere.
-    max_states: how many (batch, length) shapes keep their caches and graphs (oldest dropped first).
-
-    ``generate(input_ids, attention_mask=None, **generate_kwargs)`` returns what
-    ``joint.generate(...)`` returns: the token ids [B, L + new]. ``last_path`` says what the last
-    call used: "graph", "static" (static caches, eager steps) or "fallback".
-    """
-
-    def __init__(self, joint: MemoryDecoderModel, *, cuda_graphs: bool | None = None, streams: bool = True,
-                 sync_every: int | None = None, max_states: int = 2):
-        if not isinstance(joint, MemoryDecoderModel):
-            raise MemdecError(f"FastJointGenerator needs a MemoryDecoderModel, got {type(joint).__name__}")
-        if sync_every is not None and sync_every < 1:
-            raise MemdecError(f"sync_every must be at least 1, got {sync_every}")
-        self.joint = joint
-        self.cuda_graphs = cuda_graphs
-        self.streams = streams
-        self.sync_every = sync_every
-        self.max_states = max_states
-        self.last_path: str | None = None
-        self._states: dict[tuple, _State] = {}
-        self._warned: set[str] = set()
-
-    # -- public ------------------------------------------------------------------------------
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """``joint.generate(input_ids, attention_mask=..., **kwargs)``, decoded on the fast path where it applies."""
-        why = self._unsupported(input_ids, kwargs)
-        if why is not None:
-            return self._fallback(why, input_ids, attention_mask, kwargs)
-        self.last_path = None
-        return self.joint.generate(input_ids, attention_mask=attention_mask, custom_generate=self._decode, **kwargs)
-
-    __call__ = generate
-
-    def reset(self) -> None:
-        """Free every static cache and captured graph."""
-        self._states.clear()
-
-    # -- deciding ----------------------------------------------------------------------------
-
-    def _unsupported(self, input_ids, kwargs: dict) -> str | None:
-        """Why the fast loop cannot serve this call, or None."""
-        for name, why in _FALLBACK_ARGS.items():
-            if why is not None and kwargs.get(name) is not None and kwargs.get(name) is not False:
-                return why
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            return "input_ids must be a 2D tensor"
-        if self.joint.router is not None:  # the captured step mixes at one λ; λ_t per position is the eager path's
-            return "a token router (λ_t per position; the fast step mixes at one fixed λ)"
-        for which in ("base", "memdec"):
-            model = getattr(self.joint, which)
-            impl = getattr(model.config, "_attn_implementation", None) or "eager"
-            if impl not in _SUPPORTED_ATTENTION:
-                return f"the {which} model's attention is {impl!r} (the fast path supports {', '.join(_SUPPORTED_ATTENTION)})"
-            kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-            if kinds - {"full_attention"} or getattr(model.config, "sliding_window", None):
-                return f"the {which} model has layers other than full attention ({sorted(kinds)})"
-        gen_kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_processor", "stopping_criteria")}
-        config, _ = self.joint._prepare_generation_config(gen_kwargs.pop("generation_config", None), **gen_kwargs)
-        mode = config.get_generation_mode()
-        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-            return f"{mode.value.replace('_', ' ')} (the fast path does greedy decoding and sampling)"
-        if config.num_return_sequences not in (None, 1):
-            return "num_return_sequences > 1"
-        if config.return_dict_in_generate:
-            return "return_dict_in_generate"
-        if config.cache_implementation not in (None, "dynamic", "static"):
-            return f"cache_implementation={config.cache_implementation!r}"
-        if config.use_cache is False:
-            return "use_cache=False"
-        return None
-
-    def _fallback(self, why: str, input_ids, attention_mask, kwargs: dict):
-        if why not in self._warned:
-            self._warned.add(why)
-            warnings.warn(f"memdec fast path not used: {why}; falling back to MemoryDecoderModel.generate",
-                          stacklevel=3)
-        self.last_path = "fallback"
-        if attention_mask is not None:
-            kwargs = {**kwargs, "attention_mask": attention_mask}
-        return self.joint.generate(input_ids, **kwargs)
-
-    # -- state -------------------------------------------------------------------------------
+    joint: MemoryDecoderModel
+    streams: bool
+    max_states: int
+    _states: dict[tuple, _State]
+    _warned: set[str]
 
     def _models(self) -> dict[str, torch.nn.Module]:
         joint = self.joint
@@ -280,6 +197,100 @@ class FastJointGenerator:
         for cache in state.caches.values():
             for layer in cache.layers:
                 layer.cumulative_length.fill_(seen)
+
+
+class FastJointGenerator(StaticSteps):
+    """Decode with a ``MemoryDecoderModel`` through static caches and (on CUDA) one CUDA graph per shape.
+
+    joint: the MemoryDecoderModel (its λ and temperature are read at each call; the two models must
+        not change while the generator holds graphs of them).
+    cuda_graphs: capture the decode step on CUDA (default: True on CUDA, off elsewhere).
+    streams: inside the captured step, run the memory decoder on a second CUDA stream, beside the
+        base model (default True): at small batch sizes neither model fills the GPU, so the
+        decoder's layers hide in the base model's.
+    sync_every: how many steps run between checks that every sequence has finished (each check waits
+        for the device); default 16 on CUDA, 1 elsewhere.
+    max_states: how many (batch, length) shapes keep their caches and graphs (oldest dropped first).
+
+    ``generate(input_ids, attention_mask=None, **generate_kwargs)`` returns what
+    ``joint.generate(...)`` returns: the token ids [B, L + new]. ``last_path`` says what the last
+    call used: "graph", "static" (static caches, eager steps) or "fallback".
+    """
+
+    def __init__(self, joint: MemoryDecoderModel, *, cuda_graphs: bool | None = None, streams: bool = True,
+                 sync_every: int | None = None, max_states: int = 2):
+        if not isinstance(joint, MemoryDecoderModel):
+            raise MemdecError(f"FastJointGenerator needs a MemoryDecoderModel, got {type(joint).__name__}")
+        if sync_every is not None and sync_every < 1:
+            raise MemdecError(f"sync_every must be at least 1, got {sync_every}")
+        self.joint = joint
+        self.cuda_graphs = cuda_graphs
+        self.streams = streams
+        self.sync_every = sync_every
+        self.max_states = max_states
+        self.last_path: str | None = None
+        self._states: dict[tuple, _State] = {}
+        self._warned: set[str] = set()
+
+    # -- public ------------------------------------------------------------------------------
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``joint.generate(input_ids, attention_mask=..., **kwargs)``, decoded on the fast path where it applies."""
+        why = self._unsupported(input_ids, kwargs)
+        if why is not None:
+            return self._fallback(why, input_ids, attention_mask, kwargs)
+        self.last_path = None
+        return self.joint.generate(input_ids, attention_mask=attention_mask, custom_generate=self._decode, **kwargs)
+
+    __call__ = generate
+
+    def reset(self) -> None:
+        """Free every static cache and captured graph."""
+        self._states.clear()
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def _unsupported(self, input_ids, kwargs: dict) -> str | None:
+        """Why the fast loop cannot serve this call, or None."""
+        for name, why in _FALLBACK_ARGS.items():
+            if why is not None and kwargs.get(name) is not None and kwargs.get(name) is not False:
+                return why
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            return "input_ids must be a 2D tensor"
+        if self.joint.router is not None:  # the captured step mixes at one λ; λ_t per position is the eager path's
+            return "a token router (λ_t per position; the fast step mixes at one fixed λ)"
+        for which in ("base", "memdec"):
+            model = getattr(self.joint, which)
+            impl = getattr(model.config, "_attn_implementation", None) or "eager"
+            if impl not in _SUPPORTED_ATTENTION:
+                return f"the {which} model's attention is {impl!r} (the fast path supports {', '.join(_SUPPORTED_ATTENTION)})"
+            kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+            if kinds - {"full_attention"} or getattr(model.config, "sliding_window", None):
+                return f"the {which} model has layers other than full attention ({sorted(kinds)})"
+        gen_kwargs = {k: v for k, v in kwargs.items() if k not in ("logits_processor", "stopping_criteria")}
+        config, _ = self.joint._prepare_generation_config(gen_kwargs.pop("generation_config", None), **gen_kwargs)
+        mode = config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            return f"{mode.value.replace('_', ' ')} (the fast path does greedy decoding and sampling)"
+        if config.num_return_sequences not in (None, 1):
+            return "num_return_sequences > 1"
+        if config.return_dict_in_generate:
+            return "return_dict_in_generate"
+        if config.cache_implementation not in (None, "dynamic", "static"):
+            return f"cache_implementation={config.cache_implementation!r}"
+        if config.use_cache is False:
+            return "use_cache=False"
+        return None
+
+    def _fallback(self, why: str, input_ids, attention_mask, kwargs: dict):
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"memdec fast path not used: {why}; falling back to MemoryDecoderModel.generate",
+                          stacklevel=3)
+        self.last_path = "fallback"
+        if attention_mask is not None:
+            kwargs = {**kwargs, "attention_mask": attention_mask}
+        return self.joint.generate(input_ids, **kwargs)
 
     # -- the decoding loop (generate's custom_generate) --------------------------------------
 

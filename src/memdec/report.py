@@ -13,6 +13,7 @@ from typing import Callable
 
 from .checkpoint import read_memdec_json
 from .checks import BOOL, OBJECT, SCORE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, check_items
+from .decoders import FULL_COPY, is_full_copy, recorded_shape_name
 from .errors import MemdecError
 from .evaluate import check_eval_json, read_eval_json
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
@@ -296,7 +297,7 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
     sizes = {"datastore_keys": manifest.n_keys, "datastore_bytes": _folder_bytes(run / "datastore"),
              "memdec_parameters": info.get("n_parameters"), "memdec_init": info.get("init"),
              "memdec_bytes": sum(p.stat().st_size for p in (run / "memdec").glob("*.safetensors")),
-             "memdec_transfer": info.get("transfer"), "memdec_shape": (info.get("decoder") or {}).get("shape", "copy"),
+             "memdec_transfer": info.get("transfer"), "memdec_shape": recorded_shape_name(info),
              "memdec_trainable": info.get("trainable_parameters")}
     return {"model": s.model, "train_corpus": s.corpus, "valid_corpus": s.valid, "tokens": ev["tokens"],
             "corpus": ev["corpus"], "results": ev["results"], "sweep": ev.get("sweep"), "general": ev.get("general"),
@@ -313,7 +314,7 @@ def report_json(run: Path, settings: dict, stages: dict, wall_s: float) -> dict:
 
 def _decoder_size(sizes: dict) -> str:
     """"134.5 M parameters" for a copy; a shape sharing the base's tensors: what it owns and trains."""
-    if sizes.get("memdec_shape", "copy") == "copy" or sizes.get("memdec_trainable") is None:
+    if is_full_copy(sizes.get("memdec_shape", FULL_COPY)) or sizes.get("memdec_trainable") is None:
         return f"{(sizes['memdec_parameters'] or 0) / 1e6:.1f} M parameters"
     return (f"{sizes['memdec_trainable'] / 1e6:.2f} M parameters of its own (a {sizes['memdec_shape']} decoder on the "
             f"base's {((sizes['memdec_parameters'] or 0) - sizes['memdec_trainable']) / 1e6:.1f} M)")
@@ -360,12 +361,12 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
 
 def settings_shape(settings: dict) -> str:
     """The decoder shape a run's settings name (``RUN/settings.json``; runs before shapes hold a copy)."""
-    return settings.get("decoder") or "copy"
+    return settings.get("decoder") or FULL_COPY
 
 
 def _shape_note(shape: str) -> str:
     """Why the run's decoder has its shape: the default is chosen by its worst domain (docs/domains.md)."""
-    if shape == "copy":
+    if is_full_copy(shape):
         return ("The decoder is a full copy of the base, adapt's default: the shape that held on every domain measured "
                 "(docs/domains.md). A compact decoder, `--decoder lora:16` at 4% of its bytes, came within 0.7% of it "
                 "on prose and code but 14% behind it on a biomedical vocabulary: try it where disk or serving memory "

@@ -16,7 +16,10 @@
   (in log space) + γ · mean(λ_t on general-text rows); early stopping on a held-out tail of the
   domain and the general rows; deterministic for a seed.
 - ``save_router`` / ``load_router``: ``router.safetensors`` + ``router.json`` (the format is
-  ``memdec.checkpoint``'s; weights through safetensors only).
+  ``memdec.checkpoint``'s; weights through safetensors only). Router kinds are registered by name
+  (``ROUTERS``, a ``memdec.registry.Registry``; ``register_router``), each with its own record
+  (``Router.record``, ``check_record``, ``from_record``) and weights (``save_weights``): a new kind
+  is one class here and its test.
 
 Many domains (``DomainRouter``): several decoders over one base. A linear (or small MLP) classifier
 over {none, d1..dn} reads the base's final hidden states of a prompt, mean-pooled over its tokens
@@ -35,21 +38,22 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_JSON, ROUTER_WEIGHTS,
-                         load_safetensors, read_domain_router_json, read_router_json, write_domain_router_json,
-                         write_router_json)
-from .checks import (check_lambda, check_non_negative, check_positive, check_positive_int, check_seed,
-                     check_unit_interval)
+from .checkpoint import (DOMAIN_ROUTER_JSON, DOMAIN_ROUTER_WEIGHTS, NO_DOMAIN, ROUTER_JSON, ROUTER_KINDS,
+                         ROUTER_WEIGHTS, load_safetensors, read_domain_router_json, read_router_json,
+                         write_domain_router_json, write_router_json)
+from .checks import (UNIT, check_field, check_lambda, check_non_negative, check_positive, check_positive_int,
+                     check_seed, check_unit_interval)
 from .errors import MemdecError
 from .files import atomic_write
 from .loss import chunk_rows
+from .registry import Registry
 
 SCALARS = ("base_entropy", "mem_entropy", "base_max_logprob", "mem_max_logprob", "kl_mem_base")
 FEATURE_BUDGET_BYTES = 256 * 2**20  # the fp32 [rows, V] temporaries of one chunk of scalar features
@@ -120,9 +124,32 @@ class RouterFeatures:
 
 
 class Router(nn.Module):
-    """λ_t from feature rows. ``needs_features``: whether ``log_weights`` reads them (a constant does not)."""
+    """λ_t from feature rows. ``needs_features``: whether ``log_weights`` reads them (a constant does not).
+
+    A kind that can be saved sets ``kind`` (``router.json``'s ``kind``), implements ``record`` and
+    ``from_record`` (and ``save_weights``, ``check_record`` where it has weights or fields of its own) and
+    is registered with ``register_router``."""
 
     needs_features = True
+    kind: ClassVar[str] = ""
+
+    def record(self) -> dict:
+        """The fields of ``router.json`` that describe the network (``kind`` among them)."""
+        raise MemdecError(f"cannot save a {type(self).__name__}: only a registered router kind "
+                          f"({', '.join(ROUTERS)}) has a format")
+
+    def save_weights(self, folder: Path) -> None:
+        """Write the network's tensors into ``folder`` (atomic); a kind without weights writes nothing."""
+
+    @classmethod
+    def check_record(cls, info: dict, file: Path) -> None:
+        """One MemdecError line naming ``file`` and the field where a field of this kind's own is bad
+        (``memdec.checkpoint.read_router_json`` calls it after the fields every router has)."""
+
+    @classmethod
+    def from_record(cls, info: dict, folder: Path) -> "Router":
+        """The router described by the checked ``router.json`` ``info`` of ``folder`` (its weights read from there)."""
+        raise NotImplementedError
 
     def logit(self, features: torch.Tensor) -> torch.Tensor:
         """The gate's logit z [...] (λ_t = sigmoid(z)) from feature rows [..., width]."""
@@ -138,11 +165,30 @@ class Router(nn.Module):
         return torch.sigmoid(self.logit(features).float())
 
 
+ROUTERS: Registry[type[Router]] = Registry("router kind", name_of=lambda cls: cls.kind)
+
+
+def register_router(cls: type[Router]) -> type[Router]:
+    """Class decorator: make a router kind known to ``load_router`` by its ``kind``, and its record's check
+    (``check_record``) to ``memdec.checkpoint.read_router_json``."""
+    ROUTERS.register(cls)
+    ROUTER_KINDS.register(cls.check_record, name=cls.kind)
+    return cls
+
+
+def unregister_router(kind: str) -> None:
+    """Forget the router kind ``kind`` and its record's check (a test's own kind, once the test is done)."""
+    ROUTERS.unregister(kind)
+    ROUTER_KINDS.unregister(kind)
+
+
+@register_router
 class ConstantRouter(Router):
     """λ_t = λ at every position: the fixed-λ mixture, bit for bit (its log-weights are the constants
     ``memdec.scoring.mix_logprobs`` adds, log1p(−λ) and log λ, which a float32 add rounds alike)."""
 
     needs_features = False
+    kind = "constant"
 
     def __init__(self, lmbda: float):
         super().__init__()
@@ -162,10 +208,25 @@ class ConstantRouter(Router):
     def extra_repr(self) -> str:
         return f"lmbda={self.lmbda}"
 
+    def record(self) -> dict:
+        return {"kind": self.kind, "lambda": self.lmbda, "d_base": 1, "d_mem": 1, "hidden": 1, "scalars": []}
 
+    @classmethod
+    def check_record(cls, info: dict, file: Path) -> None:
+        """Its ``lambda``: the constant."""
+        check_field(info, "lambda", file, UNIT)
+
+    @classmethod
+    def from_record(cls, info: dict, folder: Path) -> "ConstantRouter":
+        return cls(info["lambda"])
+
+
+@register_router
 class TokenRouter(Router):
     """A small MLP gate: LayerNorm(h_base), LayerNorm(h_mem), standardised scalars → Linear → GELU →
     Linear → logit. ``init_lambda``: the λ it starts at (its last layer is zero, its bias logit(λ))."""
+
+    kind = "mlp"
 
     def __init__(self, spec: RouterFeatures, hidden: int = 64, init_lambda: float = 0.5):
         super().__init__()
@@ -194,6 +255,25 @@ class TokenRouter(Router):
         scalars = (x[..., d_b + d_m :] - self.scalar_mean) / self.scalar_std
         x = torch.cat([self.norm_base(x[..., :d_b]), self.norm_mem(x[..., d_b : d_b + d_m]), scalars], dim=-1)
         return self.out(F.gelu(self.inner(x))).squeeze(-1)
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "d_base": self.spec.d_base, "d_mem": self.spec.d_mem, "hidden": self.hidden,
+                "scalars": list(self.spec.scalars)}
+
+    def save_weights(self, folder: Path) -> None:
+        """``router.safetensors`` (atomic): every tensor of the state dict, float32."""
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(folder / ROUTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+    @classmethod
+    def from_record(cls, info: dict, folder: Path) -> "TokenRouter":
+        """The gate of ``info``'s sizes, its tensors from ``router.safetensors`` (``load_weights``); the scalar
+        features it names must be those this memdec computes (``SCALARS``)."""
+        if tuple(info["scalars"]) != SCALARS:
+            raise MemdecError(f'{folder / ROUTER_JSON}: field "scalars" names {info["scalars"]}; this memdec computes '
+                              f'{list(SCALARS)}')
+        return load_weights(lambda: cls(RouterFeatures(info["d_base"], info["d_mem"]), info["hidden"]),
+                            folder / ROUTER_WEIGHTS, ROUTER_JSON, ("scalar_std",))
 
 
 def mix_routed(lp_base: torch.Tensor, lp_mem: torch.Tensor, log_1m: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
@@ -340,23 +420,18 @@ def fit_router(features: torch.Tensor, lp_base: torch.Tensor, lp_mem: torch.Tens
 
 def router_record(router: Router) -> dict:
     """The fields of ``router.json`` that describe the network (``memdec.checkpoint`` owns the format)."""
-    if isinstance(router, ConstantRouter):
-        return {"kind": "constant", "lambda": router.lmbda, "d_base": 1, "d_mem": 1, "hidden": 1, "scalars": []}
-    if not isinstance(router, TokenRouter):
-        raise MemdecError(f"cannot save a {type(router).__name__}: only TokenRouter and ConstantRouter have a format")
-    return {"kind": "mlp", "d_base": router.spec.d_base, "d_mem": router.spec.d_mem, "hidden": router.hidden,
-            "scalars": list(router.spec.scalars)}
+    return router.record()
 
 
 def save_router(router: Router, folder: str | Path, info: dict) -> Path:
-    """``router.safetensors`` (atomic) then ``router.json`` (``info`` plus the network's record), last:
-    it commits the router. ``info``: base_model, tokenizer_hash, decoder_fingerprint and the stats."""
+    """``router.safetensors`` (atomic, for a kind with weights) then ``router.json`` (``info`` plus the
+    network's record), last: it commits the router. ``info``: base_model, tokenizer_hash,
+    decoder_fingerprint and the stats."""
     folder = Path(folder)
+    record = router.record()  # before any file: a router of no registered kind is one line
     folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(router, TokenRouter):
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in router.state_dict().items()}
-        atomic_write(folder / ROUTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    write_router_json(folder, {**info, **router_record(router)})
+    router.save_weights(folder)
+    write_router_json(folder, {**info, **record})
     return folder
 
 
@@ -365,13 +440,7 @@ def load_router(folder: str | Path, device=None) -> tuple[Router, dict]:
     MemdecError line naming the file for a bad record, missing or foreign weights."""
     folder = Path(folder).expanduser()
     info = read_router_json(folder)
-    if info["kind"] == "constant":
-        return ConstantRouter(info["lambda"]).eval(), info
-    if tuple(info["scalars"]) != SCALARS:
-        raise MemdecError(f'{folder / ROUTER_JSON}: field "scalars" names {info["scalars"]}; this memdec computes '
-                          f'{list(SCALARS)}')
-    router = load_weights(lambda: TokenRouter(RouterFeatures(info["d_base"], info["d_mem"]), info["hidden"]),
-                          folder / ROUTER_WEIGHTS, ROUTER_JSON, ("scalar_std",))
+    router = ROUTERS.get(info["kind"]).from_record(info, folder)
     if device is not None:
         router.to(device)
     return router.eval(), info

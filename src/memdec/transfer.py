@@ -45,7 +45,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .checkpoint import MEMDEC_JSON, load_memory_decoder, read_memdec_json, write_memdec_json
 from .checks import check_device
-from .decoders import parse_shape
+from .decoders import FULL_COPY, is_full_copy, parse_shape, recorded_shape_name
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
 from .store import Manifest, open_datastore
@@ -254,7 +254,7 @@ class TransferRecipe(Recipe):
 
     def decoder_shape(self, cfg: TransferConfig, data: TrainingData):
         """A transferred decoder is a full model (``--decoder`` names the source checkpoint here)."""
-        return parse_shape("copy")
+        return parse_shape(FULL_COPY)
 
     def init_model(self, cfg: TransferConfig, data: TrainingData):
         new_tok = load_tokenizer(cfg.model)
@@ -323,8 +323,8 @@ def check_source(path: str) -> dict:
     info = read_memdec_json(folder)
     if not folder.is_dir():
         raise MemdecError(f"{path}: give the source decoder's checkpoint folder, not a file")
-    shape = (info.get("decoder") or {}).get("shape", "copy")
-    if shape != "copy":
+    shape = recorded_shape_name(info)
+    if not is_full_copy(shape):
         raise MemdecError(f"{path}: a {shape} memory decoder holds only its own tensors on its base's trunk; only a "
                           f"copy decoder (a full model, `memdec train --decoder copy`) transfers to another tokenizer")
     for name, what in (("config.json", "model config"), ("tokenizer_config.json", "tokenizer")):

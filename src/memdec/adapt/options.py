@@ -26,10 +26,10 @@ LORA_R = 8
 
 def full_model_decoder(spec: str) -> bool:
     """Whether ``--decoder spec`` names a shape that is a whole model of its own
-    (``DecoderShape.is_full_model``: the copy), the one shape that starts from ``--init``; False for
+    (``DecoderShape.full_model``: the copy), the one shape that starts from ``--init``; False for
     any other spec, one that names no shape included (``check_inputs`` then names what is wrong)."""
     try:
-        return parse_shape(spec).is_full_model
+        return parse_shape(spec).full_model
     except MemdecError:
         return False
 

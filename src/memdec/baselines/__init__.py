@@ -4,7 +4,9 @@
     memdec baseline --method ... --out DIR --model M --corpus TRAIN [--max-tokens N] ...
 
 Methods are plugins: each is a ``Method`` (``base.py``) registered by its own module of this
-package, and every module here is imported below, so a new method is one new module and its test.
+package, and every module here is imported below (``registry.discover``), so a new method is one new
+module and its test (and, for a method with flags of its own, its options class among
+``BaselineConfig``'s bases in ``config.py``).
 The built-in ones, in row order:
 
 - ``ce-decoder`` (``ce_decoder.py``): the memory decoder's own recipe with α=0 (next-token
@@ -35,56 +37,33 @@ loads wherever a memory decoder does.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from pathlib import Path
 
 from ..checkpoint import check_checkpoint_tokenizer, read_baseline_json
 from ..errors import MemdecError
 from ..index import or_list
 from ..models import resolve_model_spec
-from ..train import TrainConfig, train
-from .base import (BaselineRecipe, LoadedBaseline, Method, Option, fix_options, get_method, method_names,
+from ..registry import discover
+from ..train import train
+from .base import (METHODS, BaselineRecipe, LoadedBaseline, Method, Option, fix_options, get_method, method_names,
                    method_of_row, methods, register, unregister)
+from .config import BaselineConfig, BaselineOptions
+from .lora import LoraOptions, add_lora
 
 __all__ = [
-    "BASELINE_HELP", "BaselineConfig", "BaselineRecipe", "LoadedBaseline", "Method", "Option", "add_lora",
+    "BASELINE_HELP", "METHODS", "BaselineConfig", "BaselineOptions", "BaselineRecipe", "LoadedBaseline", "LoraOptions",
+    "Method", "Option", "add_lora",
     "check_baseline", "check_config", "get_method", "load_baseline", "method_names", "method_of_row", "methods",
     "register", "same_model", "train_baseline", "unregister",
 ]
 
-for _module in pkgutil.iter_modules(__path__):  # every method's module registers its method
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-from .lora import add_lora  # noqa: E402  (kept importable from here, as before the package)
-
-# The options every method shares, then each registered method's own, in row order.
-_COMMON_OPTIONS = (
-    Option("method", str, dataclasses.MISSING, ""),
-    Option("datastore", str | None, None, "train on this datastore's token stream: exactly the memory decoder's tokens"),
-    Option("model", str | None, None, "with --corpus: the base model spec"),
-    Option("corpus", str | None, None, "instead of --datastore: train on this corpus, tokenized as `memdec datastore` does"),
-    Option("max_tokens", int | None, None, "with --corpus: use its first N tokens (as `memdec datastore --max-tokens`)"),
-    Option("text_field", str, "text", "with --corpus: the JSONL / dataset field that holds the text"),
-    Option("alpha", float, 0.0, "must be 0: the baselines learn next-token cross-entropy only"),
-)
-
-
-def _config_class() -> type:
-    """``BaselineConfig``: ``memdec train``'s options plus the shared ones and every method's own."""
-    options = [*_COMMON_OPTIONS, *(o for m in methods() for o in m.extra_options)]
-    cls = dataclasses.make_dataclass(
-        "BaselineConfig", [(o.name, o.type, dataclasses.field(default=o.default)) for o in options],
-        bases=(TrainConfig,), kw_only=True, namespace={"__module__": __name__})
-    cls.__doc__ = ("``memdec train``'s options (the budget: steps, batch, block, lr, schedule, validation) plus the "
-                   "training tokens, ``method`` and each method's own options (``Method.extra_options``).")
-    return cls
+discover(__name__, __path__, skip=("base", "config"))  # every method's module registers its method
 
 
 def _help() -> dict[str, str]:
     """Every ``memdec baseline`` flag's help beyond ``memdec train``'s."""
-    helps = {o.name: o.help for o in _COMMON_OPTIONS}
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(BaselineOptions)
+             if f.name in BaselineOptions.__annotations__}  # its own fields, not memdec train's
     helps["method"] = or_list(f"{m.name} ({m.description})" for m in methods())
     initialised = ", ".join(m.name for m in methods() if m.takes_init)
     helps["init"] = f"{initialised}: initialise from this model spec (as `memdec train --init`)"
@@ -93,9 +72,8 @@ def _help() -> dict[str, str]:
     return helps
 
 
-BaselineConfig = _config_class()
+fix_options(BaselineConfig)
 BASELINE_HELP = _help()
-fix_options()
 
 
 def check_config(cfg: BaselineConfig) -> None:

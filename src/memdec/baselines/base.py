@@ -1,14 +1,17 @@
 """The registry of baseline methods: ``Method`` (what a method answers), ``BaselineRecipe`` (the
 ``train.Recipe`` every method shares) and ``LoadedBaseline``.
 
-A method is one object of a ``Method`` subclass, registered by name (``register``) when its module
-is imported; ``memdec.baselines`` imports every module of its package, so adding a method is one
-new module (and its test). ``memdec baseline``, ``eval --baseline``, the lm-eval model and
-``memdec adapt`` only ever ask the registered method.
+A method is one object of a ``Method`` subclass, registered by name (``register``, into ``METHODS``: a
+``memdec.registry.Registry``) when its module is imported; ``memdec.baselines`` imports every module of
+its package (``registry.discover``), so adding a method is one new module (and its test). A method with
+flags of its own declares them as a dataclass (``Method.options``, e.g. ``lora.LoraOptions``), which
+``BaselineConfig`` (``config.py``) lists among its bases. ``memdec baseline``, ``eval --baseline``, the
+lm-eval model and ``memdec adapt`` only ever ask the registered method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,15 +20,17 @@ import numpy as np
 
 from ..checkpoint import BASELINE_JSON, MEMDEC_JSON, write_baseline_json
 from ..data import load_token_stream, token_stream_hash
+from ..decoders import FULL_COPY, is_full_copy
 from ..errors import MemdecError
 from ..models import load_tokenizer, tokenizer_fingerprint
+from ..registry import Registry
 from ..train import CorpusRecord, Recipe, TrainingData
 
 
 @dataclass(frozen=True)
 class Option:
-    """A method's own setting: a field of ``BaselineConfig`` and a ``memdec baseline`` flag
-    (``lora_r`` is ``--lora-r``)."""
+    """A setting of ``memdec baseline``: a field of ``BaselineConfig`` and its flag (``lora_r`` is
+    ``--lora-r``); a method's own are the fields of its ``options`` dataclass (``Method.extra_options``)."""
 
     name: str
     type: Any
@@ -48,7 +53,9 @@ class Method:
     - ``takes_init``: ``--init`` / ``--init-layers`` choose its initialisation (else refused);
     - ``reuses_alpha0_decoder``: its training is exactly ``memdec train`` with α=0, so ``memdec
       adapt`` may reuse the α=0 teacher candidate rather than train it again;
-    - ``extra_options``: its own settings (``Option``), fields of ``BaselineConfig``.
+    - ``options``: its own settings, a dataclass (``kw_only``, each field's help in ``metadata["help"]``)
+      that ``BaselineConfig`` lists among its bases, so that readers and type checkers see its fields;
+      ``extra_options`` lists them as ``Option``s.
     """
 
     name: str = ""
@@ -58,7 +65,15 @@ class Method:
     alone: bool = True
     takes_init: bool = False
     reuses_alpha0_decoder: bool = False
-    extra_options: tuple[Option, ...] = ()
+    options: type | None = None
+
+    @property
+    def extra_options(self) -> tuple[Option, ...]:
+        """The fields of ``options`` (none without), each an ``Option``."""
+        if self.options is None:
+            return ()
+        return tuple(Option(f.name, f.type, f.default, f.metadata.get("help", ""))
+                     for f in dataclasses.fields(self.options))
 
     def __init__(self) -> None:
         self.row_label = self.row_label or self.name
@@ -83,12 +98,13 @@ class Method:
         settings ``s`` (joins the stage's fingerprint)."""
         if not self.takes_init:
             return {}
-        shape = {"decoder": s.decoder} if s.decoder != "copy" else {}  # only when used: earlier runs keep their fingerprint
+        # the shape only when used: earlier runs keep their fingerprint
+        shape = {} if is_full_copy(s.decoder) else {"decoder": s.decoder}
         return {"init": s.init, "init_layers": s.init_layers, **shape}
 
     def adapt_options(self, s) -> dict:
         """``BaselineConfig`` fields its adapt stage sets over the memory decoder's ``TrainConfig``."""
-        return {} if self.takes_init else {"init": None, "init_layers": None, "decoder": "copy"}
+        return {} if self.takes_init else {"init": None, "init_layers": None, "decoder": FULL_COPY}
 
     def adapt_what(self, s) -> str:
         """Its adapt stage's line."""
@@ -126,7 +142,7 @@ class BaselineRecipe(Recipe):
     def decoder_shape(self, cfg, data: TrainingData):
         """A method initialised like a memory decoder (``takes_init``: ce-decoder) takes any ``--decoder``
         shape; the others train the base model itself."""
-        if not self.method.takes_init and cfg.decoder != "copy":
+        if not self.method.takes_init and not is_full_copy(cfg.decoder):
             raise MemdecError(f"--decoder {cfg.decoder}: {self.name} trains the base model itself; --decoder applies to "
                               f"{', '.join(m.name for m in methods() if m.takes_init)}")
         return super().decoder_shape(cfg, data)
@@ -155,50 +171,53 @@ class LoadedBaseline:
 
 # --- the registry -------------------------------------------------------------------------------
 
-_METHODS: dict[str, Method] = {}
-_OPTIONS_FIXED = False  # set once BaselineConfig is built: a later method may add no option
+METHODS: Registry[Method] = Registry("baseline method", unknown="unknown --method '{name}' (choose from: {names})",
+                                     order=lambda m: (m.order, m.name))
+_CONFIG: list[type] = []  # BaselineConfig, once built: a later method's options must be among its bases
 
 
 def register(method: Method) -> Method:
-    """Add ``method`` to the registry (ValueError if its name is taken, or if it brings options after
-    ``BaselineConfig`` was built: put such a method in its own module of ``memdec/baselines/``)."""
+    """Add ``method`` to ``METHODS`` (ValueError if its name is taken, or if it brings options that
+    ``BaselineConfig`` does not hold: add its ``options`` class to ``BaselineConfig``'s bases)."""
     if not method.name:
         raise ValueError(f"{type(method).__name__}: a method needs a name")
-    if method.name in _METHODS:
+    if method.name in METHODS:
         raise ValueError(f"baseline method {method.name!r} is registered already")
-    if _OPTIONS_FIXED and method.extra_options:
+    if method.options is not None and _CONFIG and not issubclass(_CONFIG[0], method.options):
         raise ValueError(f"baseline method {method.name!r} brings options ({', '.join(o.name for o in method.extra_options)}) "
-                         f"after BaselineConfig was built: put it in a module of memdec/baselines/")
-    _METHODS[method.name] = method
-    return method
+                         f"that BaselineConfig does not hold: add {method.options.__name__} to its bases "
+                         f"(memdec/baselines/config.py)")
+    return METHODS.register(method)
 
 
 def unregister(name: str) -> None:
     """Remove a registered method (tests register their own)."""
-    _METHODS.pop(name, None)
+    METHODS.unregister(name)
 
 
-def fix_options() -> None:
-    """Called once ``BaselineConfig`` holds every registered method's options."""
-    global _OPTIONS_FIXED
-    _OPTIONS_FIXED = True
+def fix_options(config: type) -> None:
+    """Called once with ``BaselineConfig``: every registered method's options must be among its bases
+    (TypeError naming the method otherwise), and so must every later method's (``register``)."""
+    missing = [m for m in methods() if m.options is not None and not issubclass(config, m.options)]
+    if missing:
+        raise TypeError(f"BaselineConfig lacks the options of {', '.join(m.name for m in missing)}: add "
+                        f"{', '.join(m.options.__name__ for m in missing)} to its bases (memdec/baselines/config.py)")
+    _CONFIG[:] = [config]
 
 
 def methods() -> list[Method]:
     """Every registered method, in row order."""
-    return sorted(_METHODS.values(), key=lambda m: (m.order, m.name))
+    return METHODS.values()
 
 
 def method_names() -> tuple[str, ...]:
     """Every registered method's name, in row order."""
-    return tuple(m.name for m in methods())
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
     """The registered method called ``name``; MemdecError naming the choices if there is none."""
-    if name not in _METHODS:
-        raise MemdecError(f"unknown --method '{name}' (choose from: {', '.join(method_names())})")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def method_of_row(label: str) -> Method | None:

@@ -4,6 +4,7 @@ weights are ``adapter_model.safetensors``: a pickled ``adapter_model.bin`` is ne
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import load_safetensors
@@ -11,7 +12,7 @@ from ..checks import check_unit_interval
 from ..errors import MemdecError, one_line
 from ..models import load_model
 from ..train import TrainingData, init_memory_decoder
-from .base import BaselineRecipe, Method, Option, register
+from .base import BaselineRecipe, Method, register
 
 LORA_ADAPTER = "adapter_model.safetensors"
 
@@ -39,6 +40,18 @@ def add_lora(model, cfg):
                           f"{str(exc).splitlines()[0]} (this model's linear layers: {', '.join(linear)})") from None
 
 
+@dataclass(kw_only=True)
+class LoraOptions:
+    """``--method lora``'s own flags: fields of ``BaselineConfig`` (one of its bases)."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    lora_targets: list[str] | None = field(default=None, metadata={
+        "help": "module names to adapt, e.g. q_proj v_proj (default: every linear layer of the blocks)"})
+
+
 class LoraRecipe(BaselineRecipe):
     """A full copy of the base wrapped with adapters; only the adapters are trained and saved."""
 
@@ -60,13 +73,7 @@ class Lora(Method):
     name = "lora"
     description = "LoRA adapters (peft) on the frozen base model"
     order = 30
-    extra_options = (
-        Option("lora_r", int, 8, "LoRA rank"),
-        Option("lora_alpha", float, 16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"),
-        Option("lora_dropout", float, 0.0, "dropout on the LoRA branch's input"),
-        Option("lora_targets", list[str] | None, None,
-               "module names to adapt, e.g. q_proj v_proj (default: every linear layer of the blocks)"),
-    )
+    options = LoraOptions
 
     def check(self, cfg) -> None:
         if cfg.lora_r < 1:

@@ -14,8 +14,8 @@ the functions here only ask the registered kind. The built-in kinds, one module 
   there is one, without faiss; on disk a small JSON file naming the datastore's ``keys.npy``.
 
 A new kind is one new module beside these (a subclass of ``IndexKind``, ``register``-ed at its end,
-saying itself whether ``auto`` may pick it: ``auto_order``, ``picks_for``) imported below, and its
-test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
+saying itself whether ``auto`` may pick it: ``auto_order``, ``picks_for``), found by ``registry.discover``
+below, and its test. ``INDEX_KINDS`` lists ``auto`` and the built-in kinds;
 ``kind_names()`` every kind registered now.
 
 faiss is imported lazily (``faiss_common._faiss``), so memdec imports and works without it.
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatastoreError
-from .base import (IndexKind, IndexParams, Machine, as_f32, auto_pick, check_kind, get_kind, kind_names, kind_of,
-                   kind_reading, iter_batches, named_kind, or_list, register, unregister)
+from ..registry import discover
+from .base import (KINDS, IndexKind, IndexParams, Machine, as_f32, auto_pick, check_kind, get_kind, kind_names,
+                   kind_of, kind_reading, iter_batches, named_kind, or_list, register, unregister)
 from .faiss_common import GPU_MAX_K, faiss_available, gpu_available, set_num_threads
 from .flat import FLAT_THRESHOLD, FLAT_THRESHOLD_GPU, FlatKind
 from .ivfpq import IvfpqKind, auto_nprobe, train_ivfpq
@@ -40,14 +41,15 @@ from .torch_flat import (TORCH_DIST_BYTES, TORCH_FORMAT, TorchFlatIndex, TorchKi
 
 __all__ = [
     "DISK_SHARD_KEYS", "FLAT_THRESHOLD", "FLAT_THRESHOLD_GPU", "FlatKind", "GPU_MAX_K", "INDEX_KINDS",
-    "IVFDATA_SUFFIX", "IndexKind", "IndexParams", "IvfpqDiskKind", "IvfpqKind", "Machine", "TORCH_DIST_BYTES",
-    "TORCH_FORMAT", "TorchFlatIndex", "TorchKind", "auto_kind", "auto_nprobe", "build_index", "build_ondisk_index",
-    "check_kind", "choose_params", "faiss_available", "get_kind", "gpu_available", "index_kind", "ivfdata_path",
-    "kind_names", "kind_of", "kinds_help", "load_index", "named_kind", "or_list", "query_chunk_rows", "register",
-    "resolve_torch_device", "save_index", "search", "set_num_threads", "squared_l2", "to_gpu", "torch_keys_fit_gpu",
-    "train_ivfpq", "unregister",
+    "IVFDATA_SUFFIX", "IndexKind", "IndexParams", "IvfpqDiskKind", "IvfpqKind", "KINDS", "Machine",
+    "TORCH_DIST_BYTES", "TORCH_FORMAT", "TorchFlatIndex", "TorchKind", "auto_kind", "auto_nprobe", "build_index",
+    "build_ondisk_index", "check_kind", "choose_params", "faiss_available", "get_kind", "gpu_available",
+    "index_kind", "ivfdata_path", "kind_names", "kind_of", "kinds_help", "load_index", "named_kind", "or_list",
+    "query_chunk_rows", "register", "resolve_torch_device", "save_index", "search", "set_num_threads", "squared_l2",
+    "to_gpu", "torch_keys_fit_gpu", "train_ivfpq", "unregister",
 ]
 
+discover(__name__, __path__, skip=("base", "faiss_common"))  # every kind's module registers its kind
 INDEX_KINDS = ("auto", *kind_names())  # the built-in kinds, "auto" first
 
 

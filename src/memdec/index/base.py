@@ -1,11 +1,12 @@
 """The registry of index kinds: ``IndexKind`` (what a kind answers), ``IndexParams`` and the helpers
 every kind shares.
 
-A kind is one object of an ``IndexKind`` subclass, registered by name (``register``) when its
-module is imported; ``memdec.index`` imports the built-in ones (``flat``, ``ivfpq``,
-``ivfpq-disk``, ``torch``). The public functions of ``memdec.index`` (``choose_params``,
-``build_index``, ``save_index``, ``load_index``, ``search``, ``index_kind``) and the datastore
-only ever ask the registered kind, so adding a kind is one new module (and its test).
+A kind is one object of an ``IndexKind`` subclass, registered by name (``register``, into ``KINDS``: a
+``memdec.registry.Registry``) when its module is imported; ``memdec.index`` imports every module of its
+package (``registry.discover``): the built-in ones are ``flat``, ``ivfpq``, ``ivfpq-disk``, ``torch``.
+The public functions of ``memdec.index`` (``choose_params``, ``build_index``, ``save_index``,
+``load_index``, ``search``, ``index_kind``) and the datastore only ever ask the registered kind, so
+adding a kind is one new module (and its test).
 
 An index object is what faiss's indexes are: ``.d``, ``.ntotal`` and ``.search(queries float32
 [B, d], k) -> (dists float32 [B, k] squared L2, ids int64 [B, k])``, nearest first, -1 for a slot
@@ -21,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import DatastoreError
+from ..registry import Registry
 
 
 @dataclass
@@ -124,74 +126,73 @@ class IndexKind:
         return index
 
 
-_KINDS: dict[str, IndexKind] = {}
+KINDS: Registry[IndexKind] = Registry("index type", error=DatastoreError, reserved=("auto",),
+                                     unknown="unknown index type '{name}'; choose one of: auto, {names}")
 
 
 def register(kind: IndexKind) -> IndexKind:
     """Add ``kind`` to the registry under ``kind.name`` (a new name, not ``auto``). Returns it."""
-    if not kind.name or kind.name == "auto" or kind.name in _KINDS:
+    if not kind.name or kind.name == "auto" or kind.name in KINDS:
         raise ValueError(f"index kind name {kind.name!r} is empty, 'auto' or registered already")
-    _KINDS[kind.name] = kind
-    return kind
+    return KINDS.register(kind)
 
 
 def unregister(name: str) -> None:
     """Remove the kind ``name`` from the registry (a test's kind, once the test is done)."""
-    _KINDS.pop(name, None)
+    KINDS.unregister(name)
 
 
 def kind_names() -> tuple[str, ...]:
     """The registered kinds' names, in the order they were registered."""
-    return tuple(_KINDS)
+    return KINDS.names()
 
 
 def check_kind(name: str) -> str:
     """``name`` where it is ``auto`` or a registered kind; DatastoreError listing the choices."""
-    if name != "auto" and name not in _KINDS:
-        raise DatastoreError(f"unknown index type '{name}'; choose one of: {', '.join(('auto', *_KINDS))}")
+    if name != "auto":
+        KINDS.get(name)
     return name
 
 
 def get_kind(name: str) -> IndexKind:
     """The registered kind called ``name``; DatastoreError listing the choices where none is."""
-    check_kind(name)
     if name == "auto":
         raise DatastoreError("index type 'auto' is resolved by choose_params, not a kind of its own")
-    return _KINDS[name]
+    return KINDS.get(name)
 
 
 def named_kind(name: str) -> IndexKind | None:
     """The registered kind called ``name``, None for ``auto`` (which ``choose_params`` resolves);
     DatastoreError listing the choices for any other name."""
-    return None if check_kind(name) == "auto" else _KINDS[name]
+    return None if check_kind(name) == "auto" else KINDS.get(name)
 
 
 def auto_pick(n: int, d: int, machine: Machine) -> IndexKind:
     """``auto``'s kind for N keys of dimension d on ``machine``: the first registered kind, in
     ``auto_order``, whose ``picks_for`` says yes."""
-    asked = sorted((k for k in _KINDS.values() if k.auto_order is not None), key=lambda k: k.auto_order)
+    asked = sorted((k for k in KINDS.values() if k.auto_order is not None), key=lambda k: k.auto_order)
     for kind in asked:
         if kind.picks_for(n, d, machine):
             return kind
     raise DatastoreError(f"--index auto: no registered index kind takes {n} keys of dimension {d} here; "
-                         f"choose one of {', '.join(_KINDS)} with --index")
+                         f"choose one of {', '.join(KINDS.names())} with --index")
 
 
 def kind_of(index) -> IndexKind:
     """The registered kind whose ``matches`` says yes to ``index``; DatastoreError where none does."""
-    for kind in _KINDS.values():
+    for kind in KINDS.values():
         if kind.matches(index):
             return kind
-    raise DatastoreError(f"{type(index).__name__} is not an index of a registered kind ({', '.join(_KINDS)})")
+    raise DatastoreError(f"{type(index).__name__} is not an index of a registered kind ({', '.join(KINDS)})")
 
 
 def kind_reading(head: bytes) -> IndexKind:
     """The kind that loads a file starting with ``head``: the last registered whose ``reads`` says
     yes (the faiss kinds read any file, faiss reports a corrupt one, so later kinds come first)."""
-    for kind in reversed(_KINDS.values()):
+    for kind in reversed(KINDS.values()):
         if kind.reads(head):
             return kind
-    raise DatastoreError(f"no registered index kind ({', '.join(_KINDS)}) reads a file starting with {head[:8]!r}")
+    raise DatastoreError(f"no registered index kind ({', '.join(KINDS)}) reads a file starting with {head[:8]!r}")
 
 
 def or_list(names) -> str:
