@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from ..checks import (check_device, check_non_negative, check_positive, check_positive_int, check_seed,
                       check_unit_interval)
-from ..decoders import SHAPES, DecoderShape, parse_shape
+from ..decoders import FULL_COPY, SHAPES, DecoderShape, parse_shape
 from ..errors import MemdecError
 from ..models import load_config
 
@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = True
-    decoder: str = "copy"  # the decoder's shape (memdec.decoders): copy, fork:K, ...
+    decoder: str = FULL_COPY  # the decoder's shape (memdec.decoders): copy, fork:K, ...
     keep_trainer_state: bool = False  # keep CKPT/trainer_state/ once the run finishes (to extend it later)
     save_dtype: str = "float32"  # the dtype of the decoder's weights in CKPT/ (trainer steps stay float32)
 
@@ -156,7 +156,7 @@ def check_decoder_shape(spec: str, model_spec: str, init: str | None = None,
         shape = parse_shape(spec)
     except MemdecError as exc:
         raise MemdecError(f"--decoder: {exc}") from None
-    if shape == parse_shape("copy"):
+    if shape.full_model:
         return shape
     if init is not None or init_layers is not None:
         raise MemdecError(f"--decoder {spec} is built from the base model itself (its trunk is shared): "

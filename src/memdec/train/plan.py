@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..decoders import is_full_copy
 from ..errors import MemdecError
 from .config import TrainConfig
 from .windows import window_starts
@@ -37,7 +38,7 @@ def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None 
     for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience", "keep_trainer_state",
               "save_dtype"):
         keep.pop(k)
-    if keep["decoder"] == "copy":  # added later: copy runs keep their fingerprint
+    if is_full_copy(keep["decoder"]):  # added later: copy runs keep their fingerprint
         keep.pop("decoder")
     if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
         keep.pop("teacher_base_weight")

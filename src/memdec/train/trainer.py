@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from ..checks import mark_own_folder
-from ..decoders import parse_shape
 from ..errors import MemdecError
 from ..files import read_json_object, remove_interrupted_writes
 from ..models import bos_prefix, resolve_device, vocab_rows
@@ -58,7 +57,7 @@ class Trainer:
         self.state = TrainerState(self.out)
         self.tokens, self.data = self.recipe.data(cfg)  # int32 [N+1]; a Manifest or a CorpusRecord
         self.shape = self.recipe.decoder_shape(cfg, self.data)  # checked before any weights load
-        self.own_only = self.shape != parse_shape("copy")  # steps and checkpoints hold the own tensors only
+        self.own_only = not self.shape.full_model  # steps and checkpoints hold the own tensors only
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = data_hash(self.data)
         self.init_hash = self.recipe.init_hash(cfg, self.data)
@@ -126,7 +125,7 @@ class Trainer:
         cfg, data, model = self.cfg, self.data, self.unwrapped
         k, knn_temperature = knn_teacher(data)
         made = f"first {cfg.init_layers} blocks" if cfg.init_layers else \
-            "full copy" if self.shape.spec == "copy" else self.shape.spec
+            "full copy" if self.shape.full_model else self.shape.spec
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "base_model": data.model, "tokenizer_hash": data.tokenizer_hash,
