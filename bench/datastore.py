@@ -176,8 +176,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"plain body forward:        {body_tps:8.1f} tok/s  (no LM head, no hook)")
-    print(f"build (keys work):         {keys_tps:8.1f} tok/s  = {figures['build_to_body_ratio']:.3f} x the body forward "
-          f"(target >= 0.9; timed window by window, interleaved)")
+    print(
+        f"build (keys work):         {keys_tps:8.1f} tok/s  = {figures['build_to_body_ratio']:.3f} x the body forward "
+        f"(target >= 0.9; timed window by window, interleaved)"
+    )
     print(f"  without the early stop:  {figures['no_stop_to_body_ratio']:8.3f} x the body forward")
     print(f"  end to end, keys step of a real build: {build_tps:.1f} tok/s (body alone right after: {body_after:.1f}; "
           f"not interleaved, so noisier)")

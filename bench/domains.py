@@ -72,7 +72,9 @@ def write_corpora(out: Path) -> list[Path]:
     return files
 
 
-def build_stream(tests: dict[str, str], general: str, tokenizer, segments: int, seg_tokens: int) -> list[tuple[str, np.ndarray]]:
+def build_stream(
+    tests: dict[str, str], general: str, tokenizer, segments: int, seg_tokens: int
+) -> list[tuple[str, np.ndarray]]:
     """(kind, tokens) for each segment: the domains and general text in turn, each corpus read onwards."""
     kinds = [*tests, GENERAL]
     per_kind = -(-segments // len(kinds))
@@ -94,7 +96,9 @@ def build_stream(tests: dict[str, str], general: str, tokenizer, segments: int, 
 @torch.inference_mode()
 def score_segment(tokens: np.ndarray, prompt: int, joints: dict, base, router, prefix: int | None, device) -> dict:
     """The route of one segment and every decoder's (log p_base, log p_mem) of its positions after the prompt."""
-    ids = torch.as_tensor(([prefix] if prefix is not None else []) + tokens.tolist(), dtype=torch.long, device=device)[None]
+    ids = torch.as_tensor(([prefix] if prefix is not None else []) + tokens.tolist(), dtype=torch.long, device=device)[
+        None
+    ]
     lead = 1 if prefix is not None else 0
     route = router.route(pooled_states(base, ids[:, : lead + prompt]).to(router.mean.device))[0]
     n = len(tokens) - 1 - prompt  # the positions after the prompt
@@ -114,7 +118,10 @@ def summarise(scored: list[tuple[str, dict]], lambdas: dict[str, float]) -> dict
     best_lambda = {}
     for name in lambdas:  # the oracle's λ: each domain's best on its own segments (hindsight)
         own = [s for k, s in scored if k == name]
-        nll = {lam: float(torch.cat([-mix(s["lp_base"], s["lp_mem"][name], lam) for s in own]).mean()) for lam in LAMBDA_GRID}
+        nll = {
+            lam: float(torch.cat([-mix(s["lp_base"], s["lp_mem"][name], lam) for s in own]).mean())
+            for lam in LAMBDA_GRID
+        }
         best_lambda[name] = min(nll, key=nll.get) if own else lambdas[name]
 
     def system_nll(pick) -> dict:
@@ -132,7 +139,11 @@ def summarise(scored: list[tuple[str, dict]], lambdas: dict[str, float]) -> dict
     def oracle(kind, s):
         return -s["lp_base"] if kind == GENERAL else -mix(s["lp_base"], s["lp_mem"][kind], best_lambda[kind])
 
-    systems = {"base": system_nll(lambda k, s: -s["lp_base"]), "routed": system_nll(routed), "oracle": system_nll(oracle)}
+    systems = {
+        "base": system_nll(lambda k, s: -s["lp_base"]),
+        "routed": system_nll(routed),
+        "oracle": system_nll(oracle),
+    }
     for name in lambdas:
         systems[f"single:{name}"] = system_nll(lambda k, s, n=name: -mix(s["lp_base"], s["lp_mem"][n], lambdas[n]))
     singles = [k for k in systems if k.startswith("single:")]
@@ -153,8 +164,13 @@ def format_summary(result: dict) -> str:
     rows = [[name + (" (best single)" if name == result["best_single"] else ""), f"{systems[name]['ppl']:.3f}",
              *(f"{systems[name][f'ppl_{k}']:.3f}" for k in kinds)] for name in order]
     lines = render_table(["system", "ppl (all)", *(f"ppl {k}" for k in kinds)], rows)
-    lines += ["", *render_table(["segments of", "n", "routing accuracy"],
-                                [[k, str(v["segments"]), f"{v['accuracy']:.3f}"] for k, v in result["routing"].items()])]
+    lines += [
+        "",
+        *render_table(
+            ["segments of", "n", "routing accuracy"],
+            [[k, str(v["segments"]), f"{v['accuracy']:.3f}"] for k, v in result["routing"].items()],
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -180,9 +196,18 @@ def measure(args) -> dict:
         scored.append((kind, score_segment(tokens, args.prompt_tokens, joints, base, router, bos_prefix(tokenizer),
                                            base.device)))
     result = summarise(scored, lambdas)
-    result.update(model=args.model, router=str(args.router), tests=tests, general=args.general,
-                  segments=len(scored), planned_segments=len(stream), segment_tokens=args.segment_tokens,
-                  prompt_tokens=args.prompt_tokens, checkpoint_lambda=lambdas, seconds=round(time.perf_counter() - t0, 1))
+    result.update(
+        model=args.model,
+        router=str(args.router),
+        tests=tests,
+        general=args.general,
+        segments=len(scored),
+        planned_segments=len(stream),
+        segment_tokens=args.segment_tokens,
+        prompt_tokens=args.prompt_tokens,
+        checkpoint_lambda=lambdas,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
     return result
 
 

@@ -105,7 +105,9 @@ def main() -> None:
         copy_decoder = copy.deepcopy(base)
         joint = MemoryDecoderModel(base, copy_decoder, lmbda=0.3)
         ratio, t_base = median_ratio(joint.scorer(), base_score, ids, targets, args.repeats)
-        print(f"{'copy':>10} {ratio:>10.2f} {2.0:>6.2f} {t_base * 1000:>8.0f} {tensor_bytes(copy_decoder) / 1e6:>11.1f}")
+        print(
+            f"{'copy':>10} {ratio:>10.2f} {2.0:>6.2f} {t_base * 1000:>8.0f} {tensor_bytes(copy_decoder) / 1e6:>11.1f}"
+        )
 
 
 if __name__ == "__main__":

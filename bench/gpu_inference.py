@@ -182,7 +182,9 @@ class Budget:
 
 def scoring_row(base, joint, args) -> dict:
     g = torch.Generator().manual_seed(0)
-    chunk = torch.randint(0, base.config.vocab_size, (args.score_batch, args.score_len + 1), generator=g).to(args.device)
+    chunk = torch.randint(0, base.config.vocab_size, (args.score_batch, args.score_len + 1), generator=g).to(
+        args.device
+    )
     ids, targets = chunk[:, :-1], chunk[:, 1:]
     med, runs, _ = timed_all({"base": lambda: base_scorer(base)(ids, targets),
                               "joint": lambda: joint.scorer()(ids, targets),
@@ -218,8 +220,12 @@ def split_scorer(base, decoder, temperature: float, lmbda: float, base_batch: in
     @torch.inference_mode()
     def score(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n = targets.shape[1]
-        lp_base = torch.cat([target_logprobs(causal_lm_logits(base, ids[i : i + base_batch], n), targets[i : i + base_batch])
-                             for i in range(0, len(ids), base_batch)])
+        lp_base = torch.cat(
+            [
+                target_logprobs(causal_lm_logits(base, ids[i : i + base_batch], n), targets[i : i + base_batch])
+                for i in range(0, len(ids), base_batch)
+            ]
+        )
         lp_mem = target_logprobs(causal_lm_logits(decoder, ids, n).float() / temperature, targets)
         return mix_logprobs(lp_base, lp_mem, lmbda)
 
@@ -269,15 +275,24 @@ def router_row(base, joint, args) -> dict:
     router = TokenRouter(features).to(base.device)
     torch.nn.init.normal_(router.out.weight, std=0.1)  # not the constant λ it starts at
     g = torch.Generator().manual_seed(0)
-    chunk = torch.randint(0, base.config.vocab_size, (args.score_batch, args.score_len + 1), generator=g).to(args.device)
+    chunk = torch.randint(0, base.config.vocab_size, (args.score_batch, args.score_len + 1), generator=g).to(
+        args.device
+    )
     ids, targets = chunk[:, :-1], chunk[:, 1:]
     fixed = joint.scorer()
     joint.router = router
     try:
         row = {"kind": "router", "batch": args.score_batch, "length": args.score_len,
                "router_params": sum(p.numel() for p in router.parameters())}
-        med, row["runs_s"], _ = timed_all({"base": lambda: base_scorer(base)(ids, targets), "joint": lambda: fixed(ids, targets),
-                                           "routed": lambda: joint.scorer()(ids, targets)}, args.reps, args.device)
+        med, row["runs_s"], _ = timed_all(
+            {
+                "base": lambda: base_scorer(base)(ids, targets),
+                "joint": lambda: fixed(ids, targets),
+                "routed": lambda: joint.scorer()(ids, targets),
+            },
+            args.reps,
+            args.device,
+        )
         row.update(score_base_s=med["base"], score_joint_s=med["joint"], score_routed_s=med["routed"],
                    score_ratio_joint=med["joint"] / med["base"], score_ratio_routed=med["routed"] / med["base"])
         for batch in args.router_batches:
@@ -285,10 +300,22 @@ def router_row(base, joint, args) -> dict:
             kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                       min_new_tokens=args.new_tokens, do_sample=False, num_beams=1, pad_token_id=0)
             fixed_joint = MemoryDecoderModel(base, joint.memdec, lmbda=joint.lmbda)
-            med, _, _ = timed_all({"base": lambda: base.generate(prompt, **kw), "joint": lambda: fixed_joint.generate(prompt, **kw),
-                                   "routed": lambda: joint.generate(prompt, **kw)}, args.reps, args.device)
-            row[f"decode_b{batch}"] = {"base_eager_s": med["base"], "joint_eager_s": med["joint"], "routed_eager_s": med["routed"],
-                                       "ratio_joint": med["joint"] / med["base"], "ratio_routed": med["routed"] / med["base"]}
+            med, _, _ = timed_all(
+                {
+                    "base": lambda: base.generate(prompt, **kw),
+                    "joint": lambda: fixed_joint.generate(prompt, **kw),
+                    "routed": lambda: joint.generate(prompt, **kw),
+                },
+                args.reps,
+                args.device,
+            )
+            row[f"decode_b{batch}"] = {
+                "base_eager_s": med["base"],
+                "joint_eager_s": med["joint"],
+                "routed_eager_s": med["routed"],
+                "ratio_joint": med["joint"] / med["base"],
+                "ratio_routed": med["routed"] / med["base"],
+            }
     finally:
         joint.router = None
     return row
@@ -357,7 +384,9 @@ def knn_rows(n_keys_list, d: int, args, budget: Budget) -> list[dict]:
             g = torch.Generator(device=dev).manual_seed(0)
             step = 1 << 20
             for i in range(0, n_keys, step):
-                keys[i : i + step] = torch.randn((min(step, n_keys - i), d), generator=g, device=dev, dtype=torch.float16)
+                keys[i : i + step] = torch.randn(
+                    (min(step, n_keys - i), d), generator=g, device=dev, dtype=torch.float16
+                )
             norms = keys.float().pow(2).sum(1).half() if dev == "cpu" else torch.cat(
                 [keys[i : i + step].float().pow(2).sum(1) for i in range(0, n_keys, step)]).half()
             values = torch.randint(0, VOCAB, (n_keys,), device=dev)
@@ -434,24 +463,34 @@ def compare_knn(knn: list[dict], size_rows: list[dict], batch_sizes) -> None:
 
 def markdown(result: dict) -> str:
     f = lambda v, spec=".2f": "–" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"{result['device_name']}, {result['dtype']}, torch {result['torch']}, transformers {result['transformers']}",
-             "", "| base | params | row | base eager / fast | joint eager / fast | joint/base eager | joint/base fast "
-             "| fast, one stream | limit |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"{result['device_name']}, {result['dtype']}, torch {result['torch']}, transformers {result['transformers']}",
+        "",
+        "| base | params | row | base eager / fast | joint eager / fast | joint/base eager | joint/base fast "
+        "| fast, one stream | limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for size in result["sizes"]:
         for r in size["rows"]:
             who = f"{size['name']} {r.get('decoder', SEPARATE)}"
             if "error" in r or r["kind"] not in ("scoring", "decoding"):
                 continue
             if r["kind"] == "scoring":
-                lines.append(f"| {who} | {size['base_params'] / 1e6:.0f}M | scoring {r['batch']}×{r['length']} "
-                             f"| {1000 * r['base_s']:.1f} ms | {1000 * r['joint_s']:.1f} / {1000 * r['joint_2streams_s']:.1f} ms "
-                             f"| {f(r['ratio'], '.3f')} | {f(r['ratio_2streams'], '.3f')} | – | {f(r['limit'], '.3f')} |")
+                lines.append(
+                    f"| {who} | {size['base_params'] / 1e6:.0f}M | scoring {r['batch']}×{r['length']} "
+                    f"| {1000 * r['base_s']:.1f} ms | {1000 * r['joint_s']:.1f} / {1000 * r['joint_2streams_s']:.1f} "
+                    "ms "
+                    f"| {f(r['ratio'], '.3f')} | {f(r['ratio_2streams'], '.3f')} | – | {f(r['limit'], '.3f')} |"
+                )
             else:
-                lines.append(f"| {who} | {size['base_params'] / 1e6:.0f}M | decode b{r['batch']}, {r['new_tokens']} tok "
-                             f"| {1000 * r['base_eager_s']:.0f} / {1000 * r['base_fast_s']:.0f} ms "
-                             f"| {1000 * r['joint_eager_s']:.0f} / {1000 * r['joint_fast_s']:.0f} ms "
-                             f"| {f(r['ratio_eager'], '.3f')} | {f(r['ratio_fast'], '.3f')} | {f(r['ratio_fast_1stream'], '.3f')} "
-                             f"| {f(r['limit'], '.3f')} |")
+                lines.append(
+                    f"| {who} | {size['base_params'] / 1e6:.0f}M | decode b{r['batch']}, {r['new_tokens']} tok "
+                    f"| {1000 * r['base_eager_s']:.0f} / {1000 * r['base_fast_s']:.0f} ms "
+                    f"| {1000 * r['joint_eager_s']:.0f} / {1000 * r['joint_fast_s']:.0f} ms "
+                    f"| {f(r['ratio_eager'], '.3f')} | {f(r['ratio_fast'], '.3f')} | "
+                    f"{f(r['ratio_fast_1stream'], '.3f')} "
+                    f"| {f(r['limit'], '.3f')} |"
+                )
     lines += extra_tables(result)
     if result.get("knn"):
         lines += ["", "| kNN-LM keys | d | decode b1 ms/token | ÷ base fast | ÷ memdec overhead (fast) "
@@ -461,10 +500,13 @@ def markdown(result: dict) -> str:
             if "error" in r:
                 lines.append(f"| {r['n_keys']:,} | {r['d']} | {r['error']} |")
                 continue
-            lines.append(f"| {r['n_keys']:,} | {r['d']} | {r['decode_b1_ms_per_token']:.3f} | {f(r.get('decode_b1_fast_vs_base'))} "
-                         f"| {f(r.get('decode_b1_fast_knn_over_memdec'), '.1f')} | {r['decode_b8_ms_per_token']:.3f} "
-                         f"| {f(r.get('decode_b8_fast_knn_over_memdec'), '.1f')} | {r['score_ms_per_token']:.4f} "
-                         f"| {f(r.get('score_vs_base'))} | {f(r.get('score_knn_over_memdec'), '.1f')} |")
+            lines.append(
+                f"| {r['n_keys']:,} | {r['d']} | {r['decode_b1_ms_per_token']:.3f} | "
+                f"{f(r.get('decode_b1_fast_vs_base'))} "
+                f"| {f(r.get('decode_b1_fast_knn_over_memdec'), '.1f')} | {r['decode_b8_ms_per_token']:.3f} "
+                f"| {f(r.get('decode_b8_fast_knn_over_memdec'), '.1f')} | {r['score_ms_per_token']:.4f} "
+                f"| {f(r.get('score_vs_base'))} | {f(r.get('score_knn_over_memdec'), '.1f')} |"
+            )
     if result["skipped"]:
         lines += ["", f"skipped (budget): {', '.join(result['skipped'])}"]
     return "\n".join(lines)
@@ -477,25 +519,45 @@ def extra_tables(result: dict) -> list[str]:
     lines = []
     extra = [(s, r) for s, r in rows if r["kind"] == "scoring_extra" and "error" not in r]
     if extra:
-        lines += ["", "| base | base batch | decoder batch | base ms | joint, decoder apart / ratio | decoder compiled / ratio "
-                  "| compile s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| base | base batch | decoder batch | base ms | joint, decoder apart / ratio | decoder compiled / ratio "
+            "| compile s |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for s, r in extra:
-            comp = f"{1000 * r['joint_compiled_s']:.1f} ms / {f(r['ratio_compiled'])}" if "joint_compiled_s" in r else "–"
-            lines.append(f"| {s['name']} | {r['batch']}×{r['length']} | {r['decoder_batch']}×{r['length']} | {1000 * r['base_s']:.1f} "
-                         f"| {1000 * r['joint_split_s']:.1f} ms / {f(r['ratio_split'])} | {comp} | {f(r.get('compile_s'), '.1f')} |")
+            comp = (
+                f"{1000 * r['joint_compiled_s']:.1f} ms / {f(r['ratio_compiled'])}" if "joint_compiled_s" in r else "–"
+            )
+            lines.append(
+                f"| {s['name']} | {r['batch']}×{r['length']} | {r['decoder_batch']}×{r['length']} | "
+                f"{1000 * r['base_s']:.1f} "
+                f"| {1000 * r['joint_split_s']:.1f} ms / {f(r['ratio_split'])} | {comp} | "
+                f"{f(r.get('compile_s'), '.1f')} |"
+            )
     routed = [(s, r) for s, r in rows if r["kind"] == "router" and "error" not in r]
     if routed:
         batches = sorted({int(k[8:]) for _, r in routed for k in r if k.startswith("decode_b")})
         lines += ["", "| base | decoder | scoring joint / routed ÷ base | " + " | ".join(
             f"decode b{b} eager joint / routed ÷ base" for b in batches) + " |", "|" + " --- |" * (3 + len(batches))]
         for s, r in routed:
-            cells = [f"{f(r[f'decode_b{b}']['ratio_joint'])} / {f(r[f'decode_b{b}']['ratio_routed'])}" if f"decode_b{b}" in r
-                     else "–" for b in batches]
-            lines.append(f"| {s['name']} | {r['decoder']} | {f(r['score_ratio_joint'])} / {f(r['score_ratio_routed'])} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                f"{f(r[f'decode_b{b}']['ratio_joint'])} / {f(r[f'decode_b{b}']['ratio_routed'])}"
+                if f"decode_b{b}" in r
+                else "–"
+                for b in batches
+            ]
+            lines.append(
+                f"| {s['name']} | {r['decoder']} | {f(r['score_ratio_joint'])} / {f(r['score_ratio_routed'])} | "
+                + " | ".join(cells)
+                + " |"
+            )
     errors = [(s, r) for s, r in rows if "error" in r]
     if errors:
-        lines += ["", "errors: " + "; ".join(f"{s['name']} {r.get('decoder')} {r['kind']}: {r['error']}" for s, r in errors)]
+        lines += [
+            "",
+            "errors: " + "; ".join(f"{s['name']} {r.get('decoder')} {r['kind']}: {r['error']}" for s, r in errors),
+        ]
     return lines
 
 
@@ -513,17 +575,24 @@ def parse_args(argv) -> argparse.Namespace:
                    help=f"{SEPARATE} (the separate small decoder) or a shape built from each base (fork:K, "
                         f"lora:R@K), repeatable: rows per spec (default: {SEPARATE})")
     p.add_argument("--router", action="store_true", help="per spec, a random TokenRouter attached: its cost")
-    p.add_argument("--router-batches", type=int, nargs="*", help="the router's decoding batch sizes (default: --batches)")
+    p.add_argument(
+        "--router-batches", type=int, nargs="*", help="the router's decoding batch sizes (default: --batches)"
+    )
     p.add_argument("--compile", action="store_true", help="scoring also with the separate decoder torch.compile'd")
-    p.add_argument("--decoder-score-batch", type=int,
-                   help="scoring also with the separate decoder on this many rows at once (a multiple of --score-batch)")
+    p.add_argument(
+        "--decoder-score-batch",
+        type=int,
+        help="scoring also with the separate decoder on this many rows at once (a multiple of --score-batch)",
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--score-batch", type=int, default=8)
     p.add_argument("--score-len", type=int, default=1024)
     p.add_argument("--no-scoring", action="store_true")
-    p.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decoding batch sizes (none: no decoding rows)")
+    p.add_argument(
+        "--batches", type=int, nargs="*", default=[1, 8], help="decoding batch sizes (none: no decoding rows)"
+    )
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
@@ -587,7 +656,9 @@ def spec_rows(base, spec: str, dec, args, budget: Budget, write) -> list[dict]:
                 row["batch"] = int(what.split("b")[-1])
         row["decoder"] = spec
         rows.append(row)
-        print(f"[{spec}] {what}: " + json.dumps({k: v for k, v in row.items() if k != "runs_s"}, default=str), flush=True)
+        print(
+            f"[{spec}] {what}: " + json.dumps({k: v for k, v in row.items() if k != "runs_s"}, default=str), flush=True
+        )
         write(rows)
         gc.collect()
         if args.device.startswith("cuda"):
@@ -603,10 +674,18 @@ def main(argv=None) -> dict:
     import transformers
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or "cpu")
-    result = {"device_name": device_name, "device": args.device, "dtype": str(args.dtype).replace("torch.", ""),
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": torch.get_num_threads(), "args": {k: (str(v) if k == "dtype" else v) for k, v in vars(args).items()},
-              "sizes": [], "knn": [], "skipped": budget.skipped}
+    result = {
+        "device_name": device_name,
+        "device": args.device,
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "args": {k: (str(v) if k == "dtype" else v) for k, v in vars(args).items()},
+        "sizes": [],
+        "knn": [],
+        "skipped": budget.skipped,
+    }
     print(f"{device_name}; torch {torch.__version__}, transformers {transformers.__version__}, {result['dtype']}",
           flush=True)
 

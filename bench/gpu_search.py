@@ -16,7 +16,12 @@ import torch
 
 torch.set_float32_matmul_precision("highest")
 D, K, Q, CHUNK = 576, 1025, 4096, 1 << 22
-SIZES = ((2_000_000, torch.float32), (10_000_000, torch.float32), (10_000_000, torch.float16), (50_000_000, torch.float16))
+SIZES = (
+    (2_000_000, torch.float32),
+    (10_000_000, torch.float32),
+    (10_000_000, torch.float16),
+    (50_000_000, torch.float16),
+)
 
 
 def main() -> None:

@@ -94,7 +94,9 @@ def torch_exact(keys: np.ndarray, queries: np.ndarray, k: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2_000_000, help="keys for the ivfpq-disk index")
-    ap.add_argument("--torch-n", type=int, nargs="*", default=[2_000_000, 10_000_000], help="keys for exact torch search")
+    ap.add_argument(
+        "--torch-n", type=int, nargs="*", default=[2_000_000, 10_000_000], help="keys for exact torch search"
+    )
     ap.add_argument("--nlist", type=int, default=None, help="ivfpq-disk lists (default: memdec's choice, ~4·√N)")
     ap.add_argument("--d", type=int, default=576)
     ap.add_argument("--k", type=int, default=1025, help="neighbours per query (k+1: the position itself)")

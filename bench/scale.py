@@ -129,7 +129,9 @@ def table(records: list[dict], tests: list[str]) -> str:
                      f"{r['lambda']:g}"]
         for t in tests:
             s = r["test"].get(t, {})
-            cells.append(f"{s.get('ppl', float('nan')):.2f} ({s.get('base_ppl', float('nan')):.2f}) λ={s.get('lambda')}")
+            cells.append(
+                f"{s.get('ppl', float('nan')):.2f} ({s.get('base_ppl', float('nan')):.2f}) λ={s.get('lambda')}"
+            )
             rec, base_rec = s.get("recurring_ppl"), s.get("base_recurring_ppl")
             cells.append(f"{rec:.2f} ({base_rec:.2f}), {s.get('recurring_tokens')} tok" if rec and base_rec else "-")
         cells.append(str(r.get("train_seconds", "-")))
@@ -159,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
     p.add_argument("--out", required=True, help="log.txt, scale.jsonl, scale.md")
     p.add_argument("--work", help="datastores and checkpoints (default: --out)")
-    p.add_argument("--smoke", action="store_true", help="a tiny random model and corpus slice, on CPU, to test the script")
+    p.add_argument(
+        "--smoke", action="store_true", help="a tiny random model and corpus slice, on CPU, to test the script"
+    )
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
 
         args.model = str(save_tiny_model(Path(args.work) / "tiny", "llama", tiny_tokenizer(), seed=0))
         args.k, args.block_size, args.batch_size, args.valid_tokens, args.test_tokens = 16, 64, 2, 300, 300
-        args.runs = args.runs if "--runs" in (argv if argv is not None else sys.argv) else ["1200:0", "1200:0.5:0.5", "600:0.5:0:1"]
+        args.runs = (
+            args.runs
+            if "--runs" in (argv if argv is not None else sys.argv)
+            else ["1200:0", "1200:0.5:0.5", "600:0.5:0:1"]
+        )
         args.sizes_knn, args.eval_batch = "1200", 1
     t_start = time.perf_counter()
     say(out, f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"
@@ -202,8 +210,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append(record)
         with open(results, "a") as f:
             f.write(json.dumps(record) + "\n")
-        say(out, f"{run['name']}: valid joint {record['valid_joint_ppl']} (alone {record['valid_alone_ppl']}, "
-                 f"step {record['best_step']}/{record['steps']}), {record['train_seconds']} s; test {json.dumps(record['test'])}")
+        say(
+            out,
+            f"{run['name']}: valid joint {record['valid_joint_ppl']} (alone {record['valid_alone_ppl']}, "
+            f"step {record['best_step']}/{record['steps']}), {record['train_seconds']} s; test "
+            f"{json.dumps(record['test'])}",
+        )
         (out / "scale.md").write_text(table(records, args.tests) + "\n")
     say(out, f"done in {time.perf_counter() - t_start:.0f} s")
 

@@ -212,9 +212,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         errors = ", ".join(f"{v}× {k}" for k, v in r["errors"].items()) or "0"
         setup = LABELS[r["setup"]] + (f", --max-queue {r['max_queue']}" if r["max_queue"] != 64 else "")
-        out.append(f"| {setup} | {r['max_batch']} | {r['clients']} | {r['requests']} | {fmt(r['req_per_s'], 2)} "
-                   f"| {fmt(r['tok_per_s'], 1)} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} "
-                   f"| {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p95_ms'])} | {errors} | {fmt(r['peak_rss_mib'])} | {r['load_1min']:.1f} |")
+        out.append(
+            f"| {setup} | {r['max_batch']} | {r['clients']} | {r['requests']} | {fmt(r['req_per_s'], 2)} "
+            f"| {fmt(r['tok_per_s'], 1)} | {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} "
+            f"| {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p95_ms'])} | {errors} | {fmt(r['peak_rss_mib'])} | "
+            f"{r['load_1min']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -262,9 +265,14 @@ def main(argv=None) -> int:
             rows += run_setup(setup, batch, args, decoders)
     if args.overload_queue:
         setup = "one" if "one" in args.setups else args.setups[0]
-        rows += run_setup(setup, max(args.batches), args, decoders, queue=args.overload_queue, clients=[max(args.clients)])
-    print(f"\n{args.model}, max_tokens {args.max_tokens}, greedy, streaming; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; {time.perf_counter() - t0:.0f} s in all\n")
+        rows += run_setup(
+            setup, max(args.batches), args, decoders, queue=args.overload_queue, clients=[max(args.clients)]
+        )
+    print(
+        f"\n{args.model}, max_tokens {args.max_tokens}, greedy, streaming; "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; {time.perf_counter() - t0:.0f} s in all\n"
+    )
     print(table(rows))
     print()
     print(memory_table(rows))

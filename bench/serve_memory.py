@@ -32,7 +32,8 @@ from memdec.models import load_model
 
 
 def save_decoders(base, tokenizer, spec: str, n: int, folder: Path) -> list[Path]:
-    """``n`` decoders of shape ``spec`` built from ``base``, each perturbed with its own seed, saved under ``folder``."""
+    """``n`` decoders of shape ``spec`` built from ``base``, each perturbed with its own seed, saved under
+    ``folder``."""
     shape, paths = parse_shape(spec), []
     for i in range(n):
         decoder = shape.build(base)
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for n in args.counts]
         runs += [("1 x copy", {"c0": c}) for c in copies]
         print(f"{args.model}, CPU, fp32; VmRSS after one request (8 new tokens)")
-        print(f"{'served':<14} {'RSS MB':>8} {'+ base':>8} {'per domain':>10} {'peak MB':>8} {'start s':>8}", flush=True)
+        print(
+            f"{'served':<14} {'RSS MB':>8} {'+ base':>8} {'per domain':>10} {'peak MB':>8} {'start s':>8}", flush=True
+        )
         base_rss = None
         for label, decoders in runs:
             row = {"served": label, **measure(args.model, decoders, tmp / "server.log")}

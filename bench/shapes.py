@@ -33,8 +33,14 @@ from pathlib import Path
 import torch
 
 from memdec.adapt import AdaptConfig, AdaptRun, check_config, resolve_settings, train_config
-from memdec.checks import (check_non_negative, check_own_folder, check_positive, check_unit_interval, check_writable_path,
-                           mark_own_folder)
+from memdec.checks import (
+    check_non_negative,
+    check_own_folder,
+    check_positive,
+    check_unit_interval,
+    check_writable_path,
+    mark_own_folder,
+)
 from memdec.checkpoint import read_memdec_json
 from memdec.datastore import DatastoreConfig, build_datastore
 from memdec.decoders import parse_shape
@@ -99,12 +105,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="+", default=SHAPES, help=f"decoder specs (default: {' '.join(SHAPES)})")
     p.add_argument("--alphas", nargs="+", type=float, default=ALPHAS, help="teacher candidates α (default: 0 0.25)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"base model spec (default: {DEFAULT_MODEL})")
-    p.add_argument("--out", default="runs/shapes", help="work folder: datastores and checkpoints (default: runs/shapes)")
+    p.add_argument(
+        "--out", default="runs/shapes", help="work folder: datastores and checkpoints (default: runs/shapes)"
+    )
     p.add_argument("--json", default=None, help="rows, one JSON object a line (default: OUT/rows.jsonl)")
     p.add_argument("--lr-scale", action="append", default=[], metavar="SHAPE=X",
                    help="multiply the preset's lr by X for this shape, on top of the shape's own scale (lora: 10x; "
                         "repeatable; default: 1)")
-    p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds (default: none)")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="start no new row after this many seconds (default: none)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--train-tokens", type=int, default=None, help="override the preset's training tokens")
@@ -211,10 +221,22 @@ def build_domain_datastore(job: AdaptRun) -> None:
 def eval_config(job: AdaptRun, ckpt: str) -> EvalConfig:
     """``memdec adapt``'s eval settings for one decoder: λ swept on valid, test and general tokens of the preset."""
     s = job.s
-    return prepare_config(EvalConfig(model=s.model, corpus=s.test, max_tokens=s.test_tokens, block_size=s.eval_block_size,
-                                     stride=s.eval_stride, device=job.device, memdec=ckpt, sweep=True, valid=s.valid,
-                                     valid_max_tokens=s.valid_tokens, general=s.general,
-                                     general_max_tokens=s.general_tokens))
+    return prepare_config(
+        EvalConfig(
+            model=s.model,
+            corpus=s.test,
+            max_tokens=s.test_tokens,
+            block_size=s.eval_block_size,
+            stride=s.eval_stride,
+            device=job.device,
+            memdec=ckpt,
+            sweep=True,
+            valid=s.valid,
+            valid_max_tokens=s.valid_tokens,
+            general=s.general,
+            general_max_tokens=s.general_tokens,
+        )
+    )
 
 
 def disk_bytes(folder: Path) -> int:
@@ -306,10 +328,21 @@ def format_table(records: list[dict]) -> str:
         mine = [r for r in records if r["domain"] == domain]
         base_test, base_general = mine[0]["base_test_ppl"], mine[0]["base_general_ppl"]
         cells.append([domain, "base", "-", "-", "0", "0", "-", _ppl(base_test, None), _ppl(base_general, None), "-"])
-        cells += [[domain, r["decoder"], f"{r['alpha']:g}", f"{r['lr']:g}", _params(r["trainable_parameters"]),
-                   _mb(r["disk_bytes"]), f"{r['lambda']:.2f}", _ppl(r["test_ppl"], base_test),
-                   _ppl(r["general_ppl"], base_general), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"]
-                  for r in mine]
+        cells += [
+            [
+                domain,
+                r["decoder"],
+                f"{r['alpha']:g}",
+                f"{r['lr']:g}",
+                _params(r["trainable_parameters"]),
+                _mb(r["disk_bytes"]),
+                f"{r['lambda']:.2f}",
+                _ppl(r["test_ppl"], base_test),
+                _ppl(r["general_ppl"], base_general),
+                "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}",
+            ]
+            for r in mine
+        ]
     return "\n".join(render_table(header, cells) + ["", f"Note: {TIMING_NOTE}."])
 
 
@@ -332,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
         for domain in args.domains:
-            if not run_domain(args, domain, [r for r in rows if r.domain == domain], done, json_path, settings, deadline):
+            if not run_domain(
+                args, domain, [r for r in rows if r.domain == domain], done, json_path, settings, deadline
+            ):
                 break
         wanted = {r.key for r in rows}
         records = [r for r in read_jsonl(json_path) if r.get("settings") == settings_hash(settings)

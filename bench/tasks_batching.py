@@ -53,7 +53,9 @@ def main() -> None:
     ap.add_argument("n", type=int, nargs="?", default=12)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", default="/tmp/memdec-bench-tasks")
-    ap.add_argument("--modes", default="unshared-16,shared-16,single,shared-16", help="comma-separated, run in this order")
+    ap.add_argument(
+        "--modes", default="unshared-16,shared-16,single,shared-16", help="comma-separated, run in this order"
+    )
     ap.add_argument("--json")
     a = ap.parse_args()
     write_facts_task("austen:train", "austen:test", a.out, load_tokenizer(a.model), a.n, 0, 64, 4,

@@ -90,7 +90,11 @@ RECIPES = {  # row -> (recipe, keys from, budget), the table's first columns
     "a0.5": ("α=0.5 mixture", "base", "B"),
     "two-phase": ("CE B/2, then α=0.5 B/2", "base", "B"),
     "two-phase-rekeyed": ("CE B/2, then α=0.5 B/2", "the CE decoder (re-keyed)", "B + keys pass"),
-    "two-phase-rekeyed-3x": ("CE 1.5B, then α=0.5 1.5B, early stopping", "the CE decoder (re-keyed)", "≤3B + keys pass"),
+    "two-phase-rekeyed-3x": (
+        "CE 1.5B, then α=0.5 1.5B, early stopping",
+        "the CE decoder (re-keyed)",
+        "≤3B + keys pass",
+    ),
     "ce-3x": ("CE only, 3B, early stopping", "-", "≤3B"),
     "knn-lm-base": ("kNN-LM", "base", "keys pass"),
     "knn-lm-adapted": ("kNN-LM", "the CE decoder (re-keyed)", "B/2 + keys pass"),
@@ -125,7 +129,12 @@ def plan_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
         for keys in args.key_model:
             for spec in args.decoder:
                 for name in args.domain:
-                    if tier is ROWS_B and keys == "dapt" and spec == args.decoder[0] and {"a0.25", "a0.5"} & set(args.rows):
+                    if (
+                        tier is ROWS_B
+                        and keys == "dapt"
+                        and spec == args.decoder[0]
+                        and {"a0.25", "a0.5"} & set(args.rows)
+                    ):
                         plan.append((name, "dapt-teacher"))
                     for row in tier:
                         varied = spec != "copy" or keys != "base"
@@ -197,9 +206,21 @@ class Domain:
             a = self.args
             path = self.work / "stores" / (name if key_model is None else f"keys-{Path(key_model).name}")
             # a rerun's key model is a new folder (a retrained DAPT): the keys step says so and rebuilds
-            build_datastore(DatastoreConfig(model=a.model, corpus=self.spec["train"], out=str(path), key_model=key_model,
-                                            k=a.k, index=a.index, block_size=a.ds_block, stride=a.ds_block // 2,
-                                            max_tokens=a.train_tokens, device=a.device, progress=False))
+            build_datastore(
+                DatastoreConfig(
+                    model=a.model,
+                    corpus=self.spec["train"],
+                    out=str(path),
+                    key_model=key_model,
+                    k=a.k,
+                    index=a.index,
+                    block_size=a.ds_block,
+                    stride=a.ds_block // 2,
+                    max_tokens=a.train_tokens,
+                    device=a.device,
+                    progress=False,
+                )
+            )
             steps = read_manifest(path).steps  # the time that built it, in this run or in the one it resumes
             self.stores[name] = (path, sum(getattr(steps, s).seconds or 0.0 for s in ("keys", "index", "targets")))
         return self.stores[name]
@@ -241,11 +262,23 @@ class Domain:
         if self.teacher is None:
             done.unlink(missing_ok=True)
             shutil.rmtree(out, ignore_errors=True)
-            cfg = BaselineConfig(method="dapt", datastore=str(self.store(None)[0]), out=str(out), max_steps=a.dapt_steps,
-                                 lr=a.lr, warmup=max(1, a.dapt_steps // 20), batch_size=a.batch_size,
-                                 block_size=a.block_size, valid=self.spec["valid"], valid_max_tokens=a.valid_tokens,
-                                 eval_every=max(1, a.dapt_steps // a.evals), save_every=10**9, log_every=10,
-                                 device=a.device, resume=False)
+            cfg = BaselineConfig(
+                method="dapt",
+                datastore=str(self.store(None)[0]),
+                out=str(out),
+                max_steps=a.dapt_steps,
+                lr=a.lr,
+                warmup=max(1, a.dapt_steps // 20),
+                batch_size=a.batch_size,
+                block_size=a.block_size,
+                valid=self.spec["valid"],
+                valid_max_tokens=a.valid_tokens,
+                eval_every=max(1, a.dapt_steps // a.evals),
+                save_every=10**9,
+                log_every=10,
+                device=a.device,
+                resume=False,
+            )
             t0 = time.perf_counter()
             train_baseline(cfg)
             self.teacher = (out, time.perf_counter() - t0, a.dapt_steps)
@@ -268,17 +301,32 @@ class Domain:
         del dec
         curve = lambda_curve(self.base_nll["valid"], nll["valid"])
         lam = LAMBDA_GRID[int(np.argmin(curve))]
-        return {"lambda": lam, "valid_ppl": round(float(curve.min()), 3), "valid_alone_ppl": round(mean_ppl(nll["valid"]), 3),
-                "test_ppl": {t: round(mean_ppl(mix_nll(self.base_nll[t], nll[t], lam)), 3) for t in self.spec["tests"]},
-                "test_alone_ppl": {t: round(mean_ppl(nll[t]), 3) for t in self.spec["tests"]}}
+        return {
+            "lambda": lam,
+            "valid_ppl": round(float(curve.min()), 3),
+            "valid_alone_ppl": round(mean_ppl(nll["valid"]), 3),
+            "test_ppl": {t: round(mean_ppl(mix_nll(self.base_nll[t], nll[t], lam)), 3) for t in self.spec["tests"]},
+            "test_alone_ppl": {t: round(mean_ppl(nll[t]), 3) for t in self.spec["tests"]},
+        }
 
     def knn_lm(self, store: Path) -> dict:
         """kNN-LM through ``memdec eval --knn --sweep`` (T and λ on valid), per test corpus."""
         a, out = self.args, {"test_ppl": {}}
         for t in self.spec["tests"]:  # each call sweeps the same valid tokens, so T and λ agree across tests
-            report = run_eval_report(EvalConfig(model=a.model, corpus=t, max_tokens=a.test_tokens, block_size=a.eval_block,
-                                                knn=str(store), sweep=True, valid=self.spec["valid"],
-                                                valid_max_tokens=a.valid_tokens, batch_size=a.eval_batch, device=a.device))
+            report = run_eval_report(
+                EvalConfig(
+                    model=a.model,
+                    corpus=t,
+                    max_tokens=a.test_tokens,
+                    block_size=a.eval_block,
+                    knn=str(store),
+                    sweep=True,
+                    valid=self.spec["valid"],
+                    valid_max_tokens=a.valid_tokens,
+                    batch_size=a.eval_batch,
+                    device=a.device,
+                )
+            )
             row = report.rows[1]
             out["test_ppl"][t] = round(row.ppl, 3)
             out.update({"lambda": row.lmbda, "valid_ppl": row.extra.get("valid_ppl"),
@@ -299,12 +347,20 @@ def run_row(d: Domain, row: str) -> dict:
         if keys == "dapt":
             teacher, teacher_s, teacher_steps = d.dapt_teacher()
             store, keys_s = d.store(str(teacher))
-            record.update(teacher_steps=teacher_steps, teacher_train_s=round(teacher_s, 1), rekey_datastore_s=round(keys_s, 1))
+            record.update(
+                teacher_steps=teacher_steps, teacher_train_s=round(teacher_s, 1), rekey_datastore_s=round(keys_s, 1)
+            )
         ckpt, seconds, info = d.train(record["row"], store, ALPHAS[row], B, decoder=spec)
-        record.update(decoder=spec, keys=keys, steps=B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
+        record.update(
+            decoder=spec, keys=keys, steps=B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"]
+        )
     elif row == "ce-3x":
         ckpt, seconds, info = d.train(row, d.store(None)[0], 0.0, 3 * B, patience=a.patience)
-        record.update(steps=info.get("stopped_early_at") or 3 * B, train_s=round(seconds, 1), best_step=info["train_stats"]["step"])
+        record.update(
+            steps=info.get("stopped_early_at") or 3 * B,
+            train_s=round(seconds, 1),
+            best_step=info["train_stats"]["step"],
+        )
     elif row.startswith("two-phase"):
         long = row.endswith("-3x")
         total = 3 * B if long else B
@@ -372,13 +428,34 @@ def table(records: list[dict]) -> str:
         rows = sorted((r for r in records if r["domain"] == domain and r["row"] != "setup"), key=rank)
         setup = next((r for r in reversed(records) if r["domain"] == domain and r["row"] == "setup"), {})
         tests = DOMAINS[domain]["tests"]
-        lines += [f"### {domain}: {setup.get('n_keys', '?')} keys of {DOMAINS[domain]['train']}; base valid "
-                  f"{setup.get('base_valid_ppl', '?')}, test " + ", ".join(f"{t} {v}" for t, v in setup.get("base_test_ppl", {}).items()),
-                  "", "| recipe | keys from | total budget | steps (best) | valid ppl | " + " | ".join(f"{t} ppl" for t in tests)
-                  + " | λ | alone valid | train (+ keys) s |", "|" + " --- |" * (8 + len(tests))]
+        lines += [
+            f"### {domain}: {setup.get('n_keys', '?')} keys of {DOMAINS[domain]['train']}; base valid "
+            f"{setup.get('base_valid_ppl', '?')}, test "
+            + ", ".join(f"{t} {v}" for t, v in setup.get("base_test_ppl", {}).items()),
+            "",
+            "| recipe | keys from | total budget | steps (best) | valid ppl | "
+            + " | ".join(f"{t} ppl" for t in tests)
+            + " | λ | alone valid | train (+ keys) s |",
+            "|" + " --- |" * (8 + len(tests)),
+        ]
         if setup:
-            lines.append("| " + " | ".join(["base", "-", "0", "-", f"{setup['base_valid_ppl']:.2f}",
-                                             *(f"{setup['base_test_ppl'][t]:.2f}" for t in tests), "-", "-", "-"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        "base",
+                        "-",
+                        "0",
+                        "-",
+                        f"{setup['base_valid_ppl']:.2f}",
+                        *(f"{setup['base_test_ppl'][t]:.2f}" for t in tests),
+                        "-",
+                        "-",
+                        "-",
+                    ]
+                )
+                + " |"
+            )
         for r in rows:
             row, spec, key_model = parse_row(r["row"])
             recipe, keys, budget = RECIPES[row]
@@ -387,17 +464,37 @@ def table(records: list[dict]) -> str:
                 keys, budget = "the DAPT teacher", f"{budget} + teacher {r.get('teacher_steps')} steps + keys pass"
             steps = f"{r['steps']} ({r.get('best_step', '-')})" if "steps" in r else "-"
             if "phase_steps" in r:
-                steps = f"{r['phase_steps'][0]}+{r['phase_steps'][1]} ({r.get('phase_one_best_step')}, {r.get('best_step')})"
-            secs = (r.get("train_s", 0) + r.get("rekey_datastore_s", 0) + r.get("datastore_s", 0)  # kNN-LM: its datastore
-                    + r.get("teacher_train_s", 0))
+                first, second = r["phase_steps"]
+                steps = f"{first}+{second} ({r.get('phase_one_best_step')}, {r.get('best_step')})"
+            secs = (
+                r.get("train_s", 0)
+                + r.get("rekey_datastore_s", 0)
+                + r.get("datastore_s", 0)  # kNN-LM: its datastore
+                + r.get("teacher_train_s", 0)
+            )
             ppl = r.get("test_ppl") or r.get("test_alone_ppl", {})  # the teacher: alone
             tests_cells = [f"{ppl.get(t, float('nan')):.2f}" for t in tests]
             valid = f"{r['valid_ppl']:.2f}" if r.get("valid_ppl") is not None else "-"
             if row == "dapt-teacher":
                 valid = f"{r['valid_alone_ppl']:.2f} (alone)"
             alone = f"{r['valid_alone_ppl']:.2f}" if r.get("valid_alone_ppl") is not None else "-"
-            lines.append("| " + " | ".join([recipe, keys, budget, steps, valid, *tests_cells, f"{r.get('lambda', '-')}", alone,
-                                             f"{secs:.1f}" if secs else "-"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        recipe,
+                        keys,
+                        budget,
+                        steps,
+                        valid,
+                        *tests_cells,
+                        f"{r.get('lambda', '-')}",
+                        alone,
+                        f"{secs:.1f}" if secs else "-",
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -427,11 +524,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--key-model", nargs="+", choices=KEY_MODELS, default=["base"],
                    help="keys of the α rows' datastore: base, and/or dapt (a DAPT baseline trained on the "
                         "domain's training tokens first, --dapt-steps)")
-    p.add_argument("--dapt-steps", type=int, help="the DAPT teacher's optimizer steps (default: 3B, three times --steps)")
+    p.add_argument(
+        "--dapt-steps", type=int, help="the DAPT teacher's optimizer steps (default: 3B, three times --steps)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, default=math.inf, help="start no row after this many seconds")
     p.add_argument("--work", required=True, help="datastores and checkpoints")
-    p.add_argument("--out-jsonl", help="one JSON line per finished row (default: WORK/rows.jsonl; the log beside it, .log)")
+    p.add_argument(
+        "--out-jsonl", help="one JSON line per finished row (default: WORK/rows.jsonl; the log beside it, .log)"
+    )
     p.add_argument("--out-md", help="the table (default: next to --out-jsonl, .md)")
     p.add_argument("--keep", action="store_true", help="keep every checkpoint (0.5 GB each)")
     p.add_argument("--smoke", action="store_true", help="a tiny random model (memdec.testing) at a tiny scale: "
@@ -495,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                 append_jsonl(args.out_jsonl, setup)
             t0 = time.perf_counter()
             record = run_row(d, row)
-            record.update(row_wall_s=round(time.perf_counter() - t0, 1), elapsed_s=round(time.perf_counter() - t_start, 1))
+            record.update(
+                row_wall_s=round(time.perf_counter() - t0, 1), elapsed_s=round(time.perf_counter() - t_start, 1)
+            )
         except Exception as exc:  # one failed row must not lose the others
             say(log, f"{name}/{row} failed: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             continue

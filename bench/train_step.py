@@ -37,7 +37,9 @@ def synthetic_targets(n_positions: int, vocab: int, support: int, seed: int = 0)
     ids = np.stack([rng.choice(vocab, support, replace=False) for _ in range(n_positions)]).astype(np.int32)
     probs = rng.dirichlet(np.full(support, 0.3), n_positions).astype(np.float16)
     offsets = np.arange(0, (n_positions + 1) * support, support, dtype=np.int64)
-    return KnnTargets(offsets=offsets, token_ids=ids.reshape(-1), probs=probs.reshape(-1), k=0, temperature=1.0, top_m=None)
+    return KnnTargets(
+        offsets=offsets, token_ids=ids.reshape(-1), probs=probs.reshape(-1), k=0, temperature=1.0, top_m=None
+    )
 
 
 def dense_kl_ce_loss(logits, labels, target_rows, target_ids, target_probs, alpha):
@@ -99,11 +101,25 @@ def run_variant(args) -> dict:
         probe = flat.detach().requires_grad_()
         sync()
         t1 = time.perf_counter()
-        args_ = (probe, batch["labels"].reshape(-1), batch.get("target_rows"), batch.get("target_ids"), batch.get("target_probs"), alpha)
+        args_ = (
+            probe,
+            batch["labels"].reshape(-1),
+            batch.get("target_rows"),
+            batch.get("target_ids"),
+            batch.get("target_probs"),
+            alpha,
+        )
         loss_fn(*args_)[0].backward()
         sync()
         t2 = time.perf_counter()
-        loss = loss_fn(flat, batch["labels"].reshape(-1), batch.get("target_rows"), batch.get("target_ids"), batch.get("target_probs"), alpha)[0]
+        loss = loss_fn(
+            flat,
+            batch["labels"].reshape(-1),
+            batch.get("target_rows"),
+            batch.get("target_ids"),
+            batch.get("target_probs"),
+            alpha,
+        )[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -112,7 +128,11 @@ def run_variant(args) -> dict:
         if i >= args.warmup:
             step_times.append((t3 - t0) - (t2 - t1))  # the step without the probe
             loss_times.append(t2 - t1)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"variant": args.variant, "tokens_per_s": n_pos / float(np.median(step_times)),
             "loss_ms": 1000 * float(np.median(loss_times)), "peak_bytes": int(peak)}
 
@@ -144,9 +164,13 @@ def main() -> None:
     print(f"{'variant':<8} {'tok/s':>9} {'loss ms':>9} {'peak MiB':>9}")
     for r in (ce, sparse, dense):
         print(f"{r['variant']:<8} {r['tokens_per_s']:>9.1f} {r['loss_ms']:>9.1f} {r['peak_bytes'] / 2**20:>9.0f}")
-    print(f"sparse KL+CE / plain CE step throughput: {sparse['tokens_per_s'] / ce['tokens_per_s']:.3f}  (target >= 0.9)")
+    print(
+        f"sparse KL+CE / plain CE step throughput: {sparse['tokens_per_s'] / ce['tokens_per_s']:.3f}  (target >= 0.9)"
+    )
     print(f"sparse / dense-target step throughput:   {sparse['tokens_per_s'] / dense['tokens_per_s']:.2f}x")
-    print(f"sparse / dense-target loss time:         {dense['loss_ms'] / sparse['loss_ms']:.2f}x faster  (target >= 5x)")
+    print(
+        f"sparse / dense-target loss time:         {dense['loss_ms'] / sparse['loss_ms']:.2f}x faster  (target >= 5x)"
+    )
     print(f"peak memory sparse / dense:              {sparse['peak_bytes'] / dense['peak_bytes']:.3f}")
 
 

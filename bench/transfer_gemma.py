@@ -97,25 +97,39 @@ def table(smol: dict, gemma: dict, transfers: dict, ref_steps: int) -> tuple[str
     base = row_of(gemma["results"], "base")
     ref = row_of(gemma["results"], "memdec")
     gain_ref = base["ppl"] - ref["ppl"]
-    rows = [dict(system="Gemma 3 270M base", budget="0", **_cells(base)),
-            dict(system="kNN-LM over Gemma 3's datastore", budget="0", **_cells(row_of(gemma["results"], "knn-lm"))),
-            dict(system="reference: full copy of Gemma 3, usual recipe", budget=f"100% ({ref_steps} steps)", **_cells(ref))]
+    rows = [
+        dict(system="Gemma 3 270M base", budget="0", **_cells(base)),
+        dict(system="kNN-LM over Gemma 3's datastore", budget="0", **_cells(row_of(gemma["results"], "knn-lm"))),
+        dict(system="reference: full copy of Gemma 3, usual recipe", budget=f"100% ({ref_steps} steps)", **_cells(ref)),
+    ]
     for (init, fraction), (report, steps) in transfers.items():
         name = "SmolLM2 decoder transferred (mapped embeddings)" if init == "mapped" else \
             "SmolLM2 body, random new embeddings (ablation)"
-        rows.append(dict(system=name, budget=f"{fraction:.0%} ({steps} steps)", **_cells(row_of(report["results"], "memdec"))))
+        rows.append(
+            dict(system=name, budget=f"{fraction:.0%} ({steps} steps)", **_cells(row_of(report["results"], "memdec")))
+        )
     for r in rows:
         r["gain_vs_reference"] = None if gain_ref <= 0 else round((base["ppl"] - r["test_ppl"]) / gain_ref, 3)
     s_base, s_mem = row_of(smol["results"], "base"), row_of(smol["results"], "memdec")
     rows.append(dict(system="(SmolLM2-135M base, on SmolLM2)", budget="0", **_cells(s_base), gain_vs_reference=None))
-    rows.append(dict(system="(SmolLM2 decoder on SmolLM2: the source)", budget="100%", **_cells(s_mem), gain_vs_reference=None))
+    rows.append(
+        dict(system="(SmolLM2 decoder on SmolLM2: the source)", budget="100%", **_cells(s_mem), gain_vs_reference=None)
+    )
     header = ["system", "budget", "λ", "valid ppl", "test ppl", "share of the reference's gain", "trainable params",
               "train s", "inference ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
-        cells = [r["system"], r["budget"], _f(r["lambda"], ".2f"), _f(r["valid_ppl"], ".3f"), _f(r["test_ppl"], ".3f"),
-                 _f(r["gain_vs_reference"], ".0%"), f"{r['trainable_parameters'] / 1e6:.1f}M" if r["trainable_parameters"] else "0",
-                 _f(r["train_seconds"], ".1f"), _f(r["inference_ratio"], ".2f")]
+        cells = [
+            r["system"],
+            r["budget"],
+            _f(r["lambda"], ".2f"),
+            _f(r["valid_ppl"], ".3f"),
+            _f(r["test_ppl"], ".3f"),
+            _f(r["gain_vs_reference"], ".0%"),
+            f"{r['trainable_parameters'] / 1e6:.1f}M" if r["trainable_parameters"] else "0",
+            _f(r["train_seconds"], ".1f"),
+            _f(r["inference_ratio"], ".2f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", rows
 
@@ -131,7 +145,9 @@ def _f(value, spec: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--smollm2", default="smollm2-135m", help="the source base (model spec)")
     p.add_argument("--gemma", default="gemma3-270m", help="the new base (model spec)")
     p.add_argument("--out", default="runs/transfer", help="folder of the runs and the table")
@@ -163,8 +179,12 @@ def main() -> None:
 
 def write_table(out: Path, smol: dict, gemma: dict, transfers: dict, ref_steps: int, a, t0: float) -> None:
     md, rows = table(smol, gemma, transfers, ref_steps)
-    records = {f"{init}-{fraction:g}": json.loads((out / f"transfer-{init}-{fraction:g}" / "memdec.json").read_text()).get("transfer")
-               for init, fraction in transfers}
+    records = {
+        f"{init}-{fraction:g}": json.loads((out / f"transfer-{init}-{fraction:g}" / "memdec.json").read_text()).get(
+            "transfer"
+        )
+        for init, fraction in transfers
+    }
     (out / "table.json").write_text(json.dumps(dict(rows=rows, transfer=records, settings=vars(a),
                                                     seconds=round(time.perf_counter() - t0, 1)), indent=1))
     (out / "table.md").write_text(md)

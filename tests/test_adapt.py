@@ -15,9 +15,25 @@ from memdec.errors import MemdecError
 
 
 def tiny_run(tiny_llama_dir, out, **kw):
-    base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
-                train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64, batch_size=2, max_steps=4,
-                lr=1e-3, samples=2, alpha=[0.5], task_items=8, router_tokens=400)
+    base = dict(
+        model=str(tiny_llama_dir),
+        corpus="austen:valid",
+        valid="austen:test",
+        test="austen:train",
+        out=str(out),
+        train_tokens=600,
+        valid_tokens=200,
+        test_tokens=200,
+        k=8,
+        block_size=64,
+        batch_size=2,
+        max_steps=4,
+        lr=1e-3,
+        samples=2,
+        alpha=[0.5],
+        task_items=8,
+        router_tokens=400,
+    )
     base.update(kw)
     return AdaptConfig(**base)
 
@@ -114,7 +130,10 @@ def test_several_teachers_train_one_decoder_each_and_keep_the_best(tiny_llama_di
     assert list(scores) == ["alpha-0.5", "alpha-0.5-base-0.5", "alpha-0"] and scores[chosen] == min(scores.values())
     assert (run / "memdec").resolve() == (run / "candidates" / chosen).resolve()
     info = read_memdec_json(run / "memdec")
-    assert (info["alpha"], info["teacher_base_weight"]) == (summary["chosen_alpha"], summary["chosen_teacher_base_weight"])
+    assert (info["alpha"], info["teacher_base_weight"]) == (
+        summary["chosen_alpha"],
+        summary["chosen_teacher_base_weight"],
+    )
     assert "runner-up" in (run / "report.md").read_text() and "β=0.5" in (run / "report.md").read_text()
 
 

@@ -29,7 +29,9 @@ def trained(store, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     out = {"memdec": train(TrainConfig(datastore=str(store), out=str(root / "memdec"), alpha=0.5, **BUDGET))}
     for method in ("ce-decoder", "dapt", "lora"):
-        out[method] = train_baseline(BaselineConfig(method=method, datastore=str(store), out=str(root / method), **BUDGET))
+        out[method] = train_baseline(
+            BaselineConfig(method=method, datastore=str(store), out=str(root / method), **BUDGET)
+        )
     return out
 
 
@@ -54,7 +56,9 @@ def test_lora_with_zero_b_is_the_base_model_exactly(tokenizer, arch):
 
 def test_lora_unknown_target_modules_is_one_clear_error(tokenizer):
     with pytest.raises(MemdecError, match="linear layers: .*q_proj"):
-        add_lora(tiny_model("llama", tokenizer), BaselineConfig(method="lora", out="x", datastore="x", lora_targets=["qkv"]))
+        add_lora(
+            tiny_model("llama", tokenizer), BaselineConfig(method="lora", out="x", datastore="x", lora_targets=["qkv"])
+        )
 
 
 def test_lora_resumes_exactly(store, tmp_path, interrupt_at):
@@ -79,7 +83,9 @@ def test_baselines_record_their_budget(trained, store):
         assert info["method"] == method and info["corpus_hash"] == manifest["corpus_hash"] == memdec["corpus_hash"]
         assert info["train_config"]["max_steps"] == 4 and info["train_config"]["alpha"] == 0.0
         assert info["train_seconds"] > 0 and info["tokenizer_hash"] == manifest["tokenizer_hash"]
-    assert infos["lora"]["trainable_parameters"] < infos["dapt"]["trainable_parameters"] == memdec["trainable_parameters"]
+    assert (
+        infos["lora"]["trainable_parameters"] < infos["dapt"]["trainable_parameters"] == memdec["trainable_parameters"]
+    )
     assert infos["dapt"]["lambda"] is None and 0 < infos["ce-decoder"]["lambda"] <= 1
     assert (trained["ce-decoder"] / "memdec.json").is_file()  # it loads as a memory decoder
     assert (trained["lora"] / "adapter_model.safetensors").is_file()
@@ -105,7 +111,10 @@ def test_ce_decoder_rows_equal_a_memory_decoder_trained_with_alpha_0(store, trai
     assert (mem["system"], ce["system"]) == ("memdec", "ce-decoder")
     for key in ("lambda", "nll", "ppl", "alone_ppl", "valid_ppl", "general_ppl", "trainable_parameters"):
         assert mem[key] == ce[key], key
-    assert report.extra["sweep"]["systems"]["memdec"]["test_ppl"] == report.extra["sweep"]["systems"]["ce-decoder"]["test_ppl"]
+    assert (
+        report.extra["sweep"]["systems"]["memdec"]["test_ppl"]
+        == report.extra["sweep"]["systems"]["ce-decoder"]["test_ppl"]
+    )
 
 
 # -- evaluation: one harness, the same tokens, the general corpus ------------------------------
@@ -113,9 +122,30 @@ def test_ce_decoder_rows_equal_a_memory_decoder_trained_with_alpha_0(store, trai
 
 def test_eval_every_row_on_the_same_tokens(trained, store, tiny_llama_dir, tokenizer, tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = ["eval", "--model", str(tiny_llama_dir), "--corpus", "austen:train", "--max-tokens", "300", "--block-size", "64",
-            "--memdec", str(trained["memdec"]), "--knn", str(store), "--sweep", "--valid", "austen:test",
-            "--general", "general:test", "--general-max-tokens", "250", "--json", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_llama_dir),
+        "--corpus",
+        "austen:train",
+        "--max-tokens",
+        "300",
+        "--block-size",
+        "64",
+        "--memdec",
+        str(trained["memdec"]),
+        "--knn",
+        str(store),
+        "--sweep",
+        "--valid",
+        "austen:test",
+        "--general",
+        "general:test",
+        "--general-max-tokens",
+        "250",
+        "--json",
+        str(out),
+    ]
     for method in ("lora", "dapt", "ce-decoder"):  # any order: rows come out in a fixed one
         args += ["--baseline", str(trained[method])]
     assert main(args) == 0
@@ -150,21 +180,37 @@ def tiny_model_from(folder):
 
 
 def test_baseline_errors_are_one_line(store, trained, tiny_llama_dir, tmp_path, capsys):
-    train_args = ["baseline", "--datastore", str(store), "--out", str(tmp_path / "x"), "--max-steps", "1", "--block-size", "32"]
+    train_args = [
+        "baseline",
+        "--datastore",
+        str(store),
+        "--out",
+        str(tmp_path / "x"),
+        "--max-steps",
+        "1",
+        "--block-size",
+        "32",
+    ]
     other = save_tiny_model(tmp_path / "other-base", "llama", tiny_tokenizer(), seed=7)  # same tokenizer, other weights
     other_tok = save_tiny_model(tmp_path / "other-tok", "llama", tiny_tokenizer(vocab_size=300))
     eval_args = ["eval", "--corpus", "austen:test", "--max-tokens", "60", "--block-size", "32"]
     cases = [
         (train_args + ["--method", "prefix-tuning"], "unknown --method 'prefix-tuning'"),
         (train_args + ["--method", "dapt", "--alpha", "0.5"], "--alpha must be 0"),
-        (train_args + ["--method", "dapt", "--corpus", "austen:valid", "--model", str(tiny_llama_dir)], "--datastore DS"),
+        (
+            train_args + ["--method", "dapt", "--corpus", "austen:valid", "--model", str(tiny_llama_dir)],
+            "--datastore DS",
+        ),
         (train_args + ["--method", "lora", "--init-layers", "1"], "starts from the base model itself"),
         (train_args + ["--method", "lora", "--lora-targets", "nope"], "this model's linear layers"),
         (eval_args + ["--model", str(other), "--baseline", str(trained["dapt"])], "was trained from base model"),
         (eval_args + ["--model", str(other_tok), "--baseline", str(trained["lora"])], "another tokenizer"),
         (eval_args + ["--model", str(tiny_llama_dir), "--baseline", str(tmp_path)], "no baseline.json"),
-        (eval_args + ["--model", str(tiny_llama_dir), "--baseline", str(trained["dapt"]), "--baseline", str(trained["dapt"])],
-         "one per method"),
+        (
+            eval_args
+            + ["--model", str(tiny_llama_dir), "--baseline", str(trained["dapt"]), "--baseline", str(trained["dapt"])],
+            "one per method",
+        ),
     ]
     for args, needle in cases:
         rc = main(args)
@@ -189,10 +235,25 @@ def test_general_corpus_is_built_in():
 
 
 def test_adapt_with_baselines(tiny_llama_dir, tmp_path, capsys):
-    cfg = AdaptConfig(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train",
-                      out=str(tmp_path / "run"), train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64,
-                      batch_size=2, max_steps=3, lr=1e-3, samples=1, baselines=True, general_tokens=150,
-                      task_items=4)
+    cfg = AdaptConfig(
+        model=str(tiny_llama_dir),
+        corpus="austen:valid",
+        valid="austen:test",
+        test="austen:train",
+        out=str(tmp_path / "run"),
+        train_tokens=600,
+        valid_tokens=200,
+        test_tokens=200,
+        k=8,
+        block_size=64,
+        batch_size=2,
+        max_steps=3,
+        lr=1e-3,
+        samples=1,
+        baselines=True,
+        general_tokens=150,
+        task_items=4,
+    )
     run = adapt(cfg)
     report = json.loads((run / "report.json").read_text())
     rows = report["results"]

@@ -39,14 +39,19 @@ def test_rows_table_and_a_rerun_that_skips_them(shapes, four_blocks, tmp_path, c
     out = tmp_path / "shapes"
     assert shapes.main(_argv(four_blocks, out, "--shapes", "copy", "fork:1", "--alphas", "0.25")) == 0
     rows = read_jsonl(out / "rows.jsonl")
-    assert [(r["domain"], r["decoder"], r["alpha"]) for r in rows] == [("austen", "copy", 0.25), ("austen", "fork:1", 0.25)]
+    assert [(r["domain"], r["decoder"], r["alpha"]) for r in rows] == [
+        ("austen", "copy", 0.25),
+        ("austen", "fork:1", 0.25),
+    ]
     copy_row, fork_row = rows
     for row in rows:
         info = read_memdec_json(row["checkpoint"])
         assert row["trainable_parameters"] == info["trainable_parameters"]
         assert row["train_seconds"] == info["train_seconds"]
         assert not (Path(row["checkpoint"]) / "trainer_state").exists()
-        assert row["test_tokens"] == 299 and 0 <= row["lambda"] <= 1 and row["base_test_ppl"] == rows[0]["base_test_ppl"]
+        assert (
+            row["test_tokens"] == 299 and 0 <= row["lambda"] <= 1 and row["base_test_ppl"] == rows[0]["base_test_ppl"]
+        )
     assert fork_row["shares_trunk"] and not copy_row["shares_trunk"]
     assert fork_row["trainable_parameters"] < copy_row["trainable_parameters"]
     assert fork_row["disk_bytes"] < copy_row["disk_bytes"]

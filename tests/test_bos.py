@@ -48,21 +48,35 @@ def test_scoring_puts_bos_before_every_window(bos_model_dir, bos_tokenizer):
     ids = torch.as_tensor(np.concatenate([[0], tokens[start:end]]).astype(np.int64))[None]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-    want = -logp[1 + first - start : 1 + end - start - 1].gather(1, torch.as_tensor(tokens[first + 1 : end]).long()[:, None])
+    want = -logp[1 + first - start : 1 + end - start - 1].gather(
+        1, torch.as_tensor(tokens[first + 1 : end]).long()[:, None]
+    )
     np.testing.assert_allclose(nll[first : end - 1], want[:, 0].numpy(), rtol=1e-5, atol=1e-5)
     plain, _ = score_tokens(base_scorer(model), tokens, 64, 32, progress=False)
     assert not np.allclose(plain, nll)  # the prefix matters
 
 
 def test_datastore_keys_and_training_see_bos(bos_model_dir, bos_tokenizer, tmp_path):
-    out = build_datastore(DatastoreConfig(model=str(bos_model_dir), corpus="austen:valid", out=str(tmp_path / "ds"), k=8,
-                                          block_size=64, stride=32, max_tokens=400, progress=False))
+    out = build_datastore(
+        DatastoreConfig(
+            model=str(bos_model_dir),
+            corpus="austen:valid",
+            out=str(tmp_path / "ds"),
+            k=8,
+            block_size=64,
+            stride=32,
+            max_tokens=400,
+            progress=False,
+        )
+    )
     store = open_datastore(out)
     assert store.manifest.prefix_token == 0
     model, _ = load_model(str(bos_model_dir))
     tokens = np.array(store.tokens)
     with FFNInputCapture(model, stop=True) as capture:
-        hidden = forward_ffn_inputs(model, torch.as_tensor(np.concatenate([[0], tokens[:64]]).astype(np.int64))[None], capture)
+        hidden = forward_ffn_inputs(
+            model, torch.as_tensor(np.concatenate([[0], tokens[:64]]).astype(np.int64))[None], capture
+        )
     np.testing.assert_allclose(store.keys[:64].astype(np.float32), hidden[0, 1:].half().float().numpy(), atol=2e-3)
 
     ckpt = train(TrainConfig(datastore=str(out), out=str(tmp_path / "ck"), alpha=0.0, lr=0.0, max_steps=1, batch_size=1,

@@ -38,7 +38,9 @@ def grads(model) -> dict:
 def dense_run(model, batch, alpha, base=None, beta=0.0):
     logits = model(input_ids=batch["input_ids"]).logits.reshape(-1, model.config.vocab_size)
     base_logits = base(input_ids=batch["input_ids"]).logits.reshape(logits.shape).detach() if base is not None else None
-    loss, kl, ce = sparse_kl_ce_loss(logits, batch["labels"].reshape(-1), *targets_of(batch, alpha), alpha, base_logits, beta)
+    loss, kl, ce = sparse_kl_ce_loss(
+        logits, batch["labels"].reshape(-1), *targets_of(batch, alpha), alpha, base_logits, beta
+    )
     loss.backward()
     return (loss.detach(), kl, ce), grads(model)
 
@@ -87,7 +89,10 @@ def test_chunked_equals_full_logits(tokenizer, arch, tied, alpha, with_targets, 
 def test_chunked_teacher_mixed_with_base(tokenizer, alpha, beta):
     model, base = tiny_model("llama", tokenizer, seed=0), tiny_model("llama", tokenizer, seed=1)
     batch = batch_of(model.config.vocab_size, seed=2)
-    assert_same(dense_run(model, batch, alpha, base, beta), chunked_run(model, batch, alpha, 7 * 4 * model.config.vocab_size, base, beta))
+    assert_same(
+        dense_run(model, batch, alpha, base, beta),
+        chunked_run(model, batch, alpha, 7 * 4 * model.config.vocab_size, base, beta),
+    )
 
 
 def test_soft_capped_head_and_bias(tokenizer):
@@ -127,9 +132,11 @@ def test_head_that_is_not_reproducible_is_refused(tokenizer):
 def test_training_chunked_equals_training_on_full_logits(store, tmp_path, monkeypatch, tokenizer):
     """Two steps through ``train``: several chunks recomputed in backward, one chunk kept, and the full logits."""
     cfg = dict(datastore=str(store), max_steps=2, batch_size=2, block_size=32, lr=1e-3, warmup=1, save_every=2, seed=0)
-    patches = {"chunks": [(memdec.loss, "LOGITS_BUDGET_BYTES", 7 * 4 * len(tokenizer)), (memdec.loss, "KEEP_LOGITS_BYTES", 0)],
-               "one": [],
-               "logits": [(memdec.train.step, "lm_head", lambda model, probe: None)]}
+    patches = {
+        "chunks": [(memdec.loss, "LOGITS_BUDGET_BYTES", 7 * 4 * len(tokenizer)), (memdec.loss, "KEEP_LOGITS_BYTES", 0)],
+        "one": [],
+        "logits": [(memdec.train.step, "lm_head", lambda model, probe: None)],
+    }
     runs = {}
     for name, patch in patches.items():
         with monkeypatch.context() as m:

@@ -24,7 +24,17 @@ def test_cli_errors_are_one_line(tiny_llama_dir, tmp_path, capsys):
         (["--corpus", str(bad)], "byte offset 3"),
     ]
     for extra, needle in cases:
-        args = ["eval", "--model", str(tiny_llama_dir), "--corpus", "austen:valid", "--max-tokens", "50", "--block-size", "64"]
+        args = [
+            "eval",
+            "--model",
+            str(tiny_llama_dir),
+            "--corpus",
+            "austen:valid",
+            "--max-tokens",
+            "50",
+            "--block-size",
+            "64",
+        ]
         rc = main(args + extra)
         err = capsys.readouterr().err
         assert rc == 2 and needle in err and "Traceback" not in err

@@ -36,11 +36,16 @@ def test_any_file_reads_or_fails_in_one_line(tmp_path, data, suffix):
     read_or_refuse(str(path))
 
 
-jsonl_lines = st.lists(st.one_of(
-    st.dictionaries(st.sampled_from(["text", "body", ""]), st.one_of(st.text(max_size=50), st.integers(), st.none()), max_size=3),
-    st.lists(st.integers(), max_size=3),
-    st.text(max_size=30),
-), max_size=8)
+jsonl_lines = st.lists(
+    st.one_of(
+        st.dictionaries(
+            st.sampled_from(["text", "body", ""]), st.one_of(st.text(max_size=50), st.integers(), st.none()), max_size=3
+        ),
+        st.lists(st.integers(), max_size=3),
+        st.text(max_size=30),
+    ),
+    max_size=8,
+)
 
 
 @SETTINGS

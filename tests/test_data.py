@@ -18,7 +18,9 @@ from memdec.data import (
 from memdec.errors import CorpusError
 
 
-@pytest.mark.parametrize("n_tokens,block,stride", [(2, 8, 4), (10, 8, 4), (100, 16, 5), (1000, 64, 64), (64, 64, 1), (65, 64, 32)])
+@pytest.mark.parametrize(
+    "n_tokens,block,stride", [(2, 8, 4), (10, 8, 4), (100, 16, 5), (1000, 64, 64), (64, 64, 1), (65, 64, 32)]
+)
 def test_windows_score_every_position_exactly_once(n_tokens, block, stride):
     w = sliding_windows(n_tokens, block, stride)
     covered = np.zeros(n_tokens - 1, dtype=int)
@@ -52,7 +54,9 @@ def test_within_split_is_the_held_out_tail_of_each_training_novel():
     assert len(train) == len(within) == 4
     for head, tail in zip(train, within):
         stem = head.source.split("/")[-1].split("[")[0]
-        full = lzma.decompress((resources.files("memdec") / "corpora" / "austen" / f"{stem}.txt.xz").read_bytes()).decode()
+        full = lzma.decompress(
+            (resources.files("memdec") / "corpora" / "austen" / f"{stem}.txt.xz").read_bytes()
+        ).decode()
         assert head.text + tail.text == full
         assert head.text.endswith("\n\n") and 0.05 < len(tail.text) / len(full) < 0.15
 

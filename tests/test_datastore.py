@@ -93,11 +93,15 @@ def test_keys_equal_hooked_full_forward(tmp_path, request, tokenizer, arch):
     ids = torch.as_tensor(tokens, dtype=torch.long)[None]
 
     # one window over the whole stream: keys are the plain full forward's hooked states
-    ds = open_datastore(build_datastore(config(model_dir, tmp_path / "full", max_tokens=200, block_size=256, stride=128)))
+    ds = open_datastore(
+        build_datastore(config(model_dir, tmp_path / "full", max_tokens=200, block_size=256, stride=128))
+    )
     with torch.no_grad():
         model(ids)
     assert ds.keys.shape == (199, model.config.hidden_size) and ds.keys.dtype == np.float16
-    np.testing.assert_allclose(ds.keys.astype(np.float32), seen[-1][0, :199].half().float().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        ds.keys.astype(np.float32), seen[-1][0, :199].half().float().numpy(), rtol=1e-3, atol=1e-3
+    )
     np.testing.assert_array_equal(ds.values, tokens[1:])
     np.testing.assert_array_equal(ds.tokens, tokens)
     assert ds.manifest.layer == ("model.layers.1.mlp" if arch == "llama" else "transformer.h.1.mlp")
@@ -115,7 +119,9 @@ def test_keys_equal_hooked_full_forward(tmp_path, request, tokenizer, arch):
 def test_manifest_and_csr_rows(built, tokenizer):
     m = read_manifest(built)
     assert m.version == 1 and m.n_keys == 599 and m.dim == 64 and m.layer == "model.layers.1.mlp"
-    assert {s: getattr(m.steps, s).status for s in ("keys", "index", "targets")} == dict.fromkeys(("keys", "index", "targets"), "done")
+    assert {s: getattr(m.steps, s).status for s in ("keys", "index", "targets")} == dict.fromkeys(
+        ("keys", "index", "targets"), "done"
+    )
     from memdec.index import choose_params
 
     assert m.steps.index.type == choose_params(599, 64).kind == ("torch" if torch.cuda.is_available() else "flat")
@@ -252,7 +258,9 @@ def test_cli(tmp_path, tiny_llama_dir, capsys):
     out = capsys.readouterr().out
     assert "299 keys" in out and "distinct tokens per row" in out
     assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["steps"]["targets"]["top_m"] == 2
-    assert main(args + ["--out", str(tmp_path / "ok"), "--top-m", "2", "--target-dtype", "uint8", "--no-keep-keys"]) == 0
+    assert (
+        main(args + ["--out", str(tmp_path / "ok"), "--top-m", "2", "--target-dtype", "uint8", "--no-keep-keys"]) == 0
+    )
     out = capsys.readouterr().out
     assert "probs=uint8" in out and "keys.npy deleted" in out and not (tmp_path / "ok" / "keys.npy").exists()
     assert main(args + ["--out", str(tmp_path / "t"), "--index", "torch", "--no-keep-keys"]) == 2
@@ -263,7 +271,9 @@ def test_cli(tmp_path, tiny_llama_dir, capsys):
 # --- keys from another model of the same tokenizer (--key-model) ------------------------------
 
 
-def test_key_model_base_itself_is_the_default_and_another_changes_only_keys(tmp_path, tiny_llama_dir, built, tokenizer, capsys):
+def test_key_model_base_itself_is_the_default_and_another_changes_only_keys(
+    tmp_path, tiny_llama_dir, built, tokenizer, capsys
+):
     """--key-model = the base gives the default build byte for byte; another model of the same
     tokenizer changes the keys (and so index and targets) but never the tokens, values or windows.
     Going back to the base rebuilds the keys, says why, and gives the default's bytes again."""
@@ -380,7 +390,9 @@ def test_ondisk_index_datastore_and_dropped_keys(tmp_path, tiny_llama_dir, built
     with pytest.raises(DatastoreError, match="cannot rebuild the index: keys.npy was deleted"):
         build_datastore(dataclasses.replace(cfg, index="flat"))
     (out / "index.ivfdata").unlink()
-    with pytest.raises(DatastoreError, match="cannot rebuild the index"):  # its lists gone: only the keys could redo them
+    with pytest.raises(
+        DatastoreError, match="cannot rebuild the index"
+    ):  # its lists gone: only the keys could redo them
         build_datastore(cfg)
     with pytest.raises(DatastoreError, match="--no-keep-keys: a torch index searches keys.npy itself"):
         build_datastore(config(tiny_llama_dir, tmp_path / "t", index="torch", keep_keys=False))

@@ -98,7 +98,10 @@ def test_specs_parse_and_print_back(tokenizer):
     for shape in (ForkShape(5), ForkShape(0)):
         with pytest.raises(MemdecError, match=r"must lie in 1\.\.4 \(the base model has 4 blocks\)"):
             shape.build(base)
-    with pytest.raises(MemdecError, match=r"needs a model with model.layers and model.norm \(Llama, Gemma 3...\); a GPT2LMHeadModel has not"):
+    with pytest.raises(
+        MemdecError,
+        match=r"needs a model with model.layers and model.norm \(Llama, Gemma 3...\); a GPT2LMHeadModel has not",
+    ):
         ForkShape(1).build(tiny_model("gpt2", tokenizer))
 
 
@@ -112,7 +115,9 @@ def test_fork_shares_the_trunk_and_owns_its_top_blocks(tokenizer, arch):
     assert all(f.layers[i] is b.layers[i] for i in range(split))
     assert all(f.layers[i] is not b.layers[i] for i in range(split, LAYERS[arch])) and f.norm is not b.norm
     assert [m.self_attn.layer_idx for m in f.layers[split:]] == list(range(split, LAYERS[arch]))
-    trainable = {n.split(".")[2] if n.startswith("model.layers.") else n for n, p in fork.named_parameters() if p.requires_grad}
+    trainable = {
+        n.split(".")[2] if n.startswith("model.layers.") else n for n, p in fork.named_parameters() if p.requires_grad
+    }
     assert trainable == {str(i) for i in range(split, LAYERS[arch])} | {"model.norm.weight"}
     assert not any(p.requires_grad for p in base.model.layers[0].parameters())  # frozen, as it is shared
     assert shared_split(base, fork) == split and shared_split(base, copy.deepcopy(fork)) is None
@@ -192,7 +197,9 @@ def test_a_resumed_cache_equals_the_materialised_decoder(models, tokenizer):
             out = model(ids[:, :k], attention_mask=mask[:, :k], position_ids=pos[:, :k], use_cache=True)
             cache, steps = out.cache, [out.logits]
             for t in range(k, ids.shape[1]):
-                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache)
+                out = model(
+                    ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache
+                )
                 steps.append(out.logits)
         return torch.cat(steps, dim=1), cache
 
@@ -322,7 +329,10 @@ def test_bad_fork_checkpoints_are_one_line(saved, tokenizer, tmp_path):
     cases = {
         "blocks": ({**info["decoder"], "blocks": 0}, r"decoder\.blocks is missing or invalid \(0\)"),
         "hash": ({**info["decoder"], "trunk_hash": "abc"}, r"decoder\.trunk_hash is missing or invalid"),
-        "missing": ({k: v for k, v in info["decoder"].items() if k != "trunk_dtype"}, r"decoder\.trunk_dtype is missing"),
+        "missing": (
+            {k: v for k, v in info["decoder"].items() if k != "trunk_dtype"},
+            r"decoder\.trunk_dtype is missing",
+        ),
         "extra": ({**info["decoder"], "head": "own"}, r"decoder\.head is not a field of a 'fork' decoder"),
         "shape": ({"shape": "branch"}, r"decoder\.shape 'branch' is not one of copy, fork"),
         "type": ("fork:3", r"decoder\.shape 'fork:3' is not one of"),

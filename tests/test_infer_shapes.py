@@ -20,7 +20,14 @@ import torch
 
 from memdec.checkpoint import read_memdec_json
 from memdec.decoders import parse_shape, shape_of, shared_split
-from memdec.evaluate import EvalConfig, load_inputs, prepare_config, run_eval_report, score_systems, shared_memdec_scorer
+from memdec.evaluate import (
+    EvalConfig,
+    load_inputs,
+    prepare_config,
+    run_eval_report,
+    score_systems,
+    shared_memdec_scorer,
+)
 from memdec.fast import FastJointGenerator, fast_scorer
 from memdec.generate import GenerateConfig, run_generate
 from memdec.joint import MemoryDecoderModel
@@ -178,7 +185,9 @@ def test_the_fast_path_runs_a_fork_and_gives_the_same_tokens(ckpts):
 
 
 def test_the_lm_eval_model_on_a_fork_gives_the_copy_numbers_and_tokens(ckpts):
-    (got, tok), (want, _) = (load_system(str(ckpts["base"]), memdec=str(ckpts[w]), device="cpu") for w in ("fork", "copy"))
+    (got, tok), (want, _) = (
+        load_system(str(ckpts["base"]), memdec=str(ckpts[w]), device="cpu") for w in ("fork", "copy")
+    )
     assert got.generator.shares_trunk and not want.generator.shares_trunk
     ids = torch.tensor([tok.encode(PROMPTS[0]), tok.encode(PROMPTS[1])[:7] + [0] * (len(tok.encode(PROMPTS[0])) - 7)])
     batch, position = torch.tensor([0, 0, 1]), torch.tensor([2, ids.shape[1] - 1, 6])

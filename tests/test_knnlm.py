@@ -40,7 +40,10 @@ def test_knn_pass_matches_brute_force(store, tiny_llama_dir):
     # p_kNN(target) against a direct sum
     t = 2.0
     w = torch.softmax(-ref_d.double() / t, -1)
-    hit = torch.from_numpy(np.asarray(retriever.store.values)[ref_i.numpy()]) == torch.from_numpy(tokens[1:]).long()[:, None]
+    hit = (
+        torch.from_numpy(np.asarray(retriever.store.values)[ref_i.numpy()])
+        == torch.from_numpy(tokens[1:]).long()[:, None]
+    )
     ref_knn = -torch.log((w * hit).sum(-1)).numpy()
     np.testing.assert_allclose(kp.knn_nll(t), ref_knn, rtol=1e-3, atol=1e-3)
 

@@ -12,7 +12,9 @@ def encode(tokenizer, text):
 
 def test_recurring_names_and_numbers_exact(tokenizer):
     memory = encode(tokenizer, "They said Tilney lived at 1798 Milsom Street, with Mr Allen.")
-    held_out = encode(tokenizer, "Then Tilney met Catherine. She gave him 1798 pounds. Then Tilney and Isabella left with Allen.")
+    held_out = encode(
+        tokenizer, "Then Tilney met Catherine. She gave him 1798 pounds. Then Tilney and Isabella left with Allen."
+    )
     mask = recurring_positions(held_out, memory, tokenizer)
     assert mask.shape == (len(held_out) - 1,)
     # "Then" and "She" open sentences; Catherine and Isabella never occur in the memory
@@ -25,8 +27,17 @@ def reference_spans(tokens, tokenizer):
     spans, i = [], 0
     while i < len(tokens):
         t, prev = texts[i], texts[i - 1] if i else None
-        prev_ends = prev is None or int(tokens[i - 1]) in tokenizer.all_special_ids or (
-            prev.strip(" ") != "" and (prev.rstrip(" ").endswith(('.', '!', '?', '"', "'", '\u201d', '\u2019', ':', ';')) or prev.endswith("\n")))
+        prev_ends = (
+            prev is None
+            or int(tokens[i - 1]) in tokenizer.all_special_ids
+            or (
+                prev.strip(" ") != ""
+                and (
+                    prev.rstrip(" ").endswith((".", "!", "?", '"', "'", "\u201d", "\u2019", ":", ";"))
+                    or prev.endswith("\n")
+                )
+            )
+        )
         if any(c.isdigit() for c in t):
             j = i + 1
             while j < len(tokens) and any(c.isdigit() for c in texts[j]):
@@ -34,9 +45,18 @@ def reference_spans(tokens, tokenizer):
             spans.append((i, j))
             i = j
             continue
-        after_space = i >= 2 and prev == " " and not (texts[i - 2].rstrip(" ").endswith(('.', '!', '?', '"', "'", '\u201d', '\u2019', ':', ';'))
-                                                       or texts[i - 2].endswith("\n") or int(tokens[i - 2]) in tokenizer.all_special_ids)
-        if t != " I" and (len(t) > 1 and t[0] == " " and t[1].isupper() and not prev_ends or t[:1].isupper() and after_space):
+        after_space = (
+            i >= 2
+            and prev == " "
+            and not (
+                texts[i - 2].rstrip(" ").endswith((".", "!", "?", '"', "'", "\u201d", "\u2019", ":", ";"))
+                or texts[i - 2].endswith("\n")
+                or int(tokens[i - 2]) in tokenizer.all_special_ids
+            )
+        )
+        if t != " I" and (
+            len(t) > 1 and t[0] == " " and t[1].isupper() and not prev_ends or t[:1].isupper() and after_space
+        ):
             j = i + 1
             while j < len(tokens) and texts[j].isalpha():
                 j += 1
@@ -72,5 +92,7 @@ def test_eval_reports_recurring_token_perplexity(tiny_llama_dir, store, tokenize
     model, _ = load_model(str(tiny_llama_dir))
     nll, _ = score_tokens(base_scorer(model), tokens, 64, 32, progress=False)
     base = report.rows[0]
-    assert math.isclose(base.extra["recurring_ppl"], math.exp(float(np.mean(nll[mask], dtype=np.float64))), rel_tol=1e-4)
+    assert math.isclose(
+        base.extra["recurring_ppl"], math.exp(float(np.mean(nll[mask], dtype=np.float64))), rel_tol=1e-4
+    )
     assert [r.system for r in report.rows] == ["base", "knn-lm"] and report.rows[1].extra["recurring_ppl"] > 0

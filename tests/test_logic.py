@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from memdec.adapt import PRESETS, AdaptConfig, StageBook, _fingerprint, resolve_settings, stage_inputs, teacher_candidates
+from memdec.adapt import (
+    PRESETS,
+    AdaptConfig,
+    StageBook,
+    _fingerprint,
+    resolve_settings,
+    stage_inputs,
+    teacher_candidates,
+)
 from memdec.checkpoint import apply_run
 from memdec.errors import MemdecError
 from memdec.evaluate import EvalConfig
@@ -25,7 +33,13 @@ def test_resolve_settings_layers_overrides_on_the_preset():
     assert s.general_tokens == s.test_tokens == PRESETS["quick"].test_tokens and s.lora_lr == 5 * s.lr
     assert s.task_items == 0 and resolve_settings(AdaptConfig(preset="full")).task_items == 500
     s = resolve_settings(AdaptConfig(block_size=256, train_tokens=0, general="none", lr=1e-3, lora_lr=2e-3))
-    assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (256, 128, 256, 128, 256)
+    assert (s.ds_block_size, s.ds_stride, s.eval_block_size, s.eval_stride, s.train_block_size) == (
+        256,
+        128,
+        256,
+        128,
+        256,
+    )
     assert s.train_tokens is None and s.general is None and s.lora_lr == 2e-3
     with pytest.raises(MemdecError, match="preset"):
         resolve_settings(AdaptConfig(preset="huge"))
@@ -174,7 +188,9 @@ def test_the_three_result_tables_share_one_renderer(tmp_path):
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         "| base | - | 12.18 |  | 0 | - | 100.0 | 1.00× |",
         "| memdec | 0.30 | 9.97 | -18.2% | 1.23 M | 12 s | 60.0 | 1.67× |"]
-    (tmp_path / "report.json").write_text(json.dumps({"results": js, "tokens": 9, "corpus": "c", "stage_seconds": {"eval": 1.0}}))
+    (tmp_path / "report.json").write_text(
+        json.dumps({"results": js, "tokens": 9, "corpus": "c", "stage_seconds": {"eval": 1.0}})
+    )
     assert format_summary(tmp_path).splitlines()[:4] == [
         "9 test tokens of c",
         "system lambda    ppl vs base general vs base tok/s trainable train s",

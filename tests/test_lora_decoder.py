@@ -92,7 +92,9 @@ def lora_parameters(base, shape_blocks: int, rank: int) -> int:
 @pytest.mark.parametrize("spec", ["lora", "lora:", "lora:0", "lora:8@0", "lora:x", "lora:8@", "lora:@8", "lora:-1",
                                   "lora:8@2@3", "lora:1.5", "lora:8@x"])
 def test_bad_specs_are_one_line(spec):
-    with pytest.raises(MemdecError, match=r"give the LoRA rank and, after '@', the number of adapted top blocks") as err:
+    with pytest.raises(
+        MemdecError, match=r"give the LoRA rank and, after '@', the number of adapted top blocks"
+    ) as err:
         parse_shape(spec)
     assert str(err.value).startswith(f"decoder shape {spec!r}: ") and "\n" not in str(err.value)
 
@@ -150,7 +152,9 @@ def test_lora_shares_the_base_weights_and_trains_the_adapters_only(tokenizer, ar
     assert {name: p.data_ptr() for name, p in base.named_parameters()} == before
     trainable = {name for name, p in decoder.named_parameters() if p.requires_grad}
     assert trainable == set(SHAPE.own_tensors(decoder))
-    assert len(trainable) == 2 * len(LORA_TARGETS) * BLOCKS and all(".lora_A." in t or ".lora_B." in t for t in trainable)
+    assert len(trainable) == 2 * len(LORA_TARGETS) * BLOCKS and all(
+        ".lora_A." in t or ".lora_B." in t for t in trainable
+    )
     assert sum(p.numel() for p in decoder.parameters() if p.requires_grad) == lora_parameters(base, BLOCKS, RANK)
     assert not any(p.requires_grad for p in base.parameters())  # frozen, as it is shared
     assert shared_split(base, decoder) == split and shared_split(base, copy.deepcopy(decoder)) is None
@@ -225,7 +229,9 @@ def test_save_holds_the_adapters_only_and_loads_back_identical(saved, tokenizer)
     tensors = load_file(str(file))
     paths = [f"self_attn.{t}" for t in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
         f"mlp.{t}" for t in ("gate_proj", "up_proj", "down_proj")]
-    assert set(tensors) == {f"model.layers.{i}.{p}.lora_{ab}.default.weight" for i in (1, 2, 3) for p in paths for ab in "AB"}
+    assert set(tensors) == {
+        f"model.layers.{i}.{p}.lora_{ab}.default.weight" for i in (1, 2, 3) for p in paths for ab in "AB"
+    }
     assert sum(t.numel() for t in tensors.values()) == lora_parameters(base, BLOCKS, RANK) == 12288
     header = struct.unpack("<Q", file.read_bytes()[:8])[0]
     assert file.stat().st_size == 8 + header + 4 * 12288  # the adapters in fp32: 48 KiB, plus the header
@@ -268,7 +274,9 @@ def test_another_base_gets_the_recorded_base_with_the_deltas_merged(saved, token
     ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
     with torch.no_grad():
         close(model(ids).logits, reference(ids).logits)
-    assert decoder.model.layers[3].self_attn.q_proj.get_base_layer().weight is base.model.layers[3].self_attn.q_proj.weight
+    assert (
+        decoder.model.layers[3].self_attn.q_proj.get_base_layer().weight is base.model.layers[3].self_attn.q_proj.weight
+    )
 
 
 def test_the_same_base_in_another_dtype_still_shares(saved, tokenizer):
@@ -276,7 +284,10 @@ def test_the_same_base_in_another_dtype_still_shares(saved, tokenizer):
     base16, _ = load_model(str(base_dir), dtype=torch.bfloat16)
     loaded = load_decoder(folder, read_memdec_json(folder), base16)
     assert shared_split(base16, loaded) == 1 and loaded.dtype == torch.bfloat16
-    assert loaded.model.layers[2].self_attn.v_proj.get_base_layer().weight is base16.model.layers[2].self_attn.v_proj.weight
+    assert (
+        loaded.model.layers[2].self_attn.v_proj.get_base_layer().weight
+        is base16.model.layers[2].self_attn.v_proj.weight
+    )
     want = {n: t.to(torch.bfloat16) for n, t in SHAPE.own_tensors(decoder).items()}
     assert all(torch.equal(t, want[n]) for n, t in SHAPE.own_tensors(loaded).items())
 

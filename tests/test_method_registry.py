@@ -48,8 +48,26 @@ def test_the_registry_lists_exactly_the_built_in_methods_in_row_order():
 
 
 def test_the_lora_flags_parse_as_before():
-    args = build_parser().parse_args(["baseline", "--method", "lora", "--datastore", "ds", "--out", "o", "--lora-r", "4",
-                                      "--lora-alpha", "8", "--lora-dropout", "0.1", "--lora-targets", "q_proj", "v_proj"])
+    args = build_parser().parse_args(
+        [
+            "baseline",
+            "--method",
+            "lora",
+            "--datastore",
+            "ds",
+            "--out",
+            "o",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0.1",
+            "--lora-targets",
+            "q_proj",
+            "v_proj",
+        ]
+    )
     cfg = config_from_args(BaselineConfig, args)
     assert (cfg.method, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) == ("lora", 4, 8.0, 0.1,
                                                                                           ["q_proj", "v_proj"])
@@ -124,9 +142,21 @@ def norms_only():
 def test_a_method_of_this_file_trains_loads_and_scores_as_its_model(norms_only, store, tiny_llama_dir, tokenizer,
                                                                      tmp_path):
     assert method_names() == (*BUILT_IN, "norms-only")
-    out = train_baseline(BaselineConfig(method="norms-only", datastore=str(store), out=str(tmp_path / "nb"), max_steps=3,
-                                        batch_size=2, block_size=32, lr=5e-2, warmup=1, save_every=3, seed=0,
-                                        device="cpu"))
+    out = train_baseline(
+        BaselineConfig(
+            method="norms-only",
+            datastore=str(store),
+            out=str(tmp_path / "nb"),
+            max_steps=3,
+            batch_size=2,
+            block_size=32,
+            lr=5e-2,
+            warmup=1,
+            save_every=3,
+            seed=0,
+            device="cpu",
+        )
+    )
     info = json.loads((out / "baseline.json").read_text())
     base = load_file(Path(tiny_llama_dir) / "model.safetensors")
     trained = load_file(out / "model.safetensors")

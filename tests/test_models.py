@@ -71,10 +71,14 @@ def test_gguf_cache_round_trip_and_default_model(default_model_available, tmp_pa
     model, tok = load_model("smollm2-135m")
     cold = time.perf_counter() - t0
     folder = tmp_path / "models" / "smollm2-135m"
-    assert (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    assert (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text())[
+        "model_type"
+    ] == "llama"
     assert not list(tmp_path.joinpath("models").glob(".*"))  # no temporary folder left behind
 
-    direct = AutoModelForCausalLM.from_pretrained(str(resolved.path.rsplit("/", 1)[0]), gguf_file=resolved.path.rsplit("/", 1)[1], dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(
+        str(resolved.path.rsplit("/", 1)[0]), gguf_file=resolved.path.rsplit("/", 1)[1], dtype=torch.float32
+    ).eval()
     ids = torch.tensor([tok("It is a truth universally acknowledged").input_ids])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)

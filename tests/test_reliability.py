@@ -126,7 +126,13 @@ def test_adapt_checks_everything_before_writing(tiny_llama_dir, tmp_path):
     (run / "stages.json").write_text('{"datastore": {"status": "done"}}\n')
     (run / "settings.json").write_text('{"model": "earlier"}\n')
     before = {p.name: p.read_text() for p in run.iterdir()}
-    for bad in (dict(corpus=str(empty)), dict(k=0), dict(alpha=[1.5]), dict(lr=float("nan")), dict(model="no-such-model")):
+    for bad in (
+        dict(corpus=str(empty)),
+        dict(k=0),
+        dict(alpha=[1.5]),
+        dict(lr=float("nan")),
+        dict(model="no-such-model"),
+    ):
         with pytest.raises(MemdecError):
             adapt(adapt_config(tiny_llama_dir, run, **bad))
         assert {p.name: p.read_text() for p in run.iterdir()} == before
@@ -213,8 +219,14 @@ def no_model_loads(monkeypatch):
 
     import importlib
 
-    for module in ("memdec.train.recipe", "memdec.train.step", "memdec.train.validate", "memdec.evaluate", "memdec.joint",
-                   "memdec.models"):
+    for module in (
+        "memdec.train.recipe",
+        "memdec.train.step",
+        "memdec.train.validate",
+        "memdec.evaluate",
+        "memdec.joint",
+        "memdec.models",
+    ):
         if hasattr(importlib.import_module(module), "load_model"):
             monkeypatch.setattr(f"{module}.load_model", boom)
 
@@ -235,15 +247,22 @@ def test_eval_and_generate_settings_are_checked_before_any_model_loads(tiny_llam
     from memdec.generate import GenerateConfig, run_generate
 
     base = dict(model=str(tiny_llama_dir), corpus="austen:valid", max_tokens=100, block_size=64)
-    for bad, needle in ((dict(knn=str(store), knn_temp=0.0), "--knn-temp"), (dict(knn=str(store), knn_k=0), "--knn-k"),
-                        (dict(recurring=str(tmp_path / "missing")), "--recurring"), (dict(block_size=0), "--block-size"),
-                        (dict(json=str(tmp_path)), "--json"), (dict(knn=str(store), lmbda=1.5), "--lambda")):
+    for bad, needle in (
+        (dict(knn=str(store), knn_temp=0.0), "--knn-temp"),
+        (dict(knn=str(store), knn_k=0), "--knn-k"),
+        (dict(recurring=str(tmp_path / "missing")), "--recurring"),
+        (dict(block_size=0), "--block-size"),
+        (dict(json=str(tmp_path)), "--json"),
+        (dict(knn=str(store), lmbda=1.5), "--lambda"),
+    ):
         with pytest.raises(MemdecError, match=needle):
             run_eval_report(EvalConfig(**{**base, **bad}))
     for bad, needle in ((dict(prompt=[""]), "--prompt"), (dict(do_sample=True, temperature=0.0), "--temperature"),
                         (dict(max_new_tokens=0), "--max-new-tokens")):
         with pytest.raises(MemdecError, match=needle):
-            run_generate(GenerateConfig(**{**dict(prompt=["Anne"], model=str(tiny_llama_dir), memdec=str(tmp_path)), **bad}))
+            run_generate(
+                GenerateConfig(**{**dict(prompt=["Anne"], model=str(tiny_llama_dir), memdec=str(tmp_path)), **bad})
+            )
 
 
 # --- 6. one line per bad input, never a traceback ---------------------------------------------
@@ -268,8 +287,11 @@ def test_bad_model_files_are_one_line(tiny_llama_dir, tmp_path, capsys, monkeypa
     shutil.copytree(tiny_llama_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for model, needle in ((tmp_path / "random.gguf", "not a readable GGUF"), (tmp_path / "truncated.gguf", "not a readable GGUF"),
-                          (broken, "cannot load the model")):
+    for model, needle in (
+        (tmp_path / "random.gguf", "not a readable GGUF"),
+        (tmp_path / "truncated.gguf", "not a readable GGUF"),
+        (broken, "cannot load the model"),
+    ):
         line = one_line_error(capsys, ["eval", "--model", str(model), "--corpus", "austen:valid", "--max-tokens", "50",
                                        "--block-size", "32"])
         assert needle in line
@@ -282,12 +304,17 @@ def test_bad_flags_are_one_line(tiny_llama_dir, store, tmp_path, capsys):
                           (["--save-every", "0"], "--save-every"), (["--grad-accum", "0"], "--grad-accum")):
         assert needle in one_line_error(capsys, train_args + flags)
     eval_args = ["eval", "--model", str(tiny_llama_dir), "--corpus", "austen:valid", "--max-tokens", "50"]
-    for flags, needle in ((["--knn", str(store), "--knn-k", "0"], "--knn-k"), (["--json", str(tmp_path)], "is a folder"),
-                          (["--block-size", "0"], "--block-size")):
+    for flags, needle in (
+        (["--knn", str(store), "--knn-k", "0"], "--knn-k"),
+        (["--json", str(tmp_path)], "is a folder"),
+        (["--block-size", "0"], "--block-size"),
+    ):
         assert needle in one_line_error(capsys, eval_args + flags)
     gen_args = ["generate", "--model", str(tiny_llama_dir), "--memdec", str(tmp_path)]
     assert "--prompt" in one_line_error(capsys, gen_args + ["--prompt", ""])
-    assert "--temperature" in one_line_error(capsys, gen_args + ["--prompt", "Anne", "--do-sample", "--temperature", "0"])
+    assert "--temperature" in one_line_error(
+        capsys, gen_args + ["--prompt", "Anne", "--do-sample", "--temperature", "0"]
+    )
     run = mark_own_folder(tmp_path / "run", "adapt-run")  # an adapt run folder whose stage record is corrupt
     (run / "stages.json").write_text("not json {")
     line = one_line_error(capsys, ["adapt", "--model", str(tiny_llama_dir), "--out", str(run)])
@@ -324,7 +351,9 @@ def test_targets_are_byte_identical_whatever_the_search_batch(store, tmp_path):
     for f in ("offsets.npy", "token_ids.npy", "probs.npy"):
         assert (copy / "targets" / f).read_bytes() == (store / "targets" / f).read_bytes(), f
     with pytest.raises(DatastoreError, match="multiple of 64"):
-        build_datastore(DatastoreConfig(model=manifest["model"], corpus="austen:valid", out=str(copy), search_batch=100))
+        build_datastore(
+            DatastoreConfig(model=manifest["model"], corpus="austen:valid", out=str(copy), search_batch=100)
+        )
 
 
 def test_real_model_targets_are_byte_identical_whatever_the_search_batch(default_model_available, tmp_path):

@@ -149,9 +149,26 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp
 
 def tiny_adapt(tiny_llama_dir, out, **kw) -> AdaptConfig:
     """A whole adapt run on the tiny model in seconds: no tasks, no general corpus, one sample."""
-    base = dict(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train", out=str(out),
-                train_tokens=400, valid_tokens=120, test_tokens=120, k=8, block_size=64, batch_size=2, max_steps=2,
-                lr=1e-3, samples=1, alpha=[0.5], task_items=0, general="none", router_tokens=400)
+    base = dict(
+        model=str(tiny_llama_dir),
+        corpus="austen:valid",
+        valid="austen:test",
+        test="austen:train",
+        out=str(out),
+        train_tokens=400,
+        valid_tokens=120,
+        test_tokens=120,
+        k=8,
+        block_size=64,
+        batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        samples=1,
+        alpha=[0.5],
+        task_items=0,
+        general="none",
+        router_tokens=400,
+    )
     return AdaptConfig(**{**base, **kw})
 
 
@@ -165,11 +182,17 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(corpus="austen:train", test="austen:valid"), "--corpus austen:valid -> austen:train; --test austen:train -> austen:valid"),
-    (dict(valid="general:test"), "--valid austen:test -> general:test"),
-    (dict(text_field="body"), "--text-field text -> body"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (
+            dict(corpus="austen:train", test="austen:valid"),
+            "--corpus austen:valid -> austen:train; --test austen:train -> austen:valid",
+        ),
+        (dict(valid="general:test"), "--valid austen:test -> general:test"),
+        (dict(text_field="body"), "--text-field text -> body"),
+    ],
+)
 def test_a_rerun_with_other_inputs_is_refused_before_anything_loads(tiny_llama_dir, finished_run, change, named,
                                                                     capsys):
     before = snapshot(finished_run)
@@ -222,7 +245,9 @@ def test_overwrite_replaces_the_run_and_keeps_what_memdec_did_not_write(tiny_lla
     out = capsys.readouterr().out
     assert f"--overwrite: replacing the run in {run}" in out and "cached" not in out and "settings changed" not in out
     stages = json.loads((run / "stages.json").read_text())
-    assert stages["datastore"]["inputs"]["corpus"] == "austen:train" and stages["eval"]["inputs"]["test"] == "austen:valid"
+    assert (
+        stages["datastore"]["inputs"]["corpus"] == "austen:train" and stages["eval"]["inputs"]["test"] == "austen:valid"
+    )
     assert json.loads((run / "report.json").read_text())["train_corpus"] == "austen:train"
     assert (run / "notes.txt").read_text() == "mine"
     # a run of the same inputs is not replaced by --overwrite: it resumes, every stage cached
@@ -261,7 +286,9 @@ def test_run_beside_a_flag_it_gives_is_refused(tiny_llama_dir, finished_run, arg
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"memdec: error: give --run or {flags}, not both: --run {finished_run}")
+    assert err.count("\n") == 1 and err.startswith(
+        f"memdec: error: give --run or {flags}, not both: --run {finished_run}"
+    )
     assert "would replace --" in err
 
 

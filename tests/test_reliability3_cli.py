@@ -163,9 +163,28 @@ def test_every_command_refuses_a_device_that_does_not_exist(tiny_llama_dir, stor
     commands = {
         "datastore": ["--model", model, "--corpus", "austen:valid", "--out", str(tmp_path / "ds")],
         "train": ["--datastore", str(store), "--out", str(tmp_path / "train"), "--max-steps", "1"],
-        "baseline": ["--method", "dapt", "--datastore", str(store), "--out", str(tmp_path / "dapt"), "--max-steps", "1"],
-        "transfer": ["--decoder", str(ckpt), "--model", model, "--datastore", str(store),
-                     "--out", str(tmp_path / "transfer"), "--max-steps", "1"],
+        "baseline": [
+            "--method",
+            "dapt",
+            "--datastore",
+            str(store),
+            "--out",
+            str(tmp_path / "dapt"),
+            "--max-steps",
+            "1",
+        ],
+        "transfer": [
+            "--decoder",
+            str(ckpt),
+            "--model",
+            model,
+            "--datastore",
+            str(store),
+            "--out",
+            str(tmp_path / "transfer"),
+            "--max-steps",
+            "1",
+        ],
         "adapt": ["--model", model, "--out", str(tmp_path / "run")],
         "eval": ["--model", model, "--corpus", "austen:valid", "--max-tokens", "50"],
         "generate": ["--model", model, "--memdec", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "2"],
@@ -240,7 +259,9 @@ def test_unwritable_outputs_are_refused_before_any_model_loads(tiny_llama_dir, s
 
 
 def test_writable_and_own_folder_checks(tmp_path):
-    assert check_writable_path(tmp_path / "new" / "deeper" / "r.json", "--json") == tmp_path / "new" / "deeper" / "r.json"
+    assert (
+        check_writable_path(tmp_path / "new" / "deeper" / "r.json", "--json") == tmp_path / "new" / "deeper" / "r.json"
+    )
     with pytest.raises(MemdecError, match="--json .* is a folder"):
         check_writable_path(tmp_path, "--json")
     assert check_own_folder(tmp_path / "fresh", "adapt-run") == tmp_path / "fresh"

@@ -213,7 +213,9 @@ def test_each_folder_is_marked_first_and_another_kind_is_refused(finished, store
     assert "is a memdec adapt run folder, not a checkpoint folder" in line
     with pytest.raises(MemdecError, match="is a memdec datastore, not an adapt run folder"):
         checks.check_own_folder(finished / "datastore", "adapt-run")
-    assert checks.check_own_folder(finished / "memdec", "router", "checkpoint") == finished / "memdec"  # a router's place
+    assert (
+        checks.check_own_folder(finished / "memdec", "router", "checkpoint") == finished / "memdec"
+    )  # a router's place
 
 
 def test_a_run_of_the_previous_release_resumes_and_is_marked(tiny_llama_dir, run, capsys):
@@ -290,7 +292,9 @@ def test_a_changed_corpus_file_is_refused_without_overwrite(tiny_llama_dir, tmp_
     with pytest.raises(MemdecError) as err:
         adapt(cfg())
     flag = {"corpus": "--corpus", "valid": "--valid"}[changed]
-    assert f"holds another run ({flag} {corpus_files[changed]}: its text changed since the run was made" in str(err.value)
+    assert f"holds another run ({flag} {corpus_files[changed]}: its text changed since the run was made" in str(
+        err.value
+    )
     assert "\n" not in str(err.value) and snapshot(run) == before
     capsys.readouterr()
     adapt(cfg(overwrite=True))

@@ -32,13 +32,51 @@ def test_an_integer_too_long_to_print_is_shown_by_its_size():
 def seed_argvs(tiny_llama_dir, store, ckpt, tmp_path, seed: str) -> dict[str, list[str]]:
     model = ["--model", str(tiny_llama_dir)]
     return {
-        "train": ["train", "--datastore", str(store), "--out", str(tmp_path / "run"), "--max-steps", "1",
-                  "--seed", seed, "--device", "cpu"],
+        "train": [
+            "train",
+            "--datastore",
+            str(store),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+        ],
         "generate": ["generate", *model, "--memdec", str(ckpt), "--prompt", "Anne", "--seed", seed, "--device", "cpu"],
-        "router": ["router", *model, "--memdec", str(ckpt), "--domain-corpus", "austen:train", "--valid",
-                   "austen:valid", "--out", str(tmp_path / "router"), "--seed", seed, "--device", "cpu"],
-        "router --domains": ["router", "--domains", *model, "--memdec", f"a={ckpt}", "--domain-corpus", "a=austen:train",
-                             "--out", str(tmp_path / "domains"), "--seed", seed, "--device", "cpu"],
+        "router": [
+            "router",
+            *model,
+            "--memdec",
+            str(ckpt),
+            "--domain-corpus",
+            "austen:train",
+            "--valid",
+            "austen:valid",
+            "--out",
+            str(tmp_path / "router"),
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+        ],
+        "router --domains": [
+            "router",
+            "--domains",
+            *model,
+            "--memdec",
+            f"a={ckpt}",
+            "--domain-corpus",
+            "a=austen:train",
+            "--out",
+            str(tmp_path / "domains"),
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+        ],
         "tasks": ["tasks", "general", "--out", str(tmp_path / "tasks"), "--seed", seed],
     }
 
@@ -60,7 +98,8 @@ def test_num_beams_is_bounded_before_any_model_loads(capsys):
 
 @pytest.mark.parametrize("prompt", ["\udcff", "Anne \ud800 walked"])
 def test_a_prompt_that_is_not_text_is_one_line(prompt, capsys):
-    """A command line byte that is not UTF-8 reaches Python as a lone surrogate; the tokenizer would raise a TypeError."""
+    """A command line byte that is not UTF-8 reaches Python as a lone surrogate; the tokenizer would raise a
+    TypeError."""
     line = one_line_error(capsys, ["generate", "--model", "/no/such/model", "--memdec", "/no/such/ckpt", "--prompt",
                                    prompt])
     assert "--prompt holds" in line and "a lone surrogate, not text" in line, line

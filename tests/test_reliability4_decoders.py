@@ -67,10 +67,15 @@ def variant(checkpoints, name: str, tmp_path: Path, tensors=None, info=None, con
     folder = tmp_path / f"{name}-variant"
     shutil.copytree(checkpoints[name], folder)
     for file, edit, read, write in (
-            (folder / WEIGHTS[name], tensors, lambda f: load_file(str(f)),
-             lambda f, v: save_file(v, str(f), metadata={"format": "pt"})),
-            (folder / "memdec.json", info, lambda f: json.loads(f.read_text()), lambda f, v: f.write_text(json.dumps(v))),
-            (folder / "config.json", config, lambda f: json.loads(f.read_text()), lambda f, v: f.write_text(json.dumps(v)))):
+        (
+            folder / WEIGHTS[name],
+            tensors,
+            lambda f: load_file(str(f)),
+            lambda f, v: save_file(v, str(f), metadata={"format": "pt"}),
+        ),
+        (folder / "memdec.json", info, lambda f: json.loads(f.read_text()), lambda f, v: f.write_text(json.dumps(v))),
+        (folder / "config.json", config, lambda f: json.loads(f.read_text()), lambda f, v: f.write_text(json.dumps(v))),
+    ):
         if edit is not None:
             write(file, edit(read(file)))
     return folder

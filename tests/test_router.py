@@ -196,7 +196,9 @@ def test_save_and_load_give_the_same_lambdas(tmp_path, fit_rows):
     assert info["kind"] == "mlp" and info["d_base"] == 64 and info["scalars"] == list(SCALARS)
     with torch.no_grad():
         assert torch.equal(router(features), loaded(features))
-    save_router(ConstantRouter(0.4), tmp_path / "c", {"base_model": "tiny", "tokenizer_hash": "t", "decoder_fingerprint": "d"})
+    save_router(
+        ConstantRouter(0.4), tmp_path / "c", {"base_model": "tiny", "tokenizer_hash": "t", "decoder_fingerprint": "d"}
+    )
     constant, _ = load_router(tmp_path / "c")
     assert isinstance(constant, ConstantRouter) and constant.lmbda == 0.4
     assert not (tmp_path / "r" / f"{ROUTER_JSON}.tmp").exists()
@@ -208,7 +210,9 @@ def test_save_and_load_give_the_same_lambdas(tmp_path, fit_rows):
 @pytest.fixture
 def saved(tmp_path):
     router = random_router(RouterFeatures(64, 64))
-    return save_router(router, tmp_path / "r", {"base_model": "tiny", "tokenizer_hash": "t", "decoder_fingerprint": "d"})
+    return save_router(
+        router, tmp_path / "r", {"base_model": "tiny", "tokenizer_hash": "t", "decoder_fingerprint": "d"}
+    )
 
 
 BAD_FIELDS = [("kind", "linear"), ("kind", 1), ("d_base", 0), ("d_base", "64"), ("d_mem", True), ("hidden", 1.5),
@@ -323,7 +327,9 @@ def test_default_skip_is_the_decoders_training_tokens(tmp_path, ckpt, store):
         cfg = check_router_config(RouterConfig(memdec=str(folder), domain_corpus=corpus, valid="austen:test",
                                                out=str(tmp_path / name)))
         assert cfg.domain_skip_tokens == want  # the store holds the first 600 tokens of austen:valid
-    (folder / "memdec.json").write_text(json.dumps({**info, "datastore": str(tmp_path / "gone"), "corpus": "austen:valid"}))
+    (folder / "memdec.json").write_text(
+        json.dumps({**info, "datastore": str(tmp_path / "gone"), "corpus": "austen:valid"})
+    )
     with pytest.raises(MemdecError, match="--domain-skip-tokens"):
         check_router_config(RouterConfig(memdec=str(folder), domain_corpus="austen:valid", valid="austen:test",
                                          out=str(tmp_path / "x")))
@@ -343,9 +349,36 @@ def test_router_end_to_end_then_eval_and_generate_read_it(tmp_path, capsys, tiny
     assert info["valid"]["tokens"] == 399 and info["valid"]["corpus"] == "austen:valid"
     assert (out / ROUTER_WEIGHTS).is_file()
     report = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(tiny_llama_dir), "--memdec", str(ckpt), "--router", str(out),
-                 "--corpus", "austen:valid", "--max-tokens", "400", "--block-size", "64", "--stride", "32",
-                 "--general", "general:test", "--general-max-tokens", "300", "--json", str(report), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_llama_dir),
+                "--memdec",
+                str(ckpt),
+                "--router",
+                str(out),
+                "--corpus",
+                "austen:valid",
+                "--max-tokens",
+                "400",
+                "--block-size",
+                "64",
+                "--stride",
+                "32",
+                "--general",
+                "general:test",
+                "--general-max-tokens",
+                "300",
+                "--json",
+                str(report),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     rows = {r["system"]: r for r in json.loads(report.read_text())["results"]}
     assert set(rows) == {"base", "memdec", "memdec+router"}
     # the same tokens and windows as the router's validation: the same perplexities

@@ -359,8 +359,11 @@ def test_a_token_router_saved_into_its_checkpoint_folder_loads_there(decoders, b
     folder = tmp_path / "ckpt"
     shutil.copytree(decoders / "austen", folder)
     before = decoder_fingerprint(folder)
-    save_router(TokenRouter(RouterFeatures(128, 128), hidden=8, init_lambda=0.5).eval(), folder,
-                {"base_model": "tiny", "tokenizer_hash": tokenizer_fingerprint(tokenizer), "decoder_fingerprint": before})
+    save_router(
+        TokenRouter(RouterFeatures(128, 128), hidden=8, init_lambda=0.5).eval(),
+        folder,
+        {"base_model": "tiny", "tokenizer_hash": tokenizer_fingerprint(tokenizer), "decoder_fingerprint": before},
+    )
     assert decoder_fingerprint(folder) == before
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     assert isinstance(MemoryDecoderModel.from_pretrained(base, folder, tokenizer=tokenizer).router, TokenRouter)
@@ -386,7 +389,10 @@ def test_the_domains_benchmark_runs_on_tiny_models(domain_router, decoders, base
     result = json.loads(out.read_text())
     assert result["segments"] == 6 and set(result["routing"]) == {"austen", "code", "general"}
     systems = result["systems"]
-    for kind in ("austen", "code"):  # the oracle is each domain's decoder at its best λ: no single decoder beats it there
+    for kind in (
+        "austen",
+        "code",
+    ):  # the oracle is each domain's decoder at its best λ: no single decoder beats it there
         assert systems["oracle"][f"ppl_{kind}"] <= systems[f"single:{kind}"][f"ppl_{kind}"] + 1e-9
     assert systems["oracle"]["ppl_general"] == systems["base"]["ppl_general"]  # general text: the base alone
     assert result["best_single"] in ("single:austen", "single:code")

@@ -45,8 +45,12 @@ def served(tmp_path_factory):
     run = root / "run-a"
     run.mkdir()
     (run / "settings.json").write_text(json.dumps({"model": str(base_dir)}))
-    MemoryDecoderModel(base, tiny_model("llama", tok, seed=1, **peaked), lmbda=0.5).save_pretrained(run / "memdec", tokenizer=tok)
-    MemoryDecoderModel(base, tiny_model("llama", tok, seed=2, **peaked), lmbda=0.3).save_pretrained(root / "dec-b", tokenizer=tok)
+    MemoryDecoderModel(base, tiny_model("llama", tok, seed=1, **peaked), lmbda=0.5).save_pretrained(
+        run / "memdec", tokenizer=tok
+    )
+    MemoryDecoderModel(base, tiny_model("llama", tok, seed=2, **peaked), lmbda=0.3).save_pretrained(
+        root / "dec-b", tokenizer=tok
+    )
     tok = AutoTokenizer.from_pretrained(base_dir)
     joint_a = MemoryDecoderModel.from_pretrained(base, run / "memdec", tokenizer=tok)
     joint_b = MemoryDecoderModel.from_pretrained(base, root / "dec-b", tokenizer=tok)

@@ -197,7 +197,9 @@ def test_rows_beyond_max_batch_are_split_and_equal_one_at_a_time(server, base):
     c, tok = client(server), base["tok"]
     prompts = PROMPTS[:3]
     expect = [greedy(base["model"], tok, tok(p)["input_ids"], 7) for p in prompts]
-    singles = [c.completions.create(model="tiny-base", prompt=p, max_tokens=7, temperature=0).choices[0].text for p in prompts]
+    singles = [
+        c.completions.create(model="tiny-base", prompt=p, max_tokens=7, temperature=0).choices[0].text for p in prompts
+    ]
     assert singles == expect
     before = httpx.get(server.url + "/health").json()
     r = c.completions.create(model="tiny-base", prompt=prompts, n=2, max_tokens=7, temperature=0)  # 6 rows, max-batch 2

@@ -71,7 +71,9 @@ def test_top_m_truncation_renormalises_and_reports_kl():
         assert set(token_ids[offsets[i] : offsets[i + 1]]) == set(top)
         assert math.isclose(kept[i], full[i, top].sum(), rel_tol=1e-9)
         np.testing.assert_allclose(probs[offsets[i] : offsets[i + 1]].sum(), 1.0, atol=1e-6)
-        np.testing.assert_allclose(np.sort(probs[offsets[i] : offsets[i + 1]]), np.sort(full[i, top] / kept[i]), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.sort(probs[offsets[i] : offsets[i + 1]]), np.sort(full[i, top] / kept[i]), rtol=1e-6
+        )
     # KL(p_M || p) = -log(kept mass)
     i = 0
     p_m = np.zeros(12)
@@ -181,8 +183,14 @@ def test_uint8_log_codes_round_trip_within_their_step():
     assert decoded.dtype == np.float32
     np.testing.assert_allclose(np.bincount(rows, weights=decoded), 1.0, rtol=1e-6)
     # the same entries, renormalised over what was kept: each within half a code step, relative
-    ref = np.concatenate([probs[offsets[i] : offsets[i + 1]][np.isin(tokens[offsets[i] : offsets[i + 1]], tok8[off8[i] : off8[i + 1]])]
-                          for i in range(50)])
+    ref = np.concatenate(
+        [
+            probs[offsets[i] : offsets[i + 1]][
+                np.isin(tokens[offsets[i] : offsets[i + 1]], tok8[off8[i] : off8[i + 1]])
+            ]
+            for i in range(50)
+        ]
+    )
     ref = ref / np.bincount(rows, weights=ref)[rows]
     ratio = decoded / ref
     bound = math.exp(1 / LOG_CODE_STEPS) - 1  # half a step each for the entry and, at worst, the row sum

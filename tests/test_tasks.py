@@ -24,7 +24,9 @@ def read_items(path):
 @pytest.fixture(scope="module")
 def facts_dir(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("facts")
-    write_facts_task("austen:train", "austen:test", out, tokenizer, n_items=12, max_tokens=20000, heldout_max_tokens=8000)
+    write_facts_task(
+        "austen:train", "austen:test", out, tokenizer, n_items=12, max_tokens=20000, heldout_max_tokens=8000
+    )
     return out
 
 
@@ -46,7 +48,9 @@ def ckpt(tmp_path_factory, tokenizer):
 def test_facts_items_are_true_continuations_with_distinct_distractors(facts_dir, tokenizer):
     items = read_items(facts_dir / "memdec_facts.jsonl")
     assert 5 <= len(items) <= 12
-    held = tokenizer.decode(__import__("memdec.data", fromlist=["x"]).load_token_stream("austen:test", tokenizer, 8000).tolist())
+    held = tokenizer.decode(
+        __import__("memdec.data", fromlist=["x"]).load_token_stream("austen:test", tokenizer, 8000).tolist()
+    )
     for it in items:
         assert it["answer"] == it["choices"][it["label"]]
         assert len(set(it["choices"])) == 4
@@ -96,7 +100,9 @@ def test_lambda_0_equals_lm_evals_hf_model(tiny_llama_dir, ckpt, facts_dir, gene
 
     tasks = ["memdec_facts", "memdec_general_lambada", "memdec_general_cloze"]
     include = [facts_dir, general_dir]
-    ours = evaluate(memdec_lm_class()(base=str(tiny_llama_dir), memdec=str(ckpt), lmbda=0.0, device="cpu"), include, tasks)
+    ours = evaluate(
+        memdec_lm_class()(base=str(tiny_llama_dir), memdec=str(ckpt), lmbda=0.0, device="cpu"), include, tasks
+    )
     hf = evaluate(HFLM(pretrained=str(tiny_llama_dir), device="cpu", batch_size=1), include, tasks)
     for task in tasks:
         assert ours["results"][task]["acc,none"] == hf["results"][task]["acc,none"], task
@@ -260,7 +266,9 @@ def test_cli_tasks_honour_text_field(tmp_path, tiny_llama_dir, capsys):
     held = "".join(d.text for d in read_corpus(test, "body"))
     items = read_items(out / "memdec_facts.jsonl")
     assert len(items) == 8 and all(it["context"] + it["answer"] in held and it["source"] == test for it in items)
-    assert main(["tasks", "general", "--corpus", test, "--text-field", "body", "--out", str(out), "--n-items", "5"]) == 0
+    assert (
+        main(["tasks", "general", "--corpus", test, "--text-field", "body", "--out", str(out), "--n-items", "5"]) == 0
+    )
     flat = " ".join(held.split())  # the general task's contexts are whitespace-normalised
     assert all(it["context"] + it["target"] in flat for it in read_items(out / "memdec_general.jsonl"))
     capsys.readouterr()

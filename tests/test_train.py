@@ -93,10 +93,41 @@ def test_ddp_two_cpu_processes_match_one_process(store, tmp_path):
     which Adam's early steps amplify to ~lr), and not those of 1 process x batch 1."""
     single = train(config(store, tmp_path / "single", max_steps=3, batch_size=2, save_every=3))
     half = train(config(store, tmp_path / "half", max_steps=3, batch_size=1, save_every=3))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "memdec.cli", "train",
-           "--datastore", str(store), "--out", str(tmp_path / "ddp"), "--max-steps", "3", "--batch-size", "1",
-           "--block-size", "32", "--lr", "1e-3", "--warmup", "1", "--save-every", "3", "--seed", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "memdec.cli",
+        "train",
+        "--datastore",
+        str(store),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "1",
+        "--block-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--save-every",
+        "3",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

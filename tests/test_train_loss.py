@@ -38,7 +38,9 @@ def test_sparse_kl_equals_dense_kl_div(tokenizer, alpha):
     model = tiny_model("llama", tokenizer)
     batch = collate(tokens, csr, np.array([0, 32]), 32)
     logits = model(input_ids=batch["input_ids"]).logits.reshape(-1, vocab)
-    loss, kl, ce = sparse_kl_ce_loss(logits, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha)
+    loss, kl, ce = sparse_kl_ce_loss(
+        logits, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha
+    )
 
     p = dense_rows(csr, np.arange(64), vocab)
     log_q = F.log_softmax(logits.double(), -1)
@@ -51,10 +53,14 @@ def test_sparse_kl_equals_dense_kl_div(tokenizer, alpha):
 
     # and the gradients agree too
     logits2 = logits.detach().double().requires_grad_()
-    ref = alpha * F.kl_div(F.log_softmax(logits2, -1), p, reduction="batchmean") + (1 - alpha) * F.cross_entropy(logits2, batch["labels"].reshape(-1))
+    ref = alpha * F.kl_div(F.log_softmax(logits2, -1), p, reduction="batchmean") + (1 - alpha) * F.cross_entropy(
+        logits2, batch["labels"].reshape(-1)
+    )
     ref.backward()
     logits3 = logits.detach().requires_grad_()
-    sparse_kl_ce_loss(logits3, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha)[0].backward()
+    sparse_kl_ce_loss(
+        logits3, batch["labels"].reshape(-1), batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha
+    )[0].backward()
     torch.testing.assert_close(logits3.grad.double(), logits2.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -74,7 +80,9 @@ def test_teacher_mixed_with_base_equals_dense_reference(tokenizer, alpha, beta):
     ref = alpha * dense_kl + (1 - alpha) * F.cross_entropy(ref_logits, labels)
     ref.backward()
     ours = logits.clone().requires_grad_()
-    loss, kl, _ = sparse_kl_ce_loss(ours, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha, base_logits, beta)
+    loss, kl, _ = sparse_kl_ce_loss(
+        ours, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha, base_logits, beta
+    )
     loss.backward()
     torch.testing.assert_close(kl.double(), dense_kl.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
@@ -98,7 +106,9 @@ def test_teacher_mixed_with_one_hot_is_a_smaller_alpha(tokenizer):
     (alpha * F.kl_div(F.log_softmax(mixed, -1), teacher, reduction="batchmean")
      + (1 - alpha) * F.cross_entropy(mixed, labels)).backward()
     smaller = logits.float().requires_grad_()
-    sparse_kl_ce_loss(smaller, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha * (1 - gamma))[0].backward()
+    sparse_kl_ce_loss(
+        smaller, labels, batch["target_rows"], batch["target_ids"], batch["target_probs"], alpha * (1 - gamma)
+    )[0].backward()
     torch.testing.assert_close(smaller.grad.double(), mixed.grad, rtol=1e-4, atol=1e-7)
 
 

@@ -55,7 +55,12 @@ def test_a_fork_saves_only_its_own_tensors_and_loads_on_the_shared_trunk(trained
     assert not [p for p in out.rglob(".*tmp*")] and not [p for p in out.glob(".save.*")]
     base, _ = load_model(str(tiny_llama_dir))
     info = read_memdec_json(out)
-    assert info["decoder"] == {"shape": "fork", "blocks": 1, "trunk_hash": trunk_hash(base, 1), "trunk_dtype": "float32"}
+    assert info["decoder"] == {
+        "shape": "fork",
+        "blocks": 1,
+        "trunk_hash": trunk_hash(base, 1),
+        "trunk_dtype": "float32",
+    }
     assert info["trainable_parameters"] < info["n_parameters"]
     model = MemoryDecoderModel.from_pretrained(base, out, tokenizer=tokenizer)
     assert model.shares_trunk and shared_split(base, model.memdec) == 1
@@ -96,7 +101,9 @@ def test_a_finished_run_drops_its_trainer_state_unless_kept(store, tmp_path):
 def test_extending_a_run_needs_its_trainer_state(store, tmp_path):
     """--patience stops a run early (lr 0: no validation improves); rerun without it, the run goes on to
     its last step only where the trainer state was kept."""
-    early = dict(decoder="copy", lr=0.0, valid="austen:test", valid_max_tokens=64, eval_every=1, patience=1, max_steps=4)
+    early = dict(
+        decoder="copy", lr=0.0, valid="austen:test", valid_max_tokens=64, eval_every=1, patience=1, max_steps=4
+    )
     for keep in (False, True):
         out = train(config(store, tmp_path / f"keep-{keep}", keep_trainer_state=keep, **early))
         assert json.loads((out / "memdec.json").read_text())["stopped_early_at"] == 2
@@ -130,13 +137,19 @@ def test_save_dtype_bfloat16_halves_the_weights_and_loads(store, tmp_path, tiny_
             assert read_memdec_json(half)["decoder"]["trunk_dtype"] == "float32"
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("branch", r"--decoder: unknown decoder shape 'branch': one of copy, fork"),
-    ("fork", r"--decoder: decoder shape 'fork': give the number of own blocks"),
-    ("fork:0", r"--decoder: decoder shape 'fork:0': give the number of own blocks"),
-    ("copy:2", r"--decoder: decoder shape 'copy:2': 'copy' takes no argument"),
-    ("fork:3", r"--decoder: decoder shape 'fork:3': the number of own blocks must lie in 1\.\.2 \(the base model has 2"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("branch", r"--decoder: unknown decoder shape 'branch': one of copy, fork"),
+        ("fork", r"--decoder: decoder shape 'fork': give the number of own blocks"),
+        ("fork:0", r"--decoder: decoder shape 'fork:0': give the number of own blocks"),
+        ("copy:2", r"--decoder: decoder shape 'copy:2': 'copy' takes no argument"),
+        (
+            "fork:3",
+            r"--decoder: decoder shape 'fork:3': the number of own blocks must lie in 1\.\.2 \(the base model has 2",
+        ),
+    ],
+)
 def test_bad_decoder_specs_are_one_line_before_any_model_loads(store, tmp_path, capsys, monkeypatch, spec, needle):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before --decoder was checked")
@@ -174,10 +187,29 @@ def test_copy_keeps_its_fingerprint_and_files(store, tmp_path):
 
 def test_adapt_trains_a_fork_and_keeps_only_what_a_user_needs(tiny_llama_dir, tmp_path, tokenizer):
     def run(out, **kw):
-        return adapt(AdaptConfig(model=str(tiny_llama_dir), corpus="austen:valid", valid="austen:test", test="austen:train",
-                                 out=str(out), train_tokens=600, valid_tokens=200, test_tokens=200, k=8, block_size=64,
-                                 batch_size=2, max_steps=2, lr=1e-3, samples=0, alpha=[0.5, 0.0], task_items=0,
-                                 general="none", decoder="fork:1", **kw))
+        return adapt(
+            AdaptConfig(
+                model=str(tiny_llama_dir),
+                corpus="austen:valid",
+                valid="austen:test",
+                test="austen:train",
+                out=str(out),
+                train_tokens=600,
+                valid_tokens=200,
+                test_tokens=200,
+                k=8,
+                block_size=64,
+                batch_size=2,
+                max_steps=2,
+                lr=1e-3,
+                samples=0,
+                alpha=[0.5, 0.0],
+                task_items=0,
+                general="none",
+                decoder="fork:1",
+                **kw,
+            )
+        )
 
     out = run(tmp_path / "run")
     chosen = (out / "memdec").resolve()

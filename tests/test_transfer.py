@@ -101,7 +101,9 @@ def test_transfer_round_trip_and_lambda_0_is_the_new_base(tmp_path, source, new_
     joint_nll, _ = score_tokens(joint.scorer(0.0), ids, 16, 8, progress=False)
     np.testing.assert_array_equal(joint_nll, base_nll)
     enc = new_tok(["Emma Woodhouse, handsome, clever"], return_tensors="pt")
-    assert torch.equal(joint.generate(**enc, max_new_tokens=6, pad_token_id=1), base.generate(**enc, max_new_tokens=6, pad_token_id=1))
+    assert torch.equal(
+        joint.generate(**enc, max_new_tokens=6, pad_token_id=1), base.generate(**enc, max_new_tokens=6, pad_token_id=1)
+    )
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
@@ -157,7 +159,11 @@ def test_adapt_transfer_from_runs_end_to_end(tmp_path, source, new_base, capsys)
     assert origin["source_decoder"] == str(source.resolve()) and origin["init"] == "mapped"
     assert info["train_config"]["max_steps"] == 1  # 0.25 x the source's 4 steps of 2x64 tokens, at 2x64 per step
     stages = json.loads((run / "stages.json").read_text())
-    assert stages["train"]["inputs"]["transfer"] == {"source": source_fingerprint(str(source)), "budget": 0.25, "init": "mapped"}
+    assert stages["train"]["inputs"]["transfer"] == {
+        "source": source_fingerprint(str(source)),
+        "budget": 0.25,
+        "init": "mapped",
+    }
     report = json.loads((run / "report.json").read_text())
     assert report["sizes"]["memdec_transfer"] == origin
     kept_router = stages["router"]["summary"]["kept"]  # the router stage adds its row only where it wins on valid
@@ -172,7 +178,10 @@ def test_adapt_transfer_from_runs_end_to_end(tmp_path, source, new_base, capsys)
 
     capsys.readouterr()
     adapt(adapt_cfg(source, new_base, run))  # the same settings: cached
-    assert "train: memory decoder" in (out := capsys.readouterr().out) and "cached" in out.split("train:")[1].splitlines()[0]
+    assert (
+        "train: memory decoder" in (out := capsys.readouterr().out)
+        and "cached" in out.split("train:")[1].splitlines()[0]
+    )
     adapt(adapt_cfg(source, new_base, run, transfer_init="random"))  # another init: the train stage is redone
     assert read_memdec_json(run / "memdec")["transfer"]["init"] == "random"
 

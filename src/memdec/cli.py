@@ -25,8 +25,14 @@ from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
 from .report import format_summary
-from .routing import (DomainRouterConfig, RouterConfig, format_domain_summary, format_router_summary, train_domain_router,
-                      train_router)
+from .routing import (
+    DomainRouterConfig,
+    RouterConfig,
+    format_domain_summary,
+    format_router_summary,
+    train_domain_router,
+    train_router,
+)
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
 from .train import TRAIN_HELP, TrainConfig, train

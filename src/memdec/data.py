@@ -4,7 +4,8 @@ A *corpus spec* is one string:
 
 - ``austen:train``, ``austen:valid``, ``austen:test``, ``austen:within`` (the built-in demo
   corpus: the first 90% of four novels, Northanger Abbey, Persuasion, and the last 10% of the
-  four training novels: held-out text that shares their characters and places), ``general:test`` (general modern English, CIA World Factbook backgrounds, for measuring forgetting) and
+  four training novels: held-out text that shares their characters and places), ``general:test`` (general modern
+  English, CIA World Factbook backgrounds, for measuring forgetting) and
   ``general:train`` (other essays of the same Factbook, disjoint from ``general:test`` by document: text to train on);
 - ``stdlib:train``, ``stdlib:valid``, ``stdlib:test``: the running Python's standard library source,
   one document per ``.py`` file, split 90/5/5 by module (``stdlib_split``); ``stdlib-notest:*``
@@ -132,7 +133,9 @@ def _decode(data: bytes, source: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CorpusError(f"{source}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start})") from None
+        raise CorpusError(
+            f"{source}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at byte offset {exc.start})"
+        ) from None
 
 
 def paragraph_cut(text: str, fraction: float) -> int:
@@ -320,7 +323,9 @@ def _read_arrow_dataset(path: Path, text_field: str) -> Iterator[Document]:
     try:
         from datasets import load_from_disk
     except ImportError:
-        raise CorpusError(f"{path}: reading a saved Arrow dataset needs the 'datasets' package (pip install datasets)") from None
+        raise CorpusError(
+            f"{path}: reading a saved Arrow dataset needs the 'datasets' package (pip install datasets)"
+        ) from None
     ds = load_from_disk(str(path))
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take its first split
         ds = ds[sorted(ds.keys())[0]]
@@ -495,7 +500,9 @@ def encode_after(tokenizer, before: str, text: str) -> list[int]:
     return [i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= cut]
 
 
-def tokenize_documents(tokenizer, docs: Iterable[Document], batch_size: int = 64, max_tokens: int | None = None) -> np.ndarray:
+def tokenize_documents(
+    tokenizer, docs: Iterable[Document], batch_size: int = 64, max_tokens: int | None = None
+) -> np.ndarray:
     """Tokenize documents in batches and join them with EOS between documents (``iter_token_pieces``).
 
     Returns: int32 array [n_tokens].

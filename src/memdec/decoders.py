@@ -1,6 +1,7 @@
 """Decoder shapes: how a memory decoder is made from its base model, saved and loaded.
 
-A shape is named by a spec (``--decoder`` of train, adapt and baseline): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each shape registers
+A shape is named by a spec (``--decoder`` of train, adapt and baseline): ``copy``, ``fork:K`` or ``lora:R[@K]``. Each
+shape registers
 itself (``register``) in ``SHAPES`` (a ``memdec.registry.Registry``: name -> class) and its ``memdec.json``
 record's check (``record_fields``, ``check_record``) in ``memdec.checkpoint.DECODER_RECORDS``; ``parse_shape(spec)``
 gives an instance, or one MemdecError line. A new shape is one class here, registered, and its test.
@@ -330,7 +331,9 @@ class ForkShape(DecoderShape):
     @classmethod
     def parse(cls, arg: str | None, spec: str) -> "ForkShape":
         if arg is None or not re.fullmatch(_POSITIVE, arg):
-            raise MemdecError(f"decoder shape {spec!r}: give the number of own blocks, a positive integer, as in 'fork:8'")
+            raise MemdecError(
+                f"decoder shape {spec!r}: give the number of own blocks, a positive integer, as in 'fork:8'"
+            )
         return cls(_size(arg, spec))
 
     @classmethod
@@ -446,7 +449,9 @@ class ForkShape(DecoderShape):
 _LAYER = re.compile(r"model\.layers\.([0-9]+)\.")  # a block's tensor in a state dict (blocks_and_norm's layout)
 
 
-def _read_safetensors(file: Path, what: str = "a fork memory decoder keeps its own blocks there") -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    file: Path, what: str = "a fork memory decoder keeps its own blocks there"
+) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, on CPU, each finite and of a sane size (``check_weights``); one
     MemdecError line if missing, unreadable or not."""
     if not file.is_file():

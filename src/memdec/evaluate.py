@@ -122,7 +122,8 @@ class ResultRow:
         return row
 
 
-def make_row(system: str, model: str, nll: np.ndarray, seconds: float, lmbda: float | None = None, **extra) -> ResultRow:
+def make_row(system: str, model: str, nll: np.ndarray, seconds: float, lmbda: float | None = None,
+             **extra) -> ResultRow:
     """A row from per-token NLLs [N] scored in ``seconds``; MemdecError naming the system where its
     perplexity is not a finite number (a kNN-LM at λ=1 that misses a target, an overflow)."""
     mean, ppl = float(np.mean(nll, dtype=np.float64)), mean_ppl(nll)
@@ -213,7 +214,8 @@ def format_table(rows: list[ResultRow], n_tokens: int, corpus: str, general: str
     columns += [Column("general ppl", extra("general_ppl", ".3f"))] if with_general else []
     columns += [Column("recurring", extra("recurring_ppl", ".3f"))] if with_recurring else []
     columns += [Column("tok/s", lambda r: f"{r.tokens_per_s:.1f}"), Column("x base", extra("inference_ratio", ".2f")),
-                Column("trainable", extra("trainable_parameters", ",")), Column("train s", extra("train_seconds", ".1f")),
+                Column("trainable", extra("trainable_parameters", ",")),
+                Column("train s", extra("train_seconds", ".1f")),
                 Column("model", lambda r: r.model, "<")]
     title = f"{n_tokens} tokens of {corpus}" + (f"; general: {general}" if general and with_general else "")
     return "\n".join([title, *render_columns(rows, columns, "text")])
@@ -255,8 +257,8 @@ def _check_mixing_flags(cfg: EvalConfig) -> None:
         if cfg.sweep:
             raise MemdecError("give --lambda or --sweep, not both")
     if not mixes and (cfg.lmbda is not None or cfg.sweep or cfg.valid or cfg.plot):
-        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT, --knn DATASTORE "
-                          "or --baseline DIR")
+        raise MemdecError("--lambda, --sweep, --valid and --plot need a system to mix in: --memdec CKPT, "
+                          "--knn DATASTORE or --baseline DIR")
     if cfg.router is not None:
         if cfg.memdec is None:
             raise MemdecError("--router mixes a memory decoder at λ_t: give --memdec CKPT (or --run RUN) beside it")
@@ -321,7 +323,8 @@ def _check_baselines(cfg: EvalConfig, tokenizer) -> list[str]:
     for path in cfg.baseline or []:
         method = check_baseline(path, cfg.model, tokenizer)["method"]
         if method in by_method:
-            raise MemdecError(f"two --baseline folders of method {method} ({by_method[method]}, {path}); give one per method")
+            raise MemdecError(f"two --baseline folders of method {method} ({by_method[method]}, {path}); "
+                              f"give one per method")
         by_method[method] = path
     return [by_method[m] for m in method_names() if m in by_method]
 
@@ -392,7 +395,8 @@ def score_systems(cfg: EvalConfig, inputs: EvalInputs) -> Scored:
         if not loaded.alone:  # mixed with the base like a memory decoder (ce-decoder)
             scored.mixtures.append(_score_memdec(cfg, inputs, loaded.row_label, path, loaded.model, loaded.budget()))
         else:
-            nll, seconds = _score_each(cfg, inputs, base_scorer(loaded.model), loaded.row_label, streams=("test", "general"))
+            nll, seconds = _score_each(cfg, inputs, base_scorer(loaded.model), loaded.row_label,
+                                       streams=("test", "general"))
             scored.alone.append(Standalone(loaded.row_label, path, nll, seconds, extra=loaded.budget()))
         del loaded
     return scored
@@ -555,7 +559,8 @@ def build_rows(cfg: EvalConfig, inputs: EvalInputs, scored: Scored) -> EvalRepor
         row.extra["tokens"] = len(base["test"])
         row.extra.setdefault("trainable_parameters", None)
         row.extra.setdefault("train_seconds", None)
-        row.extra["inference_ratio"] = round(rows[0].tokens_per_s / row.tokens_per_s, 3) if row.tokens_per_s > 0 else None
+        ratio = rows[0].tokens_per_s / row.tokens_per_s if row.tokens_per_s > 0 else None
+        row.extra["inference_ratio"] = None if ratio is None else round(ratio, 3)
     if cfg.recurring:
         extra["recurring"] = _recurring_column(cfg, inputs, rows, row_nll)
     if curves:
@@ -599,7 +604,8 @@ def _standalone_row(sa: Standalone, base: dict) -> ResultRow:
 
 def _recurring_column(cfg: EvalConfig, inputs: EvalInputs, rows: list[ResultRow], row_nll: list[np.ndarray]) -> dict:
     """Each row's perplexity on the test tokens of names and numbers that recur in ``cfg.recurring``."""
-    mask = recurring_positions(inputs.streams["test"], memory_token_stream(cfg.recurring, inputs.tokenizer), inputs.tokenizer)
+    memory = memory_token_stream(cfg.recurring, inputs.tokenizer)
+    mask = recurring_positions(inputs.streams["test"], memory, inputs.tokenizer)
     for row, nll in zip(rows, row_nll):
         row.extra["recurring_ppl"] = _finite_or_none(mean_ppl(nll[mask])) if mask.any() else None
     return {"memory": cfg.recurring, "tokens": int(mask.sum())}
@@ -666,7 +672,8 @@ def plot_lambda_curves(path: str | os.PathLike, curves: dict, grid, test_corpus:
             ax.plot(grid, _curve(c["valid_ppl"]), "--", color=color, label=f"{system}, valid ({valid_corpus})")
         ax.axvline(c["lambda"], color=color, lw=0.8, alpha=0.6)
     # λ near 1 can be orders of magnitude worse (an untrained decoder alone): keep the useful range
-    values = [v for c in curves.values() for key in ("test_ppl", "valid_ppl") for v in (c.get(key) or []) if v is not None]
+    values = [v for c in curves.values() for key in ("test_ppl", "valid_ppl") for v in (c.get(key) or [])
+              if v is not None]
     base_ppl = max(c["test_ppl"][0] for c in curves.values())
     top = 2.5 * base_ppl
     if max(values) > top:

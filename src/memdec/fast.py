@@ -15,7 +15,8 @@ criteria, attention mask and position ids), and hands the decoding loop to this 
   (``MemoryDecoderModel.mix_logits``, the eager path's own); at λ = 0 the memory decoder is skipped;
 - on CUDA that step is captured once as a CUDA graph and replayed (no Python or launches per layer),
   the memory decoder on a second stream beside the base model (at small batches neither fills the
-  GPU, so the decoder's layers run in the base model's shadow), and the loop checks whether every sequence has finished only every ``sync_every`` steps, then
+  GPU, so the decoder's layers run in the base model's shadow), and the loop checks whether every sequence has
+  finished only every ``sync_every`` steps, then
   drops the steps past the end (their tokens would all be padding).
 
 Greedy decoding and sampling (temperature, top-k, top-p and every other logits processor, EOS and
@@ -263,7 +264,8 @@ class FastJointGenerator(StaticSteps):
             model = getattr(self.joint, which)
             impl = getattr(model.config, "_attn_implementation", None) or "eager"
             if impl not in _SUPPORTED_ATTENTION:
-                return f"the {which} model's attention is {impl!r} (the fast path supports {', '.join(_SUPPORTED_ATTENTION)})"
+                supported = ", ".join(_SUPPORTED_ATTENTION)
+                return f"the {which} model's attention is {impl!r} (the fast path supports {supported})"
             kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
             if kinds - {"full_attention"} or getattr(model.config, "sliding_window", None):
                 return f"the {which} model has layers other than full attention ({sorted(kinds)})"

@@ -308,7 +308,9 @@ class NpyAppender:
             self.f = open(self.path, "w+b")
         else:
             if not self.path.is_file() or self.path.stat().st_size < size:
-                raise DatastoreError(f"{self.path}: shorter than the {self.n} entries the manifest records (truncated?)")
+                raise DatastoreError(
+                    f"{self.path}: shorter than the {self.n} entries the manifest records (truncated?)"
+                )
             self.f = open(self.path, "r+b")
         self.f.truncate(size)
         self.f.seek(0)

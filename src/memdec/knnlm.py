@@ -63,7 +63,11 @@ class KnnRetriever:
         self.bases_checked.add(folder)
 
     def neighbours(self, queries: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries, np.float32)
+        q = (
+            queries.detach().float().cpu().numpy()
+            if isinstance(queries, torch.Tensor)
+            else np.asarray(queries, np.float32)
+        )
         dists, ids = search(self.index, q, self.k)
         return dists, lookup_values(ids, self.values)
 
@@ -86,7 +90,9 @@ def check_same_base(retriever: KnnRetriever, model, capture_name: str, key_model
     dim = retriever.store.dim
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
     if hidden is not None and hidden != dim:
-        raise DatastoreError(f"the datastore's keys have dimension {dim}, this base model's {hidden}: another model built it")
+        raise DatastoreError(
+            f"the datastore's keys have dimension {dim}, this base model's {hidden}: another model built it"
+        )
     if not retriever.key_model:
         retriever.check_base(model)
 
@@ -140,8 +146,9 @@ def knn_pass(model, retriever: KnnRetriever, tokens: np.ndarray, block_size: int
             found_v.append(v.reshape(len(targets), n, -1))
             return lp
 
-        nll, seconds = score_tokens(scorer, tokens, block_size, stride, batch_size, device, desc=desc, progress=progress,
-                                    prefix=prefix)
+        nll, seconds = score_tokens(
+            scorer, tokens, block_size, stride, batch_size, device, desc=desc, progress=progress, prefix=prefix
+        )
     # windows are scored in order of position, each batch's rows in order: concatenate back
     dists = np.concatenate([d.reshape(-1, d.shape[-1]) for d in found_d])
     values = np.concatenate([v.reshape(-1, v.shape[-1]) for v in found_v])
@@ -198,7 +205,9 @@ def choose_temperature_and_lambda(valid: KnnPass, lambdas, temperatures) -> tupl
 # Generation
 
 
-def knn_mix_rows(logp: torch.Tensor, dists: np.ndarray, values: np.ndarray, lmbda: float, temperature: float) -> torch.Tensor:
+def knn_mix_rows(
+    logp: torch.Tensor, dists: np.ndarray, values: np.ndarray, lmbda: float, temperature: float
+) -> torch.Tensor:
     """log((1-λ)·p_base + λ·p_kNN) of full rows: logp [P, V], neighbours [P, k] -> [P, V]."""
     if lmbda == 0.0:
         return logp

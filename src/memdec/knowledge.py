@@ -52,7 +52,9 @@ def token_classes(tokenizer) -> TokenClasses:
     space = np.array([t == " " for t in texts])
     letters = np.array([t.isalpha() for t in texts])
     digit = np.array([any(c.isdigit() for c in t) for t in texts])
-    ends = np.array([(t.rstrip(" ").endswith(SENTENCE_END) or t.endswith("\n")) if t.strip(" ") else False for t in texts])
+    ends = np.array(
+        [(t.rstrip(" ").endswith(SENTENCE_END) or t.endswith("\n")) if t.strip(" ") else False for t in texts]
+    )
     is_i = np.array([t == " I" for t in texts])
     for special in tokenizer.all_special_ids:
         if special < vocab:
@@ -74,7 +76,9 @@ def word_spans(tokens: np.ndarray, classes: TokenClasses) -> tuple[np.ndarray, n
     prev_ends[1:] = classes.ends_sentence[tokens[:-1]]
     before_space = np.zeros(n, dtype=bool)  # "x", " ", "Word": the space token stands for the word's own space
     before_space[2:] = classes.space[tokens[1:-1]] & ~classes.ends_sentence[tokens[:-2]]
-    name_start = (classes.cap_start[tokens] & ~prev_ends | classes.upper_first[tokens] & before_space) & ~classes.is_i[tokens]
+    name_start = (classes.cap_start[tokens] & ~prev_ends | classes.upper_first[tokens] & before_space) & ~classes.is_i[
+        tokens
+    ]
     digit = classes.digit[tokens]
     number_start = digit & np.concatenate([[True], ~digit[:-1]])
     start = name_start | number_start
@@ -91,7 +95,9 @@ def _word_keys(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list
     return [tokens[s:e].tobytes() for s, e in zip(starts, ends)]
 
 
-def recurring_positions(tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer, classes: TokenClasses | None = None) -> np.ndarray:
+def recurring_positions(
+    tokens: np.ndarray, memory_tokens: np.ndarray, tokenizer, classes: TokenClasses | None = None
+) -> np.ndarray:
     """bool [N-1]: True at position p when tokens[p+1] lies in a name or number that also occurs in memory.
 
     tokens: int [N], the held-out stream; memory_tokens: int [M], the datastore's stream.

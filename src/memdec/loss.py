@@ -79,7 +79,9 @@ def lm_head(model, probe: torch.Tensor, rtol: float = 1e-4) -> LMHead | None:
         with torch.no_grad(), torch.autocast(probe.device.type, enabled=False):
             out = model(input_ids=probe, output_hidden_states=True, use_cache=False)
             ours = found.cast(torch.float32).logits(out.hidden_states[-1][0].float())
-            same = ours.shape == out.logits[0].shape and torch.allclose(ours, out.logits[0].float(), rtol=rtol, atol=rtol)
+            same = ours.shape == out.logits[0].shape and torch.allclose(
+                ours, out.logits[0].float(), rtol=rtol, atol=rtol
+            )
     except (TypeError, AttributeError, IndexError):  # no hidden states, another output type
         same = False
     finally:
@@ -296,7 +298,9 @@ class _HeadKLCE(torch.autograd.Function):
         weight = plan.head.weight
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b and ctx.has_bias else None
+        )
         kept, ctx.kept = ctx.kept, None  # used up here: a second backward recomputes
         with torch.autocast(hidden.device.type, enabled=False):
             for i, (s, e) in enumerate(plan.chunks(n)):
@@ -347,14 +351,21 @@ def head_kl_ce_loss(
     weight and bias, and through ``hidden`` the rest of the model). teacher: (the base model's
     final hidden states [P, d_b], its LMHead), needed when β > 0. Positions go through in chunks
     whose fp32 logits fit ``budget`` bytes (default ``LOGITS_BUDGET_BYTES``); the logits are
-    recomputed in backward unless all of them fit ``keep`` bytes (default ``KEEP_LOGITS_BYTES``). Under autocast, the head's matmuls run in the
+    recomputed in backward unless all of them fit ``keep`` bytes (default ``KEEP_LOGITS_BYTES``). Under autocast, the
+    head's matmuls run in the
     autocast dtype, as the model's own head would. Returns (loss, kl, ce) as ``sparse_kl_ce_loss``.
     """
     beta = _check_teacher(alpha, beta, teacher)
     n, device = hidden.shape[0], hidden.device
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
     targets = _Targets.build(n, target_rows, target_ids, target_probs, alpha, beta, device)
-    plan = _Plan(head, dtype, chunk_rows(head.weight.shape[0], budget or LOGITS_BUDGET_BYTES),
-                 KEEP_LOGITS_BYTES if keep is None else keep, teacher[0].detach() if beta > 0 else None, teacher[1] if beta > 0 else None)
+    plan = _Plan(
+        head,
+        dtype,
+        chunk_rows(head.weight.shape[0], budget or LOGITS_BUDGET_BYTES),
+        KEEP_LOGITS_BYTES if keep is None else keep,
+        teacher[0].detach() if beta > 0 else None,
+        teacher[1] if beta > 0 else None,
+    )
     loss, kl, ce = _HeadKLCE.apply(hidden, head.weight, head.bias, labels, targets, float(alpha), beta, plan)
     return loss, kl.detach(), ce.detach()

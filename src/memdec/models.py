@@ -165,7 +165,9 @@ def _convert_gguf(gguf_path: str, dest: Path) -> None:
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "memdec_source.json", {"gguf": gguf_path, "convert_seconds": round(time.perf_counter() - t0, 2)})
+        atomic_write_json(
+            tmp / "memdec_source.json", {"gguf": gguf_path, "convert_seconds": round(time.perf_counter() - t0, 2)}
+        )
 
     _atomic_save_folder(dest, write)
 

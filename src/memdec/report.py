@@ -169,9 +169,13 @@ def _router_lines(run: Path, stages: dict) -> list[str]:
         record = read_router_lambdas(record_file)
         plot_router_lambdas(record, run / ROUTER_PLOT)
         lam = record["lambda_t"]
-        lines += ["", f"λ_t along the first {len(lam)} positions of {record['corpus']} (mean {sum(lam) / len(lam):.3f}, "
-                      f"from {min(lam):.3f} to {max(lam):.3f}; the fixed λ is {record['fixed_lambda']:.2f}):", "",
-                  f"![λ_t along a test passage]({ROUTER_PLOT})"]
+        lines += [
+            "",
+            f"λ_t along the first {len(lam)} positions of {record['corpus']} (mean {sum(lam) / len(lam):.3f}, "
+            f"from {min(lam):.3f} to {max(lam):.3f}; the fixed λ is {record['fixed_lambda']:.2f}):",
+            "",
+            f"![λ_t along a test passage]({ROUTER_PLOT})",
+        ]
     return lines
 
 
@@ -330,20 +334,30 @@ def report_markdown(run: Path, report: dict, training_png: str | None) -> list[s
     lines += results_table(report["results"], report["general"], report["recurring"], report.get("tasks"))
     lines += _teacher_lines(s, report)
     if s.baselines:
-        lines += ["", f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
-                      f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
-                      f"{'max_steps ' + str(s.max_steps) if s.max_steps else f'{s.epochs:g} epoch(s)'}, the same warm-up "
-                      f"and cosine schedule, peak lr {s.lr:g} (LoRA: {s.lora_lr:g}, rank {s.lora_r}), next-token "
-                      f"cross-entropy only. dapt and lora are scored alone (LoRA merged into the base); ce-decoder is the "
-                      f"memory decoder's recipe with alpha=0, mixed with the base at its own λ."]
+        lines += [
+            "",
+            f"Baselines (`memdec baseline`) trained on the datastore's token stream with the memory decoder's "
+            f"budget: the same windows of {s.train_block_size} tokens, batch {s.batch_size}, "
+            f"{'max_steps ' + str(s.max_steps) if s.max_steps else f'{s.epochs:g} epoch(s)'}, the same warm-up "
+            f"and cosine schedule, peak lr {s.lr:g} (LoRA: {s.lora_lr:g}, rank {s.lora_r}), next-token "
+            f"cross-entropy only. dapt and lora are scored alone (LoRA merged into the base); ce-decoder is the "
+            f"memory decoder's recipe with alpha=0, mixed with the base at its own λ.",
+        ]
         if report["ce_decoder_reused_from"]:
             lines.append(f"The ce-decoder is `{report['ce_decoder_reused_from']}`, the α=0 teacher candidate: the same "
                          f"recipe on the same tokens, so it was not trained twice.")
     sizes = report["sizes"]
-    lines += ["", "## Sizes", "",
-              f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
-              f"- memory decoder: {_decoder_size(sizes)}, {sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})",
-              *_origin_lines(sizes.get("memdec_transfer")), "", _shape_note(settings_shape(report["settings"])), ""]
+    lines += [
+        "",
+        "## Sizes",
+        "",
+        f"- datastore: {sizes['datastore_keys']:,} keys, {sizes['datastore_bytes'] / 2**20:.1f} MiB on disk",
+        f"- memory decoder: {_decoder_size(sizes)}, {sizes['memdec_bytes'] / 2**20:.1f} MiB ({sizes['memdec_init']})",
+        *_origin_lines(sizes.get("memdec_transfer")),
+        "",
+        _shape_note(settings_shape(report["settings"])),
+        "",
+    ]
     lines += _disk_lines(report.get("disk_bytes"), report["settings"], report)
     lines += ["## Stage times", ""]
     lines += render_table(["stage", "seconds"], [[k, str(v)] for k, v in report["stage_seconds"].items()])
@@ -405,11 +419,13 @@ def _origin_lines(origin: dict | None) -> list[str]:
     if not origin:
         return []
     cov = origin.get("mapping") or {}
-    return [f"- origin: transferred from `{origin.get('source_decoder')}` (a decoder for "
-            f"`{origin.get('source_base_model')}`, tokenizer {origin.get('source_tokenizer_hash')}), {origin.get('init')} "
-            f"embedding and LM-head rows; the mapping covers {100 * cov.get('coverage', 0):.1f}% of the "
-            f"{cov.get('tokens', '?')} tokens ({cov.get('single_piece', '?')} as one source piece, "
-            f"{cov.get('fallback', '?')} given the mean row)"]
+    return [
+        f"- origin: transferred from `{origin.get('source_decoder')}` (a decoder for "
+        f"`{origin.get('source_base_model')}`, tokenizer {origin.get('source_tokenizer_hash')}), {origin.get('init')} "
+        f"embedding and LM-head rows; the mapping covers {100 * cov.get('coverage', 0):.1f}% of the "
+        f"{cov.get('tokens', '?')} tokens ({cov.get('single_piece', '?')} as one source piece, "
+        f"{cov.get('fallback', '?')} given the mean row)"
+    ]
 
 
 def _teacher_lines(s: SimpleNamespace, report: dict) -> list[str]:
@@ -417,7 +433,10 @@ def _teacher_lines(s: SimpleNamespace, report: dict) -> list[str]:
     if len(choice) < 2:
         return []
     ranked = sorted(choice.items(), key=lambda kv: kv[1])
-    label = (lambda n: candidate_label(n if n.startswith(("alpha-", TWO_PHASE_PREFIX)) else f"alpha-{n}"))  # older runs: keys were α
+    def label(n):
+        return candidate_label(
+            n if n.startswith(("alpha-", TWO_PHASE_PREFIX)) else f"alpha-{n}"
+        )  # older runs: keys were α
     secs = report.get("candidate_seconds") or {}
     took = lambda n: f", {secs[n]:.0f} s" if secs.get(n) is not None else ""  # noqa: E731 - wall time of its training
     lines = ["", f"Teacher chosen on {s.valid} (α: weight of the kNN distillation term; β: the base model's share "
@@ -427,7 +446,9 @@ def _teacher_lines(s: SimpleNamespace, report: dict) -> list[str]:
                  + (". α=0 is next-token cross-entropy only: at this scale the kNN targets did not beat plain "
                     "cross-entropy as a teacher." if label(ranked[0][0]) == "α=0" else ".")]
     if report.get("skipped"):
-        lines.append(f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in report['skipped'])}.")
+        lines.append(
+            f"Not trained (training budget spent): {', '.join(candidate_label(n) for n in report['skipped'])}."
+        )
     return lines
 
 
@@ -515,18 +536,27 @@ def results_table(rows: list[dict], general: dict | None, recurring: dict | None
     for key, head, on in (("recurring_ppl", "recurring ppl", recurring), ("general_ppl", "general ppl", general)):
         table += [Column(head, _value(key, ".2f")), Column("vs base", _vs_base(key, base))] if on else []
     table += _task_columns(tasks)
-    table += [Column("trainable params", lambda r: _params(r.get("trainable_parameters"))), Column("train time", _train_time),
-              Column("tokens/s", _value("tokens_per_s", ".1f")),
-              Column("inference time vs base", lambda r: f"{_ratio(r, base):.2f}×")]
+    table += [
+        Column("trainable params", lambda r: _params(r.get("trainable_parameters"))),
+        Column("train time", _train_time),
+        Column("tokens/s", _value("tokens_per_s", ".1f")),
+        Column("inference time vs base", lambda r: f"{_ratio(r, base):.2f}×"),
+    ]
     lines = render_columns(rows, table)
-    lines += ["", "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
-              "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
-              "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
-              "datastore with its kNN targets, shown beside it. *inference time vs base*: the base model's tokens/s over "
-              "the system's, measured in this evaluation (a mixture runs the base and its second model)."]
+    lines += [
+        "",
+        "Every row is scored on the same tokens. *trainable params*: parameters that training changes "
+        "(kNN-LM trains none; its cost is building the datastore's keys and index, shown as its train time). "
+        "*train time*: wall time of the training loop, validation included; the memory decoder also needs the "
+        "datastore with its kNN targets, shown beside it. *inference time vs base*: the base model's tokens/s over "
+        "the system's, measured in this evaluation (a mixture runs the base and its second model).",
+    ]
     if recurring:
-        lines += ["", f"*recurring ppl*: the {recurring['tokens']} test tokens that belong to names and numbers also found in "
-                  f"the datastore's text (`memdec.knowledge`): the facts a memory is for."]
+        lines += [
+            "",
+            f"*recurring ppl*: the {recurring['tokens']} test tokens that belong to names and numbers also found in "
+            f"the datastore's text (`memdec.knowledge`): the facts a memory is for.",
+        ]
     lines += _task_notes(tasks, columns)
     if general:
         lines += ["", f"*general ppl*: {general['tokens']} tokens of `{general['corpus']}`, general text far from the "
@@ -541,15 +571,21 @@ def _task_notes(tasks: dict | None, columns: dict[str, str]) -> list[str]:
     lines = []
     if FACTS_TASK in columns:
         w = written[FACTS_TASK]
-        lines += ["", f"*facts acc*: factual recall, {w['items']} multiple-choice item(s) ({TASK_CHOICES} options) from "
-                      f"`{w['heldout']}`: a name or number of the test text that also occurs in the training text, "
-                      f"after the {FACTS_CONTEXT_TOKENS} tokens before it; the distractors are other names or numbers "
-                      f"of the training text (lm-eval task `{FACTS_TASK}` in `tasks/`)."]
+        lines += [
+            "",
+            f"*facts acc*: factual recall, {w['items']} multiple-choice item(s) ({TASK_CHOICES} options) from "
+            f"`{w['heldout']}`: a name or number of the test text that also occurs in the training text, "
+            f"after the {FACTS_CONTEXT_TOKENS} tokens before it; the distractors are other names or numbers "
+            f"of the training text (lm-eval task `{FACTS_TASK}` in `tasks/`).",
+        ]
     if f"{GENERAL_TASK}_cloze" in columns:
         w = written[f"{GENERAL_TASK}_cloze"]
-        lines += ["", f"*general acc*: general ability, {w['items']} passages of `{w['corpus']}`, the last word of each "
-                      f"to pick among {TASK_CHOICES} (`{GENERAL_TASK}_cloze`); a drop against the base is forgetting. "
-                      f"The LAMBADA-style exact match of the same words (`{GENERAL_TASK}_lambada`) is in report.json."]
+        lines += [
+            "",
+            f"*general acc*: general ability, {w['items']} passages of `{w['corpus']}`, the last word of each "
+            f"to pick among {TASK_CHOICES} (`{GENERAL_TASK}_cloze`); a drop against the base is forgetting. "
+            f"The LAMBADA-style exact match of the same words (`{GENERAL_TASK}_lambada`) is in report.json.",
+        ]
     if columns:
         lines += ["", "Accuracies: each system through lm-evaluation-harness (the `memdec` model) at the λ chosen "
                       "above; ± is half the width of the 95% Wilson interval, n the number of items."]
@@ -563,10 +599,17 @@ def format_summary(run: Path) -> str:
     report = read_report_json(Path(run) / "report.json")
     rows = report["results"]
     base = next(r for r in rows if r["system"] == "base")
-    table = [Column("system", lambda r: r["system"], "<"), Column("lambda", _lambda), Column("ppl", _value("ppl", ".3f")),
-             Column("vs base", _vs_base("ppl", base, on_base=True))]
+    table = [
+        Column("system", lambda r: r["system"], "<"),
+        Column("lambda", _lambda),
+        Column("ppl", _value("ppl", ".3f")),
+        Column("vs base", _vs_base("ppl", base, on_base=True)),
+    ]
     if base.get("general_ppl") is not None:
-        table += [Column("general", _value("general_ppl", ".3f")), Column("vs base", _vs_base("general_ppl", base, True))]
+        table += [
+            Column("general", _value("general_ppl", ".3f")),
+            Column("vs base", _vs_base("general_ppl", base, True)),
+        ]
     table += _task_columns(report.get("tasks"), lambda c: c.replace(" acc", ""))
     table += [Column("tok/s", _value("tokens_per_s", ".1f")),
               Column("trainable", lambda r: _params(r.get("trainable_parameters"))),

@@ -106,8 +106,10 @@ class RouterFeatures:
     def build(self, h_base: torch.Tensor, h_mem: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
         """Feature rows [..., width] from the hidden states [..., d_base], [..., d_mem] and scalars [..., s]."""
         if h_base.shape[-1] != self.d_base or h_mem.shape[-1] != self.d_mem:
-            raise MemdecError(f"the router was trained on hidden sizes {self.d_base} (base) and {self.d_mem} (decoder); "
-                              f"these models have {h_base.shape[-1]} and {h_mem.shape[-1]}")
+            raise MemdecError(
+                f"the router was trained on hidden sizes {self.d_base} (base) and {self.d_mem} (decoder); "
+                f"these models have {h_base.shape[-1]} and {h_mem.shape[-1]}"
+            )
         return torch.cat([h_base.float(), h_mem.float(), scalars.float()], dim=-1)
 
     def from_logits(self, h_base, h_mem, base_logits, mem_logits) -> torch.Tensor:
@@ -276,7 +278,9 @@ class TokenRouter(Router):
                             folder / ROUTER_WEIGHTS, ROUTER_JSON, ("scalar_std",))
 
 
-def mix_routed(lp_base: torch.Tensor, lp_mem: torch.Tensor, log_1m: torch.Tensor, log_lam: torch.Tensor) -> torch.Tensor:
+def mix_routed(
+    lp_base: torch.Tensor, lp_mem: torch.Tensor, log_1m: torch.Tensor, log_lam: torch.Tensor
+) -> torch.Tensor:
     """log((1 − λ_t)·p_base + λ_t·p_mem) from log-probs [..., n] or [..., V] and the router's log-weights
     (broadcast: [..., n] for targets, [..., 1] for full rows). A weight of −inf leaves the other side exact."""
     return torch.logaddexp(lp_base + log_1m, lp_mem + log_lam)
@@ -506,7 +510,9 @@ class DomainRouter(nn.Module):
     def __init__(self, d_base: int, classes: list[str] | tuple[str, ...], hidden: int = 0):
         super().__init__()
         if len(classes) < 2 or classes[0] != NO_DOMAIN or len(set(classes)) != len(classes):
-            raise MemdecError(f'a domain router\'s classes are "{NO_DOMAIN}" then each domain once, got {list(classes)}')
+            raise MemdecError(
+                f'a domain router\'s classes are "{NO_DOMAIN}" then each domain once, got {list(classes)}'
+            )
         self.d_base, self.classes, self.hidden = d_base, tuple(classes), hidden
         self.register_buffer("mean", torch.zeros(d_base))
         self.register_buffer("std", torch.ones(d_base))

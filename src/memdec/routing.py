@@ -105,8 +105,11 @@ def check_router_config(cfg: RouterConfig) -> RouterConfig:
         check_positive_int(value, flag)
     if cfg.general_tokens is not None:
         check_positive_int(cfg.general_tokens, "--general-tokens")
-    if cfg.domain_skip_tokens is not None and (isinstance(cfg.domain_skip_tokens, bool) or
-                                               not isinstance(cfg.domain_skip_tokens, int) or cfg.domain_skip_tokens < 0):
+    if cfg.domain_skip_tokens is not None and (
+        isinstance(cfg.domain_skip_tokens, bool)
+        or not isinstance(cfg.domain_skip_tokens, int)
+        or cfg.domain_skip_tokens < 0
+    ):
         raise MemdecError(f"--domain-skip-tokens must be a whole number >= 0, got {cfg.domain_skip_tokens}")
     if cfg.stride is not None and not (isinstance(cfg.stride, int) and 1 <= cfg.stride <= cfg.block_size):
         raise MemdecError(f"--stride {cfg.stride} must lie between 1 and --block-size {cfg.block_size}")
@@ -196,7 +199,9 @@ def valid_report(rows: Rows, router, lmbda: float, corpus: str) -> dict:
     nll_base = -rows.lp_base.double()
     fixed = -torch.logaddexp(rows.lp_base.double() + (math.log1p(-lmbda) if lmbda < 1 else -math.inf),
                              rows.lp_mem.double() + (math.log(lmbda) if lmbda > 0 else -math.inf))
-    routed = evaluate_router(router, rows.features, rows.lp_base, rows.lp_mem, torch.zeros(len(rows), dtype=torch.bool), 0.0)
+    routed = evaluate_router(
+        router, rows.features, rows.lp_base, rows.lp_mem, torch.zeros(len(rows), dtype=torch.bool), 0.0
+    )
     return {"corpus": corpus, "tokens": len(rows), "base_ppl": round(math.exp(float(nll_base.mean())), 4),
             "fixed_lambda": lmbda, "fixed_ppl": round(math.exp(float(fixed.mean())), 4),
             "router_ppl": round(math.exp(routed["nll"]), 4), "router_mean_lambda": round(routed["mean_lambda"], 4)}
@@ -254,13 +259,16 @@ def format_router_summary(info: dict) -> str:
     v, s = info["valid"], info["train_stats"]
     verdict = "beats" if v["router_ppl"] < v["fixed_ppl"] else "does NOT beat"
     held = s["held_best"]
-    lines = [f"router fitted on {s['domain_rows']} domain + {s['general_rows']} general positions "
-             f"(held out {s['held_rows']}; best epoch {s['best_epoch']}; mean λ_t held-out domain "
-             f"{held.get('domain_mean_lambda', float('nan')):.3f}, general {held.get('general_mean_lambda', float('nan')):.3f})",
-             f"{v['tokens']} positions of {v['corpus']}: base ppl {v['base_ppl']:.3f}, fixed λ={v['fixed_lambda']:.2f} "
-             f"{v['fixed_ppl']:.3f}, router {v['router_ppl']:.3f} (mean λ_t {v['router_mean_lambda']:.3f}): the router "
-             f"{verdict} the fixed λ",
-             f"router: {info['out']}"]
+    lines = [
+        f"router fitted on {s['domain_rows']} domain + {s['general_rows']} general positions "
+        f"(held out {s['held_rows']}; best epoch {s['best_epoch']}; mean λ_t held-out domain "
+        f"{held.get('domain_mean_lambda', float('nan')):.3f}, general "
+        f"{held.get('general_mean_lambda', float('nan')):.3f})",
+        f"{v['tokens']} positions of {v['corpus']}: base ppl {v['base_ppl']:.3f}, fixed λ={v['fixed_lambda']:.2f} "
+        f"{v['fixed_ppl']:.3f}, router {v['router_ppl']:.3f} (mean λ_t {v['router_mean_lambda']:.3f}): the router "
+        f"{verdict} the fixed λ",
+        f"router: {info['out']}",
+    ]
     return "\n".join(lines)
 
 

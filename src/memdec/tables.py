@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 
-def render_table(header: list[str], rows: list[list[str]], style: str = "markdown", align: str | None = None) -> list[str]:
+def render_table(
+    header: list[str], rows: list[list[str]], style: str = "markdown", align: str | None = None
+) -> list[str]:
     """Lines of a table of strings. ``style``: ``markdown`` or ``text`` (columns padded to width).
 
     ``align``: one character per column, ``<`` (left) or ``>`` (right); default: the first

@@ -255,7 +255,9 @@ class _MemdecLMMixin:
             input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         batch = torch.repeat_interleave(torch.arange(len(rows)), n)  # [M]: the row of each scored position
         first = torch.cumsum(n, 0) - n  # [B]: each row's first entry among the M
-        position = torch.repeat_interleave(lengths - n, n) + torch.arange(int(n.sum())) - torch.repeat_interleave(first, n)
+        position = (
+            torch.repeat_interleave(lengths - n, n) + torch.arange(int(n.sum())) - torch.repeat_interleave(first, n)
+        )
         logp = self.system.rows(input_ids.to(self._device), batch.to(self._device), position.to(self._device))  # [M, V]
         # every continuation token: its entry among the M (the row's last len(c) entries) and its id
         conts = [(r, c) for r, (_, cs) in enumerate(rows) for c in cs]
@@ -265,7 +267,9 @@ class _MemdecLMMixin:
         entry, target, owner = entry.to(logp.device), target.to(logp.device), owner.to(logp.device)
         picked = logp[entry, target].double()
         total = torch.zeros(len(conts), dtype=torch.float64, device=logp.device).index_add_(0, owner, picked)
-        missed = torch.zeros(len(conts), device=logp.device).index_add_(0, owner, (logp.argmax(-1)[entry] != target).float())
+        missed = torch.zeros(len(conts), device=logp.device).index_add_(
+            0, owner, (logp.argmax(-1)[entry] != target).float()
+        )
         results = iter([(float(t), bool(m == 0)) for t, m in zip(total.tolist(), missed.tolist())])
         return [[next(results) for _ in cs] for _, cs in rows]
 
@@ -419,7 +423,9 @@ def _mc_config(name: str, data_file: Path) -> dict:
                        doc_to_target="label", target_delimiter="", metric_list=[ACC])
 
 
-def _with_choices(rng: np.random.Generator, answer: str, pool: list[str], n_choices: int) -> tuple[list[str], int] | None:
+def _with_choices(
+    rng: np.random.Generator, answer: str, pool: list[str], n_choices: int
+) -> tuple[list[str], int] | None:
     """``n_choices`` options (the answer at a random place), or None when the pool is too small."""
     others = [w for w in pool if w != answer]
     if len(others) < n_choices - 1:
@@ -476,9 +482,20 @@ def _fact_candidates(held: np.ndarray, tokenizer, classes, known: set[bytes], co
     return found
 
 
-def write_facts_task(corpus: str, heldout: str, out: str | Path, tokenizer, n_items: int = 200, seed: int = 0,
-                     context_tokens: int = 64, n_choices: int = 4, max_tokens: int | None = None,
-                     heldout_max_tokens: int | None = None, name: str = "memdec_facts", text_field: str = "text") -> Path:
+def write_facts_task(
+    corpus: str,
+    heldout: str,
+    out: str | Path,
+    tokenizer,
+    n_items: int = 200,
+    seed: int = 0,
+    context_tokens: int = 64,
+    n_choices: int = 4,
+    max_tokens: int | None = None,
+    heldout_max_tokens: int | None = None,
+    name: str = "memdec_facts",
+    text_field: str = "text",
+) -> Path:
     """A multiple-choice factual-recall task: DIR/NAME.jsonl + DIR/NAME.yaml; returns the YAML path.
 
     corpus: the training text (a corpus spec or a datastore folder); heldout: the held-out text.
@@ -564,7 +581,9 @@ def write_general_task(corpus: str = "general:test", out: str | Path = "tasks", 
     lambada = task_config(f"{name}_lambada", data, "loglikelihood", doc_to_text="context", doc_to_target="target",
                           target_delimiter="", metric_list=[
                               {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}, ACC])
-    return write_task(out, name, items, {f"{name}_lambada": lambada, f"{name}_cloze": _mc_config(f"{name}_cloze", data)})
+    return write_task(
+        out, name, items, {f"{name}_lambada": lambada, f"{name}_cloze": _mc_config(f"{name}_cloze", data)}
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@
    eos, bos, pad and unk take the source's row of the same role; a token whose text cannot be
    recovered (a partial UTF-8 byte, an empty string) or a special token without a role gets the
    mean of all source rows, unless it is a byte token (``<0xNN>``, or a byte-level BPE string of a
-   partial character): then its bytes map to the source's byte tokens. ``init="random"`` (the ablation): every row drawn from N(0, σ²), σ the
+   partial character): then its bytes map to the source's byte tokens. ``init="random"`` (the ablation): every row
+   drawn from N(0, σ²), σ the
    standard deviation of the source rows.
 3. ``memdec.train`` trains it on the new base's datastore (``TransferRecipe``: the same loop,
    schedule, validation, checkpoints and resume as ``memdec train``), for ``--max-steps`` or a
@@ -300,7 +301,12 @@ def new_vocab_rows(spec: str) -> int:
 def budget_steps(cfg: TransferConfig, source_info: dict, manifest: Manifest) -> int:
     """Optimizer steps that train ``cfg.budget`` × the source decoder's training tokens."""
     src = source_info.get("train_config") or {}
-    per_step = src.get("batch_size", 0) * src.get("grad_accum", 1) * src.get("block_size", 0) * source_info.get("world_size", 1)
+    per_step = (
+        src.get("batch_size", 0)
+        * src.get("grad_accum", 1)
+        * src.get("block_size", 0)
+        * source_info.get("world_size", 1)
+    )
     steps = src.get("max_steps")
     if steps is None and src.get("datastore"):
         try:
@@ -358,7 +364,9 @@ def transfer(cfg: TransferConfig, on_step=None) -> Path:
     source_info = check_source(cfg.decoder)
     manifest = open_datastore(cfg.datastore).manifest  # its tokenizer must be --model's (TransferRecipe.init_model)
     if cfg.budget is not None:
-        cfg = TransferConfig(**{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget})
+        cfg = TransferConfig(
+            **{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget}
+        )
     recipe = TransferRecipe(cfg, source_info)
 
     def step_callback(step, record):

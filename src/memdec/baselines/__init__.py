@@ -83,11 +83,16 @@ def check_config(cfg: BaselineConfig) -> None:
         raise MemdecError(f"baselines learn next-token cross-entropy only: --alpha must be 0, got {cfg.alpha} "
                           f"(a memory decoder with alpha > 0 is `memdec train`)")
     if (cfg.datastore is None) == (cfg.corpus is None):
-        raise MemdecError("give the training tokens as --datastore DS (the memory decoder's own) or as --model M --corpus C")
+        raise MemdecError(
+            "give the training tokens as --datastore DS (the memory decoder's own) or as --model M --corpus C"
+        )
     if cfg.corpus is not None and cfg.model is None:
         raise MemdecError("--corpus needs --model: the base model whose tokenizer reads it")
     if not method.takes_init and (cfg.init is not None or cfg.init_layers is not None):
-        raise MemdecError(f"--init and --init-layers choose a decoder's initialisation; {cfg.method} starts from the base model itself")
+        raise MemdecError(
+            f"--init and --init-layers choose a decoder's initialisation; {cfg.method} starts from the base model "
+            "itself"
+        )
     method.check(cfg)
 
 
@@ -125,7 +130,9 @@ def check_baseline(path: str | Path, base_spec: str, tokenizer) -> dict:
     get_method(method).check_folder(Path(path).expanduser())
     check_checkpoint_tokenizer(tokenizer, info, f"baseline {path} ({method})")
     if not same_model(str(info.get("base_model")), base_spec):
-        raise MemdecError(f"baseline {path} ({method}) was trained from base model {info.get('base_model')!r}, not {base_spec!r}")
+        raise MemdecError(
+            f"baseline {path} ({method}) was trained from base model {info.get('base_model')!r}, not {base_spec!r}"
+        )
     return info
 
 

@@ -143,8 +143,10 @@ class BaselineRecipe(Recipe):
         """A method initialised like a memory decoder (``takes_init``: ce-decoder) takes any ``--decoder``
         shape; the others train the base model itself."""
         if not self.method.takes_init and not is_full_copy(cfg.decoder):
-            raise MemdecError(f"--decoder {cfg.decoder}: {self.name} trains the base model itself; --decoder applies to "
-                              f"{', '.join(m.name for m in methods() if m.takes_init)}")
+            raise MemdecError(
+                f"--decoder {cfg.decoder}: {self.name} trains the base model itself; --decoder applies to "
+                f"{', '.join(m.name for m in methods() if m.takes_init)}"
+            )
         return super().decoder_shape(cfg, data)
 
     def write_meta(self, folder: Path, info: dict) -> None:
@@ -184,9 +186,11 @@ def register(method: Method) -> Method:
     if method.name in METHODS:
         raise ValueError(f"baseline method {method.name!r} is registered already")
     if method.options is not None and _CONFIG and not issubclass(_CONFIG[0], method.options):
-        raise ValueError(f"baseline method {method.name!r} brings options ({', '.join(o.name for o in method.extra_options)}) "
-                         f"that BaselineConfig does not hold: add {method.options.__name__} to its bases "
-                         f"(memdec/baselines/config.py)")
+        raise ValueError(
+            f"baseline method {method.name!r} brings options ({', '.join(o.name for o in method.extra_options)}) "
+            f"that BaselineConfig does not hold: add {method.options.__name__} to its bases "
+            f"(memdec/baselines/config.py)"
+        )
     return METHODS.register(method)
 
 

@@ -75,7 +75,9 @@ def ivf(index):
 def on_disk(index) -> bool:
     """Whether ``index`` is IVF with its inverted lists on disk (ivfpq-disk)."""
     lists = ivf(index)
-    return lists is not None and isinstance(_faiss().downcast_InvertedLists(lists.invlists), _faiss().OnDiskInvertedLists)
+    return lists is not None and isinstance(
+        _faiss().downcast_InvertedLists(lists.invlists), _faiss().OnDiskInvertedLists
+    )
 
 
 @contextmanager

@@ -101,7 +101,8 @@ class RoutingMixin:
         """The router's (log(1 − λ_t), log λ_t) [B, n] for the positions of ``shape_of`` [B, n];
         ``scalars()`` gives the scalar features [B, n, s] when the router reads features."""
         n = shape_of.shape[-1]
-        states = (lambda: (hidden["base"][:, -n:], hidden["memdec"][:, -n:]))
+        def states():
+            return ((hidden["base"][:, -n:], hidden["memdec"][:, -n:]))
         return router_log_weights(self.router, shape_of, states, scalars)
 
     def _routed_rows(self, base_logits: torch.Tensor, memdec_logits: torch.Tensor, hidden: dict) -> torch.Tensor:
