@@ -13,10 +13,10 @@ import pytest
 from memdec.adapt import AdaptConfig, adapt
 from memdec import checks
 from memdec.checks import check_writable_path
-from memdec.cli import main
 from memdec.data import read_corpus
 from memdec.errors import MemdecError
 from memdec.report import format_summary
+from test_reliability3_cli import one_line_error  # the one `memdec: error:` line of a refused command
 
 
 def tiny_adapt(model, out, **kw) -> AdaptConfig:
@@ -38,16 +38,6 @@ def run(finished, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(finished, copy, symlinks=True)
     return copy
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """The one `memdec: error:` line of a refused command (exit 2, no traceback)."""
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith("memdec: error:")]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
