@@ -15,7 +15,7 @@ from .checkpoint import read_memdec_json
 from .checks import BOOL, OBJECT, SCORE, TEXT, UNIT, WHOLE, Kind, check_field, check_fields, check_items
 from .decoders import FULL_COPY, is_full_copy, recorded_shape_name
 from .errors import MemdecError
-from .evaluate import check_eval_json, read_eval_json
+from .eval_results import check_eval_json, read_eval_json
 from .files import atomic_write, atomic_write_json, atomic_write_text, read_json, read_json_object, read_jsonl
 from .store import read_manifest
 from .tables import Column, render_columns, render_table
