@@ -5,8 +5,9 @@
         --shapes copy lora:16 --table runs/spread/table.md
 
 For each domain (``--data/NAME/domain.json``, written by ``bench/spread_domains.py``) and each decoder shape
-(``--shapes``: any spec of ``memdec.decoders``), one ``memdec adapt --preset quick --baselines --decoder SHAPE``
-run on the domain's train, valid and test splits, ``general:test`` as the general text, in ``OUT/DOMAIN/SHAPE``
+(``--shapes``: any spec of ``memdec.decoders``), one ``memdec adapt --preset quick --decoder SHAPE`` run (with
+``--baselines`` for the ``--baselines-on`` shape only, the first by default: DAPT and LoRA do not depend on the
+decoder's shape, so the other shapes' rows show that run's) on the domain's train, valid and test splits, ``general:test`` as the general text, in ``OUT/DOMAIN/SHAPE``
 (``lora:16`` -> ``lora-16``). A run whose ``report.json`` holds the settings this call would run with is finished
 and skipped; any other is handed to ``memdec adapt``, which resumes it (its finished stages are kept). ``--budget-s``
 starts no new run after that many seconds. A run that fails says so in one line; the others go on (exit status 1).
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="spread", description=__doc__.split("\n\n")[0])
     p.add_argument("--domains", nargs="+", required=True, help="domain names under --data (bench/spread_domains.py)")
     p.add_argument("--shapes", nargs="+", default=SHAPES, help=f"decoder specs (default: {' '.join(SHAPES)})")
+    p.add_argument("--baselines-on", default=None,
+                   help="the shape whose run also trains the baselines (default: the first of --shapes)")
     p.add_argument("--data", default="runs/domains", help="the domains' folder (default: runs/domains)")
     p.add_argument("--out", default="runs/spread", help="the runs' folder (default: runs/spread)")
     p.add_argument("--table", default=None, help="also write the Markdown table here (default: OUT/table.md)")
@@ -83,7 +86,8 @@ def run_folder(out: Path, domain: str, shape: str) -> Path:
 def adapt_config(args: argparse.Namespace, specs: dict, shape: str, run: Path) -> AdaptConfig:
     """The quick preset's ``memdec adapt --baselines`` of one domain and shape, with the token overrides."""
     return AdaptConfig(model=args.model, corpus=specs["train"], valid=specs["valid"], test=specs["test"],
-                       general=GENERAL, out=str(run), preset="quick", device=args.device, decoder=shape, baselines=True,
+                       general=GENERAL, out=str(run), preset="quick", device=args.device, decoder=shape,
+                       baselines=shape == args.baselines_on,
                        train_tokens=args.train_tokens, valid_tokens=args.valid_tokens, test_tokens=args.test_tokens,
                        block_size=args.block_size, router_tokens=args.router_tokens)
 
@@ -108,6 +112,9 @@ def finished(run: Path, s: Settings) -> dict | None:
 
 def check_args(args: argparse.Namespace) -> dict[str, dict]:
     """Every argument checked, one line each; returns each domain's specs."""
+    args.baselines_on = args.baselines_on or args.shapes[0]
+    if args.baselines_on not in args.shapes:
+        raise MemdecError(f"--baselines-on {args.baselines_on} is not one of --shapes ({' '.join(args.shapes)})")
     for flag, values in (("--domains", args.domains), ("--shapes", args.shapes)):
         if len(set(values)) != len(values):
             raise MemdecError(f"{flag} must not repeat a value")
@@ -167,8 +174,8 @@ def run_all(args: argparse.Namespace, domains: dict[str, dict]) -> list[str]:
             if deadline is not None and time.perf_counter() > deadline:
                 print(f"--budget-s spent: {name} {shape} and later runs not started", flush=True)
                 return failed
-            print(f"== {name} {shape}: memdec adapt --preset quick --baselines --decoder {shape} --out {run}",
-                  flush=True)
+            flags = " --baselines" if cfg.baselines else ""
+            print(f"== {name} {shape}: memdec adapt --preset quick{flags} --decoder {shape} --out {run}", flush=True)
             try:
                 adapt(cfg)
             except MemdecError as exc:
@@ -204,6 +211,18 @@ def numbers(domain: str, shape: str, report: dict | None) -> dict:
             "alpha": chosen_alpha(report), "decoder_bytes": (report.get("disk_bytes") or {}).get("memdec"),
             "decoder": (report.get("sizes") or {}).get("memdec_shape"), "test_tokens": report.get("tokens"),
             "general_tokens": (report.get("general") or {}).get("tokens")}
+
+
+def add_baselines(rows: list[dict], baselines_on: str) -> list[dict]:
+    """Each row's DAPT and LoRA perplexities from its domain's ``--baselines-on`` run (they do not depend on the
+    decoder's shape)."""
+    runs = {r["domain"]: r for r in rows if r["shape"] == baselines_on}
+    for r in rows:
+        ref = runs.get(r["domain"], {})
+        for key in ("dapt_ppl", "lora_ppl"):
+            if r.get(key) is None and r.get("memdec_ppl") is not None:
+                r[key] = ref.get(key)
+    return rows
 
 
 def add_gaps(rows: list[dict]) -> list[dict]:
@@ -252,7 +271,7 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     tokens = ", ".join(sorted({f"{r['test_tokens']} test tokens" for r in done})) or "no run finished"
     notes = [
         "", f"Each row: `memdec adapt --preset quick --baselines --decoder SHAPE` on the domain's splits "
-            f"({args.model}; {tokens}; `{args.out}/DOMAIN/SHAPE`). Perplexities from the run's report.json: "
+            f"({args.model}; {tokens}; `{args.out}/DOMAIN/SHAPE`; `--baselines` in the {args.baselines_on} run). Perplexities from the run's report.json: "
             f"memdec at the λ chosen on valid, *vs base* and *vs DAPT* its change against those rows; DAPT and "
             f"LoRA (the baselines, same tokens and budget) scored alone; kNN-LM at its own λ; *memdec+router* only "
             f"where the router stage kept a router. *general*: `{GENERAL}` (forgetting), memdec at its λ. "
@@ -267,7 +286,7 @@ def collect(args: argparse.Namespace, domains: dict[str, dict]) -> list[dict]:
         for shape in args.shapes:
             run = run_folder(Path(args.out), name, shape)
             rows.append(numbers(name, shape, finished(run, resolve_settings(adapt_config(args, specs, shape, run)))))
-    return add_gaps(rows)
+    return add_gaps(add_baselines(rows, args.baselines_on))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,6 +177,9 @@ def check_row(cells: dict, n: dict, run: Path, copy_run: Path) -> None:
     """A table row and its JSON numbers against the run's report.json."""
     report = json.loads((run / "report.json").read_text())
     by = {r["system"]: r for r in report["results"]}
+    assert ("dapt" in by) == (run == copy_run)  # only the --baselines-on run (the first shape) trains the baselines
+    by |= {r["system"]: r for r in json.loads((copy_run / "report.json").read_text())["results"]
+           if r["system"] in ("dapt", "lora")}
     for key, system in (("base", "base"), ("memdec", "memdec"), ("dapt", "dapt"), ("lora", "lora"), ("knn", "knn-lm")):
         assert n[f"{key}_ppl"] == by[system]["ppl"]
     assert n["memdec_general_ppl"] == by["memdec"]["general_ppl"] and n["base_general_ppl"] == by["base"]["general_ppl"]
@@ -209,7 +212,7 @@ def test_spread_runs_each_domain_and_shape_and_tables_the_reports(builder, sprea
     argv = spread_argv(tiny_llama_dir, data, out, "--domains", "hpo", "--shapes", "copy", "lora:4")
     assert spread.main(argv) == 0  # the copy is finished: skipped; lora:4 runs
     printed = capsys.readouterr().out
-    assert "== hpo copy: finished" in printed and "== hpo lora:4: memdec adapt" in printed
+    assert "== hpo copy: finished" in printed and "== hpo lora:4: memdec adapt --preset quick --decoder" in printed
     table = (out / "table.md").read_text()
     assert table.strip() in printed
     rows = table_rows(table)
@@ -219,7 +222,7 @@ def test_spread_runs_each_domain_and_shape_and_tables_the_reports(builder, sprea
         run = out / domain / shape.replace(":", "-")
         report = json.loads((run / "report.json").read_text())
         assert report["train_corpus"] == str((data / domain / "train.jsonl").resolve())
-        assert report["settings"]["decoder"] == shape and report["settings"]["baselines"]
+        assert report["settings"]["decoder"] == shape and report["settings"]["baselines"] == (shape == "copy")
         check_row(cells, numbers[(domain, shape)], run, out / domain / "copy")
     assert numbers[("hpo", "lora:4")]["decoder_bytes"] < numbers[("hpo", "copy")]["decoder_bytes"]
 
@@ -259,6 +262,7 @@ def test_bad_arguments_are_one_line_before_any_work(builder, spread, sources, ti
         (["--domains", "hpo", "--shapes", "copy", "copy"], "--shapes must not repeat"),
         (["--domains", "hpo", "--shapes", "fork:9"], "--shapes: decoder shape 'fork:9'"),
         (["--domains", "hpo", "--budget-s", "-1"], "--budget-s"),
+        (["--domains", "hpo", "--shapes", "copy", "--baselines-on", "lora:16"], "--baselines-on lora:16 is not one"),
         (["--domains", "hpo", "--device", "tpu"], "--device"),
         (["--domains", "hpo", "--test-tokens", "1"], "--test-tokens"),
         (["--domains", "hpo", "--budget-s", "soon"], "--budget-s: invalid float value"),
