@@ -7,7 +7,8 @@
 For each domain (``--data/NAME/domain.json``, written by ``bench/spread_domains.py``) and each decoder shape
 (``--shapes``: any spec of ``memdec.decoders``), one ``memdec adapt --preset quick --decoder SHAPE`` run (with
 ``--baselines`` for the ``--baselines-on`` shape only, the first by default: DAPT and LoRA do not depend on the
-decoder's shape, so the other shapes' rows show that run's) on the domain's train, valid and test splits, ``general:test`` as the general text, in ``OUT/DOMAIN/SHAPE``
+decoder's shape, so the other shapes' rows show that run's) on the domain's train, valid and test splits,
+``general:test`` as the general text, in ``OUT/DOMAIN/SHAPE``
 (``lora:16`` -> ``lora-16``). A run whose ``report.json`` holds the settings this call would run with is finished
 and skipped; any other is handed to ``memdec adapt``, which resumes it (its finished stages are kept). ``--budget-s``
 starts no new run after that many seconds. A run that fails says so in one line; the others go on (exit status 1).
@@ -270,8 +271,9 @@ def format_table(rows: list[dict], args: argparse.Namespace) -> str:
     done = [r for r in rows if r.get("memdec_ppl") is not None]
     tokens = ", ".join(sorted({f"{r['test_tokens']} test tokens" for r in done})) or "no run finished"
     notes = [
-        "", f"Each row: `memdec adapt --preset quick --baselines --decoder SHAPE` on the domain's splits "
-            f"({args.model}; {tokens}; `{args.out}/DOMAIN/SHAPE`; `--baselines` in the {args.baselines_on} run). Perplexities from the run's report.json: "
+        "", f"Each row: `memdec adapt --preset quick --decoder SHAPE` on the domain's splits "
+            f"({args.model}; {tokens}; `{args.out}/DOMAIN/SHAPE`; `--baselines` in the {args.baselines_on} run). "
+            f"Perplexities from the run's report.json: "
             f"memdec at the λ chosen on valid, *vs base* and *vs DAPT* its change against those rows; DAPT and "
             f"LoRA (the baselines, same tokens and budget) scored alone; kNN-LM at its own λ; *memdec+router* only "
             f"where the router stage kept a router. *general*: `{GENERAL}` (forgetting), memdec at its λ. "
