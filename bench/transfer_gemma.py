@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from memdec import cli
+from memdec.train import TrainConfig
 from memdec.transfer import TransferConfig, transfer
 
 CORPORA = ["--corpus", "austen:train", "--valid", "austen:valid", "--test", "austen:test"]
@@ -70,10 +71,10 @@ def transfer_config(source: Path, reference: Path, gemma: str, out: Path, init: 
 
 def run_transfer(cfg: dict) -> None:
     """``memdec transfer`` through the Python API: every field of the reference's TrainConfig carries over."""
-    fields = {f.name for f in dataclasses.fields(TransferConfig)}
+    fields = {f.name for f in dataclasses.fields(TransferConfig)} | {f.name for f in dataclasses.fields(TrainConfig)}
     t0 = time.perf_counter()
     print(f"$ transfer init={cfg['init']} steps={cfg['max_steps']} -> {cfg['out']}", flush=True)
-    transfer(TransferConfig(**{k: v for k, v in cfg.items() if k in fields}))
+    transfer(TransferConfig.from_flat(**{k: v for k, v in cfg.items() if k in fields}))
     free_memory()
     print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
 

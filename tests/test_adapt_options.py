@@ -8,6 +8,8 @@ import pytest
 
 from memdec import adapt
 from memdec.cli import build_parser, main
+from memdec.datastore import DATASTORE_HELP
+from memdec.train import TRAIN_HELP
 
 # `memdec adapt --help`'s flags, captured from the parser before the options were declared per stage
 ADAPT_FLAGS = {
@@ -36,7 +38,9 @@ def test_every_adapt_flag_has_its_help_from_the_field():
     helps = {a.dest: a.help for a in _adapt_parser()._actions if a.dest != "help"}
     assert not hasattr(adapt, "ADAPT_HELP")
     assert helps["lora_r"] == "--baselines: LoRA rank (default 8)"
-    assert helps["k"] == "neighbours per kNN target"  # None: the preset's value, so no "(default: ...)"
+    # declared once, on the stage's config; None: the preset's value, so no "(default: ...)" (nor datastore's note)
+    assert helps["k"] == DATASTORE_HELP["k"] == "neighbours per position (the position itself excluded)"
+    assert helps["lr"] == TRAIN_HELP["lr"] and helps["max_steps"] == TRAIN_HELP["max_steps"]
     assert helps["general"].endswith("'none' to skip (default: general:test)")
     assert all(h and not h.startswith(" (") for h in helps.values()), helps
 

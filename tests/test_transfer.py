@@ -47,7 +47,7 @@ def cfg_for(source, new_base, out, **kw):
     base, ds = new_base
     settings = dict(decoder=str(source), model=str(base), datastore=str(ds), out=str(out), max_steps=2, batch_size=2,
                     block_size=64, warmup=0, lr=1e-3, save_every=50, device="cpu")
-    return TransferConfig(**{**settings, **kw})
+    return TransferConfig.from_flat(**{**settings, **kw})  # the flat names: decoder (the source), init (new rows)
 
 
 def test_mapping_coverage_on_the_known_tokenizers(tokenizer, new_tokenizer):

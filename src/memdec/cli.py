@@ -19,11 +19,12 @@ from transformers.utils import logging as hf_logging
 
 from .adapt import AdaptConfig, adapt
 from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
-from .datastore import DATASTORE_HELP, DatastoreConfig, build_datastore, is_main_process
+from .datastore import DatastoreConfig, build_datastore, is_main_process
 from .store import describe
 from .errors import MemdecError
 from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
 from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .options import flag_of
 from .report import format_summary
 from .routing import (
     DomainRouterConfig,
@@ -35,8 +36,8 @@ from .routing import (
 )
 from .serve import SERVE_HELP, ServeConfig, serve
 from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
-from .train import TRAIN_HELP, TrainConfig, train
-from .transfer import TRANSFER_HELP, TransferConfig, transfer
+from .train import TrainConfig, train
+from .transfer import TransferConfig, transfer
 
 
 def _field_type(tp):
@@ -48,15 +49,21 @@ def _field_type(tp):
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[str, str] | None = None) -> None:
-    """Add one ``--flag`` per dataclass field; fields without a default are required. A field's help is
-    ``helps[name]``, else its ``metadata["help"]``; a field whose metadata says ``cli=False`` has no flag."""
+def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[str, str] | None = None,
+                       omit: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per dataclass field (``memdec.options``: its declaration); fields without a default
+    are required. A field's help is ``helps[name]``, else its ``metadata["help"]``; a field whose metadata
+    says ``cli=False`` has no flag; a ``nested`` field (another stage's whole config) adds that config's
+    flags, but those it omits; ``omit``: fields of ``config_cls`` that get no flag."""
     helps = helps or {}
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        if f.metadata.get("positional") or f.metadata.get("cli") is False:  # the command adds it itself; no flag
+        if f.name in omit or f.metadata.get("positional") or f.metadata.get("cli") is False:  # no flag
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")  # metadata: a flag that is no identifier
+        if f.metadata.get("nested"):
+            add_dataclass_args(parser, hints[f.name], helps, f.metadata["omit"])
+            continue
+        flag = flag_of(f)
         tp, _ = _field_type(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -66,6 +73,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
         elif default is not None and default is not False:
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             help_text += f" (default: {shown})"
+        elif default is None and f.metadata.get("note"):  # what None stands for
+            help_text += f" (default: {f.metadata['note']})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %: a literal one must be doubled
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text,
@@ -84,9 +93,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, config_cls, helps: dict[
                                 metavar=flag.lstrip("-").replace("-", "_").upper(), dest=f.name)
 
 
-def config_from_args(config_cls, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+def config_from_args(config_cls, args: argparse.Namespace, omit: tuple[str, ...] = ()):
+    """``config_cls`` from the parsed flags: each field from its flag's value, a ``nested`` config from its own
+    flags (the fields it omits keep their defaults)."""
+    hints, given, values = typing.get_type_hints(config_cls), vars(args), {}
+    for f in dataclasses.fields(config_cls):
+        if f.metadata.get("nested"):
+            values[f.name] = config_from_args(hints[f.name], args, f.metadata["omit"])
+        elif f.name in given and f.name not in omit:
+            values[f.name] = given[f.name]
+    return config_cls(**values)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -173,12 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
          AdaptConfig, None, cmd_adapt),
         ("datastore", "build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)",
-         DatastoreConfig, DATASTORE_HELP, cmd_datastore),
-        ("train", "train a memory decoder on a datastore's kNN targets", TrainConfig, TRAIN_HELP, cmd_train),
+         DatastoreConfig, None, cmd_datastore),
+        ("train", "train a memory decoder on a datastore's kNN targets", TrainConfig, None, cmd_train),
         ("transfer", "move a memory decoder to a base model with another tokenizer: new embeddings, brief training",
-         TransferConfig, {**TRAIN_HELP, **TRANSFER_HELP}, cmd_transfer),
+         TransferConfig, None, cmd_transfer),
         ("baseline", "train a baseline (dapt, lora or ce-decoder) on the same tokens and budget as `train`",
-         BaselineConfig, {**TRAIN_HELP, **BASELINE_HELP}, cmd_baseline),
+         BaselineConfig, BASELINE_HELP, cmd_baseline),
         ("router", "train a token router: λ_t per position between the base and a memory decoder, both frozen",
          RouterConfig, None, cmd_router),
         ("router-domains", "train a domain router: one decoder (or none) per request, from the base's view of the "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ from .errors import MemdecError
 from .joint import MemoryDecoderModel
 from .models import (DEFAULT_MODEL, base_fingerprint, bos_prefix, check_block_size, load_model, resolve_device,
                      tokenizer_fingerprint)
+from .options import option
 from .router import (SCALARS, DomainFitConfig, RouterFeatures, RouterFitConfig, evaluate_router, fit_config_record,
                      fit_domain_router, fit_router, pooled_states, save_domain_router, save_router)
 from .scoring import score_tokens
@@ -53,37 +54,34 @@ from .store import read_manifest
 
 @dataclass
 class RouterConfig:
-    memdec: str = field(metadata={"help": "memory decoder checkpoint folder (HF model or fork blocks + memdec.json)"})
-    domain_corpus: str = field(metadata={"help": "domain corpus spec; its first --domain-skip-tokens tokens are "
-                                                 "skipped (the decoder trained on them)"})
-    valid: str = field(metadata={"help": "validation corpus spec: never fitted on; base, fixed λ and router are "
-                                         "reported there and recorded in router.json"})
-    out: str = field(metadata={"help": "router folder (router.safetensors + router.json): new, empty, a router's or "
-                                       "a memory decoder checkpoint (which then uses it by default)"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec"})
-    general: str = field(default="general:train", metadata={"help": "general-text corpus spec, never the domain's: "
-                                                                    "its rows keep λ_t low"})
-    domain_skip_tokens: int | None = field(default=None, metadata={
-        "help": "skip this many tokens of --domain-corpus (default: the decoder's datastore tokens when its "
-                "memdec.json names this corpus, else 0)"})
-    tokens: int = field(default=32768, metadata={"help": "domain tokens to fit on (after the skip)"})
-    general_tokens: int | None = field(default=None, metadata={"help": "general tokens to fit on (default: --tokens)"})
-    valid_tokens: int = field(default=8192, metadata={"help": "tokens of --valid to report on"})
-    general_weight: float = field(default=0.1, metadata={"help": "γ: weight of mean λ_t on general rows in the loss"})
-    hidden: int = field(default=64, metadata={"help": "width of the router's hidden layer"})
-    epochs: int = field(default=20, metadata={"help": "passes over the fitting rows (early stopping may end sooner)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    fit_batch: int = field(default=1024, metadata={"help": "rows per optimizer step"})
-    holdout: float = field(default=0.1, metadata={"help": "last fraction of the domain and general rows held out "
-                                                          "for early stopping"})
-    patience: int = field(default=3, metadata={"help": "epochs without a better held-out loss before stopping"})
-    block_size: int = field(default=512, metadata={"help": "window length in tokens"})
-    stride: int | None = field(default=None, metadata={"help": "new tokens per window (default: block size / 2)"})
-    batch_size: int = field(default=1, metadata={"help": "windows per forward pass"})
-    seed: int = field(default=0, metadata={"help": "random seed of the fit"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    text_field: str = field(default="text", metadata={"help": "JSONL / dataset field that holds the text"})
+    memdec: str = option("memory decoder checkpoint folder (HF model or fork blocks + memdec.json)")
+    domain_corpus: str = option("domain corpus spec; its first --domain-skip-tokens tokens are skipped (the decoder "
+                                "trained on them)")
+    valid: str = option("validation corpus spec: never fitted on; base, fixed λ and router are reported there and "
+                        "recorded in router.json")
+    out: str = option("router folder (router.safetensors + router.json): new, empty, a router's or a memory decoder "
+                      "checkpoint (which then uses it by default)")
+    model: str = option("base model spec", DEFAULT_MODEL)
+    general: str = option("general-text corpus spec, never the domain's: its rows keep λ_t low", "general:train")
+    domain_skip_tokens: int | None = option("skip this many tokens of --domain-corpus (default: the decoder's "
+                                            "datastore tokens when its memdec.json names this corpus, else 0)", None)
+    tokens: int = option("domain tokens to fit on (after the skip)", 32768)
+    general_tokens: int | None = option("general tokens to fit on (default: --tokens)", None)
+    valid_tokens: int = option("tokens of --valid to report on", 8192)
+    general_weight: float = option("γ: weight of mean λ_t on general rows in the loss", 0.1)
+    hidden: int = option("width of the router's hidden layer", 64)
+    epochs: int = option("passes over the fitting rows (early stopping may end sooner)", 20)
+    lr: float = option("AdamW learning rate", 1e-3)
+    weight_decay: float = option("AdamW weight decay", 0.01)
+    fit_batch: int = option("rows per optimizer step", 1024)
+    holdout: float = option("last fraction of the domain and general rows held out for early stopping", 0.1)
+    patience: int = option("epochs without a better held-out loss before stopping", 3)
+    block_size: int = option("window length in tokens", 512)
+    stride: int | None = option("new tokens per window (default: block size / 2)", None)
+    batch_size: int = option("windows per forward pass", 1)
+    seed: int = option("random seed of the fit", 0)
+    device: str = option("auto, cpu or cuda", "auto")
+    text_field: str = option("JSONL / dataset field that holds the text", "text")
 
     def fit_config(self, init_lambda: float) -> RouterFitConfig:
         return RouterFitConfig(hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
@@ -280,28 +278,24 @@ HELD_FRACTION = 0.1  # the last tenth of each corpus's tokens: the held-out wind
 
 @dataclass
 class DomainRouterConfig:
-    memdec: list[str] = field(metadata={"action": "append", "help": "a domain's memory decoder, NAME=CKPT"})
-    domain_corpus: list[str] = field(metadata={"action": "append", "help": "a domain's text, NAME=SPEC (one per "
-                                                                           "--memdec NAME)"})
-    out: str = field(metadata={"help": "domain router folder (domains.safetensors + domains.json): new, empty or a "
-                                       "domain router's"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model spec"})
-    general: str = field(default="general:train", metadata={"help": "text no decoder should answer: the 'none' class "
-                                                                    "(the base alone)"})
-    windows: int = field(default=256, metadata={"help": "training windows per class (and a tenth as many held out, "
-                                                        "at least 1)"})
-    window_tokens: int = field(default=64, metadata={"help": "longest window in tokens (lengths are drawn from a "
-                                                             "quarter of it up to it, as prompts vary)"})
-    max_tokens: int = field(default=65536, metadata={"help": "tokens read of each corpus (the last tenth: held out)"})
-    hidden: int = field(default=0, metadata={"help": "0: a linear classifier; else the MLP's hidden width"})
-    epochs: int = field(default=300, metadata={"help": "full-batch passes (early stopping may end sooner)"})
-    lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
-    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
-    patience: int = field(default=30, metadata={"help": "epochs without a better held-out loss before stopping"})
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass of the base"})
-    seed: int = field(default=0, metadata={"help": "random seed (windows and fit)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    text_field: str = field(default="text", metadata={"help": "JSONL / dataset field that holds the text"})
+    memdec: list[str] = option("a domain's memory decoder, NAME=CKPT", action="append")
+    domain_corpus: list[str] = option("a domain's text, NAME=SPEC (one per --memdec NAME)", action="append")
+    out: str = option("domain router folder (domains.safetensors + domains.json): new, empty or a domain router's")
+    model: str = option("base model spec", DEFAULT_MODEL)
+    general: str = option("text no decoder should answer: the 'none' class (the base alone)", "general:train")
+    windows: int = option("training windows per class (and a tenth as many held out, at least 1)", 256)
+    window_tokens: int = option("longest window in tokens (lengths are drawn from a quarter of it up to it, as prompts "
+                                "vary)", 64)
+    max_tokens: int = option("tokens read of each corpus (the last tenth: held out)", 65536)
+    hidden: int = option("0: a linear classifier; else the MLP's hidden width", 0)
+    epochs: int = option("full-batch passes (early stopping may end sooner)", 300)
+    lr: float = option("AdamW learning rate", 1e-2)
+    weight_decay: float = option("AdamW weight decay", 1e-3)
+    patience: int = option("epochs without a better held-out loss before stopping", 30)
+    batch_size: int = option("windows per forward pass of the base", 16)
+    seed: int = option("random seed (windows and fit)", 0)
+    device: str = option("auto, cpu or cuda", "auto")
+    text_field: str = option("JSONL / dataset field that holds the text", "text")
 
     def fit_config(self) -> DomainFitConfig:
         return DomainFitConfig(hidden=self.hidden, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,

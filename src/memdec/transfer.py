@@ -23,7 +23,7 @@
    coverage.
 
 ``memdec adapt --transfer-from SRC`` runs this as its train stage: each teacher candidate is
-``transfer(TransferConfig(decoder=SRC, model=settings.model, datastore=RUN/datastore, ...))`` in
+``transfer(TransferConfig(source=SRC, model=settings.model, train=TrainConfig(datastore=RUN/datastore, ...)))`` in
 place of ``train``, with the train stage's settings, ``--transfer-budget`` and ``--transfer-init``;
 the stage's fingerprint adds ``source_fingerprint(SRC)`` (the hash of SRC's ``memdec.json``), the
 budget and the init.
@@ -34,10 +34,11 @@ one batch call; the rows are a segment mean (``index_add_`` over a flat index ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from .checks import check_device
 from .decoders import FULL_COPY, is_full_copy, parse_shape, recorded_shape_name
 from .errors import MemdecError, one_line
 from .models import check_tokenizer, load_tokenizer, local_model_folder, tokenizer_fingerprint
+from .options import check_options, help_of, nested, option
 from .store import Manifest, open_datastore
 from .train import Recipe, TrainConfig, Trainer, TrainingData, window_starts
 
@@ -56,30 +58,51 @@ INITS = ("mapped", "random")
 ROLES = ("eos_token", "bos_token", "pad_token", "unk_token")
 
 
-@dataclass(kw_only=True)
-class TransferConfig(TrainConfig):
-    """``memdec train``'s options (steps, batch, lr, schedule, validation, resume) plus these."""
-
-    decoder: str = field()  # required: TrainConfig's "copy" (a shape) would otherwise be inherited as its default
-    model: str
-    datastore: str
-    out: str
-    init: str = "mapped"  # "mapped" or "random" new rows (not a model spec, as in `memdec train`)
-    budget: float | None = None  # a fraction of the source decoder's training tokens
-    freeze_body_steps: int = 0
+def _check_new_rows(value, what: str) -> str:
+    if value not in INITS:
+        raise MemdecError(f"unknown {what} '{value}' (mapped or random)")
+    return value
 
 
-TRANSFER_HELP = {
-    "decoder": "the source memory decoder checkpoint (trained for another tokenizer); a copy decoder (a full "
-               "model): fork and lora decoders share their base's trunk and cannot change tokenizer",
-    "model": "the new base model spec; its tokenizer is the one the new decoder is built for",
-    "datastore": "the new base's datastore (targets step done): what the transferred decoder trains on",
-    "out": "the new checkpoint folder (a memory decoder for --model), with trainer_state/ for resume",
-    "init": "new embedding and LM-head rows: 'mapped' (mean of the source rows of each token's pieces) "
-            "or 'random' (the ablation)",
-    "budget": "instead of --max-steps: this fraction of the source decoder's training tokens",
-    "freeze_body_steps": "train only the new embeddings and LM head for the first N steps",
-}
+@dataclass
+class TransferConfig:
+    """``memdec transfer``'s options: its own (the source decoder, the new base, the new rows, the budget)
+    beside the run's ``TrainConfig`` (steps, batch, lr, schedule, validation, resume; its ``decoder`` and
+    ``init`` have no flag here: a transferred decoder is a copy, initialised from ``source``). The flags
+    keep their old spellings: ``--decoder`` sets ``source`` and ``--init`` sets ``new_rows``."""
+
+    source: str = option("the source memory decoder checkpoint (trained for another tokenizer); a copy decoder (a "
+                         "full model): fork and lora decoders share their base's trunk and cannot change tokenizer",
+                         flag="--decoder")
+    model: str = option("the new base model spec; its tokenizer is the one the new decoder is built for")
+    train: TrainConfig = nested(omit=("decoder", "init"))  # --datastore: the new base's; --out: the new checkpoint
+    new_rows: str = option("new embedding and LM-head rows: 'mapped' (mean of the source rows of each token's pieces) "
+                           "or 'random' (the ablation)", "mapped", flag="--init", check=_check_new_rows)
+    budget: float | None = option("instead of --max-steps: this fraction of the source decoder's training tokens",
+                                  None)
+    freeze_body_steps: int = option("train only the new embeddings and LM head for the first N steps", 0)
+
+    @classmethod
+    def from_flat(cls, **flat) -> TransferConfig:
+        """A config from one flat mapping, as ``memdec.json``'s ``train_config`` of a transfer records it (and
+        as the class took it before it was composed): ``decoder`` is the source, ``init`` the new rows, every
+        other key not of this class a ``TrainConfig`` field."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        mine = {k: flat.pop(k) for k in list(flat) if k in own}
+        if "decoder" in flat:
+            mine["source"] = flat.pop("decoder")
+        if "init" in flat:
+            mine["new_rows"] = flat.pop("init")
+        return cls(**mine, train=TrainConfig(**flat))
+
+    def flat(self) -> dict:
+        """The options of the run beyond ``TrainConfig``'s under their recorded names (``decoder``: the source,
+        ``init``: the new rows): what ``memdec.json``'s ``train_config`` and the run's fingerprint add."""
+        return {"decoder": self.source, "init": self.new_rows, "model": self.model, "budget": self.budget,
+                "freeze_body_steps": self.freeze_body_steps}
+
+
+TRANSFER_HELP = help_of(TransferConfig)  # each of its own options' help, by field name
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,32 +267,39 @@ class TransferRecipe(Recipe):
 
     name = "transfer"
 
-    def __init__(self, cfg: TransferConfig, source_info: dict):
+    def __init__(self, cfg: TransferConfig, source_info: dict):  # cfg.train: the Trainer's TrainConfig
         self.cfg, self.source_info = cfg, source_info
         self.step, self.origin, self._hooks = 0, None, []
 
-    def init_hash(self, cfg: TransferConfig, data: TrainingData) -> None:
-        """None: a transfer's ``--init`` names how new rows start (mapped, random), not a model;
-        the source decoder is part of the run through ``--decoder``."""
+    def run_options(self, cfg: TrainConfig) -> dict:
+        """The source (``decoder``), the new rows (``init``), the new base, the budget and the frozen steps: part
+        of the run (its fingerprint, ``train_config``), under the names transfers always recorded."""
+        return self.cfg.flat()
+
+    def init_hash(self, cfg: TrainConfig, data: TrainingData) -> None:
+        """None: a transfer starts from its source decoder, part of the run through ``run_options``."""
         return None
 
-    def decoder_shape(self, cfg: TransferConfig, data: TrainingData):
-        """A transferred decoder is a full model (``--decoder`` names the source checkpoint here)."""
+    def decoder_shape(self, cfg: TrainConfig, data: TrainingData):
+        """A transferred decoder is a full model."""
         return parse_shape(FULL_COPY)
 
-    def init_model(self, cfg: TransferConfig, data: TrainingData):
-        new_tok = load_tokenizer(cfg.model)
+    def init_model(self, cfg: TrainConfig, data: TrainingData):
+        new_tok = load_tokenizer(self.cfg.model)
         check_tokenizer(new_tok, data.tokenizer_hash, f"the datastore {cfg.datastore}", made_with=data.model)
         try:
-            old_tok = AutoTokenizer.from_pretrained(str(Path(cfg.decoder).expanduser()))
+            old_tok = AutoTokenizer.from_pretrained(str(Path(self.cfg.source).expanduser()))
         except Exception as exc:  # noqa: BLE001
-            raise MemdecError(f"{cfg.decoder}: cannot load the source decoder's tokenizer ({one_line(exc)})") from None
-        model, _ = load_memory_decoder(cfg.decoder, dtype=torch.float32)
-        model, coverage = transfer_model(model, old_tok, new_tok, new_vocab_rows(cfg.model), cfg.init, cfg.seed)
-        self.origin = {"source_decoder": str(Path(cfg.decoder).expanduser().resolve()),
+            raise MemdecError(f"{self.cfg.source}: cannot load the source decoder's tokenizer "
+                              f"({one_line(exc)})") from None
+        model, _ = load_memory_decoder(self.cfg.source, dtype=torch.float32)
+        model, coverage = transfer_model(model, old_tok, new_tok, new_vocab_rows(self.cfg.model), self.cfg.new_rows,
+                                         cfg.seed)
+        self.origin = {"source_decoder": str(Path(self.cfg.source).expanduser().resolve()),
                        "source_base_model": self.source_info.get("base_model"),
                        "source_tokenizer_hash": tokenizer_fingerprint(old_tok),
-                       "freeze_body_steps": cfg.freeze_body_steps, "mapping": coverage, "init": cfg.init}
+                       "freeze_body_steps": self.cfg.freeze_body_steps, "mapping": coverage,
+                       "init": self.cfg.new_rows}
         self._freeze(model)
         model.config.use_cache = False
         return model.train(), new_tok
@@ -317,8 +347,8 @@ def budget_steps(cfg: TransferConfig, source_info: dict, manifest: Manifest) -> 
             n_windows = len(window_starts(n_positions, min(src["block_size"], n_positions)))
             steps = math.ceil(src.get("epochs", 1.0) * n_windows / (src["batch_size"] * src.get("grad_accum", 1)))
     if not steps or not per_step:
-        raise MemdecError(f"{cfg.decoder}: its memdec.json does not say how long it trained; give --max-steps")
-    new_per_step = cfg.batch_size * cfg.grad_accum * min(cfg.block_size, manifest.n_keys)
+        raise MemdecError(f"{cfg.source}: its memdec.json does not say how long it trained; give --max-steps")
+    new_per_step = cfg.train.batch_size * cfg.train.grad_accum * min(cfg.train.block_size, manifest.n_keys)
     return max(1, math.ceil(cfg.budget * steps * per_step / new_per_step))
 
 
@@ -345,28 +375,26 @@ def source_fingerprint(path: str) -> str:
 
 
 def check_transfer_config(cfg: TransferConfig) -> None:
-    if cfg.init not in INITS:
-        raise MemdecError(f"unknown --init '{cfg.init}' (mapped or random)")
-    if cfg.init_layers is not None:
+    check_options(cfg)
+    if cfg.train.init_layers is not None:
         raise MemdecError("--init-layers does not apply to a transfer: the source decoder's body is kept whole")
-    if cfg.budget is not None and cfg.max_steps is not None:
+    if cfg.budget is not None and cfg.train.max_steps is not None:
         raise MemdecError("give --max-steps or --budget, not both")
     if cfg.budget is not None and not (math.isfinite(cfg.budget) and 0 < cfg.budget <= 100):
         raise MemdecError(f"--budget must be a positive fraction of the source's training, got {cfg.budget}")
     if cfg.freeze_body_steps < 0:
         raise MemdecError(f"--freeze-body-steps must be at least 0, got {cfg.freeze_body_steps}")
-    check_device(cfg.device)  # before the source decoder and the datastore are read
+    check_device(cfg.train.device)  # before the source decoder and the datastore are read
 
 
 def transfer(cfg: TransferConfig, on_step=None) -> Path:
-    """Transfer ``cfg.decoder`` to ``cfg.model``'s tokenizer and train it; returns the checkpoint folder."""
+    """Transfer ``cfg.source`` to ``cfg.model``'s tokenizer and train it; returns the checkpoint folder."""
     check_transfer_config(cfg)
-    source_info = check_source(cfg.decoder)
-    manifest = open_datastore(cfg.datastore).manifest  # its tokenizer must be --model's (TransferRecipe.init_model)
+    source_info = check_source(cfg.source)
+    manifest = open_datastore(cfg.train.datastore).manifest  # its tokenizer must be --model's (TransferRecipe)
     if cfg.budget is not None:
-        cfg = TransferConfig(
-            **{**asdict(cfg), "max_steps": budget_steps(cfg, source_info, manifest), "budget": cfg.budget}
-        )
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, max_steps=budget_steps(cfg, source_info, manifest)))
     recipe = TransferRecipe(cfg, source_info)
 
     def step_callback(step, record):
@@ -374,6 +402,6 @@ def transfer(cfg: TransferConfig, on_step=None) -> Path:
         if on_step is not None:
             on_step(step, record)
 
-    trainer = Trainer(cfg, recipe, on_step=step_callback)
+    trainer = Trainer(cfg.train, recipe, on_step=step_callback)
     recipe.step = trainer.previous["step"] if trainer.previous else 0
     return trainer.run()

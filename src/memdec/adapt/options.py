@@ -6,22 +6,26 @@ them for the command line; ``check_fields`` and ``stage_fields`` read the declar
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any
 
+from ..baselines.lora import LORA_R, LoraOptions
+from ..baselines.lora import LR_SCALE as LORA_LR_SCALE
 from ..checks import check_non_negative, check_positive, check_positive_int, check_temperature, check_unit_interval
+from ..datastore import DatastoreConfig
 from ..decoders import parse_shape
 from ..errors import MemdecError
 from ..models import DEFAULT_MODEL
-from ..train import TRAIN_HELP
+from ..options import check_options, fingerprint_fields, option_from
+from ..options import option as declare
+from ..train import TrainConfig
+from ..transfer import TransferConfig
 
 # The default is chosen by its worst domain (docs/domains.md): lora:16 came within 0.7% of the copy on Austen and
 # 0.3% on code but 14% behind it on a biomedical vocabulary, so the default is the copy; compact shapes are options.
 DEFAULT_DECODER = "copy"
 TRANSFER_BUDGET = 0.25  # --transfer-from: a quarter of the source decoder's training tokens, unless --max-steps
-LORA_LR_SCALE = 5.0  # LoRA's few, zero-started parameters want a larger step than full fine-tuning
-LORA_R = 8
+# LORA_R and LORA_LR_SCALE: the LoRA baseline's rank and lr scale, declared (and explained) in memdec.baselines.lora
 
 
 def full_model_decoder(spec: str) -> bool:
@@ -36,9 +40,6 @@ def full_model_decoder(spec: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # The options: each declared once, in the dataclass of the stage whose inputs it is
-
-
-_KEEP = object()  # ``unless``'s default: the field is always part of its stage's fingerprint
 
 
 def _check_tokens(value, what: str) -> int:
@@ -61,20 +62,17 @@ def _check_two_phase(value, what: str) -> float:
     return value
 
 
-def option(help: str, default=None, *, check: Callable | None = None, each: bool = False, fallback=None,
-           key: str | None = None, unless=_KEEP, flag: str | None = None, cli: bool = True):
-    """One option of ``memdec adapt``, declared beside its field.
+def option(help: str, default: Any = None, **declared) -> Any:
+    """One option of ``memdec adapt`` that no other command offers (``memdec.options.option``): its default
+    None is the preset's value, else the ``fallback`` declared beside it; ``before``: the value of every
+    run made before it existed (it then joins the stage's fingerprint only when it differs)."""
+    return declare(help, default, **declared)
 
-    ``default``: the flag's default (None: the preset's value, else ``fallback``); ``help``: what
-    ``memdec adapt --help`` shows; ``check(value, flag)``: the one check of its resolved value (of
-    each element with ``each``; None is never checked); ``key``: its name in the stage's fingerprint
-    (default: the field's), where it is left out at the value ``unless`` (so that runs made before
-    it existed keep their fingerprint); ``cli=False``: a preset's value that no flag sets directly.
-    """
-    meta = {"help": help, "check": check, "each": each, "fallback": fallback, "key": key, "unless": unless, "cli": cli}
-    if flag:
-        meta["flag"] = flag
-    return field(default=default, metadata=meta)
+
+def offered(config_cls, name: str, default: Any = None, **changes) -> Any:
+    """The option ``name`` that ``config_cls`` (``TrainConfig``, ``DatastoreConfig``, ...) declares, its help
+    and check taken from there (``memdec.options.option_from``); default None: the preset's value."""
+    return option_from(config_cls, name, default, **changes)
 
 
 @dataclass
@@ -82,10 +80,11 @@ class RunInputs:
     """What defines a run (``RUN_IDENTITY``): another value makes another run, refused in the same --out
     without --overwrite."""
 
-    model: str = option("base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id", DEFAULT_MODEL)
-    corpus: str = option("training corpus spec (the datastore and the decoder's training text)", "austen:train")
-    text_field: str = option("JSONL / dataset field that holds the text", "text")
-    valid: str = option("validation corpus: chooses lambda and the checkpoint", "austen:valid")
+    model: str = offered(DatastoreConfig, "model", DEFAULT_MODEL)
+    corpus: str = offered(DatastoreConfig, "corpus", "austen:train",
+                          help="{help}: the training text of the datastore and the decoder")
+    text_field: str = offered(DatastoreConfig, "text_field", "text")
+    valid: str = offered(TrainConfig, "valid", "austen:valid")
     test: str = option("test corpus: the report's table; never seen in training or in choosing lambda", "austen:test")
     general: str | None = option("general-text corpus on which every system is also scored (forgetting); "
                                  "'none' to skip", "general:test")
@@ -102,9 +101,9 @@ class CallOptions:
     preset: str = option("quick (15 min on a 2-core CPU) or full (whole corpus, for a GPU)", "quick")
     block_size: int | None = option("window length for the datastore, training and evaluation (strides become half "
                                     "of it)")  # sets ds_block_size, train_block_size, eval_block_size and the strides
-    device: str = option("auto, cpu or cuda", "auto")
-    keep_trainer_state: bool = option("keep each trained decoder's trainer_state/ (optimizer state) once it finishes, "
-                                      "to extend it later; an interrupted run always keeps it", False)
+    device: str = offered(TrainConfig, "device", "auto")
+    keep_trainer_state: bool = offered(TrainConfig, "keep_trainer_state", False,
+                                       help="each trained decoder: {help}")
     keep_candidates: bool | None = option(
         "keep the weights of every candidate decoder; by default only the chosen one's stay (the others' memdec.json "
         "and log.jsonl stay for the report). A rerun keeps what an earlier --keep-candidates kept: "
@@ -120,8 +119,8 @@ class DatastoreInputs:
 
     train_tokens: int | None = option("use the first N tokens of the training corpus (preset's by default; 0 = all)",
                                       check=_check_tokens)
-    k: int | None = option("neighbours per kNN target", check=check_positive_int)
-    knn_temp: float | None = option("temperature of the kNN target distribution", check=check_temperature)
+    k: int | None = offered(DatastoreConfig, "k", check=check_positive_int)
+    knn_temp: float | None = offered(DatastoreConfig, "knn_temp", check=check_temperature)
     ds_block_size: int | None = option("the datastore's window length", check=check_positive_int, key="block_size",
                                        flag="--block-size", cli=False)
     ds_stride: int | None = option("the datastore's window stride", key="stride", cli=False)
@@ -131,35 +130,33 @@ class DatastoreInputs:
 class TrainInputs:
     """The train stage's own inputs: every candidate decoder's recipe, its budget and its validation."""
 
-    init: str | None = option("initialise the memory decoder from this model spec (same tokenizer)")
-    init_layers: int | None = option("initialise the memory decoder from the base's first N blocks (default: a full "
-                                     "copy)", check=check_positive_int)
-    decoder: str | None = option(f"{TRAIN_HELP['decoder']} (default: {DEFAULT_DECODER}, the shape that held on every "
-                                 f"domain measured, docs/domains.md; lora:16 is 4% of its bytes where it holds)",
-                                 unless="copy")  # the decoder of every run made before --decoder
-    alpha: list[float] | None = option(
-        "weight of the kNN KL term in the training loss; several values train one decoder each and keep the best on "
-        "--valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)", check=check_unit_interval,
-        each=True)
-    teacher_base_weight: list[float] | None = option(
-        "mix the base model's distribution into the kNN teacher with this weight; several values add one candidate "
-        "decoder each for every alpha > 0 (default: 0, the pure kNN teacher)", check=check_unit_interval, each=True,
-        fallback=[0.0], unless=[0.0])
+    init: str | None = offered(TrainConfig, "init")
+    init_layers: int | None = offered(TrainConfig, "init_layers")
+    decoder: str | None = offered(TrainConfig, "decoder", before="copy",  # the decoder of every run before --decoder
+                                  help=f"{{help}} (default: {DEFAULT_DECODER}, the shape that held on every domain "
+                                       f"measured, docs/domains.md; lora:16 is 4% of its bytes where it holds)")
+    alpha: list[float] | None = offered(
+        TrainConfig, "alpha", each=True, help="{help}; several values train one decoder each and keep the best on "
+        "--valid (preset: 0.25 0, i.e. kNN distillation against cross-entropy only)")
+    teacher_base_weight: list[float] | None = offered(
+        TrainConfig, "teacher_base_weight", each=True, fallback=[0.0], before=[0.0],
+        help="{help}; several values add one candidate decoder each for every alpha > 0 (default: 0, the pure kNN "
+             "teacher)")
     two_phase: list[float] | None = option(
         "add a two-phase candidate for each value A: cross-entropy for the first half of the steps, then alpha=A from "
         "that decoder's best checkpoint for the other half (the official recipe's two phases, in the same total steps "
         "as every other candidate); e.g. --two-phase 0.5 (default: none)", check=_check_two_phase, each=True,
-        fallback=[], unless=[])
+        fallback=[], before=[])
     train_budget: float | None = option("seconds of training after which no further candidate decoder is started "
-                                        "(default: no limit)", check=check_non_negative, unless=None)
-    lr: float | None = option("peak learning rate", check=check_positive)
-    epochs: float | None = option("passes over the training windows", check=check_positive)
-    max_steps: int | None = option("optimizer steps (overrides --epochs)", check=check_positive_int)
-    batch_size: int | None = option("windows per optimizer step", check=check_positive_int)
+                                        "(default: no limit)", check=check_non_negative, before=None)
+    lr: float | None = offered(TrainConfig, "lr", check=check_positive)  # adapt: above 0
+    epochs: float | None = offered(TrainConfig, "epochs", check=check_positive)
+    max_steps: int | None = offered(TrainConfig, "max_steps")
+    batch_size: int | None = offered(TrainConfig, "batch_size", help="{help} (and per optimizer step)")
     train_block_size: int | None = option("training's window length", check=check_positive_int, key="block_size",
                                           flag="--block-size", cli=False)
     valid_tokens: int | None = option("score the first N tokens of the validation corpus", check=_check_tokens)
-    eval_every: int | None = option("optimizer steps between validations (and checkpoints)", cli=False)
+    eval_every: int | None = offered(TrainConfig, "eval_every", cli=False, help="{help} (and save a checkpoint)")
 
 
 @dataclass
@@ -180,9 +177,10 @@ class BaselineInputs:
 
     baselines: bool = option("also train dapt (full fine-tuning), lora and ce-decoder (alpha=0) on the same tokens and "
                              "budget, and report them", False)
-    lora_r: int | None = option(f"--baselines: LoRA rank (default {LORA_R})", check=check_positive_int, fallback=LORA_R)
-    lora_lr: float | None = option(f"--baselines: LoRA's peak learning rate (default {LORA_LR_SCALE:g} x --lr)",
-                                   check=check_positive)
+    lora_r: int | None = offered(LoraOptions, "lora_r", help=f"--baselines: {{help}} (default {LORA_R})",
+                                 fallback=LORA_R)
+    lora_lr: float | None = option(  # the scale and why: memdec.baselines.lora.LR_SCALE
+        f"--baselines: LoRA's peak learning rate (default {LORA_LR_SCALE:g} x --lr)", check=check_positive)
 
 
 @dataclass
@@ -234,8 +232,7 @@ class TransferInputs:
                                        "base (`memdec transfer`)")
     transfer_budget: float | None = option(f"--transfer-from: train for this fraction of the source decoder's training "
                                            f"tokens (default {TRANSFER_BUDGET:g}; --max-steps instead sets the steps)")
-    transfer_init: str = option("--transfer-from: the new embedding and LM-head rows, 'mapped' (from the source's rows "
-                                "of each token's pieces) or 'random' (the ablation)", "mapped")
+    transfer_init: str = offered(TransferConfig, "new_rows", "mapped", help="--transfer-from: {help}")
 
 
 @dataclass
@@ -245,28 +242,12 @@ class AdaptConfig(RouterInputs, TransferInputs, BaselineInputs, SampleInputs, Ta
     (those declared ``cli=False`` are the presets' and have no flag)."""
 
 
-def _flag(f: dataclasses.Field) -> str:
-    """The command-line flag of the option ``f`` (``--block-size`` for each stage's window length)."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def check_fields(inputs) -> None:
     """Each option of one stage's dataclass through the check declared beside it (None is never checked)."""
-    for f in dataclasses.fields(inputs):
-        value, check = getattr(inputs, f.name), f.metadata.get("check")
-        if check is None or value is None:
-            continue
-        for v in (value if f.metadata["each"] else [value]):
-            check(v, _flag(f))
+    check_options(inputs)
 
 
 def stage_fields(inputs, omit: bool = True) -> dict:
-    """One stage's own inputs, each under its fingerprint key; with ``omit``, those at their ``unless``
-    value left out (so that runs made before the option existed keep their fingerprint)."""
-    out = {}
-    for f in dataclasses.fields(inputs):
-        value = getattr(inputs, f.name)
-        if omit and f.metadata["unless"] is not _KEEP and value == f.metadata["unless"]:
-            continue
-        out[f.metadata["key"] or f.name] = value
-    return out
+    """One stage's own inputs, each under its fingerprint key; with ``omit``, those added later left out at
+    the value every earlier run had (``before``: ``memdec.options.fingerprint_fields``, the one rule)."""
+    return fingerprint_fields(inputs, omit_unchanged=omit)

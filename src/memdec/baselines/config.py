@@ -9,8 +9,9 @@ import of ``memdec.baselines``) refuses a registered method whose options are mi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..options import option
 from ..train import TrainConfig
 from .lora import LoraOptions
 
@@ -20,17 +21,14 @@ class BaselineOptions(TrainConfig):
     """``memdec train``'s options (the budget: steps, batch, block, lr, schedule, validation) plus the
     training tokens and ``method``: what every method shares."""
 
-    method: str = field(metadata={"help": ""})  # the registered methods' list: BASELINE_HELP
-    datastore: str | None = field(default=None, metadata={
-        "help": "train on this datastore's token stream: exactly the memory decoder's tokens"})
-    model: str | None = field(default=None, metadata={"help": "with --corpus: the base model spec"})
-    corpus: str | None = field(default=None, metadata={
-        "help": "instead of --datastore: train on this corpus, tokenized as `memdec datastore` does"})
-    max_tokens: int | None = field(default=None, metadata={
-        "help": "with --corpus: use its first N tokens (as `memdec datastore --max-tokens`)"})
-    text_field: str = field(default="text", metadata={
-        "help": "with --corpus: the JSONL / dataset field that holds the text"})
-    alpha: float = field(default=0.0, metadata={"help": "must be 0: the baselines learn next-token cross-entropy only"})
+    method: str = option("")  # the registered methods' list: BASELINE_HELP
+    datastore: str | None = option("train on this datastore's token stream: exactly the memory decoder's tokens", None)
+    model: str | None = option("with --corpus: the base model spec", None)
+    corpus: str | None = option("instead of --datastore: train on this corpus, tokenized as `memdec datastore` does",
+                                None)
+    max_tokens: int | None = option("with --corpus: use its first N tokens (as `memdec datastore --max-tokens`)", None)
+    text_field: str = option("with --corpus: the JSONL / dataset field that holds the text", "text")
+    alpha: float = option("must be 0: the baselines learn next-token cross-entropy only", 0.0)
 
 
 @dataclass(kw_only=True)

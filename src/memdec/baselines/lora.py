@@ -4,13 +4,14 @@ weights are ``adapter_model.safetensors``: a pickled ``adapter_model.bin`` is ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import load_safetensors
-from ..checks import check_unit_interval
+from ..checks import check_positive_int, check_unit_interval
 from ..errors import MemdecError, one_line
 from ..models import load_model
+from ..options import check_options, option
 from ..train import TrainingData, init_memory_decoder
 from .base import BaselineRecipe, Method, register
 
@@ -40,16 +41,29 @@ def add_lora(model, cfg):
                           f"{str(exc).splitlines()[0]} (this model's linear layers: {', '.join(linear)})") from None
 
 
+LORA_R = 8  # the baseline's LoRA rank: `memdec baseline --lora-r` and `memdec adapt --lora-r` (declared once, below)
+LORA_ALPHA = 16.0  # its scaling numerator: the adapters' update is scaled by LORA_ALPHA / LORA_R = 2
+LR_SCALE = 5.0
+"""``memdec adapt --baselines`` trains the LoRA baseline at ``LR_SCALE`` x ``--lr`` (``--lora-lr`` overrides it);
+a LoRA *decoder* trains at ``memdec.decoders.lora.LR_SCALE`` = 10 x ``--lr``. One reason for both: LoRA's few,
+zero-started parameters want a larger step than full fine-tuning, and with Adam each adapter entry moves by
+about lr per step, so the adapted weight W + (alpha / r)·B·A moves by about (alpha / r)·lr. The baseline's
+adapters are scaled by LORA_ALPHA / LORA_R = 2 (peft's alpha 16 on rank 8), a decoder's by 1 (memdec writes
+alpha = rank), so at the defaults 5 x here and 10 x there move the weights alike: 10 x a full copy's step. The
+decoder's 10 x was measured (docs/decoders.md: lora:16 on Austen, 29.46 test ppl at 10 x against 31.76 at 1 x);
+this 5 x came with the baselines (commit bc9cad9) and was not tuned on its own. A baseline of another
+--lora-r or --lora-alpha keeps 5 x (its weights then move at another multiple)."""
+
+
 @dataclass(kw_only=True)
 class LoraOptions:
-    """``--method lora``'s own flags: fields of ``BaselineConfig`` (one of its bases)."""
+    """``--method lora``'s own flags: fields of ``BaselineConfig`` (one of its bases), each declared once."""
 
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=16.0, metadata={
-        "help": "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
-    lora_targets: list[str] | None = field(default=None, metadata={
-        "help": "module names to adapt, e.g. q_proj v_proj (default: every linear layer of the blocks)"})
+    lora_r: int = option("LoRA rank", LORA_R, check=check_positive_int)
+    lora_alpha: float = option("LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)", LORA_ALPHA)
+    lora_dropout: float = option("dropout on the LoRA branch's input", 0.0)
+    lora_targets: list[str] | None = option("module names to adapt, e.g. q_proj v_proj (default: every linear layer "
+                                            "of the blocks)", None)
 
 
 class LoraRecipe(BaselineRecipe):
@@ -76,8 +90,7 @@ class Lora(Method):
     options = LoraOptions
 
     def check(self, cfg) -> None:
-        if cfg.lora_r < 1:
-            raise MemdecError(f"--lora-r must be at least 1, got {cfg.lora_r}")
+        check_options(cfg, of=LoraOptions)
         if check_unit_interval(cfg.lora_dropout, "--lora-dropout") == 1.0:
             raise MemdecError("--lora-dropout 1 drops every input of the adapters: give a value in [0, 1)")
 

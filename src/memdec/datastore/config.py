@@ -1,5 +1,6 @@
-"""``memdec datastore``'s options: ``DatastoreConfig``, their help (``DATASTORE_HELP``) and their one
-check (``check_config``), the output folder's check, and the build's progress lines (``say``)."""
+"""``memdec datastore``'s options: ``DatastoreConfig``, each declared once with its help (``DATASTORE_HELP``: the
+help by name), their one check (``check_config``), the output folder's check, and the build's progress lines
+(``say``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from ..checks import check_device, check_own_folder, check_temperature, check_threads
 from ..errors import DatastoreError
 from ..index import kind_names, kinds_help, named_kind, or_list
+from ..options import help_of, option
 from ..store import DEFAULT_K, DEFAULT_KNN_TEMP, read_manifest
 from ..targets import PROB_DTYPES
 
@@ -20,61 +22,43 @@ SEARCH_BLOCK = 64  # the targets search this many positions per call, at aligned
 
 @dataclass
 class DatastoreConfig:
-    model: str
-    corpus: str
-    out: str
-    key_model: str | None = None  # None: the keys come from the base model itself
-    k: int | None = None  # None: the folder's k, or DEFAULT_K for a new datastore
-    knn_temp: float | None = None  # None: the folder's temperature, or DEFAULT_KNN_TEMP
-    top_m: int | None = None
-    index: str = "auto"
-    block_size: int = 1024
-    stride: int = 512
-    max_tokens: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    text_field: str = "text"
-    nlist: int | None = None
-    pq_m: int | None = None
-    nprobe: int | None = None
-    refine: int | None = None
-    flat_threshold: int | None = None
-    search_batch: int = 1024
-    threads: int | None = None
-    target_dtype: str = "float16"
-    keep_keys: bool = True
-    progress: bool = True
+    """The options of one ``memdec datastore`` build, one flag per field, each declared once (``option``);
+    ``DATASTORE_HELP`` is their help by name."""
+
+    model: str = option("base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id")
+    corpus: str = option("corpus spec: austen:train|valid|test, stdlib:train|valid|test, a text/JSONL file, a folder "
+                         "or a glob")
+    out: str = option("datastore folder (created; an interrupted build resumes here)")
+    key_model: str | None = option(  # None: the keys come from the base model itself
+        "take the keys from this model (same tokenizer as --model), e.g. a domain-adapted one: a CE-trained decoder "
+        "or a dapt baseline; windows, values and tokens stay the base's (default: the base itself)", None)
+    k: int | None = option("neighbours per position (the position itself excluded)", None,
+                           note=f"the folder's, else {DEFAULT_K}")  # None: the folder's k, or DEFAULT_K for a new one
+    knn_temp: float | None = option("temperature T of softmax(-d/T) over squared L2 distances", None,
+                                    note=f"the folder's, else {DEFAULT_KNN_TEMP:g}")
+    top_m: int | None = option("keep only the M most probable tokens of each target row (default: all)", None)
+    index: str = option(kinds_help(), "auto")
+    block_size: int = option("window length in tokens", 1024)
+    stride: int = option("new positions stored per window; the rest is context", 512)
+    max_tokens: int | None = option("use only the first N tokens of the corpus", None)
+    batch_size: int | None = option("windows per forward pass (default: 1 on CPU, 8 on GPU)", None)
+    device: str = option("auto, cpu or cuda", "auto")
+    text_field: str = option("JSONL / dataset field that holds the text", "text")
+    nlist: int | None = option("ivfpq: inverted lists (default ~4*sqrt(N))", None)
+    pq_m: int | None = option("ivfpq: PQ code bytes per key (must divide d)", None)
+    nprobe: int | None = option("ivfpq: lists probed per search (default: enough for k)", None)
+    refine: int | None = option("ivfpq: re-rank refine*k candidates on exact keys (0: plain PQ distances)", None)
+    flat_threshold: int | None = option("auto: exact search up to this many keys (default 100000 on CPU)", None)
+    search_batch: int = option(f"positions per target chunk written and recorded (a multiple of {SEARCH_BLOCK})", 1024)
+    threads: int | None = option("faiss threads (default: every core)", None)
+    target_dtype: str = option("how target probabilities are stored: float16 (2 bytes) or uint8 (1 byte: log codes, "
+                               "±3.2%)", "float16")
+    keep_keys: bool = option("keep keys.npy once the targets are written (--no-keep-keys deletes it; not with --index "
+                             "torch, and the index and targets can then never be rebuilt)", True)
+    progress: bool = option("show progress bars", True)
 
 
-DATASTORE_HELP = {
-    "model": "base model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id",
-    "corpus": "corpus spec: austen:train|valid|test, stdlib:train|valid|test, a text/JSONL file, a folder or a glob",
-    "out": "datastore folder (created; an interrupted build resumes here)",
-    "key_model": "take the keys from this model (same tokenizer as --model), e.g. a domain-adapted one: a CE-trained "
-                 "decoder or a dapt baseline; windows, values and tokens stay the base's (default: the base itself)",
-    "k": f"neighbours per position (the position itself excluded); default: the folder's, else {DEFAULT_K}",
-    "knn_temp": f"temperature T of softmax(-d/T) over squared L2 distances; default: the folder's, "
-                f"else {DEFAULT_KNN_TEMP:g}",
-    "top_m": "keep only the M most probable tokens of each target row (default: all)",
-    "index": kinds_help(),
-    "block_size": "window length in tokens",
-    "stride": "new positions stored per window; the rest is context",
-    "max_tokens": "use only the first N tokens of the corpus",
-    "batch_size": "windows per forward pass (default: 1 on CPU, 8 on GPU)",
-    "device": "auto, cpu or cuda",
-    "text_field": "JSONL / dataset field that holds the text",
-    "nlist": "ivfpq: inverted lists (default ~4*sqrt(N))",
-    "pq_m": "ivfpq: PQ code bytes per key (must divide d)",
-    "nprobe": "ivfpq: lists probed per search (default: enough for k)",
-    "refine": "ivfpq: re-rank refine*k candidates on exact keys (0: plain PQ distances)",
-    "flat_threshold": "auto: exact search up to this many keys (default 100000 on CPU)",
-    "search_batch": "positions per target chunk written and recorded (a multiple of 64)",
-    "threads": "faiss threads (default: every core)",
-    "target_dtype": "how target probabilities are stored: float16 (2 bytes) or uint8 (1 byte: log codes, ±3.2%)",
-    "keep_keys": "keep keys.npy once the targets are written (--no-keep-keys deletes it; not with --index torch, "
-                 "and the index and targets can then never be rebuilt)",
-    "progress": "show progress bars",
-}
+DATASTORE_HELP = help_of(DatastoreConfig)  # each option's help, by field name (declared once, on DatastoreConfig)
 
 
 def say(cfg: DatastoreConfig, msg: str) -> None:

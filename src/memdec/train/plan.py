@@ -6,15 +6,13 @@ cache, take up a run only where its fingerprint matches.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..decoders import is_full_copy
 from ..errors import MemdecError
+from ..options import fingerprint, fingerprint_fields
 from .config import TrainConfig
 from .windows import window_starts
 
@@ -28,26 +26,22 @@ def planned_steps(cfg: TrainConfig, n_positions: int, world: int = 1) -> int:
     return math.ceil(cfg.epochs * n_windows / (cfg.batch_size * cfg.grad_accum * world))
 
 
-def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None, lr_scale: float = 1.0) -> str:
-    """What makes two training runs the same run: everything but budget-free knobs.
+LATER_ENTRIES = {"init_hash": None, "lr_scale": 1.0}  # entries added after the first version, and their value before
 
-    ``init_hash``: the ``model_fingerprint`` of ``--init``, so that a resume starts from the very
-    weights the run began with (a folder retrained in place is another run).
-    """
-    keep = asdict(cfg)
-    for k in ("out", "device", "resume", "log_every", "eval_every", "save_every", "patience", "keep_trainer_state",
-              "save_dtype"):
-        keep.pop(k)
-    if is_full_copy(keep["decoder"]):  # added later: copy runs keep their fingerprint
-        keep.pop("decoder")
-    if not keep["teacher_base_weight"]:  # added later: runs without it keep their fingerprint
-        keep.pop("teacher_base_weight")
-    if init_hash is not None:  # only with --init: other runs keep their fingerprint
-        keep["init_hash"] = init_hash
-    if lr_scale != 1.0:  # the decoder shape's own lr scale (lora): another run
-        keep["lr_scale"] = lr_scale
-    keep["datastore_manifest_hash"] = manifest_hash
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+def run_fingerprint(cfg: TrainConfig, manifest_hash: str, init_hash: str | None = None, lr_scale: float = 1.0,
+                    options: dict | None = None) -> str:
+    """What makes two training runs the same run: every option that makes another run (``TrainConfig``'s
+    fields but those declared ``identity=False``: the folder, the device, save and log intervals...),
+    the data's hash, ``init_hash`` (the ``model_fingerprint`` of ``--init``, so that a resume starts from
+    the very weights the run began with) and ``lr_scale`` (the decoder shape's own, lora's); ``options``:
+    a recipe's own (``Recipe.run_options``: a transfer's source), over the fields of the same name. One
+    versioned rule (``memdec.options.fingerprint``) keeps the fingerprints of runs made before an entry
+    existed: it enters only when it differs from its value before (``before`` beside each field,
+    ``LATER_ENTRIES`` here)."""
+    payload = {**fingerprint_fields(cfg), **(options or {}), "init_hash": init_hash, "lr_scale": lr_scale,
+               "datastore_manifest_hash": manifest_hash}
+    return fingerprint(payload, before=LATER_ENTRIES)
 
 
 @dataclass(frozen=True)

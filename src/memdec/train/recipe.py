@@ -95,6 +95,12 @@ class Recipe:
         store = open_datastore(cfg.datastore)
         return np.asarray(store.tokens), store.manifest
 
+    def run_options(self, cfg: TrainConfig) -> dict:
+        """The recipe's own options beyond ``cfg`` (a transfer's source and new rows), by the name
+        ``memdec.json``'s ``train_config`` records them under: they join the run's fingerprint and that
+        record, over ``cfg``'s fields of the same name. None for ``memdec train``."""
+        return {}
+
     def init_model(self, cfg: TrainConfig, data: TrainingData):
         """(model, tokenizer): the model to train, fp32 on CPU, in train mode."""
         return init_memory_decoder(cfg, data, "cpu")

@@ -61,7 +61,9 @@ class Trainer:
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = data_hash(self.data)
         self.init_hash = self.recipe.init_hash(cfg, self.data)
-        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash, self.shape.lr_scale)
+        self.options = {**asdict(cfg), **self.recipe.run_options(cfg)}  # memdec.json's train_config
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash, self.shape.lr_scale,
+                                           self.recipe.run_options(cfg))
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
         self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16",
@@ -134,7 +136,7 @@ class Trainer:
             "corpus": data.corpus, "corpus_hash": data.corpus_hash,
             "k": k, "knn_temperature": knn_temperature,
             "alpha": cfg.alpha, "teacher_base_weight": cfg.teacher_base_weight,
-            "init": cfg.init or f"{data.model} ({made})",
+            "init": self.options["init"] or f"{data.model} ({made})",
             **({"init_hash": self.init_hash} if self.init_hash else {}),
             "n_parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -268,7 +270,7 @@ class Trainer:
         decoder = self.writer.replace_weights(self.unwrapped, f"{self.out} (step {record['step']})")
         self.recipe.write_meta(self.out, {**self.info, **decoder, "lambda": record.get("best_lambda", 0.5),
                                           "train_seconds": round(self.train_seconds(), 1),
-                                          "train_stats": record, "train_config": asdict(self.cfg)})
+                                          "train_stats": record, "train_config": self.options})
 
     def _save_state(self, step: int) -> None:
         """The resumable step ``step`` in ``trainer_state/`` (``CheckpointWriter.save_step``)."""

@@ -8,7 +8,6 @@ import dataclasses
 import math
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from ...baselines import methods
@@ -102,8 +101,8 @@ def train_candidates(job: AdaptRun) -> dict:
         out = job.run / "candidates" / name if several else job.ckpt
         cfg = dataclasses.replace(base_cfg, alpha=alpha, teacher_base_weight=beta, out=str(out))
         if s.transfer_from is not None:
-            transfer(TransferConfig(**{**asdict(cfg), "decoder": s.transfer_from, "model": s.model,
-                                       "init": s.transfer_init, "budget": s.transfer_budget}))
+            transfer(TransferConfig(source=s.transfer_from, model=s.model, train=cfg, new_rows=s.transfer_init,
+                                    budget=s.transfer_budget))
         else:
             train(cfg)
         info = read_memdec_json(out)
