@@ -62,10 +62,11 @@ TRAIN = dict(datastore="ds", out="o")
     (BaselineConfig(method="dapt", out="o", model="m", corpus="c", max_tokens=100), None, 1.0),
 ])
 def test_run_fingerprints_are_those_of_the_earlier_clauses(cfg, init_hash, lr_scale):
-    assert run_fingerprint(cfg, "m" * 16, init_hash, lr_scale) == old_run_fingerprint(cfg, "m" * 16, init_hash, lr_scale)
+    new = run_fingerprint(cfg, "m" * 16, init_hash, lr_scale)
+    assert new == old_run_fingerprint(cfg, "m" * 16, init_hash, lr_scale)
 
 
-@pytest.mark.parametrize("own", [{}, {"init": "random", "budget": 0.25, "freeze_body_steps": 2, "teacher_base_weight": 0.5}])
+@pytest.mark.parametrize("own", [{}, dict(init="random", budget=0.25, freeze_body_steps=2, teacher_base_weight=0.5)])
 def test_a_composed_transfer_keeps_the_fingerprint_and_record_of_the_flat_one(own):
     flat = dict(decoder="src/ckpt", model="gemma", datastore="ds", out="o", max_steps=3, lr=1e-3, **own)
     cfg = TransferConfig.from_flat(**flat)

@@ -125,5 +125,5 @@ def fingerprint_fields(config, omit_unchanged: bool = True) -> dict:
 def fingerprint(payload: Mapping[str, Any], before: Mapping[str, Any] | None = None, length: int = 16) -> str:
     """``length`` hex digits of the sha256 of ``payload`` as sorted JSON, after ``since_first(payload,
     before)``: the one hash of a training run (16 digits) and of an adapt stage's inputs (12)."""
-    kept = since_first(payload, before or {})
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:length]
+    kept = since_first(payload, before or {})  # default=str: a value JSON has no type for (a Path) as its text
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:length]

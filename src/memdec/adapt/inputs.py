@@ -7,19 +7,22 @@ from ..baselines import methods
 from ..report import (FACTS_CONTEXT_TOKENS, GENERAL_CONTEXT_WORDS, ROUTER_PLOT_TOKENS, SAMPLING, TASK_CHOICES,
                       TASK_SEED)
 from ..transfer import source_fingerprint
+from ..options import since_first
 from .options import ROUTER_GENERAL, stage_fields
 from .presets import Settings
 
+LATER_ENTRIES = {"transfer": None}  # stage inputs added after the first version, and their value before (the one rule:
+# memdec.options.since_first); each option's own is declared beside it (``before``)
 HELDOUT_TOKENS_PER_ITEM = 200  # the facts task reads this many test tokens per item wanted (at least --test-tokens)
 
 
 def stage_inputs(s: Settings) -> dict[str, dict]:
     """The settings each stage depends on, its upstream stages' included."""
     datastore = dict(model=s.model, corpus=s.corpus, text_field=s.text_field, **stage_fields(s.datastore))
-    train = dict(datastore=datastore, valid=s.valid, **stage_fields(s.train))
-    if s.transfer_from is not None:  # only when used, so that earlier runs keep their fingerprint
-        train["transfer"] = dict(source=source_fingerprint(s.transfer_from), budget=s.transfer_budget,
-                                 init=s.transfer_init)
+    transfer = None if s.transfer_from is None else dict(
+        source=source_fingerprint(s.transfer_from), budget=s.transfer_budget, init=s.transfer_init)
+    train = since_first(dict(datastore=datastore, valid=s.valid, **stage_fields(s.train), transfer=transfer),
+                        LATER_ENTRIES)
     # the baselines: the memory decoder's budget (tokens, steps, batch, windows, schedule, validation), alpha=0
     budget = {k: v for k, v in train.items()
               if k not in ("init", "init_layers", "alpha", "teacher_base_weight", "train_budget", "transfer",

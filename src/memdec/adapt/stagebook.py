@@ -4,7 +4,6 @@ before it is used (``stage_entry_problem``). ``say`` prints a run's progress lin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -15,6 +14,7 @@ from ..baselines import method_names
 from ..checks import BOOL, NON_NEGATIVE, OBJECT, TEXT, UNIT, Kind, check_fields as check_record
 from ..errors import MemdecError
 from ..files import atomic_write_json, read_json_object
+from ..options import fingerprint
 
 ADAPT_STAGES = ("datastore", "train", *method_names(), "eval", "router", "tasks", "samples")
 STAGE_STATUSES = ("running", "done", "stale")
@@ -23,8 +23,9 @@ FINGERPRINT = Kind("a stage fingerprint", lambda v: isinstance(v, str) and len(v
 
 
 def _fingerprint(payload: dict) -> str:
-    """A stage's fingerprint: 12 hex digits of the sha256 of its inputs as sorted JSON."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A stage's fingerprint: 12 hex digits of the sha256 of its inputs as sorted JSON (``memdec.options.fingerprint``:
+    the entries added later were left out at their earlier value as each stage's inputs were made, ``stage_inputs``)."""
+    return fingerprint(payload, length=12)
 
 
 _ENTRY_FIELDS: dict[str, Kind] = {"status": Kind(f"one of {', '.join(STAGE_STATUSES)}", lambda v: v in STAGE_STATUSES),

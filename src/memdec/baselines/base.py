@@ -23,6 +23,7 @@ from ..data import load_token_stream, token_stream_hash
 from ..decoders import FULL_COPY, is_full_copy
 from ..errors import MemdecError
 from ..models import load_tokenizer, tokenizer_fingerprint
+from ..options import since_first
 from ..registry import Registry
 from ..train import CorpusRecord, Recipe, TrainingData
 
@@ -98,9 +99,9 @@ class Method:
         settings ``s`` (joins the stage's fingerprint)."""
         if not self.takes_init:
             return {}
-        # the shape only when used: earlier runs keep their fingerprint
-        shape = {} if is_full_copy(s.decoder) else {"decoder": s.decoder}
-        return {"init": s.init, "init_layers": s.init_layers, **shape}
+        # --decoder came after the first version: the one rule (memdec.options.since_first) leaves the copy out
+        return since_first({"init": s.init, "init_layers": s.init_layers, "decoder": s.decoder},
+                           {"decoder": FULL_COPY})
 
     def adapt_options(self, s) -> dict:
         """``BaselineConfig`` fields its adapt stage sets over the memory decoder's ``TrainConfig``."""

@@ -40,18 +40,16 @@ from .windows import collate, micro_batch_starts
 class Trainer:
     """One training run, resumable: ``Trainer(cfg, recipe).run()`` returns the checkpoint folder.
 
-    Plan (``RunPlan``: windows, steps), resume (``RunFolder``: the newest complete step of
-    ``CKPT/trainer_state``), step (micro-batches, a finite-loss check, clipping, the update; the loss:
-    ``DecoderLoss``), validate (``Validator``) and save (``CheckpointWriter``: the best checkpoint in
-    ``CKPT/``, the resumable state in ``TrainerState``). ``on_step(step, record)`` runs after every
-    optimizer step; ``on_save(event, step)`` at each point of a save (``rng``, ``weights``, ``optimizer``,
-    ``state``, ``renamed``: tests interrupt there).
+    Plan (``RunPlan``: windows, steps), resume (``RunFolder``: the newest complete step of ``CKPT/trainer_state``),
+    step (micro-batches, a finite-loss check, clipping, the update; the loss: ``DecoderLoss``), validate
+    (``Validator``) and save (``CheckpointWriter``: the best checkpoint in ``CKPT/``, the resumable state in
+    ``TrainerState``). ``on_step(step, record)`` runs after every optimizer step; ``on_save(event, step)`` at each
+    point of a save (``rng``, ``weights``, ``optimizer``, ``state``, ``renamed``: tests interrupt there).
     """
 
     def __init__(self, cfg: TrainConfig, recipe: Recipe | None = None, on_step=None, on_save=None):
         check_config(cfg)
-        self.cfg, self.recipe = cfg, recipe or Recipe()
-        self.on_step, self.on_save = on_step, on_save
+        self.cfg, self.recipe, self.on_step, self.on_save = cfg, recipe or Recipe(), on_step, on_save
         self.out = Path(cfg.out).expanduser()
         check_out_folder(self.out, self.recipe, cfg.datastore)
         self.state = TrainerState(self.out)
@@ -61,9 +59,9 @@ class Trainer:
         self.targets = open_datastore(cfg.datastore).load_targets() if cfg.alpha > 0 else None
         self.manifest_hash = data_hash(self.data)
         self.init_hash = self.recipe.init_hash(cfg, self.data)
-        self.options = {**asdict(cfg), **self.recipe.run_options(cfg)}  # memdec.json's train_config
-        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash, self.shape.lr_scale,
-                                           self.recipe.run_options(cfg))
+        own = self.recipe.run_options(cfg)  # a recipe's own options (a transfer's source): in both below
+        self.options = {**asdict(cfg), **own}  # memdec.json's train_config
+        self.fingerprint = run_fingerprint(cfg, self.manifest_hash, self.init_hash, self.shape.lr_scale, own)
         self.device = resolve_device(cfg.device)
         self.cpu = not self.device.startswith("cuda")
         self.accelerator = Accelerator(cpu=self.cpu, mixed_precision="no" if self.cpu else "bf16",
