@@ -22,8 +22,8 @@ from .baselines import BASELINE_HELP, BaselineConfig, train_baseline
 from .datastore import DatastoreConfig, build_datastore, is_main_process
 from .store import describe
 from .errors import MemdecError
-from .evaluate import EVAL_HELP, EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
-from .generate import GENERATE_HELP, GenerateConfig, format_generations, run_generate
+from .evaluate import EvalConfig, format_sweep, format_table, run_eval_report, write_report_json
+from .generate import GenerateConfig, format_generations, run_generate
 from .options import flag_of
 from .report import format_summary
 from .routing import (
@@ -34,8 +34,8 @@ from .routing import (
     train_domain_router,
     train_router,
 )
-from .serve import SERVE_HELP, ServeConfig, serve
-from .tasks import TASKS_HELP, TasksConfig, run_lm_eval, run_tasks
+from .serve import ServeConfig, serve
+from .tasks import TasksConfig, run_lm_eval, run_tasks
 from .train import TrainConfig, train
 from .transfer import TransferConfig, transfer
 
@@ -185,7 +185,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    commands = [  # (name, help, config dataclass, flag help, handler), in the order of the pipeline
+    commands = [  # (name, help, config dataclass, flag help beyond its fields' own, handler), in pipeline order
         ("adapt", "the main job: datastore, memory decoder, lambda, evaluation and a report, resumable",
          AdaptConfig, None, cmd_adapt),
         ("datastore", "build a kNN datastore: keys/values, faiss index, sparse kNN targets (resumable)",
@@ -200,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("router-domains", "train a domain router: one decoder (or none) per request, from the base's view of the "
                            "prompt (also `memdec router --domains`)", DomainRouterConfig, None, cmd_router_domains),
         ("eval", "perplexity of the base model, base+kNN-LM, base+MemDec and baselines, with a λ sweep",
-         EvalConfig, EVAL_HELP, cmd_eval),
+         EvalConfig, None, cmd_eval),
         ("generate", "continue prompts with base+MemDec; --compare prints the base model's beside",
-         GenerateConfig, GENERATE_HELP, cmd_generate),
+         GenerateConfig, None, cmd_generate),
         ("serve", "serve the base model and memory decoders over an OpenAI-compatible HTTP API",
-         ServeConfig, SERVE_HELP, cmd_serve),
+         ServeConfig, None, cmd_serve),
     ]
     parser = argparse.ArgumentParser(prog="memdec", description="Adapt a causal LM to a domain with a Memory Decoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tasks", help="write an lm-eval task from text: facts (recall of the user's names and numbers) "
                                      "or general (LAMBADA-style last word and a cloze, outside the domain)")
     p.add_argument("kind", choices=["facts", "general"], help="which task to write")
-    add_dataclass_args(p, TasksConfig, TASKS_HELP)
+    add_dataclass_args(p, TasksConfig)
     p.set_defaults(func=cmd_tasks)
     p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the `memdec` "
                                                         "model registered: every argument passes through")

@@ -33,6 +33,7 @@ from .knnlm import KnnRetriever, choose_temperature_and_lambda, knn_pass, temper
 from .knowledge import memory_token_stream, recurring_positions
 from .models import (DEFAULT_MODEL, bos_prefix, check_block_size, check_same_tokenizer, load_model, model_fingerprint,
                      resolve_device, tokenizer_fingerprint)
+from .options import help_of, option
 from .scoring import (LAMBDA_GRID, Scorer, base_scorer, check_finite_scores, lambda_curve, mean_ppl, mix_nll,
                       score_tokens)
 from .eval_results import (PPL, EvalReport, ResultRow, check_eval_json, format_table, make_row,  # noqa: F401
@@ -41,62 +42,41 @@ from .eval_results import (PPL, EvalReport, ResultRow, check_eval_json, format_t
 
 @dataclass
 class EvalConfig:
-    model: str | None = None  # default: the run's with --run, else DEFAULT_MODEL (checkpoint.apply_run)
-    corpus: str = "austen:test"
-    block_size: int = 1024
-    stride: int | None = None  # default: block_size // 2
-    max_tokens: int | None = None
-    batch_size: int = 1
-    device: str = "auto"
-    text_field: str = "text"
-    json: str | None = None
-    memdec: str | None = None  # a memory decoder checkpoint: adds the "memdec" row
-    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})  # else the checkpoint's, or --sweep
-    sweep: bool = False  # choose λ on --valid over LAMBDA_GRID, report on --corpus
-    valid: str | None = None
-    valid_max_tokens: int | None = None  # default: --max-tokens
-    plot: str | None = None  # PNG of perplexity against λ
-    knn: str | None = None  # a datastore: adds the "knn-lm" row (real retrieval at inference)
-    knn_k: int | None = None  # default: the k of the datastore's targets
-    knn_temp: float | None = None  # default: chosen with --sweep, else the datastore's target temperature
-    run: str | None = None  # a `memdec adapt` run folder: gives --model, --memdec and --knn
-    baseline: list[str] | None = field(default=None, metadata={"action": "append"})  # `memdec baseline` folders
-    general: str | None = None  # a general-text corpus: every row gains its perplexity there (forgetting)
-    general_max_tokens: int | None = None  # default: --max-tokens
-    recurring: str | None = None  # a datastore (or corpus): report ppl on the names and numbers it shares with --corpus
-    router: str | None = None  # a `memdec router` folder: adds the "memdec+router" row (λ_t per position)
+    model: str | None = option("model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id", None,
+                               note=f"{DEFAULT_MODEL}; not with --run, which gives its own")  # checkpoint.apply_run
+    corpus: str = option("corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob", "austen:test")
+    block_size: int = option("window length in tokens", 1024)
+    stride: int | None = option("new tokens scored per window; the rest is context (default: block size / 2)", None)
+    max_tokens: int | None = option("score only the first N tokens of the corpus", None)
+    batch_size: int = option("windows per forward pass", 1)
+    device: str = option("auto, cpu or cuda", "auto")
+    text_field: str = option("JSONL / dataset field that holds the text", "text")
+    json: str | None = option("write the results to this JSON file", None)
+    memdec: str | None = option("memory decoder checkpoint: adds the base+MemDec row", None)
+    lmbda: float | None = option("mixing weight λ in [0, 1] (default: the checkpoint's recommended λ)", None,
+                                 flag="--lambda")
+    sweep: bool = option("choose λ on --valid over 0, 0.05, ..., 1, then report it on --corpus", False)
+    valid: str | None = option("validation corpus spec for --sweep", None)
+    valid_max_tokens: int | None = option("score only the first N tokens of --valid (default: --max-tokens)", None)
+    plot: str | None = option("write a PNG of perplexity against λ for each mixed system", None)
+    knn: str | None = option("datastore folder: adds the base+kNN-LM row (real retrieval at every position)", None)
+    knn_k: int | None = option("neighbours retrieved per position by kNN-LM (default: the datastore's k)", None)
+    knn_temp: float | None = option("kNN-LM temperature (default: chosen on --valid with --sweep)", None)
+    run: str | None = option("a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline, "
+                             "unless given); giving one of those three beside it is refused", None)
+    baseline: list[str] | None = option("a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed "
+                                        "like memdec)", None, action="append")
+    general: str | None = option("general-text corpus (e.g. general:test): every row also gets its perplexity there, "
+                                 "at its λ", None)
+    general_max_tokens: int | None = option("score only the first N tokens of --general (default: --max-tokens)", None)
+    recurring: str | None = option("a datastore folder (or corpus): also report perplexity on the names and numbers of "
+                                   "--corpus that recur in it (memdec.knowledge)", None)
+    router: str | None = option("a `memdec router` folder: adds the memdec+router row, the decoder mixed at the "
+                                "router's λ_t per position (same tokens; on --general too); needs --memdec or --run",
+                                None)
 
 
-EVAL_HELP = {
-    "model": f"model spec: alias (smollm2-135m), local HF folder, .gguf file, or hub id (default: {DEFAULT_MODEL}; "
-             f"not with --run, which gives its own)",
-    "corpus": "corpus spec: austen:train|valid|test, a text/JSONL file, a folder or a glob",
-    "block_size": "window length in tokens",
-    "stride": "new tokens scored per window; the rest is context (default: block size / 2)",
-    "max_tokens": "score only the first N tokens of the corpus",
-    "batch_size": "windows per forward pass",
-    "device": "auto, cpu or cuda",
-    "text_field": "JSONL / dataset field that holds the text",
-    "json": "write the results to this JSON file",
-    "memdec": "memory decoder checkpoint: adds the base+MemDec row",
-    "lmbda": "mixing weight λ in [0, 1] (default: the checkpoint's recommended λ)",
-    "sweep": "choose λ on --valid over 0, 0.05, ..., 1, then report it on --corpus",
-    "valid": "validation corpus spec for --sweep",
-    "plot": "write a PNG of perplexity against λ for each mixed system",
-    "valid_max_tokens": "score only the first N tokens of --valid (default: --max-tokens)",
-    "knn": "datastore folder: adds the base+kNN-LM row (real retrieval at every position)",
-    "knn_k": "neighbours retrieved per position by kNN-LM (default: the datastore's k)",
-    "knn_temp": "kNN-LM temperature (default: chosen on --valid with --sweep)",
-    "run": "a `memdec adapt` run folder, in place of --model, --memdec and --knn (and --baseline, unless given); "
-           "giving one of those three beside it is refused",
-    "baseline": "a `memdec baseline` folder: adds its row (dapt, lora alone; ce-decoder mixed like memdec)",
-    "general": "general-text corpus (e.g. general:test): every row also gets its perplexity there, at its λ",
-    "general_max_tokens": "score only the first N tokens of --general (default: --max-tokens)",
-    "recurring": "a datastore folder (or corpus): also report perplexity on the names and numbers of --corpus "
-                 "that recur in it (memdec.knowledge)",
-    "router": "a `memdec router` folder: adds the memdec+router row, the decoder mixed at the router's λ_t per "
-              "position (same tokens; on --general too); needs --memdec or --run",
-}
+EVAL_HELP = help_of(EvalConfig)  # each option's help, by field name (declared once, on EvalConfig)
 
 
 # --- the settings -----------------------------------------------------------------------------

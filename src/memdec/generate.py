@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import textwrap
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,48 +20,35 @@ from .checks import (GREEDY_BELOW, check_context, check_device, check_lambda, ch
 from .errors import MemdecError
 from .joint import MemoryDecoderLogitsProcessor, MemoryDecoderModel, attach_router
 from .models import DEFAULT_MODEL, load_model, max_context, resolve_device
+from .options import help_of, option
 
 MAX_BEAMS = 64  # --num-beams: wider beams hold num_beams copies of the cache and score num_beams x vocabulary per step
 
 
 @dataclass
 class GenerateConfig:
-    prompt: list[str]
-    memdec: str | None = None
-    run: str | None = None  # a `memdec adapt` run folder: gives --model and --memdec
-    model: str | None = None  # default: the run's with --run, else DEFAULT_MODEL (checkpoint.apply_run)
-    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
-    compare: bool = False
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    num_beams: int = 1
-    seed: int = 0
-    processor: bool = False
-    device: str = "auto"
-    router: str | None = None  # a `memdec router` folder: λ_t per position in place of λ
+    prompt: list[str] = option("one or more prompts (batched, left-padded)")
+    memdec: str | None = option("memory decoder checkpoint folder (HF model + memdec.json)", None)
+    run: str | None = option("a `memdec adapt` run folder, in place of --model and --memdec (giving either beside it "
+                             "is refused)", None)
+    model: str | None = option("base model spec", None, note=f"{DEFAULT_MODEL}; not with --run, which gives its own")
+    lmbda: float | None = option("mixing weight λ in [0, 1]; default: the checkpoint's recommended λ", None,
+                                 flag="--lambda")
+    compare: bool = option("also generate with the base model alone and print both", False)
+    max_new_tokens: int = option("tokens to generate", 64)
+    do_sample: bool = option("sample instead of greedy / beam search", False)
+    temperature: float | None = option(f"sampling temperature (below {GREEDY_BELOW:g}: greedy, as vLLM does)", None)
+    top_k: int | None = option("sampling: keep the k most likely tokens", None)
+    top_p: float | None = option("sampling: nucleus mass", None)
+    num_beams: int = option(f"beam search width, at most {MAX_BEAMS} (not with --processor)", 1)
+    seed: int = option("random seed; base and joint use the same one", 0)
+    processor: bool = option("mix through MemoryDecoderLogitsProcessor in the base model's generate()", False)
+    device: str = option("auto, cpu or cuda", "auto")
+    router: str | None = option("a `memdec router` folder: mix at the router's λ_t per position in place of λ (not "
+                                "with --lambda)", None)
 
 
-GENERATE_HELP = {
-    "memdec": "memory decoder checkpoint folder (HF model + memdec.json)",
-    "run": "a `memdec adapt` run folder, in place of --model and --memdec (giving either beside it is refused)",
-    "prompt": "one or more prompts (batched, left-padded)",
-    "model": f"base model spec (default: {DEFAULT_MODEL}; not with --run, which gives its own)",
-    "lmbda": "mixing weight λ in [0, 1]; default: the checkpoint's recommended λ",
-    "compare": "also generate with the base model alone and print both",
-    "max_new_tokens": "tokens to generate",
-    "do_sample": "sample instead of greedy / beam search",
-    "temperature": f"sampling temperature (below {GREEDY_BELOW:g}: greedy, as vLLM does)",
-    "top_k": "sampling: keep the k most likely tokens",
-    "top_p": "sampling: nucleus mass",
-    "num_beams": f"beam search width, at most {MAX_BEAMS} (not with --processor)",
-    "seed": "random seed; base and joint use the same one",
-    "processor": "mix through MemoryDecoderLogitsProcessor in the base model's generate()",
-    "device": "auto, cpu or cuda",
-    "router": "a `memdec router` folder: mix at the router's λ_t per position in place of λ (not with --lambda)",
-}
+GENERATE_HELP = help_of(GenerateConfig)  # each option's help, by field name (declared once, on GenerateConfig)
 
 
 def check_generate_config(cfg: GenerateConfig) -> None:

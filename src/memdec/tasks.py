@@ -46,6 +46,7 @@ from .joint import MemoryDecoderModel
 from .knnlm import KnnLMLogitsProcessor, KnnRetriever, check_same_base, knn_mix_rows
 from .knowledge import memory_token_stream, token_classes, word_spans
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, max_context, resolve_device
+from .options import help_of, option
 from .scoring import causal_lm_logits
 
 # --------------------------------------------------------------------------------------------
@@ -593,38 +594,24 @@ def write_general_task(corpus: str = "general:test", out: str | Path = "tasks", 
 @dataclass
 class TasksConfig:
     kind: str = field(metadata={"positional": True})  # facts or general
-    out: str
-    corpus: str | None = None  # facts: the training text (or a datastore); general: default general:test
-    heldout: str | None = None
-    model: str = DEFAULT_MODEL  # facts: the tokenizer that finds names and numbers
-    n_items: int = 200
-    seed: int = 0
-    context_tokens: int = 64
-    context_words: int = 60
-    n_choices: int = 4
-    max_tokens: int | None = None
-    heldout_max_tokens: int | None = None
-    name: str | None = None
-    text_field: str = "text"
+    out: str = option("folder for the task files (NAME.jsonl and the lm-eval YAML configs): new, empty or one memdec "
+                      "tasks wrote")
+    corpus: str | None = option("facts: the training text (corpus spec or datastore folder); general: general-text "
+                                "corpus (default general:test)", None)
+    heldout: str | None = option("facts: the held-out text whose names and numbers become questions", None)
+    model: str = option("facts: model spec whose tokenizer finds names and numbers", DEFAULT_MODEL)
+    n_items: int = option("at most this many items (a seeded sample)", 200)
+    seed: int = option("random seed: the sample, the distractors and the answer's place", 0)
+    context_tokens: int = option("facts: tokens of context before each answer", 64)
+    context_words: int = option("general: words of context before each last word", 60)
+    n_choices: int = option("options per multiple-choice item", 4)
+    max_tokens: int | None = option("facts: read only the first N tokens of --corpus", None)
+    heldout_max_tokens: int | None = option("facts: read only the first N tokens of --heldout", None)
+    name: str | None = option("task name (default memdec_facts / memdec_general)", None)
+    text_field: str = option("JSONL / dataset field that holds the text (--corpus and --heldout)", "text")
 
 
-TASKS_HELP = {
-    "out": "folder for the task files (NAME.jsonl and the lm-eval YAML configs): new, empty or one memdec tasks "
-           "wrote",
-    "corpus": "facts: the training text (corpus spec or datastore folder); general: general-text corpus "
-              "(default general:test)",
-    "heldout": "facts: the held-out text whose names and numbers become questions",
-    "model": "facts: model spec whose tokenizer finds names and numbers",
-    "n_items": "at most this many items (a seeded sample)",
-    "seed": "random seed: the sample, the distractors and the answer's place",
-    "context_tokens": "facts: tokens of context before each answer",
-    "context_words": "general: words of context before each last word",
-    "n_choices": "options per multiple-choice item",
-    "max_tokens": "facts: read only the first N tokens of --corpus",
-    "heldout_max_tokens": "facts: read only the first N tokens of --heldout",
-    "name": "task name (default memdec_facts / memdec_general)",
-    "text_field": "JSONL / dataset field that holds the text (--corpus and --heldout)",
-}
+TASKS_HELP = help_of(TasksConfig)  # each option's help, by field name (declared once, on TasksConfig)
 
 
 def run_tasks(cfg: TasksConfig) -> list[Path]:

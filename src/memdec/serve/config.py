@@ -8,7 +8,7 @@ import ipaddress
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import MEMDEC_JSON, decoder_fingerprint, read_domain_router_json, read_memdec_json
@@ -16,6 +16,7 @@ from ..checks import check_device, check_lambda, check_model_name
 from ..errors import MemdecError
 from ..files import read_json_object
 from ..models import DEFAULT_MODEL, resolve_model_spec
+from ..options import help_of, option
 
 DEFAULT_MAX_REQUEST_ROWS = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -25,45 +26,36 @@ AUTO = "auto"  # the model id of the domain router's choice (--router)
 
 @dataclass
 class ServeConfig:
-    run: str | None = None
-    model: str | None = None
-    memdec: list[str] = field(default_factory=list, metadata={"action": "append"})
-    lmbda: float | None = field(default=None, metadata={"flag": "--lambda"})
-    router: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 8
-    max_queue: int = 64
-    max_tokens: int = 256
-    max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    api_key: str | None = None
-    allow_unauthenticated: bool = False
-    device: str = "auto"
+    run: str | None = option("a `memdec adapt` run folder: its base model and memory decoder (served under the run's "
+                             "name)", None)
+    model: str | None = option("base model spec", None, note=f"the run's, else {DEFAULT_MODEL}")
+    memdec: list[str] = option("memory decoder to serve, NAME=CKPT or CKPT (named after its folder)",
+                               default_factory=list, action="append")
+    lmbda: float | None = option("mixing weight λ in [0, 1] for every decoder (default: each checkpoint's recommended "
+                                 "λ); requests may override it with their `lambda` field; given, a checkpoint's token "
+                                 "router is not used", None, flag="--lambda")
+    router: str | None = option(f"a domain router folder (`memdec router --domains`): serve a model named `{AUTO}` "
+                                f"that answers each request with the decoder its prompt is routed to (or the base "
+                                f"alone); the router's decoders are served under their names unless --memdec gives "
+                                f"them", None)
+    host: str = option("address to listen on", "127.0.0.1")
+    port: int = option("TCP port", 8000)
+    max_batch: int = option("most rows (prompts × n) in one generate() call; 1 turns batching off", 8)
+    max_queue: int = option("most requests waiting for the model; beyond it the server answers 429", 64)
+    max_tokens: int = option("tokens generated when a request gives no max_tokens (capped by the context)", 256)
+    max_request_rows: int = option("most rows (prompts × n) in one request, else 400; a request of more than "
+                                   "--max-batch rows runs over several batches", DEFAULT_MAX_REQUEST_ROWS)
+    max_body_bytes: int = option("largest request body in bytes, else 413 (checked before the body is read whole)",
+                                 DEFAULT_MAX_BODY_BYTES)
+    api_key: str | None = option("key every /v1/* request must send as `Authorization: Bearer KEY`, else 401; /health "
+                                 "stays open", None,
+                                 note=f"${API_KEY_ENV}, else no key; the variable keeps the key off the command line")
+    allow_unauthenticated: bool = option("serve a --host other than loopback (127.0.0.0/8, ::1, localhost) without a "
+                                         "key", False)
+    device: str = option("auto, cpu or cuda", "auto")
 
 
-SERVE_HELP = {
-    "run": "a `memdec adapt` run folder: its base model and memory decoder (served under the run's name)",
-    "model": f"base model spec (default: the run's, else {DEFAULT_MODEL})",
-    "memdec": "memory decoder to serve, NAME=CKPT or CKPT (named after its folder)",
-    "lmbda": "mixing weight λ in [0, 1] for every decoder (default: each checkpoint's recommended λ); "
-             "requests may override it with their `lambda` field; given, a checkpoint's token router is not used",
-    "router": f"a domain router folder (`memdec router --domains`): serve a model named `{AUTO}` that answers each "
-              f"request with the decoder its prompt is routed to (or the base alone); the router's decoders are "
-              f"served under their names unless --memdec gives them",
-    "host": "address to listen on",
-    "port": "TCP port",
-    "max_batch": "most rows (prompts × n) in one generate() call; 1 turns batching off",
-    "max_queue": "most requests waiting for the model; beyond it the server answers 429",
-    "max_tokens": "tokens generated when a request gives no max_tokens (capped by the context)",
-    "max_request_rows": "most rows (prompts × n) in one request, else 400; a request of more than --max-batch rows "
-                        "runs over several batches",
-    "max_body_bytes": "largest request body in bytes, else 413 (checked before the body is read whole)",
-    "api_key": f"key every /v1/* request must send as `Authorization: Bearer KEY`, else 401; /health stays open "
-               f"(default: ${API_KEY_ENV}, else no key; the variable keeps the key off the command line)",
-    "allow_unauthenticated": "serve a --host other than loopback (127.0.0.0/8, ::1, localhost) without a key",
-    "device": "auto, cpu or cuda",
-}
+SERVE_HELP = help_of(ServeConfig)  # each option's help, by field name (declared once, on ServeConfig)
 
 
 @dataclass
