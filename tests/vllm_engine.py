@@ -4,7 +4,8 @@
 
 Runs in vLLM's own venv (``make vllm-venv``), in a subprocess of the test: vLLM starts workers with ``spawn`` and
 now and then aborts at exit, so the test judges it by OUT.json, written before the interpreter exits. JOB.json:
-``{"models": [{"name", "path", "hf_overrides"?}], "prompts": [[token ids]], "max_tokens", "prompt_logprobs"}``;
+``{"models": [{"name", "path", "kv_cache_mib"?, "prompts"?}], "prompts": [[token ids]], "max_tokens",
+"prompt_logprobs"}`` (a model's own "prompts" in place of the job's);
 OUT.json: per model name, per prompt, the greedy tokens, their logprobs and the prompt's logprobs (of its own
 tokens). One engine per model, one after the other, fp32, eager, a small KV cache.
 """
@@ -28,14 +29,14 @@ def run_model(spec: dict, job: dict) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(model=spec["path"], dtype="float32", enforce_eager=True, max_model_len=job.get("max_model_len", 256),
-              max_num_seqs=16, kv_cache_memory_bytes=64 << 20, seed=0, hf_overrides=spec.get("hf_overrides"),
-              enable_prefix_caching=spec.get("prefix_caching", False))
+              max_num_seqs=16, kv_cache_memory_bytes=spec.get("kv_cache_mib", 64) << 20, seed=0)
     start = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], logprobs=0,
                             prompt_logprobs=0 if job.get("prompt_logprobs") else None, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False)
+    prompts = spec.get("prompts", job["prompts"])
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     rows = []
-    for prompt, out in zip(job["prompts"], outs):
+    for prompt, out in zip(prompts, outs):
         done = out.outputs[0]
         row = {"tokens": list(done.token_ids),
                "logprobs": [lp[t].logprob for t, lp in zip(done.token_ids, done.logprobs)]}
