@@ -74,12 +74,15 @@ def rss_mib(pid: int) -> dict:
 
 
 class Server:
-    def __init__(self, args: list[str], log: Path):
+    """A server on 127.0.0.1 at a free port: ``memdec serve ARGS``, or ``command + ["--port", PORT] + args``."""
+
+    def __init__(self, args: list[str], log: Path, command: list[str] | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "memdec.cli", "serve", "--port", str(self.port), *args],
+        command = command or [sys.executable, "-m", "memdec.cli", "serve"]
+        self.proc = subprocess.Popen([*command, "--port", str(self.port), *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -140,6 +140,7 @@ FOLDER_KINDS = {  # the kinds of folder memdec writes (the marker's "memdec_fold
     "adapt-run": "adapt run folder", "checkpoint": "checkpoint folder (memory decoder or baseline)",
     "router": "router folder", "domain-router": "domain router folder", "tasks": "task folder",
     "datastore": "datastore", "bench": "benchmark output folder (bench/*.py)",
+    "vllm-export": "vLLM joint folder (memdec export vllm)",
 }
 
 

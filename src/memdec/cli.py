@@ -38,6 +38,7 @@ from .serve import ServeConfig, serve
 from .tasks import TasksConfig, run_lm_eval, run_tasks
 from .train import TrainConfig, train
 from .transfer import TransferConfig, transfer
+from .vllm.export import ExportConfig, export_vllm, format_export
 
 
 def _field_type(tp):
@@ -180,6 +181,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    print(format_export(export_vllm(config_from_args(ExportConfig, args))))
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     return run_lm_eval(args.lm_eval_args)
 
@@ -220,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["facts", "general"], help="which task to write")
     add_dataclass_args(p, TasksConfig)
     p.set_defaults(func=cmd_tasks)
+    p = sub.add_parser("export", help="write a folder an inference engine loads as one model: the base and its memory "
+                                      "decoder mixed (`memdec export vllm`, docs/vllm.md)")
+    p.add_argument("engine", choices=["vllm"], help="the engine: vllm (vLLM, with memdec's plugin installed)")
+    add_dataclass_args(p, ExportConfig)
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the `memdec` "
                                                         "model registered: every argument passes through")
     p.set_defaults(func=cmd_lm_eval)

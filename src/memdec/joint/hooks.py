@@ -6,24 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from ..router import Router, RouterFeatures
-
-
-def router_log_weights(router: Router, shape_of: torch.Tensor, states, scalars) -> tuple[torch.Tensor, torch.Tensor]:
-    """``router``'s (log(1 − λ_t), log λ_t), each shaped like ``shape_of`` [...]. Only a router that reads
-    features calls ``states()`` (the base's and the decoder's final hidden states [..., d]) and ``scalars()``
-    (the scalar features [..., s])."""
-    if not router.needs_features:
-        return router.log_weights(shape_of)
-    h_base, h_mem = states()
-    rows = RouterFeatures(h_base.shape[-1], h_mem.shape[-1]).build(h_base, h_mem, scalars())
-    return router.log_weights(rows.to(_device_of(router, rows)))
-
-
-def _device_of(router: Router, default: torch.Tensor) -> torch.device:
-    """The device of a router's parameters (``default``'s for one without any)."""
-    param = next(router.parameters(), None)
-    return default.device if param is None else param.device
+from ..router import _device_of, router_log_weights  # noqa: F401  (re-exported: their owner is memdec.router)
 
 
 def _record_input(calls: list, module, args: tuple) -> None:
