@@ -15,9 +15,9 @@ PACKAGE = ROOT / "src" / "memdec"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 # The packages a function may import (docs/architecture.md, "Lazy imports"): the optional extras of
-# pyproject.toml and the undeclared ``datasets``; faiss and matplotlib, required but imported only
-# by the step that uses them.
-LAZY = {"datasets", "faiss", "fastapi", "lm_eval", "matplotlib", "peft", "starlette", "uvicorn"}
+# pyproject.toml (``vllm``: the plugin's ``register``) and the undeclared ``datasets``; faiss and matplotlib,
+# required but imported only by the step that uses them.
+LAZY = {"datasets", "faiss", "fastapi", "lm_eval", "matplotlib", "peft", "starlette", "uvicorn", "vllm"}
 
 
 def function_level_imports(source: str) -> list[tuple[int, str]]:

@@ -7,6 +7,8 @@ docs/architecture.md; ``lint-imports`` (import-linter) checks the layers.
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
+
 from .errors import CorpusError, DatastoreError, MemdecError, ModelSpecError, TokenizerMismatchError  # noqa: F401
 
 _LAZY = {"MemoryDecoderModel": "joint", "MemoryDecoderLogitsProcessor": "joint"}
@@ -16,7 +18,5 @@ def __getattr__(name: str):
     """The joint model's names, imported on first use: ``import memdec.vllm`` (vLLM's plugin, which may run
     beside another transformers) must not import the joint model's stack."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
