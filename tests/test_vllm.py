@@ -37,7 +37,7 @@ LAMBDA = 0.3
 SHAPES = {"copy": "copy", "fork": "fork:2", "lora": "lora:4@2"}  # name -> spec; "lora" also carries a router
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_dir(tmp_path_factory, tokenizer):
     """A tiny Llama whose head size vLLM's CPU attention takes (128 / 4 heads = 32), with weights large enough
     that its next-token distributions are peaked and greedy decoding does not tie."""
@@ -66,7 +66,7 @@ def add_router(ckpt: Path, base_dir: Path, tokenizer) -> None:
                                       "decoder_fingerprint": decoder_fingerprint(ckpt)})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoints(base_dir, tokenizer, tmp_path_factory):
     base = load_model(str(base_dir))[0]
     root = tmp_path_factory.mktemp("vllm-ckpts")
@@ -76,7 +76,7 @@ def checkpoints(base_dir, tokenizer, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exports(checkpoints, base_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-exports")
     out = {name: export_vllm(ExportConfig(out=str(root / name), memdec=str(ckpt), model=str(base_dir))).out
@@ -86,7 +86,7 @@ def exports(checkpoints, base_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prompts(tokenizer):
     texts = ["It is a truth universally acknowledged, that a single man",
              "Emma Woodhouse, handsome, clever, and rich,",
@@ -95,7 +95,7 @@ def prompts(tokenizer):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The real default model with a ``lora:16`` decoder trained briefly (cross-entropy, memdec's own trainer) and
     exported; None where the default model's package is not installed."""
@@ -118,24 +118,56 @@ def smollm2(tmp_path_factory):
     return {"ckpt": Path(ckpt), "export": export, "prompts": [tok(t)["input_ids"] for t in texts]}
 
 
-@pytest.fixture(scope="module")
-def engine(exports, base_dir, prompts, smollm2, tmp_path_factory):
-    """What vLLM produced for every model (tests/vllm_engine.py's OUT.json), from one subprocess."""
+class EngineRun:
+    """tests/vllm_engine.py running in the background on a job: ``result()`` waits for it and reads OUT.json."""
+
+    def __init__(self, job: dict, root: Path):
+        (root / "job.json").write_text(json.dumps(job))
+        self.out, self.log = root / "out.json", root / "engine.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([str(VLLM_PYTHON), str(ENGINE), str(root / "job.json"), str(self.out)],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def result(self) -> dict:
+        try:
+            rc = self.proc.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"vLLM did not finish in 900 s:\n{self.log.read_text()[-4000:]}") from None
+        if not self.out.is_file():
+            raise AssertionError(f"vLLM wrote nothing (rc {rc}):\n{self.log.read_text()[-4000:]}")
+        return json.loads(self.out.read_text())
+
+
+@pytest.fixture(scope="session")
+def engine_run(exports, base_dir, prompts, smollm2, tmp_path_factory):
+    """Every model's engine, started in one background subprocess (vLLM's venv) as soon as the models are exported:
+    ``test_vllm_engines_start`` asks for it first in the session (conftest.py orders it so), and the engines run
+    beside the rest of the suite."""
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (make vllm-venv)")
-    root = tmp_path_factory.mktemp("vllm-engine")
     models = [{"name": "base", "path": str(base_dir)}, *({"name": n, "path": str(p)} for n, p in exports.items())]
     if smollm2 is not None:
         models.append({"name": "smollm2", "path": str(smollm2["export"]), "kv_cache_mib": 256,
                        "prompts": smollm2["prompts"]})
     job = {"models": models, "prompts": prompts, "max_tokens": NEW_TOKENS, "prompt_logprobs": True}
-    (root / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([str(VLLM_PYTHON), str(ENGINE), str(root / "job.json"), str(root / "out.json")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    if not (root / "out.json").is_file():
-        raise AssertionError(f"vLLM wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads((root / "out.json").read_text())
+    run = EngineRun(job, tmp_path_factory.mktemp("vllm-engine"))
+    yield run
+    if run.proc.poll() is None:
+        run.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def engine(engine_run) -> dict:
+    """What vLLM produced for every model (tests/vllm_engine.py's OUT.json)."""
+    return engine_run.result()
+
+
+@needs_vllm
+def test_vllm_engines_start(engine_run):
+    """The engines' subprocess started (the comparisons below wait for it)."""
+    assert engine_run.proc.pid > 0
 
 
 def memdec_rows(joint: MemoryDecoderModel, prompts: list[list[int]]) -> list[dict]:
