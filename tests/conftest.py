@@ -69,9 +69,3 @@ def interrupt_at():
     make.error = Interrupted
     return make
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """``test_vllm_engines_start`` first: it starts vLLM's engines in a background subprocess (tests/test_vllm.py),
-    which then run beside the rest of the suite instead of after it."""
-    first = [item for item in items if item.name == "test_vllm_engines_start"]
-    items[:] = first + [item for item in items if item.name != "test_vllm_engines_start"]
