@@ -31,10 +31,9 @@ from ..joint import MemoryDecoderModel
 from ..models import local_model_folder
 from ..options import option
 from ..router import save_router
-from .format import ARCHITECTURE, DECODER_WEIGHTS, INDEX, PREFIX, JointRecord, decoder_layer
+from .format import ARCHITECTURE, DECODER_WEIGHTS, INDEX, MODEL_TYPES, PREFIX, JointRecord, decoder_layer
 
 FOLDER_KIND = "vllm-export"
-MODEL_TYPES = ("llama",)  # memdec.vllm.model's: the bases whose blocks vLLM's Llama layers run
 WEIGHT_SUFFIXES = (".safetensors",)
 SKIPPED = {"config.json", INDEX, ".memdec-folder.json", "memdec_source.json"}
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -32,6 +32,7 @@ DECODER_WEIGHTS = "memdec-decoder.safetensors"
 INDEX = "model.safetensors.index.json"
 PREFIX = "memdec."  # the decoder's tensors in DECODER_WEIGHTS
 SHAPES = ("copy", "fork")
+MODEL_TYPES = ("llama",)  # the bases (and copy decoders) whose blocks vLLM's Llama layers run
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..router import distribution_scalars, load_router, mix_routed, router_log_weights
 from ..scoring import mix_logprobs, scale_logits
-from .format import ARCHITECTURE, JointRecord, decoder_layer
-
-SUPPORTED_MODEL_TYPES = ("llama",)
+from .format import ARCHITECTURE, MODEL_TYPES, JointRecord, decoder_layer
 
 
 class MemoryStack(nn.Module):
@@ -163,8 +161,8 @@ class MemdecJointForCausalLM(nn.Module):
 def refuse_unsupported(vllm_config: VllmConfig, config) -> None:
     """ValueError (one line) for what the joint model cannot do (module docstring)."""
     where = f"memdec's joint model ({ARCHITECTURE})"
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{where} runs Llama-architecture bases ({', '.join(SUPPORTED_MODEL_TYPES)}); this one is "
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
+        raise ValueError(f"{where} runs Llama-architecture bases ({', '.join(MODEL_TYPES)}); this one is "
                          f"{getattr(config, 'model_type', None)!r}")
     if vllm_config.speculative_config is not None:
         raise ValueError(f"{where} cannot be speculated: drafts read the target's hidden states, which are two "
