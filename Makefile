@@ -46,7 +46,7 @@ vllm-venv: $(VLLM_STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check src tests bench
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q --durations=15
 
 demo: $(STAMP)
 	$(VENV)/bin/memdec adapt --model smollm2-135m --corpus austen:train --valid austen:valid --test austen:test --out runs/demo

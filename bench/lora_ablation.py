@@ -15,7 +15,8 @@ checkpoint and its λ), then ``memdec eval --sweep`` on 4,096 tokens of ``--test
 - ``lora:16``, ``lora:64``: LoRA on q, k, v, o, gate, up and down of every block (10 x lr, memdec's scale);
 - ``lora:16-lr/3``, ``lora:16-lr*3``: the same at a third and three times that lr;
 - ``lora:16-attn``, ``lora:16-mlp``: adapters on the attention (q, k, v, o) or the MLP (gate, up, down) only;
-- ``lora:16+embed``: ``lora:16`` with the (tied) embedding matrix and head trained too, at the copy's lr;
+- ``lora:16+embed``: ``lora:16`` with the (tied) embedding matrix and head trained too, at the copy's lr (the
+  adapters at their 10 x); ``lora:16+embed-1x``: the same with the adapters at the copy's lr too;
 - ``embed``: the embedding matrix and head alone (the blocks the base's, frozen), at the copy's lr;
 - ``lora:16-x4``: ``lora:16`` for four epochs (four times the budget: the only variant that is not equal).
 
@@ -36,14 +37,16 @@ from pathlib import Path
 import torch
 
 from memdec.checks import check_own_folder, mark_own_folder
-from memdec.decoders import LoraShape, register
+from memdec.decoders import LR_SCALE, LoraShape, register
 from memdec.decoders.fork import _hash_tensors, blocks_and_norm
 from memdec.evaluate import EvalConfig, run_eval_report
-from memdec.models import load_config
+import memdec.train.trainer as trainer_module
 from memdec.errors import MemdecError
 from memdec.files import atomic_write_json, atomic_write_text, read_json_object
+from memdec.models import load_config
 from memdec.tables import render_table
-from memdec.train import Recipe, TrainConfig, check_decoder_shape, train
+from memdec.train import Recipe, TrainConfig, check_decoder_shape, lr_at, train
+from memdec.train import make_optimizer as memdec_make_optimizer
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -52,11 +55,14 @@ LR = 2e-4  # the quick preset's lr of a full copy
 
 
 class LoraEmbedShape(LoraShape):
-    """``lora:R`` whose embedding matrix (tied to the head) is its own, trained at the copy's lr; saved
-    with the adapters. ``train_adapters=False``: the embeddings alone (the adapters stay B = 0, frozen)."""
+    """``lora:R`` whose embedding matrix (tied to the head) is its own and trains too, saved with the adapters.
+    The adapters train at ``lr_scale`` x --lr (memdec's 10), the embeddings at ``embed_lr_scale`` x --lr (the
+    copy's 1: ``make_optimizer`` below gives them their own group). ``train_adapters=False``: the embeddings
+    alone (the adapters stay B = 0, frozen)."""
 
     name = "lora-embed"
-    lr_scale = 1.0
+    lr_scale = LR_SCALE
+    embed_lr_scale = 1.0
     train_adapters = True
 
     def build(self, base):
@@ -82,6 +88,7 @@ class LoraEmbedShape(LoraShape):
 
 class EmbedOnlyShape(LoraEmbedShape):
     name = "embed-only"
+    lr_scale = 1.0
     train_adapters = False
 
 
@@ -89,11 +96,32 @@ for shape_class in (LoraEmbedShape, EmbedOnlyShape):
     register(shape_class)
 
 
+def make_optimizer(model, cfg: TrainConfig, lr_scale: float, total_steps: int):
+    """memdec's AdamW and schedule, but where the decoder's shape is a ``LoraEmbedShape``, its embedding matrix in a
+    group of its own at ``embed_lr_scale`` x --lr (the same schedule: LambdaLR scales every group alike)."""
+    shape = ShapeRecipe.current
+    if not isinstance(shape, LoraEmbedShape) or shape.embed_lr_scale == shape.lr_scale:
+        return memdec_make_optimizer(model, cfg, lr_scale, total_steps)
+    embeddings = model.get_input_embeddings().weight
+    others = [p for p in model.parameters() if p.requires_grad and p is not embeddings]  # the LoRA matrices
+    optimizer = torch.optim.AdamW([{"params": others, "lr": cfg.lr * lr_scale, "weight_decay": cfg.weight_decay},
+                                   {"params": [embeddings], "lr": cfg.lr * shape.embed_lr_scale,
+                                    "weight_decay": cfg.weight_decay}], betas=(0.9, 0.95), eps=1e-8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, cfg.warmup, cfg.min_lr_ratio))
+    return optimizer, schedule
+
+
+trainer_module.make_optimizer = make_optimizer  # the Trainer's, in this process only
+
+
 class ShapeRecipe(Recipe):
     """memdec's recipe with the decoder shape given (``--decoder`` names only the registered specs)."""
 
+    current = None  # the shape being trained (make_optimizer reads it)
+
     def __init__(self, shape):
-        self.shape = shape
+        self.shape = ShapeRecipe.current = shape
 
     def decoder_shape(self, cfg, data):
         return self.shape
@@ -103,6 +131,8 @@ def variants(model: str) -> dict[str, tuple]:
     """name -> (shape or None for the copy, lr, epochs)."""
     lora16 = check_decoder_shape("lora:16", model)
     n_blocks = load_config(model).num_hidden_layers
+    all_at_copy_lr = LoraEmbedShape(16)
+    all_at_copy_lr.lr_scale = 1.0  # adapters and embeddings at the copy's lr
     return {
         "copy": (None, LR, 1.0),
         "blocks": (check_decoder_shape(f"fork:{n_blocks}", model), LR, 1.0),
@@ -113,6 +143,7 @@ def variants(model: str) -> dict[str, tuple]:
         "lora:16-attn": (LoraShape(16, targets=ATTENTION), LR, 1.0),
         "lora:16-mlp": (LoraShape(16, targets=MLP), LR, 1.0),
         "lora:16+embed": (LoraEmbedShape(16), LR, 1.0),
+        "lora:16+embed-1x": (all_at_copy_lr, LR, 1.0),
         "embed": (EmbedOnlyShape(16), LR, 1.0),
         "lora:16-x4": (lora16, LR, 4.0),
     }
@@ -123,6 +154,7 @@ def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) 
                       warmup=2, batch_size=4, block_size=args.block_size, valid=args.valid, valid_max_tokens=2048,
                       eval_every=3, save_every=3, decoder="copy" if shape is None else shape.spec, device=args.device)
     start = time.perf_counter()
+    ShapeRecipe.current = shape
     ckpt = train(cfg, recipe=None if shape is None else ShapeRecipe(shape))
     seconds = time.perf_counter() - start
     info = read_json_object(ckpt / "memdec.json", "a checkpoint")

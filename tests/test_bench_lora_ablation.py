@@ -41,6 +41,12 @@ def test_embeddings_shape_owns_its_embeddings(ablation, tiny_llama_dir):
     assert ablation.LoraEmbedShape(4).hash_trunk(decoder) == ablation.LoraEmbedShape(4).hash_trunk(base)
     only = {n for n, p in ablation.EmbedOnlyShape(4).build(base).named_parameters() if p.requires_grad}
     assert only == {ablation.EMBEDDINGS}
+    cfg = ablation.TrainConfig(datastore="-", out="-", lr=1e-3, warmup=0)
+    ablation.ShapeRecipe(ablation.LoraEmbedShape(4))
+    optimizer, _ = ablation.make_optimizer(decoder, cfg, ablation.LR_SCALE, 10)
+    adapters = sum(decoder.get_parameter(n).numel() for n in trainable - {ablation.EMBEDDINGS})
+    groups = [(g["initial_lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
+    assert groups == [(1e-2, adapters), (1e-3, emb.numel())]  # the adapters at 10 x, the embeddings at the copy's lr
 
 
 def test_ablation_end_to_end(ablation, tiny_llama_dir, store, tmp_path, monkeypatch, capsys):
