@@ -171,14 +171,25 @@ def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) 
             "train_seconds": round(seconds, 1)}
 
 
-def table(results: list[dict]) -> str:
+def peak_lr(shape, lr: float) -> str:
+    """The variant's peak learning rate(s): the trained weights', and the embeddings' where they have their own."""
+    if shape is None:
+        return f"{lr:g}"
+    text = f"{lr * shape.lr_scale:g}"
+    if isinstance(shape, LoraEmbedShape) and shape.train_adapters and shape.embed_lr_scale != shape.lr_scale:
+        text += f" (embeddings {lr * shape.embed_lr_scale:g})"
+    return text
+
+
+def table(results: list[dict], known: dict[str, tuple]) -> str:
     copy_ppl = next((r["test_ppl"] for r in results if r["variant"] == "copy"), None)
-    rows = [[r["variant"], f"{r['lr'] * (10 if r['spec'].startswith('lora:') else 1):g}", f"{r['epochs']:g}",
+    rows = [[r["variant"], peak_lr(known[r["variant"]][0], r["lr"]), f"{r['epochs']:g}",
              f"{r['trainable_parameters'] / 1e6:.1f}M", f"{r['weights_bytes'] / 2**20:.1f} MiB", f"{r['lambda']:g}",
              f"{r['valid_ppl']:.3f}", f"{r['test_ppl']:.3f}",
              "ref" if r["variant"] == "copy" or copy_ppl is None else f"{(r['test_ppl'] / copy_ppl - 1) * 100:+.1f}%"]
             for r in results]
-    header = ["variant", "lr", "epochs", "trainable", "weights on disk", "λ", "valid ppl", "test ppl", "gap to copy"]
+    header = ["variant", "peak lr", "epochs", "trainable", "weights on disk", "λ", "valid ppl", "test ppl",
+              "gap to copy"]
     return "\n".join(render_table(header, rows))
 
 
@@ -214,8 +225,8 @@ def main() -> None:
             print(f"== {name}", flush=True)
             atomic_write_json(result_file, run_variant(name, *known[name], args, folder))
         results.append(json.loads(result_file.read_text()))
-        atomic_write_text(out / "table.md", table(results) + "\n")
-        print(table(results), flush=True)
+        atomic_write_text(out / "table.md", table(results, known) + "\n")
+        print(table(results, known), flush=True)
 
 
 if __name__ == "__main__":
