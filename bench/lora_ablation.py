@@ -23,7 +23,8 @@ checkpoint and its λ), then ``memdec eval --sweep`` on 4,096 tokens of ``--test
 The two variants with trainable embeddings are shapes of this script only (registered in its process, not in
 memdec). One JSON per variant in ``OUT/NAME/result.json``; a variant with one is skipped, a training run resumes.
 The table (stdout and ``OUT/table.md``) gives per variant the trainable parameters, the bytes of its own tensors
-(fp32), valid and test perplexity at the λ chosen on valid, and the gap to ``copy``'s test perplexity.
+(fp32), valid and test perplexity at the λ chosen on valid, the gap to ``copy``'s test perplexity (``--copy-ppl``
+where the copy ran elsewhere) and the general text's perplexity (``--general``) at that λ.
 """
 
 from __future__ import annotations
@@ -160,14 +161,17 @@ def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) 
     info = read_json_object(ckpt / "memdec.json", "a checkpoint")
     report = run_eval_report(EvalConfig(model=args.model, corpus=args.test, block_size=2 * args.block_size,
                                         stride=args.block_size, max_tokens=args.test_tokens, memdec=str(ckpt),
-                                        sweep=True, valid=args.valid,
-                                        valid_max_tokens=2048, device=args.device))
+                                        sweep=True, valid=args.valid, valid_max_tokens=2048,
+                                        general=args.general or None, general_max_tokens=args.test_tokens,
+                                        device=args.device))
     rows = {row.system: row for row in report.rows}
     own = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     return {"variant": name, "spec": "copy" if shape is None else shape.spec, "lr": lr, "epochs": epochs,
             "trainable_parameters": info["trainable_parameters"], "weights_bytes": own,
             "lambda": rows["memdec"].lmbda, "valid_ppl": rows["memdec"].extra.get("valid_ppl"),
             "test_ppl": rows["memdec"].ppl, "base_test_ppl": rows["base"].ppl,
+            "general_ppl": rows["memdec"].extra.get("general_ppl"),
+            "base_general_ppl": rows["base"].extra.get("general_ppl"),
             "train_seconds": round(seconds, 1)}
 
 
@@ -181,15 +185,17 @@ def peak_lr(shape, lr: float) -> str:
     return text
 
 
-def table(results: list[dict], known: dict[str, tuple]) -> str:
-    copy_ppl = next((r["test_ppl"] for r in results if r["variant"] == "copy"), None)
+def table(results: list[dict], known: dict[str, tuple], copy_ppl: float | None = None) -> str:
+    """The Markdown table; the gap to ``copy``'s test ppl (the variant's, else ``copy_ppl``, measured elsewhere)."""
+    copy_ppl = next((r["test_ppl"] for r in results if r["variant"] == "copy"), copy_ppl)
+    ppl = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    gap = lambda r: "ref" if r["variant"] == "copy" else "—" if copy_ppl is None else \
+        f"{(r['test_ppl'] / copy_ppl - 1) * 100:+.1f}%"  # noqa: E731
     rows = [[r["variant"], peak_lr(known[r["variant"]][0], r["lr"]), f"{r['epochs']:g}",
              f"{r['trainable_parameters'] / 1e6:.1f}M", f"{r['weights_bytes'] / 2**20:.1f} MiB", f"{r['lambda']:g}",
-             f"{r['valid_ppl']:.3f}", f"{r['test_ppl']:.3f}",
-             "ref" if r["variant"] == "copy" or copy_ppl is None else f"{(r['test_ppl'] / copy_ppl - 1) * 100:+.1f}%"]
-            for r in results]
+             ppl(r["valid_ppl"]), ppl(r["test_ppl"]), gap(r), ppl(r.get("general_ppl"))] for r in results]
     header = ["variant", "peak lr", "epochs", "trainable", "weights on disk", "λ", "valid ppl", "test ppl",
-              "gap to copy"]
+              "gap to copy", "general ppl"]
     return "\n".join(render_table(header, rows))
 
 
@@ -202,6 +208,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m", help="the datastore's base model (default: smollm2-135m)")
     p.add_argument("--variants", nargs="+", help="variants to run (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--general", default="general:test", help="general text, at each variant's λ ('' for none; "
+                   "default: general:test)")
+    p.add_argument("--copy-ppl", type=float, help="the copy's test ppl measured elsewhere: the gap column's reference")
     p.add_argument("--test-tokens", type=int, default=4096, help="test tokens scored (default: 4096)")
     p.add_argument("--block-size", type=int, default=512, help="training windows (default: 512; eval's: twice it)")
     args = p.parse_args()
@@ -225,8 +234,8 @@ def main() -> None:
             print(f"== {name}", flush=True)
             atomic_write_json(result_file, run_variant(name, *known[name], args, folder))
         results.append(json.loads(result_file.read_text()))
-        atomic_write_text(out / "table.md", table(results, known) + "\n")
-        print(table(results, known), flush=True)
+        atomic_write_text(out / "table.md", table(results, known, args.copy_ppl) + "\n")
+        print(table(results, known, args.copy_ppl), flush=True)
 
 
 if __name__ == "__main__":

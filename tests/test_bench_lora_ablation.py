@@ -56,13 +56,14 @@ def test_ablation_end_to_end(ablation, tiny_llama_dir, store, tmp_path, monkeypa
     out = tmp_path / "ablation"
     argv = ["lora_ablation", "--datastore", str(store), "--valid", "austen:test", "--test", "austen:test",
             "--out", str(out), "--model", str(tiny_llama_dir), "--device", "cpu", "--block-size", "32",
-            "--test-tokens", "256", "--variants", "copy", "lora:16+embed"]
+            "--test-tokens", "256", "--general", "austen:valid", "--variants", "copy", "lora:16+embed"]
     monkeypatch.setattr(sys, "argv", argv)
     ablation.main()
     results = {r: json.loads((out / d / "result.json").read_text())
                for r, d in [("copy", "copy"), ("lora:16+embed", "lora-16+embed")]}
     base = {r["base_test_ppl"] for r in results.values()}
     assert len(base) == 1  # the same test tokens for every variant
+    assert all(r["general_ppl"] > 0 for r in results.values())
     assert results["lora:16+embed"]["trainable_parameters"] < results["copy"]["trainable_parameters"]
     memdec = json.loads((out / "lora-16+embed" / "ckpt" / "memdec.json").read_text())
     assert memdec["decoder"]["shape"] == "lora-embed"
