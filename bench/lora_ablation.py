@@ -12,8 +12,9 @@ checkpoint and its λ), then ``memdec eval --sweep`` on 4,096 tokens of ``--test
 - ``copy``: the full copy, every weight trained (lr 2e-4);
 - ``blocks``: ``fork:L`` (L: all the base's blocks, 30 in SmolLM2-135M): every block and the final norm trained,
   the embeddings and the (tied) head the base's, frozen;
-- ``lora:16``, ``lora:64``: LoRA on q, k, v, o, gate, up and down of every block (10 x lr, memdec's scale);
-- ``lora:16-lr/3``, ``lora:16-lr*3``: the same at a third and three times that lr;
+- ``lora:16``, ``lora:64``: LoRA on q, k, v, o, gate, up and down of every block, the adapters at 2e-3 (10 x the
+  copy's lr: round three's scale for LoRA decoders, whatever ``memdec.decoders.LR_SCALE`` is now);
+- ``lora:16-lr/3``, ``lora:16-lr*3``: the same at a third and three times that lr (6e-3: today's 30 x);
 - ``lora:16-attn``, ``lora:16-mlp``: adapters on the attention (q, k, v, o) or the MLP (gate, up, down) only;
 - ``lora:16+embed``: ``lora:16`` with the (tied) embedding matrix and head trained too, at the copy's lr (the
   adapters at their 10 x); ``lora:16+embed-1x``: the same with the adapters at the copy's lr too;
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from memdec.checks import check_own_folder, mark_own_folder
-from memdec.decoders import LR_SCALE, LoraShape, register
+from memdec.decoders import LoraShape, register
 from memdec.decoders.fork import _hash_tensors, blocks_and_norm
 from memdec.evaluate import EvalConfig, run_eval_report
 import memdec.train.trainer as trainer_module
@@ -57,12 +58,12 @@ LR = 2e-4  # the quick preset's lr of a full copy
 
 class LoraEmbedShape(LoraShape):
     """``lora:R`` whose embedding matrix (tied to the head) is its own and trains too, saved with the adapters.
-    The adapters train at ``lr_scale`` x --lr (memdec's 10), the embeddings at ``embed_lr_scale`` x --lr (the
-    copy's 1: ``make_optimizer`` below gives them their own group). ``train_adapters=False``: the embeddings
-    alone (the adapters stay B = 0, frozen)."""
+    The adapters train at ``lr_scale`` x --lr (10, round three's scale for LoRA decoders), the embeddings at
+    ``embed_lr_scale`` x --lr (the copy's 1: ``make_optimizer`` below gives them their own group).
+    ``train_adapters=False``: the embeddings alone (the adapters stay B = 0, frozen)."""
 
     name = "lora-embed"
-    lr_scale = LR_SCALE
+    lr_scale = 10.0
     embed_lr_scale = 1.0
     train_adapters = True
 
@@ -129,28 +130,32 @@ class ShapeRecipe(Recipe):
 
 
 def variants(model: str) -> dict[str, tuple]:
-    """name -> (shape or None for the copy, lr, epochs)."""
+    """name -> (shape or None for the copy, peak lr of the weights it trains (the adapters' where it has
+    some), epochs). A shape's own scale divides the peak lr into --lr: the variants do not move with
+    ``memdec.decoders.LR_SCALE``."""
     lora16 = check_decoder_shape("lora:16", model)
     n_blocks = load_config(model).num_hidden_layers
     all_at_copy_lr = LoraEmbedShape(16)
     all_at_copy_lr.lr_scale = 1.0  # adapters and embeddings at the copy's lr
+    adapters = 10 * LR  # round three's LoRA step: 10 x the copy's
     return {
         "copy": (None, LR, 1.0),
         "blocks": (check_decoder_shape(f"fork:{n_blocks}", model), LR, 1.0),
-        "lora:16": (lora16, LR, 1.0),
-        "lora:64": (check_decoder_shape("lora:64", model), LR, 1.0),
-        "lora:16-lr/3": (lora16, LR / 3, 1.0),
-        "lora:16-lr*3": (lora16, LR * 3, 1.0),
-        "lora:16-attn": (LoraShape(16, targets=ATTENTION), LR, 1.0),
-        "lora:16-mlp": (LoraShape(16, targets=MLP), LR, 1.0),
-        "lora:16+embed": (LoraEmbedShape(16), LR, 1.0),
+        "lora:16": (lora16, adapters, 1.0),
+        "lora:64": (check_decoder_shape("lora:64", model), adapters, 1.0),
+        "lora:16-lr/3": (lora16, adapters / 3, 1.0),
+        "lora:16-lr*3": (lora16, adapters * 3, 1.0),
+        "lora:16-attn": (LoraShape(16, targets=ATTENTION), adapters, 1.0),
+        "lora:16-mlp": (LoraShape(16, targets=MLP), adapters, 1.0),
+        "lora:16+embed": (LoraEmbedShape(16), adapters, 1.0),
         "lora:16+embed-1x": (all_at_copy_lr, LR, 1.0),
         "embed": (EmbedOnlyShape(16), LR, 1.0),
-        "lora:16-x4": (lora16, LR, 4.0),
+        "lora:16-x4": (lora16, adapters, 4.0),
     }
 
 
-def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) -> dict:
+def run_variant(name: str, shape, peak: float, epochs: float, args, folder: Path) -> dict:
+    lr = peak / (1.0 if shape is None else shape.lr_scale)  # --lr: the shape multiplies it by its scale
     cfg = TrainConfig(datastore=args.datastore, out=str(folder / "ckpt"), alpha=0.0, epochs=epochs, lr=lr,
                       warmup=2, batch_size=4, block_size=args.block_size, valid=args.valid, valid_max_tokens=2048,
                       eval_every=3, save_every=3, decoder="copy" if shape is None else shape.spec, device=args.device)
@@ -166,7 +171,8 @@ def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) 
                                         device=args.device))
     rows = {row.system: row for row in report.rows}
     own = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    return {"variant": name, "spec": "copy" if shape is None else shape.spec, "lr": lr, "epochs": epochs,
+    return {"variant": name, "spec": "copy" if shape is None else shape.spec, "lr": lr, "peak_lr": peak,
+            "epochs": epochs,
             "trainable_parameters": info["trainable_parameters"], "weights_bytes": own,
             "lambda": rows["memdec"].lmbda, "valid_ppl": rows["memdec"].extra.get("valid_ppl"),
             "test_ppl": rows["memdec"].ppl, "base_test_ppl": rows["base"].ppl,
@@ -175,13 +181,11 @@ def run_variant(name: str, shape, lr: float, epochs: float, args, folder: Path) 
             "train_seconds": round(seconds, 1)}
 
 
-def peak_lr(shape, lr: float) -> str:
+def peak_lr(shape, peak: float) -> str:
     """The variant's peak learning rate(s): the trained weights', and the embeddings' where they have their own."""
-    if shape is None:
-        return f"{lr:g}"
-    text = f"{lr * shape.lr_scale:g}"
+    text = f"{peak:g}"
     if isinstance(shape, LoraEmbedShape) and shape.train_adapters and shape.embed_lr_scale != shape.lr_scale:
-        text += f" (embeddings {lr * shape.embed_lr_scale:g})"
+        text += f" (embeddings {peak / shape.lr_scale * shape.embed_lr_scale:g})"
     return text
 
 
@@ -191,7 +195,7 @@ def table(results: list[dict], known: dict[str, tuple], copy_ppl: float | None =
     ppl = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     gap = lambda r: "ref" if r["variant"] == "copy" else "—" if copy_ppl is None else \
         f"{(r['test_ppl'] / copy_ppl - 1) * 100:+.1f}%"  # noqa: E731
-    rows = [[r["variant"], peak_lr(known[r["variant"]][0], r["lr"]), f"{r['epochs']:g}",
+    rows = [[r["variant"], peak_lr(known[r["variant"]][0], r["peak_lr"]), f"{r['epochs']:g}",
              f"{r['trainable_parameters'] / 1e6:.1f}M", f"{r['weights_bytes'] / 2**20:.1f} MiB", f"{r['lambda']:g}",
              ppl(r["valid_ppl"]), ppl(r["test_ppl"]), gap(r), ppl(r.get("general_ppl"))] for r in results]
     header = ["variant", "peak lr", "epochs", "trainable", "weights on disk", "λ", "valid ppl", "test ppl",

@@ -20,9 +20,18 @@ def ablation():
     spec = importlib.util.spec_from_file_location("bench_lora_ablation", BENCH / "lora_ablation.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # registers its two shapes, in this process
     yield module
     sys.modules.pop(spec.name, None)
+    from memdec.checkpoint import DECODER_RECORDS
+    from memdec.decoders import SHAPES
+    import memdec.train.trainer as trainer_module
+    from memdec.train import make_optimizer
+
+    for name in ("lora-embed", "embed-only"):
+        SHAPES.unregister(name)
+        DECODER_RECORDS.unregister(name)
+    trainer_module.make_optimizer = make_optimizer
 
 
 def test_embeddings_shape_owns_its_embeddings(ablation, tiny_llama_dir):
@@ -46,7 +55,7 @@ def test_embeddings_shape_owns_its_embeddings(ablation, tiny_llama_dir):
     assert adapted == set(ablation.ATTENTION)
     cfg = ablation.TrainConfig(datastore="-", out="-", lr=1e-3, warmup=0)
     ablation.ShapeRecipe(ablation.LoraEmbedShape(4))
-    optimizer, _ = ablation.make_optimizer(decoder, cfg, ablation.LR_SCALE, 10)
+    optimizer, _ = ablation.make_optimizer(decoder, cfg, ablation.LoraEmbedShape.lr_scale, 10)
     adapters = sum(decoder.get_parameter(n).numel() for n in trainable - {ablation.EMBEDDINGS})
     groups = [(g["initial_lr"], sum(p.numel() for p in g["params"])) for g in optimizer.param_groups]
     assert groups == [(1e-2, adapters), (1e-3, emb.numel())]  # the adapters at 10 x, the embeddings at the copy's lr

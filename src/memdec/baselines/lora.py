@@ -45,14 +45,15 @@ LORA_R = 8  # the baseline's LoRA rank: `memdec baseline --lora-r` and `memdec a
 LORA_ALPHA = 16.0  # its scaling numerator: the adapters' update is scaled by LORA_ALPHA / LORA_R = 2
 LR_SCALE = 5.0
 """``memdec adapt --baselines`` trains the LoRA baseline at ``LR_SCALE`` x ``--lr`` (``--lora-lr`` overrides it);
-a LoRA *decoder* trains at ``memdec.decoders.lora.LR_SCALE`` = 10 x ``--lr``. One reason for both: LoRA's few,
+a LoRA *decoder* trains at ``memdec.decoders.lora.LR_SCALE`` = 30 x ``--lr``. One reason for both: LoRA's few,
 zero-started parameters want a larger step than full fine-tuning, and with Adam each adapter entry moves by
 about lr per step, so the adapted weight W + (alpha / r)·B·A moves by about (alpha / r)·lr. The baseline's
 adapters are scaled by LORA_ALPHA / LORA_R = 2 (peft's alpha 16 on rank 8), a decoder's by 1 (memdec writes
-alpha = rank), so at the defaults 5 x here and 10 x there move the weights alike: 10 x a full copy's step. The
-decoder's 10 x was measured (docs/decoders.md: lora:16 on Austen, 29.46 test ppl at 10 x against 31.76 at 1 x);
-this 5 x came with the baselines (commit bc9cad9) and was not tuned on its own. A baseline of another
---lora-r or --lora-alpha keeps 5 x (its weights then move at another multiple)."""
+alpha = rank), so at the defaults the baseline's weights move 10 x a full copy's step and a decoder's 30 x. The
+decoder's scale was measured (10 x on Austen in round three, 30 x on five domains in round four: docs/domains.md);
+this 5 x came with the baselines (commit bc9cad9) and was not tuned on its own: the baseline may be stronger at a
+larger step. A baseline of another --lora-r or --lora-alpha keeps 5 x (its weights then move at another
+multiple)."""
 
 
 @dataclass(kw_only=True)

@@ -17,12 +17,14 @@ from .base import OWN_WEIGHTS, _POSITIVE, _is_count, _size, register
 from .fork import ForkShape, _hash_tensors, _memo_outside, _prefixes_of, _read_safetensors, _split, blocks_and_norm
 
 LORA_SCALE_RANGE = (1e-3, 1e3)  # a LoRA record's alpha / rank, the adapters' scale (memdec writes alpha = rank: 1)
-LR_SCALE = 10.0
+LR_SCALE = 30.0
 """A LoRA decoder trains at ``LR_SCALE`` x ``--lr`` (``DecoderShape.lr_scale``; a full copy's is 1): LoRA's few,
-zero-started matrices want a larger step than full fine-tuning. Measured on Austen, quick preset: lora:16 at 10 x
-the copy's lr gave 29.46 test ppl, at 1 x 31.76 (the copy: 29.25; docs/decoders.md). memdec writes alpha = rank
-(the adapters' scale 1), so the adapted weights move by about 10 x a full copy's step; the LoRA *baseline* reaches
-the same at 5 x with peft's scale 2 (``memdec.baselines.lora.LR_SCALE`` says why)."""
+zero-started matrices want a larger step than full fine-tuning. Measured at the quick preset (12 steps), lora:16's
+test ppl at 1 x / 10 x / 30 x the copy's lr, against the copy's: Austen 31.76 / 29.46 / 29.34 (29.25); the Human
+Phenotype Ontology 3.708 at 10 x, 3.359 at 30 x (3.355); Python's reference topics 10.50 / 10.14 (10.03); code
+7.11 / 7.11 (7.10) (docs/decoders.md, docs/domains.md; round three's 10 x was chosen on Austen alone). memdec
+writes alpha = rank (the adapters' scale 1), so the adapted weights move by about 30 x a full copy's step; the
+LoRA *baseline* trains at its own scale (``memdec.baselines.lora.LR_SCALE``)."""
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama, Gemma 3, Qwen
 _LORA_TENSOR = re.compile(r"\.lora_[AB]\.")  # a LoRA matrix's state-dict name: "...q_proj.lora_A.default.weight"
@@ -39,7 +41,8 @@ class LoraShape(ForkShape):
     with the adapters' deltas merged into its weights (``materialise``)."""
 
     name = "lora"
-    summary = "lora:R[@K]: LoRA adapters of rank R on the base's top K blocks (all by default), trained at 10x --lr"
+    summary = (f"lora:R[@K]: LoRA adapters of rank R on the base's top K blocks (all by default), trained at "
+               f"{LR_SCALE:g}x --lr")
     lr_scale = LR_SCALE
     record_fields = {  # the trunk (hashed) is the whole base
         **ForkShape.record_fields,

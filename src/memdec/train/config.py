@@ -71,7 +71,7 @@ class TrainConfig:
         "(costs a frozen base forward per step)", 0.0, check=check_unit_interval, before=0.0)
     epochs: float = option("passes over the datastore's windows (ignored if --max-steps is set)", 1.0)
     max_steps: int | None = option("optimizer steps to run", None, check=check_positive_int)
-    lr: float = option("peak learning rate (AdamW) of a full copy; a shape's own scale multiplies it (lora: 10x)", 1e-4,
+    lr: float = option("peak learning rate (AdamW) of a full copy; a shape's own scale multiplies it (lora: 30x)", 1e-4,
                        check=check_non_negative)  # the scale: DecoderShape.lr_scale (memdec.decoders.lora.LR_SCALE)
     min_lr_ratio: float = option("cosine decay ends at lr * this", 0.1, check=check_unit_interval)
     warmup: int = option("linear warm-up steps", 10, check=check_non_negative)
