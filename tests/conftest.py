@@ -68,4 +68,3 @@ def interrupt_at():
 
     make.error = Interrupted
     return make
-

@@ -119,50 +119,30 @@ def smollm2(tmp_path_factory):
     return {"ckpt": Path(ckpt), "export": export, "prompts": [tok(t)["input_ids"] for t in texts]}
 
 
-class EngineRun:
-    """tests/vllm_engine.py running in the background on a job: ``result()`` waits for it and reads OUT.json."""
-
-    def __init__(self, job: dict, root: Path):
-        (root / "job.json").write_text(json.dumps(job))
-        self.out, self.log = root / "out.json", root / "engine.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([str(VLLM_PYTHON), str(ENGINE), str(root / "job.json"), str(self.out)],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def result(self) -> dict:
-        try:
-            rc = self.proc.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"vLLM did not finish in 900 s:\n{self.log.read_text()[-4000:]}") from None
-        if not self.out.is_file():
-            raise AssertionError(f"vLLM wrote nothing (rc {rc}):\n{self.log.read_text()[-4000:]}")
-        return json.loads(self.out.read_text())
-
-
 @pytest.fixture(scope="session")
-def engine_run(exports, base_dir, prompts, smollm2, tmp_path_factory):
-    """Every model's engine, one after another in one subprocess (vLLM's venv); the first comparison waits for it.
-    Started in the background beside the rest of the suite instead, they gained nothing measurable on 2 cores
-    (CI's tests 699 s, against 623 s and 792 s in the foreground: the machine's own noise is larger)."""
+def engine(exports, base_dir, prompts, smollm2, tmp_path_factory) -> dict:
+    """What vLLM produced for every model (tests/vllm_engine.py's OUT.json): every model's engine, one after another
+    in one subprocess (vLLM's venv). Started in the background beside the rest of the suite instead, they gained
+    nothing measurable on 2 cores (CI's tests 699 s, against 623 s and 792 s in the foreground: the machine's own
+    noise is larger)."""
     if not VLLM_PYTHON.exists():
         pytest.skip(f"no vLLM venv at {VLLM_PYTHON} (make vllm-venv)")
+    root = tmp_path_factory.mktemp("vllm-engine")
     models = [{"name": "base", "path": str(base_dir)}, *({"name": n, "path": str(p)} for n, p in exports.items())]
     if smollm2 is not None:
         models.append({"name": "smollm2", "path": str(smollm2["export"]), "kv_cache_mib": 256,
                        "prompts": smollm2["prompts"]})
     job = {"models": models, "prompts": prompts, "max_tokens": NEW_TOKENS, "prompt_logprobs": True}
-    run = EngineRun(job, tmp_path_factory.mktemp("vllm-engine"))
-    yield run
-    if run.proc.poll() is None:
-        run.proc.kill()
-
-
-@pytest.fixture(scope="session")
-def engine(engine_run) -> dict:
-    """What vLLM produced for every model (tests/vllm_engine.py's OUT.json)."""
-    return engine_run.result()
+    (root / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    try:
+        proc = subprocess.run([str(VLLM_PYTHON), str(ENGINE), str(root / "job.json"), str(root / "out.json")],
+                              env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"vLLM did not finish in 900 s:\n{(exc.stderr or b'')[-4000:]!r}") from None
+    if not (root / "out.json").is_file():
+        raise AssertionError(f"vLLM wrote nothing (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((root / "out.json").read_text())
 
 
 def memdec_rows(joint: MemoryDecoderModel, prompts: list[list[int]]) -> list[dict]:
